@@ -1,0 +1,419 @@
+//! The gRPC face of the host supervisor: protobuf in, domain requests to [`Host`], domain
+//! results and errors out. tonic types stop here; `Error` becomes `Status` in one place.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::core::launch::{LaunchRequest, NetworkMode, RestartPolicy};
+use crate::core::worker::{WorkerRecord, WorkerStatus};
+use crate::error::Error;
+use crate::sys::output::StreamKind;
+
+use super::host::{Filter, Host, OutputRequest, Selector};
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::Unavailable(_) => Status::unavailable(msg),
+            Error::Unimplemented(_) => Status::unimplemented(msg),
+            Error::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+fn ts(t: std::time::SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+pub fn status_to_pb(s: WorkerStatus) -> pb::WorkerStatus {
+    match s {
+        WorkerStatus::Pending => pb::WorkerStatus::Pending,
+        WorkerStatus::Starting => pb::WorkerStatus::Starting,
+        WorkerStatus::Running => pb::WorkerStatus::Running,
+        WorkerStatus::Succeeded => pb::WorkerStatus::Succeeded,
+        WorkerStatus::Failed => pb::WorkerStatus::Failed,
+        WorkerStatus::Stopped => pb::WorkerStatus::Stopped,
+        WorkerStatus::Lost => pb::WorkerStatus::Lost,
+    }
+}
+
+fn status_from_pb(v: i32, field: &str) -> Result<WorkerStatus, Error> {
+    match pb::WorkerStatus::try_from(v) {
+        Ok(pb::WorkerStatus::Pending) => Ok(WorkerStatus::Pending),
+        Ok(pb::WorkerStatus::Starting) => Ok(WorkerStatus::Starting),
+        Ok(pb::WorkerStatus::Running) => Ok(WorkerStatus::Running),
+        Ok(pb::WorkerStatus::Succeeded) => Ok(WorkerStatus::Succeeded),
+        Ok(pb::WorkerStatus::Failed) => Ok(WorkerStatus::Failed),
+        Ok(pb::WorkerStatus::Stopped) => Ok(WorkerStatus::Stopped),
+        Ok(pb::WorkerStatus::Lost) => Ok(WorkerStatus::Lost),
+        _ => Err(Error::invalid(field, format!("unknown worker status {v}"))),
+    }
+}
+
+fn network_to_pb(n: NetworkMode) -> pb::NetworkMode {
+    match n {
+        NetworkMode::Bridge => pb::NetworkMode::Bridge,
+        NetworkMode::Host => pb::NetworkMode::Host,
+        NetworkMode::None => pb::NetworkMode::None,
+    }
+}
+
+/// The protobuf view of a worker.
+pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
+    pb::Worker {
+        id: w.id.clone(),
+        session_id: w.session_id.clone().unwrap_or_default(),
+        host: w.host.clone(),
+        ip_address: w.ip_address.map(|i| i.to_string()).unwrap_or_default(),
+        status: status_to_pb(w.status) as i32,
+        cpu: w.cpu,
+        memory_gb: w.memory_bytes as f64 / crate::core::launch::GIB,
+        nvidia_gpu: w.nvidia_gpu,
+        gpu_uuids: w.gpu_uuids.clone(),
+        kernel: w.kernel.clone(),
+        command: w.command.clone(),
+        pid: w.pid.unwrap_or(0),
+        exit_code: w.exit_code,
+        signal: w.signal,
+        reason: w.reason.clone(),
+        restarts: w.restarts,
+        labels: w.labels.clone().into_iter().collect(),
+        created_at: Some(ts(w.created_at)),
+        started_at: w.started_at.map(ts),
+        finished_at: w.finished_at.map(ts),
+        cpu_seconds: w.cpu_seconds,
+        memory_peak_bytes: w.memory_peak_bytes,
+        workdir: w.workdir.to_string_lossy().into_owned(),
+        network: network_to_pb(w.network) as i32,
+        gpu_memory_used_bytes: 0,
+    }
+}
+
+/// The domain view of a launch request; enum values outside the contract are refused.
+pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Error> {
+    let network = match pb::NetworkMode::try_from(r.network) {
+        Ok(pb::NetworkMode::Bridge) => NetworkMode::Bridge,
+        Ok(pb::NetworkMode::Host) => NetworkMode::Host,
+        Ok(pb::NetworkMode::None) => NetworkMode::None,
+        Err(_) => return Err(Error::invalid("network", format!("unknown network mode {}", r.network))),
+    };
+    let restart = match r.restart {
+        None => RestartPolicy::default(),
+        Some(p) => match pb::restart_policy::Mode::try_from(p.mode) {
+            Ok(pb::restart_policy::Mode::Never) => RestartPolicy::default(),
+            Ok(pb::restart_policy::Mode::OnFailure) => RestartPolicy {
+                on_failure: true,
+                max_restarts: p.max_restarts,
+                backoff_initial_ms: p.backoff_initial_ms,
+                backoff_max_ms: p.backoff_max_ms,
+            },
+            Err(_) => return Err(Error::invalid("restart.mode", format!("unknown restart mode {}", p.mode))),
+        },
+    };
+    if pb::Placement::try_from(r.placement).is_err() {
+        return Err(Error::invalid("placement", format!("unknown placement {}", r.placement)));
+    }
+    Ok(LaunchRequest {
+        n: r.n,
+        cpu: r.cpu,
+        memory_gb: r.memory_gb,
+        nvidia_gpu: r.nvidia_gpu,
+        kernel: r.kernel,
+        script: r.script,
+        code: r.code,
+        command: r.command,
+        env: r.env.into_iter().collect::<BTreeMap<_, _>>(),
+        session_id: r.session_id,
+        workdir: r.workdir,
+        master_ip: r.master_ip,
+        network,
+        restart,
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
+    for (i, id) in ids.iter().enumerate() {
+        if !crate::core::is_valid_id(id) {
+            return Err(Error::invalid(format!("{field}[{i}]"), format!("{id:?} is not a worker id")));
+        }
+    }
+    Ok(())
+}
+
+fn opt_session(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Result<Filter, Error> {
+    check_ids(&ids, "ids")?;
+    let statuses = statuses
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| status_from_pb(s, &format!("statuses[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Filter {
+        session_id: opt_session(session_id),
+        ids,
+        statuses,
+    })
+}
+
+/// `berth.v1.Workers` served by a host daemon.
+#[derive(Debug, Clone)]
+pub struct WorkersService {
+    pub host: Host,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::workers_server::Workers for WorkersService {
+    async fn open_session(&self, _r: Request<pb::OpenSessionRequest>) -> Result<Response<pb::Session>, Status> {
+        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+    }
+
+    async fn keep_alive(&self, _r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::Session>, Status> {
+        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+    }
+
+    async fn close_session(
+        &self,
+        _r: Request<pb::CloseSessionRequest>,
+    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
+        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+    }
+
+    async fn launch_workers(
+        &self,
+        request: Request<pb::LaunchWorkersRequest>,
+    ) -> Result<Response<pb::LaunchWorkersResponse>, Status> {
+        let caller = request.remote_addr().map(|a| a.ip());
+        let req = launch_from_pb(request.into_inner())?;
+        let spec = crate::core::launch::validate(&req, |k| self.host.knows_kernel(k))?;
+        let workers = self.host.launch(spec, caller).await?;
+        Ok(Response::new(pb::LaunchWorkersResponse {
+            workers: workers.iter().map(worker_to_pb).collect(),
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let r = request.into_inner();
+        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        let workers = self.host.list(&filter).await?;
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers: workers.iter().map(worker_to_pb).collect(),
+        }))
+    }
+
+    async fn await_workers(
+        &self,
+        request: Request<pb::AwaitWorkersRequest>,
+    ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
+        let r = request.into_inner();
+        check_ids(&r.ids, "ids")?;
+        let completion = r.wait_for_completion.unwrap_or(true);
+        let timeout = match r.timeout_seconds {
+            None => Some(Duration::from_secs(60)),
+            Some(0) => None,
+            Some(s) => Some(Duration::from_secs(u64::from(s))),
+        };
+        let out = self
+            .host
+            .await_workers(r.ids, opt_session(r.session_id), completion, timeout)
+            .await?;
+        Ok(Response::new(pb::AwaitWorkersResponse {
+            workers: out.reached.iter().map(worker_to_pb).collect(),
+            failures: out.failures.iter().map(worker_to_pb).collect(),
+        }))
+    }
+
+    async fn stop_workers(
+        &self,
+        request: Request<pb::StopWorkersRequest>,
+    ) -> Result<Response<pb::StopWorkersResponse>, Status> {
+        let r = request.into_inner();
+        check_ids(&r.ids, "ids")?;
+        let selectors = usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
+        let sel = match selectors {
+            0 => {
+                return Err(Error::invalid(
+                    "ids",
+                    "name the workers to stop: ids, session_id, or all = true",
+                )
+                .into())
+            }
+            1 if r.all => Selector::All,
+            1 if !r.ids.is_empty() => Selector::Ids(r.ids),
+            1 => Selector::Session(r.session_id),
+            _ => return Err(Error::invalid("all", "set only one of ids, session_id and all").into()),
+        };
+        let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
+        let workers = self.host.stop(sel, grace, "stopped").await?;
+        Ok(Response::new(pb::StopWorkersResponse {
+            workers: workers.iter().map(worker_to_pb).collect(),
+        }))
+    }
+
+    type StreamOutputStream = BoxStream<pb::OutputChunk>;
+
+    async fn stream_output(
+        &self,
+        request: Request<pb::StreamOutputRequest>,
+    ) -> Result<Response<Self::StreamOutputStream>, Status> {
+        let r = request.into_inner();
+        check_ids(&r.ids, "ids")?;
+        let streams = r
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match pb::Stream::try_from(*s) {
+                Ok(pb::Stream::Stdout) => Ok(StreamKind::Stdout),
+                Ok(pb::Stream::Stderr) => Ok(StreamKind::Stderr),
+                _ => Err(Error::invalid(format!("streams[{i}]"), format!("unknown stream {s}"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rx = self.host.output(OutputRequest {
+            ids: r.ids,
+            session_id: opt_session(r.session_id),
+            follow: r.follow,
+            from_start: r.from_start,
+            streams,
+        })?;
+        let stream = futures::StreamExt::map(ReceiverStream::new(rx), |item| {
+            item.map(|p| pb::OutputChunk {
+                worker_id: p.worker_id,
+                stream: match p.stream {
+                    StreamKind::Stdout => pb::Stream::Stdout as i32,
+                    StreamKind::Stderr => pb::Stream::Stderr as i32,
+                },
+                data: p.data,
+                offset: p.offset,
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchWorkersStream = BoxStream<pb::WorkerEvent>;
+
+    async fn watch_workers(
+        &self,
+        request: Request<pb::WatchWorkersRequest>,
+    ) -> Result<Response<Self::WatchWorkersStream>, Status> {
+        let r = request.into_inner();
+        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        // Subscribe before the snapshot, so no change falls between them.
+        let mut events = self.host.subscribe();
+        let initial = if r.initial { self.host.snapshot(&filter)? } else {
+            // Still check that named ids exist.
+            self.host.snapshot(&Filter { statuses: vec![], ..filter.clone() })?;
+            Vec::new()
+        };
+        let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
+        let host = self.host.clone();
+        let shutdown = host.shutdown_token();
+        tokio::spawn(async move {
+            let send = |w: &WorkerRecord| pb::WorkerEvent {
+                worker: Some(worker_to_pb(w)),
+            };
+            for w in &initial {
+                if tx.send(Ok(send(w))).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                };
+                match ev {
+                    Ok(w) => {
+                        if filter.matches(&w) && tx.send(Ok(send(&w))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Too slow a reader: send the current state of everything it watches.
+                        let Ok(now) = host.snapshot(&filter) else { return };
+                        for w in &now {
+                            if tx.send(Ok(send(w))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// `berth.v1.Host` served by a host daemon.
+#[derive(Debug, Clone)]
+pub struct HostService {
+    pub host: Host,
+    /// Where clients reach this daemon (first TCP listen address).
+    pub address: String,
+}
+
+#[tonic::async_trait]
+impl pb::host_server::Host for HostService {
+    async fn get_host_info(&self, _r: Request<pb::GetHostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {
+        let v = self.host.view();
+        let gib = crate::core::launch::GIB;
+        Ok(Response::new(pb::HostInfo {
+            name: v.name,
+            version: crate::VERSION.to_owned(),
+            labels: v.labels.into_iter().collect(),
+            capacity: Some(pb::Resources {
+                cpu: v.capacity.cpu,
+                memory_gb: v.capacity.memory_bytes as f64 / gib,
+                gpus: 0,
+                workers: v.capacity.workers,
+            }),
+            allocated: Some(pb::Resources {
+                cpu: v.allocated.cpu,
+                memory_gb: v.allocated.memory_bytes as f64 / gib,
+                gpus: 0,
+                workers: v.allocated.workers,
+            }),
+            gpus: Vec::new(),
+            subnet: v.subnet,
+            cgroup_version: v.cgroup_version.number(),
+            address: self.address.clone(),
+            kernels: v
+                .kernels
+                .iter()
+                .map(|k| pb::Kernel {
+                    name: k.name.clone(),
+                    path: k
+                        .invocation
+                        .as_ref()
+                        .map(|i| i.interpreter.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    available: k.invocation.is_some(),
+                })
+                .collect(),
+            gpu_backend: "none".into(),
+            started_at: Some(ts(v.started_at)),
+        }))
+    }
+}

@@ -1,0 +1,1094 @@
+//! The host supervisor: admits launches, starts each worker through its shim, follows it to its
+//! end, frees what it held, and answers list, await, stop, watch and output requests. It wires
+//! the pure core to the sys layer; gRPC types never reach it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::core::admission::{Capacity, Claim, Ledger};
+use crate::core::launch::{self, KernelInvocation, LaunchSpec, Program, WorkerIdentity};
+use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
+use crate::error::{Error, Result};
+use crate::sys::cgroup::{CgroupVersion, Cgroups, Limits};
+use crate::sys::host as hostfs;
+use crate::sys::output::{self, Rotation, StreamKind};
+use crate::sys::shim::{self, ShimSpec};
+use crate::sys::spawn::{self, ShimHandle, Spawner};
+
+/// A kernel of the host's table and what it resolved to at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub name: String,
+    pub invocation: Option<KernelInvocation>,
+    /// What was looked for, for the error when it is missing.
+    pub candidates: Vec<String>,
+}
+
+/// Everything the supervisor needs to know about its host, resolved at start-up.
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub capacity: Capacity,
+    pub pids_max: u64,
+    pub default_workdir: PathBuf,
+    /// `PATH` of workers; also where `command[0]` is looked up.
+    pub worker_path: String,
+    /// Variables every worker starts with (before the request's).
+    pub base_env: BTreeMap<String, String>,
+    pub kernels: Vec<KernelEntry>,
+    pub rotation: Rotation,
+    pub stop_grace: Duration,
+    /// Address at which a worker reaches the host (the default `BERTH_MASTER_IP` for a caller on
+    /// loopback).
+    pub host_from_worker: IpAddr,
+    pub subnet: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl HostOptions {
+    /// Options for tests and tools: everything at its default under `state_dir`.
+    pub fn with_defaults(name: &str, state_dir: &Path, capacity: Capacity) -> Self {
+        Self {
+            name: name.to_owned(),
+            state_dir: state_dir.to_path_buf(),
+            capacity,
+            pids_max: 4096,
+            default_workdir: PathBuf::from("/"),
+            worker_path: "/usr/local/bin:/usr/bin:/bin".into(),
+            base_env: BTreeMap::new(),
+            kernels: Vec::new(),
+            rotation: Rotation {
+                segment_bytes: 16 << 20,
+                segments: 4,
+            },
+            stop_grace: Duration::from_secs(10),
+            host_from_worker: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            subnet: String::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// Which workers a list, watch or await is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub session_id: Option<String>,
+    pub ids: Vec<String>,
+    pub statuses: Vec<WorkerStatus>,
+}
+
+impl Filter {
+    pub fn matches(&self, w: &WorkerRecord) -> bool {
+        (self.session_id.is_none() || w.session_id == self.session_id)
+            && (self.ids.is_empty() || self.ids.contains(&w.id))
+            && (self.statuses.is_empty() || self.statuses.contains(&w.status))
+    }
+}
+
+/// Which workers a stop is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Ids(Vec<String>),
+    Session(String),
+    All,
+}
+
+/// Result of an await: every requested worker is in exactly one list.
+#[derive(Debug, Clone, Default)]
+pub struct AwaitOutcome {
+    pub reached: Vec<WorkerRecord>,
+    pub failures: Vec<WorkerRecord>,
+}
+
+/// One piece of a worker's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputPiece {
+    pub worker_id: String,
+    pub stream: StreamKind,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// A request for output.
+#[derive(Debug, Clone, Default)]
+pub struct OutputRequest {
+    pub ids: Vec<String>,
+    pub session_id: Option<String>,
+    pub follow: bool,
+    pub from_start: bool,
+    pub streams: Vec<StreamKind>,
+}
+
+/// What `HostInfo` reports.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Capacity,
+    pub allocated: crate::core::admission::Allocated,
+    pub subnet: String,
+    pub cgroup_version: CgroupVersion,
+    pub kernels: Vec<KernelEntry>,
+    pub started_at: SystemTime,
+}
+
+/// Counters behind `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub launches: AtomicU64,
+    pub launch_refusals: AtomicU64,
+    pub workers_started: AtomicU64,
+    pub spawn_failures: AtomicU64,
+    /// Launch → RUNNING latency histogram: counts per bucket of [`LATENCY_BUCKETS`], then +Inf.
+    pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    pub latency_sum_us: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the launch latency histogram.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0, 5.0];
+
+impl Metrics {
+    fn observe_latency(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    rec: WorkerRecord,
+    seq: u64,
+    admitted: Instant,
+}
+
+struct State {
+    workers: HashMap<String, Entry>,
+    ledger: Ledger,
+    seq: u64,
+}
+
+struct Inner {
+    opts: HostOptions,
+    cgroups: Arc<dyn Cgroups>,
+    spawner: Arc<dyn Spawner>,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    events: broadcast::Sender<WorkerRecord>,
+    started_at: SystemTime,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+/// The host supervisor. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("name", &self.inner.opts.name).finish()
+    }
+}
+
+/// Largest piece of output sent in one chunk.
+const CHUNK: usize = 64 * 1024;
+
+impl Host {
+    pub fn new(opts: HostOptions, cgroups: Arc<dyn Cgroups>, spawner: Arc<dyn Spawner>) -> Self {
+        let (changed, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(8192);
+        let ledger = Ledger::new(opts.capacity);
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                cgroups,
+                spawner,
+                state: Mutex::new(State {
+                    workers: HashMap::new(),
+                    ledger,
+                    seq: 0,
+                }),
+                changed,
+                events,
+                started_at: SystemTime::now(),
+                metrics: Metrics::default(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.opts.name
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Cancelled when the daemon shuts down; long streams end with it.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Directory of worker `id`'s spec, exit record and output.
+    pub fn worker_dir(&self, id: &str) -> PathBuf {
+        self.inner.worker_dir(id)
+    }
+
+    /// Whether the host's kernel table has `name` (installed or not).
+    pub fn knows_kernel(&self, name: &str) -> bool {
+        self.inner.opts.kernels.iter().any(|k| k.name == name)
+    }
+
+    /// Admits and starts the workers of `spec`, all or none. Returns them as admitted (PENDING or
+    /// STARTING); they turn RUNNING as their shims report.
+    pub async fn launch(&self, spec: LaunchSpec, caller: Option<IpAddr>) -> Result<Vec<WorkerRecord>> {
+        let inner = self.inner.clone();
+        if let Some(s) = &spec.session_id {
+            // Sessions arrive with the sessions issue; until then no session id is known.
+            return Err(Error::NotFound(format!("session {s} not found")));
+        }
+        if spec.nvidia_gpu > 0 {
+            return Err(Error::ResourceExhausted(format!(
+                "gpus: {} × {} requested, 0 of 0 free (this host has no GPU backend)",
+                spec.n, spec.nvidia_gpu
+            )));
+        }
+        // Filesystem checks are syscalls: off the async threads.
+        let prepared = {
+            let inner = inner.clone();
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || inner.prepare(&spec))
+                .await
+                .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
+        };
+        let master_ip = launch::master_ip(spec.master_ip, caller, inner.opts.host_from_worker);
+        let claim = Claim {
+            cpu: spec.cpu,
+            memory_bytes: spec.memory_bytes,
+        };
+        let ids: Vec<String> = (0..spec.n).map(|_| crate::core::new_id()).collect();
+        let now = SystemTime::now();
+        let records: Vec<WorkerRecord> = {
+            let mut st = inner.lock();
+            if let Err(e) = st.ledger.admit(&ids, claim) {
+                inner.metrics.launch_refusals.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                st.seq += 1;
+                let rec = WorkerRecord {
+                    id: id.clone(),
+                    session_id: spec.session_id.clone(),
+                    host: inner.opts.name.clone(),
+                    ip_address: None,
+                    status: WorkerStatus::Pending,
+                    cpu: spec.cpu,
+                    memory_bytes: spec.memory_bytes,
+                    nvidia_gpu: spec.nvidia_gpu,
+                    gpu_uuids: Vec::new(),
+                    kernel: spec.program.kernel().to_owned(),
+                    command: prepared.argv.clone(),
+                    workdir: prepared.workdir.clone(),
+                    network: spec.network,
+                    restart: spec.restart,
+                    pid: None,
+                    exit_code: None,
+                    signal: None,
+                    reason: String::new(),
+                    restarts: 0,
+                    labels: spec.labels.clone(),
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                    cpu_seconds: 0.0,
+                    memory_peak_bytes: 0,
+                    stop_reason: None,
+                };
+                let seq = st.seq;
+                st.workers.insert(
+                    id.clone(),
+                    Entry {
+                        rec: rec.clone(),
+                        seq,
+                        admitted: Instant::now(),
+                    },
+                );
+                out.push(rec);
+            }
+            out
+        };
+        inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
+        for r in &records {
+            inner.publish(r.clone());
+        }
+
+        let jobs: Vec<SpawnJob> = ids
+            .iter()
+            .map(|id| {
+                let identity = WorkerIdentity {
+                    worker_id: id,
+                    session_id: spec.session_id.as_deref(),
+                    master_ip,
+                    worker_ip: None,
+                    gpu_uuids: &[],
+                };
+                SpawnJob {
+                    id: id.clone(),
+                    shim: ShimSpec {
+                        worker_id: id.clone(),
+                        program: prepared.program.clone(),
+                        argv: prepared.argv.clone(),
+                        env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
+                        workdir: prepared.workdir.clone(),
+                        cgroup: inner.cgroups.worker(id),
+                        netns: None,
+                        rotation: inner.opts.rotation,
+                    },
+                    limits: Limits {
+                        cpu: spec.cpu,
+                        memory_bytes: spec.memory_bytes,
+                        pids_max: inner.opts.pids_max,
+                    },
+                }
+            })
+            .collect();
+        // Spread the batch over the CPUs: each spawn is a few syscalls and one posix_spawn.
+        let lanes = hostfs::online_cpus().clamp(1, 4).min(jobs.len());
+        let mut chunks: Vec<Vec<SpawnJob>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            chunks[i % lanes].push(j);
+        }
+        let mut tasks = Vec::new();
+        for chunk in chunks {
+            let inner = inner.clone();
+            tasks.push(tokio::task::spawn_blocking(move || inner.spawn_chunk(chunk)));
+        }
+        for t in tasks {
+            let results = t.await.map_err(|e| Error::Internal(format!("spawn task: {e}")))?;
+            for (id, res) in results {
+                match res {
+                    Ok(handle) => {
+                        inner.update(&id, |w| {
+                            if w.status == WorkerStatus::Pending {
+                                w.status = WorkerStatus::Starting;
+                            }
+                        });
+                        tokio::spawn(follow_worker(inner.clone(), id, handle));
+                    }
+                    Err(msg) => {
+                        inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                        let exit = Exit {
+                            spawn_error: Some(msg),
+                            ..Default::default()
+                        };
+                        inner.clone().finish(&id, exit, None).await;
+                    }
+                }
+            }
+        }
+        let st = inner.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| st.workers.get(id).map(|e| e.rec.clone()))
+            .collect())
+    }
+
+    /// Workers matching `filter`, oldest first, with live usage for those still running.
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
+        let mut recs = self.inner.select(filter)?;
+        let running: Vec<String> = recs
+            .iter()
+            .filter(|r| !r.status.is_terminal() && r.status != WorkerStatus::Pending)
+            .map(|r| r.id.clone())
+            .collect();
+        if !running.is_empty() {
+            let inner = self.inner.clone();
+            let usage = tokio::task::spawn_blocking(move || {
+                running
+                    .into_iter()
+                    .map(|id| {
+                        let s = inner.cgroups.worker(&id).stats();
+                        (id, s)
+                    })
+                    .collect::<HashMap<_, _>>()
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("read usage: {e}")))?;
+            for r in &mut recs {
+                if let Some(s) = usage.get(&r.id) {
+                    r.cpu_seconds = s.cpu_seconds;
+                    r.memory_peak_bytes = s.memory_peak_bytes;
+                }
+            }
+        }
+        Ok(recs)
+    }
+
+    /// Waits until every selected worker has ended (or runs, with `completion` false), or until
+    /// `timeout`. Every selected worker ends up in exactly one list of the outcome.
+    pub async fn await_workers(
+        &self,
+        ids: Vec<String>,
+        session_id: Option<String>,
+        completion: bool,
+        timeout: Option<Duration>,
+    ) -> Result<AwaitOutcome> {
+        let mut changes = self.inner.changed.subscribe();
+        let filter = Filter {
+            session_id,
+            ids,
+            statuses: Vec::new(),
+        };
+        let selected: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let reached = |w: &WorkerRecord| {
+            if completion {
+                w.status == WorkerStatus::Succeeded
+            } else {
+                matches!(w.status, WorkerStatus::Running | WorkerStatus::Succeeded)
+            }
+        };
+        loop {
+            changes.borrow_and_update();
+            let snapshot = self.inner.records(&selected);
+            let settled = snapshot.iter().all(|w| reached(w) || w.status.is_terminal());
+            let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if settled || timed_out || self.inner.shutdown.is_cancelled() {
+                let (reached, failures) = snapshot.into_iter().partition(|w| reached(w));
+                return Ok(AwaitOutcome { reached, failures });
+            }
+            let wait = changes.changed();
+            let cancelled = self.inner.shutdown.cancelled();
+            match deadline {
+                Some(d) => {
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = tokio::time::sleep_until(d) => {}
+                        _ = cancelled => {}
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = cancelled => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the selected workers: SIGTERM to every process of each, SIGKILL to the whole cgroup
+    /// after `grace`. Returns them once they have ended. Idempotent.
+    pub async fn stop(&self, sel: Selector, grace: Option<Duration>, reason: &str) -> Result<Vec<WorkerRecord>> {
+        let grace = grace.unwrap_or(self.inner.opts.stop_grace);
+        let filter = match &sel {
+            Selector::Ids(ids) => Filter {
+                ids: ids.clone(),
+                ..Default::default()
+            },
+            Selector::Session(s) => Filter {
+                session_id: Some(s.clone()),
+                ..Default::default()
+            },
+            Selector::All => Filter::default(),
+        };
+        let selected: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let mut to_stop = Vec::new();
+        {
+            let mut st = self.inner.lock();
+            for id in &selected {
+                if let Some(e) = st.workers.get_mut(id) {
+                    if !e.rec.status.is_terminal() && e.rec.stop_reason.is_none() {
+                        e.rec.stop_reason = Some(reason.to_owned());
+                        to_stop.push(id.clone());
+                    }
+                }
+            }
+        }
+        let mut changes = self.inner.changed.subscribe();
+        for id in &to_stop {
+            tokio::spawn(stop_worker(self.inner.clone(), id.clone(), grace));
+        }
+        // Return once all have ended; a worker whose processes cannot be killed (a process in
+        // uninterruptible sleep) does not hold the call forever.
+        let deadline = tokio::time::Instant::now() + grace + Duration::from_secs(15);
+        loop {
+            changes.borrow_and_update();
+            let snapshot = self.inner.records(&selected);
+            if snapshot.iter().all(|w| w.status.is_terminal()) || tokio::time::Instant::now() >= deadline {
+                return Ok(snapshot);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// A receiver of every worker change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<WorkerRecord> {
+        self.inner.events.subscribe()
+    }
+
+    /// Current records of the workers matching `filter` (no live usage).
+    pub fn snapshot(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
+        self.inner.select(filter)
+    }
+
+    /// Streams output of the selected workers into a channel; see [`OutputRequest`].
+    pub fn output(&self, req: OutputRequest) -> Result<mpsc::Receiver<Result<OutputPiece>>> {
+        if req.ids.is_empty() && req.session_id.is_none() {
+            return Err(Error::invalid("ids", "name workers by ids or session_id"));
+        }
+        let filter = Filter {
+            ids: req.ids.clone(),
+            session_id: req.session_id.clone(),
+            statuses: Vec::new(),
+        };
+        let ids: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let streams = if req.streams.is_empty() {
+            StreamKind::BOTH.to_vec()
+        } else {
+            req.streams.clone()
+        };
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(pump_output(self.inner.clone(), ids, streams, req.follow, req.from_start, tx));
+        Ok(rx)
+    }
+
+    /// What `GetHostInfo` reports.
+    pub fn view(&self) -> HostView {
+        let st = self.inner.lock();
+        HostView {
+            name: self.inner.opts.name.clone(),
+            labels: self.inner.opts.labels.clone(),
+            capacity: st.ledger.capacity(),
+            allocated: st.ledger.allocated(),
+            subnet: self.inner.opts.subnet.clone(),
+            cgroup_version: self.inner.cgroups.version(),
+            kernels: self.inner.opts.kernels.clone(),
+            started_at: self.inner.started_at,
+        }
+    }
+
+    /// Counts of workers by status.
+    pub fn status_counts(&self) -> Vec<(WorkerStatus, usize)> {
+        let st = self.inner.lock();
+        WorkerStatus::ALL
+            .iter()
+            .map(|s| (*s, st.workers.values().filter(|e| e.rec.status == *s).count()))
+            .collect()
+    }
+
+    /// Begins shutdown: streams and waits end. Workers keep running under their shims.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Removes this daemon's cgroup subtree if no worker cgroup is left in it.
+    pub fn cleanup_subtree(&self) {
+        if self.inner.cgroups.list().is_empty() {
+            if let Err(e) = self.inner.cgroups.remove_subtree() {
+                tracing::debug!(error = %e, "cgroup subtree kept");
+            }
+        }
+    }
+}
+
+/// What a launch resolved to on this host.
+struct Prepared {
+    program: PathBuf,
+    argv: Vec<String>,
+    workdir: PathBuf,
+    base_env: BTreeMap<String, String>,
+}
+
+struct SpawnJob {
+    id: String,
+    shim: ShimSpec,
+    limits: Limits,
+}
+
+fn access(path: &Path, mode: i32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), mode) == 0 }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
+        // more than refusing every later request would.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn worker_dir(&self, id: &str) -> PathBuf {
+        self.opts.state_dir.join("workers").join(id)
+    }
+
+    /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
+    fn prepare(&self, spec: &LaunchSpec) -> Result<Prepared> {
+        let workdir = spec.workdir.clone().unwrap_or_else(|| self.opts.default_workdir.clone());
+        match std::fs::metadata(&workdir) {
+            Ok(m) if m.is_dir() => {
+                if !access(&workdir, libc::X_OK) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "workdir {}: cannot be entered",
+                        workdir.display()
+                    )));
+                }
+            }
+            Ok(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "workdir {}: is not a directory",
+                    workdir.display()
+                )))
+            }
+            Err(e) => return Err(Error::FailedPrecondition(format!("workdir {}: {e}", workdir.display()))),
+        }
+        let mut base_env = self.opts.base_env.clone();
+        base_env.insert("PATH".into(), self.opts.worker_path.clone());
+        let (program, argv) = match &spec.program {
+            Program::Command(cmd) => {
+                let path_var = spec.env.get("PATH").cloned().unwrap_or_else(|| self.opts.worker_path.clone());
+                let resolved = hostfs::resolve_program(&cmd[0], &path_var, &workdir).ok_or_else(|| {
+                    let why = if cmd[0].contains('/') {
+                        "does not exist or is not executable"
+                    } else {
+                        "not found in PATH"
+                    };
+                    Error::FailedPrecondition(format!("command[0] {}: {why}", cmd[0]))
+                })?;
+                (resolved, cmd.clone())
+            }
+            Program::Code { kernel, .. } | Program::Script { kernel, .. } => {
+                let entry = self
+                    .opts
+                    .kernels
+                    .iter()
+                    .find(|k| &k.name == kernel)
+                    .ok_or_else(|| Error::invalid("kernel", format!("unknown kernel {kernel:?}")))?;
+                let inv = entry.invocation.as_ref().ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "kernel {kernel}: interpreter not installed on this host (looked for {})",
+                        entry.candidates.join(", ")
+                    ))
+                })?;
+                let program = match &spec.program {
+                    Program::Script { kernel, path } => {
+                        let path = if path.is_absolute() { path.clone() } else { workdir.join(path) };
+                        match std::fs::metadata(&path) {
+                            Ok(m) if m.is_file() && access(&path, libc::R_OK) => {}
+                            Ok(m) if !m.is_file() => {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: is not a regular file",
+                                    path.display()
+                                )))
+                            }
+                            Ok(_) => {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: cannot be read",
+                                    path.display()
+                                )))
+                            }
+                            Err(e) => {
+                                return Err(Error::FailedPrecondition(format!("script {}: {e}", path.display())))
+                            }
+                        }
+                        Program::Script {
+                            kernel: kernel.clone(),
+                            path,
+                        }
+                    }
+                    other => other.clone(),
+                };
+                (inv.interpreter.clone(), launch::kernel_argv(inv, &program))
+            }
+        };
+        Ok(Prepared {
+            program,
+            argv,
+            workdir,
+            base_env,
+        })
+    }
+
+    /// Creates cgroups and starts shims for one chunk of a batch (blocking thread).
+    fn spawn_chunk(&self, jobs: Vec<SpawnJob>) -> Vec<(String, Result<ShimHandle, String>)> {
+        jobs.into_iter()
+            .map(|job| {
+                let stopped = self
+                    .lock()
+                    .workers
+                    .get(&job.id)
+                    .is_some_and(|e| e.rec.stop_reason.is_some());
+                if stopped {
+                    return (job.id, Err("stopped before it started".into()));
+                }
+                let res = self.spawn_one(&job);
+                (job.id, res)
+            })
+            .collect()
+    }
+
+    fn spawn_one(&self, job: &SpawnJob) -> Result<ShimHandle, String> {
+        let cg = self.cgroups.create(&job.id, &job.limits).map_err(|e| e.to_string())?;
+        let dir = self.worker_dir(&job.id);
+        match self.spawner.spawn(&dir, &job.shim) {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn select(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
+        let st = self.lock();
+        if let Some(missing) = filter.ids.iter().find(|id| !st.workers.contains_key(*id)) {
+            return Err(Error::NotFound(format!("worker {missing} not found")));
+        }
+        let mut v: Vec<(&Entry, WorkerRecord)> = st
+            .workers
+            .values()
+            .filter(|e| filter.matches(&e.rec))
+            .map(|e| (e, e.rec.clone()))
+            .collect();
+        v.sort_by_key(|(e, _)| e.seq);
+        Ok(v.into_iter().map(|(_, r)| r).collect())
+    }
+
+    fn records(&self, ids: &[String]) -> Vec<WorkerRecord> {
+        let st = self.lock();
+        ids.iter().filter_map(|id| st.workers.get(id).map(|e| e.rec.clone())).collect()
+    }
+
+    fn status(&self, id: &str) -> Option<WorkerStatus> {
+        self.lock().workers.get(id).map(|e| e.rec.status)
+    }
+
+    fn publish(&self, rec: WorkerRecord) {
+        let _ = self.events.send(rec);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Applies `f` to worker `id` and tells watchers.
+    fn update(&self, id: &str, f: impl FnOnce(&mut WorkerRecord)) -> Option<WorkerRecord> {
+        let rec = {
+            let mut st = self.lock();
+            let e = st.workers.get_mut(id)?;
+            f(&mut e.rec);
+            e.rec.clone()
+        };
+        self.publish(rec.clone());
+        Some(rec)
+    }
+
+    /// Ends worker `id`: reads its usage, removes its cgroup, frees its claim, records its status.
+    async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, finished_at: Option<SystemTime>) {
+        let inner = self.clone();
+        let cid = id.to_owned();
+        let stats = tokio::task::spawn_blocking(move || {
+            let cg = inner.cgroups.worker(&cid);
+            let stats = cg.stats();
+            if let Err(e) = cg.kill_all(Duration::from_secs(10)) {
+                tracing::warn!(worker = %cid, error = %e, "worker processes survived the kill");
+            }
+            if let Err(e) = cg.remove() {
+                tracing::warn!(worker = %cid, error = %e, "cgroup not removed");
+            }
+            stats
+        })
+        .await
+        .unwrap_or_default();
+        exit.oom_killed = stats.oom_kills > 0;
+        let rec = {
+            let mut st = self.lock();
+            st.ledger.release(id);
+            let Some(e) = st.workers.get_mut(id) else {
+                return;
+            };
+            let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
+            e.rec.status = status;
+            e.rec.reason = reason;
+            e.rec.exit_code = exit.exit_code;
+            e.rec.signal = exit.signal;
+            e.rec.finished_at = Some(finished_at.unwrap_or_else(SystemTime::now));
+            e.rec.cpu_seconds = stats.cpu_seconds;
+            e.rec.memory_peak_bytes = stats.memory_peak_bytes;
+            e.rec.clone()
+        };
+        tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
+        self.publish(rec);
+    }
+}
+
+/// Follows one worker from its shim's handshake to its end.
+async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
+    let shim_pid = handle.pid;
+    let hs = read_handshake(handle.handshake).await;
+    match &hs {
+        Ok(pid) => {
+            let admitted = inner.lock().workers.get(&id).map(|e| e.admitted);
+            if let Some(a) = admitted {
+                inner.metrics.observe_latency(a.elapsed());
+            }
+            inner.metrics.workers_started.fetch_add(1, Ordering::Relaxed);
+            inner.update(&id, |w| {
+                w.status = WorkerStatus::Running;
+                w.pid = Some(*pid);
+                w.started_at = Some(SystemTime::now());
+            });
+        }
+        Err(msg) => {
+            inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = %id, error = %msg, "worker did not start");
+        }
+    }
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
+    // stays open and refers to the same pidfd for the AsyncFd's whole life.
+    let registered = unsafe { AsyncFd::register_with_interest(handle.pidfd, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            // Without a pollable pidfd, poll the pid.
+            tracing::warn!(worker = %id, error = ?e, "pidfd not pollable; polling");
+            while std::path::Path::new(&format!("/proc/{shim_pid}")).exists() && !is_zombie(shim_pid) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let dir = inner.worker_dir(&id);
+    let rec = tokio::task::spawn_blocking(move || {
+        spawn::reap(shim_pid);
+        shim::read_exit(&dir)
+    })
+    .await;
+    let (exit, finished_at) = match rec {
+        Ok(Ok(Some(r))) => (
+            Exit {
+                exit_code: r.exit_code,
+                signal: r.signal,
+                spawn_error: r.spawn_error,
+                oom_killed: false,
+            },
+            Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
+        ),
+        Ok(Ok(None)) => (
+            Exit {
+                spawn_error: hs.err().or(Some("shim exited without an exit record".into())),
+                ..Default::default()
+            },
+            None,
+        ),
+        Ok(Err(e)) => (
+            Exit {
+                spawn_error: Some(format!("exit record unreadable: {e}")),
+                ..Default::default()
+            },
+            None,
+        ),
+        Err(e) => (
+            Exit {
+                spawn_error: Some(format!("exit record: {e}")),
+                ..Default::default()
+            },
+            None,
+        ),
+    };
+    inner.finish(&id, exit, finished_at).await;
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<u32, String> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|e| format!("handshake pipe: {e}"))?;
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    loop {
+        match rx.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.contains(&b'\n') || buf.len() > 4096 {
+                    break;
+                }
+            }
+            Err(e) => return Err(format!("handshake read: {e}")),
+        }
+    }
+    shim::parse_handshake(&String::from_utf8_lossy(&buf))
+}
+
+/// SIGTERM, then SIGKILL of the whole cgroup after `grace`.
+async fn stop_worker(inner: Arc<Inner>, id: String, grace: Duration) {
+    // A worker still starting joins its cgroup shortly; give it a moment so it gets the SIGTERM.
+    let start = tokio::time::Instant::now();
+    while matches!(inner.status(&id), Some(WorkerStatus::Pending | WorkerStatus::Starting))
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if inner.status(&id).is_none_or(|s| s.is_terminal()) {
+        return;
+    }
+    let cg = inner.cgroups.worker(&id);
+    {
+        let cg = cg.clone();
+        let _ = tokio::task::spawn_blocking(move || cg.signal_all(libc::SIGTERM)).await;
+    }
+    let mut changes = inner.changed.subscribe();
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        changes.borrow_and_update();
+        if inner.status(&id).is_none_or(|s| s.is_terminal()) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+    // Kill until the shim has seen the end (it also kills the rest once the main process dies).
+    while inner.status(&id).is_some_and(|s| !s.is_terminal()) {
+        let cg = cg.clone();
+        let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(1))).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended.
+async fn pump_output(
+    inner: Arc<Inner>,
+    ids: Vec<String>,
+    streams: Vec<StreamKind>,
+    follow: bool,
+    from_start: bool,
+    tx: mpsc::Sender<Result<OutputPiece>>,
+) {
+    struct Cursor {
+        id: String,
+        stream: StreamKind,
+        dir: PathBuf,
+        offset: u64,
+        done: bool,
+    }
+    let mut cursors: Vec<Cursor> = ids
+        .iter()
+        .flat_map(|id| {
+            streams.iter().map(|s| Cursor {
+                id: id.clone(),
+                stream: *s,
+                dir: inner.worker_dir(id).join(s.dir_name()),
+                offset: 0,
+                done: false,
+            })
+        })
+        .collect();
+    if !from_start {
+        let dirs: Vec<PathBuf> = cursors.iter().map(|c| c.dir.clone()).collect();
+        let ends = tokio::task::spawn_blocking(move || {
+            dirs.iter().map(|d| output::stream_end(d).unwrap_or(0)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (c, e) in cursors.iter_mut().zip(ends) {
+            c.offset = e;
+        }
+    }
+    let mut idle = Duration::from_millis(10);
+    loop {
+        // Status first, then read: a worker seen ended has written its last byte already.
+        let ended: Vec<bool> = cursors
+            .iter()
+            .map(|c| inner.status(&c.id).is_none_or(|s| s.is_terminal()))
+            .collect();
+        let reads: Vec<(PathBuf, u64)> = cursors.iter().map(|c| (c.dir.clone(), c.offset)).collect();
+        let results = match tokio::task::spawn_blocking(move || {
+            reads
+                .into_iter()
+                .map(|(d, o)| output::read_stream(&d, o, CHUNK))
+                .collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.send(Err(Error::Internal(format!("read output: {e}")))).await;
+                return;
+            }
+        };
+        let mut progressed = false;
+        for (i, res) in results.into_iter().enumerate() {
+            let c = &mut cursors[i];
+            if c.done {
+                continue;
+            }
+            match res {
+                Ok(r) if !r.data.is_empty() => {
+                    progressed = true;
+                    c.offset = r.offset + r.data.len() as u64;
+                    let piece = OutputPiece {
+                        worker_id: c.id.clone(),
+                        stream: c.stream,
+                        offset: r.offset,
+                        data: r.data,
+                    };
+                    if tx.send(Ok(piece)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {
+                    if !follow || ended[i] {
+                        c.done = true;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Error::Internal(format!("read output of worker {}: {e}", c.id))))
+                        .await;
+                    return;
+                }
+            }
+        }
+        if cursors.iter().all(|c| c.done) {
+            return;
+        }
+        if progressed {
+            idle = Duration::from_millis(10);
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(idle) => {}
+            _ = tx.closed() => return,
+            _ = inner.shutdown.cancelled() => return,
+        }
+        idle = (idle * 2).min(Duration::from_millis(100));
+    }
+}

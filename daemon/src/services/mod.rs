@@ -1,0 +1,6 @@
+//! The host supervisor and its gRPC face: wiring of core to sys and to tonic.
+
+pub mod grpc;
+pub mod host;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,344 @@
+//! Assembles a host daemon from its configuration and serves it: gRPC on every listen address
+//! (TCP and Unix sockets) with health and reflection, metrics over HTTP, and one shutdown path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use futures::StreamExt;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::core::admission::Capacity;
+use crate::core::launch::{KernelInvocation, GIB};
+use crate::sys::cgroup::{CgroupFs, Cgroups};
+use crate::sys::host as hostfs;
+use crate::sys::output::Rotation;
+use crate::sys::spawn::ShimSpawner;
+
+use super::grpc::{HostService, WorkersService};
+use super::host::{Host, HostOptions, KernelEntry};
+
+/// Failure to start or run the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] crate::sys::cgroup::CgroupError),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reflection: {0}")]
+    Reflection(String),
+    #[error("serve {addr}: {source}")]
+    Serve {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// A listen address of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(s: &str) -> Self {
+        match s.strip_prefix("unix:") {
+            Some(p) => ListenAddr::Unix(PathBuf::from(p)),
+            None => ListenAddr::Tcp(s.to_owned()),
+        }
+    }
+}
+
+enum Bound {
+    Tcp(TcpListener, SocketAddr),
+    Unix(UnixListener, PathBuf),
+}
+
+/// Binds every address before anything is served, so a taken port fails the start at once.
+pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, DaemonError> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let err = |source| DaemonError::Listen { addr: a.clone(), source };
+        let b = match ListenAddr::parse(a) {
+            ListenAddr::Tcp(t) => {
+                let l = TcpListener::bind(&t).await.map_err(err)?;
+                let local = l.local_addr().map_err(err)?;
+                Bound::Tcp(l, local)
+            }
+            ListenAddr::Unix(p) => {
+                if let Some(dir) = p.parent() {
+                    std::fs::create_dir_all(dir).map_err(err)?;
+                }
+                // A socket file left by a previous run; refuse if something still answers on it.
+                if std::os::unix::net::UnixStream::connect(&p).is_ok() {
+                    return Err(err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another daemon answers on this socket",
+                    )));
+                }
+                let _ = std::fs::remove_file(&p);
+                let l = UnixListener::bind(&p).map_err(err)?;
+                Bound::Unix(l, p)
+            }
+        };
+        out.push((a.clone(), BoundListener(b)));
+    }
+    Ok(out)
+}
+
+/// A bound listener, ready to serve.
+pub struct BoundListener(Bound);
+
+impl BoundListener {
+    /// `host:port` for TCP (with the real port when 0 was asked), `unix:path` otherwise.
+    pub fn display(&self) -> String {
+        match &self.0 {
+            Bound::Tcp(_, a) => a.to_string(),
+            Bound::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+impl std::fmt::Debug for BoundListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+/// Resolves the kernel table: the first candidate of each that exists.
+pub fn resolve_kernels(cfg: &Config) -> Vec<KernelEntry> {
+    cfg.kernels
+        .iter()
+        .map(|(name, k)| {
+            let found = k
+                .candidates
+                .iter()
+                .find_map(|c| hostfs::resolve_program(c, &cfg.worker.path, std::path::Path::new("/")));
+            KernelEntry {
+                name: name.clone(),
+                invocation: found.map(|interpreter| KernelInvocation {
+                    interpreter,
+                    args: k.args.clone(),
+                    code_flag: k.code_flag.clone(),
+                }),
+                candidates: k.candidates.clone(),
+            }
+        })
+        .collect()
+}
+
+/// The supervisor's options from a configuration.
+pub fn host_options(cfg: &Config) -> HostOptions {
+    let name = if cfg.name.is_empty() { hostfs::hostname() } else { cfg.name.clone() };
+    let cpu = if cfg.resources.cpu > 0.0 {
+        cfg.resources.cpu
+    } else {
+        hostfs::online_cpus() as f64
+    };
+    let memory_bytes = if cfg.resources.memory_gb > 0.0 {
+        (cfg.resources.memory_gb * GIB) as u64
+    } else {
+        hostfs::memory_total_bytes().saturating_sub((cfg.resources.reserved_memory_gb * GIB) as u64)
+    };
+    let mut base_env: BTreeMap<String, String> = ["HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    base_env.extend(cfg.worker.env.clone());
+    HostOptions {
+        name,
+        state_dir: cfg.state_dir.clone(),
+        capacity: Capacity {
+            cpu,
+            memory_bytes,
+            workers: cfg.resources.max_workers,
+        },
+        pids_max: cfg.worker.pids_max,
+        default_workdir: cfg.worker.workdir.clone(),
+        worker_path: cfg.worker.path.clone(),
+        base_env,
+        kernels: resolve_kernels(cfg),
+        rotation: Rotation {
+            segment_bytes: cfg.output.segment_bytes,
+            segments: cfg.output.segments,
+        },
+        stop_grace: Duration::from_secs(u64::from(cfg.worker.stop_grace_seconds)),
+        host_from_worker: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        subnet: cfg.subnet.clone(),
+        labels: cfg.labels.clone(),
+    }
+}
+
+/// Runs a host daemon until `shutdown` is cancelled. Workers keep running afterwards: they live
+/// under their shims, not under the daemon.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let opts = host_options(&cfg);
+    let state_err = |source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(cfg.state_dir.join("workers")).map_err(state_err)?;
+    let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
+    let subtree = format!("berth-{}", opts.name);
+    let cgroups = tokio::task::spawn_blocking(move || CgroupFs::discover(&subtree, parent.as_deref()))
+        .await
+        .map_err(|e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+    tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
+    let leftovers = cgroups.list();
+    if !leftovers.is_empty() {
+        tracing::warn!(count = leftovers.len(), "worker cgroups of an earlier run are present; they are left alone");
+    }
+    for k in &opts.kernels {
+        match &k.invocation {
+            Some(i) => tracing::info!(kernel = %k.name, interpreter = %i.interpreter.display(), "kernel available"),
+            None => tracing::warn!(kernel = %k.name, looked_for = ?k.candidates, "kernel not installed"),
+        }
+    }
+    let cgroups: Arc<dyn Cgroups> = Arc::new(cgroups);
+    let spawner = Arc::new(ShimSpawner::new((!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone())));
+    let listeners = bind_all(&cfg.listen).await?;
+    let address = listeners
+        .iter()
+        .find(|(_, l)| matches!(l.0, Bound::Tcp(..)))
+        .map(|(_, l)| l.display())
+        .unwrap_or_default();
+    let host = Host::new(opts, cgroups, spawner);
+    tracing::info!(
+        name = %host.name(),
+        capacity = ?host.view().capacity,
+        "host ready"
+    );
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::workers_server::WorkersServer<WorkersService>>()
+        .await;
+    health.set_serving::<pb::host_server::HostServer<HostService>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let refl_v1 = reflection()
+        .build_v1()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    let refl_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    let workers = pb::workers_server::WorkersServer::new(WorkersService { host: host.clone() })
+        .max_decoding_message_size(64 << 20);
+    let hostsvc = pb::host_server::HostServer::new(HostService {
+        host: host.clone(),
+        address,
+    });
+
+    let mut servers = Vec::new();
+    for (addr, l) in listeners {
+        tracing::info!(listen = %l.display(), "serving gRPC");
+        let router = tonic::transport::Server::builder()
+            .add_service(health_svc.clone())
+            .add_service(refl_v1.clone())
+            .add_service(refl_v1alpha.clone())
+            .add_service(workers.clone())
+            .add_service(hostsvc.clone());
+        let stop = shutdown.clone();
+        let signal = async move { stop.cancelled().await };
+        servers.push(tokio::spawn(async move {
+            let res = match l.0 {
+                Bound::Tcp(t, _) => {
+                    let incoming = TcpListenerStream::new(t).map(|s| {
+                        s.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                        })
+                    });
+                    router.serve_with_incoming_shutdown(incoming, signal).await
+                }
+                Bound::Unix(u, p) => {
+                    let r = router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(u), signal)
+                        .await;
+                    let _ = std::fs::remove_file(p);
+                    r
+                }
+            };
+            res.map_err(|source| DaemonError::Serve { addr, source })
+        }));
+    }
+    if !cfg.metrics_listen.is_empty() {
+        let l = TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: cfg.metrics_listen.clone(),
+                source,
+            })?;
+        tracing::info!(listen = %cfg.metrics_listen, "serving metrics");
+        tokio::spawn(super::metrics::serve(l, host.clone(), shutdown.clone()));
+    }
+    sd_notify("READY=1");
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down; workers keep running under their shims");
+    sd_notify("STOPPING=1");
+    health
+        .set_not_serving::<pb::workers_server::WorkersServer<WorkersService>>()
+        .await;
+    host.shutdown();
+    let drain = futures::future::join_all(servers);
+    let mut result = Ok(());
+    match tokio::time::timeout(Duration::from_secs(10), drain).await {
+        Ok(results) => {
+            for r in results.into_iter().flatten() {
+                if let Err(e) = r {
+                    result = Err(e);
+                }
+            }
+        }
+        Err(_) => tracing::warn!("gRPC connections did not drain within 10 s"),
+    }
+    let h = host.clone();
+    let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
+    result
+}
+
+/// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}

@@ -1,0 +1,710 @@
+//! Worker cgroups on cgroup v1 and v2: discovery of the hierarchies, creation with hard limits,
+//! usage counters, killing a whole cgroup and removal. Every difference between v1 and v2 lives
+//! in this module; the rest of berth sees [`WorkerCgroup`] and [`CgroupStats`].
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Failure of a cgroup operation, with the path it concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    /// A cgroup file or directory could not be read, written, created or removed.
+    #[error("cgroup {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The host has no usable cgroup hierarchy for a controller berth needs.
+    #[error("no usable cgroup hierarchy: {0}")]
+    Unsupported(String),
+    /// Processes were still in the cgroup after it was killed.
+    #[error("cgroup {path} still holds processes after kill")]
+    Busy { path: PathBuf },
+}
+
+type Result<T, E = CgroupError> = std::result::Result<T, E>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which cgroup interface the host offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    /// The number reported in `HostInfo.cgroup_version`.
+    pub fn number(self) -> u32 {
+        match self {
+            CgroupVersion::V1 => 1,
+            CgroupVersion::V2 => 2,
+        }
+    }
+}
+
+/// Hard limits of one worker's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// CPU cores; enforced as a CFS quota over `CPU_PERIOD_US`.
+    pub cpu: f64,
+    /// Memory limit in bytes (swap is not allowed on top of it).
+    pub memory_bytes: u64,
+    /// Maximum number of tasks (processes and threads).
+    pub pids_max: u64,
+}
+
+/// CFS period used for CPU quotas.
+pub const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    /// Quota in microseconds per [`CPU_PERIOD_US`]; never below the kernel's 1 ms minimum.
+    pub fn cpu_quota_us(&self) -> u64 {
+        ((self.cpu * CPU_PERIOD_US as f64).round() as u64).max(1_000)
+    }
+}
+
+/// Usage counters read from a worker's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub cpu_seconds: f64,
+    pub memory_peak_bytes: u64,
+    pub memory_current_bytes: u64,
+    /// Processes the kernel's OOM killer killed in this cgroup.
+    pub oom_kills: u64,
+}
+
+/// One v1 hierarchy that berth uses, or the single v2 hierarchy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Controller {
+    Cpu,
+    Cpuacct,
+    Memory,
+    Pids,
+    Freezer,
+    Devices,
+    /// The unified (v2) hierarchy, which holds every controller.
+    Unified,
+}
+
+impl Controller {
+    const V1: [Controller; 6] = [
+        Controller::Cpu,
+        Controller::Cpuacct,
+        Controller::Memory,
+        Controller::Pids,
+        Controller::Freezer,
+        Controller::Devices,
+    ];
+
+    fn v1_name(self) -> &'static str {
+        match self {
+            Controller::Cpu => "cpu",
+            Controller::Cpuacct => "cpuacct",
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Freezer => "freezer",
+            Controller::Devices => "devices",
+            Controller::Unified => "",
+        }
+    }
+}
+
+/// A cgroup filesystem mount as read from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupMount {
+    pub mount_point: PathBuf,
+    /// Path inside the hierarchy that is mounted there (usually `/`).
+    pub root: String,
+    pub version: CgroupVersion,
+    /// v1 controllers of this hierarchy (empty for v2).
+    pub controllers: Vec<String>,
+}
+
+/// Parses `/proc/self/mountinfo` text into the cgroup mounts it lists.
+pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    let mut mounts = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split_whitespace().collect();
+        let post: Vec<&str> = post.split_whitespace().collect();
+        if pre.len() < 5 || post.len() < 3 {
+            continue;
+        }
+        let (root, mount_point) = (pre[3], pre[4]);
+        let version = match post[0] {
+            "cgroup" => CgroupVersion::V1,
+            "cgroup2" => CgroupVersion::V2,
+            _ => continue,
+        };
+        let controllers = match version {
+            CgroupVersion::V1 => post[2]
+                .split(',')
+                .filter(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("name="))
+                .filter(|o| Controller::V1.iter().any(|c| c.v1_name() == *o) || *o == "cpuset")
+                .map(str::to_owned)
+                .collect(),
+            CgroupVersion::V2 => Vec::new(),
+        };
+        mounts.push(CgroupMount {
+            mount_point: PathBuf::from(unescape_mount_path(mount_point)),
+            root: root.to_owned(),
+            version,
+            controllers,
+        });
+    }
+    mounts
+}
+
+fn unescape_mount_path(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Parses `/proc/<pid>/cgroup` into `(controllers, path)` pairs; v2 has empty controllers.
+pub fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let _id = parts.next()?;
+            let ctrls = parts.next()?;
+            let path = parts.next()?;
+            let ctrls = ctrls
+                .split(',')
+                .filter(|c| !c.is_empty() && !c.starts_with("name="))
+                .map(str::to_owned)
+                .collect();
+            Some((ctrls, path.to_owned()))
+        })
+        .collect()
+}
+
+/// Parses a flat-keyed cgroup file (`memory.events`, `cpu.stat`, `memory.oom_control`).
+pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Parses the pids listed in `cgroup.procs`.
+pub fn parse_pids(text: &str) -> Vec<i32> {
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+/// The cgroup directories of one worker, one per hierarchy. Serializable so that the per-worker
+/// shim, which outlives the daemon, can kill the rest of its worker's processes by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCgroup {
+    pub version: CgroupVersion,
+    pub dirs: Vec<(Controller, PathBuf)>,
+}
+
+impl WorkerCgroup {
+    fn dir(&self, c: Controller) -> Option<&Path> {
+        self.dirs.iter().find(|(k, _)| *k == c).map(|(_, p)| p.as_path())
+    }
+
+    /// The `cgroup.procs` files a new process writes `0` to, to join this cgroup.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect()
+    }
+
+    /// Directory used for the process list (the pids hierarchy on v1).
+    fn main_dir(&self) -> &Path {
+        match self.version {
+            CgroupVersion::V2 => self.dir(Controller::Unified),
+            CgroupVersion::V1 => self.dir(Controller::Pids).or_else(|| self.dir(Controller::Memory)),
+        }
+        .unwrap_or_else(|| self.dirs[0].1.as_path())
+    }
+
+    /// Directory of the device-access controls (v1 `devices`, v2 the unified cgroup).
+    pub fn devices_dir(&self) -> Option<&Path> {
+        match self.version {
+            CgroupVersion::V2 => self.dir(Controller::Unified),
+            CgroupVersion::V1 => self.dir(Controller::Devices),
+        }
+    }
+
+    /// Pids of every process in the cgroup; empty when the cgroup is gone.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut all = Vec::new();
+        for (_, d) in &self.dirs {
+            if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
+                for p in parse_pids(&t) {
+                    if !all.contains(&p) {
+                        all.push(p);
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    /// Sends `signal` to every process of the cgroup (a best-effort snapshot).
+    pub fn signal_all(&self, signal: i32) {
+        for pid in self.pids() {
+            // SAFETY: kill(2) takes plain integers and has no memory effects.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Kills every process of the cgroup, including ones forked while killing, and waits until
+    /// the cgroup is empty (bounded by `timeout`). v2 uses `cgroup.kill`; v1 freezes the cgroup,
+    /// kills every member and thaws it, so a fork bomb cannot outrun the kill.
+    pub fn kill_all(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let v2_kill = self.version == CgroupVersion::V2
+            && self
+                .dir(Controller::Unified)
+                .is_some_and(|d| write_file(&d.join("cgroup.kill"), "1").is_ok());
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if !v2_kill {
+                let frozen = self.freeze(true);
+                for pid in self.pids() {
+                    // SAFETY: kill(2) takes plain integers and has no memory effects.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                if frozen {
+                    self.freeze(false);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(CgroupError::Busy {
+                    path: self.main_dir().to_path_buf(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Freezes (or thaws) a v1 cgroup; returns whether it is frozen.
+    fn freeze(&self, frozen: bool) -> bool {
+        let Some(dir) = self.dir(Controller::Freezer) else {
+            return false;
+        };
+        let state = dir.join("freezer.state");
+        let want = if frozen { "FROZEN" } else { "THAWED" };
+        if write_file(&state, want).is_err() {
+            return false;
+        }
+        if !frozen {
+            return false;
+        }
+        for _ in 0..500 {
+            match fs::read_to_string(&state) {
+                Ok(s) if s.trim() == "FROZEN" => return true,
+                Ok(_) => std::thread::sleep(Duration::from_micros(200)),
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    /// Reads usage counters. Missing files read as zero (older kernels lack `memory.peak`).
+    pub fn stats(&self) -> CgroupStats {
+        let read = |c: Controller, f: &str| {
+            self.dir(c).and_then(|d| fs::read_to_string(d.join(f)).ok())
+        };
+        let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        match self.version {
+            CgroupVersion::V1 => CgroupStats {
+                cpu_seconds: num(read(Controller::Cpuacct, "cpuacct.usage")) as f64 / 1e9,
+                memory_peak_bytes: num(read(Controller::Memory, "memory.max_usage_in_bytes")),
+                memory_current_bytes: num(read(Controller::Memory, "memory.usage_in_bytes")),
+                oom_kills: read(Controller::Memory, "memory.oom_control")
+                    .and_then(|t| parse_flat_keyed(&t, "oom_kill"))
+                    .unwrap_or(0),
+            },
+            CgroupVersion::V2 => CgroupStats {
+                cpu_seconds: read(Controller::Unified, "cpu.stat")
+                    .and_then(|t| parse_flat_keyed(&t, "usage_usec"))
+                    .unwrap_or(0) as f64
+                    / 1e6,
+                memory_peak_bytes: num(read(Controller::Unified, "memory.peak")),
+                memory_current_bytes: num(read(Controller::Unified, "memory.current")),
+                oom_kills: read(Controller::Unified, "memory.events")
+                    .and_then(|t| parse_flat_keyed(&t, "oom_kill"))
+                    .unwrap_or(0),
+            },
+        }
+    }
+
+    /// Removes the cgroup directories. The cgroup must be empty.
+    pub fn remove(&self) -> Result<()> {
+        let mut first_err = None;
+        for (_, d) in &self.dirs {
+            if let Err(e) = remove_dir_retry(d) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// rmdir that tolerates a missing directory and retries briefly while the kernel still counts
+/// exiting tasks (EBUSY right after the last process died).
+fn remove_dir_retry(d: &Path) -> Result<()> {
+    for attempt in 0..200 {
+        match fs::remove_dir(d) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 199 => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(io_err("remove", d)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, value: &str) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    f.write_all(value.as_bytes()).map_err(io_err("write", path))
+}
+
+/// Creates and finds worker cgroups under the daemon's own subtree.
+pub trait Cgroups: Send + Sync {
+    fn version(&self) -> CgroupVersion;
+    /// Creates the cgroup of worker `id` with `limits`; on failure nothing is left behind.
+    fn create(&self, id: &str, limits: &Limits) -> Result<WorkerCgroup>;
+    /// The cgroup of worker `id`, whether or not it exists now.
+    fn worker(&self, id: &str) -> WorkerCgroup;
+    /// Ids of the worker cgroups that exist under this daemon's subtree.
+    fn list(&self) -> Vec<String>;
+    /// Removes the daemon's own (empty) subtree directories; called at shutdown.
+    fn remove_subtree(&self) -> Result<()>;
+    /// Human-readable location of the subtree, for logs.
+    fn describe(&self) -> String;
+}
+
+/// The real cgroup filesystem.
+#[derive(Debug)]
+pub struct CgroupFs {
+    version: CgroupVersion,
+    /// The daemon's subtree in each hierarchy berth uses.
+    bases: Vec<(Controller, PathBuf)>,
+}
+
+impl CgroupFs {
+    /// Finds the hierarchies of this host and prepares `<own cgroup>/<subtree>` in each (or
+    /// `<parent>/<subtree>` when `parent` is set). Prefers v1 when its memory controller is mounted
+    /// (the hybrid layout), else the unified hierarchy. On v2 the daemon first moves the processes
+    /// of its own cgroup into a leaf, as a `Delegate=yes` service must before enabling controllers
+    /// for its children.
+    pub fn discover(subtree: &str, parent: Option<&str>) -> Result<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
+        let mounts = parse_mountinfo(&mountinfo);
+        let own = parse_proc_cgroup(&own);
+        let v1_memory = mounts
+            .iter()
+            .any(|m| m.version == CgroupVersion::V1 && m.controllers.iter().any(|c| c == "memory"));
+        if v1_memory {
+            Self::setup_v1(&mounts, &own, subtree, parent)
+        } else if let Some(m) = mounts.iter().find(|m| m.version == CgroupVersion::V2) {
+            let own_path = own
+                .iter()
+                .find(|(c, _)| c.is_empty())
+                .map(|(_, p)| p.clone())
+                .unwrap_or_else(|| "/".into());
+            Self::setup_v2(m, &own_path, subtree, parent)
+        } else {
+            Err(CgroupError::Unsupported("neither a v1 memory hierarchy nor cgroup2 is mounted".into()))
+        }
+    }
+
+    fn setup_v1(
+        mounts: &[CgroupMount],
+        own: &[(Vec<String>, String)],
+        subtree: &str,
+        parent: Option<&str>,
+    ) -> Result<Self> {
+        let mut bases = Vec::new();
+        for c in Controller::V1 {
+            let name = c.v1_name();
+            let Some(m) = mounts
+                .iter()
+                .find(|m| m.version == CgroupVersion::V1 && m.controllers.iter().any(|x| x == name))
+            else {
+                if matches!(c, Controller::Memory | Controller::Cpu | Controller::Pids) {
+                    return Err(CgroupError::Unsupported(format!("v1 controller {name} is not mounted")));
+                }
+                continue;
+            };
+            let own_path = own
+                .iter()
+                .find(|(cs, _)| cs.iter().any(|x| x == name))
+                .map(|(_, p)| p.as_str())
+                .unwrap_or("/");
+            let rel = parent.unwrap_or(own_path);
+            let base = join_in_hierarchy(m, rel).join(subtree);
+            fs::create_dir_all(&base).map_err(io_err("create", &base))?;
+            bases.push((c, base));
+        }
+        Ok(Self {
+            version: CgroupVersion::V1,
+            bases,
+        })
+    }
+
+    fn setup_v2(m: &CgroupMount, own_path: &str, subtree: &str, parent: Option<&str>) -> Result<Self> {
+        let root = &m.mount_point;
+        let parent_dir = match parent {
+            Some(p) => join_in_hierarchy(m, p),
+            None => {
+                let own_dir = join_in_hierarchy(m, own_path);
+                if own_dir != *root {
+                    move_into_leaf(&own_dir)?;
+                }
+                own_dir
+            }
+        };
+        enable_controllers(&parent_dir)?;
+        let base = parent_dir.join(subtree);
+        fs::create_dir_all(&base).map_err(io_err("create", &base))?;
+        enable_controllers(&base)?;
+        Ok(Self {
+            version: CgroupVersion::V2,
+            bases: vec![(Controller::Unified, base)],
+        })
+    }
+}
+
+/// Path of cgroup `rel` (as /proc/self/cgroup names it) under mount `m`.
+fn join_in_hierarchy(m: &CgroupMount, rel: &str) -> PathBuf {
+    let rel = rel.strip_prefix(m.root.trim_end_matches('/')).unwrap_or(rel);
+    m.mount_point.join(rel.trim_start_matches('/'))
+}
+
+/// Leaf that holds the processes of a delegated v2 cgroup, so its children can have controllers.
+pub const V2_LEAF: &str = "supervisor";
+
+fn move_into_leaf(dir: &Path) -> Result<()> {
+    let procs = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
+    let pids = parse_pids(&text);
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let leaf = dir.join(V2_LEAF);
+    fs::create_dir_all(&leaf).map_err(io_err("create", &leaf))?;
+    let leaf_procs = leaf.join("cgroup.procs");
+    for pid in pids {
+        match write_file(&leaf_procs, &pid.to_string()) {
+            Ok(()) => {}
+            // A process that exited meanwhile, or a kernel thread, is not ours to move.
+            Err(CgroupError::Io { source, .. })
+                if matches!(source.raw_os_error(), Some(libc::ESRCH) | Some(libc::EINVAL)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn enable_controllers(dir: &Path) -> Result<()> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers"))
+        .map_err(io_err("read", &dir.join("cgroup.controllers")))?;
+    let subtree = dir.join("cgroup.subtree_control");
+    for c in ["cpu", "memory", "pids"] {
+        if !available.split_whitespace().any(|a| a == c) {
+            return Err(CgroupError::Unsupported(format!(
+                "controller {c} is not available in {}",
+                dir.display()
+            )));
+        }
+        write_file(&subtree, &format!("+{c}"))?;
+    }
+    Ok(())
+}
+
+impl Cgroups for CgroupFs {
+    fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    fn create(&self, id: &str, limits: &Limits) -> Result<WorkerCgroup> {
+        let cg = self.worker(id);
+        let made = (|| {
+            for (_, d) in &cg.dirs {
+                fs::create_dir(d).map_err(io_err("create", d))?;
+            }
+            apply_limits(&cg, limits)
+        })();
+        if let Err(e) = made {
+            let _ = cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn worker(&self, id: &str) -> WorkerCgroup {
+        WorkerCgroup {
+            version: self.version,
+            dirs: self.bases.iter().map(|(c, b)| (*c, b.join(id))).collect(),
+        }
+    }
+
+    fn list(&self) -> Vec<String> {
+        let Some((_, base)) = self.bases.first() else {
+            return Vec::new();
+        };
+        let Ok(rd) = fs::read_dir(base) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+
+    fn remove_subtree(&self) -> Result<()> {
+        for (_, b) in &self.bases {
+            match fs::remove_dir(b) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", b)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let dirs: Vec<String> = self.bases.iter().map(|(_, b)| b.display().to_string()).collect();
+        format!("cgroup v{} at {}", self.version.number(), dirs.join(", "))
+    }
+}
+
+fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
+    let w = |c: Controller, f: &str, v: String| match cg.dir(c) {
+        Some(d) => write_file(&d.join(f), &v),
+        None => Ok(()),
+    };
+    match cg.version {
+        CgroupVersion::V1 => {
+            w(Controller::Cpu, "cpu.cfs_period_us", CPU_PERIOD_US.to_string())?;
+            w(Controller::Cpu, "cpu.cfs_quota_us", l.cpu_quota_us().to_string())?;
+            w(Controller::Memory, "memory.limit_in_bytes", l.memory_bytes.to_string())?;
+            // Where swap accounting exists, forbid swap on top of the limit.
+            if let Some(d) = cg.dir(Controller::Memory) {
+                let sw = d.join("memory.memsw.limit_in_bytes");
+                if sw.exists() {
+                    write_file(&sw, &l.memory_bytes.to_string())?;
+                }
+            }
+            w(Controller::Pids, "pids.max", l.pids_max.to_string())?;
+        }
+        CgroupVersion::V2 => {
+            w(
+                Controller::Unified,
+                "cpu.max",
+                format!("{} {}", l.cpu_quota_us(), CPU_PERIOD_US),
+            )?;
+            w(Controller::Unified, "memory.max", l.memory_bytes.to_string())?;
+            if let Some(d) = cg.dir(Controller::Unified) {
+                let sw = d.join("memory.swap.max");
+                if sw.exists() {
+                    write_file(&sw, "0")?;
+                }
+            }
+            w(Controller::Unified, "pids.max", l.pids_max.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+22 1 0:5 / /proc rw - proc proc rw";
+
+    #[test]
+    fn mountinfo_finds_v1_hierarchies_and_unified() {
+        let m = parse_mountinfo(HYBRID);
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0].controllers, vec!["cpu"]);
+        assert_eq!(m[2].mount_point, PathBuf::from("/sys/fs/cgroup/memory"));
+        assert!(m[4].controllers.is_empty(), "name=systemd has no controller");
+        assert_eq!(m[5].version, CgroupVersion::V2);
+    }
+
+    #[test]
+    fn mountinfo_combined_cpu_cpuacct() {
+        let m = parse_mountinfo(
+            "25 24 0:22 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct",
+        );
+        assert_eq!(m[0].controllers, vec!["cpu", "cpuacct"]);
+    }
+
+    #[test]
+    fn proc_cgroup_lines() {
+        let p = parse_proc_cgroup("4:memory:/process_api/x\n1:name=systemd:/\n0::/system.slice/b.service\n");
+        assert_eq!(p[0], (vec!["memory".to_string()], "/process_api/x".to_string()));
+        assert_eq!(p[1], (vec![], "/".to_string()));
+        assert_eq!(p[2], (vec![], "/system.slice/b.service".to_string()));
+    }
+
+    #[test]
+    fn flat_keyed_files() {
+        let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_flat_keyed(events, "oom_kill"), Some(2));
+        assert_eq!(parse_flat_keyed(events, "oom"), Some(3));
+        assert_eq!(parse_flat_keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n", "oom_kill"), Some(1));
+        assert_eq!(parse_flat_keyed("usage_usec 1500\nuser_usec 1000\n", "usage_usec"), Some(1500));
+        assert_eq!(parse_flat_keyed("", "oom_kill"), None);
+    }
+
+    #[test]
+    fn quota_rounds_and_has_a_floor() {
+        let l = |cpu| Limits { cpu, memory_bytes: 1, pids_max: 1 };
+        assert_eq!(l(0.5).cpu_quota_us(), 50_000);
+        assert_eq!(l(2.0).cpu_quota_us(), 200_000);
+        assert_eq!(l(0.001).cpu_quota_us(), 1_000);
+    }
+
+    #[test]
+    fn hierarchy_join_strips_mount_root() {
+        let m = CgroupMount {
+            mount_point: "/sys/fs/cgroup".into(),
+            root: "/".into(),
+            version: CgroupVersion::V2,
+            controllers: vec![],
+        };
+        assert_eq!(join_in_hierarchy(&m, "/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+        assert_eq!(join_in_hierarchy(&m, "/"), PathBuf::from("/sys/fs/cgroup"));
+        let nested = CgroupMount { root: "/outer".into(), ..m };
+        assert_eq!(join_in_hierarchy(&nested, "/outer/x"), PathBuf::from("/sys/fs/cgroup/x"));
+    }
+}

@@ -1,0 +1,115 @@
+//! Facts about the host read from /proc and the filesystem: memory, CPUs, executables.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// `MemTotal` of `/proc/meminfo` text, in bytes.
+pub fn parse_meminfo_total(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemTotal:")?;
+        let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// Total memory of the host in bytes.
+pub fn memory_total_bytes() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_meminfo_total(&t))
+        .unwrap_or(0)
+}
+
+/// CPUs this process may run on.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Whether `path` is a regular file with an execute bit.
+pub fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Resolves a program name the way execvp would: a name with a `/` is taken as is (relative to
+/// `cwd`), anything else is searched in `path_var`.
+pub fn resolve_program(name: &str, path_var: &str, cwd: &Path) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = cwd.join(name);
+        return is_executable(&p).then_some(p);
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .find(|p| is_executable(p))
+}
+
+/// The host's name from the kernel.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Start time of `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`); with the pid
+/// it identifies a process even after the pid is recycled.
+pub fn parse_stat_starttime(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses: fields restart after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Start time of a live process, see [`parse_stat_starttime`].
+pub fn process_starttime(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat_starttime(&s))
+}
+
+/// Resident and proportional set size of a process, in bytes, from `/proc/<pid>/smaps_rollup`.
+pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
+    let kb = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (kb("Rss:"), kb("Pss:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo() {
+        let t = "MemTotal:       24605604 kB\nMemFree:        23000000 kB\n";
+        assert_eq!(parse_meminfo_total(t), Some(24605604 * 1024));
+        assert_eq!(parse_meminfo_total("MemFree: 1 kB"), None);
+    }
+
+    #[test]
+    fn stat_starttime_with_odd_comm() {
+        let stat = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_stat_starttime(stat), Some(987654));
+        assert_eq!(parse_stat_starttime("garbage"), None);
+    }
+
+    #[test]
+    fn smaps() {
+        let t = "00400000-ffffffff ---p 00000000 00:00 0 [rollup]\nRss:                1200 kB\nPss:                 300 kB\n";
+        assert_eq!(parse_smaps_rollup(t), (1200 * 1024, 300 * 1024));
+    }
+
+    #[test]
+    fn resolve_in_path() {
+        assert_eq!(resolve_program("sh", "/nonexistent:/bin", Path::new("/")), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(resolve_program("no-such-program-x", "/bin:/usr/bin", Path::new("/")), None);
+        assert_eq!(resolve_program("/bin/sh", "", Path::new("/")), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(resolve_program("./sh", "", Path::new("/bin")), Some(PathBuf::from("/bin/./sh")));
+    }
+}

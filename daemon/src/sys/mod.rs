@@ -1,0 +1,8 @@
+//! Every effect on the Linux host, each behind a small trait or a module with pure parsers:
+//! cgroups, spawning shims, worker output files and host facts.
+
+pub mod cgroup;
+pub mod host;
+pub mod output;
+pub mod shim;
+pub mod spawn;

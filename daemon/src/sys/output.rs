@@ -1,0 +1,259 @@
+//! Worker output on disk: each stream (stdout, stderr) is a directory of segment files named
+//! by the byte offset at which they start. The per-worker shim appends and rotates; the daemon
+//! reads any byte range that is still kept. Offsets are offsets in the whole stream, so rotation
+//! never changes what an offset means: a client resumes exactly where it stopped.
+//!
+//! Cap: `segment_bytes × segments` per stream. When the newest segment reaches `segment_bytes`
+//! a new one starts, and the oldest is deleted once more than `segments` exist.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which output stream of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    pub const BOTH: [StreamKind; 2] = [StreamKind::Stdout, StreamKind::Stderr];
+
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// Rotation limits of one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    pub segment_bytes: u64,
+    pub segments: u32,
+}
+
+fn segment_name(offset: u64) -> String {
+    format!("{offset:020}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".log")?.parse().ok()
+}
+
+/// Start offsets of the segments in `dir`, oldest first.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut v: Vec<u64> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(parse_segment_name))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Appends to one stream with rotation. Used by the shim only (single writer per stream).
+#[derive(Debug)]
+pub struct SegmentWriter {
+    dir: PathBuf,
+    rotation: Rotation,
+    file: File,
+    /// Offset at which the current segment starts.
+    base: u64,
+    /// Bytes in the current segment.
+    len: u64,
+}
+
+impl SegmentWriter {
+    /// Opens the stream in `dir`, continuing after whatever is already there.
+    pub fn open(dir: &Path, rotation: Rotation) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let segs = list_segments(dir)?;
+        let base = segs.last().copied().unwrap_or(0);
+        let path = dir.join(segment_name(base));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata()?.len();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            rotation,
+            file,
+            base,
+            len,
+        })
+    }
+
+    /// Offset of the next byte to be written.
+    pub fn end(&self) -> u64 {
+        self.base + self.len
+    }
+
+    /// Appends `data`, starting a new segment first when the current one is full.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.len >= self.rotation.segment_bytes {
+                self.rotate()?;
+            }
+            let room = (self.rotation.segment_bytes - self.len) as usize;
+            let n = room.min(data.len());
+            self.file.write_all(&data[..n])?;
+            self.len += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let base = self.end();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(segment_name(base)))?;
+        self.file = file;
+        self.base = base;
+        self.len = 0;
+        let segs = list_segments(&self.dir)?;
+        let keep = self.rotation.segments.max(1) as usize;
+        if segs.len() > keep {
+            for old in &segs[..segs.len() - keep] {
+                let _ = fs::remove_file(self.dir.join(segment_name(*old)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a read of a stream found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadResult {
+    /// Offset of the first byte of `data` (later than asked when older bytes were rotated away).
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Offset one past the last byte written to the stream in `dir`.
+pub fn stream_end(dir: &Path) -> io::Result<u64> {
+    let segs = list_segments(dir)?;
+    let Some(last) = segs.last() else {
+        return Ok(0);
+    };
+    match fs::metadata(dir.join(segment_name(*last))) {
+        Ok(m) => Ok(last + m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(*last),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads up to `max` bytes of the stream in `dir` from `offset`. Bytes that were rotated away are
+/// skipped: the result then starts at the oldest kept offset.
+pub fn read_stream(dir: &Path, offset: u64, max: usize) -> io::Result<ReadResult> {
+    let segs = list_segments(dir)?;
+    let mut out = Vec::new();
+    let mut start = None;
+    let mut pos = offset;
+    for (i, base) in segs.iter().enumerate() {
+        let next = segs.get(i + 1).copied();
+        if next.is_some_and(|n| n <= pos) {
+            continue;
+        }
+        let mut f = match File::open(dir.join(segment_name(*base))) {
+            Ok(f) => f,
+            // Rotated away between listing and opening.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let from = pos.max(*base);
+        f.seek(SeekFrom::Start(from - base))?;
+        let want = max - out.len();
+        let mut buf = Vec::with_capacity(want.min(1 << 20));
+        f.take(want as u64).read_to_end(&mut buf)?;
+        if buf.is_empty() {
+            if next.is_none() {
+                break;
+            }
+            continue;
+        }
+        start.get_or_insert(from);
+        pos = from + buf.len() as u64;
+        out.extend_from_slice(&buf);
+        if out.len() >= max {
+            break;
+        }
+        // A segment shorter than its successor's base is complete; keep reading the next one.
+        if next.is_some_and(|n| pos < n) {
+            break;
+        }
+    }
+    Ok(ReadResult {
+        offset: start.unwrap_or(offset.max(segs.first().copied().unwrap_or(0))),
+        data: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rot(seg: u64, n: u32) -> Rotation {
+        Rotation {
+            segment_bytes: seg,
+            segments: n,
+        }
+    }
+
+    #[test]
+    fn write_read_roundtrip_across_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(4, 100)).unwrap();
+        w.write(b"hello world, binary \x00\xff ok").unwrap();
+        assert_eq!(w.end(), 25);
+        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 4, 8, 12, 16, 20, 24]);
+        let r = read_stream(d.path(), 0, 1000).unwrap();
+        assert_eq!(r.offset, 0);
+        assert_eq!(r.data, b"hello world, binary \x00\xff ok");
+        let r = read_stream(d.path(), 6, 5).unwrap();
+        assert_eq!((r.offset, r.data.as_slice()), (6, &b"world"[..]));
+        assert_eq!(stream_end(d.path()).unwrap(), 25);
+        assert!(read_stream(d.path(), 25, 10).unwrap().data.is_empty());
+    }
+
+    #[test]
+    fn rotation_drops_oldest_and_reads_skip_forward() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(10, 2)).unwrap();
+        for i in 0..5u8 {
+            w.write(&[b'a' + i; 10]).unwrap();
+        }
+        w.write(b"z").unwrap();
+        assert_eq!(list_segments(d.path()).unwrap(), vec![40, 50]);
+        let r = read_stream(d.path(), 0, 100).unwrap();
+        assert_eq!(r.offset, 40);
+        assert_eq!(r.data, b"eeeeeeeeeez");
+    }
+
+    #[test]
+    fn reopen_continues_at_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(8, 3)).unwrap();
+        w.write(b"0123456789").unwrap();
+        drop(w);
+        let mut w = SegmentWriter::open(d.path(), rot(8, 3)).unwrap();
+        assert_eq!(w.end(), 10);
+        w.write(b"ab").unwrap();
+        assert_eq!(read_stream(d.path(), 0, 100).unwrap().data, b"0123456789ab");
+    }
+
+    #[test]
+    fn missing_stream_reads_empty() {
+        let d = tempfile::tempdir().unwrap();
+        let r = read_stream(&d.path().join("nope"), 0, 10).unwrap();
+        assert!(r.data.is_empty());
+        assert_eq!(stream_end(&d.path().join("nope")).unwrap(), 0);
+    }
+}

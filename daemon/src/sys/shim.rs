@@ -1,0 +1,532 @@
+//! The per-worker shim: a small process between the daemon and a worker that outlives the daemon.
+//!
+//! The daemon writes the worker's [`ShimSpec`] to `<worker dir>/spec.json` and starts
+//! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
+//! session, becomes a child subreaper, forks the worker, and in the child joins the worker's
+//! cgroup (and network namespace) **before** exec, so the program's first instruction already
+//! runs inside both. It reports `ok <pid>` or `err <message>` on the handshake pipe and then has
+//! no channel to the daemon at all: the worker's output goes through pipes held by the shim into
+//! rotated files ([`super::output`]), and its exit status goes to `<worker dir>/exit.json`. So a
+//! crash, kill or upgrade of the daemon loses neither output nor exit status.
+//!
+//! When the worker's main process ends, the shim kills whatever else is left in the cgroup
+//! (no grandchild outlives its worker), drains the pipes, writes `exit.json` and exits.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::WorkerCgroup;
+use super::output::{Rotation, SegmentWriter, StreamKind};
+
+/// Everything the shim needs to start one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub worker_id: String,
+    /// Absolute path of the program to exec.
+    pub program: PathBuf,
+    /// argv, including argv[0].
+    pub argv: Vec<String>,
+    /// The whole environment, in order.
+    pub env: Vec<(String, String)>,
+    pub workdir: PathBuf,
+    pub cgroup: WorkerCgroup,
+    /// Network namespace to join (a bind-mounted nsfs file), when the worker has its own.
+    pub netns: Option<PathBuf>,
+    pub rotation: Rotation,
+}
+
+/// How a worker ended, as the shim recorded it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub pid: u32,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when the program never ran (exec or cgroup join failed).
+    pub spawn_error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+}
+
+pub const SPEC_FILE: &str = "spec.json";
+pub const EXIT_FILE: &str = "exit.json";
+
+/// Reads the exit record the shim left in `dir`, if it wrote one.
+pub fn read_exit(dir: &Path) -> io::Result<Option<ExitRecord>> {
+    match fs::read(dir.join(EXIT_FILE)) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Parses one handshake line: `ok <pid>` or `err <message>`.
+pub fn parse_handshake(line: &str) -> Result<u32, String> {
+    let line = line.trim_end();
+    if let Some(pid) = line.strip_prefix("ok ") {
+        return pid.parse().map_err(|_| format!("bad handshake from shim: {line:?}"));
+    }
+    if let Some(msg) = line.strip_prefix("err ") {
+        return Err(msg.to_owned());
+    }
+    Err(if line.is_empty() {
+        "shim exited before starting the worker".to_owned()
+    } else {
+        format!("bad handshake from shim: {line:?}")
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn cstr(s: impl AsRef<[u8]>, what: &str) -> io::Result<CString> {
+    CString::new(s.as_ref().to_vec())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL byte in {what}")))
+}
+
+fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn open_cloexec(path: &Path, flags: i32) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str().as_bytes(), "path")?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::other(format!(
+            "open {}: {}",
+            path.display(),
+            io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: open succeeded; the fd is ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Where a child failed before exec, reported through the exec-error pipe.
+#[repr(u8)]
+#[derive(Clone, Copy)]
+enum Stage {
+    JoinCgroup = 1,
+    JoinNetns = 2,
+    Workdir = 3,
+    Exec = 4,
+    Setup = 5,
+}
+
+fn stage_name(b: u8) -> &'static str {
+    match b {
+        1 => "join cgroup",
+        2 => "join network namespace",
+        3 => "enter workdir",
+        4 => "exec",
+        _ => "prepare",
+    }
+}
+
+/// Entry point of the `berth-shim` binary. Returns the process exit code.
+pub fn main() -> i32 {
+    let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
+        eprintln!("usage: berth-shim WORKER_DIR");
+        return 2;
+    };
+    match run(&dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("berth-shim {}: {e}", dir.display());
+            1
+        }
+    }
+}
+
+fn handshake(msg: &str) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(msg.as_bytes());
+    let _ = out.flush();
+    drop(out);
+    // Nothing else goes to the daemon: point stdout at /dev/null so the pipe closes.
+    if let Ok(null) = open_cloexec(Path::new("/dev/null"), libc::O_WRONLY) {
+        // SAFETY: both fds are valid; dup2 replaces fd 1 atomically.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn run(dir: &Path) -> io::Result<()> {
+    let spec: ShimSpec = match fs::read(dir.join(SPEC_FILE))
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("read {}: {e}", dir.join(SPEC_FILE).display());
+            handshake(&format!("err {msg}\n"));
+            record_exit(dir, ExitRecord { spawn_error: Some(msg), finished_at_ms: now_ms(), ..Default::default() })?;
+            return Ok(());
+        }
+    };
+    // SAFETY: setsid and prctl take plain integers; the shim is single-threaded here.
+    unsafe {
+        libc::setsid();
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        // Stray terminal signals must not end the shim: the worker would lose its output.
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    match start_worker(dir, &spec) {
+        Ok(started) => {
+            handshake(&format!("ok {}\n", started.pid));
+            supervise(dir, &spec, started)
+        }
+        Err(msg) => {
+            handshake(&format!("err {msg}\n"));
+            // Whatever the child left (nothing, normally) goes with the cgroup.
+            let _ = spec.cgroup.kill_all(Duration::from_secs(5));
+            record_exit(
+                dir,
+                ExitRecord {
+                    spawn_error: Some(msg),
+                    finished_at_ms: now_ms(),
+                    ..Default::default()
+                },
+            )
+        }
+    }
+}
+
+struct Started {
+    pid: i32,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    writers: [SegmentWriter; 2],
+}
+
+fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
+    let setup = |e: io::Error| e.to_string();
+    let writers = [
+        SegmentWriter::open(&dir.join(StreamKind::Stdout.dir_name()), spec.rotation).map_err(setup)?,
+        SegmentWriter::open(&dir.join(StreamKind::Stderr.dir_name()), spec.rotation).map_err(setup)?,
+    ];
+    let program = cstr(spec.program.as_os_str().as_bytes(), "program").map_err(setup)?;
+    let argv: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| cstr(a, "argv"))
+        .collect::<io::Result<_>>()
+        .map_err(setup)?;
+    let envp: Vec<CString> = spec
+        .env
+        .iter()
+        .map(|(k, v)| cstr(format!("{k}={v}"), "env"))
+        .collect::<io::Result<_>>()
+        .map_err(setup)?;
+    let workdir = cstr(spec.workdir.as_os_str().as_bytes(), "workdir").map_err(setup)?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+
+    let procs: Vec<OwnedFd> = spec
+        .cgroup
+        .procs_files()
+        .iter()
+        .map(|p| open_cloexec(p, libc::O_WRONLY))
+        .collect::<io::Result<_>>()
+        .map_err(setup)?;
+    let netns = match &spec.netns {
+        Some(p) => Some(open_cloexec(p, libc::O_RDONLY).map_err(setup)?),
+        None => None,
+    };
+    let devnull = open_cloexec(Path::new("/dev/null"), libc::O_RDWR).map_err(setup)?;
+    let (out_r, out_w) = pipe_cloexec().map_err(setup)?;
+    let (err_r, err_w) = pipe_cloexec().map_err(setup)?;
+    let (ee_r, ee_w) = pipe_cloexec().map_err(setup)?;
+    let procs_raw: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    let netns_raw = netns.as_ref().map(|f| f.as_raw_fd());
+
+    // SAFETY: the shim is single-threaded, so the child may run any code; it still only makes
+    // raw syscalls on values prepared above, and ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: in the child; every pointer is into memory prepared before fork.
+        unsafe {
+            child_exec(
+                &procs_raw,
+                netns_raw,
+                devnull.as_raw_fd(),
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+                ee_w.as_raw_fd(),
+                workdir.as_ptr(),
+                program.as_ptr(),
+                argv_p.as_ptr(),
+                envp_p.as_ptr(),
+            )
+        }
+    }
+    drop((out_w, err_w, ee_w, procs, netns));
+    let mut buf = [0u8; 5];
+    let n = read_full(ee_r.as_raw_fd(), &mut buf);
+    if n >= 5 {
+        let errno = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        let mut status = 0;
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let what = match buf[0] {
+            4 => format!("exec {}", spec.program.display()),
+            3 => format!("enter workdir {}", spec.workdir.display()),
+            b => stage_name(b).to_owned(),
+        };
+        return Err(format!("{what}: {}", io::Error::from_raw_os_error(errno)));
+    }
+    Ok(Started {
+        pid,
+        stdout: out_r,
+        stderr: err_r,
+        writers,
+    })
+}
+
+fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of buf.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n > 0 {
+            got += n as usize;
+        } else if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        } else {
+            break;
+        }
+    }
+    got
+}
+
+/// The child between fork and exec: raw syscalls only.
+///
+/// # Safety
+/// Must be called in a freshly forked child; all pointers must be valid NUL-terminated strings
+/// or NULL-terminated arrays of them.
+#[allow(clippy::too_many_arguments)]
+unsafe fn child_exec(
+    procs: &[RawFd],
+    netns: Option<RawFd>,
+    devnull: RawFd,
+    out: RawFd,
+    err: RawFd,
+    ee: RawFd,
+    workdir: *const libc::c_char,
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> ! {
+    let fail = |stage: Stage| -> ! {
+        // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
+        unsafe {
+            let errno = *libc::__errno_location();
+            let e = errno.to_ne_bytes();
+            let msg = [stage as u8, e[0], e[1], e[2], e[3]];
+            libc::write(ee, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY (whole block): raw syscalls on fds and pointers the caller guarantees valid.
+    unsafe {
+        for &fd in procs {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(Stage::JoinCgroup);
+            }
+        }
+        if let Some(ns) = netns {
+            if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                fail(Stage::JoinNetns);
+            }
+        }
+        if libc::setsid() < 0 {
+            fail(Stage::Setup);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGPIPE] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        if libc::dup2(devnull, 0) < 0 || libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+            fail(Stage::Setup);
+        }
+        if libc::chdir(workdir) != 0 {
+            fail(Stage::Workdir);
+        }
+        libc::execve(program, argv, envp);
+        fail(Stage::Exec)
+    }
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on an open fd with integer flags.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// How long the shim keeps draining output after the worker's processes are gone; only a
+/// process that left the cgroup could still hold the pipes.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
+    let main_pid = s.pid;
+    let pidfd = pidfd_open(main_pid).ok();
+    let fds = [s.stdout.as_raw_fd(), s.stderr.as_raw_fd()];
+    for fd in fds {
+        set_nonblocking(fd);
+    }
+    let mut open = [true, true];
+    let mut main_status: Option<i32> = None;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        for (i, fd) in fds.iter().enumerate() {
+            if open[i] {
+                pfds.push(libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 });
+            }
+        }
+        if main_status.is_none() {
+            if let Some(p) = &pidfd {
+                pfds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            }
+        }
+        let timeout = if main_status.is_some() { 100 } else { 1000 };
+        // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        for i in 0..2 {
+            if !open[i] {
+                continue;
+            }
+            loop {
+                // SAFETY: buf is valid for buf.len() bytes.
+                let n = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+                if n > 0 {
+                    // A full disk must not kill the worker: drop output rather than block.
+                    let _ = s.writers[i].write(&buf[..n as usize]);
+                    continue;
+                }
+                if n == 0 {
+                    open[i] = false;
+                }
+                break;
+            }
+        }
+        // Reap the main process and any orphan that was reparented to us (we are a subreaper).
+        loop {
+            let mut status = 0;
+            // SAFETY: status is a valid out-pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid == main_pid {
+                main_status = Some(status);
+            }
+        }
+        if main_status.is_some() && drain_deadline.is_none() {
+            // The worker is over: nothing of it may outlive it.
+            let _ = spec.cgroup.kill_all(Duration::from_secs(10));
+            drain_deadline = Some(Instant::now() + DRAIN_LIMIT);
+        }
+        if let (Some(status), Some(deadline)) = (main_status, drain_deadline) {
+            if (!open[0] && !open[1]) || Instant::now() >= deadline {
+                let (exit_code, signal) = decode_status(status);
+                return record_exit(
+                    dir,
+                    ExitRecord {
+                        pid: main_pid as u32,
+                        exit_code,
+                        signal,
+                        spawn_error: None,
+                        finished_at_ms: now_ms(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Splits a wait status into (exit code, signal).
+pub fn decode_status(status: i32) -> (Option<i32>, Option<i32>) {
+    if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    }
+}
+
+fn record_exit(dir: &Path, rec: ExitRecord) -> io::Result<()> {
+    let json = serde_json::to_vec(&rec).map_err(io::Error::other)?;
+    write_atomic(&dir.join(EXIT_FILE), &json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_lines() {
+        assert_eq!(parse_handshake("ok 1234\n"), Ok(1234));
+        assert_eq!(
+            parse_handshake("err exec /x: No such file or directory\n"),
+            Err("exec /x: No such file or directory".to_owned())
+        );
+        assert!(parse_handshake("").unwrap_err().contains("exited before"));
+        assert!(parse_handshake("ok abc").unwrap_err().contains("bad handshake"));
+    }
+
+    #[test]
+    fn wait_status_decoding() {
+        assert_eq!(decode_status(7 << 8), (Some(7), None));
+        assert_eq!(decode_status(9), (None, Some(9)));
+        assert_eq!(decode_status(0), (Some(0), None));
+    }
+}

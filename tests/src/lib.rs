@@ -1,0 +1,404 @@
+//! Test harness: starts real `berthd` daemons on Unix sockets in temporary state directories,
+//! connects real gRPC clients, and cleans up every worker, cgroup and file afterwards.
+//!
+//! Binaries: the harness runs `cargo build --bins` once per test process (a no-op when they are
+//! fresh), so `cargo test` never runs stale daemons; `BERTH_BIN_DIR` points at prebuilt ones
+//! instead (the cgroup-v2 guest does that).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+pub use berth_client::{pb, Client};
+
+/// Whether the tests run as root (needed for cgroups and namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Returns early from a test that needs root, with a clear line.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipped: needs root (cgroups, namespaces); run the tests as root");
+            return;
+        }
+    };
+}
+
+/// Directory holding `berthd`, `berth-shim` and `berth`, built if needed.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("BERTH_BIN_DIR") {
+            return PathBuf::from(d);
+        }
+        // target/<profile>/deps/<test binary> → target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        let dir = exe
+            .parent()
+            .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+            .expect("test binary directory")
+            .to_path_buf();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "-p", "berth-daemon", "-p", "berth-client"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let st = cmd.current_dir(ws).status().expect("run cargo build");
+        assert!(st.success(), "cargo build --bins failed");
+        dir
+    })
+}
+
+/// Path of a berth binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// Options of a test daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Extra TOML appended to the generated config.
+    pub config: String,
+    /// Also listen on TCP (a free loopback port).
+    pub tcp: bool,
+    /// Extra command-line flags.
+    pub args: Vec<String>,
+}
+
+/// A running test daemon. Dropping it stops the daemon and kills and removes every worker it
+/// left, so a failing test leaks nothing.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    pub name: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub socket: PathBuf,
+    pub tcp: Option<String>,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("t{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Daemon {
+    pub async fn start() -> Result<Self> {
+        Self::start_with(DaemonOptions::default()).await
+    }
+
+    pub async fn start_with(opts: DaemonOptions) -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let name = unique_name();
+        let socket = dir.join("berthd.sock");
+        let tcp = opts.tcp.then(|| format!("127.0.0.1:{}", free_port()));
+        let mut listen = vec![format!("\"unix:{}\"", socket.display())];
+        if let Some(t) = &tcp {
+            listen.push(format!("\"{t}\""));
+        }
+        let config = format!(
+            "name = \"{name}\"\nstate_dir = \"{}\"\nlisten = [{}]\nmetrics_listen = \"\"\n{}\n",
+            dir.join("state").display(),
+            listen.join(", "),
+            opts.config
+        );
+        let config_path = dir.join("berthd.toml");
+        std::fs::write(&config_path, config)?;
+        let mut d = Self {
+            child: None,
+            name,
+            dir: dir.clone(),
+            _tmp: Some(tmp),
+            socket,
+            tcp,
+            config_path,
+            log_path: dir.join("berthd.log"),
+        };
+        d.spawn(&opts.args).await?;
+        Ok(d)
+    }
+
+    async fn spawn(&mut self, args: &[String]) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(bin("berthd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env("BERTH_LOG", "info,berth_daemon=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start berthd")?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("berthd exited with {st} during start:\n{}", self.log());
+                }
+            }
+            if let Ok(c) = Client::connect(&self.addr()).await {
+                let mut h = c.host();
+                if h.get_host_info(pb::GetHostInfoRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("berthd did not answer within 20 s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `unix:PATH` of the daemon's socket.
+    pub fn addr(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.addr()).await?)
+    }
+
+    /// Directory of the daemon's state (worker specs and output).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Sends `signal` to the daemon and waits for it to exit.
+    pub fn stop_daemon(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        // SAFETY: kill(2) with a pid we spawned and a signal number.
+        unsafe { libc::kill(c.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the daemon again on the same config and state.
+    pub async fn restart(&mut self, args: &[String]) -> Result<()> {
+        self.spawn(args).await
+    }
+
+    /// Cgroup directories of this daemon's subtree (one per hierarchy).
+    pub fn cgroup_subtrees(&self) -> Vec<PathBuf> {
+        find_dirs(Path::new("/sys/fs/cgroup"), &format!("berth-{}", self.name), 6)
+    }
+
+    /// Worker cgroups that exist now, across hierarchies (deduplicated by worker id).
+    pub fn worker_cgroups(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for sub in self.cgroup_subtrees() {
+            if let Ok(rd) = std::fs::read_dir(&sub) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        if !ids.contains(&n) {
+                            ids.push(n);
+                        }
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// Kills every process in this daemon's worker cgroups and removes them (test clean-up).
+    pub fn kill_all_workers(&self) {
+        for sub in self.cgroup_subtrees() {
+            for _ in 0..100 {
+                let procs = procs_under(&sub);
+                if procs.is_empty() {
+                    break;
+                }
+                for p in procs {
+                    // SAFETY: kill(2) with integers.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for sub in self.cgroup_subtrees() {
+            if let Ok(rd) = std::fs::read_dir(&sub) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&sub);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_daemon(libc::SIGTERM);
+        // Shims (which outlive the daemon by design) end once their workers are killed.
+        self.kill_all_workers();
+        // Give shims a moment to write their exit records and leave.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn procs_under(dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(t) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(t.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(procs_under(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Directories named `name` under `root`, at most `depth` levels down.
+pub fn find_dirs(root: &Path, name: &str, depth: usize) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let p = e.path();
+        if e.file_name() == name {
+            out.push(p);
+        } else if depth > 0 {
+            out.extend(find_dirs(&p, name, depth - 1));
+        }
+    }
+    out
+}
+
+/// A launch request with small defaults (0.1 CPU, 128 MiB) running `command`.
+pub fn command_request(n: u32, command: &[&str]) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        n,
+        cpu: 0.1,
+        memory_gb: 0.125,
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A launch request running python `code`.
+pub fn python_request(n: u32, code: &str) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        n,
+        cpu: 0.5,
+        memory_gb: 0.25,
+        code: code.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Whole output of one worker's stream (waits until it has ended).
+pub async fn output_of(client: &Client, id: &str, stream: pb::Stream) -> Result<Vec<u8>> {
+    let mut s = client
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            ids: vec![id.to_owned()],
+            follow: true,
+            from_start: true,
+            streams: vec![stream as i32],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await? {
+        anyhow::ensure!(chunk.offset == out.len() as u64, "offset {} after {} bytes", chunk.offset, out.len());
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+/// Awaits completion of `ids` (60 s) and returns every worker, reached or failed, by id order.
+pub async fn await_all(client: &Client, ids: &[String]) -> Result<Vec<pb::Worker>> {
+    let r = client
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            timeout_seconds: Some(60),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut all: Vec<pb::Worker> = r.workers.into_iter().chain(r.failures).collect();
+    all.sort_by_key(|w| ids.iter().position(|i| *i == w.id));
+    Ok(all)
+}
+
+/// Zombie processes whose parent is `ppid`.
+pub fn zombies_of(ppid: u32) -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| {
+            s.rsplit_once(')').is_some_and(|(_, r)| {
+                let f: Vec<&str> = r.split_whitespace().collect();
+                f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid)
+            })
+        })
+        .count()
+}
+
+/// Processes whose command name is `comm`.
+pub fn processes_named(comm: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
