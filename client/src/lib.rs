@@ -42,11 +42,19 @@ impl Client {
             Endpoint::from_static("http://localhost")
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
                 }))
                 .await
         } else {
-            let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+            let uri = if addr.contains("://") {
+                addr.to_owned()
+            } else {
+                format!("http://{addr}")
+            };
             let ep = Endpoint::from_shared(uri).map_err(|e| ClientError::Address {
                 addr: addr.to_owned(),
                 message: e.to_string(),

@@ -95,7 +95,7 @@ pub struct OutputConfig {
     pub segments: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CgroupConfig {
     /// Parent cgroup of this daemon's subtree, as a path inside each hierarchy; empty means the
@@ -131,7 +131,11 @@ fn default_kernels() -> BTreeMap<String, KernelConfig> {
             "python3".to_owned(),
             KernelConfig {
                 // The system interpreter first: shims such as pyenv's cost ~80 ms per start.
-                candidates: vec!["/usr/bin/python3".into(), "/usr/local/bin/python3".into(), "python3".into()],
+                candidates: vec![
+                    "/usr/bin/python3".into(),
+                    "/usr/local/bin/python3".into(),
+                    "python3".into(),
+                ],
                 args: vec!["-u".into()],
                 code_flag: "-c".into(),
             },
@@ -139,7 +143,11 @@ fn default_kernels() -> BTreeMap<String, KernelConfig> {
         (
             "r".to_owned(),
             KernelConfig {
-                candidates: vec!["/usr/bin/Rscript".into(), "/usr/local/bin/Rscript".into(), "Rscript".into()],
+                candidates: vec![
+                    "/usr/bin/Rscript".into(),
+                    "/usr/local/bin/Rscript".into(),
+                    "Rscript".into(),
+                ],
                 args: vec![],
                 code_flag: "-e".into(),
             },
@@ -151,7 +159,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             name: String::new(),
-            listen: vec!["127.0.0.1:7300".into(), "unix:/run/berth/berthd.sock".into()],
+            listen: vec![
+                "127.0.0.1:7300".into(),
+                "unix:/run/berth/berthd.sock".into(),
+            ],
             state_dir: PathBuf::from("/var/lib/berth"),
             metrics_listen: "127.0.0.1:7301".into(),
             bridge: "berth0".into(),
@@ -202,12 +213,6 @@ impl Default for OutputConfig {
     }
 }
 
-impl Default for CgroupConfig {
-    fn default() -> Self {
-        Self { parent: String::new() }
-    }
-}
-
 impl Config {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -239,7 +244,12 @@ impl Config {
 
     /// Checks values that TOML types cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        let bad = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
         if self.listen.is_empty() {
             return bad("listen", "needs at least one address");
         }
@@ -278,7 +288,11 @@ impl Config {
 
 /// Command line of berthd. Flags override the config file, which overrides the defaults.
 #[derive(Debug, Clone, Default, clap::Parser)]
-#[command(name = "berthd", version, about = "berth host daemon: runs workers in their own cgroups and answers gRPC")]
+#[command(
+    name = "berthd",
+    version,
+    about = "berth host daemon: runs workers in their own cgroups and answers gRPC"
+)]
 pub struct Args {
     /// TOML configuration file.
     #[arg(long, env = "BERTHD_CONFIG")]
@@ -371,17 +385,25 @@ mod tests {
 
     #[test]
     fn a_kernel_entry_keeps_the_others() {
-        let c = Config::from_toml("[kernels.julia]\ncandidates = [\"julia\"]\ncode_flag = \"-e\"\n").unwrap();
+        let c =
+            Config::from_toml("[kernels.julia]\ncandidates = [\"julia\"]\ncode_flag = \"-e\"\n")
+                .unwrap();
         assert!(c.kernels.contains_key("python3") && c.kernels.contains_key("r"));
         assert_eq!(c.kernels["julia"].code_flag, "-e");
     }
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(matches!(Config::from_toml("listn = []"), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_toml("listn = []"),
+            Err(ConfigError::Parse { .. })
+        ));
         assert!(matches!(
             Config::from_toml("[worker]\npids_max = 0"),
-            Err(ConfigError::Invalid { key: "worker.pids_max", .. })
+            Err(ConfigError::Invalid {
+                key: "worker.pids_max",
+                ..
+            })
         ));
         assert!(matches!(
             Config::from_toml("name = \"a/b\""),

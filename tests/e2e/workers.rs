@@ -2,7 +2,7 @@
 
 use berth_tests::{command_request, pb, require_root, Daemon};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launch_and_await_a_command() {
     require_root!();
     let d = Daemon::start().await.unwrap();
@@ -19,6 +19,8 @@ async fn launch_and_await_a_command() {
     for w in &all {
         assert_eq!(w.status, pb::WorkerStatus::Succeeded as i32, "{w:?}");
     }
-    let out = berth_tests::output_of(&c, &ids[0], pb::Stream::Stdout).await.unwrap();
+    let out = berth_tests::output_of(&c, &ids[0], pb::Stream::Stdout)
+        .await
+        .unwrap();
     assert_eq!(out, b"hello\n");
 }

@@ -41,17 +41,33 @@ pub fn bin_dir() -> &'static Path {
         let exe = std::env::current_exe().expect("current_exe");
         let dir = exe
             .parent()
-            .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+            .and_then(|d| {
+                if d.ends_with("deps") {
+                    d.parent()
+                } else {
+                    Some(d)
+                }
+            })
             .expect("test binary directory")
             .to_path_buf();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "-p", "berth-daemon", "-p", "berth-client"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "berth-daemon",
+            "-p",
+            "berth-client",
+        ]);
         if release {
             cmd.arg("--release");
         }
-        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root");
         let st = cmd.current_dir(ws).status().expect("run cargo build");
         assert!(st.success(), "cargo build --bins failed");
         dir
@@ -97,7 +113,11 @@ pub fn free_port() -> u16 {
 fn unique_name() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("t{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl Daemon {
@@ -225,7 +245,11 @@ impl Daemon {
 
     /// Cgroup directories of this daemon's subtree (one per hierarchy).
     pub fn cgroup_subtrees(&self) -> Vec<PathBuf> {
-        find_dirs(Path::new("/sys/fs/cgroup"), &format!("berth-{}", self.name), 6)
+        find_dirs(
+            Path::new("/sys/fs/cgroup"),
+            &format!("berth-{}", self.name),
+            6,
+        )
     }
 
     /// Worker cgroups that exist now, across hierarchies (deduplicated by worker id).
@@ -356,7 +380,12 @@ pub async fn output_of(client: &Client, id: &str, stream: pb::Stream) -> Result<
         .into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = s.message().await? {
-        anyhow::ensure!(chunk.offset == out.len() as u64, "offset {} after {} bytes", chunk.offset, out.len());
+        anyhow::ensure!(
+            chunk.offset == out.len() as u64,
+            "offset {} after {} bytes",
+            chunk.offset,
+            out.len()
+        );
         out.extend_from_slice(&chunk.data);
     }
     Ok(out)
@@ -380,13 +409,16 @@ pub async fn await_all(client: &Client, ids: &[String]) -> Result<Vec<pb::Worker
 
 /// Zombie processes whose parent is `ppid`.
 pub fn zombies_of(ppid: u32) -> usize {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     rd.flatten()
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
         .filter(|s| {
             s.rsplit_once(')').is_some_and(|(_, r)| {
                 let f: Vec<&str> = r.split_whitespace().collect();
-                f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid)
+                f.first() == Some(&"Z")
+                    && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid)
             })
         })
         .count()
@@ -394,7 +426,9 @@ pub fn zombies_of(ppid: u32) -> usize {
 
 /// Processes whose command name is `comm`.
 pub fn processes_named(comm: &str) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
     rd.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| {

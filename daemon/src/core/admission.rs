@@ -79,7 +79,10 @@ impl Ledger {
             )));
         }
         let mem = u128::from(claim.memory_bytes) * u128::from(n);
-        let free_mem = self.capacity.memory_bytes.saturating_sub(self.allocated.memory_bytes);
+        let free_mem = self
+            .capacity
+            .memory_bytes
+            .saturating_sub(self.allocated.memory_bytes);
         if mem > u128::from(free_mem) {
             return Err(Error::ResourceExhausted(format!(
                 "memory: {n} × {:.3} GiB = {:.3} GiB requested, {:.3} of {:.3} GiB free",
@@ -117,7 +120,8 @@ impl Ledger {
     pub fn release(&mut self, id: &str) {
         if let Some(c) = self.claims.remove(id) {
             self.allocated.cpu = (self.allocated.cpu - c.cpu).max(0.0);
-            self.allocated.memory_bytes = self.allocated.memory_bytes.saturating_sub(c.memory_bytes);
+            self.allocated.memory_bytes =
+                self.allocated.memory_bytes.saturating_sub(c.memory_bytes);
             self.allocated.workers = self.allocated.workers.saturating_sub(1);
             if self.claims.is_empty() {
                 // Wipe accumulated float error.
@@ -138,16 +142,26 @@ mod tests {
     const GB: u64 = 1 << 30;
 
     fn ledger() -> Ledger {
-        Ledger::new(Capacity { cpu: 2.0, memory_bytes: 4 * GB, workers: 10 })
+        Ledger::new(Capacity {
+            cpu: 2.0,
+            memory_bytes: 4 * GB,
+            workers: 10,
+        })
     }
 
     #[test]
     fn all_or_nothing() {
         let mut l = ledger();
-        let c = Claim { cpu: 0.25, memory_bytes: GB };
+        let c = Claim {
+            cpu: 0.25,
+            memory_bytes: GB,
+        };
         l.admit(&ids(3, "a"), c).unwrap();
         let err = l.admit(&ids(2, "b"), c).unwrap_err();
-        assert!(matches!(&err, Error::ResourceExhausted(m) if m.starts_with("memory")), "{err}");
+        assert!(
+            matches!(&err, Error::ResourceExhausted(m) if m.starts_with("memory")),
+            "{err}"
+        );
         assert_eq!(l.allocated().workers, 3, "a refused launch changes nothing");
         l.admit(&ids(1, "c"), c).unwrap();
         assert_eq!(l.allocated().memory_bytes, 4 * GB);
@@ -157,10 +171,38 @@ mod tests {
     fn shortages_name_the_resource() {
         let l = ledger();
         let cases = [
-            (11, Claim { cpu: 0.01, memory_bytes: 1 }, "workers"),
-            (5, Claim { cpu: 0.5, memory_bytes: 1 }, "cpu"),
-            (1, Claim { cpu: 0.1, memory_bytes: 5 * GB }, "memory"),
-            (1, Claim { cpu: 0.1, memory_bytes: u64::MAX }, "memory"),
+            (
+                11,
+                Claim {
+                    cpu: 0.01,
+                    memory_bytes: 1,
+                },
+                "workers",
+            ),
+            (
+                5,
+                Claim {
+                    cpu: 0.5,
+                    memory_bytes: 1,
+                },
+                "cpu",
+            ),
+            (
+                1,
+                Claim {
+                    cpu: 0.1,
+                    memory_bytes: 5 * GB,
+                },
+                "memory",
+            ),
+            (
+                1,
+                Claim {
+                    cpu: 0.1,
+                    memory_bytes: u64::MAX,
+                },
+                "memory",
+            ),
         ];
         for (n, c, what) in cases {
             match l.check(n, c) {
@@ -173,15 +215,24 @@ mod tests {
     #[test]
     fn fractional_cpu_fills_exactly() {
         let mut l = ledger();
-        l.admit(&ids(20, "x").into_iter().take(10).collect::<Vec<_>>(), Claim { cpu: 0.2, memory_bytes: 1 })
-            .unwrap();
+        l.admit(
+            &ids(20, "x").into_iter().take(10).collect::<Vec<_>>(),
+            Claim {
+                cpu: 0.2,
+                memory_bytes: 1,
+            },
+        )
+        .unwrap();
         assert!((l.allocated().cpu - 2.0).abs() < 1e-6);
     }
 
     #[test]
     fn release_is_idempotent_and_frees() {
         let mut l = ledger();
-        let c = Claim { cpu: 1.0, memory_bytes: GB };
+        let c = Claim {
+            cpu: 1.0,
+            memory_bytes: GB,
+        };
         l.admit(&ids(2, "a"), c).unwrap();
         l.release("a0");
         l.release("a0");

@@ -102,7 +102,10 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
         return Err(Error::invalid("n", "must be at least 1"));
     }
     if !req.cpu.is_finite() || req.cpu <= 0.0 {
-        return Err(Error::invalid("cpu", format!("must be a finite number > 0, got {}", req.cpu)));
+        return Err(Error::invalid(
+            "cpu",
+            format!("must be a finite number > 0, got {}", req.cpu),
+        ));
     }
     if !req.memory_gb.is_finite() || req.memory_gb <= 0.0 {
         return Err(Error::invalid(
@@ -112,7 +115,10 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
     }
     let memory_bytes = req.memory_gb * GIB;
     if memory_bytes < 4096.0 {
-        return Err(Error::invalid("memory_gb", "must be at least one page (4 KiB)"));
+        return Err(Error::invalid(
+            "memory_gb",
+            "must be at least one page (4 KiB)",
+        ));
     }
     if memory_bytes >= u64::MAX as f64 {
         return Err(Error::invalid("memory_gb", "is too large"));
@@ -122,10 +128,16 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
             return Err(Error::invalid("env", "a variable name is empty"));
         }
         if k.contains('=') || has_nul(k) {
-            return Err(Error::invalid("env", format!("variable name {k:?} holds '=' or NUL")));
+            return Err(Error::invalid(
+                "env",
+                format!("variable name {k:?} holds '=' or NUL"),
+            ));
         }
         if has_nul(v) {
-            return Err(Error::invalid(format!("env[{k}]"), "value holds a NUL byte"));
+            return Err(Error::invalid(
+                format!("env[{k}]"),
+                "value holds a NUL byte",
+            ));
         }
     }
     if has_nul(&req.code) {
@@ -146,27 +158,44 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
     let workdir = if req.workdir.is_empty() {
         None
     } else if !req.workdir.starts_with('/') {
-        return Err(Error::invalid("workdir", format!("must be an absolute path, got {:?}", req.workdir)));
+        return Err(Error::invalid(
+            "workdir",
+            format!("must be an absolute path, got {:?}", req.workdir),
+        ));
     } else {
         Some(PathBuf::from(&req.workdir))
     };
     let has_source = !req.code.is_empty() || !req.script.is_empty();
     let program = if !req.command.is_empty() {
         if has_source {
-            let f = if req.script.is_empty() { "code" } else { "script" };
+            let f = if req.script.is_empty() {
+                "code"
+            } else {
+                "script"
+            };
             return Err(Error::invalid(f, "cannot be set together with command"));
         }
         if !req.kernel.is_empty() {
-            return Err(Error::invalid("kernel", "cannot be set together with command"));
+            return Err(Error::invalid(
+                "kernel",
+                "cannot be set together with command",
+            ));
         }
         if req.command[0].is_empty() {
             return Err(Error::invalid("command[0]", "is empty"));
         }
         Program::Command(req.command.clone())
     } else {
-        let kernel = if req.kernel.is_empty() { DEFAULT_KERNEL } else { req.kernel.as_str() };
+        let kernel = if req.kernel.is_empty() {
+            DEFAULT_KERNEL
+        } else {
+            req.kernel.as_str()
+        };
         if !known_kernel(kernel) {
-            return Err(Error::invalid("kernel", format!("unknown kernel {kernel:?}")));
+            return Err(Error::invalid(
+                "kernel",
+                format!("unknown kernel {kernel:?}"),
+            ));
         }
         if !req.script.is_empty() {
             let p = Path::new(&req.script);
@@ -176,23 +205,38 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
                 // Resolved against the host's default workdir by the service.
                 (false, None) => p.to_path_buf(),
             };
-            Program::Script { kernel: kernel.to_owned(), path }
+            Program::Script {
+                kernel: kernel.to_owned(),
+                path,
+            }
         } else if !req.code.is_empty() {
-            Program::Code { kernel: kernel.to_owned(), code: req.code.clone() }
+            Program::Code {
+                kernel: kernel.to_owned(),
+                code: req.code.clone(),
+            }
         } else {
-            return Err(Error::invalid("code", "nothing to run: set code, script or command"));
+            return Err(Error::invalid(
+                "code",
+                "nothing to run: set code, script or command",
+            ));
         }
     };
     let master_ip = if req.master_ip.is_empty() {
         None
     } else {
         Some(req.master_ip.trim().parse::<IpAddr>().map_err(|_| {
-            Error::invalid("master_ip", format!("{:?} is not an IP address", req.master_ip))
+            Error::invalid(
+                "master_ip",
+                format!("{:?} is not an IP address", req.master_ip),
+            )
         })?)
     };
     let session_id = (!req.session_id.is_empty()).then(|| req.session_id.clone());
     if req.restart.on_failure && req.restart.max_restarts == 0 {
-        return Err(Error::invalid("restart.max_restarts", "must be at least 1 with ON_FAILURE"));
+        return Err(Error::invalid(
+            "restart.max_restarts",
+            "must be at least 1 with ON_FAILURE",
+        ));
     }
     Ok(LaunchSpec {
         n: req.n,
@@ -260,7 +304,11 @@ pub fn worker_env(
         env.insert(k.clone(), v.clone());
     }
     // A user-supplied CUDA_VISIBLE_DEVICES must not widen what the device cgroup allows.
-    for k in ["CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"] {
+    for k in [
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+    ] {
         env.remove(k);
     }
     env.insert("BERTH_WORKER_ID".into(), id.worker_id.into());
@@ -288,7 +336,11 @@ pub fn worker_env(
 /// `BERTH_MASTER_IP` of a launch: the request's `master_ip`, else the caller's address, and
 /// where the caller is on loopback (or a Unix socket) the address that reaches the host from a
 /// worker (the bridge gateway; loopback for workers in the host's namespace).
-pub fn master_ip(requested: Option<IpAddr>, caller: Option<IpAddr>, host_from_worker: IpAddr) -> IpAddr {
+pub fn master_ip(
+    requested: Option<IpAddr>,
+    caller: Option<IpAddr>,
+    host_from_worker: IpAddr,
+) -> IpAddr {
     if let Some(ip) = requested {
         return ip;
     }
@@ -326,7 +378,8 @@ mod tests {
     #[test]
     fn invalid_requests_name_their_field() {
         let known = |k: &str| k == "python3" || k == "r";
-        let cases: Vec<(&str, Box<dyn Fn(&mut LaunchRequest)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut LaunchRequest)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("n", Box::new(|r| r.n = 0)),
             ("cpu", Box::new(|r| r.cpu = 0.0)),
             ("cpu", Box::new(|r| r.cpu = -1.0)),
@@ -335,30 +388,48 @@ mod tests {
             ("memory_gb", Box::new(|r| r.memory_gb = 0.0)),
             ("memory_gb", Box::new(|r| r.memory_gb = f64::NAN)),
             ("memory_gb", Box::new(|r| r.memory_gb = 1e30)),
-            ("env", Box::new(|r| {
-                r.env.insert(String::new(), "x".into());
-            })),
-            ("env", Box::new(|r| {
-                r.env.insert("A=B".into(), "x".into());
-            })),
-            ("env", Box::new(|r| {
-                r.env.insert("A\0".into(), "x".into());
-            })),
-            ("env[A]", Box::new(|r| {
-                r.env.insert("A".into(), "x\0y".into());
-            })),
+            (
+                "env",
+                Box::new(|r| {
+                    r.env.insert(String::new(), "x".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.env.insert("A=B".into(), "x".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|r| {
+                    r.env.insert("A\0".into(), "x".into());
+                }),
+            ),
+            (
+                "env[A]",
+                Box::new(|r| {
+                    r.env.insert("A".into(), "x\0y".into());
+                }),
+            ),
             ("code", Box::new(|r| r.code = "a\0b".into())),
             ("script", Box::new(|r| r.script = "a\0b".into())),
-            ("command[1]", Box::new(|r| {
-                r.code.clear();
-                r.command = vec!["/bin/echo".into(), "a\0".into()];
-            })),
+            (
+                "command[1]",
+                Box::new(|r| {
+                    r.code.clear();
+                    r.command = vec!["/bin/echo".into(), "a\0".into()];
+                }),
+            ),
             ("code", Box::new(|r| r.command = vec!["/bin/true".into()])),
             ("code", Box::new(|r| r.code.clear())),
             ("kernel", Box::new(|r| r.kernel = "julia".into())),
             ("master_ip", Box::new(|r| r.master_ip = "not-an-ip".into())),
             ("workdir", Box::new(|r| r.workdir = "relative/dir".into())),
-            ("restart.max_restarts", Box::new(|r| r.restart.on_failure = true)),
+            (
+                "restart.max_restarts",
+                Box::new(|r| r.restart.on_failure = true),
+            ),
         ];
         for (field, mutate) in cases {
             let mut r = ok_req();
@@ -375,7 +446,10 @@ mod tests {
         let s = validate(&r, |_| true).unwrap();
         assert_eq!(
             s.program,
-            Program::Script { kernel: "python3".into(), path: "/proj/train.py".into() }
+            Program::Script {
+                kernel: "python3".into(),
+                path: "/proj/train.py".into()
+            }
         );
         assert_eq!(s.memory_bytes, 256 * 1024 * 1024);
     }
@@ -396,10 +470,22 @@ mod tests {
             args: vec!["-u".into()],
             code_flag: "-c".into(),
         };
-        let code = Program::Code { kernel: "python3".into(), code: "print(1)".into() };
-        assert_eq!(kernel_argv(&inv, &code), ["/usr/bin/python3", "-u", "-c", "print(1)"]);
-        let script = Program::Script { kernel: "python3".into(), path: "/p/a.py".into() };
-        assert_eq!(kernel_argv(&inv, &script), ["/usr/bin/python3", "-u", "/p/a.py"]);
+        let code = Program::Code {
+            kernel: "python3".into(),
+            code: "print(1)".into(),
+        };
+        assert_eq!(
+            kernel_argv(&inv, &code),
+            ["/usr/bin/python3", "-u", "-c", "print(1)"]
+        );
+        let script = Program::Script {
+            kernel: "python3".into(),
+            path: "/p/a.py".into(),
+        };
+        assert_eq!(
+            kernel_argv(&inv, &script),
+            ["/usr/bin/python3", "-u", "/p/a.py"]
+        );
     }
 
     #[test]

@@ -26,7 +26,10 @@ impl WorkerStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            WorkerStatus::Succeeded | WorkerStatus::Failed | WorkerStatus::Stopped | WorkerStatus::Lost
+            WorkerStatus::Succeeded
+                | WorkerStatus::Failed
+                | WorkerStatus::Stopped
+                | WorkerStatus::Lost
         )
     }
 
@@ -132,8 +135,14 @@ pub fn final_state(exit: &Exit, stop_reason: Option<&str>) -> (WorkerStatus, Str
     match (exit.exit_code, exit.signal) {
         (Some(0), _) => (WorkerStatus::Succeeded, "exited with code 0".to_owned()),
         (Some(c), _) => (WorkerStatus::Failed, format!("exited with code {c}")),
-        (None, Some(s)) => (WorkerStatus::Failed, format!("killed by {}", signal_name(s))),
-        (None, None) => (WorkerStatus::Failed, "ended; exit status unknown".to_owned()),
+        (None, Some(s)) => (
+            WorkerStatus::Failed,
+            format!("killed by {}", signal_name(s)),
+        ),
+        (None, None) => (
+            WorkerStatus::Failed,
+            "ended; exit status unknown".to_owned(),
+        ),
     }
 }
 
@@ -154,27 +163,62 @@ mod tests {
     fn final_states() {
         use WorkerStatus::*;
         let cases: &[(Exit, Option<&str>, WorkerStatus, &str)] = &[
-            (exit(Some(0), None, false), None, Succeeded, "exited with code 0"),
-            (exit(Some(7), None, false), None, Failed, "exited with code 7"),
-            (exit(None, Some(9), true), None, Failed, "OOMKilled"),
-            (exit(None, Some(9), false), None, Failed, "killed by SIGKILL"),
-            (exit(None, Some(15), false), Some("stopped"), Stopped, "stopped"),
-            (exit(Some(0), None, false), Some("session ended"), Stopped, "session ended"),
             (
-                Exit { spawn_error: Some("exec /x: ENOENT".into()), ..Default::default() },
+                exit(Some(0), None, false),
+                None,
+                Succeeded,
+                "exited with code 0",
+            ),
+            (
+                exit(Some(7), None, false),
+                None,
+                Failed,
+                "exited with code 7",
+            ),
+            (exit(None, Some(9), true), None, Failed, "OOMKilled"),
+            (
+                exit(None, Some(9), false),
+                None,
+                Failed,
+                "killed by SIGKILL",
+            ),
+            (
+                exit(None, Some(15), false),
+                Some("stopped"),
+                Stopped,
+                "stopped",
+            ),
+            (
+                exit(Some(0), None, false),
+                Some("session ended"),
+                Stopped,
+                "session ended",
+            ),
+            (
+                Exit {
+                    spawn_error: Some("exec /x: ENOENT".into()),
+                    ..Default::default()
+                },
                 None,
                 Failed,
                 "spawn failed: exec /x: ENOENT",
             ),
         ];
         for (e, stop, status, reason) in cases {
-            assert_eq!(final_state(e, *stop), (*status, reason.to_string()), "{e:?} {stop:?}");
+            assert_eq!(
+                final_state(e, *stop),
+                (*status, reason.to_string()),
+                "{e:?} {stop:?}"
+            );
         }
     }
 
     #[test]
     fn terminal_statuses() {
-        let terminal: Vec<_> = WorkerStatus::ALL.iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = WorkerStatus::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(terminal.len(), 4);
         assert!(!WorkerStatus::Running.is_terminal());
     }

@@ -107,7 +107,12 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
         Ok(pb::NetworkMode::Bridge) => NetworkMode::Bridge,
         Ok(pb::NetworkMode::Host) => NetworkMode::Host,
         Ok(pb::NetworkMode::None) => NetworkMode::None,
-        Err(_) => return Err(Error::invalid("network", format!("unknown network mode {}", r.network))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "network",
+                format!("unknown network mode {}", r.network),
+            ))
+        }
     };
     let restart = match r.restart {
         None => RestartPolicy::default(),
@@ -119,11 +124,19 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
                 backoff_initial_ms: p.backoff_initial_ms,
                 backoff_max_ms: p.backoff_max_ms,
             },
-            Err(_) => return Err(Error::invalid("restart.mode", format!("unknown restart mode {}", p.mode))),
+            Err(_) => {
+                return Err(Error::invalid(
+                    "restart.mode",
+                    format!("unknown restart mode {}", p.mode),
+                ))
+            }
         },
     };
     if pb::Placement::try_from(r.placement).is_err() {
-        return Err(Error::invalid("placement", format!("unknown placement {}", r.placement)));
+        return Err(Error::invalid(
+            "placement",
+            format!("unknown placement {}", r.placement),
+        ));
     }
     Ok(LaunchRequest {
         n: r.n,
@@ -147,7 +160,10 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
 fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
     for (i, id) in ids.iter().enumerate() {
         if !crate::core::is_valid_id(id) {
-            return Err(Error::invalid(format!("{field}[{i}]"), format!("{id:?} is not a worker id")));
+            return Err(Error::invalid(
+                format!("{field}[{i}]"),
+                format!("{id:?} is not a worker id"),
+            ));
         }
     }
     Ok(())
@@ -181,11 +197,17 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl pb::workers_server::Workers for WorkersService {
-    async fn open_session(&self, _r: Request<pb::OpenSessionRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn open_session(
+        &self,
+        _r: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
     }
 
-    async fn keep_alive(&self, _r: Request<pb::KeepAliveRequest>) -> Result<Response<pb::Session>, Status> {
+    async fn keep_alive(
+        &self,
+        _r: Request<pb::KeepAliveRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
         Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
     }
 
@@ -249,7 +271,9 @@ impl pb::workers_server::Workers for WorkersService {
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let r = request.into_inner();
         check_ids(&r.ids, "ids")?;
-        let selectors = usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
+        let selectors = usize::from(!r.ids.is_empty())
+            + usize::from(!r.session_id.is_empty())
+            + usize::from(r.all);
         let sel = match selectors {
             0 => {
                 return Err(Error::invalid(
@@ -261,7 +285,9 @@ impl pb::workers_server::Workers for WorkersService {
             1 if r.all => Selector::All,
             1 if !r.ids.is_empty() => Selector::Ids(r.ids),
             1 => Selector::Session(r.session_id),
-            _ => return Err(Error::invalid("all", "set only one of ids, session_id and all").into()),
+            _ => {
+                return Err(Error::invalid("all", "set only one of ids, session_id and all").into())
+            }
         };
         let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
         let workers = self.host.stop(sel, grace, "stopped").await?;
@@ -285,7 +311,10 @@ impl pb::workers_server::Workers for WorkersService {
             .map(|(i, s)| match pb::Stream::try_from(*s) {
                 Ok(pb::Stream::Stdout) => Ok(StreamKind::Stdout),
                 Ok(pb::Stream::Stderr) => Ok(StreamKind::Stderr),
-                _ => Err(Error::invalid(format!("streams[{i}]"), format!("unknown stream {s}"))),
+                _ => Err(Error::invalid(
+                    format!("streams[{i}]"),
+                    format!("unknown stream {s}"),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let rx = self.host.output(OutputRequest {
@@ -320,9 +349,14 @@ impl pb::workers_server::Workers for WorkersService {
         let filter = filter_from(r.session_id, r.ids, r.statuses)?;
         // Subscribe before the snapshot, so no change falls between them.
         let mut events = self.host.subscribe();
-        let initial = if r.initial { self.host.snapshot(&filter)? } else {
+        let initial = if r.initial {
+            self.host.snapshot(&filter)?
+        } else {
             // Still check that named ids exist.
-            self.host.snapshot(&Filter { statuses: vec![], ..filter.clone() })?;
+            self.host.snapshot(&Filter {
+                statuses: vec![],
+                ..filter.clone()
+            })?;
             Vec::new()
         };
         let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
@@ -351,7 +385,9 @@ impl pb::workers_server::Workers for WorkersService {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Too slow a reader: send the current state of everything it watches.
-                        let Ok(now) = host.snapshot(&filter) else { return };
+                        let Ok(now) = host.snapshot(&filter) else {
+                            return;
+                        };
                         for w in &now {
                             if tx.send(Ok(send(w))).await.is_err() {
                                 return;
@@ -376,7 +412,10 @@ pub struct HostService {
 
 #[tonic::async_trait]
 impl pb::host_server::Host for HostService {
-    async fn get_host_info(&self, _r: Request<pb::GetHostInfoRequest>) -> Result<Response<pb::HostInfo>, Status> {
+    async fn get_host_info(
+        &self,
+        _r: Request<pb::GetHostInfoRequest>,
+    ) -> Result<Response<pb::HostInfo>, Status> {
         let v = self.host.view();
         let gib = crate::core::launch::GIB;
         Ok(Response::new(pb::HostInfo {

@@ -160,9 +160,13 @@ pub const LATENCY_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0
 impl Metrics {
     fn observe_latency(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = LATENCY_BUCKETS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
 
@@ -198,7 +202,9 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("name", &self.inner.opts.name).finish()
+        f.debug_struct("Host")
+            .field("name", &self.inner.opts.name)
+            .finish()
     }
 }
 
@@ -254,7 +260,11 @@ impl Host {
 
     /// Admits and starts the workers of `spec`, all or none. Returns them as admitted (PENDING or
     /// STARTING); they turn RUNNING as their shims report.
-    pub async fn launch(&self, spec: LaunchSpec, caller: Option<IpAddr>) -> Result<Vec<WorkerRecord>> {
+    pub async fn launch(
+        &self,
+        spec: LaunchSpec,
+        caller: Option<IpAddr>,
+    ) -> Result<Vec<WorkerRecord>> {
         let inner = self.inner.clone();
         if let Some(s) = &spec.session_id {
             // Sessions arrive with the sessions issue; until then no session id is known.
@@ -284,7 +294,10 @@ impl Host {
         let records: Vec<WorkerRecord> = {
             let mut st = inner.lock();
             if let Err(e) = st.ledger.admit(&ids, claim) {
-                inner.metrics.launch_refusals.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .metrics
+                    .launch_refusals
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
             let mut out = Vec::with_capacity(ids.len());
@@ -375,10 +388,14 @@ impl Host {
         let mut tasks = Vec::new();
         for chunk in chunks {
             let inner = inner.clone();
-            tasks.push(tokio::task::spawn_blocking(move || inner.spawn_chunk(chunk)));
+            tasks.push(tokio::task::spawn_blocking(move || {
+                inner.spawn_chunk(chunk)
+            }));
         }
         for t in tasks {
-            let results = t.await.map_err(|e| Error::Internal(format!("spawn task: {e}")))?;
+            let results = t
+                .await
+                .map_err(|e| Error::Internal(format!("spawn task: {e}")))?;
             for (id, res) in results {
                 match res {
                     Ok(handle) => {
@@ -453,7 +470,12 @@ impl Host {
             ids,
             statuses: Vec::new(),
         };
-        let selected: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let selected: Vec<String> = self
+            .inner
+            .select(&filter)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let reached = |w: &WorkerRecord| {
             if completion {
@@ -465,7 +487,9 @@ impl Host {
         loop {
             changes.borrow_and_update();
             let snapshot = self.inner.records(&selected);
-            let settled = snapshot.iter().all(|w| reached(w) || w.status.is_terminal());
+            let settled = snapshot
+                .iter()
+                .all(|w| reached(w) || w.status.is_terminal());
             let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             if settled || timed_out || self.inner.shutdown.is_cancelled() {
                 let (reached, failures) = snapshot.into_iter().partition(|w| reached(w));
@@ -493,7 +517,12 @@ impl Host {
 
     /// Stops the selected workers: SIGTERM to every process of each, SIGKILL to the whole cgroup
     /// after `grace`. Returns them once they have ended. Idempotent.
-    pub async fn stop(&self, sel: Selector, grace: Option<Duration>, reason: &str) -> Result<Vec<WorkerRecord>> {
+    pub async fn stop(
+        &self,
+        sel: Selector,
+        grace: Option<Duration>,
+        reason: &str,
+    ) -> Result<Vec<WorkerRecord>> {
         let grace = grace.unwrap_or(self.inner.opts.stop_grace);
         let filter = match &sel {
             Selector::Ids(ids) => Filter {
@@ -506,7 +535,12 @@ impl Host {
             },
             Selector::All => Filter::default(),
         };
-        let selected: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let selected: Vec<String> = self
+            .inner
+            .select(&filter)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         let mut to_stop = Vec::new();
         {
             let mut st = self.inner.lock();
@@ -529,7 +563,9 @@ impl Host {
         loop {
             changes.borrow_and_update();
             let snapshot = self.inner.records(&selected);
-            if snapshot.iter().all(|w| w.status.is_terminal()) || tokio::time::Instant::now() >= deadline {
+            if snapshot.iter().all(|w| w.status.is_terminal())
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(snapshot);
             }
             tokio::select! {
@@ -559,14 +595,26 @@ impl Host {
             session_id: req.session_id.clone(),
             statuses: Vec::new(),
         };
-        let ids: Vec<String> = self.inner.select(&filter)?.into_iter().map(|r| r.id).collect();
+        let ids: Vec<String> = self
+            .inner
+            .select(&filter)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         let streams = if req.streams.is_empty() {
             StreamKind::BOTH.to_vec()
         } else {
             req.streams.clone()
         };
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(pump_output(self.inner.clone(), ids, streams, req.follow, req.from_start, tx));
+        tokio::spawn(pump_output(
+            self.inner.clone(),
+            ids,
+            streams,
+            req.follow,
+            req.from_start,
+            tx,
+        ));
         Ok(rx)
     }
 
@@ -590,7 +638,12 @@ impl Host {
         let st = self.inner.lock();
         WorkerStatus::ALL
             .iter()
-            .map(|s| (*s, st.workers.values().filter(|e| e.rec.status == *s).count()))
+            .map(|s| {
+                (
+                    *s,
+                    st.workers.values().filter(|e| e.rec.status == *s).count(),
+                )
+            })
             .collect()
     }
 
@@ -645,7 +698,10 @@ impl Inner {
 
     /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
     fn prepare(&self, spec: &LaunchSpec) -> Result<Prepared> {
-        let workdir = spec.workdir.clone().unwrap_or_else(|| self.opts.default_workdir.clone());
+        let workdir = spec
+            .workdir
+            .clone()
+            .unwrap_or_else(|| self.opts.default_workdir.clone());
         match std::fs::metadata(&workdir) {
             Ok(m) if m.is_dir() => {
                 if !access(&workdir, libc::X_OK) {
@@ -661,21 +717,31 @@ impl Inner {
                     workdir.display()
                 )))
             }
-            Err(e) => return Err(Error::FailedPrecondition(format!("workdir {}: {e}", workdir.display()))),
+            Err(e) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "workdir {}: {e}",
+                    workdir.display()
+                )))
+            }
         }
         let mut base_env = self.opts.base_env.clone();
         base_env.insert("PATH".into(), self.opts.worker_path.clone());
         let (program, argv) = match &spec.program {
             Program::Command(cmd) => {
-                let path_var = spec.env.get("PATH").cloned().unwrap_or_else(|| self.opts.worker_path.clone());
-                let resolved = hostfs::resolve_program(&cmd[0], &path_var, &workdir).ok_or_else(|| {
-                    let why = if cmd[0].contains('/') {
-                        "does not exist or is not executable"
-                    } else {
-                        "not found in PATH"
-                    };
-                    Error::FailedPrecondition(format!("command[0] {}: {why}", cmd[0]))
-                })?;
+                let path_var = spec
+                    .env
+                    .get("PATH")
+                    .cloned()
+                    .unwrap_or_else(|| self.opts.worker_path.clone());
+                let resolved =
+                    hostfs::resolve_program(&cmd[0], &path_var, &workdir).ok_or_else(|| {
+                        let why = if cmd[0].contains('/') {
+                            "does not exist or is not executable"
+                        } else {
+                            "not found in PATH"
+                        };
+                        Error::FailedPrecondition(format!("command[0] {}: {why}", cmd[0]))
+                    })?;
                 (resolved, cmd.clone())
             }
             Program::Code { kernel, .. } | Program::Script { kernel, .. } => {
@@ -684,7 +750,9 @@ impl Inner {
                     .kernels
                     .iter()
                     .find(|k| &k.name == kernel)
-                    .ok_or_else(|| Error::invalid("kernel", format!("unknown kernel {kernel:?}")))?;
+                    .ok_or_else(|| {
+                        Error::invalid("kernel", format!("unknown kernel {kernel:?}"))
+                    })?;
                 let inv = entry.invocation.as_ref().ok_or_else(|| {
                     Error::FailedPrecondition(format!(
                         "kernel {kernel}: interpreter not installed on this host (looked for {})",
@@ -693,7 +761,11 @@ impl Inner {
                 })?;
                 let program = match &spec.program {
                     Program::Script { kernel, path } => {
-                        let path = if path.is_absolute() { path.clone() } else { workdir.join(path) };
+                        let path = if path.is_absolute() {
+                            path.clone()
+                        } else {
+                            workdir.join(path)
+                        };
                         match std::fs::metadata(&path) {
                             Ok(m) if m.is_file() && access(&path, libc::R_OK) => {}
                             Ok(m) if !m.is_file() => {
@@ -709,7 +781,10 @@ impl Inner {
                                 )))
                             }
                             Err(e) => {
-                                return Err(Error::FailedPrecondition(format!("script {}: {e}", path.display())))
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: {e}",
+                                    path.display()
+                                )))
                             }
                         }
                         Program::Script {
@@ -749,7 +824,10 @@ impl Inner {
     }
 
     fn spawn_one(&self, job: &SpawnJob) -> Result<ShimHandle, String> {
-        let cg = self.cgroups.create(&job.id, &job.limits).map_err(|e| e.to_string())?;
+        let cg = self
+            .cgroups
+            .create(&job.id, &job.limits)
+            .map_err(|e| e.to_string())?;
         let dir = self.worker_dir(&job.id);
         match self.spawner.spawn(&dir, &job.shim) {
             Ok(h) => Ok(h),
@@ -777,7 +855,9 @@ impl Inner {
 
     fn records(&self, ids: &[String]) -> Vec<WorkerRecord> {
         let st = self.lock();
-        ids.iter().filter_map(|id| st.workers.get(id).map(|e| e.rec.clone())).collect()
+        ids.iter()
+            .filter_map(|id| st.workers.get(id).map(|e| e.rec.clone()))
+            .collect()
     }
 
     fn status(&self, id: &str) -> Option<WorkerStatus> {
@@ -850,7 +930,10 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
             if let Some(a) = admitted {
                 inner.metrics.observe_latency(a.elapsed());
             }
-            inner.metrics.workers_started.fetch_add(1, Ordering::Relaxed);
+            inner
+                .metrics
+                .workers_started
+                .fetch_add(1, Ordering::Relaxed);
             inner.update(&id, |w| {
                 w.status = WorkerStatus::Running;
                 w.pid = Some(*pid);
@@ -864,7 +947,8 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
     }
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
     // stays open and refers to the same pidfd for the AsyncFd's whole life.
-    let registered = unsafe { AsyncFd::register_with_interest(handle.pidfd, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(handle.pidfd, tokio::io::Interest::READABLE) };
     match registered {
         Ok(fd) => {
             let _ = fd.readable().await;
@@ -872,7 +956,9 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
         Err(e) => {
             // Without a pollable pidfd, poll the pid.
             tracing::warn!(worker = %id, error = ?e, "pidfd not pollable; polling");
-            while std::path::Path::new(&format!("/proc/{shim_pid}")).exists() && !is_zombie(shim_pid) {
+            while std::path::Path::new(&format!("/proc/{shim_pid}")).exists()
+                && !is_zombie(shim_pid)
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -895,7 +981,9 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
         ),
         Ok(Ok(None)) => (
             Exit {
-                spawn_error: hs.err().or(Some("shim exited without an exit record".into())),
+                spawn_error: hs
+                    .err()
+                    .or(Some("shim exited without an exit record".into())),
                 ..Default::default()
             },
             None,
@@ -920,12 +1008,16 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
 async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<u32, String> {
-    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|e| format!("handshake pipe: {e}"))?;
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+        .map_err(|e| format!("handshake pipe: {e}"))?;
     let mut buf = Vec::with_capacity(64);
     let mut chunk = [0u8; 256];
     loop {
@@ -947,8 +1039,10 @@ async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<u32, String> {
 async fn stop_worker(inner: Arc<Inner>, id: String, grace: Duration) {
     // A worker still starting joins its cgroup shortly; give it a moment so it gets the SIGTERM.
     let start = tokio::time::Instant::now();
-    while matches!(inner.status(&id), Some(WorkerStatus::Pending | WorkerStatus::Starting))
-        && start.elapsed() < Duration::from_secs(5)
+    while matches!(
+        inner.status(&id),
+        Some(WorkerStatus::Pending | WorkerStatus::Starting)
+    ) && start.elapsed() < Duration::from_secs(5)
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1014,7 +1108,9 @@ async fn pump_output(
     if !from_start {
         let dirs: Vec<PathBuf> = cursors.iter().map(|c| c.dir.clone()).collect();
         let ends = tokio::task::spawn_blocking(move || {
-            dirs.iter().map(|d| output::stream_end(d).unwrap_or(0)).collect::<Vec<_>>()
+            dirs.iter()
+                .map(|d| output::stream_end(d).unwrap_or(0))
+                .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
@@ -1029,7 +1125,8 @@ async fn pump_output(
             .iter()
             .map(|c| inner.status(&c.id).is_none_or(|s| s.is_terminal()))
             .collect();
-        let reads: Vec<(PathBuf, u64)> = cursors.iter().map(|c| (c.dir.clone(), c.offset)).collect();
+        let reads: Vec<(PathBuf, u64)> =
+            cursors.iter().map(|c| (c.dir.clone(), c.offset)).collect();
         let results = match tokio::task::spawn_blocking(move || {
             reads
                 .into_iter()
@@ -1040,7 +1137,9 @@ async fn pump_output(
         {
             Ok(r) => r,
             Err(e) => {
-                let _ = tx.send(Err(Error::Internal(format!("read output: {e}")))).await;
+                let _ = tx
+                    .send(Err(Error::Internal(format!("read output: {e}"))))
+                    .await;
                 return;
             }
         };
@@ -1071,7 +1170,10 @@ async fn pump_output(
                 }
                 Err(e) => {
                     let _ = tx
-                        .send(Err(Error::Internal(format!("read output of worker {}: {e}", c.id))))
+                        .send(Err(Error::Internal(format!(
+                            "read output of worker {}: {e}",
+                            c.id
+                        ))))
                         .await;
                     return;
                 }

@@ -13,21 +13,47 @@ use super::host::{Host, LATENCY_BUCKETS};
 pub async fn render(host: &Host) -> String {
     let mut s = String::new();
     let m = host.metrics();
-    let _ = writeln!(s, "# HELP berth_workers Workers known to this host, by status.");
+    let _ = writeln!(
+        s,
+        "# HELP berth_workers Workers known to this host, by status."
+    );
     let _ = writeln!(s, "# TYPE berth_workers gauge");
     for (status, n) in host.status_counts() {
         let _ = writeln!(s, "berth_workers{{status=\"{}\"}} {n}", status.as_str());
     }
     let counters = [
-        ("berth_launches_total", "Accepted launch requests.", &m.launches),
-        ("berth_launch_refusals_total", "Launches refused for lack of resources.", &m.launch_refusals),
-        ("berth_workers_started_total", "Workers that reached RUNNING.", &m.workers_started),
-        ("berth_spawn_failures_total", "Workers that failed to start.", &m.spawn_failures),
+        (
+            "berth_launches_total",
+            "Accepted launch requests.",
+            &m.launches,
+        ),
+        (
+            "berth_launch_refusals_total",
+            "Launches refused for lack of resources.",
+            &m.launch_refusals,
+        ),
+        (
+            "berth_workers_started_total",
+            "Workers that reached RUNNING.",
+            &m.workers_started,
+        ),
+        (
+            "berth_spawn_failures_total",
+            "Workers that failed to start.",
+            &m.spawn_failures,
+        ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        let _ = writeln!(
+            s,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
     }
-    let _ = writeln!(s, "# HELP berth_launch_latency_seconds Admission to RUNNING.");
+    let _ = writeln!(
+        s,
+        "# HELP berth_launch_latency_seconds Admission to RUNNING."
+    );
     let _ = writeln!(s, "# TYPE berth_launch_latency_seconds histogram");
     let mut cum = 0;
     for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
@@ -35,7 +61,10 @@ pub async fn render(host: &Host) -> String {
         let _ = writeln!(s, "berth_launch_latency_seconds_bucket{{le=\"{b}\"}} {cum}");
     }
     cum += m.latency_buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-    let _ = writeln!(s, "berth_launch_latency_seconds_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(
+        s,
+        "berth_launch_latency_seconds_bucket{{le=\"+Inf\"}} {cum}"
+    );
     let _ = writeln!(
         s,
         "berth_launch_latency_seconds_sum {}",
@@ -44,14 +73,36 @@ pub async fn render(host: &Host) -> String {
     let _ = writeln!(s, "berth_launch_latency_seconds_count {cum}");
     let v = host.view();
     let gib = crate::core::launch::GIB;
-    let _ = writeln!(s, "# HELP berth_capacity Allocatable resources.\n# TYPE berth_capacity gauge");
+    let _ = writeln!(
+        s,
+        "# HELP berth_capacity Allocatable resources.\n# TYPE berth_capacity gauge"
+    );
     let _ = writeln!(s, "berth_capacity{{resource=\"cpu\"}} {}", v.capacity.cpu);
-    let _ = writeln!(s, "berth_capacity{{resource=\"memory_gb\"}} {}", v.capacity.memory_bytes as f64 / gib);
-    let _ = writeln!(s, "berth_capacity{{resource=\"workers\"}} {}", v.capacity.workers);
-    let _ = writeln!(s, "# HELP berth_allocated Resources held by live workers.\n# TYPE berth_allocated gauge");
+    let _ = writeln!(
+        s,
+        "berth_capacity{{resource=\"memory_gb\"}} {}",
+        v.capacity.memory_bytes as f64 / gib
+    );
+    let _ = writeln!(
+        s,
+        "berth_capacity{{resource=\"workers\"}} {}",
+        v.capacity.workers
+    );
+    let _ = writeln!(
+        s,
+        "# HELP berth_allocated Resources held by live workers.\n# TYPE berth_allocated gauge"
+    );
     let _ = writeln!(s, "berth_allocated{{resource=\"cpu\"}} {}", v.allocated.cpu);
-    let _ = writeln!(s, "berth_allocated{{resource=\"memory_gb\"}} {}", v.allocated.memory_bytes as f64 / gib);
-    let _ = writeln!(s, "berth_allocated{{resource=\"workers\"}} {}", v.allocated.workers);
+    let _ = writeln!(
+        s,
+        "berth_allocated{{resource=\"memory_gb\"}} {}",
+        v.allocated.memory_bytes as f64 / gib
+    );
+    let _ = writeln!(
+        s,
+        "berth_allocated{{resource=\"workers\"}} {}",
+        v.allocated.workers
+    );
     if let Ok(live) = host
         .list(&super::host::Filter {
             statuses: vec![crate::core::worker::WorkerStatus::Running],
@@ -61,11 +112,19 @@ pub async fn render(host: &Host) -> String {
     {
         let _ = writeln!(s, "# HELP berth_worker_cpu_seconds CPU time of a running worker.\n# TYPE berth_worker_cpu_seconds gauge");
         for w in &live {
-            let _ = writeln!(s, "berth_worker_cpu_seconds{{worker=\"{}\"}} {}", w.id, w.cpu_seconds);
+            let _ = writeln!(
+                s,
+                "berth_worker_cpu_seconds{{worker=\"{}\"}} {}",
+                w.id, w.cpu_seconds
+            );
         }
         let _ = writeln!(s, "# HELP berth_worker_memory_peak_bytes Peak memory of a running worker.\n# TYPE berth_worker_memory_peak_bytes gauge");
         for w in &live {
-            let _ = writeln!(s, "berth_worker_memory_peak_bytes{{worker=\"{}\"}} {}", w.id, w.memory_peak_bytes);
+            let _ = writeln!(
+                s,
+                "berth_worker_memory_peak_bytes{{worker=\"{}\"}} {}",
+                w.id, w.memory_peak_bytes
+            );
         }
     }
     s
@@ -90,7 +149,12 @@ pub async fn serve(listener: TcpListener, host: Host, shutdown: CancellationToke
             let mut n = 0;
             // Read the request head (bounded); only the request line matters.
             while n < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf[n..])).await {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    conn.read(&mut buf[n..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                     Ok(Ok(k)) => {
                         n += k;

@@ -78,7 +78,10 @@ enum Bound {
 pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, DaemonError> {
     let mut out = Vec::new();
     for a in addrs {
-        let err = |source| DaemonError::Listen { addr: a.clone(), source };
+        let err = |source| DaemonError::Listen {
+            addr: a.clone(),
+            source,
+        };
         let b = match ListenAddr::parse(a) {
             ListenAddr::Tcp(t) => {
                 let l = TcpListener::bind(&t).await.map_err(err)?;
@@ -130,10 +133,9 @@ pub fn resolve_kernels(cfg: &Config) -> Vec<KernelEntry> {
     cfg.kernels
         .iter()
         .map(|(name, k)| {
-            let found = k
-                .candidates
-                .iter()
-                .find_map(|c| hostfs::resolve_program(c, &cfg.worker.path, std::path::Path::new("/")));
+            let found = k.candidates.iter().find_map(|c| {
+                hostfs::resolve_program(c, &cfg.worker.path, std::path::Path::new("/"))
+            });
             KernelEntry {
                 name: name.clone(),
                 invocation: found.map(|interpreter| KernelInvocation {
@@ -149,7 +151,11 @@ pub fn resolve_kernels(cfg: &Config) -> Vec<KernelEntry> {
 
 /// The supervisor's options from a configuration.
 pub fn host_options(cfg: &Config) -> HostOptions {
-    let name = if cfg.name.is_empty() { hostfs::hostname() } else { cfg.name.clone() };
+    let name = if cfg.name.is_empty() {
+        hostfs::hostname()
+    } else {
+        cfg.name.clone()
+    };
     let cpu = if cfg.resources.cpu > 0.0 {
         cfg.resources.cpu
     } else {
@@ -160,10 +166,11 @@ pub fn host_options(cfg: &Config) -> HostOptions {
     } else {
         hostfs::memory_total_bytes().saturating_sub((cfg.resources.reserved_memory_gb * GIB) as u64)
     };
-    let mut base_env: BTreeMap<String, String> = ["HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-        .collect();
+    let mut base_env: BTreeMap<String, String> =
+        ["HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
     base_env.extend(cfg.worker.env.clone());
     HostOptions {
         name,
@@ -200,25 +207,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     std::fs::create_dir_all(cfg.state_dir.join("workers")).map_err(state_err)?;
     let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
     let subtree = format!("berth-{}", opts.name);
-    let cgroups = tokio::task::spawn_blocking(move || CgroupFs::discover(&subtree, parent.as_deref()))
-        .await
-        .map_err(|e| DaemonError::StateDir {
-            path: cfg.state_dir.clone(),
-            source: std::io::Error::other(e),
-        })??;
+    let cgroups =
+        tokio::task::spawn_blocking(move || CgroupFs::discover(&subtree, parent.as_deref()))
+            .await
+            .map_err(|e| DaemonError::StateDir {
+                path: cfg.state_dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
     tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
     let leftovers = cgroups.list();
     if !leftovers.is_empty() {
-        tracing::warn!(count = leftovers.len(), "worker cgroups of an earlier run are present; they are left alone");
+        tracing::warn!(
+            count = leftovers.len(),
+            "worker cgroups of an earlier run are present; they are left alone"
+        );
     }
     for k in &opts.kernels {
         match &k.invocation {
-            Some(i) => tracing::info!(kernel = %k.name, interpreter = %i.interpreter.display(), "kernel available"),
-            None => tracing::warn!(kernel = %k.name, looked_for = ?k.candidates, "kernel not installed"),
+            Some(i) => {
+                tracing::info!(kernel = %k.name, interpreter = %i.interpreter.display(), "kernel available")
+            }
+            None => {
+                tracing::warn!(kernel = %k.name, looked_for = ?k.candidates, "kernel not installed")
+            }
         }
     }
     let cgroups: Arc<dyn Cgroups> = Arc::new(cgroups);
-    let spawner = Arc::new(ShimSpawner::new((!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone())));
+    let spawner = Arc::new(ShimSpawner::new(
+        (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
+    ));
     let listeners = bind_all(&cfg.listen).await?;
     let address = listeners
         .iter()
@@ -236,11 +253,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     health
         .set_serving::<pb::workers_server::WorkersServer<WorkersService>>()
         .await;
-    health.set_serving::<pb::host_server::HostServer<HostService>>().await;
+    health
+        .set_serving::<pb::host_server::HostServer<HostService>>()
+        .await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // List what this server serves; the descriptor set also holds berth.v1.Cluster.
+            .with_service_name("berth.v1.Workers")
+            .with_service_name("berth.v1.Host")
+            .with_service_name("grpc.health.v1.Health")
     };
     let refl_v1 = reflection()
         .build_v1()
@@ -308,7 +331,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     host.shutdown();
     let drain = futures::future::join_all(servers);
     let mut result = Ok(());
-    match tokio::time::timeout(Duration::from_secs(10), drain).await {
+    // A client that never answers the GOAWAY ping must not hold the shutdown for long.
+    match tokio::time::timeout(Duration::from_secs(3), drain).await {
         Ok(results) => {
             for r in results.into_iter().flatten() {
                 if let Err(e) = r {
@@ -316,7 +340,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 }
             }
         }
-        Err(_) => tracing::warn!("gRPC connections did not drain within 10 s"),
+        Err(_) => tracing::warn!("gRPC connections did not drain within 3 s"),
     }
     let h = host.clone();
     let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
@@ -334,7 +358,8 @@ fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let res = if let Some(abs) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(abs)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), &path)
     };

@@ -171,7 +171,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
 }
 
 fn unescape_mount_path(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Parses `/proc/<pid>/cgroup` into `(controllers, path)` pairs; v2 has empty controllers.
@@ -202,7 +205,9 @@ pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
 
 /// Parses the pids listed in `cgroup.procs`.
 pub fn parse_pids(text: &str) -> Vec<i32> {
-    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// The cgroup directories of one worker, one per hierarchy. Serializable so that the per-worker
@@ -215,19 +220,27 @@ pub struct WorkerCgroup {
 
 impl WorkerCgroup {
     fn dir(&self, c: Controller) -> Option<&Path> {
-        self.dirs.iter().find(|(k, _)| *k == c).map(|(_, p)| p.as_path())
+        self.dirs
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, p)| p.as_path())
     }
 
     /// The `cgroup.procs` files a new process writes `0` to, to join this cgroup.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect()
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Directory used for the process list (the pids hierarchy on v1).
     fn main_dir(&self) -> &Path {
         match self.version {
             CgroupVersion::V2 => self.dir(Controller::Unified),
-            CgroupVersion::V1 => self.dir(Controller::Pids).or_else(|| self.dir(Controller::Memory)),
+            CgroupVersion::V1 => self
+                .dir(Controller::Pids)
+                .or_else(|| self.dir(Controller::Memory)),
         }
         .unwrap_or_else(|| self.dirs[0].1.as_path())
     }
@@ -321,9 +334,8 @@ impl WorkerCgroup {
 
     /// Reads usage counters. Missing files read as zero (older kernels lack `memory.peak`).
     pub fn stats(&self) -> CgroupStats {
-        let read = |c: Controller, f: &str| {
-            self.dir(c).and_then(|d| fs::read_to_string(d.join(f)).ok())
-        };
+        let read =
+            |c: Controller, f: &str| self.dir(c).and_then(|d| fs::read_to_string(d.join(f)).ok());
         let num = |s: Option<String>| s.and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
         match self.version {
             CgroupVersion::V1 => CgroupStats {
@@ -433,7 +445,9 @@ impl CgroupFs {
                 .unwrap_or_else(|| "/".into());
             Self::setup_v2(m, &own_path, subtree, parent)
         } else {
-            Err(CgroupError::Unsupported("neither a v1 memory hierarchy nor cgroup2 is mounted".into()))
+            Err(CgroupError::Unsupported(
+                "neither a v1 memory hierarchy nor cgroup2 is mounted".into(),
+            ))
         }
     }
 
@@ -446,12 +460,13 @@ impl CgroupFs {
         let mut bases = Vec::new();
         for c in Controller::V1 {
             let name = c.v1_name();
-            let Some(m) = mounts
-                .iter()
-                .find(|m| m.version == CgroupVersion::V1 && m.controllers.iter().any(|x| x == name))
-            else {
+            let Some(m) = mounts.iter().find(|m| {
+                m.version == CgroupVersion::V1 && m.controllers.iter().any(|x| x == name)
+            }) else {
                 if matches!(c, Controller::Memory | Controller::Cpu | Controller::Pids) {
-                    return Err(CgroupError::Unsupported(format!("v1 controller {name} is not mounted")));
+                    return Err(CgroupError::Unsupported(format!(
+                        "v1 controller {name} is not mounted"
+                    )));
                 }
                 continue;
             };
@@ -471,7 +486,12 @@ impl CgroupFs {
         })
     }
 
-    fn setup_v2(m: &CgroupMount, own_path: &str, subtree: &str, parent: Option<&str>) -> Result<Self> {
+    fn setup_v2(
+        m: &CgroupMount,
+        own_path: &str,
+        subtree: &str,
+        parent: Option<&str>,
+    ) -> Result<Self> {
         let root = &m.mount_point;
         let parent_dir = match parent {
             Some(p) => join_in_hierarchy(m, p),
@@ -496,7 +516,9 @@ impl CgroupFs {
 
 /// Path of cgroup `rel` (as /proc/self/cgroup names it) under mount `m`.
 fn join_in_hierarchy(m: &CgroupMount, rel: &str) -> PathBuf {
-    let rel = rel.strip_prefix(m.root.trim_end_matches('/')).unwrap_or(rel);
+    let rel = rel
+        .strip_prefix(m.root.trim_end_matches('/'))
+        .unwrap_or(rel);
     m.mount_point.join(rel.trim_start_matches('/'))
 }
 
@@ -518,7 +540,10 @@ fn move_into_leaf(dir: &Path) -> Result<()> {
             Ok(()) => {}
             // A process that exited meanwhile, or a kernel thread, is not ours to move.
             Err(CgroupError::Io { source, .. })
-                if matches!(source.raw_os_error(), Some(libc::ESRCH) | Some(libc::EINVAL)) => {}
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ESRCH) | Some(libc::EINVAL)
+                ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -593,7 +618,11 @@ impl Cgroups for CgroupFs {
     }
 
     fn describe(&self) -> String {
-        let dirs: Vec<String> = self.bases.iter().map(|(_, b)| b.display().to_string()).collect();
+        let dirs: Vec<String> = self
+            .bases
+            .iter()
+            .map(|(_, b)| b.display().to_string())
+            .collect();
         format!("cgroup v{} at {}", self.version.number(), dirs.join(", "))
     }
 }
@@ -605,9 +634,21 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
     };
     match cg.version {
         CgroupVersion::V1 => {
-            w(Controller::Cpu, "cpu.cfs_period_us", CPU_PERIOD_US.to_string())?;
-            w(Controller::Cpu, "cpu.cfs_quota_us", l.cpu_quota_us().to_string())?;
-            w(Controller::Memory, "memory.limit_in_bytes", l.memory_bytes.to_string())?;
+            w(
+                Controller::Cpu,
+                "cpu.cfs_period_us",
+                CPU_PERIOD_US.to_string(),
+            )?;
+            w(
+                Controller::Cpu,
+                "cpu.cfs_quota_us",
+                l.cpu_quota_us().to_string(),
+            )?;
+            w(
+                Controller::Memory,
+                "memory.limit_in_bytes",
+                l.memory_bytes.to_string(),
+            )?;
             // Where swap accounting exists, forbid swap on top of the limit.
             if let Some(d) = cg.dir(Controller::Memory) {
                 let sw = d.join("memory.memsw.limit_in_bytes");
@@ -623,7 +664,11 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
                 "cpu.max",
                 format!("{} {}", l.cpu_quota_us(), CPU_PERIOD_US),
             )?;
-            w(Controller::Unified, "memory.max", l.memory_bytes.to_string())?;
+            w(
+                Controller::Unified,
+                "memory.max",
+                l.memory_bytes.to_string(),
+            )?;
             if let Some(d) = cg.dir(Controller::Unified) {
                 let sw = d.join("memory.swap.max");
                 if sw.exists() {
@@ -656,7 +701,10 @@ mod tests {
         assert_eq!(m.len(), 6);
         assert_eq!(m[0].controllers, vec!["cpu"]);
         assert_eq!(m[2].mount_point, PathBuf::from("/sys/fs/cgroup/memory"));
-        assert!(m[4].controllers.is_empty(), "name=systemd has no controller");
+        assert!(
+            m[4].controllers.is_empty(),
+            "name=systemd has no controller"
+        );
         assert_eq!(m[5].version, CgroupVersion::V2);
     }
 
@@ -670,8 +718,13 @@ mod tests {
 
     #[test]
     fn proc_cgroup_lines() {
-        let p = parse_proc_cgroup("4:memory:/process_api/x\n1:name=systemd:/\n0::/system.slice/b.service\n");
-        assert_eq!(p[0], (vec!["memory".to_string()], "/process_api/x".to_string()));
+        let p = parse_proc_cgroup(
+            "4:memory:/process_api/x\n1:name=systemd:/\n0::/system.slice/b.service\n",
+        );
+        assert_eq!(
+            p[0],
+            (vec!["memory".to_string()], "/process_api/x".to_string())
+        );
         assert_eq!(p[1], (vec![], "/".to_string()));
         assert_eq!(p[2], (vec![], "/system.slice/b.service".to_string()));
     }
@@ -681,14 +734,24 @@ mod tests {
         let events = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
         assert_eq!(parse_flat_keyed(events, "oom_kill"), Some(2));
         assert_eq!(parse_flat_keyed(events, "oom"), Some(3));
-        assert_eq!(parse_flat_keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n", "oom_kill"), Some(1));
-        assert_eq!(parse_flat_keyed("usage_usec 1500\nuser_usec 1000\n", "usage_usec"), Some(1500));
+        assert_eq!(
+            parse_flat_keyed("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n", "oom_kill"),
+            Some(1)
+        );
+        assert_eq!(
+            parse_flat_keyed("usage_usec 1500\nuser_usec 1000\n", "usage_usec"),
+            Some(1500)
+        );
         assert_eq!(parse_flat_keyed("", "oom_kill"), None);
     }
 
     #[test]
     fn quota_rounds_and_has_a_floor() {
-        let l = |cpu| Limits { cpu, memory_bytes: 1, pids_max: 1 };
+        let l = |cpu| Limits {
+            cpu,
+            memory_bytes: 1,
+            pids_max: 1,
+        };
         assert_eq!(l(0.5).cpu_quota_us(), 50_000);
         assert_eq!(l(2.0).cpu_quota_us(), 200_000);
         assert_eq!(l(0.001).cpu_quota_us(), 1_000);
@@ -702,9 +765,18 @@ mod tests {
             version: CgroupVersion::V2,
             controllers: vec![],
         };
-        assert_eq!(join_in_hierarchy(&m, "/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+        assert_eq!(
+            join_in_hierarchy(&m, "/a/b"),
+            PathBuf::from("/sys/fs/cgroup/a/b")
+        );
         assert_eq!(join_in_hierarchy(&m, "/"), PathBuf::from("/sys/fs/cgroup"));
-        let nested = CgroupMount { root: "/outer".into(), ..m };
-        assert_eq!(join_in_hierarchy(&nested, "/outer/x"), PathBuf::from("/sys/fs/cgroup/x"));
+        let nested = CgroupMount {
+            root: "/outer".into(),
+            ..m
+        };
+        assert_eq!(
+            join_in_hierarchy(&nested, "/outer/x"),
+            PathBuf::from("/sys/fs/cgroup/x")
+        );
     }
 }

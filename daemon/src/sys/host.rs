@@ -23,7 +23,9 @@ pub fn memory_total_bytes() -> u64 {
 
 /// CPUs this process may run on.
 pub fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Whether `path` is a regular file with an execute bit.
@@ -107,9 +109,21 @@ mod tests {
 
     #[test]
     fn resolve_in_path() {
-        assert_eq!(resolve_program("sh", "/nonexistent:/bin", Path::new("/")), Some(PathBuf::from("/bin/sh")));
-        assert_eq!(resolve_program("no-such-program-x", "/bin:/usr/bin", Path::new("/")), None);
-        assert_eq!(resolve_program("/bin/sh", "", Path::new("/")), Some(PathBuf::from("/bin/sh")));
-        assert_eq!(resolve_program("./sh", "", Path::new("/bin")), Some(PathBuf::from("/bin/./sh")));
+        assert_eq!(
+            resolve_program("sh", "/nonexistent:/bin", Path::new("/")),
+            Some(PathBuf::from("/bin/sh"))
+        );
+        assert_eq!(
+            resolve_program("no-such-program-x", "/bin:/usr/bin", Path::new("/")),
+            None
+        );
+        assert_eq!(
+            resolve_program("/bin/sh", "", Path::new("/")),
+            Some(PathBuf::from("/bin/sh"))
+        );
+        assert_eq!(
+            resolve_program("./sh", "", Path::new("/bin")),
+            Some(PathBuf::from("/bin/./sh"))
+        );
     }
 }

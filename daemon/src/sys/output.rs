@@ -213,7 +213,10 @@ mod tests {
         let mut w = SegmentWriter::open(d.path(), rot(4, 100)).unwrap();
         w.write(b"hello world, binary \x00\xff ok").unwrap();
         assert_eq!(w.end(), 25);
-        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 4, 8, 12, 16, 20, 24]);
+        assert_eq!(
+            list_segments(d.path()).unwrap(),
+            vec![0, 4, 8, 12, 16, 20, 24]
+        );
         let r = read_stream(d.path(), 0, 1000).unwrap();
         assert_eq!(r.offset, 0);
         assert_eq!(r.data, b"hello world, binary \x00\xff ok");

@@ -72,7 +72,9 @@ pub fn read_exit(dir: &Path) -> io::Result<Option<ExitRecord>> {
 pub fn parse_handshake(line: &str) -> Result<u32, String> {
     let line = line.trim_end();
     if let Some(pid) = line.strip_prefix("ok ") {
-        return pid.parse().map_err(|_| format!("bad handshake from shim: {line:?}"));
+        return pid
+            .parse()
+            .map_err(|_| format!("bad handshake from shim: {line:?}"));
     }
     if let Some(msg) = line.strip_prefix("err ") {
         return Err(msg.to_owned());
@@ -178,14 +180,21 @@ fn handshake(msg: &str) {
 }
 
 fn run(dir: &Path) -> io::Result<()> {
-    let spec: ShimSpec = match fs::read(dir.join(SPEC_FILE))
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)))
-    {
+    let spec: ShimSpec = match fs::read(dir.join(SPEC_FILE)).and_then(|b| {
+        serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }) {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("read {}: {e}", dir.join(SPEC_FILE).display());
             handshake(&format!("err {msg}\n"));
-            record_exit(dir, ExitRecord { spawn_error: Some(msg), finished_at_ms: now_ms(), ..Default::default() })?;
+            record_exit(
+                dir,
+                ExitRecord {
+                    spawn_error: Some(msg),
+                    finished_at_ms: now_ms(),
+                    ..Default::default()
+                },
+            )?;
             return Ok(());
         }
     };
@@ -229,8 +238,10 @@ struct Started {
 fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let setup = |e: io::Error| e.to_string();
     let writers = [
-        SegmentWriter::open(&dir.join(StreamKind::Stdout.dir_name()), spec.rotation).map_err(setup)?,
-        SegmentWriter::open(&dir.join(StreamKind::Stderr.dir_name()), spec.rotation).map_err(setup)?,
+        SegmentWriter::open(&dir.join(StreamKind::Stdout.dir_name()), spec.rotation)
+            .map_err(setup)?,
+        SegmentWriter::open(&dir.join(StreamKind::Stderr.dir_name()), spec.rotation)
+            .map_err(setup)?,
     ];
     let program = cstr(spec.program.as_os_str().as_bytes(), "program").map_err(setup)?;
     let argv: Vec<CString> = spec
@@ -359,7 +370,7 @@ unsafe fn child_exec(
             libc::_exit(127)
         }
     };
-    // SAFETY (whole block): raw syscalls on fds and pointers the caller guarantees valid.
+    // SAFETY: raw syscalls on fds and pointers the caller guarantees valid (see above).
     unsafe {
         for &fd in procs {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
@@ -428,12 +439,20 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3);
         for (i, fd) in fds.iter().enumerate() {
             if open[i] {
-                pfds.push(libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             }
         }
         if main_status.is_none() {
             if let Some(p) = &pidfd {
-                pfds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: p.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             }
         }
         let timeout = if main_status.is_some() { 100 } else { 1000 };
@@ -520,7 +539,9 @@ mod tests {
             Err("exec /x: No such file or directory".to_owned())
         );
         assert!(parse_handshake("").unwrap_err().contains("exited before"));
-        assert!(parse_handshake("ok abc").unwrap_err().contains("bad handshake"));
+        assert!(parse_handshake("ok abc")
+            .unwrap_err()
+            .contains("bad handshake"));
     }
 
     #[test]
