@@ -52,6 +52,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub output: OutputConfig,
     pub cgroup: CgroupConfig,
+    pub retention: RetentionConfig,
     /// Interpreters by kernel name. `python3` and `r` are always defined.
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
@@ -101,6 +102,24 @@ pub struct CgroupConfig {
     /// Parent cgroup of this daemon's subtree, as a path inside each hierarchy; empty means the
     /// daemon's own cgroup (what systemd's `Delegate=yes` hands it).
     pub parent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Ended workers (record and output) are removed this many seconds after they ended...
+    pub finished_seconds: u64,
+    /// ...or once more than this many ended workers are kept, oldest first.
+    pub max_finished: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            finished_seconds: 24 * 3600,
+            max_finished: 10_000,
+        }
+    }
 }
 
 /// How one kernel's interpreter is found and run.
@@ -175,6 +194,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             output: OutputConfig::default(),
             cgroup: CgroupConfig::default(),
+            retention: RetentionConfig::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
         }
@@ -422,5 +442,17 @@ mod tests {
         assert_eq!(c.listen, vec!["127.0.0.1:0"]);
         assert_eq!(c.name, "h1");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/berth"));
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// systemd/berthd.toml documents every key with its default: it must parse to the defaults.
+    #[test]
+    fn example_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/berthd.toml");
+        assert_eq!(Config::from_file(&path).unwrap(), Config::default());
     }
 }

@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
 /// How a worker is networked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum NetworkMode {
     /// Own network namespace and address on the host's worker bridge.
     #[default]
@@ -20,7 +22,7 @@ pub enum NetworkMode {
 }
 
 /// What happens when a worker fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct RestartPolicy {
     pub on_failure: bool,
     pub max_restarts: u32,
@@ -232,6 +234,12 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
         })?)
     };
     let session_id = (!req.session_id.is_empty()).then(|| req.session_id.clone());
+    if req.restart.backoff_max_ms > 0 && req.restart.backoff_max_ms < req.restart.backoff_initial_ms {
+        return Err(Error::invalid(
+            "restart.backoff_max_ms",
+            "must not be below restart.backoff_initial_ms",
+        ));
+    }
     if req.restart.on_failure && req.restart.max_restarts == 0 {
         return Err(Error::invalid(
             "restart.max_restarts",
@@ -252,6 +260,22 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
         restart: req.restart,
         labels: req.labels.clone(),
     })
+}
+
+impl RestartPolicy {
+    /// Delay before restart number `attempt` (1-based): the initial delay doubled per earlier
+    /// restart, capped at the maximum.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let initial = u64::from(if self.backoff_initial_ms == 0 { 1000 } else { self.backoff_initial_ms });
+        let max = u64::from(if self.backoff_max_ms == 0 { 60_000 } else { self.backoff_max_ms });
+        let shift = attempt.saturating_sub(1).min(32);
+        std::time::Duration::from_millis(initial.saturating_mul(1u64 << shift).min(max.max(initial)))
+    }
+
+    /// Whether a worker that failed after `restarts` restarts runs again.
+    pub fn should_restart(&self, restarts: u32) -> bool {
+        self.on_failure && restarts < self.max_restarts
+    }
 }
 
 /// How a kernel's interpreter is invoked.
@@ -515,6 +539,21 @@ mod tests {
         assert_eq!(env["CUDA_DEVICE_ORDER"], "PCI_BUS_ID");
         assert_eq!(env["MY_VAR"], "1");
         assert_eq!(env["PATH"], "/usr/bin");
+    }
+
+    #[test]
+    fn restart_backoff_doubles_and_caps() {
+        let p = RestartPolicy {
+            on_failure: true,
+            max_restarts: 3,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 350,
+        };
+        let ms = |a| p.backoff(a).as_millis();
+        assert_eq!((ms(1), ms(2), ms(3), ms(4), ms(40)), (100, 200, 350, 350, 350));
+        assert!(p.should_restart(2) && !p.should_restart(3));
+        assert_eq!(RestartPolicy::default().backoff(1).as_millis(), 1000);
+        assert!(!RestartPolicy::default().should_restart(0));
     }
 
     #[test]

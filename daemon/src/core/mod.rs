@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod launch;
+pub mod session;
 pub mod worker;
 
 /// A short unique id: 12 characters of `[0-9a-z]`, starting with a letter.

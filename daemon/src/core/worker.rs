@@ -5,10 +5,12 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 use super::launch::{NetworkMode, RestartPolicy};
 
 /// Where a worker is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum WorkerStatus {
     /// Admitted; resources are held; nothing started yet.
     Pending,
@@ -56,8 +58,8 @@ impl WorkerStatus {
     ];
 }
 
-/// Everything known about one worker.
-#[derive(Debug, Clone, PartialEq)]
+/// Everything known about one worker; also what the state store keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerRecord {
     pub id: String,
     pub session_id: Option<String>,
@@ -86,6 +88,12 @@ pub struct WorkerRecord {
     pub memory_peak_bytes: u64,
     /// Set once a stop was asked for; the worker then ends STOPPED whatever its exit.
     pub stop_reason: Option<String>,
+    /// The shim supervising the current run, identified by pid and start time (clock ticks since
+    /// boot) so that a recycled pid is never mistaken for it.
+    #[serde(default)]
+    pub shim_pid: Option<u32>,
+    #[serde(default)]
+    pub shim_starttime: Option<u64>,
 }
 
 /// How the worker's main process ended, as the shim saw it.

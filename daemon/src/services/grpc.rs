@@ -169,6 +169,27 @@ fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
     Ok(())
 }
 
+fn check_session_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::invalid("session_id", "is required"));
+    }
+    if !crate::core::is_valid_id(id) {
+        return Err(Error::invalid("session_id", format!("{id:?} is not a session id")));
+    }
+    Ok(())
+}
+
+/// The protobuf view of a session.
+pub fn session_to_pb(s: &crate::core::session::Session) -> pb::Session {
+    pb::Session {
+        id: s.id.clone(),
+        ttl_seconds: s.ttl.as_secs() as u32,
+        expires_at: Some(ts(s.expires_at)),
+        created_at: Some(ts(s.created_at)),
+        labels: s.labels.clone().into_iter().collect(),
+    }
+}
+
 fn opt_session(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -199,23 +220,37 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl pb::workers_server::Workers for WorkersService {
     async fn open_session(
         &self,
-        _r: Request<pb::OpenSessionRequest>,
+        request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+        let r = request.into_inner();
+        let s = self
+            .host
+            .open_session(r.ttl_seconds, r.labels.into_iter().collect())
+            .await?;
+        Ok(Response::new(session_to_pb(&s)))
     }
 
     async fn keep_alive(
         &self,
-        _r: Request<pb::KeepAliveRequest>,
+        request: Request<pb::KeepAliveRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+        let r = request.into_inner();
+        check_session_id(&r.session_id)?;
+        let s = self.host.keep_alive(&r.session_id)?;
+        Ok(Response::new(session_to_pb(&s)))
     }
 
     async fn close_session(
         &self,
-        _r: Request<pb::CloseSessionRequest>,
+        request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        Err(Error::Unimplemented("sessions are not implemented by this berthd yet".into()).into())
+        let r = request.into_inner();
+        check_session_id(&r.session_id)?;
+        let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
+        let stopped = self.host.close_session(&r.session_id, grace).await?;
+        Ok(Response::new(pb::CloseSessionResponse {
+            stopped: stopped.iter().map(worker_to_pb).collect(),
+        }))
     }
 
     async fn launch_workers(

@@ -22,7 +22,13 @@ use crate::sys::cgroup::{CgroupVersion, Cgroups, Limits};
 use crate::sys::host as hostfs;
 use crate::sys::output::{self, Rotation, StreamKind};
 use crate::sys::shim::{self, ShimSpec};
+use crate::core::session::Session;
 use crate::sys::spawn::{self, ShimHandle, Spawner};
+use crate::sys::store::{Op, StoreWriter, Table};
+
+#[path = "lifecycle.rs"]
+mod lifecycle;
+pub use lifecycle::{open_store, RecoveryReport, UNACCOUNTED};
 
 /// A kernel of the host's table and what it resolved to at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +59,10 @@ pub struct HostOptions {
     pub host_from_worker: IpAddr,
     pub subnet: String,
     pub labels: BTreeMap<String, String>,
+    /// Ended workers are forgotten (record and files) after this long...
+    pub retain_finished_for: Duration,
+    /// ...or once more than this many ended workers are kept, oldest first.
+    pub retain_finished_max: usize,
 }
 
 impl HostOptions {
@@ -75,6 +85,8 @@ impl HostOptions {
             host_from_worker: IpAddr::V4(Ipv4Addr::LOCALHOST),
             subnet: String::new(),
             labels: BTreeMap::new(),
+            retain_finished_for: Duration::from_secs(24 * 3600),
+            retain_finished_max: 10_000,
         }
     }
 }
@@ -186,6 +198,9 @@ struct Inner {
     opts: HostOptions,
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
+    /// Durable records; `None` only in tests of the supervisor without a state store.
+    store: Option<StoreWriter>,
+    sessions: Mutex<HashMap<String, Session>>,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
@@ -212,7 +227,12 @@ impl std::fmt::Debug for Host {
 const CHUNK: usize = 64 * 1024;
 
 impl Host {
-    pub fn new(opts: HostOptions, cgroups: Arc<dyn Cgroups>, spawner: Arc<dyn Spawner>) -> Self {
+    pub fn new(
+        opts: HostOptions,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        store: Option<StoreWriter>,
+    ) -> Self {
         let (changed, _) = watch::channel(0);
         let (events, _) = broadcast::channel(8192);
         let ledger = Ledger::new(opts.capacity);
@@ -221,6 +241,8 @@ impl Host {
                 opts,
                 cgroups,
                 spawner,
+                store,
+                sessions: Mutex::new(HashMap::new()),
                 state: Mutex::new(State {
                     workers: HashMap::new(),
                     ledger,
@@ -267,8 +289,7 @@ impl Host {
     ) -> Result<Vec<WorkerRecord>> {
         let inner = self.inner.clone();
         if let Some(s) = &spec.session_id {
-            // Sessions arrive with the sessions issue; until then no session id is known.
-            return Err(Error::NotFound(format!("session {s} not found")));
+            inner.check_session(s)?;
         }
         if spec.nvidia_gpu > 0 {
             return Err(Error::ResourceExhausted(format!(
@@ -330,6 +351,8 @@ impl Host {
                     cpu_seconds: 0.0,
                     memory_peak_bytes: 0,
                     stop_reason: None,
+                    shim_pid: None,
+                    shim_starttime: None,
                 };
                 let seq = st.seq;
                 st.workers.insert(
@@ -370,6 +393,11 @@ impl Host {
                         cgroup: inner.cgroups.worker(id),
                         netns: None,
                         rotation: inner.opts.rotation,
+                        meta: records
+                            .iter()
+                            .find(|r| &r.id == id)
+                            .and_then(|r| serde_json::to_value(r).ok())
+                            .unwrap_or_default(),
                     },
                     limits: Limits {
                         cpu: spec.cpu,
@@ -403,6 +431,8 @@ impl Host {
                             if w.status == WorkerStatus::Pending {
                                 w.status = WorkerStatus::Starting;
                             }
+                            w.shim_pid = Some(handle.pid);
+                            w.shim_starttime = handle.starttime;
                         });
                         tokio::spawn(follow_worker(inner.clone(), id, handle));
                     }
@@ -415,6 +445,17 @@ impl Host {
                         inner.clone().finish(&id, exit, None).await;
                     }
                 }
+            }
+        }
+        // The client hears of its workers only once their records are durable.
+        if let Some(store) = &inner.store {
+            if let Err(e) = store.commit(Vec::new()).await {
+                tracing::error!(error = %e, "launch not recorded; stopping its workers");
+                let this = Host { inner: inner.clone() };
+                let _ = this
+                    .stop(Selector::Ids(ids.clone()), Some(Duration::ZERO), "launch not recorded")
+                    .await;
+                return Err(Error::Internal(format!("state store: {e}")));
             }
         }
         let st = inner.lock();
@@ -865,6 +906,9 @@ impl Inner {
     }
 
     fn publish(&self, rec: WorkerRecord) {
+        if let Some(store) = &self.store {
+            store.submit(vec![Op::put(Table::Workers, &rec.id, &rec)]);
+        }
         let _ = self.events.send(rec);
         self.changed.send_modify(|v| *v += 1);
     }
@@ -899,25 +943,72 @@ impl Inner {
         .await
         .unwrap_or_default();
         exit.oom_killed = stats.oom_kills > 0;
+        let mut restart_in = None;
         let rec = {
-            let mut st = self.lock();
-            st.ledger.release(id);
+            let mut guard = self.lock();
+            let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
+                st.ledger.release(id);
                 return;
             };
             let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
-            e.rec.status = status;
-            e.rec.reason = reason;
-            e.rec.exit_code = exit.exit_code;
-            e.rec.signal = exit.signal;
-            e.rec.finished_at = Some(finished_at.unwrap_or_else(SystemTime::now));
-            e.rec.cpu_seconds = stats.cpu_seconds;
-            e.rec.memory_peak_bytes = stats.memory_peak_bytes;
-            e.rec.clone()
+            if status == WorkerStatus::Failed
+                && exit.spawn_error.is_none()
+                && e.rec.restart.should_restart(e.rec.restarts)
+                && !self.shutdown.is_cancelled()
+            {
+                // ON_FAILURE: same worker, same claim, after an exponential back-off.
+                e.rec.restarts += 1;
+                let delay = e.rec.restart.backoff(e.rec.restarts);
+                e.rec.status = WorkerStatus::Pending;
+                e.rec.reason = format!(
+                    "{reason}; restart {} of {} in {} ms",
+                    e.rec.restarts,
+                    e.rec.restart.max_restarts,
+                    delay.as_millis()
+                );
+                e.rec.exit_code = exit.exit_code;
+                e.rec.signal = exit.signal;
+                e.rec.pid = None;
+                e.rec.cpu_seconds += stats.cpu_seconds;
+                e.rec.memory_peak_bytes = e.rec.memory_peak_bytes.max(stats.memory_peak_bytes);
+                restart_in = Some(delay);
+                e.rec.clone()
+            } else {
+                st.ledger.release(id);
+                finalize_record(&mut e.rec, status, reason, &exit, finished_at, stats);
+                e.rec.clone()
+            }
         };
+        if let Some(delay) = restart_in {
+            tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
+            self.publish(rec);
+            tokio::spawn(lifecycle::restart_later(self.clone(), id.to_owned(), delay));
+            return;
+        }
         tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
         self.publish(rec);
     }
+}
+
+/// Writes the end of a worker into its record.
+fn finalize_record(
+    rec: &mut WorkerRecord,
+    status: WorkerStatus,
+    reason: String,
+    exit: &Exit,
+    finished_at: Option<SystemTime>,
+    stats: crate::sys::cgroup::CgroupStats,
+) {
+    // Usage of earlier runs (restarts) adds up; peaks take the maximum.
+    let earlier_cpu = if rec.restarts > 0 { rec.cpu_seconds } else { 0.0 };
+    rec.status = status;
+    rec.reason = reason;
+    rec.exit_code = exit.exit_code;
+    rec.signal = exit.signal;
+    rec.finished_at = Some(finished_at.unwrap_or_else(SystemTime::now));
+    rec.cpu_seconds = earlier_cpu + stats.cpu_seconds;
+    rec.memory_peak_bytes = rec.memory_peak_bytes.max(stats.memory_peak_bytes);
 }
 
 /// Follows one worker from its shim's handshake to its end.
@@ -945,10 +1036,22 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
             tracing::info!(worker = %id, error = %msg, "worker did not start");
         }
     }
+    await_shim(inner, id, shim_pid, handle.pidfd, hs.err()).await;
+}
+
+/// Waits for the shim of worker `id` to exit, then ends the worker from its exit record. Used
+/// for shims this daemon started and for shims it re-adopted after a restart.
+async fn await_shim(
+    inner: Arc<Inner>,
+    id: String,
+    shim_pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    handshake_error: Option<String>,
+) {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
     // stays open and refers to the same pidfd for the AsyncFd's whole life.
     let registered =
-        unsafe { AsyncFd::register_with_interest(handle.pidfd, tokio::io::Interest::READABLE) };
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
     match registered {
         Ok(fd) => {
             let _ = fd.readable().await;
@@ -981,8 +1084,7 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
         ),
         Ok(Ok(None)) => (
             Exit {
-                spawn_error: hs
-                    .err()
+                spawn_error: handshake_error
                     .or(Some("shim exited without an exit record".into())),
                 ..Default::default()
             },

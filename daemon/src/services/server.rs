@@ -20,6 +20,7 @@ use crate::sys::cgroup::{CgroupFs, Cgroups};
 use crate::sys::host as hostfs;
 use crate::sys::output::Rotation;
 use crate::sys::spawn::ShimSpawner;
+use crate::sys::store::StoreWriter;
 
 use super::grpc::{HostService, WorkersService};
 use super::host::{Host, HostOptions, KernelEntry};
@@ -37,6 +38,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Cgroup(#[from] crate::sys::cgroup::CgroupError),
+    #[error(transparent)]
+    Store(#[from] crate::sys::store::StoreError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -193,6 +196,8 @@ pub fn host_options(cfg: &Config) -> HostOptions {
         host_from_worker: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         subnet: cfg.subnet.clone(),
         labels: cfg.labels.clone(),
+        retain_finished_for: Duration::from_secs(cfg.retention.finished_seconds),
+        retain_finished_max: cfg.retention.max_finished,
     }
 }
 
@@ -215,13 +220,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 source: std::io::Error::other(e),
             })??;
     tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
-    let leftovers = cgroups.list();
-    if !leftovers.is_empty() {
-        tracing::warn!(
-            count = leftovers.len(),
-            "worker cgroups of an earlier run are present; they are left alone"
-        );
-    }
     for k in &opts.kernels {
         match &k.invocation {
             Some(i) => {
@@ -242,7 +240,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         .find(|(_, l)| matches!(l.0, Bound::Tcp(..)))
         .map(|(_, l)| l.display())
         .unwrap_or_default();
-    let host = Host::new(opts, cgroups, spawner);
+    let state_dir = cfg.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || super::host::open_store(&state_dir))
+        .await
+        .map_err(|e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+    let store = Arc::new(store);
+    let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
+    let host = Host::new(opts, cgroups, spawner, Some(writer.clone()));
+    let started = std::time::Instant::now();
+    match host.recover(&store).await {
+        Ok(r) => tracing::info!(
+            adopted = r.adopted,
+            ended_while_down = r.ended_while_down,
+            lost = r.lost,
+            unaccounted = r.unaccounted,
+            kept = r.kept,
+            sessions = r.sessions,
+            bad_records = r.bad_records.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "recovered state"
+        ),
+        Err(e) => tracing::error!(error = %e, "recovery failed; starting with what was recovered"),
+    }
+    host.start_background();
     tracing::info!(
         name = %host.name(),
         capacity = ?host.view().capacity,
@@ -344,6 +367,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     }
     let h = host.clone();
     let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
+    writer.stop();
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     result
 }
 

@@ -492,18 +492,25 @@ impl CgroupFs {
         subtree: &str,
         parent: Option<&str>,
     ) -> Result<Self> {
-        let root = &m.mount_point;
         let parent_dir = match parent {
-            Some(p) => join_in_hierarchy(m, p),
+            Some(p) => {
+                let dir = join_in_hierarchy(m, p);
+                check_controllers(&dir)?;
+                enable_controllers(&dir)?;
+                dir
+            }
             None => {
-                let own_dir = join_in_hierarchy(m, own_path);
-                if own_dir != *root {
-                    move_into_leaf(&own_dir)?;
+                let dir = join_in_hierarchy(m, delegated_path(own_path));
+                check_controllers(&dir)?;
+                if dir == m.mount_point {
+                    // The root cgroup may hold processes and enable controllers at once.
+                    enable_controllers(&dir)?;
+                } else {
+                    enable_in_delegated(&dir)?;
                 }
-                own_dir
+                dir
             }
         };
-        enable_controllers(&parent_dir)?;
         let base = parent_dir.join(subtree);
         fs::create_dir_all(&base).map_err(io_err("create", &base))?;
         enable_controllers(&base)?;
@@ -525,43 +532,100 @@ fn join_in_hierarchy(m: &CgroupMount, rel: &str) -> PathBuf {
 /// Leaf that holds the processes of a delegated v2 cgroup, so its children can have controllers.
 pub const V2_LEAF: &str = "supervisor";
 
+/// Controllers berth enables for the children of its v2 cgroups.
+const V2_CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// The v2 cgroup delegated to a daemon whose own cgroup is `own_path`: that cgroup, or its parent
+/// when the daemon already runs in the [`V2_LEAF`] of one. That happens to every process an
+/// earlier berthd moved there (a shell, a test harness, a re-executed daemon) and to a systemd
+/// unit with `DelegateSubgroup=supervisor`; taking the leaf itself as delegated would nest a new
+/// leaf at every start and move the subtree (and the worker cgroups in it) away from the last one.
+fn delegated_path(own_path: &str) -> &str {
+    match own_path.trim_end_matches('/').rsplit_once('/') {
+        Some(("", V2_LEAF)) => "/",
+        Some((parent, V2_LEAF)) => parent,
+        _ => own_path,
+    }
+}
+
+/// Enables berth's controllers for the children of `dir`, a non-root cgroup delegated to the
+/// daemon, as a `Delegate=yes` service must: its processes (the daemon's own among them) first
+/// move into the leaf [`V2_LEAF`], since a cgroup with processes cannot enable controllers for
+/// its children. A process forked into `dir` meanwhile makes the kernel refuse (EBUSY), so moving
+/// and enabling repeat until they hold.
+fn enable_in_delegated(dir: &Path) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        move_into_leaf(dir)?;
+        match enable_controllers(dir) {
+            Err(CgroupError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && attempt < 100 =>
+            {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn move_into_leaf(dir: &Path) -> Result<()> {
     let procs = dir.join("cgroup.procs");
-    let text = fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
-    let pids = parse_pids(&text);
-    if pids.is_empty() {
-        return Ok(());
-    }
     let leaf = dir.join(V2_LEAF);
-    fs::create_dir_all(&leaf).map_err(io_err("create", &leaf))?;
     let leaf_procs = leaf.join("cgroup.procs");
-    for pid in pids {
-        match write_file(&leaf_procs, &pid.to_string()) {
-            Ok(()) => {}
-            // A process that exited meanwhile, or a kernel thread, is not ours to move.
-            Err(CgroupError::Io { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::ESRCH) | Some(libc::EINVAL)
-                ) => {}
-            Err(e) => return Err(e),
+    // Processes may fork while they are moved: go on until the cgroup reads empty.
+    for _ in 0..100 {
+        let text = fs::read_to_string(&procs).map_err(io_err("read", &procs))?;
+        let pids = parse_pids(&text);
+        if pids.is_empty() {
+            return Ok(());
+        }
+        fs::create_dir_all(&leaf).map_err(io_err("create", &leaf))?;
+        for pid in pids {
+            match write_file(&leaf_procs, &pid.to_string()) {
+                Ok(()) => {}
+                // A process that exited meanwhile, or a kernel thread, is not ours to move.
+                Err(CgroupError::Io { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::ESRCH) | Some(libc::EINVAL)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
 }
 
+/// Fails unless `dir`'s parent hands it every controller berth needs.
+fn check_controllers(dir: &Path) -> Result<()> {
+    let file = dir.join("cgroup.controllers");
+    let available = fs::read_to_string(&file).map_err(io_err("read", &file))?;
+    let missing: Vec<&str> = V2_CONTROLLERS
+        .into_iter()
+        .filter(|c| !available.split_whitespace().any(|a| a == *c))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(CgroupError::Unsupported(format!(
+            "controller(s) {} not available in {} (not enabled in its parent's \
+             cgroup.subtree_control; a systemd unit needs Delegate=yes)",
+            missing.join(", "),
+            dir.display()
+        )))
+    }
+}
+
+/// Enables berth's controllers for the children of `dir` (a no-op for those already enabled).
 fn enable_controllers(dir: &Path) -> Result<()> {
-    let available = fs::read_to_string(dir.join("cgroup.controllers"))
-        .map_err(io_err("read", &dir.join("cgroup.controllers")))?;
+    check_controllers(dir)?;
     let subtree = dir.join("cgroup.subtree_control");
-    for c in ["cpu", "memory", "pids"] {
-        if !available.split_whitespace().any(|a| a == c) {
-            return Err(CgroupError::Unsupported(format!(
-                "controller {c} is not available in {}",
-                dir.display()
-            )));
+    let enabled = fs::read_to_string(&subtree).map_err(io_err("read", &subtree))?;
+    for c in V2_CONTROLLERS {
+        if !enabled.split_whitespace().any(|e| e == c) {
+            write_file(&subtree, &format!("+{c}"))?;
         }
-        write_file(&subtree, &format!("+{c}"))?;
     }
     Ok(())
 }
@@ -755,6 +819,22 @@ mod tests {
         assert_eq!(l(0.5).cpu_quota_us(), 50_000);
         assert_eq!(l(2.0).cpu_quota_us(), 200_000);
         assert_eq!(l(0.001).cpu_quota_us(), 1_000);
+    }
+
+    #[test]
+    fn delegated_cgroup_of_a_daemon_in_the_leaf_is_the_leafs_parent() {
+        let d = delegated_path;
+        assert_eq!(
+            d("/system.slice/berthd.service"),
+            "/system.slice/berthd.service"
+        );
+        assert_eq!(
+            d("/system.slice/berthd.service/supervisor"),
+            "/system.slice/berthd.service"
+        );
+        assert_eq!(d("/supervisor"), "/");
+        assert_eq!(d("/"), "/");
+        assert_eq!(d("/a/supervisor-2"), "/a/supervisor-2");
     }
 
     #[test]

@@ -6,3 +6,4 @@ pub mod host;
 pub mod output;
 pub mod shim;
 pub mod spawn;
+pub mod store;

@@ -59,12 +59,13 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(v)
 }
 
-/// Appends to one stream with rotation. Used by the shim only (single writer per stream).
+/// Appends to one stream with rotation. Used by the shim only (single writer per stream). The
+/// directory and first segment are created on the first write, so a silent worker costs no files.
 #[derive(Debug)]
 pub struct SegmentWriter {
     dir: PathBuf,
     rotation: Rotation,
-    file: File,
+    file: Option<File>,
     /// Offset at which the current segment starts.
     base: u64,
     /// Bytes in the current segment.
@@ -72,18 +73,19 @@ pub struct SegmentWriter {
 }
 
 impl SegmentWriter {
-    /// Opens the stream in `dir`, continuing after whatever is already there.
+    /// Prepares to append to the stream in `dir`, after whatever is already there.
     pub fn open(dir: &Path, rotation: Rotation) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
         let segs = list_segments(dir)?;
         let base = segs.last().copied().unwrap_or(0);
-        let path = dir.join(segment_name(base));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let len = file.metadata()?.len();
+        let len = match fs::metadata(dir.join(segment_name(base))) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             rotation,
-            file,
+            file: None,
             base,
             len,
         })
@@ -102,7 +104,18 @@ impl SegmentWriter {
             }
             let room = (self.rotation.segment_bytes - self.len) as usize;
             let n = room.min(data.len());
-            self.file.write_all(&data[..n])?;
+            let file = match &mut self.file {
+                Some(f) => f,
+                None => {
+                    fs::create_dir_all(&self.dir)?;
+                    let f = OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(self.dir.join(segment_name(self.base)))?;
+                    self.file.insert(f)
+                }
+            };
+            file.write_all(&data[..n])?;
             self.len += n as u64;
             data = &data[n..];
         }
@@ -115,7 +128,7 @@ impl SegmentWriter {
             .create(true)
             .append(true)
             .open(self.dir.join(segment_name(base)))?;
-        self.file = file;
+        self.file = Some(file);
         self.base = base;
         self.len = 0;
         let segs = list_segments(&self.dir)?;

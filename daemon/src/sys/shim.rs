@@ -40,6 +40,10 @@ pub struct ShimSpec {
     /// Network namespace to join (a bind-mounted nsfs file), when the worker has its own.
     pub netns: Option<PathBuf>,
     pub rotation: Rotation,
+    /// The daemon's record of the worker at launch, opaque to the shim: what a daemon that lost
+    /// its state store recovers the worker from.
+    #[serde(default)]
+    pub meta: serde_json::Value,
 }
 
 /// How a worker ended, as the shim recorded it.
@@ -95,9 +99,10 @@ fn now_ms() -> u64 {
 
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
+    // No fsync: the record must survive the daemon's death, not the machine's (a machine crash
+    // ends the worker too), and a rename is atomic for every process that reads it.
     let mut f = fs::File::create(&tmp)?;
     f.write_all(data)?;
-    f.sync_all()?;
     fs::rename(&tmp, path)
 }
 

@@ -1,6 +1,6 @@
 //! Starting a worker's shim. The daemon never forks itself (a fork of a threaded process of this
 //! size is slow and unsafe): it writes the spec and starts `berth-shim` by posix_spawn, with the
-//! shim's stdout on a handshake pipe and stderr in `<worker dir>/shim.log`.
+//! shim's stdout on a handshake pipe.
 
 use std::fs;
 use std::io;
@@ -32,6 +32,8 @@ pub enum SpawnError {
 #[derive(Debug)]
 pub struct ShimHandle {
     pub pid: u32,
+    /// Start time of the shim (clock ticks since boot), to recognise it after a daemon restart.
+    pub starttime: Option<u64>,
     pub pidfd: OwnedFd,
     pub handshake: OwnedFd,
 }
@@ -74,7 +76,6 @@ impl Spawner for ShimSpawner {
             shim: self.shim.clone(),
             source,
         };
-        let log = fs::File::create(dir.join("shim.log")).map_err(shim_err)?;
         let (hs_r, hs_w) = pipe_cloexec().map_err(shim_err)?;
         // No pre_exec hook: std then uses posix_spawn (clone with CLONE_VFORK), which costs the
         // same whatever the daemon's size.
@@ -83,7 +84,8 @@ impl Spawner for ShimSpawner {
             .env_clear()
             .stdin(Stdio::null())
             .stdout(Stdio::from(hs_w))
-            .stderr(Stdio::from(log))
+            // The shim reports its own failures in the handshake and exit.json.
+            .stderr(Stdio::null())
             .spawn()
             .map_err(shim_err)?;
         let pid = child.id();
@@ -92,6 +94,7 @@ impl Spawner for ShimSpawner {
         let pidfd = pidfd_open(pid as i32).map_err(shim_err)?;
         Ok(ShimHandle {
             pid,
+            starttime: super::host::process_starttime(pid),
             pidfd,
             handshake: hs_r,
         })

@@ -1,0 +1,311 @@
+//! Launch benchmark of the host daemon (issue: host daemon core).
+//!
+//! Measures, in one run and beside their floors:
+//! - launch → RUNNING latency of one `/bin/true` worker (median over `--single` runs);
+//! - per-worker time of a batch of `--batch` workers (launch call to the last RUNNING, divided by
+//!   the batch size; median over `--rounds` rounds);
+//! - the floor: fork+exec+wait of /bin/true, and cgroup create (same hierarchies and limits as
+//!   berth) + join before exec + rmdir, measured by this same harness;
+//! - daemon RSS idle and after `--finished` finished workers.
+//!
+//! Run as root from a release build: `cargo run --release -p berth-benches --bin berth-bench-launch`.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use berth_benches::{median, ms, rss_kib};
+use berth_tests::{command_request, pb, Daemon, DaemonOptions};
+
+struct Opts {
+    single: usize,
+    batch: u32,
+    rounds: usize,
+    finished: u32,
+}
+
+fn parse_opts() -> Result<Opts> {
+    let mut o = Opts {
+        single: 100,
+        batch: 200,
+        rounds: 5,
+        finished: 1000,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).context("flag needs a value")?;
+        match args[i].as_str() {
+            "--single" => o.single = v.parse()?,
+            "--batch" => o.batch = v.parse()?,
+            "--rounds" => o.rounds = v.parse()?,
+            "--finished" => o.finished = v.parse()?,
+            f => bail!("unknown flag {f}; flags: --single N --batch N --rounds N --finished N"),
+        }
+        i += 2;
+    }
+    Ok(o)
+}
+
+/// fork+exec+wait of /bin/true.
+fn floor_spawn(n: usize) -> Duration {
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let st = Command::new("/bin/true").status().expect("spawn /bin/true");
+            assert!(st.success());
+            t.elapsed()
+        })
+        .collect();
+    median(&mut v)
+}
+
+/// The v1 hierarchies berth uses, as mounted here.
+fn hierarchies() -> Vec<PathBuf> {
+    ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"]
+        .iter()
+        .map(|c| PathBuf::from("/sys/fs/cgroup").join(c))
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// cgroup create (mkdir + limits) + fork/exec of /bin/true joined before exec + wait + rmdir.
+/// Returns (create+limits, whole create+join+spawn+remove) medians.
+fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
+    let roots = hierarchies();
+    if roots.is_empty() {
+        bail!("no cgroup v1 hierarchies (the floor harness measures v1)");
+    }
+    let mut create = Vec::new();
+    let mut whole = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let dirs: Vec<PathBuf> = roots
+            .iter()
+            .map(|r| r.join(format!("berth-floor-{}-{i}", std::process::id())))
+            .collect();
+        for d in &dirs {
+            fs::create_dir(d)?;
+        }
+        let w = |d: &PathBuf, f: &str, v: &str| fs::write(d.join(f), v);
+        for d in &dirs {
+            let ctrl = d
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str())
+                .unwrap_or("");
+            match ctrl {
+                "cpu" => {
+                    w(d, "cpu.cfs_period_us", "100000")?;
+                    w(d, "cpu.cfs_quota_us", "10000")?;
+                }
+                "memory" => w(d, "memory.limit_in_bytes", "134217728")?,
+                "pids" => w(d, "pids.max", "4096")?,
+                _ => {}
+            }
+        }
+        create.push(t.elapsed());
+        let procs: Vec<fs::File> = dirs
+            .iter()
+            .map(|d| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let mut cmd = Command::new("/bin/true");
+        // SAFETY: the hook only calls write(2) on fds opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let st = cmd.status()?;
+        assert!(st.success());
+        drop(procs);
+        for d in &dirs {
+            fs::remove_dir(d)?;
+        }
+        whole.push(t.elapsed());
+    }
+    Ok((median(&mut create), median(&mut whole)))
+}
+
+/// Launches `req` and returns the time from the call to the last worker's RUNNING event.
+async fn launch_to_running(
+    client: &berth_tests::Client,
+    req: pb::LaunchWorkersRequest,
+) -> Result<(Duration, Vec<String>)> {
+    let n = req.n as usize;
+    let mut watch = client
+        .workers()
+        .watch_workers(pb::WatchWorkersRequest::default())
+        .await?
+        .into_inner();
+    let t = Instant::now();
+    let ids: Vec<String> = client
+        .workers()
+        .launch_workers(req)
+        .await?
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    let wanted: HashSet<&String> = ids.iter().collect();
+    let mut running = HashSet::new();
+    while running.len() < n {
+        let ev = tokio::time::timeout(Duration::from_secs(60), watch.message())
+            .await
+            .context("no RUNNING within 60 s")??
+            .context("watch ended")?;
+        let w = ev.worker.context("event without worker")?;
+        if !wanted.contains(&w.id) {
+            continue;
+        }
+        if w.status == pb::WorkerStatus::Running as i32 {
+            running.insert(w.id);
+        } else if w.status == pb::WorkerStatus::Failed as i32 && w.started_at.is_none() {
+            bail!("worker {} failed to start: {}", w.id, w.reason);
+        }
+    }
+    Ok((t.elapsed(), ids))
+}
+
+async fn settle(client: &berth_tests::Client, ids: &[String]) -> Result<()> {
+    let r = client
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            timeout_seconds: Some(120),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if !r.failures.is_empty() {
+        bail!(
+            "{} workers failed: {:?}",
+            r.failures.len(),
+            r.failures[0].reason
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    if !berth_tests::is_root() {
+        bail!("needs root (cgroups)");
+    }
+    let o = parse_opts()?;
+    println!(
+        "# berth launch benchmark (pid {}, {} CPUs)",
+        std::process::id(),
+        std::thread::available_parallelism()?.get()
+    );
+
+    let fork = floor_spawn(o.single.max(50));
+    let (cg_create, cg_whole) = floor_cgroup(o.single.max(50))?;
+
+    let d = Daemon::start_with(DaemonOptions {
+        config: "[resources]\nmax_workers = 4096\n".into(),
+        ..Default::default()
+    })
+    .await?;
+    let pid = d.pid().context("daemon pid")?;
+    let client = d.client().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = rss_kib(pid);
+
+    let req = |n| pb::LaunchWorkersRequest {
+        cpu: 0.01,
+        memory_gb: 0.0625,
+        ..command_request(n, &["/bin/true"])
+    };
+    // Warm-up (page cache, first connections).
+    let (_, ids) = launch_to_running(&client, req(5)).await?;
+    settle(&client, &ids).await?;
+
+    let mut single = Vec::new();
+    for _ in 0..o.single {
+        let (t, ids) = launch_to_running(&client, req(1)).await?;
+        single.push(t);
+        settle(&client, &ids).await?;
+    }
+    let mut per_worker = Vec::new();
+    let mut batch_total = Vec::new();
+    for _ in 0..o.rounds {
+        let (t, ids) = launch_to_running(&client, req(o.batch)).await?;
+        batch_total.push(t);
+        per_worker.push(t / o.batch);
+        settle(&client, &ids).await?;
+    }
+    // Finished workers held in the daemon's memory.
+    let mut launched = (o.single + 5) as u32 + o.batch * o.rounds as u32;
+    while launched < o.finished {
+        let n = (o.finished - launched).min(200);
+        let (_, ids) = launch_to_running(&client, req(n)).await?;
+        settle(&client, &ids).await?;
+        launched += n;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_finished = rss_kib(pid);
+
+    let single_m = median(&mut single);
+    let per_m = median(&mut per_worker);
+    let total_m = median(&mut batch_total);
+    let floor = fork + cg_whole.saturating_sub(fork).max(cg_create);
+    println!();
+    println!("| measurement | median |");
+    println!("| --- | --- |");
+    println!("| floor: fork+exec+wait /bin/true | {} |", ms(fork));
+    println!(
+        "| floor: cgroup create + limits ({} hierarchies) | {} |",
+        hierarchies().len(),
+        ms(cg_create)
+    );
+    println!(
+        "| floor: cgroup create + join before exec + /bin/true + rmdir | {} |",
+        ms(cg_whole)
+    );
+    println!(
+        "| berth: launch → RUNNING, 1 worker ({} runs) | {} |",
+        o.single,
+        ms(single_m)
+    );
+    println!(
+        "| berth: batch of {} launch → all RUNNING ({} rounds) | {} |",
+        o.batch,
+        o.rounds,
+        ms(total_m)
+    );
+    println!(
+        "| berth: per-worker time in a batch of {} | {} |",
+        o.batch,
+        ms(per_m)
+    );
+    println!();
+    println!(
+        "ratio batch per-worker / floor (cgroup create+join+fork/exec) = {:.2}  (target ≤ 2)",
+        per_m.as_secs_f64() / cg_whole.as_secs_f64()
+    );
+    println!(
+        "ratio single launch / floor = {:.2}",
+        single_m.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "berthd RSS: idle {} KiB; after {} finished workers {} KiB",
+        rss_idle, launched, rss_finished
+    );
+    Ok(())
+}
