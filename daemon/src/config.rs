@@ -42,6 +42,8 @@ pub struct Config {
     pub subnet: String,
     /// GPU backend: `nvml`, `none`, `fake:N`, or `auto` (NVML when it loads).
     pub gpus: String,
+    /// Seconds between two GPU telemetry samples (utilization, memory, processes).
+    pub gpu_telemetry_seconds: f64,
     /// Scheduler to register with; empty means standalone.
     pub scheduler: String,
     /// Free labels of this host (scheduler constraints match them).
@@ -111,6 +113,8 @@ pub struct RetentionConfig {
     pub finished_seconds: u64,
     /// ...or once more than this many ended workers are kept, oldest first.
     pub max_finished: usize,
+    /// How often ended workers are checked against these limits.
+    pub sweep_seconds: u64,
 }
 
 impl Default for RetentionConfig {
@@ -118,6 +122,7 @@ impl Default for RetentionConfig {
         Self {
             finished_seconds: 24 * 3600,
             max_finished: 10_000,
+            sweep_seconds: 30,
         }
     }
 }
@@ -187,6 +192,7 @@ impl Default for Config {
             bridge: "berth0".into(),
             subnet: "10.213.0.0/16".into(),
             gpus: "auto".into(),
+            gpu_telemetry_seconds: 5.0,
             scheduler: String::new(),
             labels: BTreeMap::new(),
             log_format: "text".into(),
@@ -293,6 +299,15 @@ impl Config {
         }
         if !self.name.is_empty() && !crate::core::is_valid_id(&self.name) {
             return bad("name", "may hold only letters, digits and '-'");
+        }
+        if let Err(e) = crate::sys::gpu::GpuBackendSpec::parse(&self.gpus) {
+            return Err(ConfigError::Invalid {
+                key: "gpus",
+                message: e.to_string(),
+            });
+        }
+        if !self.gpu_telemetry_seconds.is_finite() || self.gpu_telemetry_seconds < 0.1 {
+            return bad("gpu_telemetry_seconds", "must be a number >= 0.1");
         }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
@@ -429,6 +444,23 @@ mod tests {
             Config::from_toml("name = \"a/b\""),
             Err(ConfigError::Invalid { key: "name", .. })
         ));
+        for bad_gpus in ["gpus = \"cuda\"", "gpus = \"fake:0\""] {
+            assert!(
+                matches!(
+                    Config::from_toml(bad_gpus),
+                    Err(ConfigError::Invalid { key: "gpus", .. })
+                ),
+                "{bad_gpus}"
+            );
+        }
+        assert!(matches!(
+            Config::from_toml("gpu_telemetry_seconds = 0.0"),
+            Err(ConfigError::Invalid {
+                key: "gpu_telemetry_seconds",
+                ..
+            })
+        ));
+        assert_eq!(Config::from_toml("gpus = \"fake:4\"").unwrap().gpus, "fake:4");
     }
 
     #[test]

@@ -19,6 +19,24 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Factor applied to the harness's timeouts, from `BERTH_TEST_TIMEOUT_SCALE` (default 1). The
+/// cgroup-v2 tier (tests/vm) raises it: there the tests run under emulation, several times slower.
+pub fn timeout_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("BERTH_TEST_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 1.0)
+            .unwrap_or(1.0)
+    })
+}
+
+/// `d` multiplied by [`timeout_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(timeout_scale())
+}
+
 /// Returns early from a test that needs root, with a clear line.
 #[macro_export]
 macro_rules! require_root {
@@ -177,7 +195,7 @@ impl Daemon {
     }
 
     async fn wait_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Some(st) = c.try_wait()? {
@@ -191,7 +209,11 @@ impl Daemon {
                 }
             }
             if Instant::now() > deadline {
-                bail!("berthd did not answer within 20 s:\n{}", self.log());
+                bail!(
+                    "berthd did not answer within {:?}:\n{}",
+                    scaled(Duration::from_secs(20)),
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -225,7 +247,7 @@ impl Daemon {
         let mut c = self.child.take()?;
         // SAFETY: kill(2) with a pid we spawned and a signal number.
         unsafe { libc::kill(c.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
             if let Ok(Some(st)) = c.try_wait() {
                 return Some(st);
@@ -391,13 +413,13 @@ pub async fn output_of(client: &Client, id: &str, stream: pb::Stream) -> Result<
     Ok(out)
 }
 
-/// Awaits completion of `ids` (60 s) and returns every worker, reached or failed, by id order.
+/// Awaits completion of `ids` (60 s, [`scaled`]) and returns every worker, reached or failed, by id order.
 pub async fn await_all(client: &Client, ids: &[String]) -> Result<Vec<pb::Worker>> {
     let r = client
         .workers()
         .await_workers(pb::AwaitWorkersRequest {
             ids: ids.to_vec(),
-            timeout_seconds: Some(60),
+            timeout_seconds: Some(scaled(Duration::from_secs(60)).as_secs() as u32),
             ..Default::default()
         })
         .await?

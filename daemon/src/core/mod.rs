@@ -2,6 +2,7 @@
 //! and admission. Unit-tested with plain values.
 
 pub mod admission;
+pub mod gpus;
 pub mod launch;
 pub mod session;
 pub mod worker;

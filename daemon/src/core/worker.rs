@@ -94,6 +94,9 @@ pub struct WorkerRecord {
     pub shim_pid: Option<u32>,
     #[serde(default)]
     pub shim_starttime: Option<u64>,
+    /// GPU memory the worker's processes use now (live, like `cpu_seconds`; 0 when unknown).
+    #[serde(default)]
+    pub gpu_memory_used_bytes: u64,
 }
 
 /// How the worker's main process ended, as the shim saw it.

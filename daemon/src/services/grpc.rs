@@ -97,7 +97,7 @@ pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
         memory_peak_bytes: w.memory_peak_bytes,
         workdir: w.workdir.to_string_lossy().into_owned(),
         network: network_to_pb(w.network) as i32,
-        gpu_memory_used_bytes: 0,
+        gpu_memory_used_bytes: w.gpu_memory_used_bytes,
     }
 }
 
@@ -460,16 +460,31 @@ impl pb::host_server::Host for HostService {
             capacity: Some(pb::Resources {
                 cpu: v.capacity.cpu,
                 memory_gb: v.capacity.memory_bytes as f64 / gib,
-                gpus: 0,
+                gpus: v.gpu_capacity,
                 workers: v.capacity.workers,
             }),
             allocated: Some(pb::Resources {
                 cpu: v.allocated.cpu,
                 memory_gb: v.allocated.memory_bytes as f64 / gib,
-                gpus: 0,
+                gpus: v.gpu_allocated,
                 workers: v.allocated.workers,
             }),
-            gpus: Vec::new(),
+            gpus: v
+                .gpus
+                .iter()
+                .map(|g| pb::Gpu {
+                    uuid: g.device.uuid.clone(),
+                    index: g.device.index,
+                    name: g.device.name.clone(),
+                    memory_total_bytes: g.device.memory_total_bytes,
+                    memory_used_bytes: g.sample.as_ref().map_or(0, |s| s.memory_used_bytes),
+                    utilization_percent: g.sample.as_ref().map_or(0, |s| s.utilization_percent),
+                    pci_bus_id: g.device.pci_bus_id.clone(),
+                    mig_enabled: g.device.mig_enabled,
+                    worker_id: g.holder.clone().unwrap_or_default(),
+                    minor_number: g.device.minor_number,
+                })
+                .collect(),
             subnet: v.subnet,
             cgroup_version: v.cgroup_version.number(),
             address: self.address.clone(),
@@ -486,7 +501,7 @@ impl pb::host_server::Host for HostService {
                     available: k.invocation.is_some(),
                 })
                 .collect(),
-            gpu_backend: "none".into(),
+            gpu_backend: v.gpu_backend.into(),
             started_at: Some(ts(v.started_at)),
         }))
     }

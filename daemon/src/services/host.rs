@@ -15,10 +15,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::core::admission::{Capacity, Claim, Ledger};
+use crate::core::gpus::GpuLedger;
 use crate::core::launch::{self, KernelInvocation, LaunchSpec, Program, WorkerIdentity};
 use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::cgroup::{CgroupVersion, Cgroups, Limits};
+use crate::sys::devbpf::DeviceNode;
+use crate::sys::gpu::{self, GpuDevice, GpuMonitor, GpuSample, Gpus, NoGpus};
 use crate::sys::host as hostfs;
 use crate::sys::output::{self, Rotation, StreamKind};
 use crate::sys::shim::{self, ShimSpec};
@@ -63,6 +66,8 @@ pub struct HostOptions {
     pub retain_finished_for: Duration,
     /// ...or once more than this many ended workers are kept, oldest first.
     pub retain_finished_max: usize,
+    /// How often retention is checked.
+    pub retention_sweep: Duration,
 }
 
 impl HostOptions {
@@ -87,6 +92,7 @@ impl HostOptions {
             labels: BTreeMap::new(),
             retain_finished_for: Duration::from_secs(24 * 3600),
             retain_finished_max: 10_000,
+            retention_sweep: Duration::from_secs(30),
         }
     }
 }
@@ -152,6 +158,24 @@ pub struct HostView {
     pub cgroup_version: CgroupVersion,
     pub kernels: Vec<KernelEntry>,
     pub started_at: SystemTime,
+    /// `nvml`, `none` or `fake`.
+    pub gpu_backend: &'static str,
+    /// Every GPU of the inventory with its latest telemetry and holder.
+    pub gpus: Vec<GpuView>,
+    pub gpu_capacity: u32,
+    pub gpu_allocated: u32,
+}
+
+/// One GPU as `HostInfo` reports it.
+#[derive(Debug, Clone)]
+pub struct GpuView {
+    pub device: GpuDevice,
+    /// Latest telemetry; `None` before the first sample.
+    pub sample: Option<GpuSample>,
+    /// The worker that holds the GPU.
+    pub holder: Option<String>,
+    /// Compute processes on the GPU that belong to no live worker of this host.
+    pub stray_pids: Vec<u32>,
 }
 
 /// Counters behind `/metrics`.
@@ -191,6 +215,8 @@ struct Entry {
 struct State {
     workers: HashMap<String, Entry>,
     ledger: Ledger,
+    /// Which worker holds which GPU; claimed and freed together with `ledger`.
+    gpus: GpuLedger,
     seq: u64,
 }
 
@@ -198,6 +224,8 @@ struct Inner {
     opts: HostOptions,
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
+    gpus: Arc<dyn Gpus>,
+    gpu_monitor: GpuMonitor,
     /// Durable records; `None` only in tests of the supervisor without a state store.
     store: Option<StoreWriter>,
     sessions: Mutex<HashMap<String, Session>>,
@@ -233,19 +261,45 @@ impl Host {
         spawner: Arc<dyn Spawner>,
         store: Option<StoreWriter>,
     ) -> Self {
+        Self::with_gpus(
+            opts,
+            cgroups,
+            spawner,
+            store,
+            Arc::new(NoGpus),
+            GpuMonitor::idle(),
+        )
+    }
+
+    /// A supervisor of a host with `gpus`, whose telemetry `monitor` samples.
+    pub fn with_gpus(
+        opts: HostOptions,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        store: Option<StoreWriter>,
+        gpus: Arc<dyn Gpus>,
+        monitor: GpuMonitor,
+    ) -> Self {
         let (changed, _) = watch::channel(0);
         let (events, _) = broadcast::channel(8192);
         let ledger = Ledger::new(opts.capacity);
+        let gpu_ledger = GpuLedger::new(
+            gpus.devices().iter().map(|d| d.uuid.clone()).collect(),
+            gpu::distance_matrix(gpus.as_ref()),
+        );
         Self {
             inner: Arc::new(Inner {
                 opts,
                 cgroups,
                 spawner,
+                gpus,
+                gpu_monitor: monitor,
                 store,
                 sessions: Mutex::new(HashMap::new()),
                 state: Mutex::new(State {
                     workers: HashMap::new(),
                     ledger,
+                    gpus: gpu_ledger,
                     seq: 0,
                 }),
                 changed,
@@ -291,12 +345,6 @@ impl Host {
         if let Some(s) = &spec.session_id {
             inner.check_session(s)?;
         }
-        if spec.nvidia_gpu > 0 {
-            return Err(Error::ResourceExhausted(format!(
-                "gpus: {} × {} requested, 0 of 0 free (this host has no GPU backend)",
-                spec.n, spec.nvidia_gpu
-            )));
-        }
         // Filesystem checks are syscalls: off the async threads.
         let prepared = {
             let inner = inner.clone();
@@ -313,16 +361,27 @@ impl Host {
         let ids: Vec<String> = (0..spec.n).map(|_| crate::core::new_id()).collect();
         let now = SystemTime::now();
         let records: Vec<WorkerRecord> = {
-            let mut st = inner.lock();
-            if let Err(e) = st.ledger.admit(&ids, claim) {
-                inner
-                    .metrics
-                    .launch_refusals
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            // CPU, memory, worker slots and GPUs: all of it for every worker, or nothing.
+            let gpu_sets = match crate::core::gpus::admit(
+                &mut st.ledger,
+                &mut st.gpus,
+                &ids,
+                claim,
+                spec.nvidia_gpu,
+            ) {
+                Ok(sets) => sets,
+                Err(e) => {
+                    inner
+                        .metrics
+                        .launch_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
             let mut out = Vec::with_capacity(ids.len());
-            for id in &ids {
+            for (id, gpu_uuids) in ids.iter().zip(gpu_sets) {
                 st.seq += 1;
                 let rec = WorkerRecord {
                     id: id.clone(),
@@ -333,7 +392,7 @@ impl Host {
                     cpu: spec.cpu,
                     memory_bytes: spec.memory_bytes,
                     nvidia_gpu: spec.nvidia_gpu,
-                    gpu_uuids: Vec::new(),
+                    gpu_uuids,
                     kernel: spec.program.kernel().to_owned(),
                     command: prepared.argv.clone(),
                     workdir: prepared.workdir.clone(),
@@ -353,6 +412,7 @@ impl Host {
                     stop_reason: None,
                     shim_pid: None,
                     shim_starttime: None,
+                    gpu_memory_used_bytes: 0,
                 };
                 let seq = st.seq;
                 st.workers.insert(
@@ -372,15 +432,16 @@ impl Host {
             inner.publish(r.clone());
         }
 
-        let jobs: Vec<SpawnJob> = ids
+        let jobs: Vec<SpawnJob> = records
             .iter()
-            .map(|id| {
+            .map(|rec| {
+                let id = &rec.id;
                 let identity = WorkerIdentity {
                     worker_id: id,
                     session_id: spec.session_id.as_deref(),
                     master_ip,
                     worker_ip: None,
-                    gpu_uuids: &[],
+                    gpu_uuids: &rec.gpu_uuids,
                 };
                 SpawnJob {
                     id: id.clone(),
@@ -403,6 +464,7 @@ impl Host {
                         cpu: spec.cpu,
                         memory_bytes: spec.memory_bytes,
                         pids_max: inner.opts.pids_max,
+                        denied_devices: inner.denied_devices(&rec.gpu_uuids),
                     },
                 }
             })
@@ -486,10 +548,12 @@ impl Host {
             })
             .await
             .map_err(|e| Error::Internal(format!("read usage: {e}")))?;
+            let gpu_memory = self.inner.gpu_memory_by_worker();
             for r in &mut recs {
                 if let Some(s) = usage.get(&r.id) {
                     r.cpu_seconds = s.cpu_seconds;
                     r.memory_peak_bytes = s.memory_peak_bytes;
+                    r.gpu_memory_used_bytes = gpu_memory.get(&r.id).copied().unwrap_or(0);
                 }
             }
         }
@@ -661,7 +725,34 @@ impl Host {
 
     /// What `GetHostInfo` reports.
     pub fn view(&self) -> HostView {
+        let snapshot = self.inner.gpu_monitor.latest();
         let st = self.inner.lock();
+        let live = |w: &str| {
+            st.workers
+                .get(w)
+                .is_some_and(|e| !e.rec.status.is_terminal())
+        };
+        let gpus = self
+            .inner
+            .gpus
+            .devices()
+            .iter()
+            .map(|d| {
+                let sample = snapshot.samples.iter().find(|s| s.uuid == d.uuid).cloned();
+                let stray_pids = sample
+                    .iter()
+                    .flat_map(|s| &s.processes)
+                    .filter(|p| !p.worker.as_deref().is_some_and(live))
+                    .map(|p| p.pid)
+                    .collect();
+                GpuView {
+                    device: d.clone(),
+                    sample,
+                    holder: st.gpus.holder(&d.uuid).map(str::to_owned),
+                    stray_pids,
+                }
+            })
+            .collect();
         HostView {
             name: self.inner.opts.name.clone(),
             labels: self.inner.opts.labels.clone(),
@@ -671,7 +762,52 @@ impl Host {
             cgroup_version: self.inner.cgroups.version(),
             kernels: self.inner.opts.kernels.clone(),
             started_at: self.inner.started_at,
+            gpu_backend: self.inner.gpus.backend(),
+            gpus,
+            gpu_capacity: st.gpus.total(),
+            gpu_allocated: st.gpus.allocated(),
         }
+    }
+
+    /// Logs, once each, GPU compute processes that belong to no live worker of this host (a
+    /// process that escaped its worker, or one started outside berth), every telemetry period.
+    /// They also show in `/metrics`. Does nothing on a host without GPUs.
+    pub fn start_gpu_watch(&self, period: Duration) {
+        if self.inner.gpus.devices().is_empty() {
+            return;
+        }
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut reported: std::collections::HashSet<(u32, String)> = Default::default();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = host.inner.shutdown.cancelled() => return,
+                }
+                let mut now = std::collections::HashSet::new();
+                for g in host.view().gpus {
+                    for pid in g.stray_pids {
+                        let key = (pid, g.device.uuid.clone());
+                        if !reported.contains(&key) {
+                            let worker = g
+                                .sample
+                                .iter()
+                                .flat_map(|s| &s.processes)
+                                .find(|p| p.pid == pid)
+                                .and_then(|p| p.worker.clone());
+                            tracing::warn!(
+                                pid,
+                                gpu = %g.device.uuid,
+                                cgroup_worker = worker.as_deref().unwrap_or("-"),
+                                "GPU process outside any live worker of this host"
+                            );
+                        }
+                        now.insert(key);
+                    }
+                }
+                reported = now;
+            }
+        });
     }
 
     /// Counts of workers by status.
@@ -735,6 +871,23 @@ impl Inner {
 
     fn worker_dir(&self, id: &str) -> PathBuf {
         self.opts.state_dir.join("workers").join(id)
+    }
+
+    /// Device nodes a worker holding the GPUs `held` must not open: every other GPU's.
+    fn denied_devices(&self, held: &[String]) -> Vec<DeviceNode> {
+        gpu::denied_nodes(self.gpus.devices(), held)
+    }
+
+    /// GPU memory used by each worker's processes, from the latest telemetry.
+    fn gpu_memory_by_worker(&self) -> HashMap<String, u64> {
+        let snap = self.gpu_monitor.latest();
+        let mut m = HashMap::new();
+        for p in snap.samples.iter().flat_map(|s| &s.processes) {
+            if let (Some(w), Some(b)) = (&p.worker, p.used_memory_bytes) {
+                *m.entry(w.clone()).or_insert(0) += b;
+            }
+        }
+        m
     }
 
     /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
@@ -949,6 +1102,7 @@ impl Inner {
             let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
                 st.ledger.release(id);
+                st.gpus.release(id);
                 return;
             };
             let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
@@ -976,6 +1130,7 @@ impl Inner {
                 e.rec.clone()
             } else {
                 st.ledger.release(id);
+                st.gpus.release(id);
                 finalize_record(&mut e.rec, status, reason, &exit, finished_at, stats);
                 e.rec.clone()
             }

@@ -143,7 +143,7 @@ impl Host {
     async fn sweep_finished(&self) {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = tokio::time::sleep(self.inner.opts.retention_sweep) => {}
                 _ = self.inner.shutdown.cancelled() => return,
             }
             self.forget_finished().await;
@@ -238,6 +238,15 @@ impl Host {
                             memory_bytes: rec.memory_bytes,
                         },
                     );
+                    let gpus = st.gpus.restore(&rec.id, &rec.gpu_uuids);
+                    if !gpus.is_clean() {
+                        tracing::warn!(
+                            worker = %rec.id,
+                            unknown = ?gpus.unknown,
+                            held_by_others = ?gpus.conflicts,
+                            "re-adopted worker's GPU claims only partly restored"
+                        );
+                    }
                 }
                 st.workers.insert(
                     rec.id.clone(),
@@ -475,6 +484,7 @@ impl Inner {
             stop_reason: None,
             shim_pid: None,
             shim_starttime: None,
+            gpu_memory_used_bytes: 0,
         }
     }
 }
@@ -577,6 +587,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
                 cpu: rec.cpu,
                 memory_bytes: rec.memory_bytes,
                 pids_max: job_inner.opts.pids_max,
+                denied_devices: job_inner.denied_devices(&rec.gpu_uuids),
             },
         };
         job_inner.spawn_one(&job)

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::core::admission::Capacity;
 use crate::core::launch::{KernelInvocation, GIB};
 use crate::sys::cgroup::{CgroupFs, Cgroups};
+use crate::sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use crate::sys::host as hostfs;
 use crate::sys::output::Rotation;
 use crate::sys::spawn::ShimSpawner;
@@ -38,6 +39,10 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Cgroup(#[from] crate::sys::cgroup::CgroupError),
+    #[error(transparent)]
+    Gpu(#[from] crate::sys::gpu::GpuError),
+    #[error("start GPU telemetry: {0}")]
+    GpuTelemetry(std::io::Error),
     #[error(transparent)]
     Store(#[from] crate::sys::store::StoreError),
     #[error("listen on {addr}: {source}")]
@@ -198,6 +203,7 @@ pub fn host_options(cfg: &Config) -> HostOptions {
         labels: cfg.labels.clone(),
         retain_finished_for: Duration::from_secs(cfg.retention.finished_seconds),
         retain_finished_max: cfg.retention.max_finished,
+        retention_sweep: Duration::from_secs(cfg.retention.sweep_seconds.max(1)),
     }
 }
 
@@ -249,7 +255,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         })??;
     let store = Arc::new(store);
     let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
-    let host = Host::new(opts, cgroups, spawner, Some(writer.clone()));
+    // NVML is loaded (dlopen) and queried off the async threads, and sampled on its own thread.
+    let gpu_spec = GpuBackendSpec::parse(&cfg.gpus)?;
+    let gpu_period = Duration::from_secs_f64(cfg.gpu_telemetry_seconds);
+    let gpu_subtree = format!("berth-{}", opts.name);
+    let (opened, monitor) = tokio::task::spawn_blocking(move || {
+        let opened = gpu::open(gpu_spec)?;
+        let monitor = GpuMonitor::start(opened.gpus.clone(), gpu_period, gpu_subtree)
+            .map_err(DaemonError::GpuTelemetry)?;
+        Ok::<_, DaemonError>((opened, monitor))
+    })
+    .await
+    .map_err(|e| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source: std::io::Error::other(e),
+    })??;
+    tracing::info!(
+        backend = opened.gpus.backend(),
+        gpus = opened.gpus.devices().len(),
+        "GPUs: {}",
+        opened.note
+    );
+    let host = Host::with_gpus(
+        opts,
+        cgroups,
+        spawner,
+        Some(writer.clone()),
+        opened.gpus,
+        monitor,
+    );
     let started = std::time::Instant::now();
     match host.recover(&store).await {
         Ok(r) => tracing::info!(
@@ -266,6 +300,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         Err(e) => tracing::error!(error = %e, "recovery failed; starting with what was recovered"),
     }
     host.start_background();
+    host.start_gpu_watch(gpu_period);
     tracing::info!(
         name = %host.name(),
         capacity = ?host.view().capacity,

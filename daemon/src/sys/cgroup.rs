@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::devbpf::{self, DeviceNode};
+
 /// Failure of a cgroup operation, with the path it concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -26,6 +28,13 @@ pub enum CgroupError {
     /// Processes were still in the cgroup after it was killed.
     #[error("cgroup {path} still holds processes after kill")]
     Busy { path: PathBuf },
+    /// The device filter of a v2 cgroup could not be built, loaded or attached.
+    #[error("device filter of cgroup {path}: {op}: {message}")]
+    DeviceFilter {
+        op: &'static str,
+        path: PathBuf,
+        message: String,
+    },
 }
 
 type Result<T, E = CgroupError> = std::result::Result<T, E>;
@@ -56,7 +65,7 @@ impl CgroupVersion {
 }
 
 /// Hard limits of one worker's cgroup.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// CPU cores; enforced as a CFS quota over `CPU_PERIOD_US`.
     pub cpu: f64,
@@ -64,6 +73,10 @@ pub struct Limits {
     pub memory_bytes: u64,
     /// Maximum number of tasks (processes and threads).
     pub pids_max: u64,
+    /// Device nodes the worker must not open, mknod, read or write (the GPUs it does not hold).
+    /// v1: one `devices.deny` line each; v2: a device-filter eBPF program on the cgroup. Every
+    /// other device stays as the parent cgroup allows it.
+    pub denied_devices: Vec<DeviceNode>,
 }
 
 /// CFS period used for CPU quotas.
@@ -721,6 +734,20 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
                 }
             }
             w(Controller::Pids, "pids.max", l.pids_max.to_string())?;
+            if !l.denied_devices.is_empty() {
+                // The child inherits the parent's list; each line adds one exception. (v1 cannot
+                // punch holes into a wildcard deny, so every denied node is named.)
+                let d = cg.dir(Controller::Devices).ok_or_else(|| {
+                    CgroupError::Unsupported(
+                        "the v1 devices controller is not mounted: GPU isolation cannot be enforced"
+                            .into(),
+                    )
+                })?;
+                let deny = d.join("devices.deny");
+                for node in &l.denied_devices {
+                    write_file(&deny, &node.v1_rule())?;
+                }
+            }
         }
         CgroupVersion::V2 => {
             w(
@@ -740,8 +767,139 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
                 }
             }
             w(Controller::Unified, "pids.max", l.pids_max.to_string())?;
+            if !l.denied_devices.is_empty() {
+                if let Some(d) = cg.dir(Controller::Unified) {
+                    attach_device_filter(d, &l.denied_devices)?;
+                }
+            }
         }
     }
+    Ok(())
+}
+
+// bpf(2) commands, program and attach types, flags (linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+/// Ancestors' device programs keep running too, so a parent's policy still applies.
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// `union bpf_attr` as `BPF_PROG_LOAD` reads it (the fields up to `expected_attach_type`),
+/// padded with zeros as the kernel requires of fields it knows but we do not set.
+#[repr(C, align(8))]
+struct BpfProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    _pad: [u8; 48],
+}
+
+/// `union bpf_attr` as `BPF_PROG_ATTACH` reads it.
+#[repr(C, align(8))]
+struct BpfProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    _pad: [u8; 44],
+}
+
+fn bpf(cmd: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<libc::c_long> {
+    // SAFETY: the caller passes a pointer to a live, fully initialised attr of `size` bytes; the
+    // kernel reads it (and writes only into buffers the attr points to, which outlive the call).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Loads the device filter denying `denied` and attaches it to the v2 cgroup `dir`. The cgroup
+/// keeps the program alive; it goes when the cgroup is removed.
+fn attach_device_filter(dir: &Path, denied: &[DeviceNode]) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let fail = |op: &'static str, message: String| CgroupError::DeviceFilter {
+        op,
+        path: dir.to_path_buf(),
+        message,
+    };
+    let prog = devbpf::deny_filter(denied).map_err(|e| fail("build", e.to_string()))?;
+    let bytes = devbpf::to_bytes(&prog);
+    let license = b"Apache-2.0\0";
+    let load = |log: Option<&mut Vec<u8>>| -> io::Result<OwnedFd> {
+        let (log_level, log_size, log_buf) = match log {
+            Some(buf) => (1, buf.len() as u32, buf.as_mut_ptr() as u64),
+            None => (0, 0, 0),
+        };
+        let mut name = [0u8; 16];
+        name[..11].copy_from_slice(b"berth_devcg");
+        let mut attr = BpfProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+            insn_cnt: prog.len() as u32,
+            insns: bytes.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            log_level,
+            log_size,
+            log_buf,
+            kern_version: 0,
+            prog_flags: 0,
+            prog_name: name,
+            prog_ifindex: 0,
+            // Not checked for device programs; left 0 as runc does.
+            expected_attach_type: 0,
+            _pad: [0; 48],
+        };
+        let fd = bpf(
+            BPF_PROG_LOAD,
+            (&mut attr as *mut BpfProgLoadAttr).cast(),
+            std::mem::size_of::<BpfProgLoadAttr>(),
+        )?;
+        // SAFETY: BPF_PROG_LOAD returned a new program fd that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let prog_fd = match load(None) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Load again with the verifier's log, for an error that says why.
+            let mut log = vec![0u8; 64 * 1024];
+            let _ = load(Some(&mut log));
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let verifier = String::from_utf8_lossy(&log[..end]).trim().to_owned();
+            let msg = if verifier.is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}; verifier: {verifier}")
+            };
+            return Err(fail("load", msg));
+        }
+    };
+    let cgroup = fs::File::open(dir).map_err(io_err("open", dir))?;
+    let mut attr = BpfProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog_fd.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+        _pad: [0; 44],
+    };
+    bpf(
+        BPF_PROG_ATTACH,
+        (&mut attr as *mut BpfProgAttachAttr).cast(),
+        std::mem::size_of::<BpfProgAttachAttr>(),
+    )
+    .map_err(|e| fail("attach", e.to_string()))?;
     Ok(())
 }
 
@@ -815,6 +973,7 @@ mod tests {
             cpu,
             memory_bytes: 1,
             pids_max: 1,
+            denied_devices: Vec::new(),
         };
         assert_eq!(l(0.5).cpu_quota_us(), 50_000);
         assert_eq!(l(2.0).cpu_quota_us(), 200_000);

@@ -2,6 +2,8 @@
 //! cgroups, spawning shims, worker output files and host facts.
 
 pub mod cgroup;
+pub mod devbpf;
+pub mod gpu;
 pub mod host;
 pub mod output;
 pub mod shim;

@@ -1,0 +1,441 @@
+//! Sessions, durable state and daemon restarts: workers end with their session, and nothing is
+//! lost when berthd dies — no worker, no exit status, no byte of output.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use berth_tests::{command_request, pb, require_root, Client, Daemon, DaemonOptions};
+
+fn status(w: &pb::Worker) -> pb::WorkerStatus {
+    pb::WorkerStatus::try_from(w.status).unwrap_or(pb::WorkerStatus::Unspecified)
+}
+
+async fn list(c: &Client) -> HashMap<String, pb::Worker> {
+    c.workers()
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| (w.id.clone(), w))
+        .collect()
+}
+
+async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
+    c.workers().launch_workers(req).await.unwrap().into_inner().workers
+}
+
+async fn await_running(c: &Client, ids: &[String]) {
+    let r = c
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            wait_for_completion: Some(false),
+            timeout_seconds: Some(30),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
+}
+
+/// A worker that prints `n` numbered lines, one every `every_ms`, then exits 0.
+fn printer(lines: u32, every_ms: u32) -> pb::LaunchWorkersRequest {
+    command_request(
+        1,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!("i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); sleep {}; done", every_ms as f64 / 1000.0),
+        ],
+    )
+}
+
+fn expected_lines(n: u32) -> Vec<u8> {
+    (0..n).flat_map(|i| format!("line-{i}\n").into_bytes()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lease_lapses_and_stops_its_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = c
+        .workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.expires_at.is_some());
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(2, &["/bin/sleep", "600"])
+        },
+    )
+    .await;
+    let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
+    assert!(ws.iter().all(|w| w.session_id == s.id));
+    await_running(&c, &ids).await;
+    // One keep-alive proves renewal works; then silence.
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let all = berth_tests::await_all(&c, &ids).await.unwrap();
+    let took = t.elapsed();
+    for w in &all {
+        assert_eq!(status(w), pb::WorkerStatus::Stopped, "{w:?}");
+        assert_eq!(w.reason, "session ended");
+    }
+    // TTL 2 s + grace (sleep dies on SIGTERM at once) + slack.
+    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    let err = c
+        .workers()
+        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = c
+        .workers()
+        .launch_workers(pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/true"])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("session"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_session_stops_only_its_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = c
+        .workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mine = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(2, &["/bin/sleep", "600"])
+        },
+    )
+    .await;
+    let other = launch(&c, command_request(1, &["/bin/sleep", "600"])).await;
+    let mut all: Vec<String> = mine.iter().map(|w| w.id.clone()).collect();
+    all.push(other[0].id.clone());
+    await_running(&c, &all).await;
+    let closed = c
+        .workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.stopped.len(), 2);
+    assert!(closed.stopped.iter().all(|w| status(w) == pb::WorkerStatus::Stopped && w.reason == "session ended"));
+    let now = list(&c).await;
+    assert_eq!(status(&now[&other[0].id]), pb::WorkerStatus::Running);
+    let err = c
+        .workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id,
+            grace_seconds: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = c
+        .workers()
+        .keep_alive(pb::KeepAliveRequest { session_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("session_id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_session_ends_its_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = c
+        .workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/sleep", "600"])
+        },
+    )
+    .await;
+    // The client: a separate process renewing the lease every 0.5 s (the CLI's --attach does the
+    // same), killed with SIGKILL.
+    let mut keeper = std::process::Command::new(env!("CARGO_BIN_EXE_berth-session-keeper"))
+        .args([d.addr(), s.id.clone()])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let now = list(&c).await;
+    assert_eq!(status(&now[&ws[0].id]), pb::WorkerStatus::Running, "kept alive past the TTL");
+    // SAFETY: kill(2) on the keeper's pid.
+    unsafe { libc::kill(keeper.id() as i32, libc::SIGKILL) };
+    let _ = keeper.wait();
+    let t = Instant::now();
+    let all = berth_tests::await_all(&c, &[ws[0].id.clone()]).await.unwrap();
+    assert_eq!(status(&all[0]), pb::WorkerStatus::Stopped);
+    assert_eq!(all[0].reason, "session ended");
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+}
+
+/// Runs the kill-and-restart scenario with `signal` (SIGKILL: crash; SIGTERM: graceful).
+async fn restart_loses_nothing(signal: i32) {
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    // A printer that outlives the downtime, one that exits 7 during it, one that ends before.
+    let long = launch(&c, printer(40, 100)).await.remove(0);
+    let seven = launch(&c, command_request(1, &["/bin/sh", "-c", "echo bye; sleep 1; exit 7"])).await.remove(0);
+    let quick = launch(&c, command_request(1, &["/bin/sh", "-c", "echo quick"])).await.remove(0);
+    await_running(&c, &[long.id.clone(), seven.id.clone()]).await;
+    berth_tests::await_all(&c, &[quick.id.clone()]).await.unwrap();
+    let before = list(&c).await;
+    let long_pid = before[&long.id].pid;
+    assert!(long_pid > 0);
+    drop(c);
+    d.stop_daemon(signal);
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let after = list(&c).await;
+    assert_eq!(status(&after[&long.id]), pb::WorkerStatus::Running, "{:?}", after[&long.id]);
+    assert_eq!(after[&long.id].pid, long_pid, "same process, re-adopted");
+    assert_eq!(status(&after[&seven.id]), pb::WorkerStatus::Failed, "{:?}", after[&seven.id]);
+    assert_eq!(after[&seven.id].exit_code, Some(7));
+    assert_eq!(status(&after[&quick.id]), pb::WorkerStatus::Succeeded);
+    let done = berth_tests::await_all(&c, &[long.id.clone()]).await.unwrap();
+    assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded, "{:?}", done[0]);
+    let out = berth_tests::output_of(&c, &long.id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(out, expected_lines(40), "every line exactly once");
+    assert_eq!(berth_tests::output_of(&c, &seven.id, pb::Stream::Stdout).await.unwrap(), b"bye\n");
+    assert!(d.worker_cgroups().is_empty(), "cgroups left: {:?}", d.worker_cgroups());
+    let info = c.host().get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.allocated.unwrap().workers, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_with_sigkill_loses_nothing() {
+    require_root!();
+    restart_loses_nothing(libc::SIGKILL).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_loses_nothing() {
+    require_root!();
+    restart_loses_nothing(libc::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lease_keeps_counting_across_a_restart() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = c
+        .workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/sleep", "600"])
+        },
+    )
+    .await
+    .remove(0);
+    await_running(&c, &[w.id.clone()]).await;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    // Still the same session, still alive, renewable.
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .await
+        .unwrap();
+    let all = berth_tests::await_all(&c, &[w.id.clone()]).await.unwrap();
+    assert_eq!(status(&all[0]), pb::WorkerStatus::Stopped);
+    assert_eq!(all[0].reason, "session ended");
+}
+
+/// Kills the daemon, damages its store with `damage`, restarts: live workers must still be there.
+async fn survives_store_damage(damage: impl FnOnce(&std::path::Path)) -> (Daemon, Client, String, u32) {
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let w = launch(&c, printer(30, 100)).await.remove(0);
+    await_running(&c, &[w.id.clone()]).await;
+    let pid = list(&c).await[&w.id].pid;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    damage(&d.state_dir().join("state.redb"));
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    (d, c, w.id, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_store_neither_kills_nor_forgets_live_workers() {
+    require_root!();
+    let (d, c, id, pid) = survives_store_damage(|p| {
+        std::fs::write(p, vec![0xa5u8; 64 * 1024]).unwrap();
+    })
+    .await;
+    assert!(d.log().contains("state store unreadable"), "the daemon says what it found");
+    let now = list(&c).await;
+    assert_eq!(status(&now[&id]), pb::WorkerStatus::Running, "{:?}", now.get(&id));
+    assert_eq!(now[&id].pid, pid);
+    let done = berth_tests::await_all(&c, &[id.clone()]).await.unwrap();
+    assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded);
+    assert_eq!(berth_tests::output_of(&c, &id, pb::Stream::Stdout).await.unwrap(), expected_lines(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_store_and_spec_lists_the_worker_as_unaccounted() {
+    require_root!();
+    let (d, c, id, pid) = survives_store_damage(|p| {
+        std::fs::remove_file(p).unwrap();
+    })
+    .await;
+    let now = list(&c).await;
+    assert_eq!(status(&now[&id]), pb::WorkerStatus::Running);
+    assert_eq!(now[&id].pid, pid);
+    // Now lose the worker's own spec as well: the daemon cannot account for it, but lists it.
+    let spec = d.state_dir().join("workers").join(&id).join("spec.json");
+    let mut d = d;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    std::fs::remove_file(d.state_dir().join("state.redb")).unwrap();
+    std::fs::remove_file(&spec).unwrap();
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let now = list(&c).await;
+    let w = now.get(&id).expect("the live worker is listed");
+    assert!(w.reason.starts_with("unaccounted for"), "{w:?}");
+    assert_eq!(status(w), pb::WorkerStatus::Running);
+    let stopped = c
+        .workers()
+        .stop_workers(pb::StopWorkersRequest {
+            ids: vec![id.clone()],
+            grace_seconds: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status(&stopped.workers[0]), pb::WorkerStatus::Stopped);
+    // SAFETY: kill(pid, 0) only checks existence.
+    assert_ne!(unsafe { libc::kill(pid as i32, 0) }, 0, "the process is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_restarts_with_backoff_then_gives_up() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            restart: Some(pb::RestartPolicy {
+                mode: pb::restart_policy::Mode::OnFailure as i32,
+                max_restarts: 2,
+                backoff_initial_ms: 100,
+                backoff_max_ms: 1000,
+            }),
+            ..command_request(1, &["/bin/sh", "-c", "echo run; exit 3"])
+        },
+    )
+    .await
+    .remove(0);
+    let t = Instant::now();
+    let all = berth_tests::await_all(&c, &[w.id.clone()]).await.unwrap();
+    assert_eq!(status(&all[0]), pb::WorkerStatus::Failed, "{:?}", all[0]);
+    assert_eq!(all[0].restarts, 2);
+    assert_eq!(all[0].exit_code, Some(3));
+    // Back-off: 100 ms then 200 ms.
+    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    let out = berth_tests::output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(out, b"run\nrun\nrun\n", "three runs, one output stream");
+    // A worker that succeeds is not restarted; a stopped one neither.
+    let ok = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            restart: Some(pb::RestartPolicy {
+                mode: pb::restart_policy::Mode::OnFailure as i32,
+                max_restarts: 5,
+                ..Default::default()
+            }),
+            ..command_request(1, &["/bin/true"])
+        },
+    )
+    .await
+    .remove(0);
+    let all = berth_tests::await_all(&c, &[ok.id.clone()]).await.unwrap();
+    assert_eq!((status(&all[0]), all[0].restarts), (pb::WorkerStatus::Succeeded, 0));
+    assert!(d.worker_cgroups().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_workers_are_forgotten_past_retention() {
+    require_root!();
+    let d = Daemon::start_with(DaemonOptions {
+        config: "[retention]\nmax_finished = 2\nsweep_seconds = 1\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let ws = launch(&c, command_request(5, &["/bin/sh", "-c", "echo x"])).await;
+    let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
+    berth_tests::await_all(&c, &ids).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = list(&c).await.len();
+        if n <= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} ended workers still kept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dirs = std::fs::read_dir(d.state_dir().join("workers")).unwrap().count();
+    assert_eq!(dirs, 2, "files of forgotten workers are removed");
+}
