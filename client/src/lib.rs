@@ -11,6 +11,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use berth_proto::v1 as pb;
 
+pub mod cli;
+
 /// Default address when neither `--addr` nor `BERTH_ADDR` is given.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7300";
 

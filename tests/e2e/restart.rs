@@ -1,6 +1,8 @@
 //! Sessions, durable state and daemon restarts: workers end with their session, and nothing is
 //! lost when berthd dies — no worker, no exit status, no byte of output.
 
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,12 @@ async fn list(c: &Client) -> HashMap<String, pb::Worker> {
 }
 
 async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
-    c.workers().launch_workers(req).await.unwrap().into_inner().workers
+    c.workers()
+        .launch_workers(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
 }
 
 async fn await_running(c: &Client, ids: &[String]) {
@@ -48,13 +55,18 @@ fn printer(lines: u32, every_ms: u32) -> pb::LaunchWorkersRequest {
         &[
             "/bin/sh",
             "-c",
-            &format!("i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); sleep {}; done", every_ms as f64 / 1000.0),
+            &format!(
+                "i=0; while [ $i -lt {lines} ]; do echo line-$i; i=$((i+1)); sleep {}; done",
+                every_ms as f64 / 1000.0
+            ),
         ],
     )
 }
 
 fn expected_lines(n: u32) -> Vec<u8> {
-    (0..n).flat_map(|i| format!("line-{i}\n").into_bytes()).collect()
+    (0..n)
+        .flat_map(|i| format!("line-{i}\n").into_bytes())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +97,9 @@ async fn session_lease_lapses_and_stops_its_workers() {
     await_running(&c, &ids).await;
     // One keep-alive proves renewal works; then silence.
     c.workers()
-        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
         .await
         .unwrap();
     let t = Instant::now();
@@ -99,7 +113,9 @@ async fn session_lease_lapses_and_stops_its_workers() {
     assert!(took < Duration::from_secs(6), "stopped after {took:?}");
     let err = c
         .workers()
-        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
@@ -151,7 +167,10 @@ async fn close_session_stops_only_its_workers() {
         .unwrap()
         .into_inner();
     assert_eq!(closed.stopped.len(), 2);
-    assert!(closed.stopped.iter().all(|w| status(w) == pb::WorkerStatus::Stopped && w.reason == "session ended"));
+    assert!(closed
+        .stopped
+        .iter()
+        .all(|w| status(w) == pb::WorkerStatus::Stopped && w.reason == "session ended"));
     let now = list(&c).await;
     assert_eq!(status(&now[&other[0].id]), pb::WorkerStatus::Running);
     let err = c
@@ -165,7 +184,9 @@ async fn close_session_stops_only_its_workers() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     let err = c
         .workers()
-        .keep_alive(pb::KeepAliveRequest { session_id: String::new() })
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -202,12 +223,18 @@ async fn a_client_killed_mid_session_ends_its_workers() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let now = list(&c).await;
-    assert_eq!(status(&now[&ws[0].id]), pb::WorkerStatus::Running, "kept alive past the TTL");
+    assert_eq!(
+        status(&now[&ws[0].id]),
+        pb::WorkerStatus::Running,
+        "kept alive past the TTL"
+    );
     // SAFETY: kill(2) on the keeper's pid.
     unsafe { libc::kill(keeper.id() as i32, libc::SIGKILL) };
     let _ = keeper.wait();
     let t = Instant::now();
-    let all = berth_tests::await_all(&c, &[ws[0].id.clone()]).await.unwrap();
+    let all = berth_tests::await_all(&c, &[ws[0].id.clone()])
+        .await
+        .unwrap();
     assert_eq!(status(&all[0]), pb::WorkerStatus::Stopped);
     assert_eq!(all[0].reason, "session ended");
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
@@ -219,10 +246,19 @@ async fn restart_loses_nothing(signal: i32) {
     let c = d.client().await.unwrap();
     // A printer that outlives the downtime, one that exits 7 during it, one that ends before.
     let long = launch(&c, printer(40, 100)).await.remove(0);
-    let seven = launch(&c, command_request(1, &["/bin/sh", "-c", "echo bye; sleep 1; exit 7"])).await.remove(0);
-    let quick = launch(&c, command_request(1, &["/bin/sh", "-c", "echo quick"])).await.remove(0);
+    let seven = launch(
+        &c,
+        command_request(1, &["/bin/sh", "-c", "echo bye; sleep 1; exit 7"]),
+    )
+    .await
+    .remove(0);
+    let quick = launch(&c, command_request(1, &["/bin/sh", "-c", "echo quick"]))
+        .await
+        .remove(0);
     await_running(&c, &[long.id.clone(), seven.id.clone()]).await;
-    berth_tests::await_all(&c, &[quick.id.clone()]).await.unwrap();
+    berth_tests::await_all(&c, &[quick.id.clone()])
+        .await
+        .unwrap();
     let before = list(&c).await;
     let long_pid = before[&long.id].pid;
     assert!(long_pid > 0);
@@ -232,18 +268,51 @@ async fn restart_loses_nothing(signal: i32) {
     d.restart(&[]).await.unwrap();
     let c = d.client().await.unwrap();
     let after = list(&c).await;
-    assert_eq!(status(&after[&long.id]), pb::WorkerStatus::Running, "{:?}", after[&long.id]);
+    assert_eq!(
+        status(&after[&long.id]),
+        pb::WorkerStatus::Running,
+        "{:?}",
+        after[&long.id]
+    );
     assert_eq!(after[&long.id].pid, long_pid, "same process, re-adopted");
-    assert_eq!(status(&after[&seven.id]), pb::WorkerStatus::Failed, "{:?}", after[&seven.id]);
+    assert_eq!(
+        status(&after[&seven.id]),
+        pb::WorkerStatus::Failed,
+        "{:?}",
+        after[&seven.id]
+    );
     assert_eq!(after[&seven.id].exit_code, Some(7));
     assert_eq!(status(&after[&quick.id]), pb::WorkerStatus::Succeeded);
-    let done = berth_tests::await_all(&c, &[long.id.clone()]).await.unwrap();
-    assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded, "{:?}", done[0]);
-    let out = berth_tests::output_of(&c, &long.id, pb::Stream::Stdout).await.unwrap();
+    let done = berth_tests::await_all(&c, &[long.id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        status(&done[0]),
+        pb::WorkerStatus::Succeeded,
+        "{:?}",
+        done[0]
+    );
+    let out = berth_tests::output_of(&c, &long.id, pb::Stream::Stdout)
+        .await
+        .unwrap();
     assert_eq!(out, expected_lines(40), "every line exactly once");
-    assert_eq!(berth_tests::output_of(&c, &seven.id, pb::Stream::Stdout).await.unwrap(), b"bye\n");
-    assert!(d.worker_cgroups().is_empty(), "cgroups left: {:?}", d.worker_cgroups());
-    let info = c.host().get_host_info(pb::GetHostInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        berth_tests::output_of(&c, &seven.id, pb::Stream::Stdout)
+            .await
+            .unwrap(),
+        b"bye\n"
+    );
+    assert!(
+        d.worker_cgroups().is_empty(),
+        "cgroups left: {:?}",
+        d.worker_cgroups()
+    );
+    let info = c
+        .host()
+        .get_host_info(pb::GetHostInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.allocated.unwrap().workers, 0);
 }
 
@@ -290,7 +359,9 @@ async fn session_lease_keeps_counting_across_a_restart() {
     let c = d.client().await.unwrap();
     // Still the same session, still alive, renewable.
     c.workers()
-        .keep_alive(pb::KeepAliveRequest { session_id: s.id.clone() })
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
         .await
         .unwrap();
     let all = berth_tests::await_all(&c, &[w.id.clone()]).await.unwrap();
@@ -299,7 +370,9 @@ async fn session_lease_keeps_counting_across_a_restart() {
 }
 
 /// Kills the daemon, damages its store with `damage`, restarts: live workers must still be there.
-async fn survives_store_damage(damage: impl FnOnce(&std::path::Path)) -> (Daemon, Client, String, u32) {
+async fn survives_store_damage(
+    damage: impl FnOnce(&std::path::Path),
+) -> (Daemon, Client, String, u32) {
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
     let w = launch(&c, printer(30, 100)).await.remove(0);
@@ -320,13 +393,26 @@ async fn a_corrupt_store_neither_kills_nor_forgets_live_workers() {
         std::fs::write(p, vec![0xa5u8; 64 * 1024]).unwrap();
     })
     .await;
-    assert!(d.log().contains("state store unreadable"), "the daemon says what it found");
+    assert!(
+        d.log().contains("state store unreadable"),
+        "the daemon says what it found"
+    );
     let now = list(&c).await;
-    assert_eq!(status(&now[&id]), pb::WorkerStatus::Running, "{:?}", now.get(&id));
+    assert_eq!(
+        status(&now[&id]),
+        pb::WorkerStatus::Running,
+        "{:?}",
+        now.get(&id)
+    );
     assert_eq!(now[&id].pid, pid);
     let done = berth_tests::await_all(&c, &[id.clone()]).await.unwrap();
     assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded);
-    assert_eq!(berth_tests::output_of(&c, &id, pb::Stream::Stdout).await.unwrap(), expected_lines(30));
+    assert_eq!(
+        berth_tests::output_of(&c, &id, pb::Stream::Stdout)
+            .await
+            .unwrap(),
+        expected_lines(30)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,7 +450,12 @@ async fn a_missing_store_and_spec_lists_the_worker_as_unaccounted() {
         .into_inner();
     assert_eq!(status(&stopped.workers[0]), pb::WorkerStatus::Stopped);
     // SAFETY: kill(pid, 0) only checks existence.
-    assert_ne!(unsafe { libc::kill(pid as i32, 0) }, 0, "the process is gone");
+    assert_ne!(
+        // SAFETY: kill(pid, 0) only checks existence.
+        unsafe { libc::kill(pid as i32, 0) },
+        0,
+        "the process is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,8 +483,14 @@ async fn on_failure_restarts_with_backoff_then_gives_up() {
     assert_eq!(all[0].restarts, 2);
     assert_eq!(all[0].exit_code, Some(3));
     // Back-off: 100 ms then 200 ms.
-    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
-    let out = berth_tests::output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    let out = berth_tests::output_of(&c, &w.id, pb::Stream::Stdout)
+        .await
+        .unwrap();
     assert_eq!(out, b"run\nrun\nrun\n", "three runs, one output stream");
     // A worker that succeeds is not restarted; a stopped one neither.
     let ok = launch(
@@ -410,7 +507,10 @@ async fn on_failure_restarts_with_backoff_then_gives_up() {
     .await
     .remove(0);
     let all = berth_tests::await_all(&c, &[ok.id.clone()]).await.unwrap();
-    assert_eq!((status(&all[0]), all[0].restarts), (pb::WorkerStatus::Succeeded, 0));
+    assert_eq!(
+        (status(&all[0]), all[0].restarts),
+        (pb::WorkerStatus::Succeeded, 0)
+    );
     assert!(d.worker_cgroups().is_empty());
 }
 
@@ -436,6 +536,8 @@ async fn ended_workers_are_forgotten_past_retention() {
         assert!(Instant::now() < deadline, "{n} ended workers still kept");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let dirs = std::fs::read_dir(d.state_dir().join("workers")).unwrap().count();
+    let dirs = std::fs::read_dir(d.state_dir().join("workers"))
+        .unwrap()
+        .count();
     assert_eq!(dirs, 2, "files of forgotten workers are removed");
 }

@@ -106,6 +106,101 @@ pub struct DaemonOptions {
     pub tcp: bool,
     /// Extra command-line flags.
     pub args: Vec<String>,
+    /// Network namespaces the daemon keeps ready (`netns_pool`); default 4.
+    pub netns_pool: Option<usize>,
+}
+
+/// The worker network of one test daemon: a bridge name and a /19 of 10.224.0.0/11 of its own,
+/// claimed through a lock file so that daemons of concurrent test processes never share one.
+#[derive(Debug)]
+pub struct TestNet {
+    pub slot: u32,
+    pub bridge: String,
+    pub subnet: String,
+    lock: PathBuf,
+}
+
+/// Directory of the network slot lock files.
+const NET_SLOTS_DIR: &str = "/tmp/berth-netslots";
+const NET_SLOTS: u32 = 256;
+
+impl TestNet {
+    /// Claims a free slot: `/tmp/berth-netslots/<slot>` holds the claiming process's pid; the
+    /// slot of a process that is gone is taken over.
+    pub fn claim() -> Result<Self> {
+        use std::io::Write as _;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        std::fs::create_dir_all(NET_SLOTS_DIR)?;
+        let start = (std::process::id() * 7 + NEXT.fetch_add(1, Ordering::Relaxed)) % NET_SLOTS;
+        for k in 0..NET_SLOTS * 2 {
+            let slot = (start + k) % NET_SLOTS;
+            let lock = Path::new(NET_SLOTS_DIR).join(slot.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id())?;
+                    let net = Self {
+                        slot,
+                        bridge: format!("bt{slot}"),
+                        subnet: format!("10.{}.{}.0/19", 224 + slot / 8, (slot % 8) * 32),
+                        lock,
+                    };
+                    // What a killed test run may have left on this slot.
+                    net.remove_host_side();
+                    return Ok(net);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&lock)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok());
+                    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+                    let alive = owner.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
+                    if owner.is_some() && !alive {
+                        let _ = std::fs::remove_file(&lock);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bail!("no free test network slot in {NET_SLOTS_DIR}")
+    }
+
+    /// The gateway address (the host's address on the subnet).
+    pub fn gateway(&self) -> String {
+        let base = self.subnet.trim_end_matches(".0/19");
+        format!("{base}.1")
+    }
+
+    /// Removes the bridge and the subnet's policy rules (what the daemon leaves by design).
+    pub fn remove_host_side(&self) {
+        let quiet = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if is_root() {
+            quiet(&["link", "del", &self.bridge]);
+            for _ in 0..8 {
+                if !quiet(&["rule", "del", "from", &self.subnet]) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.remove_host_side();
+        let _ = std::fs::remove_file(&self.lock);
+    }
 }
 
 /// A running test daemon. Dropping it stops the daemon and kills and removes every worker it
@@ -120,6 +215,8 @@ pub struct Daemon {
     pub tcp: Option<String>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// The daemon's own bridge and subnet.
+    pub net: TestNet,
 }
 
 /// A free TCP port on loopback (bound then released).
@@ -153,10 +250,15 @@ impl Daemon {
         if let Some(t) = &tcp {
             listen.push(format!("\"{t}\""));
         }
+        let net = TestNet::claim()?;
         let config = format!(
-            "name = \"{name}\"\nstate_dir = \"{}\"\nlisten = [{}]\nmetrics_listen = \"\"\n{}\n",
+            "name = \"{name}\"\nstate_dir = \"{}\"\nlisten = [{}]\nmetrics_listen = \"\"\n\
+             bridge = \"{}\"\nsubnet = \"{}\"\nnetns_pool = {}\n{}\n",
             dir.join("state").display(),
             listen.join(", "),
+            net.bridge,
+            net.subnet,
+            opts.netns_pool.unwrap_or(4),
             opts.config
         );
         let config_path = dir.join("berthd.toml");
@@ -170,6 +272,7 @@ impl Daemon {
             tcp,
             config_path,
             log_path: dir.join("berthd.log"),
+            net,
         };
         d.spawn(&opts.args).await?;
         Ok(d)
@@ -320,11 +423,50 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Worker network namespace files of this daemon (`<state>/netns/<id>`).
+    pub fn netns_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_dir().join("netns"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Unmounts and removes every worker namespace file left (test clean-up): the namespaces,
+    /// their veths and routes go once their processes are gone.
+    pub fn remove_worker_networks(&self) {
+        let dir = self.state_dir().join("netns");
+        for id in self.netns_files() {
+            let p = dir.join(&id);
+            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+                // SAFETY: c is a valid NUL-terminated path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Names of the host ends of worker veths (`bv<worker id>`) that exist now.
+pub fn worker_veths() -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("bv"))
+        .collect()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_daemon(libc::SIGTERM);
         // Shims (which outlive the daemon by design) end once their workers are killed.
         self.kill_all_workers();
+        self.remove_worker_networks();
         // Give shims a moment to write their exit records and leave.
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -455,6 +597,29 @@ pub fn processes_named(comm: &str) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+/// Live processes (zombies excluded) whose environment holds `name=value`. Every worker starts
+/// with `BERTH_WORKER_ID=<id>`, so this finds what is left of a worker even after its cgroup is
+/// gone.
+pub fn processes_with_env(name: &str, value: &str) -> Vec<u32> {
+    let needle = format!("{name}={value}");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        })
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| !r.trim_start().starts_with(['Z', 'X']))
+            })
         })
         .collect()
 }

@@ -347,7 +347,13 @@ mod tests {
             (8, vec![0], 1, 4, vec![vec![4, 5, 6, 7]]),
             // 8 GPUs, 3 held in the first quad, 4 wanted: the second quad.
             (8, vec![0, 1, 2], 1, 4, vec![vec![4, 5, 6, 7]]),
-            (8, vec![], 4, 2, vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]]),
+            (
+                8,
+                vec![],
+                4,
+                2,
+                vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]],
+            ),
             (2, vec![], 3, 0, vec![vec![], vec![], vec![]]),
         ];
         for (n_gpus, held, n, k, want) in cases {
@@ -460,7 +466,10 @@ mod tests {
         };
         // GPUs short: nothing is taken, neither CPU nor GPUs.
         let err = admit(&mut ledger, &mut gpus, &ids(3, "a"), claim, 2).unwrap_err();
-        assert!(matches!(&err, Error::ResourceExhausted(m) if m.starts_with("gpus: 3 × 2 = 6 requested, 4 of 4 free")), "{err}");
+        assert!(
+            matches!(&err, Error::ResourceExhausted(m) if m.starts_with("gpus: 3 × 2 = 6 requested, 4 of 4 free")),
+            "{err}"
+        );
         assert_eq!(ledger.allocated().workers, 0);
         assert_eq!(gpus.free(), 4);
         // CPU short: no GPU is taken.
@@ -469,7 +478,10 @@ mod tests {
             memory_bytes: GB,
         };
         let err = admit(&mut ledger, &mut gpus, &ids(2, "b"), big, 1).unwrap_err();
-        assert!(matches!(&err, Error::ResourceExhausted(m) if m.starts_with("cpu")), "{err}");
+        assert!(
+            matches!(&err, Error::ResourceExhausted(m) if m.starts_with("cpu")),
+            "{err}"
+        );
         assert_eq!(gpus.free(), 4);
         // Fits: both ledgers take it.
         let sets = admit(&mut ledger, &mut gpus, &ids(2, "c"), claim, 2).unwrap();

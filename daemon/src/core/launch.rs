@@ -234,7 +234,8 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
         })?)
     };
     let session_id = (!req.session_id.is_empty()).then(|| req.session_id.clone());
-    if req.restart.backoff_max_ms > 0 && req.restart.backoff_max_ms < req.restart.backoff_initial_ms {
+    if req.restart.backoff_max_ms > 0 && req.restart.backoff_max_ms < req.restart.backoff_initial_ms
+    {
         return Err(Error::invalid(
             "restart.backoff_max_ms",
             "must not be below restart.backoff_initial_ms",
@@ -266,10 +267,20 @@ impl RestartPolicy {
     /// Delay before restart number `attempt` (1-based): the initial delay doubled per earlier
     /// restart, capped at the maximum.
     pub fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let initial = u64::from(if self.backoff_initial_ms == 0 { 1000 } else { self.backoff_initial_ms });
-        let max = u64::from(if self.backoff_max_ms == 0 { 60_000 } else { self.backoff_max_ms });
+        let initial = u64::from(if self.backoff_initial_ms == 0 {
+            1000
+        } else {
+            self.backoff_initial_ms
+        });
+        let max = u64::from(if self.backoff_max_ms == 0 {
+            60_000
+        } else {
+            self.backoff_max_ms
+        });
         let shift = attempt.saturating_sub(1).min(32);
-        std::time::Duration::from_millis(initial.saturating_mul(1u64 << shift).min(max.max(initial)))
+        std::time::Duration::from_millis(
+            initial.saturating_mul(1u64 << shift).min(max.max(initial)),
+        )
     }
 
     /// Whether a worker that failed after `restarts` restarts runs again.
@@ -375,6 +386,16 @@ pub fn master_ip(
             v4 => v4,
         },
         _ => host_from_worker,
+    }
+}
+
+/// The address at which a worker of `mode` reaches its host: the bridge gateway for a worker
+/// with its own address, `host_mode` (loopback) for one in the host's namespace, and loopback
+/// too for an isolated one, which reaches nothing else.
+pub fn host_from_worker(mode: NetworkMode, gateway: Option<IpAddr>, host_mode: IpAddr) -> IpAddr {
+    match (mode, gateway) {
+        (NetworkMode::Bridge, Some(gw)) => gw,
+        _ => host_mode,
     }
 }
 
@@ -550,10 +571,29 @@ mod tests {
             backoff_max_ms: 350,
         };
         let ms = |a| p.backoff(a).as_millis();
-        assert_eq!((ms(1), ms(2), ms(3), ms(4), ms(40)), (100, 200, 350, 350, 350));
+        assert_eq!(
+            (ms(1), ms(2), ms(3), ms(4), ms(40)),
+            (100, 200, 350, 350, 350)
+        );
         assert!(p.should_restart(2) && !p.should_restart(3));
         assert_eq!(RestartPolicy::default().backoff(1).as_millis(), 1000);
         assert!(!RestartPolicy::default().should_restart(0));
+    }
+
+    #[test]
+    fn host_from_worker_per_mode() {
+        let gw: IpAddr = "10.213.0.1".parse().unwrap();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(host_from_worker(NetworkMode::Bridge, Some(gw), lo), gw);
+        assert_eq!(host_from_worker(NetworkMode::Host, Some(gw), lo), lo);
+        assert_eq!(host_from_worker(NetworkMode::None, Some(gw), lo), lo);
+        assert_eq!(host_from_worker(NetworkMode::Bridge, None, lo), lo);
+        // A caller on loopback gets the gateway in bridge workers, loopback in host workers.
+        let caller = Some(lo);
+        let bridge = host_from_worker(NetworkMode::Bridge, Some(gw), lo);
+        assert_eq!(master_ip(None, caller, bridge), gw);
+        let host = host_from_worker(NetworkMode::Host, Some(gw), lo);
+        assert_eq!(master_ip(None, caller, host), lo);
     }
 
     #[test]

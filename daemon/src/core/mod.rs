@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod gpus;
+pub mod ipam;
 pub mod launch;
 pub mod session;
 pub mod worker;

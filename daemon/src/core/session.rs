@@ -26,7 +26,12 @@ pub struct Session {
 
 impl Session {
     /// A new session whose lease starts at `now`. `ttl_seconds` 0 means [`DEFAULT_TTL`].
-    pub fn open(id: String, ttl_seconds: u32, labels: BTreeMap<String, String>, now: SystemTime) -> Result<Self> {
+    pub fn open(
+        id: String,
+        ttl_seconds: u32,
+        labels: BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Self> {
         let ttl = if ttl_seconds == 0 {
             DEFAULT_TTL
         } else {
@@ -70,7 +75,12 @@ mod tests {
         assert!(s.expired(t0 + Duration::from_secs(5)));
         s.renew(t0 + Duration::from_secs(4));
         assert!(!s.expired(t0 + Duration::from_secs(8)));
-        assert_eq!(Session::open("d".into(), 0, BTreeMap::new(), t0).unwrap().ttl, DEFAULT_TTL);
+        assert_eq!(
+            Session::open("d".into(), 0, BTreeMap::new(), t0)
+                .unwrap()
+                .ttl,
+            DEFAULT_TTL
+        );
         assert!(matches!(
             Session::open("x".into(), u32::MAX, BTreeMap::new(), t0),
             Err(Error::InvalidArgument { field, .. }) if field == "ttl_seconds"

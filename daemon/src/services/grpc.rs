@@ -174,7 +174,10 @@ fn check_session_id(id: &str) -> Result<(), Error> {
         return Err(Error::invalid("session_id", "is required"));
     }
     if !crate::core::is_valid_id(id) {
-        return Err(Error::invalid("session_id", format!("{id:?} is not a session id")));
+        return Err(Error::invalid(
+            "session_id",
+            format!("{id:?} is not a session id"),
+        ));
     }
     Ok(())
 }

@@ -16,16 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::admission::{Capacity, Claim, Ledger};
 use crate::core::gpus::GpuLedger;
+use crate::core::ipam::Ipam;
 use crate::core::launch::{self, KernelInvocation, LaunchSpec, Program, WorkerIdentity};
+use crate::core::session::Session;
 use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::cgroup::{CgroupVersion, Cgroups, Limits};
 use crate::sys::devbpf::DeviceNode;
 use crate::sys::gpu::{self, GpuDevice, GpuMonitor, GpuSample, Gpus, NoGpus};
 use crate::sys::host as hostfs;
+use crate::sys::netns::{Netns, NoNetwork, PendingNet, WorkerNet};
 use crate::sys::output::{self, Rotation, StreamKind};
 use crate::sys::shim::{self, ShimSpec};
-use crate::core::session::Session;
 use crate::sys::spawn::{self, ShimHandle, Spawner};
 use crate::sys::store::{Op, StoreWriter, Table};
 
@@ -164,6 +166,11 @@ pub struct HostView {
     pub gpus: Vec<GpuView>,
     pub gpu_capacity: u32,
     pub gpu_allocated: u32,
+    /// Worker addresses leased now, and how many the subnet holds.
+    pub ip_leases: usize,
+    pub ip_capacity: u32,
+    /// Network namespaces ready for bridge-mode workers.
+    pub netns_ready: usize,
 }
 
 /// One GPU as `HostInfo` reports it.
@@ -217,6 +224,8 @@ struct State {
     ledger: Ledger,
     /// Which worker holds which GPU; claimed and freed together with `ledger`.
     gpus: GpuLedger,
+    /// Which bridge-mode worker holds which address; leased and freed with `ledger`.
+    ips: Ipam,
     seq: u64,
 }
 
@@ -226,6 +235,8 @@ struct Inner {
     spawner: Arc<dyn Spawner>,
     gpus: Arc<dyn Gpus>,
     gpu_monitor: GpuMonitor,
+    /// Worker network namespaces.
+    net: Arc<dyn Netns>,
     /// Durable records; `None` only in tests of the supervisor without a state store.
     store: Option<StoreWriter>,
     sessions: Mutex<HashMap<String, Session>>,
@@ -280,7 +291,25 @@ impl Host {
         gpus: Arc<dyn Gpus>,
         monitor: GpuMonitor,
     ) -> Self {
+        let net = Arc::new(NoNetwork {
+            reason: "not configured".into(),
+            dir: opts.state_dir.join("netns"),
+        });
+        Self::with_network(opts, cgroups, spawner, store, gpus, monitor, net)
+    }
+
+    /// A supervisor of a host with `gpus` and worker networks `net`.
+    pub fn with_network(
+        opts: HostOptions,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        store: Option<StoreWriter>,
+        gpus: Arc<dyn Gpus>,
+        monitor: GpuMonitor,
+        net: Arc<dyn Netns>,
+    ) -> Self {
         let (changed, _) = watch::channel(0);
+        let ips = Ipam::new(net.subnet());
         let (events, _) = broadcast::channel(8192);
         let ledger = Ledger::new(opts.capacity);
         let gpu_ledger = GpuLedger::new(
@@ -294,12 +323,14 @@ impl Host {
                 spawner,
                 gpus,
                 gpu_monitor: monitor,
+                net,
                 store,
                 sessions: Mutex::new(HashMap::new()),
                 state: Mutex::new(State {
                     workers: HashMap::new(),
                     ledger,
                     gpus: gpu_ledger,
+                    ips,
                     seq: 0,
                 }),
                 changed,
@@ -353,7 +384,19 @@ impl Host {
                 .await
                 .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
         };
-        let master_ip = launch::master_ip(spec.master_ip, caller, inner.opts.host_from_worker);
+        if spec.network != launch::NetworkMode::Host {
+            if let Some(why) = inner.net.unavailable() {
+                return Err(Error::FailedPrecondition(format!(
+                    "network: workers with their own network cannot run on this host: {why}"
+                )));
+            }
+        }
+        let gateway = inner.net.subnet().map(|s| IpAddr::V4(s.gateway()));
+        let master_ip = launch::master_ip(
+            spec.master_ip,
+            caller,
+            launch::host_from_worker(spec.network, gateway, inner.opts.host_from_worker),
+        );
         let claim = Claim {
             cpu: spec.cpu,
             memory_bytes: spec.memory_bytes,
@@ -363,7 +406,16 @@ impl Host {
         let records: Vec<WorkerRecord> = {
             let mut guard = inner.lock();
             let st = &mut *guard;
-            // CPU, memory, worker slots and GPUs: all of it for every worker, or nothing.
+            // CPU, memory, worker slots, GPUs and addresses: all of it for every worker, or
+            // nothing.
+            let wants_ips = spec.network == launch::NetworkMode::Bridge;
+            if let Err(e) = st.ips.check(if wants_ips { spec.n } else { 0 }) {
+                inner
+                    .metrics
+                    .launch_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
             let gpu_sets = match crate::core::gpus::admit(
                 &mut st.ledger,
                 &mut st.gpus,
@@ -380,14 +432,29 @@ impl Host {
                     return Err(e);
                 }
             };
+            let ips = if wants_ips {
+                match st.ips.allocate(&ids) {
+                    Ok(ips) => ips,
+                    Err(e) => {
+                        // Unreachable after the check above; never keep claims of refused workers.
+                        for id in &ids {
+                            st.ledger.release(id);
+                            st.gpus.release(id);
+                        }
+                        return Err(e);
+                    }
+                }
+            } else {
+                Vec::new()
+            };
             let mut out = Vec::with_capacity(ids.len());
-            for (id, gpu_uuids) in ids.iter().zip(gpu_sets) {
+            for (i, (id, gpu_uuids)) in ids.iter().zip(gpu_sets).enumerate() {
                 st.seq += 1;
                 let rec = WorkerRecord {
                     id: id.clone(),
                     session_id: spec.session_id.clone(),
                     host: inner.opts.name.clone(),
-                    ip_address: None,
+                    ip_address: ips.get(i).map(|ip| IpAddr::V4(*ip)),
                     status: WorkerStatus::Pending,
                     cpu: spec.cpu,
                     memory_bytes: spec.memory_bytes,
@@ -440,8 +507,15 @@ impl Host {
                     worker_id: id,
                     session_id: spec.session_id.as_deref(),
                     master_ip,
-                    worker_ip: None,
+                    worker_ip: rec.ip_address,
                     gpu_uuids: &rec.gpu_uuids,
+                };
+                let net = match (rec.network, rec.ip_address) {
+                    (launch::NetworkMode::Host, _) => None,
+                    (launch::NetworkMode::Bridge, Some(IpAddr::V4(ip))) => {
+                        Some(WorkerNet::Routed { ip })
+                    }
+                    _ => Some(WorkerNet::Isolated),
                 };
                 SpawnJob {
                     id: id.clone(),
@@ -452,7 +526,7 @@ impl Host {
                         env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
                         workdir: prepared.workdir.clone(),
                         cgroup: inner.cgroups.worker(id),
-                        netns: None,
+                        netns: net.map(|_| inner.net.path(id)),
                         rotation: inner.opts.rotation,
                         meta: records
                             .iter()
@@ -466,7 +540,18 @@ impl Host {
                         pids_max: inner.opts.pids_max,
                         denied_devices: inner.denied_devices(&rec.gpu_uuids),
                     },
+                    net,
+                    pending: None,
                 }
+            })
+            .collect();
+        // The namespace threads start on every network of the batch at once; each spawn waits
+        // for its own just before it starts the shim.
+        let jobs: Vec<SpawnJob> = jobs
+            .into_iter()
+            .map(|mut j| {
+                j.pending = j.net.map(|n| inner.net.begin(&j.id, n));
+                j
             })
             .collect();
         // Spread the batch over the CPUs: each spawn is a few syscalls and one posix_spawn.
@@ -513,9 +598,15 @@ impl Host {
         if let Some(store) = &inner.store {
             if let Err(e) = store.commit(Vec::new()).await {
                 tracing::error!(error = %e, "launch not recorded; stopping its workers");
-                let this = Host { inner: inner.clone() };
+                let this = Host {
+                    inner: inner.clone(),
+                };
                 let _ = this
-                    .stop(Selector::Ids(ids.clone()), Some(Duration::ZERO), "launch not recorded")
+                    .stop(
+                        Selector::Ids(ids.clone()),
+                        Some(Duration::ZERO),
+                        "launch not recorded",
+                    )
                     .await;
                 return Err(Error::Internal(format!("state store: {e}")));
             }
@@ -766,6 +857,9 @@ impl Host {
             gpus,
             gpu_capacity: st.gpus.total(),
             gpu_allocated: st.gpus.allocated(),
+            ip_leases: st.ips.leased(),
+            ip_capacity: st.ips.subnet().map_or(0, |s| s.worker_addresses()),
+            netns_ready: self.inner.net.ready(),
         }
     }
 
@@ -851,6 +945,11 @@ struct SpawnJob {
     id: String,
     shim: ShimSpec,
     limits: Limits,
+    /// The network namespace to make before the shim starts; `None` for a worker in the host's
+    /// namespace, or one whose namespace exists already (a restart).
+    net: Option<WorkerNet>,
+    /// That network, already being made by the namespace threads.
+    pending: Option<PendingNet>,
 }
 
 fn access(path: &Path, mode: i32) -> bool {
@@ -1002,7 +1101,10 @@ impl Inner {
     /// Creates cgroups and starts shims for one chunk of a batch (blocking thread).
     fn spawn_chunk(&self, jobs: Vec<SpawnJob>) -> Vec<(String, Result<ShimHandle, String>)> {
         jobs.into_iter()
-            .map(|job| {
+            .map(|mut job| {
+                // Always collected, so that a network made for a worker that then does not start
+                // is known to exist (finish() removes it).
+                let made = job.pending.take().map(PendingNet::wait);
                 let stopped = self
                     .lock()
                     .workers
@@ -1011,25 +1113,64 @@ impl Inner {
                 if stopped {
                     return (job.id, Err("stopped before it started".into()));
                 }
-                let res = self.spawn_one(&job);
+                let res = self.spawn_one(&job, made);
                 (job.id, res)
             })
             .collect()
     }
 
-    fn spawn_one(&self, job: &SpawnJob) -> Result<ShimHandle, String> {
-        let cg = self
-            .cgroups
-            .create(&job.id, &job.limits)
-            .map_err(|e| e.to_string())?;
+    /// Makes the worker's network (unless `made` says how that went already), its cgroup, and
+    /// starts its shim.
+    fn spawn_one(
+        &self,
+        job: &SpawnJob,
+        made: Option<Result<PathBuf, crate::sys::netns::NetError>>,
+    ) -> Result<ShimHandle, String> {
+        match (made, job.net) {
+            (Some(r), _) => {
+                r.map_err(|e| e.to_string())?;
+            }
+            (None, Some(net)) => {
+                self.net.create(&job.id, net).map_err(|e| e.to_string())?;
+            }
+            (None, None) => {}
+        }
+        // What this spawn made goes if it fails half-way (finish() removes it again, harmlessly).
+        let undo_net = || {
+            if job.net.is_some() {
+                let _ = self.net.remove(&job.id);
+            }
+        };
+        let cg = match self.cgroups.create(&job.id, &job.limits) {
+            Ok(cg) => cg,
+            Err(e) => {
+                undo_net();
+                return Err(e.to_string());
+            }
+        };
         let dir = self.worker_dir(&job.id);
         match self.spawner.spawn(&dir, &job.shim) {
             Ok(h) => Ok(h),
             Err(e) => {
                 let _ = cg.remove();
+                undo_net();
                 Err(e.to_string())
             }
         }
+    }
+
+    /// Removes worker `id`'s network namespace (its veth and route go with it) and frees its
+    /// address. Idempotent.
+    async fn release_network(self: &Arc<Self>, id: &str, own_namespace: bool) {
+        if own_namespace {
+            let inner = self.clone();
+            let nid = id.to_owned();
+            let removed = tokio::task::spawn_blocking(move || inner.net.remove(&nid)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(worker = %id, error = %e, "network namespace not removed");
+            }
+        }
+        self.lock().ips.release(id);
     }
 
     fn select(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
@@ -1097,12 +1238,21 @@ impl Inner {
         .unwrap_or_default();
         exit.oom_killed = stats.oom_kills > 0;
         let mut restart_in = None;
+        let known = self.lock().workers.contains_key(id);
+        if !known {
+            {
+                let mut st = self.lock();
+                st.ledger.release(id);
+                st.gpus.release(id);
+            }
+            self.release_network(id, true).await;
+            return;
+        }
         let rec = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
-                st.ledger.release(id);
-                st.gpus.release(id);
+                // Workers are only forgotten once ended: nothing is held any more.
                 return;
             };
             let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
@@ -1141,6 +1291,9 @@ impl Inner {
             tokio::spawn(lifecycle::restart_later(self.clone(), id.to_owned(), delay));
             return;
         }
+        // Restarts keep their namespace and address; a worker that has ended frees both.
+        self.release_network(id, rec.network != launch::NetworkMode::Host)
+            .await;
         tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
         self.publish(rec);
     }
@@ -1156,12 +1309,23 @@ fn finalize_record(
     stats: crate::sys::cgroup::CgroupStats,
 ) {
     // Usage of earlier runs (restarts) adds up; peaks take the maximum.
-    let earlier_cpu = if rec.restarts > 0 { rec.cpu_seconds } else { 0.0 };
+    let earlier_cpu = if rec.restarts > 0 {
+        rec.cpu_seconds
+    } else {
+        0.0
+    };
     rec.status = status;
     rec.reason = reason;
     rec.exit_code = exit.exit_code;
     rec.signal = exit.signal;
-    rec.finished_at = Some(finished_at.unwrap_or_else(SystemTime::now));
+    let finished_at = finished_at.unwrap_or_else(SystemTime::now);
+    // The start is stamped when the daemon reads the shim's handshake, the end by the shim (in
+    // whole milliseconds): a short worker, or a busy daemon, could otherwise show an end before
+    // its start.
+    if rec.started_at.is_some_and(|s| s > finished_at) {
+        rec.started_at = Some(finished_at);
+    }
+    rec.finished_at = Some(finished_at);
     rec.cpu_seconds = earlier_cpu + stats.cpu_seconds;
     rec.memory_peak_bytes = rec.memory_peak_bytes.max(stats.memory_peak_bytes);
 }
@@ -1239,8 +1403,7 @@ async fn await_shim(
         ),
         Ok(Ok(None)) => (
             Exit {
-                spawn_error: handshake_error
-                    .or(Some("shim exited without an exit record".into())),
+                spawn_error: handshake_error.or(Some("shim exited without an exit record".into())),
                 ..Default::default()
             },
             None,

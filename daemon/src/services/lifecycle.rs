@@ -51,8 +51,17 @@ impl Inner {
 
 impl Host {
     /// Opens a session whose lease lasts `ttl_seconds` (0: the default 30 s).
-    pub async fn open_session(&self, ttl_seconds: u32, labels: BTreeMap<String, String>) -> Result<Session> {
-        let s = Session::open(crate::core::new_id(), ttl_seconds, labels, SystemTime::now())?;
+    pub async fn open_session(
+        &self,
+        ttl_seconds: u32,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Session> {
+        let s = Session::open(
+            crate::core::new_id(),
+            ttl_seconds,
+            labels,
+            SystemTime::now(),
+        )?;
         if let Some(store) = &self.inner.store {
             store
                 .commit(vec![Op::put(Table::Sessions, &s.id, &s)])
@@ -83,7 +92,11 @@ impl Host {
     }
 
     /// Ends a session and stops all its workers (reason `session ended`).
-    pub async fn close_session(&self, id: &str, grace: Option<Duration>) -> Result<Vec<WorkerRecord>> {
+    pub async fn close_session(
+        &self,
+        id: &str,
+        grace: Option<Duration>,
+    ) -> Result<Vec<WorkerRecord>> {
         if self.inner.sessions().remove(id).is_none() {
             return Err(Error::NotFound(format!("session {id} not found or ended")));
         }
@@ -95,7 +108,8 @@ impl Host {
             store.submit(vec![Op::delete(Table::Sessions, id)]);
         }
         tracing::info!(session = %id, "session ended");
-        self.stop(Selector::Session(id.to_owned()), grace, "session ended").await
+        self.stop(Selector::Session(id.to_owned()), grace, "session ended")
+            .await
     }
 
     /// Starts the background duties: session expiry and retention of ended workers.
@@ -111,7 +125,11 @@ impl Host {
             let now = SystemTime::now();
             let expired: Vec<String> = {
                 let mut sessions = self.inner.sessions();
-                let ids: Vec<String> = sessions.values().filter(|s| s.expired(now)).map(|s| s.id.clone()).collect();
+                let ids: Vec<String> = sessions
+                    .values()
+                    .filter(|s| s.expired(now))
+                    .map(|s| s.id.clone())
+                    .collect();
                 for id in &ids {
                     sessions.remove(id);
                 }
@@ -162,14 +180,17 @@ impl Host {
                 .map(|e| (e.seq, e.rec.id.clone(), e.rec.finished_at))
                 .collect();
             ended.sort();
-            let excess = ended.len().saturating_sub(self.inner.opts.retain_finished_max);
+            let excess = ended
+                .len()
+                .saturating_sub(self.inner.opts.retain_finished_max);
             let doomed: Vec<String> = ended
                 .iter()
                 .enumerate()
                 .filter(|(i, (_, _, fin))| {
                     *i < excess
                         || fin.is_some_and(|f| {
-                            now.duration_since(f).unwrap_or_default() >= self.inner.opts.retain_finished_for
+                            now.duration_since(f).unwrap_or_default()
+                                >= self.inner.opts.retain_finished_for
                         })
                 })
                 .map(|(_, (_, id, _))| id.clone())
@@ -183,7 +204,12 @@ impl Host {
             return 0;
         }
         if let Some(store) = &self.inner.store {
-            store.submit(doomed.iter().map(|id| Op::delete(Table::Workers, id)).collect());
+            store.submit(
+                doomed
+                    .iter()
+                    .map(|id| Op::delete(Table::Workers, id))
+                    .collect(),
+            );
         }
         let dirs: Vec<PathBuf> = doomed.iter().map(|id| self.inner.worker_dir(id)).collect();
         let _ = tokio::task::spawn_blocking(move || {
@@ -238,6 +264,16 @@ impl Host {
                             memory_bytes: rec.memory_bytes,
                         },
                     );
+                    if let Some(IpAddr::V4(ip)) = rec.ip_address {
+                        if let Err(c) = st.ips.restore(&rec.id, ip) {
+                            tracing::warn!(
+                                worker = %rec.id,
+                                ip = %ip,
+                                conflict = ?c,
+                                "re-adopted worker's address not restored"
+                            );
+                        }
+                    }
                     let gpus = st.gpus.restore(&rec.id, &rec.gpu_uuids);
                     if !gpus.is_clean() {
                         tracing::warn!(
@@ -308,7 +344,47 @@ impl Host {
                 }
             }
         }
+        self.collect_networks().await;
         Ok(report)
+    }
+}
+
+impl Host {
+    /// Removes every worker network namespace that belongs to no live worker: what a crashed
+    /// daemon left half-made, and the namespaces of workers that ended while it was down. Their
+    /// veths and routes die with them. Returns how many were removed.
+    pub async fn collect_networks(&self) -> usize {
+        let inner = self.inner.clone();
+        let live: HashSet<String> = {
+            let st = inner.lock();
+            st.workers
+                .values()
+                .filter(|e| !e.rec.status.is_terminal())
+                .map(|e| e.rec.id.clone())
+                .collect()
+        };
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut n = 0;
+            for id in inner.net.list() {
+                if live.contains(&id) {
+                    continue;
+                }
+                match inner.net.remove(&id) {
+                    Ok(()) => n += 1,
+                    Err(e) => tracing::warn!(worker = %id, error = %e, "stale network namespace not removed"),
+                }
+            }
+            n
+        })
+        .await
+        .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(
+                count = removed,
+                "removed network namespaces of no live worker"
+            );
+        }
+        removed
     }
 }
 
@@ -333,14 +409,20 @@ pub fn open_store(state_dir: &Path) -> std::result::Result<Store, crate::sys::st
 /// Live `berth-shim` processes serving worker dirs under `workers_dir`, by worker id.
 fn scan_shims(workers_dir: &Path) -> HashMap<String, (u32, Option<u64>)> {
     let mut out = HashMap::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let mut args = cmd.split(|b| *b == 0);
-        let (Some(a0), Some(a1)) = (args.next(), args.next()) else { continue };
+        let (Some(a0), Some(a1)) = (args.next(), args.next()) else {
+            continue;
+        };
         if !a0.ends_with(b"berth-shim") {
             continue;
         }
@@ -373,7 +455,11 @@ impl Inner {
                     .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        for id in on_disk.into_iter().chain(self.cgroups.list()).chain(shims.keys().cloned()) {
+        for id in on_disk
+            .into_iter()
+            .chain(self.cgroups.list())
+            .chain(shims.keys().cloned())
+        {
             if crate::core::is_valid_id(&id) && seen.insert(id.clone()) {
                 ids.push(id);
             }
@@ -394,7 +480,11 @@ impl Inner {
             }
             let shim = rec
                 .shim_pid
-                .filter(|p| rec.shim_starttime.is_some() && hostfs::process_starttime(*p) == rec.shim_starttime && !is_zombie(*p))
+                .filter(|p| {
+                    rec.shim_starttime.is_some()
+                        && hostfs::process_starttime(*p) == rec.shim_starttime
+                        && !is_zombie(*p)
+                })
                 .or_else(|| shims.get(&id).map(|(p, _)| *p));
             let exit = shim::read_exit(&dir).ok().flatten();
             let cg = self.cgroups.worker(&id);
@@ -410,8 +500,12 @@ impl Inner {
                     Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
                 ),
                 (None, None) if !cg.pids().is_empty() => Pickup::Orphan,
-                (None, None) if rec.status == WorkerStatus::Pending && rec.restarts > 0 => Pickup::Respawn,
-                (None, None) => Pickup::Lost("ended while berthd was down; exit status unknown".into()),
+                (None, None) if rec.status == WorkerStatus::Pending && rec.restarts > 0 => {
+                    Pickup::Respawn
+                }
+                (None, None) => {
+                    Pickup::Lost("ended while berthd was down; exit status unknown".into())
+                }
             };
             let mut rec = rec;
             match &pickup {
@@ -429,7 +523,9 @@ impl Inner {
                 Pickup::Orphan => {
                     rec.status = WorkerStatus::Running;
                     if !rec.reason.starts_with(UNACCOUNTED) {
-                        rec.reason = "unsupervised: its shim is gone; the exit status will be unknown".into();
+                        rec.reason =
+                            "unsupervised: its shim is gone; the exit status will be unknown"
+                                .into();
                     }
                 }
                 _ => {}
@@ -519,13 +615,19 @@ async fn watch_orphan(inner: Arc<Inner>, id: String) {
     let cg = inner.cgroups.worker(&id);
     loop {
         let c = cg.clone();
-        let empty = tokio::task::spawn_blocking(move || c.pids().is_empty()).await.unwrap_or(true);
+        let empty = tokio::task::spawn_blocking(move || c.pids().is_empty())
+            .await
+            .unwrap_or(true);
         if empty {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let stop = inner.lock().workers.get(&id).and_then(|e| e.rec.stop_reason.clone());
+    let stop = inner
+        .lock()
+        .workers
+        .get(&id)
+        .and_then(|e| e.rec.stop_reason.clone());
     let reason = "ended unsupervised; exit status unknown".to_owned();
     inner
         .clone()
@@ -577,10 +679,22 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
     let job_inner = inner.clone();
     let jid = id.clone();
     let res = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(dir.join(shim::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
-        let spec: ShimSpec = serde_json::from_slice(&bytes).map_err(|e| format!("read spec: {e}"))?;
+        let bytes =
+            std::fs::read(dir.join(shim::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
+        let spec: ShimSpec =
+            serde_json::from_slice(&bytes).map_err(|e| format!("read spec: {e}"))?;
         let _ = std::fs::remove_file(dir.join(shim::EXIT_FILE));
+        // The namespace outlives a restart; after a reboot or a crash of an earlier daemon it
+        // may be gone, and is made again with the worker's address.
+        let net = match (spec.netns.is_some(), rec.ip_address) {
+            (false, _) => None,
+            (true, _) if job_inner.net.exists(&jid) => None,
+            (true, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
+            (true, _) => Some(WorkerNet::Isolated),
+        };
         let job = SpawnJob {
+            net,
+            pending: None,
             id: jid,
             shim: spec,
             limits: Limits {
@@ -590,7 +704,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
                 denied_devices: job_inner.denied_devices(&rec.gpu_uuids),
             },
         };
-        job_inner.spawn_one(&job)
+        job_inner.spawn_one(&job, None)
     })
     .await
     .unwrap_or_else(|e| Err(format!("restart task: {e}")));

@@ -89,6 +89,7 @@ pub async fn render(host: &Host) -> String {
         v.capacity.workers
     );
     let _ = writeln!(s, "berth_capacity{{resource=\"gpus\"}} {}", v.gpu_capacity);
+    let _ = writeln!(s, "berth_capacity{{resource=\"ips\"}} {}", v.ip_capacity);
     let _ = writeln!(
         s,
         "# HELP berth_allocated Resources held by live workers.\n# TYPE berth_allocated gauge"
@@ -104,7 +105,17 @@ pub async fn render(host: &Host) -> String {
         "berth_allocated{{resource=\"workers\"}} {}",
         v.allocated.workers
     );
-    let _ = writeln!(s, "berth_allocated{{resource=\"gpus\"}} {}", v.gpu_allocated);
+    let _ = writeln!(
+        s,
+        "berth_allocated{{resource=\"gpus\"}} {}",
+        v.gpu_allocated
+    );
+    let _ = writeln!(s, "berth_allocated{{resource=\"ips\"}} {}", v.ip_leases);
+    let _ = writeln!(
+        s,
+        "# HELP berth_netns_ready Network namespaces made ahead for bridge-mode workers.\n# TYPE berth_netns_ready gauge\nberth_netns_ready {}",
+        v.netns_ready
+    );
     if let Ok(live) = host
         .list(&super::host::Filter {
             statuses: vec![crate::core::worker::WorkerStatus::Running],
@@ -144,23 +155,37 @@ pub async fn render(host: &Host) -> String {
 /// Per-GPU gauges: telemetry, who holds each GPU, and processes outside any live worker.
 fn render_gpus(s: &mut String, v: &super::host::HostView) {
     let gauges: [(&str, &str); 5] = [
-        ("berth_gpu_utilization_percent", "Percent of time a kernel ran on the GPU over the last sample period."),
+        (
+            "berth_gpu_utilization_percent",
+            "Percent of time a kernel ran on the GPU over the last sample period.",
+        ),
         ("berth_gpu_memory_used_bytes", "GPU memory in use."),
         ("berth_gpu_memory_total_bytes", "GPU memory installed."),
-        ("berth_gpu_allocated", "1 while a worker holds the GPU (label worker), else 0."),
-        ("berth_gpu_stray_processes", "Compute processes on the GPU that belong to no live worker of this host."),
+        (
+            "berth_gpu_allocated",
+            "1 while a worker holds the GPU (label worker), else 0.",
+        ),
+        (
+            "berth_gpu_stray_processes",
+            "Compute processes on the GPU that belong to no live worker of this host.",
+        ),
     ];
     for (i, (name, help)) in gauges.iter().enumerate() {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
         for g in &v.gpus {
-            let labels = format!(
-                "gpu=\"{}\",uuid=\"{}\"",
-                g.device.index, g.device.uuid
-            );
+            let labels = format!("gpu=\"{}\",uuid=\"{}\"", g.device.index, g.device.uuid);
             let sample = g.sample.as_ref();
             let _ = match i {
-                0 => writeln!(s, "{name}{{{labels}}} {}", sample.map_or(0, |x| x.utilization_percent)),
-                1 => writeln!(s, "{name}{{{labels}}} {}", sample.map_or(0, |x| x.memory_used_bytes)),
+                0 => writeln!(
+                    s,
+                    "{name}{{{labels}}} {}",
+                    sample.map_or(0, |x| x.utilization_percent)
+                ),
+                1 => writeln!(
+                    s,
+                    "{name}{{{labels}}} {}",
+                    sample.map_or(0, |x| x.memory_used_bytes)
+                ),
                 2 => writeln!(s, "{name}{{{labels}}} {}", g.device.memory_total_bytes),
                 3 => writeln!(
                     s,

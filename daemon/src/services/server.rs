@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::core::admission::Capacity;
+use crate::core::ipam::Subnet;
 use crate::core::launch::{KernelInvocation, GIB};
 use crate::sys::cgroup::{CgroupFs, Cgroups};
 use crate::sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use crate::sys::host as hostfs;
+use crate::sys::netns::{HostNetwork, NetConfig, Netns, NoNetwork};
 use crate::sys::output::Rotation;
 use crate::sys::spawn::ShimSpawner;
 use crate::sys::store::StoreWriter;
@@ -276,13 +278,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         "GPUs: {}",
         opened.note
     );
-    let host = Host::with_gpus(
+    let net = start_network(&cfg).await;
+    let host = Host::with_network(
         opts,
         cgroups,
         spawner,
         Some(writer.clone()),
         opened.gpus,
         monitor,
+        net,
     );
     let started = std::time::Instant::now();
     match host.recover(&store).await {
@@ -405,6 +409,37 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     writer.stop();
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     result
+}
+
+/// The host side of worker networks (bridge, gateway, rules, egress) and its namespace threads.
+/// Where it cannot be set up, the daemon still runs host-mode workers and refuses the others
+/// with the reason.
+async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
+    let dir = cfg.state_dir.join("netns");
+    let unavailable = |reason: String| -> Arc<dyn Netns> {
+        tracing::error!(reason = %reason, "worker networks unavailable; only host-mode workers can run");
+        Arc::new(NoNetwork {
+            reason,
+            dir: dir.clone(),
+        })
+    };
+    let subnet = match Subnet::parse(&cfg.subnet) {
+        Ok(s) => s,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    let ncfg = NetConfig {
+        dir: dir.clone(),
+        bridge: cfg.bridge.clone(),
+        subnet,
+        egress: cfg.egress,
+        threads: hostfs::online_cpus().clamp(1, 4),
+        pool: cfg.netns_pool,
+    };
+    match tokio::task::spawn_blocking(move || HostNetwork::start(ncfg)).await {
+        Ok(Ok(n)) => Arc::new(n),
+        Ok(Err(e)) => unavailable(e.to_string()),
+        Err(e) => unavailable(format!("start: {e}")),
+    }
 }
 
 /// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.

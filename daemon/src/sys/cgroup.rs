@@ -290,8 +290,9 @@ impl WorkerCgroup {
     }
 
     /// Kills every process of the cgroup, including ones forked while killing, and waits until
-    /// the cgroup is empty (bounded by `timeout`). v2 uses `cgroup.kill`; v1 freezes the cgroup,
-    /// kills every member and thaws it, so a fork bomb cannot outrun the kill.
+    /// the cgroup is empty (bounded by `timeout`). v2 uses `cgroup.kill`; v1, and v2 on kernels
+    /// without `cgroup.kill`, freeze the cgroup, kill every member and thaw it, so a fork bomb
+    /// cannot outrun the kill.
     pub fn kill_all(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let v2_kill = self.version == CgroupVersion::V2
@@ -322,14 +323,34 @@ impl WorkerCgroup {
         }
     }
 
-    /// Freezes (or thaws) a v1 cgroup; returns whether it is frozen.
+    /// Freezes (or thaws) the cgroup: v1 through `freezer.state`, v2 through `cgroup.freeze`
+    /// (kernels older than 5.14 lack `cgroup.kill`; a frozen v2 task still dies of SIGKILL).
+    /// Returns whether it is frozen.
     fn freeze(&self, frozen: bool) -> bool {
-        let Some(dir) = self.dir(Controller::Freezer) else {
-            return false;
-        };
-        let state = dir.join("freezer.state");
-        let want = if frozen { "FROZEN" } else { "THAWED" };
-        if write_file(&state, want).is_err() {
+        let (control, value, state, is_frozen): (PathBuf, &str, PathBuf, fn(&str) -> bool) =
+            match self.version {
+                CgroupVersion::V1 => {
+                    let Some(dir) = self.dir(Controller::Freezer) else {
+                        return false;
+                    };
+                    let state = dir.join("freezer.state");
+                    let value = if frozen { "FROZEN" } else { "THAWED" };
+                    (state.clone(), value, state, |s| s.trim() == "FROZEN")
+                }
+                CgroupVersion::V2 => {
+                    let Some(dir) = self.dir(Controller::Unified) else {
+                        return false;
+                    };
+                    let value = if frozen { "1" } else { "0" };
+                    (
+                        dir.join("cgroup.freeze"),
+                        value,
+                        dir.join("cgroup.events"),
+                        |s| parse_flat_keyed(s, "frozen") == Some(1),
+                    )
+                }
+            };
+        if write_file(&control, value).is_err() {
             return false;
         }
         if !frozen {
@@ -337,7 +358,7 @@ impl WorkerCgroup {
         }
         for _ in 0..500 {
             match fs::read_to_string(&state) {
-                Ok(s) if s.trim() == "FROZEN" => return true,
+                Ok(s) if is_frozen(&s) => return true,
                 Ok(_) => std::thread::sleep(Duration::from_micros(200)),
                 Err(_) => return false,
             }
@@ -1017,5 +1038,131 @@ mod tests {
             join_in_hierarchy(&nested, "/outer/x"),
             PathBuf::from("/sys/fs/cgroup/x")
         );
+    }
+
+    /// Real kernel, root only: a process in a cgroup whose device rules deny `c 195:1` gets
+    /// EPERM opening such a node and ENXIO (allowed; no driver) opening `c 195:0`. Runs the v2
+    /// eBPF filter where a cgroup2 hierarchy is mounted (on the hybrid layout too) and the v1
+    /// `devices.deny` where the v1 devices controller is.
+    #[test]
+    fn device_rules_on_the_real_kernel() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::process::CommandExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups, mknod)");
+            return;
+        }
+        let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap());
+        let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap());
+        let nodes = tempfile::tempdir().unwrap();
+        let mk = |minor: u32| {
+            let p = nodes.path().join(format!("nvidia{minor}"));
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: c is a valid path; mknod takes plain integers otherwise.
+            let r = unsafe {
+                libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(195, minor))
+            };
+            assert_eq!(
+                r,
+                0,
+                "mknod {}: {}",
+                p.display(),
+                io::Error::last_os_error()
+            );
+            c
+        };
+        let (allowed, denied) = (mk(0), mk(1));
+        // Joins the cgroup, then opens `node` before exec; the open's errno comes back as the
+        // spawn error.
+        let open_in = |procs: &Path, node: &std::ffi::CString| -> Option<i32> {
+            let procs = fs::OpenOptions::new().write(true).open(procs).unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+            let node = node.clone();
+            let mut cmd = std::process::Command::new("/bin/true");
+            // SAFETY: the hook only makes raw syscalls (write, open, close) on values prepared
+            // before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::other("join cgroup"));
+                    }
+                    let f = libc::open(node.as_ptr(), libc::O_RDONLY);
+                    if f < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(f);
+                    Ok(())
+                })
+            };
+            match cmd.spawn() {
+                Ok(mut c) => {
+                    let _ = c.wait();
+                    Some(0)
+                }
+                Err(e) => e.raw_os_error(),
+            }
+        };
+        let name = format!("berth-devtest-{}", std::process::id());
+        let mut tried = 0;
+        if let Some(m) = mounts.iter().find(|m| m.version == CgroupVersion::V2) {
+            let own_path = own
+                .iter()
+                .find(|(c, _)| c.is_empty())
+                .map(|(_, p)| p.as_str())
+                .unwrap_or("/");
+            let dir = join_in_hierarchy(m, own_path).join(&name);
+            fs::create_dir(&dir).unwrap();
+            let res = attach_device_filter(&dir, &[DeviceNode::char(195, 1)]).map(|()| {
+                (
+                    open_in(&dir.join("cgroup.procs"), &allowed),
+                    open_in(&dir.join("cgroup.procs"), &denied),
+                )
+            });
+            remove_dir_retry(&dir).unwrap();
+            let (a, d) = res.unwrap();
+            assert_eq!(
+                a,
+                Some(libc::ENXIO),
+                "v2: the allowed node is open to the driver"
+            );
+            assert_eq!(d, Some(libc::EPERM), "v2: the denied node is refused");
+            tried += 1;
+        }
+        if let Some(m) = mounts.iter().find(|m| {
+            m.version == CgroupVersion::V1 && m.controllers.iter().any(|c| c == "devices")
+        }) {
+            let own_path = own
+                .iter()
+                .find(|(c, _)| c.iter().any(|x| x == "devices"))
+                .map(|(_, p)| p.as_str())
+                .unwrap_or("/");
+            let dir = join_in_hierarchy(m, own_path).join(&name);
+            fs::create_dir(&dir).unwrap();
+            let res = write_file(
+                &dir.join("devices.deny"),
+                &DeviceNode::char(195, 1).v1_rule(),
+            )
+            .map(|()| {
+                (
+                    open_in(&dir.join("cgroup.procs"), &allowed),
+                    open_in(&dir.join("cgroup.procs"), &denied),
+                )
+            });
+            remove_dir_retry(&dir).unwrap();
+            let (a, d) = res.unwrap();
+            assert_eq!(
+                a,
+                Some(libc::ENXIO),
+                "v1: the allowed node is open to the driver"
+            );
+            assert_eq!(d, Some(libc::EPERM), "v1: the denied node is refused");
+            tried += 1;
+        }
+        if tried == 0 {
+            eprintln!("skipped: neither cgroup2 nor the v1 devices controller is mounted");
+        } else {
+            eprintln!("device rules enforced by {tried} cgroup interface(s)");
+        }
     }
 }

@@ -241,7 +241,8 @@ pub fn device_filter(rules: &[DeviceRule], default_allow: bool) -> Result<Vec<In
                 continue;
             }
             let off = next - (pc + 1);
-            ins.off = i16::try_from(off).map_err(|_| DevBpfError::TooLong { rules: rules.len() })?;
+            ins.off =
+                i16::try_from(off).map_err(|_| DevBpfError::TooLong { rules: rules.len() })?;
         }
     }
     if !closed {
@@ -336,7 +337,10 @@ mod tests {
                 _ => todo.push(pc + 1),
             }
         }
-        assert!(seen.iter().all(|s| *s), "unreachable instructions: {seen:?}");
+        assert!(
+            seen.iter().all(|s| *s),
+            "unreachable instructions: {seen:?}"
+        );
     }
 
     const PROLOGUE: [Insn; 6] = [
@@ -518,7 +522,10 @@ mod tests {
     #[test]
     fn numbers_beyond_i32_are_refused() {
         let e = deny_filter(&[DeviceNode::char(u32::MAX, 0)]).unwrap_err();
-        assert!(matches!(e, DevBpfError::Immediate { what: "major", .. }), "{e}");
+        assert!(
+            matches!(e, DevBpfError::Immediate { what: "major", .. }),
+            "{e}"
+        );
     }
 
     #[test]

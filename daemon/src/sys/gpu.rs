@@ -378,21 +378,24 @@ impl NvmlGpus {
                 minor_number: d.minor_number().map_err(nvml_err("minor number", i))?,
             });
         }
-        let n = devices.len();
-        let mut distance = vec![vec![0u32; n]; n];
-        for a in 0..n {
-            for b in (a + 1)..n {
-                let level = (|| {
-                    let da = nvml.device_by_index(a as u32)?;
-                    let db = nvml.device_by_index(b as u32)?;
-                    da.topology_common_ancestor(db)
-                })();
-                // Unknown topology: as far as it gets.
-                let d = level.map(topology_distance).unwrap_or(50);
-                distance[a][b] = d;
-                distance[b][a] = d;
+        let n = devices.len() as u32;
+        let between = |a: u32, b: u32| -> u32 {
+            if a == b {
+                return 0;
             }
-        }
+            // Asked in one order only, so the matrix is symmetric whatever the driver says.
+            let (a, b) = (a.min(b), a.max(b));
+            let level = (|| {
+                let da = nvml.device_by_index(a)?;
+                let db = nvml.device_by_index(b)?;
+                da.topology_common_ancestor(db)
+            })();
+            // Unknown topology: as far as it gets.
+            level.map(topology_distance).unwrap_or(50)
+        };
+        let distance: Vec<Vec<u32>> = (0..n)
+            .map(|a| (0..n).map(|b| between(a, b)).collect())
+            .collect();
         Ok(Self {
             nvml: Arc::new(nvml),
             devices,
@@ -623,7 +626,10 @@ impl GpuMonitor {
 
     /// The latest snapshot.
     pub fn latest(&self) -> Arc<GpuSnapshot> {
-        self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -643,7 +649,9 @@ mod tests {
         for (s, want) in ok {
             assert_eq!(GpuBackendSpec::parse(s).unwrap(), want, "{s}");
         }
-        for s in ["", "cuda", "fake", "fake:", "fake:x", "fake:0", "fake:65", "fake:-1"] {
+        for s in [
+            "", "cuda", "fake", "fake:", "fake:x", "fake:0", "fake:65", "fake:-1",
+        ] {
             assert!(
                 matches!(GpuBackendSpec::parse(s), Err(GpuError::Spec { .. })),
                 "{s:?} accepted"
@@ -699,7 +707,11 @@ mod tests {
             format!("PATH=/bin\0CUDA_VISIBLE_DEVICES={u1},{u2}\0").as_bytes(),
             "5:devices:/berth-h1/w1abc\n4:memory:/x/berth-h1/w1abc\n",
         );
-        mk(101, format!("CUDA_VISIBLE_DEVICES={u1}\0").as_bytes(), "0::/user.slice\n");
+        mk(
+            101,
+            format!("CUDA_VISIBLE_DEVICES={u1}\0").as_bytes(),
+            "0::/user.slice\n",
+        );
         mk(102, b"CUDA_VISIBLE_DEVICES=\0", "0::/\n");
         mk(103, b"HOME=/\0", "0::/\n");
         std::fs::create_dir_all(root.path().join("self")).unwrap();
@@ -710,7 +722,10 @@ mod tests {
         assert_eq!(pids(0), Vec::<u32>::new());
         assert_eq!(pids(1), vec![100, 101]);
         assert_eq!(pids(2), vec![100]);
-        assert_eq!(s[1].memory_used_bytes, FAKE_BASE_MEMORY + 2 * FAKE_PROCESS_MEMORY);
+        assert_eq!(
+            s[1].memory_used_bytes,
+            FAKE_BASE_MEMORY + 2 * FAKE_PROCESS_MEMORY
+        );
         assert!(s[1].utilization_percent > 0 && s[1].utilization_percent <= 100);
         assert_eq!(s[1].processes[0].worker.as_deref(), Some("w1abc"));
         assert_eq!(s[1].processes[1].worker, None);
@@ -719,7 +734,10 @@ mod tests {
     #[test]
     fn environ_parsing() {
         let cases: &[(&[u8], &[&str])] = &[
-            (b"A=1\0CUDA_VISIBLE_DEVICES=GPU-a,GPU-b\0B=2\0", &["GPU-a", "GPU-b"]),
+            (
+                b"A=1\0CUDA_VISIBLE_DEVICES=GPU-a,GPU-b\0B=2\0",
+                &["GPU-a", "GPU-b"],
+            ),
             (b"CUDA_VISIBLE_DEVICES=\0", &[]),
             (b"XCUDA_VISIBLE_DEVICES=GPU-a\0", &[]),
             (b"CUDA_VISIBLE_DEVICES=GPU-a", &["GPU-a"]),
@@ -733,7 +751,10 @@ mod tests {
     #[test]
     fn worker_from_proc_cgroup() {
         let cases: &[(&str, Option<&str>)] = &[
-            ("0::/system.slice/berthd.service/berth-h1/abc123\n", Some("abc123")),
+            (
+                "0::/system.slice/berthd.service/berth-h1/abc123\n",
+                Some("abc123"),
+            ),
             (
                 "9:name=systemd:/\n5:devices:/berth-h1/w9\n4:memory:/process_api/x/berth-h1/w9\n",
                 Some("w9"),
@@ -798,16 +819,24 @@ mod tests {
     fn monitor_samples_and_stops() {
         let g = Arc::new(Counting::default());
         let m = GpuMonitor::start(g.clone(), Duration::from_millis(10), "berth-x".into()).unwrap();
-        assert_eq!(m.latest().samples[0].utilization_percent, 0, "first sample at start");
+        assert_eq!(
+            m.latest().samples[0].utilization_percent,
+            0,
+            "first sample at start"
+        );
         std::thread::sleep(Duration::from_millis(100));
-        assert!(m.latest().samples[0].utilization_percent >= 2, "sampled on a period");
+        assert!(
+            m.latest().samples[0].utilization_percent >= 2,
+            "sampled on a period"
+        );
         drop(m);
         std::thread::sleep(Duration::from_millis(50));
         let n = g.0.load(std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(g.0.load(std::sync::atomic::Ordering::SeqCst), n, "stopped");
         // A host without GPUs never starts a thread.
-        let idle = GpuMonitor::start(Arc::new(NoGpus), Duration::from_millis(1), "x".into()).unwrap();
+        let idle =
+            GpuMonitor::start(Arc::new(NoGpus), Duration::from_millis(1), "x".into()).unwrap();
         assert!(idle.latest().samples.is_empty());
     }
 

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod devbpf;
 pub mod gpu;
 pub mod host;
+pub mod netns;
 pub mod output;
 pub mod shim;
 pub mod spawn;

@@ -68,6 +68,9 @@ pub struct BadRecord {
     pub error: String,
 }
 
+/// Decoded records by key, and the records that did not decode.
+pub type Loaded<T> = (Vec<(String, T)>, Vec<BadRecord>);
+
 /// The embedded database.
 #[derive(Debug)]
 pub struct Store {
@@ -141,10 +144,7 @@ impl Store {
     }
 
     /// Every record of `table`; records that do not decode are returned apart.
-    pub fn load<T: DeserializeOwned>(
-        &self,
-        table: Table,
-    ) -> Result<(Vec<(String, T)>, Vec<BadRecord>), StoreError> {
+    pub fn load<T: DeserializeOwned>(&self, table: Table) -> Result<Loaded<T>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(def(table)).map_err(|e| self.err(e))?;
         let mut good = Vec::new();

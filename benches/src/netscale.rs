@@ -1,0 +1,758 @@
+//! Worker network benchmark (issue: worker networks).
+//!
+//! Measures, in one run:
+//! - the floor: one worker network made the plain way in process with rtnetlink's async API
+//!   (unshare, lo up, veth with its peer created inside as eth0, host route, address, default
+//!   route), on a fresh thread per network;
+//! - berth's own primitive (`sys::netns::HostNetwork`: the same plus bind mount, IPv6 off,
+//!   forwarding, neighbour entry; batched requests) create + remove, without a daemon;
+//! - `crun run` of /bin/true in its own network, PID and mount namespaces and a cgroup, one at a
+//!   time and a batch over the CPUs (crun runs in a private mount namespace where the hybrid
+//!   host's cgroup2 controller list is hidden: crun refuses hybrid hosts otherwise);
+//! - berthd (release build): launch → RUNNING of one bridge-mode /bin/true worker, per-worker
+//!   time in a batch of 200 (bridge and host mode), and launch → RUNNING of worker 1, 1000, 2000
+//!   and 4000 with every earlier worker alive (sleeping).
+//!
+//! Run as root from a release build: `cargo build --release -p berth-benches -p berth-daemon
+//! --bins && target/release/berth-bench-net [--workers 4000] [--single 50] [--rounds 3]`.
+
+use std::collections::HashSet;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use berth_benches::{median, ms};
+use berth_daemon::core::ipam::Subnet;
+use berth_daemon::sys::netns::{HostNetwork, NetConfig, Netns, WorkerNet};
+use berth_tests::{command_request, pb, Client, Daemon, DaemonOptions, TestNet};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+struct Opts {
+    workers: u32,
+    single: usize,
+    rounds: usize,
+    batch: u32,
+    floor: usize,
+    pool: usize,
+    /// Fill the host with host-network workers instead (to tell network costs from others).
+    scale_host: bool,
+}
+
+fn parse_opts(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        workers: 4000,
+        single: 50,
+        rounds: 3,
+        batch: 200,
+        floor: 200,
+        pool: 256,
+        scale_host: false,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--scale-host" {
+            o.scale_host = true;
+            i += 1;
+            continue;
+        }
+        let v = args.get(i + 1).context("flag needs a value")?;
+        match args[i].as_str() {
+            "--workers" => o.workers = v.parse()?,
+            "--single" => o.single = v.parse()?,
+            "--rounds" => o.rounds = v.parse()?,
+            "--batch" => o.batch = v.parse()?,
+            "--floor" => o.floor = v.parse()?,
+            "--pool" => o.pool = v.parse()?,
+            f => bail!(
+                "unknown flag {f}; flags: --workers N --single N --rounds N --batch N --floor N --pool N"
+            ),
+        }
+        i += 2;
+    }
+    Ok(o)
+}
+
+fn addr(subnet: &Subnet, offset: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + offset)
+}
+
+/// One worker network the plain way (rtnetlink's async handles), on a fresh thread that holds
+/// the namespace; it goes with the thread. Returns the time from unshare to the last route.
+fn floor_once(subnet: Subnet, ip: Ipv4Addr, name: String) -> Result<Duration> {
+    std::thread::spawn(move || -> Result<Duration> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (conn, host, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            let t = Instant::now();
+            // SAFETY: unshare of the network namespace affects only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare: {}", std::io::Error::last_os_error());
+            }
+            let ns = fs::File::open("/proc/thread-self/ns/net")?;
+            let (conn, inner, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            inner
+                .link()
+                .set(LinkUnspec::new_with_index(1).up().build())
+                .execute()
+                .await?;
+            let peer = LinkUnspec::new_with_name("eth0")
+                .setns_by_fd(ns.as_raw_fd())
+                .build();
+            host.link()
+                .add(
+                    LinkVeth::new(&name, "eth0")
+                        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                        .build(),
+                )
+                .execute()
+                .await?;
+            let idx = host
+                .link()
+                .get()
+                .match_name(name.clone())
+                .execute()
+                .try_next()
+                .await?
+                .context("host end")?
+                .header
+                .index;
+            host.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await?;
+            host.route()
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(ip, 32)
+                        .output_interface(idx)
+                        .scope(RouteScope::Link)
+                        .build(),
+                )
+                .execute()
+                .await?;
+            let e = inner
+                .link()
+                .get()
+                .match_name("eth0")
+                .execute()
+                .try_next()
+                .await?
+                .context("eth0")?
+                .header
+                .index;
+            inner
+                .link()
+                .set(LinkUnspec::new_with_index(e).up().build())
+                .execute()
+                .await?;
+            inner.address().add(e, IpAddr::V4(ip), 32).execute().await?;
+            inner
+                .route()
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .gateway(subnet.gateway())
+                        .output_interface(e)
+                        .onlink()
+                        .build(),
+                )
+                .execute()
+                .await?;
+            Ok(t.elapsed())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+}
+
+/// berth's primitive without a daemon: create + remove of a routed worker network.
+fn berth_primitive(net: &TestNet, n: usize) -> Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let subnet = Subnet::parse(&net.subnet).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let h = HostNetwork::start(NetConfig {
+        dir: dir.path().join("netns"),
+        bridge: net.bridge.clone(),
+        subnet,
+        egress: false,
+        threads: 1,
+        pool: 0,
+    })?;
+    let mut create = Vec::new();
+    let mut remove = Vec::new();
+    for i in 0..n {
+        let id = format!("bench{i:07}");
+        let t = Instant::now();
+        h.create(
+            &id,
+            WorkerNet::Routed {
+                ip: addr(&subnet, 4000 + i as u32),
+            },
+        )?;
+        create.push(t.elapsed());
+        let t = Instant::now();
+        h.remove(&id)?;
+        remove.push(t.elapsed());
+    }
+    Ok((median(&mut create), median(&mut remove)))
+}
+
+/// Entry of the crun helper: a process of its own (so that it may enter a private mount
+/// namespace), started with `--crun-helper N LANES BUNDLES_DIR`. Prints `single_us batch_us`.
+fn crun_helper(args: &[String]) -> Result<()> {
+    let n: usize = args[0].parse()?;
+    let lanes: usize = args[1].parse()?;
+    let bundles = PathBuf::from(&args[2]);
+    let rootfs = bundles.join("rootfs");
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    // SAFETY: plain mount(2) calls with valid NUL-terminated strings, in this process's private
+    // mount namespace (entered before exec).
+    unsafe {
+        let none = std::ptr::null();
+        if libc::mount(
+            none,
+            c("/").as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!("make / private: {}", std::io::Error::last_os_error());
+        }
+        let ctl = "/sys/fs/cgroup/unified/cgroup.controllers";
+        if Path::new(ctl).exists() {
+            let empty = bundles.join("empty");
+            fs::write(&empty, "")?;
+            let e = c(empty.to_str().unwrap());
+            if libc::mount(
+                e.as_ptr(),
+                c(ctl).as_ptr(),
+                none,
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                bail!("hide {ctl}: {}", std::io::Error::last_os_error());
+            }
+        }
+        let r = c(rootfs.to_str().unwrap());
+        if libc::mount(
+            c("/").as_ptr(),
+            r.as_ptr(),
+            none,
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            bail!("bind / for the rootfs: {}", std::io::Error::last_os_error());
+        }
+    }
+    let run = |lane: usize, i: usize| -> Result<Duration> {
+        let t = Instant::now();
+        let st = Command::new("crun")
+            .args(["run", "--bundle"])
+            .arg(bundles.join(format!("lane{lane}")))
+            .arg(format!("berth-bench-{}-{lane}-{i}", std::process::id()))
+            .stdin(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("crun run: {st}");
+        }
+        Ok(t.elapsed())
+    };
+    run(0, 999_999)?;
+    let mut single = Vec::new();
+    for i in 0..n.min(100) {
+        single.push(run(0, i)?);
+    }
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let hs: Vec<_> = (0..lanes)
+            .map(|lane| {
+                let run = &run;
+                s.spawn(move || -> Result<()> {
+                    for i in (lane..n).step_by(lanes) {
+                        run(lane, 1000 + i)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().map_err(|_| anyhow::anyhow!("lane panicked"))??;
+        }
+        Ok(())
+    })?;
+    let batch = t.elapsed() / n as u32;
+    println!("{} {}", median(&mut single).as_micros(), batch.as_micros());
+    Ok(())
+}
+
+/// Writes one OCI bundle per lane (rootfs: the host's / bound read-only, /proc, a tmpfs /dev;
+/// network, PID, IPC, UTS and mount namespaces; a v1 cgroup with CPU, memory and pids limits).
+fn crun_bundles(dir: &Path, lanes: usize) -> Result<()> {
+    fs::create_dir_all(dir.join("rootfs"))?;
+    for lane in 0..lanes {
+        let b = dir.join(format!("lane{lane}"));
+        fs::create_dir_all(&b)?;
+        let config = serde_json::json!({
+            "ociVersion": "1.0.0",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": ["/bin/true"],
+                "env": ["PATH=/usr/bin:/bin"],
+                "cwd": "/",
+                "noNewPrivileges": true
+            },
+            "root": {"path": dir.join("rootfs"), "readonly": true},
+            "hostname": "w",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+            ],
+            "linux": {
+                "cgroupsPath": format!("/berth-crun-bench/lane{lane}"),
+                "resources": {
+                    "memory": {"limit": 134217728},
+                    "cpu": {"quota": 10000, "period": 100000},
+                    "pids": {"limit": 4096}
+                },
+                "namespaces": [
+                    {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                    {"type": "uts"}, {"type": "mount"}
+                ]
+            }
+        });
+        fs::write(b.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    }
+    Ok(())
+}
+
+/// (single median, batch per-worker) of crun, or why it could not be measured.
+fn measure_crun(n: usize) -> Result<(Duration, Duration)> {
+    if Command::new("crun").arg("--version").output().is_err() {
+        bail!("crun is not installed (apt-get install -y crun)");
+    }
+    let lanes = std::thread::available_parallelism()?.get();
+    let dir = tempfile::tempdir()?;
+    crun_bundles(dir.path(), lanes)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--crun-helper")
+        .arg(n.to_string())
+        .arg(lanes.to_string())
+        .arg(dir.path());
+    // SAFETY: between fork and exec the child only calls unshare(2).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output()?;
+    for ctrl in [
+        "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset",
+    ] {
+        let base = Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join("berth-crun-bench");
+        if let Ok(rd) = fs::read_dir(&base) {
+            for e in rd.flatten() {
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+        let _ = fs::remove_dir(base);
+    }
+    if !out.status.success() {
+        bail!(
+            "crun helper: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    if v.len() != 2 {
+        bail!("crun helper printed {text:?}");
+    }
+    Ok((Duration::from_micros(v[0]), Duration::from_micros(v[1])))
+}
+
+/// Waits (up to 60 s) until the daemon has `want` namespaces ready, as its metrics say.
+async fn wait_pool(port: u16, want: usize) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut s| {
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).ok()?;
+                body.lines()
+                    .find_map(|l| l.strip_prefix("berth_netns_ready "))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+        if ready.is_some_and(|r| r >= want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Launches `req` and returns the time from the call to the last worker's RUNNING event.
+async fn launch_to_running(
+    client: &Client,
+    req: pb::LaunchWorkersRequest,
+) -> Result<(Duration, Vec<String>)> {
+    let n = req.n as usize;
+    let mut watch = client
+        .workers()
+        .watch_workers(pb::WatchWorkersRequest::default())
+        .await?
+        .into_inner();
+    let t = Instant::now();
+    let ids: Vec<String> = client
+        .workers()
+        .launch_workers(req)
+        .await?
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    let wanted: HashSet<&String> = ids.iter().collect();
+    let mut running = HashSet::new();
+    while running.len() < n {
+        let ev = tokio::time::timeout(Duration::from_secs(120), watch.message())
+            .await
+            .context("no RUNNING within 120 s")??
+            .context("watch ended")?;
+        let w = ev.worker.context("event without worker")?;
+        if !wanted.contains(&w.id) {
+            continue;
+        }
+        if w.status == pb::WorkerStatus::Running as i32 {
+            running.insert(w.id);
+        } else if w.status == pb::WorkerStatus::Failed as i32 && w.started_at.is_none() {
+            bail!("worker {} failed to start: {}", w.id, w.reason);
+        }
+    }
+    Ok((t.elapsed(), ids))
+}
+
+async fn settle(client: &Client, ids: &[String]) -> Result<()> {
+    let r = client
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            timeout_seconds: Some(300),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if !r.failures.is_empty() {
+        bail!(
+            "{} workers failed: {:?}",
+            r.failures.len(),
+            r.failures[0].reason
+        );
+    }
+    Ok(())
+}
+
+fn request(n: u32, mode: pb::NetworkMode, command: &[&str]) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        cpu: 0.0005,
+        memory_gb: 0.004,
+        network: mode as i32,
+        ..command_request(n, command)
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--crun-helper") {
+        return crun_helper(&args[1..]);
+    }
+    if !berth_tests::is_root() {
+        bail!("needs root (namespaces, cgroups)");
+    }
+    let o = parse_opts(&args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(o))
+}
+
+async fn run(o: Opts) -> Result<()> {
+    println!(
+        "# berth worker network benchmark (pid {}, {} CPUs, kernel {})",
+        std::process::id(),
+        std::thread::available_parallelism()?.get(),
+        fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+    );
+    // Floors, on a test network slot of their own (its bridge and rules go with it).
+    let own = TestNet::claim()?;
+    let subnet = Subnet::parse(&own.subnet).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut floor = Vec::new();
+    for i in 0..o.floor {
+        floor.push(floor_once(
+            subnet,
+            addr(&subnet, 2 + i as u32),
+            format!("bf{}x{i}", std::process::id() % 10_000),
+        )?);
+    }
+    let floor = median(&mut floor);
+    let (prim_create, prim_remove) = berth_primitive(&own, o.floor)?;
+    drop(own);
+    let crun = measure_crun(o.batch as usize);
+    if let Err(e) = &crun {
+        println!("crun not measured: {e:#}");
+    }
+
+    let mport = berth_tests::free_port();
+    let d = Daemon::start_with(DaemonOptions {
+        config: format!(
+            "[resources]\nmax_workers = {}\ncpu = 64.0\nmemory_gb = 64.0\n[worker]\npids_max = 64\n",
+            o.workers + 1000
+        ),
+        netns_pool: Some(o.pool),
+        args: vec!["--metrics-listen".into(), format!("127.0.0.1:{mport}")],
+        ..Default::default()
+    })
+    .await?;
+    let pool_full = || wait_pool(mport, o.pool);
+    let client = d.client().await?;
+    let trueb = |n, mode| request(n, mode, &["/bin/true"]);
+    let (_, ids) = launch_to_running(&client, trueb(5, pb::NetworkMode::Bridge)).await?;
+    settle(&client, &ids).await?;
+    let mut single = Vec::new();
+    for _ in 0..o.single {
+        pool_full().await;
+        let (t, ids) = launch_to_running(&client, trueb(1, pb::NetworkMode::Bridge)).await?;
+        single.push(t);
+        settle(&client, &ids).await?;
+    }
+    let single = median(&mut single);
+    // Batches of /bin/true (launch while the previous workers' ends are handled) and of
+    // sleepers (launch alone; stopped after each round, untimed).
+    let batch = |mode, sleep: bool| {
+        let client = client.clone();
+        let n = o.batch;
+        let rounds = o.rounds;
+        let d = &d;
+        let pool_full = &pool_full;
+        async move {
+            let mut per = Vec::new();
+            for _ in 0..rounds {
+                let req = if sleep {
+                    request(n, mode, &["/bin/sleep", "3600"])
+                } else {
+                    trueb(n, mode)
+                };
+                pool_full().await;
+                let (t, ids) = launch_to_running(&client, req).await?;
+                per.push(t / n);
+                if sleep {
+                    client
+                        .workers()
+                        .stop_workers(pb::StopWorkersRequest {
+                            ids: ids.clone(),
+                            grace_seconds: Some(0),
+                            ..Default::default()
+                        })
+                        .await?;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !d.netns_files().is_empty() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    // Let the kernel free the namespaces before the next round.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                } else {
+                    settle(&client, &ids).await?;
+                }
+            }
+            Ok::<_, anyhow::Error>(median(&mut per))
+        }
+    };
+    let batch_bridge = batch(pb::NetworkMode::Bridge, false).await?;
+    let batch_host = batch(pb::NetworkMode::Host, false).await?;
+    let sleepers_bridge = batch(pb::NetworkMode::Bridge, true).await?;
+    let sleepers_host = batch(pb::NetworkMode::Host, true).await?;
+
+    // Scale: sleeping workers fill the host; probes of single launches at the marks.
+    let scale_mode = if o.scale_host {
+        pb::NetworkMode::Host
+    } else {
+        pb::NetworkMode::Bridge
+    };
+    let sleeper = |n| request(n, scale_mode, &["/bin/sleep", "3600"]);
+    let marks: Vec<u32> = [1, 1000, 2000, 4000]
+        .into_iter()
+        .filter(|m| *m <= o.workers)
+        .chain((o.workers > 4000).then_some(o.workers))
+        .collect();
+    let mut alive: Vec<String> = Vec::new();
+    let mut probes = Vec::new();
+    let mut fills: Vec<(usize, Duration)> = Vec::new();
+    const PROBES: u32 = 5;
+    for m in &marks {
+        let target = m.saturating_sub(PROBES / 2 + 1) as usize;
+        while alive.len() < target {
+            let n = ((target - alive.len()) as u32).min(o.batch);
+            let at = alive.len();
+            let (t, ids) = launch_to_running(&client, sleeper(n)).await?;
+            if n == o.batch {
+                fills.push((at, t / n));
+            }
+            alive.extend(ids);
+        }
+        let mut v = Vec::new();
+        for _ in 0..PROBES {
+            pool_full().await;
+            let (t, ids) = launch_to_running(&client, sleeper(1)).await?;
+            v.push(t);
+            alive.extend(ids);
+        }
+        probes.push((*m, alive.len(), median(&mut v)));
+    }
+    let host_veths = berth_tests::worker_veths().len();
+    let t = Instant::now();
+    client
+        .workers()
+        .stop_workers(pb::StopWorkersRequest {
+            all: true,
+            grace_seconds: Some(0),
+            ..Default::default()
+        })
+        .await?;
+    let stop_all = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !d.netns_files().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = t.elapsed();
+
+    println!();
+    println!("| measurement | median |");
+    println!("| --- | --- |");
+    println!(
+        "| floor: unshare + veth (peer inside) + addr + routes, rtnetlink async, in process ({} runs) | {} |",
+        o.floor,
+        ms(floor)
+    );
+    println!(
+        "| berth netns primitive: create (+ bind mount, IPv6 off, forwarding, neighbour), no daemon | {} |",
+        ms(prim_create)
+    );
+    println!(
+        "| berth netns primitive: remove (unmount; the kernel frees the rest) | {} |",
+        ms(prim_remove)
+    );
+    match &crun {
+        Ok((s, b)) => {
+            println!(
+                "| crun run /bin/true, netns + pidns + mntns + cgroup, one at a time | {} |",
+                ms(*s)
+            );
+            println!(
+                "| crun run /bin/true, per container in a batch of {} over {} CPUs | {} |",
+                o.batch,
+                std::thread::available_parallelism()?.get(),
+                ms(*b)
+            );
+        }
+        Err(_) => println!("| crun | not measured |"),
+    }
+    println!(
+        "| berth: launch → RUNNING, 1 bridge worker ({} runs) | {} |",
+        o.single,
+        ms(single)
+    );
+    println!(
+        "| berth: per-worker time in a batch of {} (bridge: namespace + address) | {} |",
+        o.batch,
+        ms(batch_bridge)
+    );
+    println!(
+        "| berth: per-worker time in a batch of {} (host network, for reference) | {} |",
+        o.batch,
+        ms(batch_host)
+    );
+    println!(
+        "| berth: per-worker launch time in a batch of {} sleepers (bridge) | {} |",
+        o.batch,
+        ms(sleepers_bridge)
+    );
+    println!(
+        "| berth: per-worker launch time in a batch of {} sleepers (host network) | {} |",
+        o.batch,
+        ms(sleepers_host)
+    );
+    for (m, n, t) in &probes {
+        println!(
+            "| berth: launch → RUNNING of worker {m} ({} alive before it; median of {PROBES}) | {} |",
+            n - PROBES as usize,
+            ms(*t)
+        );
+    }
+    for (at, t) in fills
+        .iter()
+        .filter(|(at, _)| *at == 0 || *at >= fills.last().map_or(0, |l| l.0))
+    {
+        println!(
+            "| berth: per-worker time in a batch of {} with {at} alive | {} |",
+            o.batch,
+            ms(*t)
+        );
+    }
+    println!(
+        "| berth: stop all {} workers (call) / until every namespace is gone | {} / {} |",
+        alive.len(),
+        ms(stop_all),
+        ms(gone)
+    );
+    println!();
+    println!("worker veths on the host at the peak: {host_veths}");
+    if let Ok((crun_single, crun_batch)) = crun {
+        println!(
+            "ratio berth batch per-worker / crun per container = {:.3} (/bin/true), {:.3} (sleepers)  (target ≤ 0.25)",
+            batch_bridge.as_secs_f64() / crun_single.as_secs_f64(),
+            sleepers_bridge.as_secs_f64() / crun_single.as_secs_f64()
+        );
+        println!(
+            "ratio berth batch per-worker / crun batch per-container = {:.3}",
+            batch_bridge.as_secs_f64() / crun_batch.as_secs_f64()
+        );
+    }
+    println!(
+        "ratio berth single launch / floor = {:.2}",
+        single.as_secs_f64() / floor.as_secs_f64()
+    );
+    if let (Some(first), Some(last)) = (probes.first(), probes.last()) {
+        println!(
+            "launch of worker {} / worker {} = {:.2} (must not climb)",
+            last.0,
+            first.0,
+            last.2.as_secs_f64() / first.2.as_secs_f64()
+        );
+    }
+    Ok(())
+}

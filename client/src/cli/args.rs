@@ -1,0 +1,449 @@
+//! The command line of `berth`: verbs, flags and the parsers of their values. Clap turns a
+//! malformed command line into a usage error (exit status 2) before any call is made.
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::pb;
+use crate::DEFAULT_ADDR;
+
+/// Launch, track and stop berth workers on a host daemon or a scheduler.
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    propagate_version = true,
+    args_override_self = true
+)]
+pub struct Cli {
+    /// Server address: HOST:PORT, http://HOST:PORT or unix:PATH.
+    #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
+    pub addr: String,
+    /// Print one JSON document (the response) instead of tables; `logs` stays raw.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Launch N workers, all or none (prints them; --wait or --attach to follow them).
+    Launch(Box<LaunchArgs>),
+    /// List workers.
+    #[command(visible_alias = "ps")]
+    List(ListArgs),
+    /// Wait until workers have ended (or run, with --running); exit 1 if any failed.
+    Await(AwaitArgs),
+    /// Stop workers: SIGTERM, then SIGKILL after the grace period.
+    Stop(StopArgs),
+    /// Print the output of workers, raw (-f to follow it until they end).
+    Logs(LogsArgs),
+    /// Show what the host daemon has and holds.
+    Info,
+    /// List the hosts behind a scheduler.
+    Hosts,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("program").args(["script", "code", "command"]).multiple(false)))]
+pub struct LaunchArgs {
+    /// Number of workers.
+    #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 1)]
+    pub n: u32,
+    /// CPU cores per worker (a hard cap).
+    #[arg(long, value_name = "C", default_value_t = 1.0)]
+    pub cpu: f64,
+    /// GiB of memory per worker (a hard limit).
+    #[arg(long, value_name = "GB", default_value_t = 1.0)]
+    pub memory: f64,
+    /// Whole GPUs per worker.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub gpus: u32,
+    /// Interpreter of --script or --code (server default: python3).
+    #[arg(long, value_name = "K")]
+    pub kernel: Option<String>,
+    /// Source file to run with the kernel, relative to --workdir.
+    #[arg(long, value_name = "FILE")]
+    pub script: Option<String>,
+    /// Source code to run with the kernel.
+    #[arg(long, value_name = "SRC")]
+    pub code: Option<String>,
+    /// Extra environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Session the workers belong to (they end with it).
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Working directory of the workers on their host; default: the current directory
+    /// ("" leaves it to the server).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// What the workers see as BERTH_MASTER_IP.
+    #[arg(long, value_name = "IP")]
+    pub master_ip: Option<String>,
+    /// Network of each worker.
+    #[arg(long, value_enum, default_value_t = Network::Bridge)]
+    pub network: Network,
+    /// Free label returned with the workers (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "K=V", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Host label the workers' host must carry (repeatable; scheduler placement).
+    #[arg(long = "constraint", value_name = "K=V", value_parser = parse_key_value)]
+    pub constraints: Vec<(String, String)>,
+    /// How a scheduler spreads the workers over hosts.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Binpack)]
+    pub placement: PlacementArg,
+    /// Restart policy.
+    #[arg(long, value_enum, default_value_t = Restart::Never)]
+    pub restart: Restart,
+    /// Restarts allowed per worker with --restart on-failure.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Wait until the workers have ended; print them; exit 1 if any failed.
+    #[arg(long, conflicts_with = "attach")]
+    pub wait: bool,
+    /// Stream the workers' output until they have ended; exit 1 if any failed.
+    #[arg(long)]
+    pub attach: bool,
+    /// Program and arguments to run instead of a kernel.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `NetworkMode` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Network {
+    /// Own namespace and IP address on the host's worker bridge.
+    Bridge,
+    /// The host's network namespace.
+    Host,
+    /// Own namespace with loopback only.
+    None,
+}
+
+impl From<Network> for pb::NetworkMode {
+    fn from(n: Network) -> Self {
+        match n {
+            Network::Bridge => pb::NetworkMode::Bridge,
+            Network::Host => pb::NetworkMode::Host,
+            Network::None => pb::NetworkMode::None,
+        }
+    }
+}
+
+/// `Placement` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    /// Fill the fullest host that fits first.
+    Binpack,
+    /// Prefer the emptiest hosts.
+    Spread,
+}
+
+impl From<PlacementArg> for pb::Placement {
+    fn from(p: PlacementArg) -> Self {
+        match p {
+            PlacementArg::Binpack => pb::Placement::Binpack,
+            PlacementArg::Spread => pb::Placement::Spread,
+        }
+    }
+}
+
+/// `RestartPolicy.Mode` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Restart {
+    Never,
+    OnFailure,
+}
+
+/// `WorkerStatus` on the command line (`--status running,failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "lower")]
+pub enum StatusArg {
+    Pending,
+    Starting,
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+    Lost,
+}
+
+impl From<StatusArg> for pb::WorkerStatus {
+    fn from(s: StatusArg) -> Self {
+        match s {
+            StatusArg::Pending => pb::WorkerStatus::Pending,
+            StatusArg::Starting => pb::WorkerStatus::Starting,
+            StatusArg::Running => pb::WorkerStatus::Running,
+            StatusArg::Succeeded => pb::WorkerStatus::Succeeded,
+            StatusArg::Failed => pb::WorkerStatus::Failed,
+            StatusArg::Stopped => pb::WorkerStatus::Stopped,
+            StatusArg::Lost => pb::WorkerStatus::Lost,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only these workers.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Only the workers of this session.
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Only workers in these states (comma-separated or repeated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        ignore_case = true,
+        value_name = "STATUS"
+    )]
+    pub status: Vec<StatusArg>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AwaitArgs {
+    /// Workers to wait for; none means those of --session, or every worker.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// The workers of this session.
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Wait until the workers run (then they have their IP) instead of until they end.
+    #[arg(long)]
+    pub running: bool,
+    /// Give up after SECS seconds (server default 60; 0: never).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("selector").args(["ids", "session", "all"]).required(true).multiple(false)))]
+pub struct StopArgs {
+    /// Workers to stop.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Stop every worker of this session.
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Stop every worker of the server.
+    #[arg(long)]
+    pub all: bool,
+    /// Seconds between SIGTERM and SIGKILL (server default 10).
+    #[arg(long, value_name = "SECS")]
+    pub grace: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("selector").args(["ids", "session"]).required(true).multiple(false)))]
+pub struct LogsArgs {
+    /// Workers whose output to print.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// The output of every worker of this session.
+    #[arg(long, value_name = "S")]
+    pub session: Option<String>,
+    /// Keep printing until every selected worker has ended.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only standard output.
+    #[arg(long, conflicts_with = "stderr")]
+    pub stdout: bool,
+    /// Only standard error.
+    #[arg(long)]
+    pub stderr: bool,
+    /// Start at the current end instead of replaying what was written before.
+    #[arg(long)]
+    pub tail: bool,
+}
+
+/// Why a `K=V` argument was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyValueError {
+    #[error("expected KEY=VALUE, got {0:?} (no '=')")]
+    MissingEquals(String),
+    #[error("expected KEY=VALUE, got {0:?} (empty key)")]
+    EmptyKey(String),
+}
+
+/// Parses `KEY=VALUE`, splitting at the first `=`: the value may hold `=` and may be empty.
+pub fn parse_key_value(s: &str) -> Result<(String, String), KeyValueError> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| KeyValueError::MissingEquals(s.to_owned()))?;
+    if k.is_empty() {
+        return Err(KeyValueError::EmptyKey(s.to_owned()));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn key_value() {
+        type Case = (
+            &'static str,
+            Result<(&'static str, &'static str), KeyValueError>,
+        );
+        let cases: &[Case] = &[
+            ("A=b", Ok(("A", "b"))),
+            ("A=", Ok(("A", ""))),
+            ("A=b=c", Ok(("A", "b=c"))),
+            ("A= b c ", Ok(("A", " b c "))),
+            ("A", Err(KeyValueError::MissingEquals("A".into()))),
+            ("", Err(KeyValueError::MissingEquals(String::new()))),
+            ("=b", Err(KeyValueError::EmptyKey("=b".into()))),
+        ];
+        for (input, want) in cases {
+            let got = parse_key_value(input);
+            let want = want.clone().map(|(k, v)| (k.to_owned(), v.to_owned()));
+            assert_eq!(got, want, "{input:?}");
+        }
+        assert_eq!(
+            KeyValueError::MissingEquals("FOO".into()).to_string(),
+            "expected KEY=VALUE, got \"FOO\" (no '=')"
+        );
+    }
+
+    #[test]
+    fn launch_defaults_and_command() {
+        let cli = parse(&["launch", "--", "/bin/echo", "-n", "--cpu"]).unwrap();
+        let Command::Launch(a) = cli.command else {
+            panic!("not launch")
+        };
+        assert_eq!((a.n, a.cpu, a.memory, a.gpus), (1, 1.0, 1.0, 0));
+        assert_eq!(a.command, ["/bin/echo", "-n", "--cpu"]);
+        assert_eq!(a.network, Network::Bridge);
+        assert_eq!(a.restart, Restart::Never);
+        assert!(!cli.json);
+    }
+
+    #[test]
+    fn launch_flags() {
+        let cli = parse(&[
+            "--json",
+            "launch",
+            "-n",
+            "3",
+            "--cpu",
+            "0.5",
+            "--memory",
+            "0.25",
+            "--gpus",
+            "1",
+            "--code",
+            "print(1)",
+            "--env",
+            "A=1",
+            "-e",
+            "B=x=y",
+            "--label",
+            "team=ml",
+            "--constraint",
+            "zone=a",
+            "--network",
+            "none",
+            "--restart",
+            "on-failure",
+            "--max-restarts",
+            "4",
+            "--wait",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        let Command::Launch(a) = cli.command else {
+            panic!("not launch")
+        };
+        assert_eq!((a.n, a.cpu, a.memory, a.gpus), (3, 0.5, 0.25, 1));
+        assert_eq!(a.code.as_deref(), Some("print(1)"));
+        assert_eq!(
+            a.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(a.network, Network::None);
+        assert_eq!((a.restart, a.max_restarts), (Restart::OnFailure, 4));
+        assert!(a.wait && !a.attach);
+    }
+
+    #[test]
+    fn usage_errors() {
+        let cases: &[&[&str]] = &[
+            &["launch", "--env", "NOEQUALS"],
+            &["launch", "--label", "=v"],
+            &["launch", "--script", "a.py", "--code", "1"],
+            &["launch", "--code", "1", "--", "/bin/true"],
+            &["launch", "--wait", "--attach", "--", "/bin/true"],
+            &["launch", "--network", "overlay"],
+            &["launch", "-n", "-1"],
+            &["stop"],
+            &["stop", "--grace", "3"],
+            &["stop", "abc", "--all"],
+            &["stop", "--session", "s", "--all"],
+            &["logs"],
+            &["logs", "abc", "--stdout", "--stderr"],
+            &["list", "--status", "sleeping"],
+            &["frobnicate"],
+        ];
+        for args in cases {
+            let e = parse(args).expect_err(&format!("{args:?} parsed"));
+            assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{args:?}");
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn selectors_and_aliases() {
+        let cli = parse(&["ps", "--status", "RUNNING,failed", "--status", "lost"]).unwrap();
+        let Command::List(l) = cli.command else {
+            panic!("ps is not list")
+        };
+        assert_eq!(
+            l.status,
+            [StatusArg::Running, StatusArg::Failed, StatusArg::Lost]
+        );
+        let Command::Stop(s) = parse(&["stop", "--all", "--grace", "0"]).unwrap().command else {
+            panic!("not stop")
+        };
+        assert!(s.all && s.ids.is_empty());
+        assert_eq!(s.grace, Some(0));
+        let Command::Logs(g) = parse(&["logs", "-f", "--stderr", "a", "b"])
+            .unwrap()
+            .command
+        else {
+            panic!("not logs")
+        };
+        assert_eq!(g.ids, ["a", "b"]);
+        assert!(g.follow && g.stderr && !g.stdout && !g.tail);
+        let Command::Await(w) = parse(&["await", "--running", "--timeout", "0"])
+            .unwrap()
+            .command
+        else {
+            panic!("not await")
+        };
+        assert!(w.running && w.ids.is_empty());
+        assert_eq!(w.timeout, Some(0));
+    }
+
+    #[test]
+    fn addr_flag_after_verb() {
+        let cli = parse(&["info", "--addr", "unix:/tmp/x.sock"]).unwrap();
+        assert_eq!(cli.addr, "unix:/tmp/x.sock");
+        // The last of repeated flags wins (an alias with --addr can be overridden).
+        let cli = parse(&["--addr", "a:1", "list", "--addr", "b:2"]).unwrap();
+        assert_eq!(cli.addr, "b:2");
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,379 @@
+//! The verbs: each builds its request, makes the call and prints the response, as a table or as
+//! one JSON document.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use clap::CommandFactory;
+use serde_json::Value;
+use tonic::Streaming;
+
+use super::args::{AwaitArgs, Cli, Command, LaunchArgs, ListArgs, LogsArgs, StopArgs};
+use super::output::{OutputDemux, Sink};
+use super::{json, request, view, CliError, Outcome, Terminal};
+use crate::{pb, Client};
+
+/// Seconds of one AwaitWorkers call while `--wait` or `--attach` waits without bound: short
+/// calls survive idle-connection reapers between the CLI and a remote server.
+const AWAIT_ROUND_SECS: u32 = 60;
+
+/// Checks what clap cannot express; a refusal is a usage error (exit status 2).
+pub fn check(cli: &Cli) -> Result<(), clap::Error> {
+    if let Command::Launch(a) = &cli.command {
+        if a.attach && cli.json {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--json cannot be used with --attach: the workers' output goes to stdout",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the verb of `cli` against its server, writing to `term`.
+pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+    let client = Client::connect(&cli.addr)
+        .await
+        .map_err(CliError::Connect)?;
+    let v = Verb {
+        client: &client,
+        json: cli.json,
+        addr: &cli.addr,
+    };
+    match cli.command {
+        Command::Launch(a) => v.launch(&a, term).await,
+        Command::List(a) => v.list(&a, term).await,
+        Command::Await(a) => v.await_workers(&a, term).await,
+        Command::Stop(a) => v.stop(&a, term).await,
+        Command::Logs(a) => v.logs(&a, term).await,
+        Command::Info => v.info(term).await,
+        Command::Hosts => v.hosts(term).await,
+    }
+}
+
+fn call<T>(
+    method: &'static str,
+    r: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, CliError> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|status| CliError::Call {
+            method,
+            status,
+            hint: None,
+        })
+}
+
+fn print_json(term: &mut Terminal<'_>, v: &Value) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *term.out, v).map_err(std::io::Error::from)?;
+    writeln!(term.out)?;
+    term.out.flush()?;
+    Ok(())
+}
+
+fn print_text(term: &mut Terminal<'_>, s: &str) -> Result<(), CliError> {
+    term.out.write_all(s.as_bytes())?;
+    term.out.flush()?;
+    Ok(())
+}
+
+/// Orders workers as `ids` names them (the launch order), others after.
+fn sort_like(workers: &mut [pb::Worker], ids: &[String]) {
+    workers.sort_by_key(|w| ids.iter().position(|i| *i == w.id).unwrap_or(usize::MAX));
+}
+
+/// What every verb needs: the connection, and how to print.
+struct Verb<'a> {
+    client: &'a Client,
+    json: bool,
+    addr: &'a str,
+}
+
+impl Verb<'_> {
+    fn print_workers(&self, term: &mut Terminal<'_>, ws: &[pb::Worker]) -> Result<(), CliError> {
+        if self.json {
+            print_json(term, &json::worker_list(ws))
+        } else {
+            print_text(term, &view::workers_table(ws, SystemTime::now()))
+        }
+    }
+
+    /// Prints an await result; a non-empty `failures` is the outcome `WorkersFailed`, also told
+    /// on stderr so that it shows when stdout goes to a file.
+    fn print_await(
+        &self,
+        term: &mut Terminal<'_>,
+        r: &pb::AwaitWorkersResponse,
+    ) -> Result<Outcome, CliError> {
+        if self.json {
+            print_json(term, &json::await_response(r))?;
+        } else {
+            print_text(term, &view::await_view(r, SystemTime::now()))?;
+        }
+        if r.failures.is_empty() {
+            return Ok(Outcome::Success);
+        }
+        writeln!(
+            term.err,
+            "berth: {} of {} awaited workers failed or did not get there in time",
+            r.failures.len(),
+            r.failures.len() + r.workers.len()
+        )?;
+        Ok(Outcome::WorkersFailed)
+    }
+
+    async fn launch(&self, a: &LaunchArgs, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        // Only a relative or absent --workdir needs the current directory (which can be gone).
+        let cwd = match a.workdir.as_deref() {
+            Some(d) if d.is_empty() || Path::new(d).is_absolute() => PathBuf::new(),
+            _ => std::env::current_dir().map_err(CliError::CurrentDir)?,
+        };
+        let req = request::launch(a, &cwd);
+        let workers = call(
+            "berth.v1.Workers/LaunchWorkers",
+            self.client.workers().launch_workers(req).await,
+        )?
+        .workers;
+        if !(a.attach || a.wait) {
+            self.print_workers(term, &workers)?;
+            return Ok(Outcome::Success);
+        }
+        let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+        // Ctrl-C leaves the workers running, and says so: they live on the server.
+        let followed = {
+            let follow = self.follow(&ids, a.attach, term);
+            tokio::select! {
+                r = follow => Some(r),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        };
+        match followed {
+            Some(r) => r,
+            None => {
+                writeln!(
+                    term.err,
+                    "\nberth: interrupted; the workers keep running: {}",
+                    ids.join(" ")
+                )?;
+                Ok(Outcome::Interrupted)
+            }
+        }
+    }
+
+    /// `launch --attach` (the output, then a line on stderr per failed worker) or `launch
+    /// --wait` (the final table), once the workers have ended.
+    async fn follow(
+        &self,
+        ids: &[String],
+        attach: bool,
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
+        if !attach {
+            let r = self.await_ended(ids).await?;
+            return self.print_await(term, &r);
+        }
+        let stream = call(
+            "berth.v1.Workers/StreamOutput",
+            self.client
+                .workers()
+                .stream_output(pb::StreamOutputRequest {
+                    ids: ids.to_vec(),
+                    follow: true,
+                    from_start: true,
+                    ..Default::default()
+                })
+                .await,
+        )?;
+        pump(stream, OutputDemux::new(ids.len() > 1), term).await?;
+        let r = self.await_ended(ids).await?;
+        for w in &r.failures {
+            writeln!(
+                term.err,
+                "berth: worker {} {}: {}",
+                w.id,
+                view::status_name(w.status()),
+                view::outcome(w)
+            )?;
+        }
+        Ok(if r.failures.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::WorkersFailed
+        })
+    }
+
+    /// Awaits completion of `ids` with no bound, in rounds of [`AWAIT_ROUND_SECS`].
+    async fn await_ended(&self, ids: &[String]) -> Result<pb::AwaitWorkersResponse, CliError> {
+        loop {
+            let mut r = call(
+                "berth.v1.Workers/AwaitWorkers",
+                self.client
+                    .workers()
+                    .await_workers(pb::AwaitWorkersRequest {
+                        ids: ids.to_vec(),
+                        wait_for_completion: Some(true),
+                        timeout_seconds: Some(AWAIT_ROUND_SECS),
+                        ..Default::default()
+                    })
+                    .await,
+            )?;
+            if r.failures.iter().all(|w| view::has_ended(w.status())) {
+                sort_like(&mut r.workers, ids);
+                sort_like(&mut r.failures, ids);
+                return Ok(r);
+            }
+        }
+    }
+
+    async fn list(&self, a: &ListArgs, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let r = call(
+            "berth.v1.Workers/ListWorkers",
+            self.client.workers().list_workers(request::list(a)).await,
+        )?;
+        self.print_workers(term, &r.workers)?;
+        Ok(Outcome::Success)
+    }
+
+    async fn await_workers(
+        &self,
+        a: &AwaitArgs,
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
+        let mut r = call(
+            "berth.v1.Workers/AwaitWorkers",
+            self.client
+                .workers()
+                .await_workers(request::await_workers(a))
+                .await,
+        )?;
+        sort_like(&mut r.workers, &a.ids);
+        sort_like(&mut r.failures, &a.ids);
+        self.print_await(term, &r)
+    }
+
+    async fn stop(&self, a: &StopArgs, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let r = call(
+            "berth.v1.Workers/StopWorkers",
+            self.client.workers().stop_workers(request::stop(a)).await,
+        )?;
+        self.print_workers(term, &r.workers)?;
+        Ok(Outcome::Success)
+    }
+
+    /// Raw output; `--json` does not apply (the bytes are the workers').
+    async fn logs(&self, a: &LogsArgs, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let several = match &a.session {
+            // How many workers a session selects is known only to the server.
+            Some(s) => {
+                call(
+                    "berth.v1.Workers/ListWorkers",
+                    self.client
+                        .workers()
+                        .list_workers(pb::ListWorkersRequest {
+                            session_id: s.clone(),
+                            ..Default::default()
+                        })
+                        .await,
+                )?
+                .workers
+                .len()
+                    > 1
+            }
+            None => request::distinct(&a.ids) > 1,
+        };
+        let stream = call(
+            "berth.v1.Workers/StreamOutput",
+            self.client.workers().stream_output(request::logs(a)).await,
+        )?;
+        pump(stream, OutputDemux::new(several), term).await?;
+        Ok(Outcome::Success)
+    }
+
+    async fn info(&self, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let h = call(
+            "berth.v1.Host/GetHostInfo",
+            self.client
+                .host()
+                .get_host_info(pb::GetHostInfoRequest {})
+                .await,
+        )?;
+        if self.json {
+            print_json(term, &json::host_info(&h))?;
+        } else {
+            print_text(term, &view::host_info_view(&h, SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    async fn hosts(&self, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let r = call(
+            "berth.v1.Cluster/ListHosts",
+            self.client
+                .cluster()
+                .list_hosts(pb::ListHostsRequest {})
+                .await,
+        )
+        .map_err(|e| match e {
+            CliError::Call {
+                method,
+                status,
+                hint: None,
+            } if status.code() == tonic::Code::Unimplemented => CliError::Call {
+                method,
+                status,
+                hint: Some(format!(
+                    "{} serves no cluster: `berth hosts` needs the address of a berth-scheduler",
+                    self.addr
+                )),
+            },
+            e => e,
+        })?;
+        if self.json {
+            print_json(term, &json::hosts(&r))?;
+        } else {
+            print_text(term, &view::hosts_table(&r.hosts, SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
+    }
+}
+
+/// Copies an output stream to the terminal as it comes, flushing after every chunk so that a
+/// follower sees each line when the worker writes it.
+async fn pump(
+    mut stream: Streaming<pb::OutputChunk>,
+    mut demux: OutputDemux,
+    term: &mut Terminal<'_>,
+) -> Result<(), CliError> {
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => {
+                let (sink, bytes) = demux.push(&chunk);
+                write_to(term, sink, &bytes)?;
+            }
+            Ok(None) => break Ok(()),
+            Err(status) => {
+                break Err(CliError::Call {
+                    method: "berth.v1.Workers/StreamOutput",
+                    status,
+                    hint: None,
+                })
+            }
+        }
+    };
+    for (sink, bytes) in demux.finish() {
+        write_to(term, sink, &bytes)?;
+    }
+    end
+}
+
+fn write_to(term: &mut Terminal<'_>, sink: Sink, bytes: &[u8]) -> Result<(), CliError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let w = match sink {
+        Sink::Stdout => &mut *term.out,
+        Sink::Stderr => &mut *term.err,
+    };
+    w.write_all(bytes)?;
+    w.flush()?;
+    Ok(())
+}

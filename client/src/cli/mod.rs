@@ -1,0 +1,219 @@
+//! The `berth` command-line tool as a library: the command line ([`args`]), the requests it
+//! makes ([`request`]), what it prints for people ([`view`], [`table`], [`output`]) and for
+//! scripts ([`json`]), and [`run`], which makes the calls. The binary only parses, runs and
+//! turns the result into an exit status.
+
+pub mod args;
+mod commands;
+pub mod json;
+pub mod output;
+pub mod request;
+pub mod table;
+pub mod view;
+
+use std::io::Write;
+
+pub use args::Cli;
+pub use commands::{check, run};
+
+use crate::ClientError;
+
+/// Exit status of a failed call, or of awaited workers that failed.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// How a verb that ran to the end came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The calls went through, but awaited (or attached) workers failed.
+    WorkersFailed,
+    /// Ctrl-C while following launched workers (which keep running).
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn exit_status(self) -> u8 {
+        match self {
+            Outcome::Success => 0,
+            Outcome::WorkersFailed => EXIT_FAILURE,
+            // 128 + SIGINT, as shells report a command that Ctrl-C ended.
+            Outcome::Interrupted => 130,
+        }
+    }
+}
+
+/// Why a verb could not run to the end. Printed as `berth: <this>`.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server could not be reached; gRPC clients call that UNAVAILABLE.
+    #[error("UNAVAILABLE: {}", error_chain(.0))]
+    Connect(#[source] ClientError),
+    /// The server refused or failed a call.
+    #[error("{}", describe_call(.method, .status, .hint.as_deref()))]
+    Call {
+        /// `Service/Method`.
+        method: &'static str,
+        status: tonic::Status,
+        /// What the user may have meant, where the code alone says little.
+        hint: Option<String>,
+    },
+    #[error("cannot use the current directory as --workdir (pass --workdir): {0}")]
+    CurrentDir(#[source] std::io::Error),
+    #[error("write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl CliError {
+    pub fn exit_status(&self) -> u8 {
+        EXIT_FAILURE
+    }
+
+    /// A reader that went away (`berth logs … | head`): nothing left to say to it.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+
+    /// The gRPC code of a refused call.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            CliError::Call { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// The canonical name of a gRPC status code, as in the gRPC spec: `INVALID_ARGUMENT`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// `CODE: message`; a status without message names the method instead.
+fn describe_call(method: &str, status: &tonic::Status, hint: Option<&str>) -> String {
+    let code = code_name(status.code());
+    let mut s = if status.message().is_empty() {
+        match status.code() {
+            tonic::Code::Unimplemented => format!("{code}: {method} is not served here"),
+            _ => format!("{code}: {method} failed"),
+        }
+    } else {
+        format!("{code}: {}", status.message())
+    };
+    if let Some(h) = hint {
+        s.push_str(" (");
+        s.push_str(h);
+        s.push(')');
+    }
+    s
+}
+
+/// An error and its sources, `a: b: c`, leaving out a source that its parent already quotes.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Where `berth` writes: its standard output and standard error (buffers in tests).
+pub struct Terminal<'a> {
+    pub out: &'a mut dyn Write,
+    pub err: &'a mut dyn Write,
+}
+
+impl std::fmt::Debug for Terminal<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Terminal")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_errors_read_code_then_message() {
+        let e = CliError::Call {
+            method: "berth.v1.Workers/LaunchWorkers",
+            status: tonic::Status::invalid_argument("cpu: must be > 0"),
+            hint: None,
+        };
+        assert_eq!(e.to_string(), "INVALID_ARGUMENT: cpu: must be > 0");
+        assert_eq!(e.exit_status(), 1);
+        assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+        let e = CliError::Call {
+            method: "berth.v1.Cluster/ListHosts",
+            status: tonic::Status::unimplemented(""),
+            hint: Some("needs a scheduler".into()),
+        };
+        assert_eq!(
+            e.to_string(),
+            "UNIMPLEMENTED: berth.v1.Cluster/ListHosts is not served here (needs a scheduler)"
+        );
+        let e = CliError::Call {
+            method: "M",
+            status: tonic::Status::internal(""),
+            hint: None,
+        };
+        assert_eq!(e.to_string(), "INTERNAL: M failed");
+    }
+
+    #[test]
+    fn code_names() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        // Every code maps to its own name.
+        let names: std::collections::BTreeSet<&str> =
+            (0..=16).map(|i| code_name(tonic::Code::from(i))).collect();
+        assert_eq!(names.len(), 17);
+    }
+
+    #[test]
+    fn chains_sources_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Quoting(#[source] std::io::Error);
+        let e = Quoting(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn broken_pipe_is_quiet() {
+        let e = CliError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(e.is_broken_pipe());
+        assert!(!CliError::from(std::io::Error::other("disk full")).is_broken_pipe());
+    }
+}

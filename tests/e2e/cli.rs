@@ -1,0 +1,599 @@
+//! End-to-end tests of the `berth` command-line tool: the real binary against a real berthd on
+//! a Unix socket. What is checked is what a person or a script sees: exit status, tables, JSON
+//! documents, and the workers' output byte for byte.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use berth_tests::{bin, pb, require_root, scaled, Daemon};
+use serde_json::Value;
+
+/// What one run of `berth` left behind.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is no JSON document ({e}): {self:?}"))
+    }
+
+    #[track_caller]
+    fn ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "{self:?}");
+        self
+    }
+}
+
+/// Runs `berth --addr <daemon> ARGS` in `cwd` (default: the test's own) and waits for it,
+/// killing it after a minute (scaled) so a hanging CLI fails the test instead of blocking it.
+async fn berth_in(d: &Daemon, cwd: Option<&Path>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(bin("berth"));
+    cmd.arg("--addr")
+        .arg(d.addr())
+        .args(args)
+        .env_remove("BERTH_ADDR")
+        .stdin(Stdio::null());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let what = format!("berth {args:?}");
+    tokio::task::spawn_blocking(move || {
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run berth");
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = match rx.recv_timeout(scaled(Duration::from_secs(60))) {
+            Ok(out) => out.expect("wait for berth"),
+            Err(_) => {
+                // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("{what} did not finish within a minute");
+            }
+        };
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("berth runner")
+}
+
+async fn berth(d: &Daemon, args: &[&str]) -> Run {
+    berth_in(d, None, args).await
+}
+
+/// Small workers, so that many fit on a small test machine.
+const SMALL: [&str; 4] = ["--cpu", "0.1", "--memory", "0.125"];
+
+/// `berth --json launch SMALL EXTRA...` and the ids of the launched workers.
+async fn launch(d: &Daemon, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["--json", "launch"];
+    args.extend(SMALL);
+    args.extend(extra);
+    let r = berth(d, &args).await;
+    r.ok();
+    ids(&r.json()["workers"])
+}
+
+fn ids(workers: &Value) -> Vec<String> {
+    workers
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list of workers: {workers}"))
+        .iter()
+        .map(|w| w["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn args_with<'a>(head: &[&'a str], ids: &'a [String]) -> Vec<&'a str> {
+    head.iter()
+        .copied()
+        .chain(ids.iter().map(String::as_str))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_wait_exit_status() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+
+    let mut args = vec!["launch", "--wait"];
+    args.extend(SMALL);
+    let ok = berth(&d, &[&args[..], &["--", "/bin/true"]].concat()).await;
+    ok.ok();
+    let table = ok.stdout();
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains("succeeded") && !table.contains("FAILURES"),
+        "{table}"
+    );
+
+    let bad = berth(&d, &[&args[..], &["-n", "2", "--", "/bin/false"]].concat()).await;
+    assert_eq!(bad.code, 1, "{bad:?}");
+    let table = bad.stdout();
+    assert!(table.contains("FAILURES (2)"), "{table}");
+    assert!(table.contains("exited with code 1"), "{table}");
+    assert!(bad.stderr.contains("2 of 2"), "{bad:?}");
+
+    // Plain `await` of them: the one that succeeded, and the two that failed.
+    let all = berth(&d, &["--json", "list"]).await;
+    let all = ids(&all.ok().json()["workers"]);
+    assert_eq!(all.len(), 3);
+    let r = berth(&d, &args_with(&["--json", "await"], &all)).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let v = r.json();
+    assert_eq!(v["workers"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["failures"].as_array().unwrap().len(), 2, "{v}");
+    for w in v["failures"].as_array().unwrap() {
+        assert_eq!(w["status"], "WORKER_STATUS_FAILED", "{w}");
+        assert_eq!(w["exit_code"], 1, "{w}");
+    }
+    let r = berth(&d, &["await", v["workers"][0]["id"].as_str().unwrap()]).await;
+    r.ok();
+
+    // --attach: the output on our stdout and stderr, then the exit status of the workers.
+    let r = berth(
+        &d,
+        &[
+            &args[..1],
+            &SMALL,
+            &["--attach", "--", "/bin/sh", "-c", "echo out; echo err >&2"],
+        ]
+        .concat(),
+    )
+    .await;
+    r.ok();
+    assert_eq!((r.stdout(), r.stderr.as_str()), ("out\n".into(), "err\n"));
+    let r = berth(
+        &d,
+        &[
+            &args[..1],
+            &SMALL,
+            &[
+                "-n",
+                "2",
+                "--attach",
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo $BERTH_WORKER_ID; exit 4",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let out = r.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    for line in lines {
+        // Several workers: each line carries its worker's id, here also its content.
+        let id = line
+            .strip_prefix('[')
+            .and_then(|l| l.split_once("] "))
+            .unwrap_or_else(|| panic!("no [id] prefix: {line:?}"));
+        assert_eq!(id.0, id.1, "{line}");
+    }
+    assert!(r.stderr.contains("exited with code 4"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_documents_carry_the_fields() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let cwd_path = cwd.path().canonicalize().unwrap();
+    let mut args = vec!["--json", "launch", "-n", "2"];
+    args.extend(SMALL);
+    args.extend([
+        "--label",
+        "team=ml",
+        "--env",
+        "MY_VAR=a b=c",
+        "--network",
+        "none",
+        "--",
+        "/bin/sh",
+        "-c",
+        "printf '%s|%s' \"$MY_VAR\" \"$(pwd)\"",
+    ]);
+    let r = berth_in(&d, Some(&cwd_path), &args).await;
+    let v = r.ok().json();
+    let workers = v["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{v}");
+    for w in workers {
+        for field in [
+            "id",
+            "session_id",
+            "host",
+            "ip_address",
+            "status",
+            "cpu",
+            "memory_gb",
+            "command",
+            "pid",
+            "exit_code",
+            "reason",
+            "labels",
+            "created_at",
+            "workdir",
+            "network",
+        ] {
+            assert!(w.get(field).is_some(), "no {field} in {w}");
+        }
+        assert_eq!(w["host"], d.name.as_str());
+        assert_eq!(w["cpu"], 0.1);
+        assert_eq!(w["labels"]["team"], "ml");
+        assert_eq!(w["network"], "NETWORK_MODE_NONE");
+        // The CLI's current directory is the default workdir.
+        assert_eq!(w["workdir"], cwd_path.to_str().unwrap());
+        assert_eq!(w["command"][0], "/bin/sh");
+        assert!(w["status"].as_str().unwrap().starts_with("WORKER_STATUS_"));
+        assert!(w["created_at"].as_str().unwrap().ends_with('Z'), "{w}");
+    }
+    let launched = ids(&v["workers"]);
+
+    let r = berth(
+        &d,
+        &args_with(&["--json", "await", "--timeout", "30"], &launched),
+    )
+    .await;
+    let v = r.ok().json();
+    assert_eq!(ids(&v["workers"]), launched, "in launch order: {v}");
+    assert_eq!(v["failures"], serde_json::json!([]));
+    for w in v["workers"].as_array().unwrap() {
+        assert_eq!(w["status"], "WORKER_STATUS_SUCCEEDED");
+        assert_eq!(w["exit_code"], 0);
+        assert!(w["finished_at"].is_string(), "{w}");
+    }
+    let out = berth(&d, &["logs", &launched[0]]).await;
+    assert_eq!(out.ok().stdout(), format!("a b=c|{}", cwd_path.display()));
+
+    let v = berth(&d, &args_with(&["--json", "list"], &launched[..1]))
+        .await
+        .ok()
+        .json();
+    assert_eq!(ids(&v["workers"]), launched[..1]);
+
+    let v = berth(&d, &["--json", "info"]).await.ok().json();
+    assert_eq!(v["name"], d.name.as_str());
+    assert!(v["capacity"]["cpu"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["cgroup_version"] == 1 || v["cgroup_version"] == 2, "{v}");
+    assert!(
+        v["kernels"].as_array().is_some_and(|k| !k.is_empty()),
+        "{v}"
+    );
+    let info = berth(&d, &["info"]).await;
+    let text = info.ok().stdout();
+    assert!(text.starts_with("name "), "{text}");
+    assert!(
+        text.contains(&d.name) && text.contains("RESOURCE"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_byte_exact() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    // Every byte value, no final newline, and something on stderr.
+    let code = "import sys\n\
+                sys.stdout.buffer.write(bytes(range(256)) * 64)\n\
+                sys.stdout.buffer.write(b'\\r\\nend')\n\
+                sys.stderr.write('warning: x\\n')\n";
+    let mut want: Vec<u8> = (0..=255u8).collect::<Vec<u8>>().repeat(64);
+    want.extend_from_slice(b"\r\nend");
+    let id = launch(&d, &["--code", code]).await.remove(0);
+    berth(&d, &["await", &id]).await.ok();
+
+    let r = berth(&d, &["logs", &id]).await;
+    assert_eq!(r.ok().stdout, want);
+    assert_eq!(r.stderr, "warning: x\n");
+    let r = berth(&d, &["logs", "--stdout", &id]).await;
+    assert_eq!((r.ok().stdout == want, r.stderr.as_str()), (true, ""));
+    let r = berth(&d, &["logs", "--stderr", &id]).await;
+    assert_eq!(
+        (r.ok().stdout(), r.stderr.as_str()),
+        (String::new(), "warning: x\n")
+    );
+    // --tail starts at the end: nothing of an ended worker.
+    let r = berth(&d, &["logs", "--tail", &id]).await;
+    assert!(r.ok().stdout.is_empty() && r.stderr.is_empty(), "{r:?}");
+
+    // -f follows a running worker to its end, and misses nothing written before.
+    let code = "import sys, time\n\
+                sys.stdout.buffer.write(b'one\\n'); sys.stdout.flush()\n\
+                time.sleep(0.5)\n\
+                sys.stdout.buffer.write(b'\\x00two')\n";
+    let follow = launch(&d, &["--code", code]).await.remove(0);
+    let r = berth(&d, &["logs", "-f", &follow]).await;
+    assert_eq!(r.ok().stdout, b"one\n\x00two");
+    let list = berth(&d, &["--json", "list", &follow]).await.ok().json();
+    assert_eq!(list["workers"][0]["status"], "WORKER_STATUS_SUCCEEDED");
+
+    // Two workers: prefixed lines; the same worker named twice is still one.
+    let r = berth(&d, &["logs", "--stderr", &id, &follow]).await;
+    assert_eq!(r.ok().stderr, format!("[{id}] warning: x\n"));
+    let r = berth(&d, &["logs", "--stdout", &follow, &id]).await;
+    let out = &r.ok().stdout;
+    assert!(
+        out.windows(follow.len() + 7)
+            .any(|w| w == format!("[{follow}] one\n").as_bytes()),
+        "{r:?}"
+    );
+    let r = berth(&d, &["logs", &follow, &follow]).await;
+    assert_eq!(r.ok().stdout, b"one\n\x00two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_call_errors() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+
+    // Usage errors are refused before any call: exit status 2.
+    for args in [
+        &["stop"][..],
+        &["stop", "--grace", "1"],
+        &["logs"],
+        &["launch", "--env", "NOVALUE", "--", "/bin/true"],
+        &["--json", "launch", "--attach", "--", "/bin/true"],
+        &["launch", "--code", "1", "--", "/bin/true"],
+    ] {
+        let r = berth(&d, args).await;
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stdout.is_empty(), "{args:?}: {r:?}");
+    }
+    let r = berth(&d, &["launch", "--label", "=x", "--", "/bin/true"]).await;
+    assert!(r.stderr.contains("KEY=VALUE"), "{r:?}");
+
+    // A malformed request: the server's INVALID_ARGUMENT, naming the field.
+    let r = berth(&d, &["launch", "--cpu", "0", "--", "/bin/true"]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.starts_with("berth: INVALID_ARGUMENT: "), "{r:?}");
+    assert!(r.stderr.contains("cpu"), "{r:?}");
+    assert!(r.stdout.is_empty());
+    let r = berth(&d, &["launch", "--master-ip", "nope", "--", "/bin/true"]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("master_ip"), "{r:?}");
+    let r = berth(&d, &["launch", "--memory", "100000", "--", "/bin/true"]).await;
+    assert!(
+        r.code == 1 && r.stderr.starts_with("berth: RESOURCE_EXHAUSTED: "),
+        "{r:?}"
+    );
+    let r = berth(
+        &d,
+        &[&["launch"][..], &SMALL, &["--", "/no/such/program"]].concat(),
+    )
+    .await;
+    assert!(
+        r.code == 1 && r.stderr.starts_with("berth: FAILED_PRECONDITION: "),
+        "{r:?}"
+    );
+    // Nothing was launched by any of them.
+    let v = berth(&d, &["--json", "list"]).await.ok().json();
+    assert_eq!(v["workers"], serde_json::json!([]));
+
+    for args in [
+        &["list", "nosuchworker7"][..],
+        &["stop", "nosuchworker7"],
+        &["logs", "nosuchworker7"],
+        &["await", "nosuchworker7"],
+    ] {
+        let r = berth(&d, args).await;
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.starts_with("berth: NOT_FOUND: "),
+            "{args:?}: {r:?}"
+        );
+        assert!(r.stderr.contains("nosuchworker7"), "{args:?}: {r:?}");
+    }
+
+    // A host daemon serves no cluster.
+    let r = berth(&d, &["hosts"]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.starts_with("berth: UNIMPLEMENTED: "), "{r:?}");
+    assert!(r.stderr.contains("berth-scheduler"), "{r:?}");
+
+    // No server at the address.
+    let gone = d.dir.join("nobody.sock");
+    let r = berth(&d, &["--addr", &format!("unix:{}", gone.display()), "list"]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.starts_with("berth: UNAVAILABLE: "), "{r:?}");
+    assert!(r.stderr.contains("nobody.sock"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_await_and_stop() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let sleepers = launch(&d, &["-n", "2", "--", "sleep", "60"]).await;
+    let done = launch(&d, &["--", "/bin/true"]).await;
+    let r = berth(
+        &d,
+        &args_with(&["await", "--running", "--timeout", "20"], &sleepers),
+    )
+    .await;
+    assert!(r.ok().stdout().matches("running").count() == 2, "{r:?}");
+    berth(&d, &args_with(&["await"], &done)).await.ok();
+
+    let r = berth(&d, &["list"]).await;
+    let table = r.ok().stdout();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    for h in ["ID", "STATUS", "HOST", "IP", "CPU", "MEM", "PID", "AGE"] {
+        assert!(lines[0].split_whitespace().any(|c| c == h), "{h}: {table}");
+    }
+    for id in sleepers.iter().chain(&done) {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} not listed: {table}"));
+        let want = if done.contains(id) {
+            "succeeded"
+        } else {
+            "running"
+        };
+        assert_eq!(line.split_whitespace().nth(1), Some(want), "{table}");
+        assert!(line.contains(&d.name), "{table}");
+    }
+    let r = berth(&d, &["ps", "--status", "running"]).await;
+    let table = r.ok().stdout();
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(!table.contains(&done[0]), "{table}");
+
+    // A short await of running workers times out: they are failures.
+    let r = berth(&d, &args_with(&["await", "--timeout", "1"], &sleepers[..1])).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout().starts_with("FAILURES (1)"), "{r:?}");
+
+    let r = berth(&d, &args_with(&["stop", "--grace", "0"], &sleepers[..1])).await;
+    let table = r.ok().stdout();
+    assert!(
+        table.contains(&sleepers[0]) && table.contains("stopped"),
+        "{table}"
+    );
+    let v = berth(&d, &["--json", "stop", "--all", "--grace", "0"])
+        .await
+        .ok()
+        .json();
+    assert!(ids(&v["workers"]).contains(&sleepers[1]), "{v}");
+    let v = berth(&d, &["--json", "ps", "--status", "stopped"])
+        .await
+        .ok()
+        .json();
+    let mut stopped = ids(&v["workers"]);
+    stopped.sort();
+    let mut want = sleepers.clone();
+    want.sort();
+    assert_eq!(stopped, want, "{v}");
+    // Stopped is no success.
+    let r = berth(&d, &args_with(&["await"], &sleepers)).await;
+    assert_eq!(r.code, 1, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_selects_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = c
+        .workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = launch(
+        &d,
+        &[
+            "-n",
+            "2",
+            "--session",
+            &s.id,
+            "--",
+            "/bin/sh",
+            "-c",
+            "printf 'a\\nb'",
+        ],
+    )
+    .await;
+    let r = berth(&d, &["await", "--session", &s.id]).await;
+    r.ok();
+    let r = berth(&d, &["logs", "--session", &s.id]).await;
+    let out = r.ok().stdout();
+    // Lines of the two workers may interleave, never their bytes; the unfinished last line
+    // of each is ended.
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for id in &ids {
+        let of: Vec<&str> = lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("[{id}] ")))
+            .collect();
+        assert_eq!(of, ["a", "b"], "{out}");
+    }
+    let r = berth(&d, &["--json", "list", "--session", &s.id]).await;
+    let mut listed = ids_of(&r.ok().json());
+    listed.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(listed, want);
+    let table = berth(&d, &["list", "--session", &s.id]).await.ok().stdout();
+    assert!(table.lines().next().unwrap().contains("SESSION"), "{table}");
+}
+
+fn ids_of(v: &Value) -> Vec<String> {
+    ids(&v["workers"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_detaches_and_leaves_workers_running() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let mut cmd = Command::new(bin("berth"));
+    cmd.arg("--addr")
+        .arg(d.addr())
+        .arg("launch")
+        .args(SMALL)
+        .args([
+            "--attach",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo started; exec sleep 60",
+        ])
+        .env_remove("BERTH_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read};
+        let mut child = cmd.spawn().expect("run berth");
+        // Output shows that the CLI follows the worker, with its Ctrl-C handler in place.
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read berth's stdout");
+        assert_eq!(line, "started\n");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let status = child.wait().expect("wait for berth");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code(), err)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains("interrupted; the workers keep running: "),
+        "{stderr}"
+    );
+    let id = stderr.trim_end().rsplit(' ').next().unwrap().to_owned();
+    let v = berth(&d, &["--json", "list", &id]).await.ok().json();
+    assert_eq!(v["workers"][0]["status"], "WORKER_STATUS_RUNNING", "{v}");
+    berth(&d, &["stop", "--grace", "0", &id]).await.ok();
+}

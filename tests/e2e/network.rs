@@ -1,0 +1,622 @@
+//! End-to-end tests of worker networks: a namespace and an address per bridge-mode worker,
+//! routed through the host; host and none modes; no namespace, veth, route or lease outliving
+//! its worker; re-adoption of networks after a daemon restart.
+//!
+//! Every daemon has its own bridge and subnet (the harness claims a slot), so these tests run in
+//! parallel with each other and with every other suite. Traffic goes only between the test, its
+//! daemon's workers and the host; egress is checked with route queries, never with packets.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_tests::{
+    await_all, command_request, free_port, output_of, pb, require_root, scaled, worker_veths,
+    Client, Daemon, DaemonOptions,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+fn py(code: &str) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        n: 1,
+        cpu: 0.1,
+        memory_gb: 0.125,
+        code: code.to_owned(),
+        ..Default::default()
+    }
+}
+
+async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
+    c.workers()
+        .launch_workers(req)
+        .await
+        .unwrap_or_else(|s| panic!("launch refused: {s:?}"))
+        .into_inner()
+        .workers
+}
+
+fn ids_of(ws: &[pb::Worker]) -> Vec<String> {
+    ws.iter().map(|w| w.id.clone()).collect()
+}
+
+async fn await_running(c: &Client, ids: &[String]) -> Vec<pb::Worker> {
+    let r = c
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            wait_for_completion: Some(false),
+            timeout_seconds: Some(scaled(Duration::from_secs(30)).as_secs() as u32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
+    r.workers
+}
+
+async fn stdout_of(c: &Client, id: &str) -> String {
+    String::from_utf8_lossy(&output_of(c, id, pb::Stream::Stdout).await.unwrap()).into_owned()
+}
+
+async fn stderr_of(c: &Client, id: &str) -> String {
+    String::from_utf8_lossy(&output_of(c, id, pb::Stream::Stderr).await.unwrap()).into_owned()
+}
+
+/// Stdout of a worker so far (no follow).
+async fn output_now(c: &Client, id: &str) -> String {
+    let mut s = c
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            ids: vec![id.to_owned()],
+            follow: false,
+            from_start: true,
+            streams: vec![pb::Stream::Stdout as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        out.extend_from_slice(&chunk.data);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits until a worker's stdout starts with `prefix`; returns it.
+async fn wait_stdout(c: &Client, id: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        let out = output_now(c, id).await;
+        // A whole line: the shim may have written part of it so far.
+        if out.starts_with(prefix) && out.ends_with('\n') {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {id} never printed {prefix:?}: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stop_all(c: &Client, ids: &[String]) {
+    c.workers()
+        .stop_workers(pb::StopWorkersRequest {
+            ids: ids.to_vec(),
+            grace_seconds: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn in_subnet(ip: &str, subnet: &str) -> bool {
+    let (net, len) = subnet.split_once('/').unwrap();
+    let net: Ipv4Addr = net.parse().unwrap();
+    let len: u32 = len.parse().unwrap();
+    let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+        return false;
+    };
+    let mask = u32::MAX << (32 - len);
+    u32::from(ip) & mask == u32::from(net)
+}
+
+/// A daemon that also serves `/metrics` on a free loopback port.
+async fn daemon_with_metrics() -> (Daemon, u16) {
+    let port = free_port();
+    let d = Daemon::start_with(DaemonOptions {
+        args: vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (d, port)
+}
+
+/// One value of the daemon's metrics.
+fn metric(port: u16, line_prefix: &str) -> Option<f64> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn leases(port: u16) -> Option<f64> {
+    metric(port, "berth_allocated{resource=\"ips\"}")
+}
+
+/// Host routes to addresses of `subnet` other than the subnet's own.
+fn worker_routes(subnet: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let dst = l.split_whitespace().next().unwrap_or("");
+            !dst.contains('/') && in_subnet(dst, subnet)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls `f` until it holds or `limit` (scaled) passes.
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + scaled(limit);
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The workbench example: a master listening on the host, two workers running `worker.py` that
+/// connect to `CDSW_MASTER_IP`, send a greeting and print the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workbench_master_and_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let master = tokio::spawn(async move {
+        let mut peers = Vec::new();
+        for _ in 0..2 {
+            let (mut s, peer) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 256];
+            let n = s.read(&mut buf).await.unwrap();
+            let greeting = String::from_utf8_lossy(&buf[..n]).into_owned();
+            s.write_all(format!("welcome {}", peer.ip()).as_bytes())
+                .await
+                .unwrap();
+            peers.push((peer.ip(), greeting));
+        }
+        peers
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("worker.py"),
+        "import os, socket\n\
+         master = os.environ['CDSW_MASTER_IP']\n\
+         s = socket.create_connection((master, int(os.environ['MASTER_PORT'])), timeout=10)\n\
+         s.sendall(('hello from %s at %s' % (os.environ['BERTH_WORKER_ID'], os.environ['BERTH_WORKER_IP'])).encode())\n\
+         print(s.recv(256).decode())\n",
+    )
+    .unwrap();
+    let mut req = py("");
+    req.code.clear();
+    req.n = 2;
+    req.script = "worker.py".into();
+    req.workdir = dir.path().to_string_lossy().into_owned();
+    req.env.insert("MASTER_PORT".into(), port.to_string());
+    let ws = launch(&c, req).await;
+    let done = await_all(&c, &ids_of(&ws)).await.unwrap();
+    let peers = tokio::time::timeout(scaled(Duration::from_secs(30)), master)
+        .await
+        .expect("master got both workers")
+        .unwrap();
+    let mut ips = HashSet::new();
+    for w in &done {
+        assert_eq!(
+            w.status(),
+            pb::WorkerStatus::Succeeded,
+            "{w:?}\n{}",
+            stderr_of(&c, &w.id).await
+        );
+        assert!(in_subnet(&w.ip_address, &d.net.subnet), "{w:?}");
+        assert!(
+            ips.insert(w.ip_address.clone()),
+            "two workers share {}",
+            w.ip_address
+        );
+        let out = stdout_of(&c, &w.id).await;
+        assert_eq!(out.trim(), format!("welcome {}", w.ip_address));
+        let greeting = format!("hello from {} at {}", w.id, w.ip_address);
+        assert!(
+            peers
+                .iter()
+                .any(|(ip, g)| ip.to_string() == w.ip_address && *g == greeting),
+            "{peers:?}"
+        );
+    }
+}
+
+/// Workers see the gateway as their master (the caller is on a Unix socket), bind the same
+/// port at once, and reach each other; the host reaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_port_peers_and_host_reach_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    // Three servers on port 8080 at once, each answering with its own address, twice.
+    // The servers stay a moment after their last answer, so that the client's connections
+    // close while their peers still exist (an orphaned FIN to a vanished peer keeps a
+    // namespace alive until TCP gives up, minutes later).
+    let server = "import os, socket, time\n\
+        s = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(8)\n\
+        print('bound', os.environ['BERTH_MASTER_IP'], os.environ['CDSW_MASTER_IP'], flush=True)\n\
+        for _ in range(2):\n\
+        \x20   c, a = s.accept(); c.sendall(('%s saw %s' % (os.environ['BERTH_WORKER_IP'], a[0])).encode()); c.close()\n\
+        time.sleep(1)\n";
+    let mut req = py(server);
+    req.n = 3;
+    let servers = launch(&c, req).await;
+    let running = await_running(&c, &ids_of(&servers)).await;
+    assert_eq!(running.len(), 3);
+    let ips: HashSet<String> = running.iter().map(|w| w.ip_address.clone()).collect();
+    assert_eq!(ips.len(), 3, "{running:?}");
+    // Each prints once bound; all three got the port.
+    for w in &running {
+        let out = wait_stdout(&c, &w.id, "bound").await;
+        assert_eq!(
+            out.trim(),
+            format!("bound {0} {0}", d.net.gateway()),
+            "master ip of a bridge worker is the gateway"
+        );
+    }
+    // The host reaches every worker (from the gateway address).
+    for w in &running {
+        let addr = format!("{}:8080", w.ip_address);
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, format!("{} saw {}", w.ip_address, d.net.gateway()));
+    }
+    // One worker reaches each of the others by IP.
+    let targets: Vec<String> = running.iter().map(|w| w.ip_address.clone()).collect();
+    let client_code = format!(
+        "import socket\n\
+         for ip in {targets:?}:\n\
+         \x20   s = socket.create_connection((ip, 8080), timeout=10); print(s.recv(128).decode()); s.close()\n"
+    );
+    let cl = launch(&c, py(&client_code)).await.remove(0);
+    let done = await_all(&c, std::slice::from_ref(&cl.id)).await.unwrap();
+    assert_eq!(
+        done[0].status(),
+        pb::WorkerStatus::Succeeded,
+        "{}",
+        stderr_of(&c, &cl.id).await
+    );
+    let out = stdout_of(&c, &cl.id).await;
+    for ip in &targets {
+        assert!(
+            out.contains(&format!("{ip} saw {}", done[0].ip_address)),
+            "{out}"
+        );
+    }
+    let ended = await_all(&c, &ids_of(&servers)).await.unwrap();
+    assert!(ended
+        .iter()
+        .all(|w| w.status() == pb::WorkerStatus::Succeeded));
+}
+
+/// HOST workers share the host's namespace (no address of their own, loopback master); NONE
+/// workers have loopback only and reach nothing. Neither gets a veth or a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_none_modes() {
+    require_root!();
+    let (d, mport) = daemon_with_metrics().await;
+    let c = d.client().await.unwrap();
+    let probe = format!(
+        "import os, socket\n\
+         links = sorted(n for _, n in socket.if_nameindex())\n\
+         try:\n\
+         \x20   socket.create_connection(('{gw}', 9), timeout=2); reach = 'reached'\n\
+         except OSError as e:\n\
+         \x20   reach = type(e).__name__\n\
+         print(os.environ['BERTH_MASTER_IP'], os.environ.get('BERTH_WORKER_IP', '-'), '{bridge}' in links, ','.join(links) if len(links) < 4 else 'many', reach)\n",
+        gw = d.net.gateway(),
+        bridge = d.net.bridge,
+    );
+    let mut host = py(&probe);
+    host.network = pb::NetworkMode::Host as i32;
+    let mut none = py(&probe);
+    none.network = pb::NetworkMode::None as i32;
+    let h = launch(&c, host).await.remove(0);
+    let n = launch(&c, none).await.remove(0);
+    let done = await_all(&c, &[h.id.clone(), n.id.clone()]).await.unwrap();
+    for w in &done {
+        assert_eq!(
+            w.status(),
+            pb::WorkerStatus::Succeeded,
+            "{}",
+            stderr_of(&c, &w.id).await
+        );
+        assert_eq!(w.ip_address, "", "{w:?}");
+    }
+    assert_eq!(done[0].network(), pb::NetworkMode::Host);
+    assert_eq!(done[1].network(), pb::NetworkMode::None);
+    let host_out = stdout_of(&c, &h.id).await;
+    let f: Vec<&str> = host_out.split_whitespace().collect();
+    // Loopback master, no worker address, the host's links (the bridge among them); the gateway
+    // answers (connection refused on port 9 is an answer).
+    assert_eq!(f[..3], ["127.0.0.1", "-", "True"], "{host_out}");
+    assert_ne!(f[4], "OSError", "{host_out}");
+    assert!(
+        f[4] == "reached" || f[4] == "ConnectionRefusedError",
+        "{host_out}"
+    );
+    let none_out = stdout_of(&c, &n.id).await;
+    let f: Vec<&str> = none_out.split_whitespace().collect();
+    assert_eq!(f[..4], ["127.0.0.1", "-", "False", "lo"], "{none_out}");
+    assert!(
+        f[4] != "reached" && f[4] != "ConnectionRefusedError",
+        "an isolated worker reached the gateway: {none_out}"
+    );
+    assert!(worker_veths()
+        .iter()
+        .all(|v| !v.ends_with(&h.id) && !v.ends_with(&n.id)));
+    assert_eq!(leases(mport), Some(0.0));
+    assert!(eventually(Duration::from_secs(10), || d.netns_files().is_empty()).await);
+}
+
+/// Egress is off unless configured: the host routes nothing from a worker beyond the subnet
+/// (checked with a route query, without sending anything), while the host and peers stay
+/// reachable. Addresses run out with a RESOURCE_EXHAUSTED that names them, and a refused launch
+/// leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_off_and_addresses_run_out() {
+    require_root!();
+    let (d, mport) = daemon_with_metrics().await;
+    let c = d.client().await.unwrap();
+    let w = launch(&c, py("import time; time.sleep(60)"))
+        .await
+        .remove(0);
+    let w = await_running(&c, std::slice::from_ref(&w.id))
+        .await
+        .remove(0);
+    let host_end = format!("bv{}", w.id);
+    let route_get = |dst: &str| {
+        let out = Command::new("ip")
+            .args([
+                "-4",
+                "route",
+                "get",
+                dst,
+                "from",
+                &w.ip_address,
+                "iif",
+                &host_end,
+            ])
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let outside = route_get("203.0.113.9");
+    assert!(
+        outside.contains("unreachable") || outside.contains("Network is unreachable"),
+        "traffic beyond the subnet would be routed: {outside}"
+    );
+    let gw = route_get(&d.net.gateway());
+    assert!(gw.contains("local"), "{gw}");
+    // Every address of the /19 but the gateway: 8189. Asking for more is refused whole.
+    let mut req = command_request(9000, &["/bin/true"]);
+    req.cpu = 0.0001;
+    req.memory_gb = 0.0001;
+    let e = c.workers().launch_workers(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().starts_with("ips: 9000 requested"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(leases(mport), Some(1.0));
+    stop_all(&c, std::slice::from_ref(&w.id)).await;
+    assert!(eventually(Duration::from_secs(10), || leases(mport) == Some(0.0)).await);
+}
+
+/// A few hundred workers (bridge and none, some failing to exec after their network was made)
+/// leave no namespace, veth, route or lease behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_network_outlives_its_worker() {
+    require_root!();
+    let (d, mport) = daemon_with_metrics().await;
+    let c = d.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Executable, passes admission, but exec fails (no interpreter line): a spawn that fails
+    // after its namespace was made.
+    let bad = dir.path().join("not-a-program");
+    std::fs::write(&bad, b"\x01\x02 not an executable\n").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut ids = Vec::new();
+    let mut failing = Vec::new();
+    for (i, mode) in [
+        pb::NetworkMode::Bridge,
+        pb::NetworkMode::None,
+        pb::NetworkMode::Bridge,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut req = command_request(100, &["/bin/true"]);
+        req.cpu = 0.001;
+        req.network = mode as i32;
+        let ws = launch(&c, req).await;
+        ids.extend(ids_of(&ws));
+        if i == 0 {
+            let mut req = command_request(5, &[bad.to_str().unwrap()]);
+            req.cpu = 0.001;
+            let ws = launch(&c, req).await;
+            failing.extend(ids_of(&ws));
+        }
+    }
+    let done = await_all(&c, &ids).await.unwrap();
+    assert!(
+        done.iter()
+            .all(|w| w.status() == pb::WorkerStatus::Succeeded),
+        "{:?}",
+        done.iter()
+            .find(|w| w.status() != pb::WorkerStatus::Succeeded)
+    );
+    let bridge_ips: Vec<String> = done
+        .iter()
+        .filter(|w| w.network() == pb::NetworkMode::Bridge)
+        .map(|w| w.ip_address.clone())
+        .collect();
+    assert_eq!(bridge_ips.len(), 200);
+    assert!(bridge_ips.iter().all(|ip| in_subnet(ip, &d.net.subnet)));
+    let failed = await_all(&c, &failing).await.unwrap();
+    for w in &failed {
+        assert_eq!(w.status(), pb::WorkerStatus::Failed, "{w:?}");
+        assert!(w.reason.starts_with("spawn failed"), "{w:?}");
+    }
+    let all: HashSet<String> = ids.iter().chain(&failing).cloned().collect();
+    assert!(
+        eventually(Duration::from_secs(30), || d.netns_files().is_empty()).await,
+        "namespaces left: {:?}",
+        d.netns_files()
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            worker_veths()
+                .iter()
+                .all(|v| !all.contains(v.trim_start_matches("bv")))
+        })
+        .await,
+        "veths left"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || worker_routes(&d.net.subnet)
+            .is_empty())
+        .await,
+        "routes left: {:?}",
+        worker_routes(&d.net.subnet)
+    );
+    assert_eq!(leases(mport), Some(0.0));
+}
+
+/// After a crash of the daemon, the next one re-adopts the networks of live workers (their
+/// addresses stay theirs and keep answering) and removes namespaces that belong to no live
+/// worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_readopts_networks_and_removes_stale_ones() {
+    require_root!();
+    let port = free_port();
+    let mut d = Daemon::start_with(DaemonOptions {
+        args: vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let server = "import os, socket\n\
+        s = socket.socket(); s.bind(('0.0.0.0', 7070)); s.listen(8)\n\
+        print('bound', flush=True)\n\
+        while True:\n\
+        \x20   c, a = s.accept(); c.sendall(os.environ['BERTH_WORKER_IP'].encode()); c.close()\n";
+    let mut req = py(server);
+    req.n = 2;
+    let ws = launch(&c, req).await;
+    let live = await_running(&c, &ids_of(&ws)).await;
+    for w in &live {
+        wait_stdout(&c, &w.id, "bound").await;
+    }
+    let before: BTreeMap<String, String> = live
+        .iter()
+        .map(|w| (w.id.clone(), w.ip_address.clone()))
+        .collect();
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    // What a crashed daemon could leave: a namespace of no worker, and a half-made one.
+    let nsdir = d.state_dir().join("netns");
+    let stale = nsdir.join("stale0000001");
+    std::fs::write(&stale, b"").unwrap();
+    let st = Command::new("unshare")
+        .arg(format!("--net={}", stale.display()))
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(nsdir.join("halfmade0001"), b"").unwrap();
+    d.restart(&["--metrics-listen".into(), format!("127.0.0.1:{port}")])
+        .await
+        .unwrap();
+    let c = d.client().await.unwrap();
+    let mut files: Vec<String> = d.netns_files();
+    files.sort();
+    let mut want: Vec<String> = before.keys().cloned().collect();
+    want.sort();
+    assert_eq!(files, want, "stale namespaces kept or live ones removed");
+    // The live workers keep their addresses and answer on them.
+    for (id, ip) in &before {
+        let w = &c
+            .workers()
+            .list_workers(pb::ListWorkersRequest {
+                ids: vec![id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers[0];
+        assert_eq!(w.status(), pb::WorkerStatus::Running);
+        assert_eq!(&w.ip_address, ip);
+        let mut s = match tokio::net::TcpStream::connect(format!("{ip}:7070")).await {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "{ip}: {e}\n{w:?}\nstdout {}\n{}",
+                output_now(&c, id).await,
+                d.log()
+            ),
+        };
+        let mut got = String::new();
+        s.read_to_string(&mut got).await.unwrap();
+        assert_eq!(&got, ip);
+    }
+    // Their leases are restored: new workers never get their addresses.
+    assert_eq!(leases(port), Some(2.0));
+    let mut req = command_request(20, &["/bin/true"]);
+    req.cpu = 0.001;
+    let fresh = launch(&c, req).await;
+    for w in &fresh {
+        assert!(
+            !before.values().any(|ip| *ip == w.ip_address),
+            "address {} given twice",
+            w.ip_address
+        );
+        let _ = IpAddr::V4(w.ip_address.parse().unwrap());
+    }
+    await_all(&c, &ids_of(&fresh)).await.unwrap();
+    stop_all(&c, &before.keys().cloned().collect::<Vec<_>>()).await;
+    assert!(eventually(Duration::from_secs(10), || d.netns_files().is_empty()).await);
+    assert!(eventually(Duration::from_secs(10), || leases(port) == Some(0.0)).await);
+}
