@@ -176,8 +176,13 @@ fn floor_once(subnet: Subnet, ip: Ipv4Addr, name: String) -> Result<Duration> {
     .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
 }
 
-/// berth's primitive without a daemon: create + remove of a routed worker network.
-fn berth_primitive(net: &TestNet, n: usize) -> Result<(Duration, Duration)> {
+/// berth's primitive without a daemon: create + remove of a routed worker network, one at a
+/// time; then the create time of network k with every earlier one alive, at each of `marks`.
+fn berth_primitive(
+    net: &TestNet,
+    n: usize,
+    marks: &[u32],
+) -> Result<(Duration, Duration, Vec<(u32, Duration)>)> {
     let dir = tempfile::tempdir()?;
     let subnet = Subnet::parse(&net.subnet).map_err(|e| anyhow::anyhow!("{e}"))?;
     let h = HostNetwork::start(NetConfig {
@@ -204,7 +209,47 @@ fn berth_primitive(net: &TestNet, n: usize) -> Result<(Duration, Duration)> {
         h.remove(&id)?;
         remove.push(t.elapsed());
     }
-    Ok((median(&mut create), median(&mut remove)))
+    // Scale: keep every network; probe 5 creates at each mark.
+    let mut alive = Vec::new();
+    let mut at_marks = Vec::new();
+    let make = |k: usize| -> Result<(String, Duration)> {
+        let id = format!("benchs{k:06}");
+        let t = Instant::now();
+        h.create(
+            &id,
+            WorkerNet::Routed {
+                ip: addr(&subnet, 2 + k as u32),
+            },
+        )?;
+        Ok((id, t.elapsed()))
+    };
+    for m in marks {
+        let target = m.saturating_sub(3) as usize;
+        while alive.len() < target {
+            alive.push(make(alive.len())?.0);
+        }
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            let (id, t) = make(alive.len())?;
+            alive.push(id);
+            v.push(t);
+        }
+        at_marks.push((*m, median(&mut v)));
+    }
+    for id in &alive {
+        h.remove(id)?;
+    }
+    drop(h);
+    // The kernel frees them in the background: wait, so that it does not disturb what follows.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline
+        && berth_tests::worker_veths()
+            .iter()
+            .any(|v| v.starts_with("bvbench"))
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((median(&mut create), median(&mut remove), at_marks))
 }
 
 /// Entry of the crun helper: a process of its own (so that it may enter a private mount
@@ -520,7 +565,12 @@ async fn run(o: Opts) -> Result<()> {
         )?);
     }
     let floor = median(&mut floor);
-    let (prim_create, prim_remove) = berth_primitive(&own, o.floor)?;
+    let marks: Vec<u32> = [1, 1000, 2000, 4000]
+        .into_iter()
+        .filter(|m| *m <= o.workers)
+        .chain((o.workers > 4000).then_some(o.workers))
+        .collect();
+    let (prim_create, prim_remove, prim_marks) = berth_primitive(&own, o.floor, &marks)?;
     drop(own);
     let crun = measure_crun(o.batch as usize);
     if let Err(e) = &crun {
@@ -604,11 +654,6 @@ async fn run(o: Opts) -> Result<()> {
         pb::NetworkMode::Bridge
     };
     let sleeper = |n| request(n, scale_mode, &["/bin/sleep", "3600"]);
-    let marks: Vec<u32> = [1, 1000, 2000, 4000]
-        .into_iter()
-        .filter(|m| *m <= o.workers)
-        .chain((o.workers > 4000).then_some(o.workers))
-        .collect();
     let mut alive: Vec<String> = Vec::new();
     let mut probes = Vec::new();
     let mut fills: Vec<(usize, Duration)> = Vec::new();
@@ -666,6 +711,12 @@ async fn run(o: Opts) -> Result<()> {
         "| berth netns primitive: remove (unmount; the kernel frees the rest) | {} |",
         ms(prim_remove)
     );
+    for (m, t) in &prim_marks {
+        println!(
+            "| berth netns primitive: create network {m} with every earlier one alive (median of 5) | {} |",
+            ms(*t)
+        );
+    }
     match &crun {
         Ok((s, b)) => {
             println!(
