@@ -16,6 +16,8 @@
 //! Run as root from a release build: `cargo build --release -p berth-benches -p berth-daemon
 //! --bins && target/release/berth-bench-net [--workers 4000] [--single 50] [--rounds 3]`.
 
+#![allow(clippy::type_complexity)]
+
 use std::collections::HashSet;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
