@@ -247,11 +247,47 @@ fn berth_primitive(
     while Instant::now() < deadline
         && berth_tests::worker_veths()
             .iter()
-            .any(|v| v.starts_with("bvbench"))
+            .any(|(_, w)| w.starts_with("bench"))
     {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok((median(&mut create), median(&mut remove), at_marks))
+}
+
+/// berth's primitive taking a ready namespace (pool of `n`, filled first): create + remove.
+fn berth_primitive_ready(net: &TestNet, n: usize) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let subnet = Subnet::parse(&net.subnet).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let h = HostNetwork::start(NetConfig {
+        dir: dir.path().join("netns"),
+        bridge: net.bridge.clone(),
+        subnet,
+        egress: false,
+        threads: 1,
+        pool: n,
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while h.ready() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut create = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = format!("benchr{i:06}");
+        let t = Instant::now();
+        h.create(
+            &id,
+            WorkerNet::Routed {
+                ip: addr(&subnet, 6000 + i as u32),
+            },
+        )?;
+        create.push(t.elapsed());
+        ids.push(id);
+    }
+    for id in &ids {
+        h.remove(id)?;
+    }
+    Ok(median(&mut create))
 }
 
 /// Entry of the crun helper: a process of its own (so that it may enter a private mount
@@ -410,8 +446,11 @@ fn measure_crun(n: usize) -> Result<(Duration, Duration)> {
         });
     }
     let out = cmd.output()?;
+    // crun makes the cgroup in every hierarchy it finds (v1 controllers, name=systemd, the v2
+    // mount of a hybrid host, or the v2 root).
     for ctrl in [
-        "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset",
+        "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset", "systemd",
+        "unified", "",
     ] {
         let base = Path::new("/sys/fs/cgroup")
             .join(ctrl)
@@ -572,8 +611,8 @@ async fn run(o: Opts) -> Result<()> {
         .filter(|m| *m <= o.workers)
         .chain((o.workers > 4000).then_some(o.workers))
         .collect();
-    let (prim_create, prim_remove, prim_marks) = berth_primitive(&own, o.floor, &marks)?;
-    drop(own);
+    let (prim_create, prim_remove, _) = berth_primitive(&own, o.floor, &[])?;
+    let prim_ready = berth_primitive_ready(&own, o.batch as usize)?;
     let crun = measure_crun(o.batch as usize);
     if let Err(e) = &crun {
         println!("crun not measured: {e:#}");
@@ -696,6 +735,16 @@ async fn run(o: Opts) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let gone = t.elapsed();
+    drop(client);
+    drop(d);
+    // The kernel frees the daemon's namespaces in the background; then the primitive alone at
+    // the same scale.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < deadline && !berth_tests::worker_veths().is_empty() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, _, prim_marks) = berth_primitive(&own, 0, &marks)?;
+    drop(own);
 
     println!();
     println!("| measurement | median |");
@@ -712,6 +761,11 @@ async fn run(o: Opts) -> Result<()> {
     println!(
         "| berth netns primitive: remove (unmount; the kernel frees the rest) | {} |",
         ms(prim_remove)
+    );
+    println!(
+        "| berth netns primitive: create from a ready namespace (pool of {}) | {} |",
+        o.batch,
+        ms(prim_ready)
     );
     for (m, t) in &prim_marks {
         println!(

@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use berth_tests::{
-    await_all, command_request, free_port, output_of, pb, require_root, scaled, worker_veths,
-    Client, Daemon, DaemonOptions,
+    await_all, command_request, free_port, output_of, pb, require_root, scaled, veth_of,
+    worker_veths, Client, Daemon, DaemonOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -378,9 +378,7 @@ async fn host_and_none_modes() {
         f[4] != "reached" && f[4] != "ConnectionRefusedError",
         "an isolated worker reached the gateway: {none_out}"
     );
-    assert!(worker_veths()
-        .iter()
-        .all(|v| !v.ends_with(&h.id) && !v.ends_with(&n.id)));
+    assert!(worker_veths().iter().all(|(_, w)| *w != h.id && *w != n.id));
     assert_eq!(leases(mport), Some(0.0));
     assert!(eventually(Duration::from_secs(10), || d.netns_files().is_empty()).await);
 }
@@ -400,7 +398,11 @@ async fn egress_off_and_addresses_run_out() {
     let w = await_running(&c, std::slice::from_ref(&w.id))
         .await
         .remove(0);
-    let host_end = format!("bv{}", w.id);
+    let host_end = veth_of(&w.id).expect("the worker's veth");
+    assert!(
+        host_end.starts_with("bq") || host_end == format!("bv{}", w.id),
+        "{host_end}"
+    );
     let route_get = |dst: &str| {
         let out = Command::new("ip")
             .args([
@@ -469,12 +471,14 @@ async fn no_network_outlives_its_worker() {
     {
         let mut req = command_request(100, &["/bin/true"]);
         req.cpu = 0.001;
+        req.memory_gb = 0.0025;
         req.network = mode as i32;
         let ws = launch(&c, req).await;
         ids.extend(ids_of(&ws));
         if i == 0 {
             let mut req = command_request(5, &[bad.to_str().unwrap()]);
             req.cpu = 0.001;
+            req.memory_gb = 0.0025;
             let ws = launch(&c, req).await;
             failing.extend(ids_of(&ws));
         }
@@ -507,9 +511,7 @@ async fn no_network_outlives_its_worker() {
     );
     assert!(
         eventually(Duration::from_secs(60), || {
-            worker_veths()
-                .iter()
-                .all(|v| !all.contains(v.trim_start_matches("bv")))
+            worker_veths().iter().all(|(_, w)| !all.contains(w))
         })
         .await,
         "veths left"
@@ -606,6 +608,7 @@ async fn restart_readopts_networks_and_removes_stale_ones() {
     assert_eq!(leases(port), Some(2.0));
     let mut req = command_request(20, &["/bin/true"]);
     req.cpu = 0.001;
+    req.memory_gb = 0.0025;
     let fresh = launch(&c, req).await;
     for w in &fresh {
         assert!(

@@ -450,15 +450,34 @@ impl Daemon {
     }
 }
 
-/// Names of the host ends of worker veths (`bv<worker id>`) that exist now.
-pub fn worker_veths() -> Vec<String> {
+/// Host ends of worker veths that exist now, as (link name, worker id): the daemon labels each
+/// with the alias `berth:<worker id>`; one made on demand is also named `bv<worker id>`. Ready
+/// namespaces' pairs (`bq…`, no alias yet) are not listed.
+pub fn worker_veths() -> Vec<(String, String)> {
     let Ok(rd) = std::fs::read_dir("/sys/class/net") else {
         return vec![];
     };
     rd.flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with("bv"))
+        .filter_map(|n| {
+            let alias =
+                std::fs::read_to_string(format!("/sys/class/net/{n}/ifalias")).unwrap_or_default();
+            let id = alias
+                .trim()
+                .strip_prefix("berth:")
+                .or_else(|| n.strip_prefix("bv"))?
+                .to_owned();
+            Some((n, id))
+        })
         .collect()
+}
+
+/// The host end of worker `id`'s veth, if it exists.
+pub fn veth_of(id: &str) -> Option<String> {
+    worker_veths()
+        .into_iter()
+        .find(|(_, w)| w == id)
+        .map(|(n, _)| n)
 }
 
 impl Drop for Daemon {

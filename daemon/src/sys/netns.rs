@@ -5,7 +5,9 @@
 //! created directly inside its namespace as `eth0` (one request; moving a veth costs 20 ms),
 //! with the worker's address as a /32, a permanent neighbour entry and a default route to the
 //! host end; the host end carries no address, only a /32 route to the worker (source: the
-//! gateway) and forwarding. So workers reach each other and the host through the host's routing
+//! gateway) and forwarding. Neither end generates an IPv6 link-local address, so neither
+//! sends neighbour discovery. Per-link settings go through netlink, never /proc/sys: with
+//! thousands of namespaces a /proc/sys/net lookup costs milliseconds. So workers reach each other and the host through the host's routing
 //! table, and no Linux bridge with its 1023-port limit and neighbour-discovery floods sits in
 //! the path: the cost of a launch does not grow with the number of workers. The daemon's bridge
 //! exists all the same, without ports: it holds the gateway address and the subnet route, and
@@ -24,7 +26,7 @@
 //! Making a namespace and a veth pair costs ~1 ms of kernel work that does not run in parallel
 //! (it is serialised on the rtnl lock), so a pool thread keeps `pool` namespaces ready while no
 //! launch is in progress: loopback up, the pair made (host end `bq<random>`, down). A launch
-//! takes one, bind-mounts it, renames the host end `bv<worker id>` and sets addresses and routes
+//! takes one, bind-mounts it, labels the host end and sets addresses and routes
 //! in two batched requests (~0.1 ms). Ready namespaces are held by fds only and die with the
 //! daemon.
 //!
@@ -47,7 +49,10 @@ use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet, AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InetDevConf, InfoData, InfoVeth,
+    LinkAttribute, LinkMessage,
+};
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -62,12 +67,17 @@ use crate::core::ipam::Subnet;
 /// serves all of them, and each worker's neighbour entry for its gateway is known in advance.
 pub const HOST_END_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
 
-/// Prefix of the host end of every worker veth: `bv` + the worker id (14 characters).
+/// Prefix of the host end of a worker veth made on demand: `bv` + the worker id (14 characters).
 pub const HOST_END_PREFIX: &str = "bv";
 
-/// Prefix of the host end of a veth of a ready namespace not yet given to a worker: `bq` + 12
-/// random characters; renamed `bv<worker id>` when it is.
+/// Prefix of the host end of a veth made ahead in a ready namespace: `bq` + 12 random
+/// characters. It keeps its name when a worker gets it (a rename re-registers the link's sysfs
+/// and sysctl entries: ~0.2 ms); the alias names the worker.
 pub const READY_END_PREFIX: &str = "bq";
+
+/// Prefix of the alias (`ip link` shows it) of the host end of every worker veth: `berth:` +
+/// the worker id.
+pub const HOST_END_ALIAS_PREFIX: &str = "berth:";
 
 /// Priority of the rule that keeps worker-to-worker traffic routed; the next one refuses
 /// everything else from the subnet when egress is off.
@@ -329,9 +339,9 @@ pub struct HostNetwork {
     pool: Arc<Pool>,
 }
 
-/// A namespace made ahead of need: loopback up, IPv6 off for new links, a veth pair whose
-/// worker end is `eth0` inside (down) and whose host end is down with forwarding on. Held by
-/// its fd only (no bind mount), so it dies with the daemon.
+/// A namespace made ahead of need: loopback up and a veth pair whose worker end is `eth0`
+/// inside and whose host end is `bq<random>`, both down. Held by its fd only (no bind mount),
+/// so it dies with the daemon.
 struct Ready {
     ns: OwnedFd,
     inner: Rtnl,
@@ -699,10 +709,6 @@ fn make_ready(
         return Err(("unshare", io::Error::last_os_error(), true));
     }
     let inside = (|| -> StepResult<(OwnedFd, Rtnl)> {
-        at(
-            "turn IPv6 off",
-            write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1"),
-        )?;
         let ns = at(
             "open namespace",
             fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from),
@@ -737,20 +743,6 @@ fn make_ready(
             ),
         )?;
         let index = at("find host end", host.link_index(&host_end))?;
-        at(
-            "turn IPv6 off",
-            write_sysctl(
-                &format!("/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6"),
-                "1",
-            ),
-        )?;
-        at(
-            "enable forwarding",
-            write_sysctl(
-                &format!("/proc/sys/net/ipv4/conf/{host_end}/forwarding"),
-                "1",
-            ),
-        )?;
         let eth0 = at("find eth0", inner.link_index("eth0"))?;
         Ok((index, eth0))
     })();
@@ -767,7 +759,7 @@ fn make_ready(
     }
 }
 
-/// Gives a ready namespace to worker `id` at `ip`: bind mount, host end renamed `bv<id>` and up
+/// Gives a ready namespace to worker `id` at `ip`: bind mount, host end labelled and up
 /// with its route, eth0 up with the address, neighbour entry and default route.
 fn assign_ready(
     cfg: &NetConfig,
@@ -816,15 +808,7 @@ fn assign_ready(
         if rc != 0 {
             return Err(("bind-mount namespace", io::Error::last_os_error()));
         }
-        configure_addresses(
-            cfg,
-            host,
-            &mut r.inner,
-            r.host_index,
-            Some(&host_end_name(id)),
-            r.eth0,
-            ip,
-        )
+        configure_addresses(cfg, host, &mut r.inner, r.host_index, id, r.eth0, ip)
     })();
     match res {
         Ok(()) => Ok(path),
@@ -1020,7 +1004,7 @@ fn make_worker_net(
         return (Err(fail("create namespace file", e)), true);
     }
     // In the new namespace: everything that needs to be done from inside.
-    let inside = enter_new_namespace(&path, net);
+    let inside = enter_new_namespace(&path);
     // Back to the host, whatever happened.
     // SAFETY: host_ns is an open nsfs fd of the daemon's network namespace.
     let back = unsafe { libc::setns(host_ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
@@ -1048,19 +1032,11 @@ fn make_worker_net(
     }
 }
 
-/// unshare, turn IPv6 off for the links to come, bind-mount, open a netlink socket inside.
-fn enter_new_namespace(path: &Path, net: WorkerNet) -> StepResult<(OwnedFd, Rtnl)> {
+/// unshare, bind-mount, open a netlink socket inside.
+fn enter_new_namespace(path: &Path) -> StepResult<(OwnedFd, Rtnl)> {
     // SAFETY: unshare with a namespace flag affects only the calling thread's network namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(("unshare", io::Error::last_os_error()));
-    }
-    if matches!(net, WorkerNet::Routed { .. }) {
-        // eth0 is created after this and takes the default: no link-local address, no
-        // neighbour discovery or MLD. lo keeps ::1.
-        at(
-            "turn IPv6 off",
-            write_sysctl("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1"),
-        )?;
     }
     let ns = at(
         "open namespace",
@@ -1088,6 +1064,27 @@ fn enter_new_namespace(path: &Path, net: WorkerNet) -> StepResult<(OwnedFd, Rtnl
         return Err(("bind-mount namespace", io::Error::last_os_error()));
     }
     Ok((ns, nl))
+}
+
+/// IPv6 address generation off (no link-local address: no neighbour discovery, DAD or router
+/// solicitations from the link), and IPv4 forwarding of what arrives on it, if `forwarding`.
+/// Through netlink rather than /proc/sys: with thousands of namespaces, every /proc/sys/net
+/// path lookup walks dentries of every namespace and costs milliseconds.
+fn link_conf(index: u32, forwarding: bool) -> RouteNetlinkMessage {
+    let mut spec = vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(
+        In6AddrGenMode::None,
+    )])];
+    if forwarding {
+        let mut conf = InetDevConf::default();
+        conf.forwarding = 1;
+        spec.insert(
+            0,
+            AfSpecUnspec::Inet(vec![AfSpecInet::DevConfRequest(conf)]),
+        );
+    }
+    let mut m = LinkUnspec::new_with_index(index).build();
+    m.attributes.push(LinkAttribute::AfSpecUnspec(spec));
+    RouteNetlinkMessage::SetLink(m)
 }
 
 fn lo_up() -> RouteNetlinkMessage {
@@ -1121,61 +1118,50 @@ fn configure_routed(
         ),
     )?;
     let index = at("find host end", host.link_index(&host_end))?;
-    // Before it is up: no IPv6 on the host end; forward what the worker sends.
-    at(
-        "turn IPv6 off",
-        write_sysctl(
-            &format!("/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6"),
-            "1",
-        ),
-    )?;
-    at(
-        "enable forwarding",
-        write_sysctl(
-            &format!("/proc/sys/net/ipv4/conf/{host_end}/forwarding"),
-            "1",
-        ),
-    )?;
     let eth0 = at("find eth0", inner.link_index("eth0"))?;
-    configure_addresses(cfg, host, inner, index, None, eth0, ip)
+    configure_addresses(cfg, host, inner, index, id, eth0, ip)
 }
 
 /// The last step of a routed worker network, made on demand or taken ready: the host end up
-/// (renamed first, for a ready one) with the /32 route to the worker, and inside lo and eth0 up,
+/// (its alias naming worker `id`) with the /32 route to the worker, and inside lo and eth0 up,
 /// the address, the gateway's neighbour entry and the default route. Two batches.
 fn configure_addresses(
     cfg: &NetConfig,
     host: &mut Rtnl,
     inner: &mut Rtnl,
     host_index: u32,
-    rename: Option<&str>,
+    id: &str,
     eth0: u32,
     ip: Ipv4Addr,
 ) -> StepResult<()> {
     let gw = cfg.subnet.gateway();
-    let mut up = LinkUnspec::new_with_index(host_index).up();
-    if let Some(name) = rename {
-        // Renamed while still down, then up: the kernel does both in this order.
-        up = up.name(name);
-    }
+    let up = LinkUnspec::new_with_index(host_index)
+        .up()
+        .alias(format!("{HOST_END_ALIAS_PREFIX}{id}"));
     let to_worker = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(ip, 32)
         .output_interface(host_index)
         .pref_source(gw)
         .scope(RouteScope::Link)
         .build();
-    // REPLACE: the route of a worker that had this address may outlive it briefly (the kernel
-    // frees namespaces asynchronously).
+    // Before up: no IPv6 (no link-local address, so no neighbour discovery), and forwarding of
+    // what the worker sends. REPLACE: the route of a worker that had this address may outlive
+    // it briefly (the kernel frees namespaces asynchronously).
     let host_side = host.batch(&[
+        (link_conf(host_index, true), 0),
         (RouteNetlinkMessage::SetLink(up.build()), 0),
         (
             RouteNetlinkMessage::NewRoute(to_worker),
             NLM_F_CREATE | NLM_F_REPLACE,
         ),
     ]);
-    for (step, r) in ["bring host end up", "add route to worker"]
-        .into_iter()
-        .zip(host_side)
+    for (step, r) in [
+        "configure host end",
+        "bring host end up",
+        "add route to worker",
+    ]
+    .into_iter()
+    .zip(host_side)
     {
         at(step, r.take())?;
     }
@@ -1190,6 +1176,7 @@ fn configure_addresses(
         .build();
     let inside = inner.batch(&[
         (lo_up(), 0),
+        (link_conf(eth0, false), 0),
         (
             RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(eth0).up().build()),
             0,
@@ -1209,6 +1196,7 @@ fn configure_addresses(
     ]);
     let steps = [
         "bring lo up",
+        "configure eth0",
         "bring eth0 up",
         "add worker address",
         "add gateway neighbour",
