@@ -10,7 +10,6 @@
 //!
 //! Run as root from a release build: `cargo run --release -p berth-benches --bin berth-bench-launch`.
 
-use std::collections::HashSet;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -18,7 +17,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{median, ms, rss_kib};
+use berth_benches::{launch_to_running, median, ms, rss_kib, settle};
+
+/// How long a launch may take to be all RUNNING, and to finish.
+const RUNNING_WITHIN: Duration = Duration::from_secs(60);
+const SETTLE_WITHIN_S: u32 = 120;
 use berth_tests::{command_request, pb, Daemon, DaemonOptions};
 
 struct Opts {
@@ -141,67 +144,6 @@ fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
     Ok((median(&mut create), median(&mut whole)))
 }
 
-/// Launches `req` and returns the time from the call to the last worker's RUNNING event.
-async fn launch_to_running(
-    client: &berth_tests::Client,
-    req: pb::LaunchWorkersRequest,
-) -> Result<(Duration, Vec<String>)> {
-    let n = req.n as usize;
-    let mut watch = client
-        .workers()
-        .watch_workers(pb::WatchWorkersRequest::default())
-        .await?
-        .into_inner();
-    let t = Instant::now();
-    let ids: Vec<String> = client
-        .workers()
-        .launch_workers(req)
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
-    let wanted: HashSet<&String> = ids.iter().collect();
-    let mut running = HashSet::new();
-    while running.len() < n {
-        let ev = tokio::time::timeout(Duration::from_secs(60), watch.message())
-            .await
-            .context("no RUNNING within 60 s")??
-            .context("watch ended")?;
-        let w = ev.worker.context("event without worker")?;
-        if !wanted.contains(&w.id) {
-            continue;
-        }
-        if w.status == pb::WorkerStatus::Running as i32 {
-            running.insert(w.id);
-        } else if w.status == pb::WorkerStatus::Failed as i32 && w.started_at.is_none() {
-            bail!("worker {} failed to start: {}", w.id, w.reason);
-        }
-    }
-    Ok((t.elapsed(), ids))
-}
-
-async fn settle(client: &berth_tests::Client, ids: &[String]) -> Result<()> {
-    let r = client
-        .workers()
-        .await_workers(pb::AwaitWorkersRequest {
-            ids: ids.to_vec(),
-            timeout_seconds: Some(120),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if !r.failures.is_empty() {
-        bail!(
-            "{} workers failed: {:?}",
-            r.failures.len(),
-            r.failures[0].reason
-        );
-    }
-    Ok(())
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     if !berth_tests::is_root() {
@@ -233,29 +175,29 @@ async fn main() -> Result<()> {
         ..command_request(n, &["/bin/true"])
     };
     // Warm-up (page cache, first connections).
-    let (_, ids) = launch_to_running(&client, req(5)).await?;
-    settle(&client, &ids).await?;
+    let (_, ids) = launch_to_running(&client, req(5), RUNNING_WITHIN).await?;
+    settle(&client, &ids, SETTLE_WITHIN_S).await?;
 
     let mut single = Vec::new();
     for _ in 0..o.single {
-        let (t, ids) = launch_to_running(&client, req(1)).await?;
+        let (t, ids) = launch_to_running(&client, req(1), RUNNING_WITHIN).await?;
         single.push(t);
-        settle(&client, &ids).await?;
+        settle(&client, &ids, SETTLE_WITHIN_S).await?;
     }
     let mut per_worker = Vec::new();
     let mut batch_total = Vec::new();
     for _ in 0..o.rounds {
-        let (t, ids) = launch_to_running(&client, req(o.batch)).await?;
+        let (t, ids) = launch_to_running(&client, req(o.batch), RUNNING_WITHIN).await?;
         batch_total.push(t);
         per_worker.push(t / o.batch);
-        settle(&client, &ids).await?;
+        settle(&client, &ids, SETTLE_WITHIN_S).await?;
     }
     // Finished workers held in the daemon's memory.
     let mut launched = (o.single + 5) as u32 + o.batch * o.rounds as u32;
     while launched < o.finished {
         let n = (o.finished - launched).min(200);
-        let (_, ids) = launch_to_running(&client, req(n)).await?;
-        settle(&client, &ids).await?;
+        let (_, ids) = launch_to_running(&client, req(n), RUNNING_WITHIN).await?;
+        settle(&client, &ids, SETTLE_WITHIN_S).await?;
         launched += n;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

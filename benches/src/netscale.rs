@@ -18,7 +18,6 @@
 
 #![allow(clippy::type_complexity)]
 
-use std::collections::HashSet;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
@@ -28,10 +27,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{median, ms};
+use berth_benches::{launch_to_running, median, ms, settle};
+
+/// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
+const RUNNING_WITHIN: Duration = Duration::from_secs(120);
+const SETTLE_WITHIN_S: u32 = 300;
 use berth_daemon::core::ipam::Subnet;
 use berth_daemon::sys::netns::{HostNetwork, NetConfig, Netns, WorkerNet};
-use berth_tests::{command_request, pb, Client, Daemon, DaemonOptions, TestNet};
+use berth_tests::{command_request, pb, Daemon, DaemonOptions, TestNet};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::route::RouteScope;
@@ -501,67 +504,6 @@ async fn wait_pool(port: u16, want: usize) {
     }
 }
 
-/// Launches `req` and returns the time from the call to the last worker's RUNNING event.
-async fn launch_to_running(
-    client: &Client,
-    req: pb::LaunchWorkersRequest,
-) -> Result<(Duration, Vec<String>)> {
-    let n = req.n as usize;
-    let mut watch = client
-        .workers()
-        .watch_workers(pb::WatchWorkersRequest::default())
-        .await?
-        .into_inner();
-    let t = Instant::now();
-    let ids: Vec<String> = client
-        .workers()
-        .launch_workers(req)
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
-    let wanted: HashSet<&String> = ids.iter().collect();
-    let mut running = HashSet::new();
-    while running.len() < n {
-        let ev = tokio::time::timeout(Duration::from_secs(120), watch.message())
-            .await
-            .context("no RUNNING within 120 s")??
-            .context("watch ended")?;
-        let w = ev.worker.context("event without worker")?;
-        if !wanted.contains(&w.id) {
-            continue;
-        }
-        if w.status == pb::WorkerStatus::Running as i32 {
-            running.insert(w.id);
-        } else if w.status == pb::WorkerStatus::Failed as i32 && w.started_at.is_none() {
-            bail!("worker {} failed to start: {}", w.id, w.reason);
-        }
-    }
-    Ok((t.elapsed(), ids))
-}
-
-async fn settle(client: &Client, ids: &[String]) -> Result<()> {
-    let r = client
-        .workers()
-        .await_workers(pb::AwaitWorkersRequest {
-            ids: ids.to_vec(),
-            timeout_seconds: Some(300),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    if !r.failures.is_empty() {
-        bail!(
-            "{} workers failed: {:?}",
-            r.failures.len(),
-            r.failures[0].reason
-        );
-    }
-    Ok(())
-}
-
 fn request(n: u32, mode: pb::NetworkMode, command: &[&str]) -> pb::LaunchWorkersRequest {
     pb::LaunchWorkersRequest {
         cpu: 0.0005,
@@ -632,14 +574,16 @@ async fn run(o: Opts) -> Result<()> {
     let pool_full = || wait_pool(mport, o.pool);
     let client = d.client().await?;
     let trueb = |n, mode| request(n, mode, &["/bin/true"]);
-    let (_, ids) = launch_to_running(&client, trueb(5, pb::NetworkMode::Bridge)).await?;
-    settle(&client, &ids).await?;
+    let (_, ids) =
+        launch_to_running(&client, trueb(5, pb::NetworkMode::Bridge), RUNNING_WITHIN).await?;
+    settle(&client, &ids, SETTLE_WITHIN_S).await?;
     let mut single = Vec::new();
     for _ in 0..o.single {
         pool_full().await;
-        let (t, ids) = launch_to_running(&client, trueb(1, pb::NetworkMode::Bridge)).await?;
+        let (t, ids) =
+            launch_to_running(&client, trueb(1, pb::NetworkMode::Bridge), RUNNING_WITHIN).await?;
         single.push(t);
-        settle(&client, &ids).await?;
+        settle(&client, &ids, SETTLE_WITHIN_S).await?;
     }
     let single = median(&mut single);
     // Batches of /bin/true (launch while the previous workers' ends are handled) and of
@@ -659,7 +603,7 @@ async fn run(o: Opts) -> Result<()> {
                     trueb(n, mode)
                 };
                 pool_full().await;
-                let (t, ids) = launch_to_running(&client, req).await?;
+                let (t, ids) = launch_to_running(&client, req, RUNNING_WITHIN).await?;
                 per.push(t / n);
                 if sleep {
                     client
@@ -677,7 +621,7 @@ async fn run(o: Opts) -> Result<()> {
                     // Let the kernel free the namespaces before the next round.
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 } else {
-                    settle(&client, &ids).await?;
+                    settle(&client, &ids, SETTLE_WITHIN_S).await?;
                 }
             }
             Ok::<_, anyhow::Error>(median(&mut per))
@@ -704,7 +648,7 @@ async fn run(o: Opts) -> Result<()> {
         while alive.len() < target {
             let n = ((target - alive.len()) as u32).min(o.batch);
             let at = alive.len();
-            let (t, ids) = launch_to_running(&client, sleeper(n)).await?;
+            let (t, ids) = launch_to_running(&client, sleeper(n), RUNNING_WITHIN).await?;
             if n == o.batch {
                 fills.push((at, t / n));
             }
@@ -713,7 +657,7 @@ async fn run(o: Opts) -> Result<()> {
         let mut v = Vec::new();
         for _ in 0..PROBES {
             pool_full().await;
-            let (t, ids) = launch_to_running(&client, sleeper(1)).await?;
+            let (t, ids) = launch_to_running(&client, sleeper(1), RUNNING_WITHIN).await?;
             v.push(t);
             alive.extend(ids);
         }

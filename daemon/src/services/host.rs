@@ -1391,39 +1391,43 @@ async fn await_shim(
         shim::read_exit(&dir)
     })
     .await;
-    let (exit, finished_at) = match rec {
-        Ok(Ok(Some(r))) => (
-            Exit {
-                exit_code: r.exit_code,
-                signal: r.signal,
-                spawn_error: r.spawn_error,
-                oom_killed: false,
-            },
-            Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
-        ),
-        Ok(Ok(None)) => (
-            Exit {
-                spawn_error: handshake_error.or(Some("shim exited without an exit record".into())),
-                ..Default::default()
-            },
-            None,
-        ),
-        Ok(Err(e)) => (
-            Exit {
-                spawn_error: Some(format!("exit record unreadable: {e}")),
-                ..Default::default()
-            },
-            None,
-        ),
-        Err(e) => (
-            Exit {
-                spawn_error: Some(format!("exit record: {e}")),
-                ..Default::default()
-            },
-            None,
-        ),
-    };
+    let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
+    let (exit, finished_at) = outcome_of(rec, missing);
     inner.finish(&id, exit, finished_at).await;
+}
+
+/// How a worker ended, from its shim's exit record.
+fn exit_of(r: shim::ExitRecord) -> (Exit, Option<SystemTime>) {
+    (
+        Exit {
+            exit_code: r.exit_code,
+            signal: r.signal,
+            spawn_error: r.spawn_error,
+            oom_killed: false,
+        },
+        Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
+    )
+}
+
+/// How a worker ended, from an attempt to read its exit record off the async threads;
+/// `missing` says why, where the shim left no record.
+fn outcome_of(
+    read: std::result::Result<std::io::Result<Option<shim::ExitRecord>>, tokio::task::JoinError>,
+    missing: String,
+) -> (Exit, Option<SystemTime>) {
+    let spawn_error = match read {
+        Ok(Ok(Some(r))) => return exit_of(r),
+        Ok(Ok(None)) => missing,
+        Ok(Err(e)) => format!("exit record unreadable: {e}"),
+        Err(e) => format!("exit record: {e}"),
+    };
+    (
+        Exit {
+            spawn_error: Some(spawn_error),
+            ..Default::default()
+        },
+        None,
+    )
 }
 
 fn is_zombie(pid: u32) -> bool {

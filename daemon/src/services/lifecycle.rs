@@ -490,15 +490,10 @@ impl Inner {
             let cg = self.cgroups.worker(&id);
             let pickup = match (shim, exit) {
                 (Some(pid), _) => Pickup::Adopt { shim_pid: pid },
-                (None, Some(r)) => Pickup::Finish(
-                    Exit {
-                        exit_code: r.exit_code,
-                        signal: r.signal,
-                        spawn_error: r.spawn_error,
-                        oom_killed: false,
-                    },
-                    Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
-                ),
+                (None, Some(r)) => {
+                    let (exit, at) = exit_of(r);
+                    Pickup::Finish(exit, at)
+                }
                 (None, None) if !cg.pids().is_empty() => Pickup::Orphan,
                 (None, None) if rec.status == WorkerStatus::Pending && rec.restarts > 0 => {
                     Pickup::Respawn
@@ -589,24 +584,7 @@ impl Inner {
 async fn finish_from_files(inner: Arc<Inner>, id: String) {
     let dir = inner.worker_dir(&id);
     let rec = tokio::task::spawn_blocking(move || shim::read_exit(&dir)).await;
-    let (exit, at) = match rec {
-        Ok(Ok(Some(r))) => (
-            Exit {
-                exit_code: r.exit_code,
-                signal: r.signal,
-                spawn_error: r.spawn_error,
-                oom_killed: false,
-            },
-            Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
-        ),
-        _ => (
-            Exit {
-                spawn_error: Some("shim exited without an exit record".into()),
-                ..Default::default()
-            },
-            None,
-        ),
-    };
+    let (exit, at) = outcome_of(rec, "shim exited without an exit record".into());
     inner.finish(&id, exit, at).await;
 }
 

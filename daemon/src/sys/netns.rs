@@ -789,25 +789,7 @@ fn assign_ready(
                     io::Error::from(io::ErrorKind::InvalidInput),
                 )
             })?;
-        let dst = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-            (
-                "bind-mount namespace",
-                io::Error::from(io::ErrorKind::InvalidInput),
-            )
-        })?;
-        // SAFETY: both paths are valid NUL-terminated strings; a bind mount takes no data.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(("bind-mount namespace", io::Error::last_os_error()));
-        }
+        bind_mount_namespace(&src, &path)?;
         configure_addresses(cfg, host, &mut r.inner, r.host_index, id, r.eth0, ip)
     })();
     match res {
@@ -1043,8 +1025,13 @@ fn enter_new_namespace(path: &Path) -> StepResult<(OwnedFd, Rtnl)> {
         fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from),
     )?;
     let nl = at("open netlink", Rtnl::open())?;
-    let src = c"/proc/thread-self/ns/net";
-    let dst = CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+    bind_mount_namespace(c"/proc/thread-self/ns/net", path)?;
+    Ok((ns, nl))
+}
+
+/// Bind-mounts the namespace file `src` onto `dst`, so the namespace outlives its creator.
+fn bind_mount_namespace(src: &std::ffi::CStr, dst: &Path) -> StepResult<()> {
+    let dst = CString::new(dst.as_os_str().as_bytes()).map_err(|_| {
         (
             "bind-mount namespace",
             io::Error::from(io::ErrorKind::InvalidInput),
@@ -1063,7 +1050,7 @@ fn enter_new_namespace(path: &Path) -> StepResult<(OwnedFd, Rtnl)> {
     if rc != 0 {
         return Err(("bind-mount namespace", io::Error::last_os_error()));
     }
-    Ok((ns, nl))
+    Ok(())
 }
 
 /// IPv6 address generation off (no link-local address: no neighbour discovery, DAD or router

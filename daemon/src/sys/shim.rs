@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cgroup::WorkerCgroup;
 use super::output::{Rotation, SegmentWriter, StreamKind};
+use super::spawn::{pidfd_open, pipe_cloexec};
 
 /// Everything the shim needs to start one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,16 +110,6 @@ fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 fn cstr(s: impl AsRef<[u8]>, what: &str) -> io::Result<CString> {
     CString::new(s.as_ref().to_vec())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("NUL byte in {what}")))
-}
-
-fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 fn open_cloexec(path: &Path, flags: i32) -> io::Result<OwnedFd> {
@@ -413,16 +404,6 @@ fn set_nonblocking(fd: RawFd) {
         let fl = libc::fcntl(fd, libc::F_GETFL);
         libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
     }
-}
-
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// How long the shim keeps draining output after the worker's processes are gone; only a
