@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use berth_tests::{bin, pb, require_root, scaled, Daemon};
+use berth_tests::open_session;
+use berth_tests::{bin, require_root, scaled, Daemon};
 use serde_json::Value;
 
 /// What one run of `berth` left behind.
@@ -493,15 +494,7 @@ async fn session_selects_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = c
-        .workers()
-        .open_session(pb::OpenSessionRequest {
-            ttl_seconds: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_session(&c, 60).await;
     let ids = launch(
         &d,
         &[

@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth_tests::{await_running, host_info, ids_of, launch};
 use berth_tests::{command_request, pb, require_root, scaled, Client, Daemon, DaemonOptions};
 use tonic::Code;
 
@@ -33,23 +34,6 @@ fn gpu_request(n: u32, gpus: u32, command: &[&str]) -> pb::LaunchWorkersRequest 
     }
 }
 
-async fn host_info(c: &Client) -> pb::HostInfo {
-    c.host()
-        .get_host_info(pb::GetHostInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
-    c.workers()
-        .launch_workers(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-}
-
 async fn list_all(c: &Client) -> Vec<pb::Worker> {
     c.workers()
         .list_workers(pb::ListWorkersRequest::default())
@@ -70,21 +54,6 @@ async fn stop(c: &Client, ids: &[String]) {
         .unwrap();
 }
 
-async fn await_running(c: &Client, ids: &[String]) {
-    let r = c
-        .workers()
-        .await_workers(pb::AwaitWorkersRequest {
-            ids: ids.to_vec(),
-            wait_for_completion: Some(false),
-            timeout_seconds: Some(scaled(Duration::from_secs(30)).as_secs() as u32),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
-}
-
 fn allocated_gpus(h: &pb::HostInfo) -> u32 {
     h.allocated.as_ref().map_or(0, |a| a.gpus)
 }
@@ -95,10 +64,6 @@ fn holders(h: &pb::HostInfo) -> BTreeMap<String, String> {
         .iter()
         .map(|g| (g.uuid.clone(), g.worker_id.clone()))
         .collect()
-}
-
-fn ids_of(ws: &[pb::Worker]) -> Vec<String> {
-    ws.iter().map(|w| w.id.clone()).collect()
 }
 
 /// Polls `f` until it returns `Some`, for at most `limit` (scaled).

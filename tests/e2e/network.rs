@@ -16,6 +16,7 @@ use berth_tests::{
     await_all, command_request, free_port, output_of, pb, require_root, scaled, veth_of,
     worker_veths, Client, Daemon, DaemonOptions,
 };
+use berth_tests::{await_running, ids_of, launch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -27,35 +28,6 @@ fn py(code: &str) -> pb::LaunchWorkersRequest {
         code: code.to_owned(),
         ..Default::default()
     }
-}
-
-async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
-    c.workers()
-        .launch_workers(req)
-        .await
-        .unwrap_or_else(|s| panic!("launch refused: {s:?}"))
-        .into_inner()
-        .workers
-}
-
-fn ids_of(ws: &[pb::Worker]) -> Vec<String> {
-    ws.iter().map(|w| w.id.clone()).collect()
-}
-
-async fn await_running(c: &Client, ids: &[String]) -> Vec<pb::Worker> {
-    let r = c
-        .workers()
-        .await_workers(pb::AwaitWorkersRequest {
-            ids: ids.to_vec(),
-            wait_for_completion: Some(false),
-            timeout_seconds: Some(scaled(Duration::from_secs(30)).as_secs() as u32),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
-    r.workers
 }
 
 async fn stdout_of(c: &Client, id: &str) -> String {

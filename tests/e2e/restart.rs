@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use berth_tests::open_session;
+use berth_tests::{await_running, launch};
 use berth_tests::{command_request, pb, require_root, Client, Daemon, DaemonOptions};
 
 fn status(w: &pb::Worker) -> pb::WorkerStatus {
@@ -22,30 +24,6 @@ async fn list(c: &Client) -> HashMap<String, pb::Worker> {
         .into_iter()
         .map(|w| (w.id.clone(), w))
         .collect()
-}
-
-async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
-    c.workers()
-        .launch_workers(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-}
-
-async fn await_running(c: &Client, ids: &[String]) {
-    let r = c
-        .workers()
-        .await_workers(pb::AwaitWorkersRequest {
-            ids: ids.to_vec(),
-            wait_for_completion: Some(false),
-            timeout_seconds: Some(30),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
 }
 
 /// A worker that prints `n` numbered lines, one every `every_ms`, then exits 0.
@@ -74,15 +52,7 @@ async fn session_lease_lapses_and_stops_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = c
-        .workers()
-        .open_session(pb::OpenSessionRequest {
-            ttl_seconds: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_session(&c, 2).await;
     assert!(s.expires_at.is_some());
     let ws = launch(
         &c,
@@ -136,15 +106,7 @@ async fn close_session_stops_only_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = c
-        .workers()
-        .open_session(pb::OpenSessionRequest {
-            ttl_seconds: 60,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_session(&c, 60).await;
     let mine = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -198,15 +160,7 @@ async fn a_client_killed_mid_session_ends_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = c
-        .workers()
-        .open_session(pb::OpenSessionRequest {
-            ttl_seconds: 2,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_session(&c, 2).await;
     let ws = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -333,15 +287,7 @@ async fn session_lease_keeps_counting_across_a_restart() {
     require_root!();
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = c
-        .workers()
-        .open_session(pb::OpenSessionRequest {
-            ttl_seconds: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s = open_session(&c, 3).await;
     let w = launch(
         &c,
         pb::LaunchWorkersRequest {

@@ -16,6 +16,7 @@ use berth_tests::{
     await_all, command_request, output_of, pb, processes_named, processes_with_env, python_request,
     require_root, scaled, timeout_scale, zombies_of, Client, Daemon, DaemonOptions,
 };
+use berth_tests::{host_info, ids_of, launch};
 use tokio::sync::RwLock;
 use tonic::Code;
 
@@ -41,23 +42,10 @@ async fn daemon_with(config: &str) -> Daemon {
     .unwrap()
 }
 
-async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
-    c.workers()
-        .launch_workers(req)
-        .await
-        .unwrap_or_else(|s| panic!("launch refused: {s:?}"))
-        .into_inner()
-        .workers
-}
-
 async fn launch_one(c: &Client, req: pb::LaunchWorkersRequest) -> pb::Worker {
     let mut v = launch(c, req).await;
     assert_eq!(v.len(), 1);
     v.remove(0)
-}
-
-fn ids_of(ws: &[pb::Worker]) -> Vec<String> {
-    ws.iter().map(|w| w.id.clone()).collect()
 }
 
 async fn list(c: &Client, ids: &[String]) -> Vec<pb::Worker> {
@@ -105,14 +93,6 @@ async fn stop(c: &Client, ids: &[String], grace: u32) -> Vec<pb::Worker> {
         .unwrap()
         .into_inner()
         .workers
-}
-
-async fn host_info(c: &Client) -> pb::HostInfo {
-    c.host()
-        .get_host_info(pb::GetHostInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 fn text(b: &[u8]) -> String {

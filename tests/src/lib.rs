@@ -642,3 +642,56 @@ pub fn processes_with_env(name: &str, value: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Launches `req`; panics with the status if the server refuses it.
+pub async fn launch(c: &Client, req: pb::LaunchWorkersRequest) -> Vec<pb::Worker> {
+    c.workers()
+        .launch_workers(req)
+        .await
+        .unwrap_or_else(|s| panic!("launch refused: {s:?}"))
+        .into_inner()
+        .workers
+}
+
+/// The ids of `ws`, in order.
+pub fn ids_of(ws: &[pb::Worker]) -> Vec<String> {
+    ws.iter().map(|w| w.id.clone()).collect()
+}
+
+/// The host's `HostInfo`.
+pub async fn host_info(c: &Client) -> pb::HostInfo {
+    c.host()
+        .get_host_info(pb::GetHostInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Awaits `ids` until RUNNING (30 s, scaled); panics if any is not.
+pub async fn await_running(c: &Client, ids: &[String]) -> Vec<pb::Worker> {
+    let r = c
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: ids.to_vec(),
+            wait_for_completion: Some(false),
+            timeout_seconds: Some(scaled(Duration::from_secs(30)).as_secs() as u32),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
+    r.workers
+}
+
+/// Opens a session with a lease of `ttl_seconds`.
+pub async fn open_session(c: &Client, ttl_seconds: u32) -> pb::Session {
+    c.workers()
+        .open_session(pb::OpenSessionRequest {
+            ttl_seconds,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}

@@ -99,6 +99,44 @@ pub struct WorkerRecord {
     pub gpu_memory_used_bytes: u64,
 }
 
+impl WorkerRecord {
+    /// A worker just admitted on `host`: PENDING, nothing started, no usage yet. Callers fill in
+    /// what the launch asked for.
+    pub fn pending(id: String, host: String, created_at: SystemTime) -> Self {
+        Self {
+            id,
+            session_id: None,
+            host,
+            ip_address: None,
+            status: WorkerStatus::Pending,
+            cpu: 0.0,
+            memory_bytes: 0,
+            nvidia_gpu: 0,
+            gpu_uuids: Vec::new(),
+            kernel: String::new(),
+            command: Vec::new(),
+            workdir: PathBuf::new(),
+            network: NetworkMode::default(),
+            restart: RestartPolicy::default(),
+            pid: None,
+            exit_code: None,
+            signal: None,
+            reason: String::new(),
+            restarts: 0,
+            labels: BTreeMap::new(),
+            created_at,
+            started_at: None,
+            finished_at: None,
+            cpu_seconds: 0.0,
+            memory_peak_bytes: 0,
+            stop_reason: None,
+            shim_pid: None,
+            shim_starttime: None,
+            gpu_memory_used_bytes: 0,
+        }
+    }
+}
+
 /// How the worker's main process ended, as the shim saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exit {

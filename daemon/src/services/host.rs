@@ -451,11 +451,8 @@ impl Host {
             for (i, (id, gpu_uuids)) in ids.iter().zip(gpu_sets).enumerate() {
                 st.seq += 1;
                 let rec = WorkerRecord {
-                    id: id.clone(),
                     session_id: spec.session_id.clone(),
-                    host: inner.opts.name.clone(),
                     ip_address: ips.get(i).map(|ip| IpAddr::V4(*ip)),
-                    status: WorkerStatus::Pending,
                     cpu: spec.cpu,
                     memory_bytes: spec.memory_bytes,
                     nvidia_gpu: spec.nvidia_gpu,
@@ -465,21 +462,8 @@ impl Host {
                     workdir: prepared.workdir.clone(),
                     network: spec.network,
                     restart: spec.restart,
-                    pid: None,
-                    exit_code: None,
-                    signal: None,
-                    reason: String::new(),
-                    restarts: 0,
                     labels: spec.labels.clone(),
-                    created_at: now,
-                    started_at: None,
-                    finished_at: None,
-                    cpu_seconds: 0.0,
-                    memory_peak_bytes: 0,
-                    stop_reason: None,
-                    shim_pid: None,
-                    shim_starttime: None,
-                    gpu_memory_used_bytes: 0,
+                    ..WorkerRecord::pending(id.clone(), inner.opts.name.clone(), now)
                 };
                 let seq = st.seq;
                 st.workers.insert(

@@ -547,35 +547,10 @@ impl Inner {
         let cg = self.cgroups.worker(id);
         let pids = cg.pids();
         WorkerRecord {
-            id: id.to_owned(),
-            session_id: None,
-            host: self.opts.name.clone(),
-            ip_address: None,
             status: WorkerStatus::Starting,
-            cpu: 0.0,
-            memory_bytes: 0,
-            nvidia_gpu: 0,
-            gpu_uuids: Vec::new(),
-            kernel: String::new(),
-            command: Vec::new(),
-            workdir: PathBuf::new(),
-            network: Default::default(),
-            restart: Default::default(),
             pid: pids.into_iter().min().map(|p| p as u32),
-            exit_code: None,
-            signal: None,
             reason: format!("{UNACCOUNTED}: found in its cgroup without a record"),
-            restarts: 0,
-            labels: BTreeMap::new(),
-            created_at: SystemTime::now(),
-            started_at: None,
-            finished_at: None,
-            cpu_seconds: 0.0,
-            memory_peak_bytes: 0,
-            stop_reason: None,
-            shim_pid: None,
-            shim_starttime: None,
-            gpu_memory_used_bytes: 0,
+            ..WorkerRecord::pending(id.to_owned(), self.opts.name.clone(), SystemTime::now())
         }
     }
 }

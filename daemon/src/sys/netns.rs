@@ -728,23 +728,7 @@ fn make_ready(
     let host_end = ready_end_name();
     let built = (|| -> StepResult<(u32, u32)> {
         at("bring lo up", inner.one(lo_up(), 0))?;
-        let peer: LinkMessage = LinkUnspec::new_with_name("eth0")
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
-        let veth = LinkVeth::new(&host_end, "eth0")
-            .address(HOST_END_MAC.to_vec())
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
-        at(
-            "create veth",
-            host.one(
-                RouteNetlinkMessage::NewLink(veth),
-                NLM_F_CREATE | NLM_F_EXCL,
-            ),
-        )?;
-        let index = at("find host end", host.link_index(&host_end))?;
-        let eth0 = at("find eth0", inner.link_index("eth0"))?;
-        Ok((index, eth0))
+        create_veth(host, &mut inner, &host_end, &ns)
     })();
     match built {
         Ok((host_index, eth0)) => Ok(Ready {
@@ -1088,12 +1072,23 @@ fn configure_routed(
     ip: Ipv4Addr,
 ) -> StepResult<()> {
     let host_end = host_end_name(id);
-    // The peer: eth0, created inside the worker's namespace (down: a veth end cannot be brought
-    // up before its pair is complete).
+    let (index, eth0) = create_veth(host, inner, &host_end, ns_fd)?;
+    configure_addresses(cfg, host, inner, index, id, eth0, ip)
+}
+
+/// Creates the veth pair `host_end` ⇄ eth0 with eth0 made directly inside the namespace `ns`
+/// (down: a veth end cannot be brought up before its pair is complete). Returns the link
+/// indexes of the host end and of eth0.
+fn create_veth(
+    host: &mut Rtnl,
+    inner: &mut Rtnl,
+    host_end: &str,
+    ns: &OwnedFd,
+) -> StepResult<(u32, u32)> {
     let peer: LinkMessage = LinkUnspec::new_with_name("eth0")
-        .setns_by_fd(ns_fd.as_raw_fd())
+        .setns_by_fd(ns.as_raw_fd())
         .build();
-    let veth = LinkVeth::new(&host_end, "eth0")
+    let veth = LinkVeth::new(host_end, "eth0")
         .address(HOST_END_MAC.to_vec())
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
@@ -1104,9 +1099,9 @@ fn configure_routed(
             NLM_F_CREATE | NLM_F_EXCL,
         ),
     )?;
-    let index = at("find host end", host.link_index(&host_end))?;
+    let index = at("find host end", host.link_index(host_end))?;
     let eth0 = at("find eth0", inner.link_index("eth0"))?;
-    configure_addresses(cfg, host, inner, index, id, eth0, ip)
+    Ok((index, eth0))
 }
 
 /// The last step of a routed worker network, made on demand or taken ready: the host end up

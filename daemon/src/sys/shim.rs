@@ -182,16 +182,7 @@ fn run(dir: &Path) -> io::Result<()> {
         Ok(s) => s,
         Err(e) => {
             let msg = format!("read {}: {e}", dir.join(SPEC_FILE).display());
-            handshake(&format!("err {msg}\n"));
-            record_exit(
-                dir,
-                ExitRecord {
-                    spawn_error: Some(msg),
-                    finished_at_ms: now_ms(),
-                    ..Default::default()
-                },
-            )?;
-            return Ok(());
+            return never_started(dir, msg, None);
         }
     };
     // SAFETY: setsid and prctl take plain integers; the shim is single-threaded here.
@@ -208,20 +199,25 @@ fn run(dir: &Path) -> io::Result<()> {
             handshake(&format!("ok {}\n", started.pid));
             supervise(dir, &spec, started)
         }
-        Err(msg) => {
-            handshake(&format!("err {msg}\n"));
-            // Whatever the child left (nothing, normally) goes with the cgroup.
-            let _ = spec.cgroup.kill_all(Duration::from_secs(5));
-            record_exit(
-                dir,
-                ExitRecord {
-                    spawn_error: Some(msg),
-                    finished_at_ms: now_ms(),
-                    ..Default::default()
-                },
-            )
-        }
+        Err(msg) => never_started(dir, msg, Some(&spec.cgroup)),
     }
+}
+
+/// Reports a worker that never ran: on the handshake pipe and in its exit record. Whatever the
+/// child left in `cgroup` (nothing, normally) goes with it.
+fn never_started(dir: &Path, msg: String, cgroup: Option<&WorkerCgroup>) -> io::Result<()> {
+    handshake(&format!("err {msg}\n"));
+    if let Some(cg) = cgroup {
+        let _ = cg.kill_all(Duration::from_secs(5));
+    }
+    record_exit(
+        dir,
+        ExitRecord {
+            spawn_error: Some(msg),
+            finished_at_ms: now_ms(),
+            ..Default::default()
+        },
+    )
 }
 
 struct Started {
