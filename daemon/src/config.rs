@@ -53,6 +53,9 @@ pub struct Config {
     pub gpu_telemetry_seconds: f64,
     /// Scheduler to register with; empty means standalone.
     pub scheduler: String,
+    /// Where the scheduler and clients reach this daemon (`HostInfo.address`, `HOST:PORT` or
+    /// `unix:PATH`); empty means the first TCP listen address.
+    pub advertise: String,
     /// Free labels of this host (scheduler constraints match them).
     pub labels: BTreeMap<String, String>,
     /// `text` or `json` logs.
@@ -203,6 +206,7 @@ impl Default for Config {
             gpus: "auto".into(),
             gpu_telemetry_seconds: 5.0,
             scheduler: String::new(),
+            advertise: String::new(),
             labels: BTreeMap::new(),
             log_format: "text".into(),
             resources: ResourcesConfig::default(),
@@ -374,6 +378,9 @@ pub struct Args {
     /// Scheduler address to register with.
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// Address the scheduler reaches this daemon at (default: first TCP listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Prometheus metrics address; "" turns it off.
     #[arg(long)]
     pub metrics_listen: Option<String>,
@@ -412,6 +419,9 @@ impl Args {
         }
         if let Some(v) = &self.scheduler {
             cfg.scheduler = v.clone();
+        }
+        if let Some(v) = &self.advertise {
+            cfg.advertise = v.clone();
         }
         if let Some(v) = &self.metrics_listen {
             cfg.metrics_listen = v.clone();

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod gpus;
 pub mod ipam;
 pub mod launch;
+pub mod placement;
 pub mod session;
 pub mod worker;
 

@@ -49,7 +49,7 @@ pub fn status_to_pb(s: WorkerStatus) -> pb::WorkerStatus {
     }
 }
 
-fn status_from_pb(v: i32, field: &str) -> Result<WorkerStatus, Error> {
+pub(crate) fn status_from_pb(v: i32, field: &str) -> Result<WorkerStatus, Error> {
     match pb::WorkerStatus::try_from(v) {
         Ok(pb::WorkerStatus::Pending) => Ok(WorkerStatus::Pending),
         Ok(pb::WorkerStatus::Starting) => Ok(WorkerStatus::Starting),
@@ -157,7 +157,7 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
     })
 }
 
-fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
+pub(crate) fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
     for (i, id) in ids.iter().enumerate() {
         if !crate::core::is_valid_id(id) {
             return Err(Error::invalid(
@@ -169,7 +169,7 @@ fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_session_id(id: &str) -> Result<(), Error> {
+pub(crate) fn check_session_id(id: &str) -> Result<(), Error> {
     if id.is_empty() {
         return Err(Error::invalid("session_id", "is required"));
     }
@@ -193,7 +193,39 @@ pub fn session_to_pb(s: &crate::core::session::Session) -> pb::Session {
     }
 }
 
-fn opt_session(s: String) -> Option<String> {
+/// `AwaitWorkersRequest.timeout_seconds`: unset is 60 s, 0 is none.
+pub(crate) fn await_timeout(seconds: Option<u32>) -> Option<Duration> {
+    match seconds {
+        None => Some(Duration::from_secs(60)),
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(u64::from(s))),
+    }
+}
+
+/// What a `StopWorkersRequest` selects: exactly one of ids, session_id and all.
+pub(crate) fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector, Error> {
+    check_ids(&r.ids, "ids")?;
+    if !r.session_id.is_empty() {
+        check_session_id(&r.session_id)?;
+    }
+    let selectors =
+        usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
+    match selectors {
+        0 => Err(Error::invalid(
+            "ids",
+            "name the workers to stop: ids, session_id, or all = true",
+        )),
+        1 if r.all => Ok(Selector::All),
+        1 if !r.ids.is_empty() => Ok(Selector::Ids(r.ids.clone())),
+        1 => Ok(Selector::Session(r.session_id.clone())),
+        _ => Err(Error::invalid(
+            "all",
+            "set only one of ids, session_id and all",
+        )),
+    }
+}
+
+pub(crate) fn opt_session(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
@@ -217,7 +249,7 @@ pub struct WorkersService {
     pub host: Host,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::workers_server::Workers for WorkersService {
@@ -226,9 +258,16 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let r = request.into_inner();
+        let id = if r.id.is_empty() {
+            None
+        } else if crate::core::is_valid_id(&r.id) {
+            Some(r.id)
+        } else {
+            return Err(Error::invalid("id", format!("{:?} is not a session id", r.id)).into());
+        };
         let s = self
             .host
-            .open_session(r.ttl_seconds, r.labels.into_iter().collect())
+            .open_session(r.ttl_seconds, r.labels.into_iter().collect(), id)
             .await?;
         Ok(Response::new(session_to_pb(&s)))
     }
@@ -288,11 +327,7 @@ impl pb::workers_server::Workers for WorkersService {
         let r = request.into_inner();
         check_ids(&r.ids, "ids")?;
         let completion = r.wait_for_completion.unwrap_or(true);
-        let timeout = match r.timeout_seconds {
-            None => Some(Duration::from_secs(60)),
-            Some(0) => None,
-            Some(s) => Some(Duration::from_secs(u64::from(s))),
-        };
+        let timeout = await_timeout(r.timeout_seconds);
         let out = self
             .host
             .await_workers(r.ids, opt_session(r.session_id), completion, timeout)
@@ -308,25 +343,7 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let r = request.into_inner();
-        check_ids(&r.ids, "ids")?;
-        let selectors = usize::from(!r.ids.is_empty())
-            + usize::from(!r.session_id.is_empty())
-            + usize::from(r.all);
-        let sel = match selectors {
-            0 => {
-                return Err(Error::invalid(
-                    "ids",
-                    "name the workers to stop: ids, session_id, or all = true",
-                )
-                .into())
-            }
-            1 if r.all => Selector::All,
-            1 if !r.ids.is_empty() => Selector::Ids(r.ids),
-            1 => Selector::Session(r.session_id),
-            _ => {
-                return Err(Error::invalid("all", "set only one of ids, session_id and all").into())
-            }
-        };
+        let sel = stop_selector(&r)?;
         let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
         let workers = self.host.stop(sel, grace, "stopped").await?;
         Ok(Response::new(pb::StopWorkersResponse {
@@ -454,58 +471,63 @@ impl pb::host_server::Host for HostService {
         &self,
         _r: Request<pb::GetHostInfoRequest>,
     ) -> Result<Response<pb::HostInfo>, Status> {
-        let v = self.host.view();
-        let gib = crate::core::launch::GIB;
-        Ok(Response::new(pb::HostInfo {
-            name: v.name,
-            version: crate::VERSION.to_owned(),
-            labels: v.labels.into_iter().collect(),
-            capacity: Some(pb::Resources {
-                cpu: v.capacity.cpu,
-                memory_gb: v.capacity.memory_bytes as f64 / gib,
-                gpus: v.gpu_capacity,
-                workers: v.capacity.workers,
-            }),
-            allocated: Some(pb::Resources {
-                cpu: v.allocated.cpu,
-                memory_gb: v.allocated.memory_bytes as f64 / gib,
-                gpus: v.gpu_allocated,
-                workers: v.allocated.workers,
-            }),
-            gpus: v
-                .gpus
-                .iter()
-                .map(|g| pb::Gpu {
-                    uuid: g.device.uuid.clone(),
-                    index: g.device.index,
-                    name: g.device.name.clone(),
-                    memory_total_bytes: g.device.memory_total_bytes,
-                    memory_used_bytes: g.sample.as_ref().map_or(0, |s| s.memory_used_bytes),
-                    utilization_percent: g.sample.as_ref().map_or(0, |s| s.utilization_percent),
-                    pci_bus_id: g.device.pci_bus_id.clone(),
-                    mig_enabled: g.device.mig_enabled,
-                    worker_id: g.holder.clone().unwrap_or_default(),
-                    minor_number: g.device.minor_number,
-                })
-                .collect(),
-            subnet: v.subnet,
-            cgroup_version: v.cgroup_version.number(),
-            address: self.address.clone(),
-            kernels: v
-                .kernels
-                .iter()
-                .map(|k| pb::Kernel {
-                    name: k.name.clone(),
-                    path: k
-                        .invocation
-                        .as_ref()
-                        .map(|i| i.interpreter.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    available: k.invocation.is_some(),
-                })
-                .collect(),
-            gpu_backend: v.gpu_backend.into(),
-            started_at: Some(ts(v.started_at)),
-        }))
+        Ok(Response::new(host_info(&self.host, &self.address)))
+    }
+}
+
+/// What a host daemon tells about itself: `GetHostInfo`, and every heartbeat to a scheduler.
+pub fn host_info(host: &Host, address: &str) -> pb::HostInfo {
+    let v = host.view();
+    let gib = crate::core::launch::GIB;
+    pb::HostInfo {
+        name: v.name,
+        version: crate::VERSION.to_owned(),
+        labels: v.labels.into_iter().collect(),
+        capacity: Some(pb::Resources {
+            cpu: v.capacity.cpu,
+            memory_gb: v.capacity.memory_bytes as f64 / gib,
+            gpus: v.gpu_capacity,
+            workers: v.capacity.workers,
+        }),
+        allocated: Some(pb::Resources {
+            cpu: v.allocated.cpu,
+            memory_gb: v.allocated.memory_bytes as f64 / gib,
+            gpus: v.gpu_allocated,
+            workers: v.allocated.workers,
+        }),
+        gpus: v
+            .gpus
+            .iter()
+            .map(|g| pb::Gpu {
+                uuid: g.device.uuid.clone(),
+                index: g.device.index,
+                name: g.device.name.clone(),
+                memory_total_bytes: g.device.memory_total_bytes,
+                memory_used_bytes: g.sample.as_ref().map_or(0, |s| s.memory_used_bytes),
+                utilization_percent: g.sample.as_ref().map_or(0, |s| s.utilization_percent),
+                pci_bus_id: g.device.pci_bus_id.clone(),
+                mig_enabled: g.device.mig_enabled,
+                worker_id: g.holder.clone().unwrap_or_default(),
+                minor_number: g.device.minor_number,
+            })
+            .collect(),
+        subnet: v.subnet,
+        cgroup_version: v.cgroup_version.number(),
+        address: address.to_owned(),
+        kernels: v
+            .kernels
+            .iter()
+            .map(|k| pb::Kernel {
+                name: k.name.clone(),
+                path: k
+                    .invocation
+                    .as_ref()
+                    .map(|i| i.interpreter.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                available: k.invocation.is_some(),
+            })
+            .collect(),
+        gpu_backend: v.gpu_backend.into(),
+        started_at: Some(ts(v.started_at)),
     }
 }

@@ -50,14 +50,22 @@ impl Inner {
 }
 
 impl Host {
-    /// Opens a session whose lease lasts `ttl_seconds` (0: the default 30 s).
+    /// Opens a session whose lease lasts `ttl_seconds` (0: the default 30 s), under `id` when
+    /// given (a scheduler opens one session id on every host it places on). A session of that id
+    /// that is still open is renewed instead.
     pub async fn open_session(
         &self,
         ttl_seconds: u32,
         labels: BTreeMap<String, String>,
+        id: Option<String>,
     ) -> Result<Session> {
+        if let Some(id) = &id {
+            if self.inner.sessions().contains_key(id) {
+                return self.keep_alive(id);
+            }
+        }
         let s = Session::open(
-            crate::core::new_id(),
+            id.unwrap_or_else(crate::core::new_id),
             ttl_seconds,
             labels,
             SystemTime::now(),

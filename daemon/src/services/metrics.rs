@@ -199,8 +199,26 @@ fn render_gpus(s: &mut String, v: &super::host::HostView) {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
+/// Serves a host's `/metrics` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, host: Host, shutdown: CancellationToken) {
+    serve_with(
+        listener,
+        move || {
+            let host = host.clone();
+            async move { render(&host).await }
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`, each answer rendered by `render`.
+pub async fn serve_with<F, Fut>(listener: TcpListener, render: F, shutdown: CancellationToken)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let render = std::sync::Arc::new(render);
     loop {
         let (mut conn, _) = tokio::select! {
             c = listener.accept() => match c {
@@ -212,7 +230,7 @@ pub async fn serve(listener: TcpListener, host: Host, shutdown: CancellationToke
             },
             _ = shutdown.cancelled() => return,
         };
-        let host = host.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -236,7 +254,7 @@ pub async fn serve(listener: TcpListener, host: Host, shutdown: CancellationToke
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = if path == "/metrics" || path.starts_with("/metrics?") {
-                ("200 OK", render(&host).await)
+                ("200 OK", render().await)
             } else {
                 ("404 Not Found", "not found; try /metrics\n".to_owned())
             };

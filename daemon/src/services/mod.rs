@@ -2,5 +2,7 @@
 
 pub mod grpc;
 pub mod host;
+pub mod member;
 pub mod metrics;
+pub mod scheduler;
 pub mod server;

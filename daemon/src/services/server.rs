@@ -243,11 +243,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
     ));
     let listeners = bind_all(&cfg.listen).await?;
-    let address = listeners
-        .iter()
-        .find(|(_, l)| matches!(l.0, Bound::Tcp(..)))
-        .map(|(_, l)| l.display())
-        .unwrap_or_default();
+    let address = if cfg.advertise.is_empty() {
+        listeners
+            .iter()
+            .find(|(_, l)| matches!(l.0, Bound::Tcp(..)))
+            .map(|(_, l)| l.display())
+            .unwrap_or_default()
+    } else {
+        cfg.advertise.clone()
+    };
     let state_dir = cfg.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || super::host::open_store(&state_dir))
         .await
@@ -318,59 +322,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     health
         .set_serving::<pb::host_server::HostServer<HostService>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // List what this server serves; the descriptor set also holds berth.v1.Cluster.
-            .with_service_name("berth.v1.Workers")
-            .with_service_name("berth.v1.Host")
-            .with_service_name("grpc.health.v1.Health")
-    };
-    let refl_v1 = reflection()
-        .build_v1()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    let refl_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    let (refl_v1, refl_v1alpha) = reflection(&["berth.v1.Workers", "berth.v1.Host"])?;
     let workers = pb::workers_server::WorkersServer::new(WorkersService { host: host.clone() })
         .max_decoding_message_size(64 << 20);
     let hostsvc = pb::host_server::HostServer::new(HostService {
         host: host.clone(),
-        address,
+        address: address.clone(),
     });
+    let membership = Arc::new(super::member::Membership::default());
 
     let mut servers = Vec::new();
     for (addr, l) in listeners {
-        tracing::info!(listen = %l.display(), "serving gRPC");
         let router = tonic::transport::Server::builder()
             .add_service(health_svc.clone())
             .add_service(refl_v1.clone())
             .add_service(refl_v1alpha.clone())
             .add_service(workers.clone())
             .add_service(hostsvc.clone());
-        let stop = shutdown.clone();
-        let signal = async move { stop.cancelled().await };
-        servers.push(tokio::spawn(async move {
-            let res = match l.0 {
-                Bound::Tcp(t, _) => {
-                    let incoming = TcpListenerStream::new(t).map(|s| {
-                        s.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
-                    });
-                    router.serve_with_incoming_shutdown(incoming, signal).await
-                }
-                Bound::Unix(u, p) => {
-                    let r = router
-                        .serve_with_incoming_shutdown(UnixListenerStream::new(u), signal)
-                        .await;
-                    let _ = std::fs::remove_file(p);
-                    r
-                }
-            };
-            res.map_err(|source| DaemonError::Serve { addr, source })
-        }));
+        servers.push(spawn_serve(addr, l, router, shutdown.clone()));
     }
     if !cfg.metrics_listen.is_empty() {
         let l = TcpListener::bind(&cfg.metrics_listen)
@@ -382,19 +351,109 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         tracing::info!(listen = %cfg.metrics_listen, "serving metrics");
         tokio::spawn(super::metrics::serve(l, host.clone(), shutdown.clone()));
     }
+    // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
+    let beats = (!cfg.scheduler.is_empty()).then(|| {
+        tracing::info!(scheduler = %cfg.scheduler, advertise = %address, "joining a scheduler");
+        tokio::spawn(super::member::run(
+            host.clone(),
+            address.clone(),
+            cfg.scheduler.clone(),
+            membership.clone(),
+            shutdown.clone(),
+        ))
+    });
     sd_notify("READY=1");
 
     shutdown.cancelled().await;
+    if let Some(b) = beats {
+        let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
+    }
     tracing::info!("shutting down; workers keep running under their shims");
     sd_notify("STOPPING=1");
     health
         .set_not_serving::<pb::workers_server::WorkersServer<WorkersService>>()
         .await;
     host.shutdown();
-    let drain = futures::future::join_all(servers);
+    let result = drain_servers(servers).await;
+    let h = host.clone();
+    let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
+    writer.stop();
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    result
+}
+
+/// Server reflection v1 and v1alpha (grpcurl 1.8 asks for v1alpha) listing `services` and the
+/// health service; the descriptor set holds every berth.v1 file.
+pub fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    DaemonError,
+> {
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for s in services {
+            b = b.with_service_name(*s);
+        }
+        b
+    };
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
+    Ok((v1, v1alpha))
+}
+
+/// Serves `router` on one bound listener until `shutdown` (a Unix socket file is removed after).
+pub fn spawn_serve(
+    addr: String,
+    l: BoundListener,
+    router: tonic::transport::server::Router,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), DaemonError>> {
+    tracing::info!(listen = %l.display(), "serving gRPC");
+    let signal = async move { shutdown.cancelled().await };
+    tokio::spawn(async move {
+        let res = match l.0 {
+            Bound::Tcp(t, _) => {
+                let incoming = TcpListenerStream::new(t).map(|s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                    })
+                });
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            Bound::Unix(u, p) => {
+                let r = router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(u), signal)
+                    .await;
+                let _ = std::fs::remove_file(p);
+                r
+            }
+        };
+        res.map_err(|source| DaemonError::Serve { addr, source })
+    })
+}
+
+/// Waits for the gRPC servers to drain, at most 3 s: a client that never answers the GOAWAY
+/// ping must not hold the shutdown for long.
+pub async fn drain_servers(
+    servers: Vec<tokio::task::JoinHandle<Result<(), DaemonError>>>,
+) -> Result<(), DaemonError> {
     let mut result = Ok(());
-    // A client that never answers the GOAWAY ping must not hold the shutdown for long.
-    match tokio::time::timeout(Duration::from_secs(3), drain).await {
+    match tokio::time::timeout(Duration::from_secs(3), futures::future::join_all(servers)).await {
         Ok(results) => {
             for r in results.into_iter().flatten() {
                 if let Err(e) = r {
@@ -404,10 +463,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
         Err(_) => tracing::warn!("gRPC connections did not drain within 3 s"),
     }
-    let h = host.clone();
-    let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
-    writer.stop();
-    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     result
 }
 
