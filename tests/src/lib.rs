@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 pub use berth_client::{pb, Client};
 
+pub mod cluster;
+
 /// Whether the tests run as root (needed for cgroups and namespaces).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

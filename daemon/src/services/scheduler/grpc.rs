@@ -227,7 +227,9 @@ impl pb::cluster_server::Cluster for SchedulerCluster {
         request: Request<pb::DrainHostRequest>,
     ) -> Result<Response<pb::ClusterHost>, Status> {
         let name = request.into_inner().name;
-        Ok(Response::new(self.scheduler.set_draining(&name, true)?))
+        Ok(Response::new(
+            self.scheduler.set_draining(&name, true).await?,
+        ))
     }
 
     async fn undrain_host(
@@ -235,7 +237,9 @@ impl pb::cluster_server::Cluster for SchedulerCluster {
         request: Request<pb::UndrainHostRequest>,
     ) -> Result<Response<pb::ClusterHost>, Status> {
         let name = request.into_inner().name;
-        Ok(Response::new(self.scheduler.set_draining(&name, false)?))
+        Ok(Response::new(
+            self.scheduler.set_draining(&name, false).await?,
+        ))
     }
 }
 

@@ -100,6 +100,13 @@ struct State {
     placer: Placer,
 }
 
+/// A host as `hosts.json` remembers it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RememberedHost {
+    address: String,
+    draining: bool,
+}
+
 struct SchedSession {
     session: Session,
     /// Hosts the session was opened on.
@@ -125,6 +132,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SchedSession>>,
     next_pending: AtomicU64,
+    /// Serialises writers of `hosts.json`.
+    save_lock: Mutex<()>,
     metrics: SchedulerMetrics,
     shutdown: CancellationToken,
 }
@@ -225,6 +234,7 @@ impl Scheduler {
                 changed,
                 sessions: Mutex::new(HashMap::new()),
                 next_pending: AtomicU64::new(1),
+                save_lock: Mutex::new(()),
                 metrics: SchedulerMetrics::default(),
                 shutdown: CancellationToken::new(),
             }),
@@ -340,7 +350,7 @@ impl Scheduler {
             e.state
         };
         if remember {
-            self.save_hosts();
+            drop(self.save_hosts());
         }
         Ok(pb::HeartbeatResponse {
             interval_ms: self.inner.opts.heartbeat.as_millis() as u32,
@@ -381,18 +391,31 @@ impl Scheduler {
             .map(|d| d.join("hosts.json"))
     }
 
-    /// Remembers where the hosts are (a hint for the next start; the hosts hold the rest).
-    fn save_hosts(&self) {
-        let Some(path) = self.hosts_file() else {
-            return;
-        };
-        let map: BTreeMap<String, String> = self
-            .state()
-            .hosts
-            .iter()
-            .map(|(n, e)| (n.clone(), e.info.address.clone()))
-            .collect();
+    /// Remembers where the hosts are and which drain (a hint for the next start, written at
+    /// once so that a drain survives a crash before the host's next beat; the hosts hold the
+    /// rest, and their own `draining` where this file is missing).
+    fn save_hosts(&self) -> tokio::task::JoinHandle<()> {
+        let s = self.clone();
         tokio::task::spawn_blocking(move || {
+            let Some(path) = s.hosts_file() else {
+                return;
+            };
+            // The latest state, whichever save runs last.
+            let _guard = lock(&s.inner.save_lock);
+            let map: BTreeMap<String, RememberedHost> = s
+                .state()
+                .hosts
+                .iter()
+                .map(|(n, e)| {
+                    (
+                        n.clone(),
+                        RememberedHost {
+                            address: e.info.address.clone(),
+                            draining: e.drained,
+                        },
+                    )
+                })
+                .collect();
             let tmp = path.with_extension("json.tmp");
             let res = serde_json::to_vec_pretty(&map)
                 .map_err(std::io::Error::other)
@@ -401,14 +424,14 @@ impl Scheduler {
             if let Err(e) = res {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remember hosts");
             }
-        });
+        })
     }
 
     fn restore_hosts(&self) {
         let Some(path) = self.hosts_file() else {
             return;
         };
-        let map: BTreeMap<String, String> = match std::fs::read(&path) {
+        let map: BTreeMap<String, RememberedHost> = match std::fs::read(&path) {
             Ok(b) => match serde_json::from_slice(&b) {
                 Ok(m) => m,
                 Err(e) => {
@@ -419,9 +442,9 @@ impl Scheduler {
             Err(_) => return,
         };
         let mut st = self.state();
-        for (name, address) in map {
+        for (name, h) in map {
             if valid_host_name(&name) && !st.hosts.contains_key(&name) {
-                let e = self.new_entry(&name, &address, false);
+                let e = self.new_entry(&name, &h.address, h.draining);
                 st.hosts.insert(name, e);
             }
         }
@@ -595,7 +618,13 @@ impl Scheduler {
     }
 
     /// No new placements on `name` (`drain`), or again (`!drain`). Its workers keep running.
-    pub fn set_draining(&self, name: &str, drain: bool) -> Result<pb::ClusterHost> {
+    pub async fn set_draining(&self, name: &str, drain: bool) -> Result<pb::ClusterHost> {
+        let out = self.set_draining_now(name, drain)?;
+        let _ = self.save_hosts().await;
+        Ok(out)
+    }
+
+    fn set_draining_now(&self, name: &str, drain: bool) -> Result<pb::ClusterHost> {
         if name.is_empty() {
             return Err(Error::invalid("name", "is required"));
         }

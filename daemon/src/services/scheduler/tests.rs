@@ -254,7 +254,7 @@ async fn a_silent_host_goes_down_and_its_workers_come_back_with_it() {
 async fn a_restarted_scheduler_rebuilds_the_same_view() {
     let (s, fakes) = cluster(5, res(4.0, 8.0, 0, 16));
     s.launch(launch(7, 1.0), None).await.unwrap();
-    s.set_draining("h00002", true).unwrap();
+    s.set_draining("h00002", true).await.unwrap();
     let before: BTreeMap<String, (String, i32)> = s
         .list(&Filter::default())
         .unwrap()
@@ -291,22 +291,22 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_hosts_take_no_new_workers() {
     let (s, _fakes) = cluster(2, res(4.0, 8.0, 0, 16));
-    s.set_draining("h00000", true).unwrap();
+    s.set_draining("h00000", true).await.unwrap();
     let ws = s.launch(launch(4, 1.0), None).await.unwrap();
     assert!(ws.iter().all(|w| w.host == "h00001"));
     let err = s.launch(launch(1, 1.0), None).await.unwrap_err();
     assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
-    s.set_draining("h00000", false).unwrap();
+    s.set_draining("h00000", false).await.unwrap();
     assert_eq!(
         s.launch(launch(1, 1.0), None).await.unwrap()[0].host,
         "h00000"
     );
     assert!(matches!(
-        s.set_draining("nope", true),
+        s.set_draining("nope", true).await,
         Err(Error::NotFound(_))
     ));
     assert!(matches!(
-        s.set_draining("", true),
+        s.set_draining("", true).await,
         Err(Error::InvalidArgument { .. })
     ));
 }

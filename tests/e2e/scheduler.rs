@@ -1,0 +1,313 @@
+//! A real berth-scheduler with three real berthd hosts on this machine (distinct ports, state
+//! dirs, bridges and subnets): placement over hosts, refusal of what cannot fit, the union of
+//! the hosts' workers, sessions over hosts, a host killed and returning, a scheduler restarted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use berth_tests::cluster::{start_host, SchedulerNode};
+use berth_tests::{
+    await_running, command_request, ids_of, launch, output_of, pb, require_root, scaled, Client,
+    Daemon,
+};
+
+/// A scheduler and three hosts of 2 cores and 2 GiB each, all READY.
+async fn three_hosts() -> (SchedulerNode, Vec<Daemon>) {
+    let s = SchedulerNode::start().await.unwrap();
+    let mut hosts = Vec::new();
+    for _ in 0..3 {
+        hosts.push(start_host(&s, 2.0, 2.0).await.unwrap());
+    }
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    s.wait_hosts(&names, pb::HostState::Ready).await.unwrap();
+    (s, hosts)
+}
+
+fn sleepers(n: u32) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        cpu: 1.0,
+        memory_gb: 0.25,
+        ..command_request(n, &["sleep", "600"])
+    }
+}
+
+/// (id → (host, status)) of what `c` lists.
+async fn listing(c: &Client) -> BTreeMap<String, (String, i32)> {
+    c.workers()
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| (w.id, (w.host, w.status)))
+        .collect()
+}
+
+/// The same, read from every host directly.
+async fn union_of(hosts: &[Daemon]) -> BTreeMap<String, (String, i32)> {
+    let mut out = BTreeMap::new();
+    for h in hosts {
+        out.extend(listing(&h.client().await.unwrap()).await);
+    }
+    out
+}
+
+/// Polls until the scheduler lists what the hosts hold (its view follows their events).
+async fn until_union(c: &Client, hosts: &[Daemon]) -> BTreeMap<String, (String, i32)> {
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    loop {
+        let (mine, theirs) = (listing(c).await, union_of(hosts).await);
+        if mine == theirs {
+            return mine;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scheduler lists {mine:#?}\nhosts hold {theirs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_spans_hosts_and_the_listing_is_their_union() {
+    require_root!();
+    let (s, hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    // Four one-core workers on two-core hosts: bin-packing fills two hosts.
+    let ws = launch(&c, sleepers(4)).await;
+    assert_eq!(ws.len(), 4);
+    let used: BTreeSet<String> = ws.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(used.len(), 2, "{ws:#?}");
+    let running = await_running(&c, &ids_of(&ws)).await;
+    assert!(running.iter().all(|w| !w.ip_address.is_empty()));
+    let both = until_union(&c, &hosts).await;
+    assert_eq!(both.len(), 4);
+
+    // Output and completion through the scheduler, from whichever host ran it.
+    let echo = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            cpu: 0.5,
+            ..command_request(1, &["sh", "-c", "echo from $BERTH_WORKER_ID"])
+        },
+    )
+    .await
+    .remove(0);
+    let out = output_of(&c, &echo.id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(out, format!("from {}\n", echo.id).into_bytes());
+    let done = c
+        .workers()
+        .await_workers(pb::AwaitWorkersRequest {
+            ids: vec![echo.id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.workers.len(), 1, "{done:?}");
+
+    let stopped = c
+        .workers()
+        .stop_workers(pb::StopWorkersRequest {
+            all: true,
+            grace_seconds: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert!(stopped
+        .iter()
+        .all(|w| w.status != pb::WorkerStatus::Running as i32));
+    until_union(&c, &hosts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_that_cannot_fit_is_refused_whole() {
+    require_root!();
+    let (s, hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    let err = c.workers().launch_workers(sleepers(7)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("cpu"), "{}", err.message());
+    assert!(
+        union_of(&hosts).await.is_empty(),
+        "nothing started anywhere"
+    );
+    // Constraints no host carries.
+    let mut req = sleepers(1);
+    req.constraints.insert("gpu".into(), "h100".into());
+    let err = c.workers().launch_workers(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // Bad input is refused by the scheduler as a host would, naming the field.
+    let err = c
+        .workers()
+        .launch_workers(pb::LaunchWorkersRequest {
+            cpu: -1.0,
+            ..sleepers(1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("cpu"), "{}", err.message());
+    // Six fit exactly.
+    assert_eq!(launch(&c, sleepers(6)).await.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_the_scheduler_ends_workers_on_every_host() {
+    require_root!();
+    let (s, hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    let session = berth_tests::open_session(&c, 60).await;
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: session.id.clone(),
+            ..sleepers(5)
+        },
+    )
+    .await;
+    let used: BTreeSet<String> = ws.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(used.len(), 3);
+    await_running(&c, &ids_of(&ws)).await;
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .unwrap();
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: session.id.clone(),
+            grace_seconds: Some(1),
+        })
+        .await
+        .unwrap();
+    for h in &hosts {
+        for (id, (_, status)) in listing(&h.client().await.unwrap()).await {
+            assert_eq!(
+                status,
+                pb::WorkerStatus::Stopped as i32,
+                "{id} on {}",
+                h.name
+            );
+        }
+    }
+    let err = c
+        .workers()
+        .launch_workers(pb::LaunchWorkersRequest {
+            session_id: session.id.clone(),
+            ..sleepers(1)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_host_goes_down_its_workers_lost_and_its_return_reconciles() {
+    require_root!();
+    let (s, mut hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    let ws = launch(&c, sleepers(2)).await;
+    let ws = await_running(&c, &ids_of(&ws)).await;
+    let victim = hosts
+        .iter()
+        .position(|h| h.name == ws[0].host)
+        .expect("placed on a test host");
+    let before = until_union(&c, &hosts).await;
+    hosts[victim].stop_daemon(libc::SIGKILL);
+    s.wait_hosts(&[hosts[victim].name.as_str()], pb::HostState::Down)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    loop {
+        let l = c
+            .workers()
+            .list_workers(pb::ListWorkersRequest {
+                ids: ids_of(&ws),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if l.iter()
+            .all(|w| w.status == pb::WorkerStatus::Lost as i32 && w.reason == "host lost")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not LOST: {l:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing is placed on the DOWN host meanwhile.
+    let other = launch(&c, sleepers(1)).await.remove(0);
+    assert_ne!(other.host, hosts[victim].name);
+
+    // It comes back: its workers ran on under their shims and are RUNNING again, same pids.
+    hosts[victim].restart(&[]).await.unwrap();
+    s.wait_hosts(&[hosts[victim].name.as_str()], pb::HostState::Ready)
+        .await
+        .unwrap();
+    let after = until_union(&c, &hosts).await;
+    for w in &ws {
+        assert_eq!(after[&w.id].1, pb::WorkerStatus::Running as i32);
+    }
+    assert_eq!(after.len(), before.len() + 1, "no worker runs twice");
+    let again = await_running(&c, &ids_of(&ws)).await;
+    for (a, b) in again.iter().zip(&ws) {
+        assert_eq!(a.pid, b.pid);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_scheduler_rebuilds_the_same_view() {
+    require_root!();
+    let (mut s, hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    let ws = launch(&c, sleepers(5)).await;
+    await_running(&c, &ids_of(&ws)).await;
+    c.cluster()
+        .drain_host(pb::DrainHostRequest {
+            name: hosts[0].name.clone(),
+        })
+        .await
+        .unwrap();
+    let before = until_union(&c, &hosts).await;
+    s.stop(libc::SIGKILL);
+    s.restart().await.unwrap();
+    let c = s.client().await.unwrap();
+    s.wait_hosts(&[&hosts[1].name, &hosts[2].name], pb::HostState::Ready)
+        .await
+        .unwrap();
+    s.wait_hosts(&[&hosts[0].name], pb::HostState::Draining)
+        .await
+        .unwrap();
+    let after = until_union(&c, &hosts).await;
+    assert_eq!(after, before);
+    // The drained host takes nothing new; the one free core left elsewhere does.
+    let w = launch(&c, sleepers(1)).await.remove(0);
+    assert_ne!(w.host, hosts[0].name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_hosts_shows_the_cluster() {
+    require_root!();
+    let (s, hosts) = three_hosts().await;
+    let out = std::process::Command::new(berth_tests::bin("berth"))
+        .args(["--addr", &s.addr, "hosts"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for h in &hosts {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&h.name))
+            .unwrap_or_else(|| panic!("{} missing from:\n{text}", h.name));
+        assert!(line.contains("ready"), "{line}");
+    }
+}
