@@ -194,6 +194,224 @@ async fn a_client_killed_mid_session_ends_its_workers() {
     assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
 }
 
+/// Every selector call by `session_id`, each as its gRPC code: List, Await, Stop, StreamOutput,
+/// Watch.
+async fn session_calls(c: &Client, session: &str) -> Vec<(&'static str, tonic::Code)> {
+    fn code<T>(r: Result<T, tonic::Status>) -> tonic::Code {
+        r.err().map_or(tonic::Code::Ok, |s| s.code())
+    }
+    let w = c.workers();
+    let sid = || session.to_owned();
+    vec![
+        (
+            "ListWorkers",
+            code(
+                w.clone()
+                    .list_workers(pb::ListWorkersRequest {
+                        session_id: sid(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "AwaitWorkers",
+            code(
+                w.clone()
+                    .await_workers(pb::AwaitWorkersRequest {
+                        session_id: sid(),
+                        timeout_seconds: Some(5),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "StopWorkers",
+            code(
+                w.clone()
+                    .stop_workers(pb::StopWorkersRequest {
+                        session_id: sid(),
+                        grace_seconds: Some(0),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "StreamOutput",
+            code(
+                w.clone()
+                    .stream_output(pb::StreamOutputRequest {
+                        session_id: sid(),
+                        from_start: true,
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "WatchWorkers",
+            code(
+                w.clone()
+                    .watch_workers(pb::WatchWorkersRequest {
+                        session_id: sid(),
+                        initial: true,
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+    ]
+}
+
+async fn session_workers(c: &Client, session: &str) -> Vec<pb::Worker> {
+    c.workers()
+        .list_workers(pb::ListWorkersRequest {
+            session_id: session.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_session_stays_known_with_its_workers() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let mut c = d.client().await.unwrap();
+    let s = open_session(&c, 60).await;
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/sh", "-c", "echo hi; exec sleep 600"])
+        },
+    )
+    .await;
+    await_running(&c, &[ws[0].id.clone()]).await;
+    // One that ended without ever having workers, and one whose lease lapsed.
+    let empty = open_session(&c, 60).await;
+    let lapsed = open_session(&c, 1).await;
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: empty.id.clone(),
+            grace_seconds: None,
+        })
+        .await
+        .unwrap();
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: Some(0),
+        })
+        .await
+        .unwrap();
+    // Past the lapsed lease, and past the expiry task's next look at it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for round in ["before a restart", "after a restart"] {
+        for id in [&s.id, &empty.id, &lapsed.id] {
+            for (call, code) in session_calls(&c, id).await {
+                assert_eq!(
+                    code,
+                    tonic::Code::Ok,
+                    "{call} of ended session {id} {round}"
+                );
+            }
+        }
+        let mine = session_workers(&c, &s.id).await;
+        assert_eq!(mine.len(), 1, "{round}: {mine:?}");
+        assert_eq!(status(&mine[0]), pb::WorkerStatus::Stopped, "{round}");
+        assert_eq!(mine[0].reason, "session ended", "{round}");
+        assert!(session_workers(&c, &empty.id).await.is_empty(), "{round}");
+        // Ended is ended: no renewal, no launch, no second close.
+        let err = c
+            .workers()
+            .launch_workers(pb::LaunchWorkersRequest {
+                session_id: s.id.clone(),
+                ..command_request(1, &["/bin/true"])
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{round}");
+        for id in [&s.id, &empty.id, &lapsed.id] {
+            let err = c
+                .workers()
+                .keep_alive(pb::KeepAliveRequest {
+                    session_id: id.clone(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::NotFound, "{round}");
+        }
+        if round == "before a restart" {
+            drop(c);
+            d.stop_daemon(libc::SIGTERM);
+            d.restart(&[]).await.unwrap();
+            c = d.client().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_session_is_forgotten_with_its_workers() {
+    require_root!();
+    let d = Daemon::start_with(DaemonOptions {
+        config: "[retention]\nfinished_seconds = 1\nsweep_seconds = 1\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let s = open_session(&c, 60).await;
+    let open = open_session(&c, 60).await;
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/true"])
+        },
+    )
+    .await
+    .remove(0);
+    berth_tests::await_all(&c, &[w.id.clone()]).await.unwrap();
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: None,
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + berth_tests::scaled(Duration::from_secs(15));
+    loop {
+        let r = c
+            .workers()
+            .list_workers(pb::ListWorkersRequest {
+                session_id: s.id.clone(),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+                assert!(e.message().contains("session_id"), "{e:?}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "ended session still known");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    for (call, code) in session_calls(&c, &s.id).await {
+        assert_eq!(code, tonic::Code::NotFound, "{call}");
+    }
+    // An open session is never forgotten, with or without workers.
+    assert!(session_workers(&c, &open.id).await.is_empty());
+}
+
 /// Runs the kill-and-restart scenario with `signal` (SIGKILL: crash; SIGTERM: graceful).
 async fn restart_loses_nothing(signal: i32) {
     let mut d = Daemon::start().await.unwrap();

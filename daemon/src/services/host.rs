@@ -1157,7 +1157,12 @@ impl Inner {
         self.lock().ips.release(id);
     }
 
+    /// Workers matching `filter`, in launch order. NOT_FOUND for an id or a session this daemon
+    /// does not know (an ended session is known while its workers are kept).
     fn select(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
+        if let Some(s) = &filter.session_id {
+            self.check_known_session(s)?;
+        }
         let st = self.lock();
         if let Some(missing) = filter.ids.iter().find(|id| !st.workers.contains_key(*id)) {
             return Err(Error::NotFound(format!("worker {missing} not found")));
