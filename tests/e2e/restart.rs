@@ -412,6 +412,17 @@ async fn an_ended_session_is_forgotten_with_its_workers() {
     assert!(session_workers(&c, &open.id).await.is_empty());
 }
 
+/// Asserts created_at ≤ started_at ≤ finished_at of an ended worker.
+#[track_caller]
+fn assert_in_order(w: &pb::Worker) {
+    let times = [&w.created_at, &w.started_at, &w.finished_at].map(|t| {
+        let t = t.as_ref().unwrap_or_else(|| panic!("time missing: {w:?}"));
+        (t.seconds, t.nanos)
+    });
+    let [c, s, f] = times;
+    assert!(c <= s && s <= f, "times out of order: {w:?}");
+}
+
 /// Runs the kill-and-restart scenario with `signal` (SIGKILL: crash; SIGTERM: graceful).
 async fn restart_loses_nothing(signal: i32) {
     let mut d = Daemon::start().await.unwrap();
@@ -447,6 +458,16 @@ async fn restart_loses_nothing(signal: i32) {
         after[&long.id]
     );
     assert_eq!(after[&long.id].pid, long_pid, "same process, re-adopted");
+    // Start times are the shims' own, kept across the restart; ends never come before them.
+    for w in [&long, &seven] {
+        assert_eq!(
+            after[&w.id].started_at, before[&w.id].started_at,
+            "{:?}",
+            after[&w.id]
+        );
+    }
+    assert_in_order(&after[&seven.id]);
+    assert_in_order(&after[&quick.id]);
     assert_eq!(
         status(&after[&seven.id]),
         pb::WorkerStatus::Failed,
@@ -464,6 +485,8 @@ async fn restart_loses_nothing(signal: i32) {
         "{:?}",
         done[0]
     );
+    assert_eq!(done[0].started_at, before[&long.id].started_at);
+    assert_in_order(&done[0]);
     let out = berth_tests::output_of(&c, &long.id, pb::Stream::Stdout)
         .await
         .unwrap();

@@ -28,7 +28,7 @@ pub struct RecoveryReport {
 enum Pickup {
     Keep,
     Adopt { shim_pid: u32 },
-    Finish(Exit, Option<SystemTime>),
+    Finish(Exit, RunTimes),
     Orphan,
     Respawn,
     Lost(String),
@@ -600,6 +600,8 @@ impl Inner {
                     rec.shim_starttime = hostfs::process_starttime(*shim_pid);
                     if matches!(rec.status, WorkerStatus::Pending | WorkerStatus::Starting) {
                         rec.status = WorkerStatus::Running;
+                        // The handshake was lost with the daemon: an estimate, until the exit
+                        // record brings the shim's own start time.
                         rec.started_at.get_or_insert_with(SystemTime::now);
                     }
                     if rec.pid.is_none() {
@@ -681,7 +683,7 @@ async fn watch_orphan(inner: Arc<Inner>, id: String) {
                 spawn_error: None,
                 ..Default::default()
             },
-            None,
+            RunTimes::default(),
         )
         .await;
     if stop.is_none() {
@@ -716,7 +718,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
             spawn_error: Some("stopped before it restarted".into()),
             ..Default::default()
         };
-        inner.finish(&id, exit, None).await;
+        inner.finish(&id, exit, RunTimes::default()).await;
         return;
     }
     let dir = inner.worker_dir(&id);
@@ -768,7 +770,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
                 spawn_error: Some(msg),
                 ..Default::default()
             };
-            inner.finish(&id, exit, None).await;
+            inner.finish(&id, exit, RunTimes::default()).await;
         }
     }
 }
