@@ -10,6 +10,12 @@ use berth_tests::open_session;
 use berth_tests::{await_running, launch};
 use berth_tests::{command_request, pb, require_root, Client, Daemon, DaemonOptions};
 
+/// A lease of `secs` seconds, stretched by the harness's timeout scale: a lease a test expects
+/// to stay alive while it works (or a client renews it) must outlast slow machines too.
+fn ttl_secs(secs: u64) -> u32 {
+    berth_tests::scaled(Duration::from_secs(secs)).as_secs() as u32
+}
+
 fn status(w: &pb::Worker) -> pb::WorkerStatus {
     pb::WorkerStatus::try_from(w.status).unwrap_or(pb::WorkerStatus::Unspecified)
 }
@@ -160,7 +166,8 @@ async fn a_client_killed_mid_session_ends_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 2).await;
+    let ttl = ttl_secs(2);
+    let s = open_session(&c, ttl).await;
     let ws = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -175,7 +182,7 @@ async fn a_client_killed_mid_session_ends_its_workers() {
         .args([d.addr(), s.id.clone()])
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(2 * u64::from(ttl))).await;
     let now = list(&c).await;
     assert_eq!(
         status(&now[&ws[0].id]),
@@ -191,7 +198,8 @@ async fn a_client_killed_mid_session_ends_its_workers() {
         .unwrap();
     assert_eq!(status(&all[0]), pb::WorkerStatus::Stopped);
     assert_eq!(all[0].reason, "session ended");
-    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    let bound = Duration::from_secs(u64::from(ttl)) + berth_tests::scaled(Duration::from_secs(4));
+    assert!(t.elapsed() < bound, "{:?}", t.elapsed());
 }
 
 /// Every selector call by `session_id`, each as its gRPC code: List, Await, Stop, StreamOutput,
@@ -528,7 +536,7 @@ async fn session_lease_keeps_counting_across_a_restart() {
     require_root!();
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 3).await;
+    let s = open_session(&c, ttl_secs(3)).await;
     let w = launch(
         &c,
         pb::LaunchWorkersRequest {

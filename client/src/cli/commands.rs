@@ -220,18 +220,20 @@ impl Verb<'_> {
         let lapsed = lease.ended();
         drop(lease);
         let sig = match followed {
+            // The workers have ended, or the output could not be written (its reader went
+            // away): either way the session of its own goes now, with whatever still runs. The
+            // outcome is the one of the following; these notes are by the way.
             Ok(r) => {
                 if let Some(status) = lapsed {
-                    writeln!(
+                    let _ = writeln!(
                         term.err,
                         "berth: session {id} ended while attached: {}",
                         status.message()
-                    )?;
+                    );
                 } else if own {
-                    // The workers have ended; the session goes with them.
                     if let Err(e) = self.close_session(&id).await {
                         if e.code() != Some(tonic::Code::NotFound) {
-                            writeln!(term.err, "berth: session {id} not closed: {e}")?;
+                            let _ = writeln!(term.err, "berth: session {id} not closed: {e}");
                         }
                     }
                 }

@@ -404,6 +404,12 @@ impl Host {
         let ids: Vec<String> = (0..spec.n).map(|_| crate::core::new_id()).collect();
         let now = SystemTime::now();
         let records: Vec<WorkerRecord> = {
+            // The session stays open until the workers are in the table: a close either comes
+            // first (the launch is refused) or finds them (and stops them).
+            let _session = match &spec.session_id {
+                Some(s) => Some(inner.lock_open_session(s)?),
+                None => None,
+            };
             let mut guard = inner.lock();
             let st = &mut *guard;
             // CPU, memory, worker slots, GPUs and addresses: all of it for every worker, or

@@ -37,8 +37,18 @@ enum Pickup {
 impl Inner {
     /// NOT_FOUND unless `id` is an open session.
     pub(super) fn check_session(&self, id: &str) -> Result<()> {
-        match self.sessions().get(id) {
-            Some(s) if s.is_open(SystemTime::now()) => Ok(()),
+        self.lock_open_session(id).map(drop)
+    }
+
+    /// The sessions, locked, if `id` is open: it stays open while the guard is held. Take the
+    /// state lock only after this one, never the other way round.
+    pub(super) fn lock_open_session(
+        &self,
+        id: &str,
+    ) -> Result<MutexGuard<'_, HashMap<String, Session>>> {
+        let sessions = self.sessions();
+        match sessions.get(id) {
+            Some(s) if s.is_open(SystemTime::now()) => Ok(sessions),
             _ => Err(Error::NotFound(format!("session {id} not found or ended"))),
         }
     }
@@ -46,7 +56,8 @@ impl Inner {
     /// NOT_FOUND unless this daemon knows session `id`: open, or ended with its workers (or its
     /// end) still kept. Call without the state lock held.
     pub(super) fn check_known_session(&self, id: &str) -> Result<()> {
-        if self.sessions().contains_key(id) {
+        let recorded = self.sessions().contains_key(id);
+        if recorded {
             return Ok(());
         }
         // A session whose record is gone (a store recovered from the workers' own files) is
