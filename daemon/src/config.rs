@@ -120,6 +120,8 @@ pub struct CgroupConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Ended workers (record and output) are removed this many seconds after they ended...
+    /// An ended session is kept while any of its workers is, and at least this long after its
+    /// end; until then it can be named by `session_id`, afterwards it is NOT_FOUND.
     pub finished_seconds: u64,
     /// ...or once more than this many ended workers are kept, oldest first.
     pub max_finished: usize,

@@ -538,37 +538,252 @@ fn ids_of(v: &Value) -> Vec<String> {
     ids(&v["workers"])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ctrl_c_detaches_and_leaves_workers_running() {
-    require_root!();
-    let d = Daemon::start().await.unwrap();
-    let mut cmd = Command::new(bin("berth"));
-    cmd.arg("--addr")
+/// `berth launch SMALL EXTRA` started in the background, with its stdout and stderr piped.
+fn spawn_berth(d: &Daemon, extra: &[&str]) -> std::process::Child {
+    Command::new(bin("berth"))
+        .arg("--addr")
         .arg(d.addr())
         .arg("launch")
         .args(SMALL)
-        .args([
-            "--attach",
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo started; exec sleep 60",
-        ])
+        .args(extra)
         .env_remove("BERTH_ADDR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let (code, stderr) = tokio::task::spawn_blocking(move || {
-        use std::io::{BufRead, Read};
-        let mut child = cmd.spawn().expect("run berth");
-        // Output shows that the CLI follows the worker, with its Ctrl-C handler in place.
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run berth")
+}
+
+/// Waits for the first line of `child`'s stdout (the worker's), which shows that the CLI
+/// follows the worker with its signal handlers in place, then sends it `signal` and waits for
+/// it: its exit status (`None` when a signal ended it) and its stderr.
+async fn signal_after_first_line(
+    mut child: std::process::Child,
+    signal: i32,
+) -> (Option<i32>, String) {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).expect("read berth's stdout");
-        assert_eq!(line, "started\n");
+        expect_started(&mut child, &mut out);
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-        let status = child.wait().expect("wait for berth");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let status = child.wait().expect("wait for berth");
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            let _ = tx.send((status.code(), err));
+        });
+        rx.recv_timeout(scaled(Duration::from_secs(60)))
+            .unwrap_or_else(|_| {
+                // SAFETY: kill(2) on the pid of a child we spawned.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                panic!("berth did not end within a minute of signal {signal}");
+            })
+    })
+    .await
+    .unwrap()
+}
+
+/// Reads the first line of a `berth launch --attach` worker's output from `out`; if it is not
+/// `started`, fails with what berth said on stderr.
+#[track_caller]
+fn expect_started(child: &mut std::process::Child, out: &mut impl std::io::BufRead) {
+    use std::io::Read;
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read berth's stdout");
+    if line != "started\n" {
+        let status = child.wait();
+        let mut err = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+        panic!("berth printed {line:?} first, then exited with {status:?}: {err}");
+    }
+}
+
+/// The one worker of the daemon.
+async fn only_worker(d: &Daemon) -> Value {
+    let v = berth(d, &["--json", "list"]).await.ok().json();
+    let ws = v["workers"].as_array().unwrap();
+    assert_eq!(ws.len(), 1, "{v}");
+    ws[0].clone()
+}
+
+const STARTED_THEN_SLEEP: [&str; 4] = ["--", "/bin/sh", "-c", "echo started; exec sleep 1000"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_of_attach_closes_its_session_and_stops_the_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let child = spawn_berth(&d, &[&["--attach"][..], &STARTED_THEN_SLEEP].concat());
+    let (code, stderr) = signal_after_first_line(child, libc::SIGINT).await;
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("SIGINT: closed session "), "{stderr}");
+    // CloseSession returned before berth exited: the worker has ended already.
+    let w = only_worker(&d).await;
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{w}");
+    assert_eq!(w["reason"], "session ended", "{w}");
+    let session = w["session_id"].as_str().unwrap();
+    assert!(!session.is_empty(), "{w}");
+    assert!(stderr.contains(session), "{stderr}");
+    // The session is over: it takes no more workers.
+    let r = berth(
+        &d,
+        &[
+            &["launch", "--session", session][..],
+            &SMALL,
+            &["--", "/bin/true"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(r.code == 1 && r.stderr.contains("NOT_FOUND"), "{r:?}");
+
+    // SIGTERM too, with its own exit status.
+    let child = spawn_berth(&d, &[&["--attach"][..], &STARTED_THEN_SLEEP].concat());
+    let (code, stderr) = signal_after_first_line(child, libc::SIGTERM).await;
+    assert_eq!(code, Some(143), "{stderr}");
+    let v = berth(&d, &["--json", "list", "--status", "running"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(v["workers"], serde_json::json!([]), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_attach_lets_its_lease_lapse() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let ttl = scaled(Duration::from_secs(2)).as_secs();
+    let child = spawn_berth(
+        &d,
+        &[
+            &["--attach", "--session-ttl", &ttl.to_string()][..],
+            &STARTED_THEN_SLEEP,
+        ]
+        .concat(),
+    );
+    // Alive for several leases: the CLI keeps the session going.
+    let child = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        expect_started(&mut child, &mut out);
+        child
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2 * ttl)).await;
+    let w = only_worker(&d).await;
+    assert_eq!(
+        w["status"], "WORKER_STATUS_RUNNING",
+        "kept alive past its TTL: {w}"
+    );
+    let id = w["id"].as_str().unwrap().to_owned();
+
+    let mut child = child;
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    // The lease lapses within the TTL, the expiry check follows within a second, and `sleep`
+    // ends at the SIGTERM (the grace would allow 10 s more).
+    let r = berth(&d, &["--json", "await", "--timeout", "60", &id]).await;
+    let took = killed.elapsed();
+    let w = &r.json()["failures"][0];
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{r:?}");
+    assert_eq!(w["reason"], "session ended", "{w}");
+    assert!(
+        took < Duration::from_secs(ttl) + scaled(Duration::from_secs(4)),
+        "stopped {took:?} after berth was killed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_of_attach_to_a_given_session_leaves_it_open() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = open_session(&c, 60).await;
+    let child = spawn_berth(
+        &d,
+        &[&["--attach", "--session", &s.id][..], &STARTED_THEN_SLEEP].concat(),
+    );
+    let (code, stderr) = signal_after_first_line(child, libc::SIGINT).await;
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(
+        stderr.contains(&format!("session {} stays open", s.id)),
+        "{stderr}"
+    );
+    let w = only_worker(&d).await;
+    assert_eq!(w["status"], "WORKER_STATUS_RUNNING", "{w}");
+    assert_eq!(w["session_id"], s.id.as_str(), "{w}");
+    // Still open: it renews, and closing it is what stops the worker.
+    c.workers()
+        .keep_alive(berth_tests::pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap();
+    c.workers()
+        .close_session(berth_tests::pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: Some(0),
+        })
+        .await
+        .unwrap();
+    let w = only_worker(&d).await;
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{w}");
+
+    // A session that does not exist is refused before anything is launched.
+    let r = berth(
+        &d,
+        &[
+            &["launch", "--attach", "--session", "nosuchsession3"][..],
+            &SMALL,
+            &["--", "/bin/true"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.starts_with("berth: NOT_FOUND: "), "{r:?}");
+    assert_eq!(only_worker(&d).await["session_id"], s.id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_of_wait_leaves_workers_running() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let mut child = spawn_berth(&d, &["--wait", "--", "sleep", "1000"]);
+    // The worker runs: berth waits, its Ctrl-C handler in place.
+    let c = d.client().await.unwrap();
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(20));
+    let id = loop {
+        let ws = c
+            .workers()
+            .list_workers(berth_tests::pb::ListWorkersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .workers;
+        if let Some(w) = ws.first() {
+            break w.id.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing launched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    berth_tests::await_running(&c, std::slice::from_ref(&id)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let status = child.wait().unwrap();
         let mut err = String::new();
         child
             .stderr
@@ -580,12 +795,13 @@ async fn ctrl_c_detaches_and_leaves_workers_running() {
     })
     .await
     .unwrap();
-    assert_eq!(code, Some(130), "{stderr}");
+    assert_eq!(out.0, Some(130), "{}", out.1);
     assert!(
-        stderr.contains("interrupted; the workers keep running: "),
-        "{stderr}"
+        out.1
+            .contains(&format!("interrupted; the workers keep running: {id}")),
+        "{}",
+        out.1
     );
-    let id = stderr.trim_end().rsplit(' ').next().unwrap().to_owned();
     let v = berth(&d, &["--json", "list", &id]).await.ok().json();
     assert_eq!(v["workers"][0]["status"], "WORKER_STATUS_RUNNING", "{v}");
     berth(&d, &["stop", "--grace", "0", &id]).await.ok();

@@ -1532,6 +1532,101 @@ async fn errors_follow_the_api_table() {
         assert_eq!(code, NF, "{name}: {msg}");
         assert!(msg.contains("nosuchworker7"), "{name}: {msg}");
     }
+
+    // A session id the daemon never knew: NOT_FOUND everywhere, naming session_id and the id
+    // (LaunchWorkers is in the table above).
+    let session = || "nosuchsession9".to_owned();
+    let results = [
+        (
+            "ListWorkers",
+            code_of(
+                w.clone()
+                    .list_workers(pb::ListWorkersRequest {
+                        session_id: session(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "AwaitWorkers",
+            code_of(
+                w.clone()
+                    .await_workers(pb::AwaitWorkersRequest {
+                        session_id: session(),
+                        timeout_seconds: Some(1),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "StopWorkers",
+            code_of(
+                w.clone()
+                    .stop_workers(pb::StopWorkersRequest {
+                        session_id: session(),
+                        grace_seconds: Some(0),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "StreamOutput",
+            code_of(
+                w.clone()
+                    .stream_output(pb::StreamOutputRequest {
+                        session_id: session(),
+                        follow: true,
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "WatchWorkers",
+            code_of(
+                w.clone()
+                    .watch_workers(pb::WatchWorkersRequest {
+                        session_id: session(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "WatchWorkers initial",
+            code_of(
+                w.clone()
+                    .watch_workers(pb::WatchWorkersRequest {
+                        session_id: session(),
+                        initial: true,
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ListWorkers session+ids",
+            code_of(
+                w.clone()
+                    .list_workers(pb::ListWorkersRequest {
+                        session_id: session(),
+                        ids: vec![held.id.clone()],
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+        ),
+    ];
+    for (name, (code, msg)) in results {
+        assert_eq!(code, NF, "{name}: {msg}");
+        assert!(
+            msg.contains("session_id") && msg.contains("nosuchsession9"),
+            "{name}: {msg}"
+        );
+    }
     // A refused stop stopped nothing.
     assert_eq!(get(&c, &held.id).await.status(), pb::WorkerStatus::Running);
 

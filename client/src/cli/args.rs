@@ -71,7 +71,8 @@ pub struct LaunchArgs {
     /// Extra environment variable (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
-    /// Session the workers belong to (they end with it).
+    /// Session the workers belong to (they end with it). With --attach, berth keeps it alive
+    /// while attached and leaves it open when it exits.
     #[arg(long, value_name = "S")]
     pub session: Option<String>,
     /// Working directory of the workers on their host; default: the current directory
@@ -102,9 +103,22 @@ pub struct LaunchArgs {
     /// Wait until the workers have ended; print them; exit 1 if any failed.
     #[arg(long, conflicts_with = "attach")]
     pub wait: bool,
-    /// Stream the workers' output until they have ended; exit 1 if any failed.
+    /// Stream the workers' output until they have ended; exit 1 if any failed. Without
+    /// --session the workers get a session of their own that lives as long as this command:
+    /// Ctrl-C or SIGTERM closes it and stops them (exit status 130 or 143), and if berth is
+    /// killed, its lease lapses and they stop within --session-ttl plus the stop grace.
     #[arg(long)]
     pub attach: bool,
+    /// Lease, in seconds, of the session that --attach opens (renewed every third of it).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = super::lease::DEFAULT_TTL_SECS,
+        value_parser = clap::value_parser!(u32).range(1..=86400),
+        requires = "attach",
+        conflicts_with = "session"
+    )]
+    pub session_ttl: u32,
     /// Program and arguments to run instead of a kernel.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -381,6 +395,16 @@ mod tests {
             &["launch", "--script", "a.py", "--code", "1"],
             &["launch", "--code", "1", "--", "/bin/true"],
             &["launch", "--wait", "--attach", "--", "/bin/true"],
+            &["launch", "--session-ttl", "5", "--", "/bin/true"],
+            &[
+                "launch",
+                "--attach",
+                "--session-ttl",
+                "0",
+                "--",
+                "/bin/true",
+            ],
+            &["launch", "--attach", "--session", "s", "--session-ttl", "5"],
             &["launch", "--network", "overlay"],
             &["launch", "-n", "-1"],
             &["stop"],
@@ -397,6 +421,30 @@ mod tests {
             assert_ne!(e.kind(), ErrorKind::DisplayHelp, "{args:?}");
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn attach_holds_a_session_of_its_own_unless_given_one() {
+        let launch = |args: &[&str]| {
+            let Command::Launch(a) = parse(args).unwrap().command else {
+                panic!("not launch")
+            };
+            a
+        };
+        let a = launch(&["launch", "--attach", "--", "/bin/true"]);
+        assert!(a.attach && a.session.is_none());
+        assert_eq!(a.session_ttl, super::super::lease::DEFAULT_TTL_SECS);
+        let a = launch(&[
+            "launch",
+            "--attach",
+            "--session-ttl",
+            "3",
+            "--",
+            "/bin/true",
+        ]);
+        assert_eq!(a.session_ttl, 3);
+        let a = launch(&["launch", "--attach", "--session", "s1", "--", "/bin/true"]);
+        assert_eq!(a.session.as_deref(), Some("s1"));
     }
 
     #[test]

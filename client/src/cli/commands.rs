@@ -2,13 +2,14 @@
 //! one JSON document.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
 use serde_json::Value;
 use tonic::Streaming;
 
 use super::args::{AwaitArgs, Cli, Command, LaunchArgs, ListArgs, LogsArgs, StopArgs};
+use super::lease::{Lease, Signal, Signals};
 use super::output::{OutputDemux, Sink};
 use super::{json, request, view, CliError, Outcome, Terminal};
 use crate::{pb, Client};
@@ -128,25 +129,27 @@ impl Verb<'_> {
             _ => std::env::current_dir().map_err(CliError::CurrentDir)?,
         };
         let req = request::launch(a, &cwd);
-        let workers = call(
-            "berth.v1.Workers/LaunchWorkers",
-            self.client.workers().launch_workers(req).await,
-        )?
-        .workers;
-        if !(a.attach || a.wait) {
+        if a.attach {
+            return self.attach(a, req, term).await;
+        }
+        let workers = self.launch_workers(req).await?;
+        if !a.wait {
             self.print_workers(term, &workers)?;
             return Ok(Outcome::Success);
         }
         let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
         // Ctrl-C leaves the workers running, and says so: they live on the server.
-        let followed = {
-            let follow = self.follow(&ids, a.attach, term);
+        let waited = {
+            let wait = async {
+                let r = self.await_ended(&ids).await?;
+                self.print_await(term, &r)
+            };
             tokio::select! {
-                r = follow => Some(r),
+                r = wait => Some(r),
                 _ = tokio::signal::ctrl_c() => None,
             }
         };
-        match followed {
+        match waited {
             Some(r) => r,
             None => {
                 writeln!(
@@ -154,23 +157,183 @@ impl Verb<'_> {
                     "\nberth: interrupted; the workers keep running: {}",
                     ids.join(" ")
                 )?;
-                Ok(Outcome::Interrupted)
+                Ok(Outcome::Interrupted(Signal::Interrupt))
             }
         }
     }
 
-    /// `launch --attach` (the output, then a line on stderr per failed worker) or `launch
-    /// --wait` (the final table), once the workers have ended.
-    async fn follow(
+    async fn launch_workers(
         &self,
-        ids: &[String],
-        attach: bool,
+        req: pb::LaunchWorkersRequest,
+    ) -> Result<Vec<pb::Worker>, CliError> {
+        Ok(call(
+            "berth.v1.Workers/LaunchWorkers",
+            self.client.workers().launch_workers(req).await,
+        )?
+        .workers)
+    }
+
+    /// `launch --attach`: launches into a session held for as long as this runs (the one of
+    /// `--session`, or one of its own), streams the workers' output until they have ended, then
+    /// a line on stderr per failed worker. A session of its own is closed on the way out, by a
+    /// signal too: its workers end with this command.
+    async fn attach(
+        &self,
+        a: &LaunchArgs,
+        mut req: pb::LaunchWorkersRequest,
         term: &mut Terminal<'_>,
     ) -> Result<Outcome, CliError> {
-        if !attach {
-            let r = self.await_ended(ids).await?;
-            return self.print_await(term, &r);
+        // Caught before the session exists, so that no signal can end berth with it left open.
+        let mut signals = Signals::catch().map_err(CliError::Attach)?;
+        let (session, own) = match &a.session {
+            // Renewed once now: an unknown or ended session fails here, before any launch.
+            Some(id) => (self.keep_alive(id).await?, false),
+            None => (self.open_session(a.session_ttl).await?, true),
+        };
+        let id = session.id.clone();
+        let ttl = Duration::from_secs(u64::from(session.ttl_seconds.max(1)));
+        let lease = match Lease::keep(self.addr, &id, ttl) {
+            Ok(l) => l,
+            Err(e) => {
+                if own {
+                    let _ = self.close_session(&id).await;
+                }
+                return Err(CliError::Attach(e));
+            }
+        };
+        req.session_id = id.clone();
+        let workers = match self.launch_workers(req).await {
+            Ok(w) => w,
+            Err(e) => {
+                drop(lease);
+                if own {
+                    let _ = self.close_session(&id).await;
+                }
+                return Err(e);
+            }
+        };
+        let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+        let followed = tokio::select! {
+            r = self.stream_until_ended(&ids, term) => Ok(r),
+            sig = signals.recv() => Err(sig),
+        };
+        let lapsed = lease.ended();
+        drop(lease);
+        let sig = match followed {
+            // The workers have ended, or the output could not be written (its reader went
+            // away): either way the session of its own goes now, with whatever still runs. The
+            // outcome is the one of the following; these notes are by the way.
+            Ok(r) => {
+                if let Some(status) = lapsed {
+                    let _ = writeln!(
+                        term.err,
+                        "berth: session {id} ended while attached: {}",
+                        status.message()
+                    );
+                } else if own {
+                    if let Err(e) = self.close_session(&id).await {
+                        if e.code() != Some(tonic::Code::NotFound) {
+                            let _ = writeln!(term.err, "berth: session {id} not closed: {e}");
+                        }
+                    }
+                }
+                return r;
+            }
+            Err(sig) => sig,
+        };
+        // The terminal may be gone (SIGHUP): what is said here is said where it can be.
+        if own {
+            // A second signal does not wait for the workers to stop: once the server has the
+            // request, it stops them all the same, and else the lease lapses.
+            let closed = tokio::select! {
+                r = self.close_session(&id) => r,
+                again = signals.recv() => {
+                    let _ = writeln!(
+                        term.err,
+                        "\nberth: {}: session {id} closing; not waiting for its workers to stop",
+                        again.name()
+                    );
+                    return Ok(Outcome::Interrupted(sig));
+                }
+            };
+            match closed {
+                Ok(()) => {
+                    let _ = writeln!(
+                        term.err,
+                        "\nberth: {}: closed session {id}; its workers are stopped: {}",
+                        sig.name(),
+                        ids.join(" ")
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        term.err,
+                        "\nberth: {}: session {id} not closed ({e}); its workers stop when its \
+                         lease lapses, within {} s",
+                        sig.name(),
+                        ttl.as_secs()
+                    );
+                }
+            }
+        } else {
+            let _ = writeln!(
+                term.err,
+                "\nberth: {}: session {id} stays open; its workers keep running while it is kept \
+                 alive: {}",
+                sig.name(),
+                ids.join(" ")
+            );
         }
+        Ok(Outcome::Interrupted(sig))
+    }
+
+    async fn open_session(&self, ttl_seconds: u32) -> Result<pb::Session, CliError> {
+        call(
+            "berth.v1.Workers/OpenSession",
+            self.client
+                .workers()
+                .open_session(pb::OpenSessionRequest {
+                    ttl_seconds,
+                    labels: [("berth.cli".to_owned(), "attach".to_owned())].into(),
+                })
+                .await,
+        )
+    }
+
+    async fn keep_alive(&self, id: &str) -> Result<pb::Session, CliError> {
+        call(
+            "berth.v1.Workers/KeepAlive",
+            self.client
+                .workers()
+                .keep_alive(pb::KeepAliveRequest {
+                    session_id: id.to_owned(),
+                })
+                .await,
+        )
+    }
+
+    /// Closes session `id`, stopping its workers with the server's stop grace.
+    async fn close_session(&self, id: &str) -> Result<(), CliError> {
+        call(
+            "berth.v1.Workers/CloseSession",
+            self.client
+                .workers()
+                .close_session(pb::CloseSessionRequest {
+                    session_id: id.to_owned(),
+                    grace_seconds: None,
+                })
+                .await,
+        )
+        .map(drop)
+    }
+
+    /// The output of `ids` as it comes, until they have all ended; then a line on stderr per
+    /// failed worker.
+    async fn stream_until_ended(
+        &self,
+        ids: &[String],
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
         let stream = call(
             "berth.v1.Workers/StreamOutput",
             self.client

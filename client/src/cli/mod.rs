@@ -6,6 +6,7 @@
 pub mod args;
 mod commands;
 pub mod json;
+pub mod lease;
 pub mod output;
 pub mod request;
 pub mod table;
@@ -17,6 +18,7 @@ pub use args::Cli;
 pub use commands::{check, run};
 
 use crate::ClientError;
+use lease::Signal;
 
 /// Exit status of a failed call, or of awaited workers that failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -27,8 +29,9 @@ pub enum Outcome {
     Success,
     /// The calls went through, but awaited (or attached) workers failed.
     WorkersFailed,
-    /// Ctrl-C while following launched workers (which keep running).
-    Interrupted,
+    /// A signal (Ctrl-C) while following launched workers: they keep running (`--wait`, or
+    /// `--attach --session`), or their session was closed (plain `--attach`).
+    Interrupted(Signal),
 }
 
 impl Outcome {
@@ -36,8 +39,8 @@ impl Outcome {
         match self {
             Outcome::Success => 0,
             Outcome::WorkersFailed => EXIT_FAILURE,
-            // 128 + SIGINT, as shells report a command that Ctrl-C ended.
-            Outcome::Interrupted => 130,
+            // 128 + the signal, as shells report a command that a signal ended (Ctrl-C: 130).
+            Outcome::Interrupted(s) => 128 + s.number(),
         }
     }
 }
@@ -59,6 +62,9 @@ pub enum CliError {
     },
     #[error("cannot use the current directory as --workdir (pass --workdir): {0}")]
     CurrentDir(#[source] std::io::Error),
+    /// The signal handlers or the lease thread of `--attach` could not be set up.
+    #[error("cannot hold a session while attached: {0}")]
+    Attach(#[source] std::io::Error),
     #[error("write output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -181,6 +187,15 @@ mod tests {
             hint: None,
         };
         assert_eq!(e.to_string(), "INTERNAL: M failed");
+    }
+
+    #[test]
+    fn outcomes_exit_with_their_status() {
+        assert_eq!(Outcome::Success.exit_status(), 0);
+        assert_eq!(Outcome::WorkersFailed.exit_status(), 1);
+        assert_eq!(Outcome::Interrupted(Signal::Interrupt).exit_status(), 130);
+        assert_eq!(Outcome::Interrupted(Signal::Terminate).exit_status(), 143);
+        assert_eq!(Outcome::Interrupted(Signal::Hangup).exit_status(), 129);
     }
 
     #[test]

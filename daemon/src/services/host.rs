@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncReadExt;
@@ -404,6 +404,12 @@ impl Host {
         let ids: Vec<String> = (0..spec.n).map(|_| crate::core::new_id()).collect();
         let now = SystemTime::now();
         let records: Vec<WorkerRecord> = {
+            // The session stays open until the workers are in the table: a close either comes
+            // first (the launch is refused) or finds them (and stops them).
+            let _session = match &spec.session_id {
+                Some(s) => Some(inner.lock_open_session(s)?),
+                None => None,
+            };
             let mut guard = inner.lock();
             let st = &mut *guard;
             // CPU, memory, worker slots, GPUs and addresses: all of it for every worker, or
@@ -573,7 +579,7 @@ impl Host {
                             spawn_error: Some(msg),
                             ..Default::default()
                         };
-                        inner.clone().finish(&id, exit, None).await;
+                        inner.clone().finish(&id, exit, RunTimes::default()).await;
                     }
                 }
             }
@@ -1157,7 +1163,12 @@ impl Inner {
         self.lock().ips.release(id);
     }
 
+    /// Workers matching `filter`, in launch order. NOT_FOUND for an id or a session this daemon
+    /// does not know (an ended session is known while its workers are kept).
     fn select(&self, filter: &Filter) -> Result<Vec<WorkerRecord>> {
+        if let Some(s) = &filter.session_id {
+            self.check_known_session(s)?;
+        }
         let st = self.lock();
         if let Some(missing) = filter.ids.iter().find(|id| !st.workers.contains_key(*id)) {
             return Err(Error::NotFound(format!("worker {missing} not found")));
@@ -1204,7 +1215,7 @@ impl Inner {
     }
 
     /// Ends worker `id`: reads its usage, removes its cgroup, frees its claim, records its status.
-    async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, finished_at: Option<SystemTime>) {
+    async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, times: RunTimes) {
         let inner = self.clone();
         let cid = id.to_owned();
         let stats = tokio::task::spawn_blocking(move || {
@@ -1265,7 +1276,7 @@ impl Inner {
             } else {
                 st.ledger.release(id);
                 st.gpus.release(id);
-                finalize_record(&mut e.rec, status, reason, &exit, finished_at, stats);
+                finalize_record(&mut e.rec, status, reason, &exit, times, stats);
                 e.rec.clone()
             }
         };
@@ -1283,13 +1294,21 @@ impl Inner {
     }
 }
 
+/// When a worker's last run started and ended, as its shim recorded them; `None` where no shim
+/// said (it never ran, left no exit record, or is an older shim).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RunTimes {
+    started_at: Option<SystemTime>,
+    finished_at: Option<SystemTime>,
+}
+
 /// Writes the end of a worker into its record.
 fn finalize_record(
     rec: &mut WorkerRecord,
     status: WorkerStatus,
     reason: String,
     exit: &Exit,
-    finished_at: Option<SystemTime>,
+    times: RunTimes,
     stats: crate::sys::cgroup::CgroupStats,
 ) {
     // Usage of earlier runs (restarts) adds up; peaks take the maximum.
@@ -1302,10 +1321,14 @@ fn finalize_record(
     rec.reason = reason;
     rec.exit_code = exit.exit_code;
     rec.signal = exit.signal;
-    let finished_at = finished_at.unwrap_or_else(SystemTime::now);
-    // The start is stamped when the daemon reads the shim's handshake, the end by the shim (in
-    // whole milliseconds): a short worker, or a busy daemon, could otherwise show an end before
-    // its start.
+    let finished_at = times.finished_at.unwrap_or_else(SystemTime::now);
+    // The shim's own start time is the truth: a worker re-adopted after a restart of the daemon
+    // had only an estimate until now.
+    if let Some(s) = times.started_at {
+        rec.started_at = Some(s);
+    }
+    // Without the shim's times (an older shim, a lost exit record), the start was stamped by the
+    // daemon and may lie after an end stamped elsewhere.
     if rec.started_at.is_some_and(|s| s > finished_at) {
         rec.started_at = Some(finished_at);
     }
@@ -1319,7 +1342,7 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
     let shim_pid = handle.pid;
     let hs = read_handshake(handle.handshake).await;
     match &hs {
-        Ok(pid) => {
+        Ok(hs) => {
             let admitted = inner.lock().workers.get(&id).map(|e| e.admitted);
             if let Some(a) = admitted {
                 inner.metrics.observe_latency(a.elapsed());
@@ -1330,8 +1353,8 @@ async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
                 .fetch_add(1, Ordering::Relaxed);
             inner.update(&id, |w| {
                 w.status = WorkerStatus::Running;
-                w.pid = Some(*pid);
-                w.started_at = Some(SystemTime::now());
+                w.pid = Some(hs.pid);
+                w.started_at = Some(hs.started_at.unwrap_or_else(SystemTime::now));
             });
         }
         Err(msg) => {
@@ -1376,12 +1399,16 @@ async fn await_shim(
     })
     .await;
     let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
-    let (exit, finished_at) = outcome_of(rec, missing);
-    inner.finish(&id, exit, finished_at).await;
+    let (exit, times) = outcome_of(rec, missing);
+    inner.finish(&id, exit, times).await;
 }
 
 /// How a worker ended, from its shim's exit record.
-fn exit_of(r: shim::ExitRecord) -> (Exit, Option<SystemTime>) {
+fn exit_of(r: shim::ExitRecord) -> (Exit, RunTimes) {
+    let times = RunTimes {
+        started_at: r.started_at(),
+        finished_at: Some(r.finished_at()),
+    };
     (
         Exit {
             exit_code: r.exit_code,
@@ -1389,7 +1416,7 @@ fn exit_of(r: shim::ExitRecord) -> (Exit, Option<SystemTime>) {
             spawn_error: r.spawn_error,
             oom_killed: false,
         },
-        Some(UNIX_EPOCH + Duration::from_millis(r.finished_at_ms)),
+        times,
     )
 }
 
@@ -1398,7 +1425,7 @@ fn exit_of(r: shim::ExitRecord) -> (Exit, Option<SystemTime>) {
 fn outcome_of(
     read: std::result::Result<std::io::Result<Option<shim::ExitRecord>>, tokio::task::JoinError>,
     missing: String,
-) -> (Exit, Option<SystemTime>) {
+) -> (Exit, RunTimes) {
     let spawn_error = match read {
         Ok(Ok(Some(r))) => return exit_of(r),
         Ok(Ok(None)) => missing,
@@ -1410,7 +1437,7 @@ fn outcome_of(
             spawn_error: Some(spawn_error),
             ..Default::default()
         },
-        None,
+        RunTimes::default(),
     )
 }
 
@@ -1423,7 +1450,7 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<u32, String> {
+async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<shim::Handshake, String> {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
         .map_err(|e| format!("handshake pipe: {e}"))?;
     let mut buf = Vec::with_capacity(64);
@@ -1600,5 +1627,54 @@ async fn pump_output(
             _ = inner.shutdown.cancelled() => return,
         }
         idle = (idle * 2).min(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_shims_times_are_the_record_s() {
+        // (start the daemon had, shim's start, shim's end) → (start, end) recorded.
+        type Case = (Option<u64>, Option<u64>, Option<u64>, (Option<u64>, u64));
+        let cases: &[Case] = &[
+            // From the handshake, confirmed by the exit record.
+            (Some(100), Some(100), Some(500), (Some(100), 500)),
+            // Re-adopted after a restart: the daemon's estimate gives way to the shim's time.
+            (Some(900), Some(100), Some(500), (Some(100), 500)),
+            // Re-adopted, never had a start: the exit record brings it.
+            (None, Some(100), Some(500), (Some(100), 500)),
+            // An older shim (no start in its record): an estimate after the end is held to it.
+            (Some(900), None, Some(500), (Some(500), 500)),
+            (Some(100), None, Some(500), (Some(100), 500)),
+            // Never ran.
+            (None, None, Some(500), (None, 500)),
+        ];
+        for &(had, shim_start, shim_end, (start, end)) in cases {
+            let mut rec = WorkerRecord::pending("w".into(), "h".into(), at(50));
+            rec.started_at = had.map(at);
+            let times = RunTimes {
+                started_at: shim_start.map(at),
+                finished_at: shim_end.map(at),
+            };
+            finalize_record(
+                &mut rec,
+                WorkerStatus::Succeeded,
+                "exited with code 0".into(),
+                &Exit::default(),
+                times,
+                Default::default(),
+            );
+            assert_eq!(
+                (rec.started_at, rec.finished_at),
+                (start.map(at), Some(at(end))),
+                "{had:?} {shim_start:?} {shim_end:?}"
+            );
+        }
     }
 }

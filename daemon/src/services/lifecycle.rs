@@ -28,20 +28,51 @@ pub struct RecoveryReport {
 enum Pickup {
     Keep,
     Adopt { shim_pid: u32 },
-    Finish(Exit, Option<SystemTime>),
+    Finish(Exit, RunTimes),
     Orphan,
     Respawn,
     Lost(String),
 }
 
 impl Inner {
-    /// NOT_FOUND unless `id` is a live session.
+    /// NOT_FOUND unless `id` is an open session.
     pub(super) fn check_session(&self, id: &str) -> Result<()> {
-        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        self.lock_open_session(id).map(drop)
+    }
+
+    /// The sessions, locked, if `id` is open: it stays open while the guard is held. Take the
+    /// state lock only after this one, never the other way round.
+    pub(super) fn lock_open_session(
+        &self,
+        id: &str,
+    ) -> Result<MutexGuard<'_, HashMap<String, Session>>> {
+        let sessions = self.sessions();
         match sessions.get(id) {
-            Some(s) if !s.expired(SystemTime::now()) => Ok(()),
+            Some(s) if s.is_open(SystemTime::now()) => Ok(sessions),
             _ => Err(Error::NotFound(format!("session {id} not found or ended"))),
         }
+    }
+
+    /// NOT_FOUND unless this daemon knows session `id`: open, or ended with its workers (or its
+    /// end) still kept. Call without the state lock held.
+    pub(super) fn check_known_session(&self, id: &str) -> Result<()> {
+        let recorded = self.sessions().contains_key(id);
+        if recorded {
+            return Ok(());
+        }
+        // A session whose record is gone (a store recovered from the workers' own files) is
+        // still known by the workers launched into it.
+        let st = self.lock();
+        if st
+            .workers
+            .values()
+            .any(|e| e.rec.session_id.as_deref() == Some(id))
+        {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!(
+            "session_id: session {id} not found"
+        )))
     }
 
     fn sessions(&self) -> MutexGuard<'_, HashMap<String, Session>> {
@@ -88,7 +119,7 @@ impl Host {
             let mut sessions = self.inner.sessions();
             let s = sessions
                 .get_mut(id)
-                .filter(|s| !s.expired(now))
+                .filter(|s| s.is_open(now))
                 .ok_or_else(|| Error::NotFound(format!("session {id} not found or ended")))?;
             s.renew(now);
             s.clone()
@@ -105,18 +136,26 @@ impl Host {
         id: &str,
         grace: Option<Duration>,
     ) -> Result<Vec<WorkerRecord>> {
-        if self.inner.sessions().remove(id).is_none() {
+        // A lease that lapsed a moment ago, before the expiry task saw it, still ends here.
+        let ended = self
+            .inner
+            .sessions()
+            .get_mut(id)
+            .and_then(|s| s.end(SystemTime::now()).then(|| s.clone()));
+        let Some(s) = ended else {
             return Err(Error::NotFound(format!("session {id} not found or ended")));
-        }
-        self.end_session(id, grace).await
+        };
+        self.end_session(&s, grace).await
     }
 
-    async fn end_session(&self, id: &str, grace: Option<Duration>) -> Result<Vec<WorkerRecord>> {
+    /// Records the end of session `s` (ended already in memory) and stops its workers. The
+    /// ended session stays known, in memory and in the store, while its workers are kept.
+    async fn end_session(&self, s: &Session, grace: Option<Duration>) -> Result<Vec<WorkerRecord>> {
         if let Some(store) = &self.inner.store {
-            store.submit(vec![Op::delete(Table::Sessions, id)]);
+            store.submit(vec![Op::put(Table::Sessions, &s.id, s)]);
         }
-        tracing::info!(session = %id, "session ended");
-        self.stop(Selector::Session(id.to_owned()), grace, "session ended")
+        tracing::info!(session = %s.id, "session ended");
+        self.stop(Selector::Session(s.id.clone()), grace, "session ended")
             .await
     }
 
@@ -131,29 +170,26 @@ impl Host {
     async fn expire_sessions(&self) {
         loop {
             let now = SystemTime::now();
-            let expired: Vec<String> = {
+            let expired: Vec<Session> = {
                 let mut sessions = self.inner.sessions();
-                let ids: Vec<String> = sessions
-                    .values()
-                    .filter(|s| s.expired(now))
-                    .map(|s| s.id.clone())
-                    .collect();
-                for id in &ids {
-                    sessions.remove(id);
-                }
-                ids
+                sessions
+                    .values_mut()
+                    .filter(|s| s.ended_at.is_none() && s.expired(now))
+                    .filter_map(|s| s.end(now).then(|| s.clone()))
+                    .collect()
             };
-            for id in expired {
-                tracing::info!(session = %id, "session lease lapsed");
+            for s in expired {
+                tracing::info!(session = %s.id, "session lease lapsed");
                 let host = self.clone();
                 tokio::spawn(async move {
-                    let _ = host.end_session(&id, None).await;
+                    let _ = host.end_session(&s, None).await;
                 });
             }
             let next = {
                 let sessions = self.inner.sessions();
                 sessions
                     .values()
+                    .filter(|s| s.ended_at.is_none())
                     .map(|s| s.expires_at.duration_since(now).unwrap_or_default())
                     .min()
                     .unwrap_or(Duration::from_secs(1))
@@ -208,16 +244,23 @@ impl Host {
             }
             doomed
         };
+        let forgotten_sessions = self.forget_ended_sessions(now);
+        if let Some(store) = &self.inner.store {
+            let ops: Vec<Op> = doomed
+                .iter()
+                .map(|id| Op::delete(Table::Workers, id))
+                .chain(
+                    forgotten_sessions
+                        .iter()
+                        .map(|id| Op::delete(Table::Sessions, id)),
+                )
+                .collect();
+            if !ops.is_empty() {
+                store.submit(ops);
+            }
+        }
         if doomed.is_empty() {
             return 0;
-        }
-        if let Some(store) = &self.inner.store {
-            store.submit(
-                doomed
-                    .iter()
-                    .map(|id| Op::delete(Table::Workers, id))
-                    .collect(),
-            );
         }
         let dirs: Vec<PathBuf> = doomed.iter().map(|id| self.inner.worker_dir(id)).collect();
         let _ = tokio::task::spawn_blocking(move || {
@@ -228,6 +271,43 @@ impl Host {
         .await;
         tracing::info!(count = doomed.len(), "forgot ended workers past retention");
         doomed.len()
+    }
+
+    /// Forgets ended sessions that no kept worker belongs to any more, once they ended longer
+    /// than the retention of ended workers ago, or beyond as many as ended workers are kept
+    /// (oldest first). Returns their ids.
+    fn forget_ended_sessions(&self, now: SystemTime) -> Vec<String> {
+        let in_use: HashSet<String> = {
+            let st = self.inner.lock();
+            st.workers
+                .values()
+                .filter_map(|e| e.rec.session_id.clone())
+                .collect()
+        };
+        let opts = &self.inner.opts;
+        let mut sessions = self.inner.sessions();
+        let mut idle: Vec<(SystemTime, String)> = sessions
+            .values()
+            .filter(|s| !in_use.contains(&s.id))
+            .filter_map(|s| s.ended_at.map(|e| (e, s.id.clone())))
+            .collect();
+        idle.sort();
+        let excess = idle.len().saturating_sub(opts.retain_finished_max);
+        let doomed: Vec<String> = idle
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (_, id))| {
+                *i < excess
+                    || sessions
+                        .get(id)
+                        .is_some_and(|s| s.forgettable(now, opts.retain_finished_for))
+            })
+            .map(|(_, (_, id))| id)
+            .collect();
+        for id in &doomed {
+            sessions.remove(id);
+        }
+        doomed
     }
 
     /// Rebuilds the daemon's view at start-up from the state store, the workers' own files
@@ -247,9 +327,17 @@ impl Host {
             .map_err(|e| Error::Internal(format!("recovery: {e}")))?;
         let mut report = RecoveryReport {
             bad_records: bad.into_iter().chain(bad_sessions).collect(),
-            sessions: sessions.len(),
+            sessions: sessions
+                .iter()
+                .filter(|(_, s)| s.ended_at.is_none())
+                .count(),
             ..Default::default()
         };
+        let ended_sessions: Vec<Session> = sessions
+            .iter()
+            .filter(|(_, s)| s.ended_at.is_some())
+            .map(|(_, s)| s.clone())
+            .collect();
         {
             let mut ss = self.inner.sessions();
             for (_, s) in sessions {
@@ -353,6 +441,20 @@ impl Host {
             }
         }
         self.collect_networks().await;
+        // A daemon that died while it stopped an ended session's workers left some running:
+        // the end goes on.
+        for s in ended_sessions {
+            let live = self.inner.lock().workers.values().any(|e| {
+                e.rec.session_id.as_deref() == Some(s.id.as_str()) && !e.rec.status.is_terminal()
+            });
+            if live {
+                tracing::info!(session = %s.id, "stopping the workers of a session that ended");
+                let host = self.clone();
+                tokio::spawn(async move {
+                    let _ = host.end_session(&s, None).await;
+                });
+            }
+        }
         Ok(report)
     }
 }
@@ -517,6 +619,8 @@ impl Inner {
                     rec.shim_starttime = hostfs::process_starttime(*shim_pid);
                     if matches!(rec.status, WorkerStatus::Pending | WorkerStatus::Starting) {
                         rec.status = WorkerStatus::Running;
+                        // The handshake was lost with the daemon: an estimate, until the exit
+                        // record brings the shim's own start time.
                         rec.started_at.get_or_insert_with(SystemTime::now);
                     }
                     if rec.pid.is_none() {
@@ -598,7 +702,7 @@ async fn watch_orphan(inner: Arc<Inner>, id: String) {
                 spawn_error: None,
                 ..Default::default()
             },
-            None,
+            RunTimes::default(),
         )
         .await;
     if stop.is_none() {
@@ -633,7 +737,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
             spawn_error: Some("stopped before it restarted".into()),
             ..Default::default()
         };
-        inner.finish(&id, exit, None).await;
+        inner.finish(&id, exit, RunTimes::default()).await;
         return;
     }
     let dir = inner.worker_dir(&id);
@@ -685,7 +789,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
                 spawn_error: Some(msg),
                 ..Default::default()
             };
-            inner.finish(&id, exit, None).await;
+            inner.finish(&id, exit, RunTimes::default()).await;
         }
     }
 }

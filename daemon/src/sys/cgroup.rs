@@ -526,26 +526,18 @@ impl CgroupFs {
         subtree: &str,
         parent: Option<&str>,
     ) -> Result<Self> {
-        let parent_dir = match parent {
-            Some(p) => {
-                let dir = join_in_hierarchy(m, p);
-                check_controllers(&dir)?;
-                enable_controllers(&dir)?;
-                dir
+        let layout = V2Layout::of(own_path, subtree, parent);
+        let parent_dir = join_in_hierarchy(m, &layout.parent);
+        check_controllers(&parent_dir)?;
+        match &layout.leaf {
+            Some(leaf) if parent_dir != m.mount_point => {
+                enable_in_delegated(&parent_dir, &join_in_hierarchy(m, leaf))?;
             }
-            None => {
-                let dir = join_in_hierarchy(m, delegated_path(own_path));
-                check_controllers(&dir)?;
-                if dir == m.mount_point {
-                    // The root cgroup may hold processes and enable controllers at once.
-                    enable_controllers(&dir)?;
-                } else {
-                    enable_in_delegated(&dir)?;
-                }
-                dir
-            }
-        };
-        let base = parent_dir.join(subtree);
+            // A configured parent is the operator's to keep free of processes; the root cgroup
+            // may hold processes and enable controllers at once.
+            _ => enable_controllers(&parent_dir)?,
+        }
+        let base = join_in_hierarchy(m, &layout.base);
         fs::create_dir_all(&base).map_err(io_err("create", &base))?;
         enable_controllers(&base)?;
         Ok(Self {
@@ -582,15 +574,54 @@ fn delegated_path(own_path: &str) -> &str {
     }
 }
 
+/// Where a daemon puts its cgroups on v2, as paths inside the hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct V2Layout {
+    /// The cgroup whose children get berth's controllers: the configured parent, else the
+    /// cgroup delegated to the daemon.
+    parent: String,
+    /// The leaf that holds the delegated cgroup's own processes (the daemon's among them), so
+    /// that its children can have controllers; `None` for a configured parent.
+    leaf: Option<String>,
+    /// The daemon's subtree, which holds the worker cgroups: a sibling of the leaf.
+    base: String,
+}
+
+impl V2Layout {
+    /// The layout of a daemon whose own cgroup is `own_path` (as /proc/self/cgroup names it).
+    /// A daemon that starts in the leaf already — a systemd unit with
+    /// `DelegateSubgroup=supervisor`, or a daemon started again from a shell an earlier one
+    /// moved there — gets the same layout as one that starts in the delegated cgroup itself.
+    fn of(own_path: &str, subtree: &str, parent: Option<&str>) -> Self {
+        let join = |a: &str, b: &str| format!("{}/{b}", a.trim_end_matches('/'));
+        match parent {
+            Some(p) => Self {
+                parent: p.to_owned(),
+                leaf: None,
+                base: join(p, subtree),
+            },
+            None => {
+                let delegated = delegated_path(own_path);
+                Self {
+                    parent: delegated.to_owned(),
+                    leaf: Some(join(delegated, V2_LEAF)),
+                    base: join(delegated, subtree),
+                }
+            }
+        }
+    }
+}
+
 /// Enables berth's controllers for the children of `dir`, a non-root cgroup delegated to the
 /// daemon, as a `Delegate=yes` service must: its processes (the daemon's own among them) first
-/// move into the leaf [`V2_LEAF`], since a cgroup with processes cannot enable controllers for
-/// its children. A process forked into `dir` meanwhile makes the kernel refuse (EBUSY), so moving
-/// and enabling repeat until they hold.
-fn enable_in_delegated(dir: &Path) -> Result<()> {
+/// move into `leaf`, since a cgroup with processes cannot enable controllers for its children
+/// (under `DelegateSubgroup=supervisor` systemd has put them there already). A process forked
+/// into `dir` meanwhile makes the kernel refuse (EBUSY), so moving and enabling repeat until
+/// they hold.
+fn enable_in_delegated(dir: &Path, leaf: &Path) -> Result<()> {
     let mut attempt = 0;
     loop {
-        move_into_leaf(dir)?;
+        move_into_leaf(dir, leaf)?;
         match enable_controllers(dir) {
             Err(CgroupError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::EBUSY) && attempt < 100 =>
@@ -603,9 +634,8 @@ fn enable_in_delegated(dir: &Path) -> Result<()> {
     }
 }
 
-fn move_into_leaf(dir: &Path) -> Result<()> {
+fn move_into_leaf(dir: &Path, leaf: &Path) -> Result<()> {
     let procs = dir.join("cgroup.procs");
-    let leaf = dir.join(V2_LEAF);
     let leaf_procs = leaf.join("cgroup.procs");
     // Processes may fork while they are moved: go on until the cgroup reads empty.
     for _ in 0..100 {
@@ -614,7 +644,7 @@ fn move_into_leaf(dir: &Path) -> Result<()> {
         if pids.is_empty() {
             return Ok(());
         }
-        fs::create_dir_all(&leaf).map_err(io_err("create", &leaf))?;
+        fs::create_dir_all(leaf).map_err(io_err("create", leaf))?;
         for pid in pids {
             match write_file(&leaf_procs, &pid.to_string()) {
                 Ok(()) => {}
@@ -1015,6 +1045,79 @@ mod tests {
         assert_eq!(d("/supervisor"), "/");
         assert_eq!(d("/"), "/");
         assert_eq!(d("/a/supervisor-2"), "/a/supervisor-2");
+    }
+
+    #[test]
+    fn v2_layout_is_the_same_whether_the_daemon_starts_in_the_leaf_or_not() {
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            (&'static str, Option<&'static str>, &'static str),
+        );
+        let unit = "/system.slice/berthd.service";
+        let cases: &[Case] = &[
+            // Delegate=yes: the daemon starts in the unit's cgroup and moves into the leaf.
+            (
+                unit,
+                None,
+                (
+                    unit,
+                    Some("/system.slice/berthd.service/supervisor"),
+                    "/system.slice/berthd.service/berth-h",
+                ),
+            ),
+            // Delegate=yes with DelegateSubgroup=supervisor (systemd 254+), or a daemon started
+            // again from the leaf: the same layout, no supervisor/supervisor.
+            (
+                "/system.slice/berthd.service/supervisor",
+                None,
+                (
+                    unit,
+                    Some("/system.slice/berthd.service/supervisor"),
+                    "/system.slice/berthd.service/berth-h",
+                ),
+            ),
+            (
+                "/system.slice/berthd.service/supervisor/",
+                None,
+                (
+                    unit,
+                    Some("/system.slice/berthd.service/supervisor"),
+                    "/system.slice/berthd.service/berth-h",
+                ),
+            ),
+            // The root cgroup (a test machine, a container).
+            ("/", None, ("/", Some("/supervisor"), "/berth-h")),
+            ("/supervisor", None, ("/", Some("/supervisor"), "/berth-h")),
+            // Only a leaf named exactly so is the leaf.
+            (
+                "/a/supervisors",
+                None,
+                (
+                    "/a/supervisors",
+                    Some("/a/supervisors/supervisor"),
+                    "/a/supervisors/berth-h",
+                ),
+            ),
+            // A configured parent is used as it is, wherever the daemon runs.
+            (
+                "/system.slice/berthd.service/supervisor",
+                Some("/berth.slice"),
+                ("/berth.slice", None, "/berth.slice/berth-h"),
+            ),
+            (unit, Some("/"), ("/", None, "/berth-h")),
+        ];
+        for &(own, parent, (p, leaf, base)) in cases {
+            assert_eq!(
+                V2Layout::of(own, "berth-h", parent),
+                V2Layout {
+                    parent: p.into(),
+                    leaf: leaf.map(Into::into),
+                    base: base.into(),
+                },
+                "own {own:?} parent {parent:?}"
+            );
+        }
     }
 
     #[test]

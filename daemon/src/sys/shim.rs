@@ -4,7 +4,7 @@
 //! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
 //! session, becomes a child subreaper, forks the worker, and in the child joins the worker's
 //! cgroup (and network namespace) **before** exec, so the program's first instruction already
-//! runs inside both. It reports `ok <pid>` or `err <message>` on the handshake pipe and then has
+//! runs inside both. It reports `ok <pid> <start µs>` or `err <message>` on the handshake pipe and then has
 //! no channel to the daemon at all: the worker's output goes through pipes held by the shim into
 //! rotated files ([`super::output`]), and its exit status goes to `<worker dir>/exit.json`. So a
 //! crash, kill or upgrade of the daemon loses neither output nor exit status.
@@ -55,8 +55,56 @@ pub struct ExitRecord {
     pub signal: Option<i32>,
     /// Set when the program never ran (exec or cgroup join failed).
     pub spawn_error: Option<String>,
-    /// Milliseconds since the Unix epoch.
+    /// When the program started (its exec succeeded), in microseconds since the Unix epoch;
+    /// `None` when it never ran, or from an older shim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_us: Option<u64>,
+    /// When the shim saw the end, in microseconds since the Unix epoch; `None` from an older
+    /// shim, which wrote only `finished_at_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_us: Option<u64>,
+    /// The same in milliseconds.
     pub finished_at_ms: u64,
+}
+
+impl ExitRecord {
+    /// When the worker's program started, by the shim's clock.
+    pub fn started_at(&self) -> Option<SystemTime> {
+        self.started_at_us.map(time_of_us)
+    }
+
+    /// When the shim saw the worker end, by its clock (the same as the start's, so never
+    /// before it).
+    pub fn finished_at(&self) -> SystemTime {
+        self.finished_at_us.map_or_else(
+            || UNIX_EPOCH + Duration::from_millis(self.finished_at_ms),
+            time_of_us,
+        )
+    }
+
+    /// A record whose end is `now_us`.
+    fn ended(now_us: u64) -> Self {
+        Self {
+            finished_at_us: Some(now_us),
+            finished_at_ms: now_us / 1000,
+            ..Default::default()
+        }
+    }
+}
+
+/// What a shim reports once its worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// The worker's main process.
+    pub pid: u32,
+    /// When its exec succeeded, by the shim's clock; `None` from a shim that reports only the
+    /// pid.
+    pub started_at: Option<SystemTime>,
+}
+
+/// A time in microseconds since the Unix epoch, as shims report them.
+fn time_of_us(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
 }
 
 pub const SPEC_FILE: &str = "spec.json";
@@ -73,13 +121,22 @@ pub fn read_exit(dir: &Path) -> io::Result<Option<ExitRecord>> {
     }
 }
 
-/// Parses one handshake line: `ok <pid>` or `err <message>`.
-pub fn parse_handshake(line: &str) -> Result<u32, String> {
+/// Parses one handshake line: `ok <pid> <start µs>` (`ok <pid>` from an older shim) or
+/// `err <message>`.
+pub fn parse_handshake(line: &str) -> Result<Handshake, String> {
     let line = line.trim_end();
-    if let Some(pid) = line.strip_prefix("ok ") {
-        return pid
-            .parse()
-            .map_err(|_| format!("bad handshake from shim: {line:?}"));
+    if let Some(rest) = line.strip_prefix("ok ") {
+        let bad = || format!("bad handshake from shim: {line:?}");
+        let mut fields = rest.split(' ');
+        let pid = fields.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let started_at = match fields.next() {
+            None => None,
+            Some(us) => Some(time_of_us(us.parse().map_err(|_| bad())?)),
+        };
+        if fields.next().is_some() {
+            return Err(bad());
+        }
+        return Ok(Handshake { pid, started_at });
     }
     if let Some(msg) = line.strip_prefix("err ") {
         return Err(msg.to_owned());
@@ -91,10 +148,11 @@ pub fn parse_handshake(line: &str) -> Result<u32, String> {
     })
 }
 
-fn now_ms() -> u64 {
+/// Microseconds since the Unix epoch.
+fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -196,7 +254,7 @@ fn run(dir: &Path) -> io::Result<()> {
     }
     match start_worker(dir, &spec) {
         Ok(started) => {
-            handshake(&format!("ok {}\n", started.pid));
+            handshake(&format!("ok {} {}\n", started.pid, started.started_at_us));
             supervise(dir, &spec, started)
         }
         Err(msg) => never_started(dir, msg, Some(&spec.cgroup)),
@@ -214,14 +272,15 @@ fn never_started(dir: &Path, msg: String, cgroup: Option<&WorkerCgroup>) -> io::
         dir,
         ExitRecord {
             spawn_error: Some(msg),
-            finished_at_ms: now_ms(),
-            ..Default::default()
+            ..ExitRecord::ended(now_us())
         },
     )
 }
 
 struct Started {
     pid: i32,
+    /// When the exec succeeded (µs since the Unix epoch).
+    started_at_us: u64,
     stdout: OwnedFd,
     stderr: OwnedFd,
     writers: [SegmentWriter; 2],
@@ -310,8 +369,10 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
         };
         return Err(format!("{what}: {}", io::Error::from_raw_os_error(errno)));
     }
+    // The exec-error pipe closed without a word: the exec has just succeeded.
     Ok(Started {
         pid,
+        started_at_us: now_us(),
         stdout: out_r,
         stderr: err_r,
         writers,
@@ -485,7 +546,8 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
                         exit_code,
                         signal,
                         spawn_error: None,
-                        finished_at_ms: now_ms(),
+                        started_at_us: Some(s.started_at_us),
+                        ..ExitRecord::ended(now_us())
                     },
                 );
             }
@@ -515,7 +577,26 @@ mod tests {
 
     #[test]
     fn handshake_lines() {
-        assert_eq!(parse_handshake("ok 1234\n"), Ok(1234));
+        assert_eq!(
+            parse_handshake("ok 1234 1700000000123456\n"),
+            Ok(Handshake {
+                pid: 1234,
+                started_at: Some(UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456))
+            })
+        );
+        assert_eq!(
+            parse_handshake("ok 1234\n"),
+            Ok(Handshake {
+                pid: 1234,
+                started_at: None
+            })
+        );
+        for bad in ["ok 1234 soon", "ok 1234 1 2", "ok  1"] {
+            assert!(
+                parse_handshake(bad).unwrap_err().contains("bad handshake"),
+                "{bad}"
+            );
+        }
         assert_eq!(
             parse_handshake("err exec /x: No such file or directory\n"),
             Err("exec /x: No such file or directory".to_owned())
@@ -524,6 +605,31 @@ mod tests {
         assert!(parse_handshake("ok abc")
             .unwrap_err()
             .contains("bad handshake"));
+    }
+
+    #[test]
+    fn exit_records_with_and_without_a_start() {
+        // What an older shim wrote: the end in milliseconds only.
+        let old = r#"{"pid":7,"exit_code":0,"signal":null,"spawn_error":null,"finished_at_ms":5}"#;
+        let r: ExitRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.started_at(), None);
+        assert_eq!(r.finished_at(), UNIX_EPOCH + Duration::from_millis(5));
+        let r = ExitRecord {
+            pid: 7,
+            started_at_us: Some(3_000_250),
+            ..ExitRecord::ended(5_000_999)
+        };
+        assert_eq!(r.finished_at_ms, 5_000);
+        let back: ExitRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(
+            back.started_at(),
+            Some(UNIX_EPOCH + Duration::from_micros(3_000_250))
+        );
+        assert_eq!(
+            back.finished_at(),
+            UNIX_EPOCH + Duration::from_micros(5_000_999)
+        );
     }
 
     #[test]
