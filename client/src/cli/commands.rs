@@ -295,6 +295,7 @@ impl Verb<'_> {
                 .open_session(pb::OpenSessionRequest {
                     ttl_seconds,
                     labels: [("berth.cli".to_owned(), "attach".to_owned())].into(),
+                    ..Default::default()
                 })
                 .await,
         )
