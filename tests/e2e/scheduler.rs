@@ -294,20 +294,68 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn berth_hosts_shows_the_cluster() {
+async fn berth_hosts_drain_and_undrain_show_the_cluster() {
     require_root!();
     let (s, hosts) = three_hosts().await;
+    let berth = |args: &[&str]| {
+        std::process::Command::new(berth_tests::bin("berth"))
+            .args(["--addr", &s.addr])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let line_of = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .to_owned()
+    };
+    let out = berth(&["hosts"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for h in &hosts {
+        assert!(line_of(&text, &h.name).contains("ready"), "{text}");
+    }
+    let out = berth(&["drain", &hosts[1].name]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        line_of(&text, &hosts[1].name).contains("draining"),
+        "{text}"
+    );
+    let out = berth(&["--json", "hosts"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<(String, String)> = doc["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["info"]["name"].as_str().unwrap().to_owned(),
+                h["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        states.contains(&(hosts[1].name.clone(), "HOST_STATE_DRAINING".into())),
+        "{states:?}"
+    );
+    let out = berth(&["undrain", &hosts[1].name]);
+    assert!(out.status.success(), "{out:?}");
+    let out = berth(&["drain", "no-such-host"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"),
+        "{out:?}"
+    );
+    // A host daemon serves no cluster: the CLI says where to point it.
     let out = std::process::Command::new(berth_tests::bin("berth"))
-        .args(["--addr", &s.addr, "hosts"])
+        .args(["--addr", &hosts[0].addr(), "hosts"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for h in &hosts {
-        let line = text
-            .lines()
-            .find(|l| l.contains(&h.name))
-            .unwrap_or_else(|| panic!("{} missing from:\n{text}", h.name));
-        assert!(line.contains("ready"), "{line}");
-    }
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("berth-scheduler"),
+        "{out:?}"
+    );
 }

@@ -42,6 +42,16 @@ pub enum Command {
     Info,
     /// List the hosts behind a scheduler.
     Hosts,
+    /// Stop placing new workers on a host of a scheduler (its workers keep running).
+    Drain(HostArg),
+    /// Place new workers on a drained host again.
+    Undrain(HostArg),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HostArg {
+    /// Host name, as `berth hosts` lists it.
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Args)]

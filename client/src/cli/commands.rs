@@ -49,6 +49,8 @@ pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError>
         Command::Logs(a) => v.logs(&a, term).await,
         Command::Info => v.info(term).await,
         Command::Hosts => v.hosts(term).await,
+        Command::Drain(a) => v.drain(&a.name, true, term).await,
+        Command::Undrain(a) => v.drain(&a.name, false, term).await,
     }
 }
 
@@ -476,7 +478,60 @@ impl Verb<'_> {
                 .list_hosts(pb::ListHostsRequest {})
                 .await,
         )
-        .map_err(|e| match e {
+        .map_err(|e| self.needs_cluster(e, "hosts"))?;
+        if self.json {
+            print_json(term, &json::hosts(&r))?;
+        } else {
+            print_text(term, &view::hosts_table(&r.hosts, SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    /// `berth drain NAME` (`drain`) and `berth undrain NAME`: prints the host as it is now.
+    async fn drain(
+        &self,
+        name: &str,
+        drain: bool,
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
+        let mut cluster = self.client.cluster();
+        let (verb, res) = if drain {
+            (
+                "drain",
+                call(
+                    "berth.v1.Cluster/DrainHost",
+                    cluster
+                        .drain_host(pb::DrainHostRequest {
+                            name: name.to_owned(),
+                        })
+                        .await,
+                ),
+            )
+        } else {
+            (
+                "undrain",
+                call(
+                    "berth.v1.Cluster/UndrainHost",
+                    cluster
+                        .undrain_host(pb::UndrainHostRequest {
+                            name: name.to_owned(),
+                        })
+                        .await,
+                ),
+            )
+        };
+        let host = res.map_err(|e| self.needs_cluster(e, verb))?;
+        if self.json {
+            print_json(term, &json::cluster_host(&host))?;
+        } else {
+            print_text(term, &view::hosts_table(&[host], SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    /// A hint on UNIMPLEMENTED from a host daemon: cluster verbs need a scheduler's address.
+    fn needs_cluster(&self, e: CliError, verb: &str) -> CliError {
+        match e {
             CliError::Call {
                 method,
                 status,
@@ -485,18 +540,12 @@ impl Verb<'_> {
                 method,
                 status,
                 hint: Some(format!(
-                    "{} serves no cluster: `berth hosts` needs the address of a berth-scheduler",
+                    "{} serves no cluster: `berth {verb}` needs the address of a berth-scheduler",
                     self.addr
                 )),
             },
             e => e,
-        })?;
-        if self.json {
-            print_json(term, &json::hosts(&r))?;
-        } else {
-            print_text(term, &view::hosts_table(&r.hosts, SystemTime::now()))?;
         }
-        Ok(Outcome::Success)
     }
 }
 
