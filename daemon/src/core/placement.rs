@@ -33,12 +33,14 @@
 //! room back with [`Placer::release`] when the launch fails or its workers end.
 //!
 //! # Speed
-//! Schedulable hosts sit in two ordered indexes, one per strategy, keyed by their free room.
-//! An ask starts reading each index at the first host with enough free CPU and memory for what
-//! it needs, and skips whole runs of hosts that lack CPU; hosts that have the CPU but lack memory
-//! or worker slots are read and passed over one by one. A launch with constraints starts from
-//! the hosts carrying the rarest of its labels when those are few, and reads the index,
-//! skipping hosts without the labels, when they are many.
+//! Schedulable hosts sit in two ordered indexes, one per strategy, keyed by their free room and
+//! held as sorted chunks of up to 64 hosts that each know the most of every resource free on
+//! one of their hosts. A launch starts reading at the first host that could hold it and passes
+//! over whole chunks where no host has enough of some resource, so hosts that the order puts
+//! first but that lack memory, GPUs or worker slots cost little. A launch with constraints
+//! starts from the hosts carrying the rarest of its labels when those are few, and reads the
+//! index, passing over hosts without the labels, when they are many. Only a refusal reads every
+//! candidate (to say what was short).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -161,9 +163,13 @@ pub struct Ask<'a> {
 /// One of the resources a host has a limited amount of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resource {
+    /// CPU, in milli-cores.
     Cpu,
+    /// Memory, in bytes.
     Memory,
+    /// Whole GPUs.
     Gpus,
+    /// Worker slots (the host's limit on live workers).
     WorkerSlots,
 }
 
@@ -220,7 +226,8 @@ pub enum Shortfall {
     },
     /// The hosts that carry the labels have room for fewer than `n` workers.
     Short {
-        /// The resource with the least room: the one that `n` workers would need most of.
+        /// The resource that leaves room for the fewest workers when counted alone (the first
+        /// of [`Resource::ALL`] on a tie).
         resource: Resource,
         /// Workers asked for.
         n: u32,
@@ -361,13 +368,188 @@ fn spread_order<'a>(
     )
 }
 
-/// What an index entry carries besides its key.
+fn bin_key(free: &Amount, name: &Arc<str>) -> BinKey {
+    (free.gpus, free.cpu_milli, free.memory_bytes, name.clone())
+}
+
+fn spread_key(free: &Amount, name: &Arc<str>) -> SpreadKey {
+    (
+        free.gpus > 0,
+        Reverse(free.gpus),
+        Reverse(free.cpu_milli),
+        Reverse(free.memory_bytes),
+        name.clone(),
+    )
+}
+
+/// A host in an index: its free room (which its key orders by) and its slot in `Placer::hosts`.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// Free worker slots (not part of the order).
-    workers: u32,
-    /// The host's slot in `Placer::hosts`.
+    free: Amount,
     id: u32,
+}
+
+/// Whether `have` holds at least `need` of every resource.
+fn covers(have: &Amount, need: &Amount) -> bool {
+    have.cpu_milli >= need.cpu_milli
+        && have.memory_bytes >= need.memory_bytes
+        && have.gpus >= need.gpus
+        && have.workers >= need.workers
+}
+
+/// The most of each resource over `entries`.
+fn most_of<'a, K: 'a>(entries: impl IntoIterator<Item = &'a (K, Entry)>) -> Amount {
+    entries
+        .into_iter()
+        .fold(Amount::ZERO, |m, (_, e)| most(m, e.free))
+}
+
+fn most(a: Amount, b: Amount) -> Amount {
+    Amount {
+        cpu_milli: a.cpu_milli.max(b.cpu_milli),
+        memory_bytes: a.memory_bytes.max(b.memory_bytes),
+        gpus: a.gpus.max(b.gpus),
+        workers: a.workers.max(b.workers),
+    }
+}
+
+/// Hosts in one strategy's order, held as consecutive sorted runs (chunks) of at most
+/// `chunk_max` hosts. Each chunk knows the most of every resource free on any of its hosts, so
+/// a walk passes over a whole chunk in which no host has enough of some resource: hosts short
+/// of memory, GPUs or slots cost a walk little even where the order puts them first.
+#[derive(Debug, Clone)]
+struct RoomIndex<K> {
+    chunks: Vec<Chunk<K>>,
+    len: usize,
+    chunk_max: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Chunk<K> {
+    hosts: Vec<(K, Entry)>,
+    most: Amount,
+}
+
+/// Hosts per chunk at most; a chunk is split in half past it and merged into a neighbour when
+/// it falls below a quarter of it.
+const CHUNK_MAX: usize = 64;
+
+impl<K: Ord> RoomIndex<K> {
+    fn new(chunk_max: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+            chunk_max: chunk_max.max(4),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The chunk that holds `key` or would: the first whose last key is not below it, else
+    /// the last chunk. Call only with chunks.
+    fn chunk_of(&self, key: &K) -> usize {
+        let i = self
+            .chunks
+            .partition_point(|c| c.hosts.last().is_some_and(|(k, _)| k < key));
+        i.min(self.chunks.len() - 1)
+    }
+
+    fn insert(&mut self, key: K, entry: Entry) {
+        self.len += 1;
+        if self.chunks.is_empty() {
+            self.chunks.push(Chunk {
+                hosts: vec![(key, entry)],
+                most: entry.free,
+            });
+            return;
+        }
+        let i = self.chunk_of(&key);
+        let chunk = &mut self.chunks[i];
+        let at = chunk.hosts.partition_point(|(k, _)| *k < key);
+        chunk.hosts.insert(at, (key, entry));
+        chunk.most = most(chunk.most, entry.free);
+        if chunk.hosts.len() > self.chunk_max {
+            let tail = chunk.hosts.split_off(chunk.hosts.len() / 2);
+            chunk.most = most_of(&chunk.hosts);
+            let tail_most = most_of(&tail);
+            self.chunks.insert(
+                i + 1,
+                Chunk {
+                    hosts: tail,
+                    most: tail_most,
+                },
+            );
+        }
+    }
+
+    fn remove(&mut self, key: &K) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let i = self.chunk_of(key);
+        let chunk = &mut self.chunks[i];
+        let Ok(at) = chunk.hosts.binary_search_by(|(k, _)| k.cmp(key)) else {
+            return;
+        };
+        let (_, gone) = chunk.hosts.remove(at);
+        self.len -= 1;
+        if chunk.hosts.is_empty() {
+            self.chunks.remove(i);
+            return;
+        }
+        let m = chunk.most;
+        let g = gone.free;
+        if g.cpu_milli == m.cpu_milli
+            || g.memory_bytes == m.memory_bytes
+            || g.gpus == m.gpus
+            || g.workers == m.workers
+        {
+            // It may have been the one with the most of something.
+            chunk.most = most_of(&chunk.hosts);
+        }
+        let len = chunk.hosts.len();
+        if len >= self.chunk_max / 4 {
+            return;
+        }
+        // Merge a small chunk into a neighbour that has room, so chunks stay few.
+        if i + 1 < self.chunks.len() && len + self.chunks[i + 1].hosts.len() <= self.chunk_max {
+            let next = self.chunks.remove(i + 1);
+            let chunk = &mut self.chunks[i];
+            chunk.hosts.extend(next.hosts);
+            chunk.most = most(chunk.most, next.most);
+        } else if i > 0 && len + self.chunks[i - 1].hosts.len() <= self.chunk_max {
+            let this = self.chunks.remove(i);
+            let prev = &mut self.chunks[i - 1];
+            prev.hosts.extend(this.hosts);
+            prev.most = most(prev.most, this.most);
+        }
+    }
+
+    /// Visits in order, from the first key not below `from`, the hosts with at least `need` of
+    /// every resource free, until `visit` breaks.
+    fn walk(&self, from: &K, need: &Amount, mut visit: impl FnMut(Entry) -> ControlFlow<()>) {
+        if self.chunks.is_empty() {
+            return;
+        }
+        let first = self.chunk_of(from);
+        for (i, chunk) in self.chunks[first..].iter().enumerate() {
+            if !covers(&chunk.most, need) {
+                continue;
+            }
+            let start = if i == 0 {
+                chunk.hosts.partition_point(|(k, _)| k < from)
+            } else {
+                0
+            };
+            for (_, entry) in &chunk.hosts[start..] {
+                if covers(&entry.free, need) && visit(*entry).is_break() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A host as placement sees it.
@@ -414,9 +596,9 @@ pub struct Placer {
     vacant: Vec<u32>,
     by_name: HashMap<Arc<str>, u32>,
     /// Schedulable hosts with at least one free worker slot, in bin-pack order.
-    binpack: BTreeMap<BinKey, Entry>,
+    binpack: RoomIndex<BinKey>,
     /// The same hosts in spread order.
-    spread: BTreeMap<SpreadKey, Entry>,
+    spread: RoomIndex<SpreadKey>,
     /// label key → value → slots of the hosts carrying it (schedulable or not).
     labels: HashMap<String, HashMap<String, HashSet<u32>>>,
     /// "" as an `Arc<str>`: the smallest name, for range starts.
@@ -432,12 +614,17 @@ impl Default for Placer {
 impl Placer {
     /// A placer without hosts.
     pub fn new() -> Self {
+        Self::with_chunk_max(CHUNK_MAX)
+    }
+
+    /// A placer whose indexes hold at most `chunk_max` hosts per chunk (tests use small ones).
+    fn with_chunk_max(chunk_max: usize) -> Self {
         Self {
             hosts: Vec::new(),
             vacant: Vec::new(),
             by_name: HashMap::new(),
-            binpack: BTreeMap::new(),
-            spread: BTreeMap::new(),
+            binpack: RoomIndex::new(chunk_max),
+            spread: RoomIndex::new(chunk_max),
             labels: HashMap::new(),
             no_name: Arc::from(""),
         }
@@ -524,37 +711,25 @@ impl Placer {
     /// why they do not fit. Changes nothing; see the module documentation for the rules.
     /// `n = 0` places nothing and succeeds.
     pub fn place(&self, ask: &Ask) -> Result<Vec<(String, u32)>, Shortfall> {
-        if ask.n == 0 {
-            return Ok(Vec::new());
-        }
-        let picks = if ask.constraints.is_empty() {
-            self.place_indexed(ask, false)
-        } else {
-            match self.rarest_label(ask.constraints) {
-                None => None,
-                Some(ids) if ids.len() * SCAN_RATIO < self.binpack.len() => {
-                    self.place_scanned(ask, ids)
-                }
-                Some(_) => self.place_indexed(ask, true),
-            }
-        };
-        match picks {
-            Some(picks) => Ok(picks
-                .into_iter()
-                .map(|(id, count)| (self.host(id).name.to_string(), count))
-                .collect()),
-            None => Err(self.shortfall(ask)),
-        }
+        Ok(self
+            .place_ids(ask)?
+            .into_iter()
+            .map(|(id, count)| (self.host(id).name.to_string(), count))
+            .collect())
     }
 
     /// [`Placer::place`], then [`Placer::allocate`] on every chosen host: the room is held
     /// before anyone else can place against it. On a shortfall nothing changes.
     pub fn reserve(&mut self, ask: &Ask) -> Result<Vec<(String, u32)>, Shortfall> {
-        let picks = self.place(ask)?;
-        for (host, count) in &picks {
-            self.allocate(host, ask.per_worker, *count);
-        }
-        Ok(picks)
+        let picks = self.place_ids(ask)?;
+        let hold = ask.per_worker;
+        Ok(picks
+            .into_iter()
+            .map(|(id, count)| {
+                self.adjust_id(id, |allocated| allocated.saturating_add(hold.times(count)));
+                (self.host(id).name.to_string(), count)
+            })
+            .collect())
     }
 
     /// Holds `count` workers of `per_worker` on `host` (once a placement is launched, or for
@@ -604,11 +779,34 @@ impl Placer {
         let Some(&id) = self.by_name.get(host) else {
             return false;
         };
+        self.adjust_id(id, change);
+        true
+    }
+
+    fn adjust_id(&mut self, id: u32, change: impl FnOnce(Amount) -> Amount) {
         self.unindex(id);
         let h = self.host_mut(id);
         h.allocated = change(h.allocated);
         self.index(id);
-        true
+    }
+
+    /// [`Placer::place`] by host slot.
+    fn place_ids(&self, ask: &Ask) -> Result<Vec<(u32, u32)>, Shortfall> {
+        if ask.n == 0 {
+            return Ok(Vec::new());
+        }
+        let picks = if ask.constraints.is_empty() {
+            self.place_indexed(ask, false)
+        } else {
+            match self.rarest_label(ask.constraints) {
+                None => None,
+                Some(ids) if ids.len() * SCAN_RATIO < self.binpack.len() => {
+                    self.place_scanned(ask, ids)
+                }
+                Some(_) => self.place_indexed(ask, true),
+            }
+        };
+        picks.ok_or_else(|| self.shortfall(ask))
     }
 
     /// Puts a schedulable host with a free slot into the indexes.
@@ -620,25 +818,9 @@ impl Placer {
         if !host.schedulable || free.workers == 0 {
             return;
         }
-        let entry = Entry {
-            workers: free.workers,
-            id,
-        };
-        let name = host.name.clone();
-        self.binpack.insert(
-            (free.gpus, free.cpu_milli, free.memory_bytes, name.clone()),
-            entry,
-        );
-        self.spread.insert(
-            (
-                free.gpus > 0,
-                Reverse(free.gpus),
-                Reverse(free.cpu_milli),
-                Reverse(free.memory_bytes),
-                name,
-            ),
-            entry,
-        );
+        let entry = Entry { free, id };
+        self.binpack.insert(bin_key(&free, &host.name), entry);
+        self.spread.insert(spread_key(&free, &host.name), entry);
     }
 
     /// Takes a host out of the indexes (before its free room or state changes).
@@ -650,16 +832,8 @@ impl Placer {
         if !host.schedulable || free.workers == 0 {
             return;
         }
-        let name = host.name.clone();
-        self.binpack
-            .remove(&(free.gpus, free.cpu_milli, free.memory_bytes, name.clone()));
-        self.spread.remove(&(
-            free.gpus > 0,
-            Reverse(free.gpus),
-            Reverse(free.cpu_milli),
-            Reverse(free.memory_bytes),
-            name,
-        ));
+        self.binpack.remove(&bin_key(&free, &host.name));
+        self.spread.remove(&spread_key(&free, &host.name));
     }
 
     fn label(&mut self, id: u32) {
@@ -712,11 +886,24 @@ impl Placer {
     fn place_indexed(&self, ask: &Ask, filter: bool) -> Option<Vec<(u32, u32)>> {
         let (n, per) = (ask.n, ask.per_worker);
         let carries = |id: u32| !filter || self.host(id).carries(ask.constraints);
+        let one = per.times(1);
         match ask.strategy {
             Strategy::BinPack => {
+                // The first key that could hold the whole launch (or one worker of it): fewer
+                // free GPUs, or as many and less CPU or memory, cannot.
+                let from = |need: &Amount| {
+                    bin_key(
+                        &Amount {
+                            workers: 0,
+                            ..*need
+                        },
+                        &self.no_name,
+                    )
+                };
+                let all = per.times(n);
                 let mut whole = None;
-                self.walk_binpack(per.times(n), |free, entry| {
-                    if fit(free, per, n) == n && carries(entry.id) {
+                self.binpack.walk(&from(&all), &all, |entry| {
+                    if carries(entry.id) {
                         whole = Some(entry.id);
                         return ControlFlow::Break(());
                     }
@@ -727,11 +914,11 @@ impl Placer {
                 }
                 let mut picks = Vec::new();
                 let mut left = n;
-                self.walk_binpack(per.times(1), |free, entry| {
-                    let f = fit(free, per, left);
-                    if f > 0 && carries(entry.id) {
-                        picks.push((entry.id, f));
-                        left -= f;
+                self.binpack.walk(&from(&one), &one, |entry| {
+                    if carries(entry.id) {
+                        let take = fit(entry.free, per, left);
+                        picks.push((entry.id, take));
+                        left -= take;
                         if left == 0 {
                             return ControlFlow::Break(());
                         }
@@ -741,11 +928,18 @@ impl Placer {
                 (left == 0).then_some(picks)
             }
             Strategy::Spread => {
+                // A launch asking for GPUs starts at the hosts with free GPUs.
+                let from: SpreadKey = (
+                    per.gpus > 0,
+                    Reverse(u32::MAX),
+                    Reverse(u64::MAX),
+                    Reverse(u64::MAX),
+                    self.no_name.clone(),
+                );
                 let mut order = Vec::new();
-                self.walk_spread(per.times(1), |free, entry| {
-                    let f = fit(free, per, n);
-                    if f > 0 && carries(entry.id) {
-                        order.push((entry.id, f));
+                self.spread.walk(&from, &one, |entry| {
+                    if carries(entry.id) {
+                        order.push((entry.id, fit(entry.free, per, n)));
                         if order.len() == n as usize {
                             return ControlFlow::Break(());
                         }
@@ -806,88 +1000,6 @@ impl Placer {
                 cands.sort_unstable_by(spread);
                 let order: Vec<(u32, u32)> = cands.iter().map(|c| (c.id, c.fit)).collect();
                 round_robin(&order, n)
-            }
-        }
-    }
-
-    /// Visits the indexed hosts with at least `min` free CPU, memory and GPUs in bin-pack order
-    /// (and some with less memory, which the visitor must check), until it breaks.
-    fn walk_binpack(&self, min: Amount, mut visit: impl FnMut(Amount, Entry) -> ControlFlow<()>) {
-        let floor = (min.cpu_milli, min.memory_bytes);
-        let mut start: BinKey = (min.gpus, floor.0, floor.1, self.no_name.clone());
-        loop {
-            let mut block = start.0;
-            let mut jump = None;
-            for ((gpus, cpu, memory, _), entry) in self.binpack.range(start..) {
-                if *gpus != block {
-                    if (*cpu, *memory) < floor {
-                        // A run of hosts with too little CPU opens each GPU count: skip it.
-                        jump = Some(*gpus);
-                        break;
-                    }
-                    block = *gpus;
-                }
-                let free = Amount {
-                    cpu_milli: *cpu,
-                    memory_bytes: *memory,
-                    gpus: *gpus,
-                    workers: entry.workers,
-                };
-                if visit(free, *entry).is_break() {
-                    return;
-                }
-            }
-            match jump {
-                Some(gpus) => start = (gpus, floor.0, floor.1, self.no_name.clone()),
-                None => return,
-            }
-        }
-    }
-
-    /// Visits the indexed hosts with at least `min` free CPU, memory and GPUs in spread order
-    /// (and some with less memory, which the visitor must check), until it breaks.
-    fn walk_spread(&self, min: Amount, mut visit: impl FnMut(Amount, Entry) -> ControlFlow<()>) {
-        let floor = (min.cpu_milli, min.memory_bytes);
-        let top = |has_gpus: bool, gpus: u32| -> SpreadKey {
-            (
-                has_gpus,
-                Reverse(gpus),
-                Reverse(u64::MAX),
-                Reverse(u64::MAX),
-                self.no_name.clone(),
-            )
-        };
-        let mut start = top(min.gpus > 0, u32::MAX);
-        loop {
-            let mut jump = None;
-            for ((_, Reverse(gpus), Reverse(cpu), Reverse(memory), _), entry) in
-                self.spread.range(start..)
-            {
-                if *gpus < min.gpus {
-                    // GPUs only fall from here on.
-                    return;
-                }
-                if (*cpu, *memory) < floor {
-                    // The rest of hosts with this many free GPUs have less CPU: skip them.
-                    jump = Some(match *gpus {
-                        0 => top(true, u32::MAX),
-                        g => top(true, g - 1),
-                    });
-                    break;
-                }
-                let free = Amount {
-                    cpu_milli: *cpu,
-                    memory_bytes: *memory,
-                    gpus: *gpus,
-                    workers: entry.workers,
-                };
-                if visit(free, *entry).is_break() {
-                    return;
-                }
-            }
-            match jump {
-                Some(next) => start = next,
-                None => return,
             }
         }
     }
@@ -1694,7 +1806,12 @@ mod tests {
     fn indexes_agree_with_the_plain_rules() {
         for seed in 1..=12u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let mut p = Placer::new();
+            // Small chunks on odd seeds, so that splits and merges happen.
+            let mut p = if seed % 2 == 1 {
+                Placer::with_chunk_max(4)
+            } else {
+                Placer::new()
+            };
             let hosts = 20 + rng.below(60);
             let zones = ["a", "b", "c"];
             for i in 0..hosts {
@@ -1781,6 +1898,69 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn room_index_walks_like_a_sorted_map() {
+        for chunk_max in [4, 16, 128] {
+            let mut rng = Rng(0x1234_5678 + chunk_max as u64);
+            let mut index = RoomIndex::<(u64, u32)>::new(chunk_max);
+            let mut plain = BTreeMap::new();
+            for step in 0..5000u32 {
+                let key = (rng.below(200), step % 97);
+                if rng.below(3) == 0 {
+                    if let Some(k) = plain
+                        .keys()
+                        .nth(rng.below(plain.len().max(1) as u64) as usize)
+                        .copied()
+                    {
+                        plain.remove(&k);
+                        index.remove(&k);
+                    }
+                } else if let std::collections::btree_map::Entry::Vacant(slot) = plain.entry(key) {
+                    let entry = Entry {
+                        free: Amount {
+                            cpu_milli: key.0,
+                            memory_bytes: rng.below(100),
+                            gpus: rng.below(3) as u32,
+                            workers: 1 + rng.below(4) as u32,
+                        },
+                        id: step,
+                    };
+                    slot.insert(entry);
+                    index.insert(key, entry);
+                }
+                assert_eq!(index.len(), plain.len());
+                assert!(index
+                    .chunks
+                    .iter()
+                    .all(|c| !c.hosts.is_empty() && c.hosts.len() <= index.chunk_max.max(4)));
+                if step % 7 == 0 {
+                    let from = (rng.below(200), 0);
+                    let need = Amount {
+                        cpu_milli: rng.below(100),
+                        memory_bytes: rng.below(100),
+                        gpus: rng.below(2) as u32,
+                        workers: 1 + rng.below(3) as u32,
+                    };
+                    let want: Vec<u32> = plain
+                        .range(from..)
+                        .filter(|(_, e)| covers(&e.free, &need))
+                        .map(|(_, e)| e.id)
+                        .collect();
+                    let mut got = Vec::new();
+                    index.walk(&from, &need, |e| {
+                        got.push(e.id);
+                        ControlFlow::Continue(())
+                    });
+                    assert_eq!(got, want, "chunk_max {chunk_max} step {step}");
+                }
+            }
+            // Removing what is not there changes nothing.
+            let before = index.len();
+            index.remove(&(1000, 0));
+            assert_eq!(index.len(), before);
         }
     }
 
