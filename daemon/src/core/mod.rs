@@ -1,5 +1,5 @@
 //! Pure logic with no I/O: request validation, the worker state machine, resource accounting
-//! and admission. Unit-tested with plain values.
+//! and admission, placement across hosts. Unit-tested with plain values.
 
 pub mod admission;
 pub mod gpus;

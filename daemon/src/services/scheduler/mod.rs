@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::launch::{Program, GIB};
+use crate::core::launch::Program;
 use crate::core::placement::{Amount, Ask, Placer, Strategy};
 use crate::core::session::Session;
 use crate::error::{Error, Result};
@@ -160,53 +160,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Resources of the protobuf in the placer's integer units.
 fn amount_of(r: Option<&pb::Resources>) -> Amount {
     let r = r.cloned().unwrap_or_default();
-    Amount {
-        cpu_milli: (r.cpu.max(0.0) * 1000.0).round() as u64,
-        memory_bytes: (r.memory_gb.max(0.0) * GIB).round() as u64,
-        gpus: r.gpus,
-        workers: r.workers,
-    }
-}
-
-fn add(a: Amount, b: Amount) -> Amount {
-    Amount {
-        cpu_milli: a.cpu_milli.saturating_add(b.cpu_milli),
-        memory_bytes: a.memory_bytes.saturating_add(b.memory_bytes),
-        gpus: a.gpus.saturating_add(b.gpus),
-        workers: a.workers.saturating_add(b.workers),
-    }
-}
-
-fn times(a: Amount, k: u32) -> Amount {
-    Amount {
-        cpu_milli: a.cpu_milli.saturating_mul(u64::from(k)),
-        memory_bytes: a.memory_bytes.saturating_mul(u64::from(k)),
-        gpus: a.gpus.saturating_mul(k),
-        workers: a.workers.saturating_mul(k),
-    }
+    Amount::from_units(r.cpu, r.memory_gb, r.gpus, r.workers)
 }
 
 /// Tells the placer what `e` has free now: the host's last beat plus launches it has not
 /// reported yet.
 fn sync_placer(placer: &mut Placer, name: &str, e: &HostEntry) {
-    sync_placer_as(placer, name, e, e.state == pb::HostState::Ready);
-}
-
-/// [`sync_placer`] with the host's schedulability given (a host that refused a launch sits out
-/// that launch's next placements).
-fn sync_placer_as(placer: &mut Placer, name: &str, e: &HostEntry, schedulable: bool) {
     let capacity = amount_of(e.info.capacity.as_ref());
     let allocated = e
         .pending
         .iter()
         .fold(amount_of(e.info.allocated.as_ref()), |a, p| {
-            add(a, p.amount)
+            a.saturating_add(p.amount)
         });
     let mut labels: BTreeMap<String, String> = e.info.labels.clone().into_iter().collect();
     for k in e.info.kernels.iter().filter(|k| k.available) {
         labels.insert(kernel_label(&k.name), "available".into());
     }
-    placer.upsert(name, capacity, allocated, labels, schedulable);
+    placer.upsert(
+        name,
+        capacity,
+        allocated,
+        labels,
+        e.state == pb::HostState::Ready,
+    );
 }
 
 /// A host name as a scheduler accepts it: what a DNS name or a berthd `--name` can be.
@@ -1014,14 +991,13 @@ impl Scheduler {
         }
         // Hosts that refused this launch sit out its next placements.
         for name in refused.keys() {
-            if let Some(e) = st.hosts.get(name) {
-                sync_placer_as(&mut st.placer, name, e, false);
-            }
+            st.placer.set_schedulable(name, false);
         }
         let placed = st.placer.place(ask);
         for name in refused.keys() {
             if let Some(e) = st.hosts.get(name) {
-                sync_placer(&mut st.placer, name, e);
+                st.placer
+                    .set_schedulable(name, e.state == pb::HostState::Ready);
             }
         }
         let plan = placed.map_err(|short| {
@@ -1037,7 +1013,7 @@ impl Scheduler {
             if let Some(e) = st.hosts.get_mut(&name) {
                 e.pending.push(Pending {
                     id,
-                    amount: times(ask.per_worker, k),
+                    amount: ask.per_worker.times(k),
                     settled_by: None,
                 });
                 sync_placer(&mut st.placer, &name, e);

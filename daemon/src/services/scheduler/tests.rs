@@ -431,3 +431,71 @@ async fn bad_beats_name_their_field() {
         Err(Error::Unavailable(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_uses_many_hosts_and_binpack_few() {
+    let (s, _fakes) = cluster(8, res(8.0, 8.0, 0, 16));
+    let packed = s.launch(launch(8, 1.0), None).await.unwrap();
+    let hosts: BTreeSet<String> = packed.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(hosts.len(), 1, "bin-pack fills one host");
+    let mut req = launch(7, 1.0);
+    req.placement = pb::Placement::Spread as i32;
+    let spread = s.launch(req, None).await.unwrap();
+    let hosts: BTreeSet<String> = spread.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(hosts.len(), 7, "spread puts one on each of the other hosts");
+    assert!(!hosts.contains(&packed[0].host), "the full host is skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_and_gpus_choose_the_host() {
+    let fakes = FakeCluster::new();
+    fakes.add("cpu-a", res(16.0, 64.0, 0, 16), BTreeMap::new());
+    fakes.add(
+        "gpu-a",
+        res(16.0, 64.0, 2, 16),
+        [("zone".to_owned(), "b".to_owned())].into(),
+    );
+    let s = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    s.start();
+    for h in fakes.all() {
+        s.heartbeat(h.beat(1)).unwrap();
+    }
+    let mut req = launch(1, 1.0);
+    req.nvidia_gpu = 2;
+    assert_eq!(s.launch(req.clone(), None).await.unwrap()[0].host, "gpu-a");
+    // Both GPUs are held: a third is short, and the refusal names GPUs.
+    req.nvidia_gpu = 1;
+    let err = s.launch(req, None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("gpu")),
+        "{err}"
+    );
+    let mut req = launch(1, 1.0);
+    req.constraints.insert("zone".into(), "b".into());
+    assert_eq!(s.launch(req.clone(), None).await.unwrap()[0].host, "gpu-a");
+    req.constraints.insert("zone".into(), "c".into());
+    let err = s.launch(req, None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("zone=c")),
+        "{err}"
+    );
+    // A kernel no host has is refused by name before placement.
+    let err = s
+        .launch(
+            pb::LaunchWorkersRequest {
+                n: 1,
+                cpu: 1.0,
+                memory_gb: 1.0,
+                kernel: "julia".into(),
+                code: "1".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref field, .. } if field == "kernel"),
+        "{err}"
+    );
+}
