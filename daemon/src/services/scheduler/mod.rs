@@ -809,7 +809,8 @@ impl Scheduler {
                 .filter_map(|id| sessions.remove(&id).map(|s| (id, s.hosts)))
                 .collect()
         };
-        for (id, hosts) in expired {
+        for (id, mut hosts) in expired {
+            hosts.extend(self.view().session_hosts(&id));
             tracing::info!(session = %id, "session lease lapsed");
             let s = self.clone();
             tokio::spawn(async move {
