@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use berth_tests::open_session;
 use berth_tests::{await_running, launch};
 use berth_tests::{command_request, pb, require_root, Client, Daemon, DaemonOptions};
+use berth_tests::{open_session, scaled};
 
 fn status(w: &pb::Worker) -> pb::WorkerStatus {
     pb::WorkerStatus::try_from(w.status).unwrap_or(pb::WorkerStatus::Unspecified)
@@ -52,7 +52,9 @@ async fn session_lease_lapses_and_stops_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 2).await;
+    // 2 s, longer where the tests run slower: the keep-alive below must come before it lapses.
+    let ttl = scaled(Duration::from_secs(2));
+    let s = open_session(&c, ttl.as_secs() as u32).await;
     assert!(s.expires_at.is_some());
     let ws = launch(
         &c,
@@ -79,8 +81,8 @@ async fn session_lease_lapses_and_stops_its_workers() {
         assert_eq!(status(w), pb::WorkerStatus::Stopped, "{w:?}");
         assert_eq!(w.reason, "session ended");
     }
-    // TTL 2 s + grace (sleep dies on SIGTERM at once) + slack.
-    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    // TTL + grace (sleep dies on SIGTERM at once) + slack.
+    assert!(took < ttl * 3, "stopped after {took:?}");
     let err = c
         .workers()
         .keep_alive(pb::KeepAliveRequest {
@@ -160,7 +162,9 @@ async fn a_client_killed_mid_session_ends_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 2).await;
+    // 2 s, longer where the tests run slower: the launch and the keeper's start must fit in it.
+    let ttl = scaled(Duration::from_secs(2));
+    let s = open_session(&c, ttl.as_secs() as u32).await;
     let ws = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -175,7 +179,7 @@ async fn a_client_killed_mid_session_ends_its_workers() {
         .args([d.addr(), s.id.clone()])
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(ttl * 2).await;
     let now = list(&c).await;
     assert_eq!(
         status(&now[&ws[0].id]),
@@ -191,7 +195,7 @@ async fn a_client_killed_mid_session_ends_its_workers() {
         .unwrap();
     assert_eq!(status(&all[0]), pb::WorkerStatus::Stopped);
     assert_eq!(all[0].reason, "session ended");
-    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    assert!(t.elapsed() < ttl * 3, "{:?}", t.elapsed());
 }
 
 /// Runs the kill-and-restart scenario with `signal` (SIGKILL: crash; SIGTERM: graceful).
@@ -287,7 +291,8 @@ async fn session_lease_keeps_counting_across_a_restart() {
     require_root!();
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 3).await;
+    // The lease must outlast the kill and the restart, which take seconds under emulation.
+    let s = open_session(&c, scaled(Duration::from_secs(3)).as_secs() as u32).await;
     let w = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -473,7 +478,7 @@ async fn ended_workers_are_forgotten_past_retention() {
     let ws = launch(&c, command_request(5, &["/bin/sh", "-c", "echo x"])).await;
     let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
     berth_tests::await_all(&c, &ids).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         let n = list(&c).await.len();
         if n <= 2 {

@@ -1584,7 +1584,9 @@ async fn errors_follow_the_api_table() {
 async fn fifty_workers_leave_nothing_behind() {
     require_root!();
     let _gate = CPU_GATE.read().await;
-    let d = daemon_with("[resources]\ncpu = 16.0\nmax_workers = 50\n").await;
+    // Admission must not depend on the machine's memory (the v2 guest has 4 GiB): 50 workers
+    // ask for 7.5 GiB in all, but each uses a few MiB.
+    let d = daemon_with("[resources]\ncpu = 16.0\nmemory_gb = 16.0\nmax_workers = 50\n").await;
     let c = d.client().await.unwrap();
     let daemon_pid = d.pid().unwrap();
     host_info(&c).await;
