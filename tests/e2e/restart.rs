@@ -291,8 +291,8 @@ async fn session_lease_keeps_counting_across_a_restart() {
     require_root!();
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    // The lease must outlast the kill and the restart, which take seconds under emulation.
-    let s = open_session(&c, scaled(Duration::from_secs(3)).as_secs() as u32).await;
+    // The lease must outlast the kill and the restart, which take long on a slow machine.
+    let s = open_session(&c, scaled(Duration::from_secs(5)).as_secs() as u32).await;
     let w = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -303,6 +303,13 @@ async fn session_lease_keeps_counting_across_a_restart() {
     .await
     .remove(0);
     await_running(&c, &[w.id.clone()]).await;
+    // Renewed just before the crash: the whole TTL is left for the downtime.
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap();
     drop(c);
     d.stop_daemon(libc::SIGKILL);
     tokio::time::sleep(Duration::from_secs(1)).await;
