@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth_daemon::sys::gpu::fake_uuid;
 use berth_tests::{await_running, host_info, ids_of, launch};
 use berth_tests::{command_request, pb, require_root, scaled, Client, Daemon, DaemonOptions};
 use tonic::Code;
@@ -95,7 +96,8 @@ async fn inventory_is_in_host_info() {
     assert_eq!(allocated_gpus(&h), 0);
     assert_eq!(h.gpus.len(), 4);
     for (i, g) in h.gpus.iter().enumerate() {
-        assert_eq!(g.uuid, format!("GPU-fa4e0000-0000-4000-8000-{i:012x}"));
+        // Fake GPUs are the daemon's own: named after its host name, stable across restarts.
+        assert_eq!(g.uuid, fake_uuid(&d.name, i as u32));
         assert_eq!((g.index, g.minor_number), (i as u32, i as u32));
         assert_eq!(g.name, "berth fake GPU");
         assert_eq!(g.memory_total_bytes, 16 << 30);

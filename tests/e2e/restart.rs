@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use berth_tests::open_session;
 use berth_tests::{await_running, launch};
 use berth_tests::{command_request, pb, require_root, Client, Daemon, DaemonOptions};
+use berth_tests::{open_session, scaled};
 
 /// A lease of `secs` seconds, stretched by the harness's timeout scale: a lease a test expects
 /// to stay alive while it works (or a client renews it) must outlast slow machines too.
@@ -58,7 +58,9 @@ async fn session_lease_lapses_and_stops_its_workers() {
     require_root!();
     let d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, 2).await;
+    // 2 s, longer where the tests run slower: the keep-alive below must come before it lapses.
+    let ttl = scaled(Duration::from_secs(2));
+    let s = open_session(&c, ttl.as_secs() as u32).await;
     assert!(s.expires_at.is_some());
     let ws = launch(
         &c,
@@ -85,8 +87,8 @@ async fn session_lease_lapses_and_stops_its_workers() {
         assert_eq!(status(w), pb::WorkerStatus::Stopped, "{w:?}");
         assert_eq!(w.reason, "session ended");
     }
-    // TTL 2 s + grace (sleep dies on SIGTERM at once) + slack.
-    assert!(took < Duration::from_secs(6), "stopped after {took:?}");
+    // TTL + grace (sleep dies on SIGTERM at once) + slack.
+    assert!(took < ttl * 3, "stopped after {took:?}");
     let err = c
         .workers()
         .keep_alive(pb::KeepAliveRequest {
@@ -536,7 +538,8 @@ async fn session_lease_keeps_counting_across_a_restart() {
     require_root!();
     let mut d = Daemon::start().await.unwrap();
     let c = d.client().await.unwrap();
-    let s = open_session(&c, ttl_secs(3)).await;
+    // The lease must outlast the kill and the restart, which take long on a slow machine.
+    let s = open_session(&c, scaled(Duration::from_secs(5)).as_secs() as u32).await;
     let w = launch(
         &c,
         pb::LaunchWorkersRequest {
@@ -547,6 +550,13 @@ async fn session_lease_keeps_counting_across_a_restart() {
     .await
     .remove(0);
     await_running(&c, &[w.id.clone()]).await;
+    // Renewed just before the crash: the whole TTL is left for the downtime.
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap();
     drop(c);
     d.stop_daemon(libc::SIGKILL);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -722,7 +732,7 @@ async fn ended_workers_are_forgotten_past_retention() {
     let ws = launch(&c, command_request(5, &["/bin/sh", "-c", "echo x"])).await;
     let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
     berth_tests::await_all(&c, &ids).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
     loop {
         let n = list(&c).await.len();
         if n <= 2 {

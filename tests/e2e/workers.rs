@@ -358,6 +358,52 @@ async fn workers_see_their_cgroup_limits() {
     assert!(d.worker_cgroups().is_empty(), "cgroup left behind");
 }
 
+/// 1b. On cgroup v2 a cgroup with processes cannot enable controllers for its children, so in a
+/// delegated cgroup (systemd's `Delegate=yes`; the v2 tier's second pass) the daemon first moves
+/// itself into the leaf `supervisor` and its subtree becomes the leaf's sibling. In the root
+/// cgroup (the v2 tier's first pass) nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_v2_a_delegated_daemon_moves_into_a_leaf() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    if host_info(&c).await.cgroup_version != 2 {
+        eprintln!("skipped: the daemon uses cgroup v1 here; the v2 tier (tests/vm) runs this");
+        return;
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let subtrees = d.cgroup_subtrees();
+    assert_eq!(subtrees.len(), 1, "one unified subtree: {subtrees:?}");
+    let delegated = subtrees[0].parent().unwrap();
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", d.pid().unwrap())).unwrap();
+    let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+    if delegated == root {
+        assert_eq!(own, "/", "the daemon stays in the root cgroup");
+    } else {
+        let rel = delegated.strip_prefix(root).unwrap();
+        assert_eq!(
+            own,
+            format!("/{}/supervisor", rel.display()),
+            "daemon's cgroup"
+        );
+        let procs = std::fs::read_to_string(delegated.join("cgroup.procs")).unwrap();
+        assert_eq!(
+            procs.trim(),
+            "",
+            "the delegated cgroup holds no process of its own"
+        );
+    }
+    for dir in [delegated, subtrees[0].as_path()] {
+        let on = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+        for ctl in ["cpu", "memory", "pids"] {
+            assert!(
+                on.split_whitespace().any(|c| c == ctl),
+                "{ctl} in {dir:?}: {on}"
+            );
+        }
+    }
+}
+
 /// 2. A worker that allocates past its memory limit is OOM-killed and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oom_killed_worker_fails_with_reason() {
@@ -553,27 +599,39 @@ async fn cpu_hog_is_held_to_its_quota() {
     let w = launch_one(&c, req).await;
     await_running(&c, std::slice::from_ref(&w.id)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut prev = (get(&c, &w.id).await.cpu_seconds, Instant::now());
-    let mut rates = Vec::new();
+    // The daemon reads the counter somewhere between a call's start and its end, so a window
+    // lies between the shortest (end of one call to start of the next) and the longest (start
+    // to end) span. On a busy machine a call can take a large part of a second: the ceiling is
+    // checked on the longest span and the floor on the shortest, so the calls' own time never
+    // counts for or against the worker.
+    let sample = || async {
+        let t0 = Instant::now();
+        let w = get(&c, &w.id).await;
+        assert_eq!(w.status(), pb::WorkerStatus::Running, "{w:?}");
+        (w.cpu_seconds, t0, Instant::now())
+    };
+    let mut prev = sample().await;
+    let (mut low, mut high) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = get(&c, &w.id).await;
-        let t = Instant::now();
-        assert_eq!(now.status(), pb::WorkerStatus::Running, "{now:?}");
-        rates.push((now.cpu_seconds - prev.0) / (t - prev.1).as_secs_f64());
-        prev = (now.cpu_seconds, t);
+        let now = sample().await;
+        let used = now.0 - prev.0;
+        low.push(used / (now.2 - prev.1).as_secs_f64());
+        high.push(used / (now.1 - prev.2).as_secs_f64());
+        prev = now;
     }
-    eprintln!("cpu hog: {rates:.3?} cores in 1 s windows");
-    let best = rates.iter().copied().fold(0.0, f64::max);
+    eprintln!("cpu hog: {low:.3?} to {high:.3?} cores in 1 s windows");
+    let most = low.iter().copied().fold(0.0, f64::max);
     assert!(
-        best <= 0.575,
-        "used {best:.3} cores in a window with cpu = 0.5: {rates:.3?}"
+        most <= 0.575,
+        "used {most:.3} cores in a window with cpu = 0.5: {low:.3?}"
     );
     // Under emulation (a raised timeout scale) the guest's own load takes more from the worker.
+    let best = high.iter().copied().fold(0.0, f64::max);
     let lower = if timeout_scale() > 1.0 { 0.3 } else { 0.425 };
     assert!(
         best >= lower,
-        "never got near its 0.5 cores: {rates:.3?} (a quota set too low, or a very busy machine)"
+        "never got near its 0.5 cores: {high:.3?} (a quota set too low, or a very busy machine)"
     );
     // And over the whole life of the worker, from its final record.
     let w = await_one(&c, &w.id).await;
@@ -625,13 +683,19 @@ async fn stop_kills_grandchildren_and_is_idempotent() {
         .await
         .unwrap()
         .into_inner();
-    let line = tokio::time::timeout(within(10.0), s.message())
-        .await
-        .expect("no output")
-        .unwrap()
-        .unwrap();
+    // The line may come in several chunks: `python3 -u` writes each piece of a print at once.
+    let line = tokio::time::timeout(within(10.0), async {
+        let mut line = Vec::new();
+        while !line.ends_with(b"\n") {
+            let chunk = s.message().await.unwrap().expect("output ended");
+            line.extend_from_slice(&chunk.data);
+        }
+        line
+    })
+    .await
+    .expect("no output");
     drop(s);
-    let pids: Vec<u32> = text(&line.data)
+    let pids: Vec<u32> = text(&line)
         .split_whitespace()
         .map(|p| p.parse().unwrap())
         .collect();
@@ -697,7 +761,7 @@ async fn stop_kills_grandchildren_and_is_idempotent() {
         .expect("follow did not end with the worker")
         .unwrap()
         .unwrap();
-    assert_eq!(followed, line.data);
+    assert_eq!(followed, line);
 
     // Nothing outlives a worker whose main process ends by itself either.
     let w2 = launch_one(
@@ -812,16 +876,18 @@ async fn await_semantics() {
     assert!(r.workers[0].pid > 0);
     assert!(r.workers[0].started_at.is_some());
 
-    // A timeout returns the worker that is still short of the end among the failures.
+    // A timeout returns the worker that is still short of the end among the failures. (1 s,
+    // longer where the tests run slower: the two quick workers must end within it.)
     let failing = launch_one(&c, command_request(1, &["/bin/sh", "-c", "exit 3"])).await;
     let ok = launch_one(&c, command_request(1, &["/bin/true"])).await;
     let asked = vec![long.id.clone(), failing.id.clone(), ok.id.clone()];
+    let timeout = within(1.0).as_secs() as u32;
     let t = Instant::now();
     let r = c
         .workers()
         .await_workers(pb::AwaitWorkersRequest {
             ids: asked.clone(),
-            timeout_seconds: Some(1),
+            timeout_seconds: Some(timeout),
             ..Default::default()
         })
         .await
@@ -829,8 +895,9 @@ async fn await_semantics() {
         .into_inner();
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < within(4.0),
-        "timeout 1 s took {took:?}"
+        took >= Duration::from_secs(timeout.into()) - Duration::from_millis(100)
+            && took < within(4.0),
+        "timeout {timeout} s took {took:?}"
     );
     assert_eq!(ids_of(&r.workers), vec![ok.id.clone()], "{r:?}");
     let mut failed = ids_of(&r.failures);
@@ -1679,7 +1746,9 @@ async fn errors_follow_the_api_table() {
 async fn fifty_workers_leave_nothing_behind() {
     require_root!();
     let _gate = CPU_GATE.read().await;
-    let d = daemon_with("[resources]\ncpu = 16.0\nmax_workers = 50\n").await;
+    // Admission must not depend on the machine's memory (the v2 guest has 4 GiB): 50 workers
+    // ask for 7.5 GiB in all, but each uses a few MiB.
+    let d = daemon_with("[resources]\ncpu = 16.0\nmemory_gb = 16.0\nmax_workers = 50\n").await;
     let c = d.client().await.unwrap();
     let daemon_pid = d.pid().unwrap();
     host_info(&c).await;

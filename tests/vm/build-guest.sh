@@ -12,7 +12,12 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${BERTH_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/berth-v2-guest}
 mkdir -p "$CACHE" && cd "$CACHE"
 if [ ! -d kpkg/boot ]; then
-  KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')}
+  kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}'; }
+  if [ -z "${KPKG:-}" ]; then
+    KPKG=$(kpkg)
+    # A fresh machine may have no package lists yet.
+    if [ -z "$KPKG" ] && [ "$(id -u)" = 0 ]; then apt-get update -qq && KPKG=$(kpkg); fi
+  fi
   [ -n "$KPKG" ] || { echo "build-guest: no kernel package found (apt-get update?)" >&2; exit 1; }
   rm -f ./*.deb
   apt-get download "$KPKG" 2>&1 | { grep -v unsandboxed || true; }

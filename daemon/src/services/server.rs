@@ -264,9 +264,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     // NVML is loaded (dlopen) and queried off the async threads, and sampled on its own thread.
     let gpu_spec = GpuBackendSpec::parse(&cfg.gpus)?;
     let gpu_period = Duration::from_secs_f64(cfg.gpu_telemetry_seconds);
+    let gpu_host = opts.name.clone();
     let gpu_subtree = format!("berth-{}", opts.name);
     let (opened, monitor) = tokio::task::spawn_blocking(move || {
-        let opened = gpu::open(gpu_spec)?;
+        let opened = gpu::open(gpu_spec, &gpu_host)?;
         let monitor = GpuMonitor::start(opened.gpus.clone(), gpu_period, gpu_subtree)
             .map_err(DaemonError::GpuTelemetry)?;
         Ok::<_, DaemonError>((opened, monitor))

@@ -178,32 +178,39 @@ pub const FAKE_PROCESS_MEMORY: u64 = 64 << 20;
 /// Memory the fake driver itself holds on each GPU.
 pub const FAKE_BASE_MEMORY: u64 = 300 << 20;
 
-/// `n` fake GPUs with stable UUIDs, minor numbers `0..n`, two per PCIe switch and four per
-/// host bridge. A process "uses" a fake GPU while its environment's `CUDA_VISIBLE_DEVICES`
-/// names the GPU's UUID, as a CUDA program would after opening it; such processes are the
-/// GPU's compute processes, so telemetry, per-worker GPU memory and stray processes can be
-/// tested without a GPU.
+/// `n` fake GPUs of one fake host, minor numbers `0..n`, two per PCIe switch and four per host
+/// bridge. A process "uses" a fake GPU while its environment's `CUDA_VISIBLE_DEVICES` names the
+/// GPU's UUID, as a CUDA program would after opening it; such processes are the GPU's compute
+/// processes, so telemetry, per-worker GPU memory and stray processes can be tested without a
+/// GPU. The UUIDs derive from the host name ([`fake_uuid`]): daemons side by side on one machine
+/// are separate fake hosts with GPUs of their own, so one never counts another's workers (or
+/// strays) as processes on its GPUs, as real separate hosts would not.
 #[derive(Debug)]
 pub struct FakeGpus {
     devices: Vec<GpuDevice>,
     proc_root: std::path::PathBuf,
 }
 
-/// The UUID of fake GPU `i`.
-pub fn fake_uuid(i: u32) -> String {
-    format!("GPU-fa4e0000-0000-4000-8000-{i:012x}")
+/// The UUID of fake GPU `i` of the fake host `host` (the daemon's name): the same for the same
+/// host on every start, distinct between hosts (a 32-bit FNV-1a hash of the name).
+pub fn fake_uuid(host: &str, i: u32) -> String {
+    let h = host.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("GPU-{h:08x}-fa4e-4000-8000-{i:012x}")
 }
 
 impl FakeGpus {
-    pub fn new(n: u32) -> Self {
-        Self::with_proc_root(n, Path::new("/proc"))
+    /// `n` fake GPUs of host `host`.
+    pub fn new(host: &str, n: u32) -> Self {
+        Self::with_proc_root(host, n, Path::new("/proc"))
     }
 
     /// Fake GPUs whose processes are looked for under `proc_root` (tests).
-    pub fn with_proc_root(n: u32, proc_root: &Path) -> Self {
+    pub fn with_proc_root(host: &str, n: u32, proc_root: &Path) -> Self {
         let devices = (0..n)
             .map(|i| GpuDevice {
-                uuid: fake_uuid(i),
+                uuid: fake_uuid(host, i),
                 index: i,
                 name: "berth fake GPU".into(),
                 memory_total_bytes: FAKE_MEMORY_TOTAL,
@@ -485,9 +492,10 @@ pub struct OpenedGpus {
     pub note: String,
 }
 
-/// Opens the backend `spec` names. `auto` falls back to none when NVML does not load; an
-/// explicit `nvml` that does not load is an error. Blocks: call it off the async threads.
-pub fn open(spec: GpuBackendSpec) -> Result<OpenedGpus, GpuError> {
+/// Opens the backend `spec` names for host `host` (the daemon's name, which names fake GPUs).
+/// `auto` falls back to none when NVML does not load; an explicit `nvml` that does not load is
+/// an error. Blocks: call it off the async threads.
+pub fn open(spec: GpuBackendSpec, host: &str) -> Result<OpenedGpus, GpuError> {
     let found = |g: &dyn Gpus| -> String {
         let names: Vec<String> = g
             .devices()
@@ -502,7 +510,7 @@ pub fn open(spec: GpuBackendSpec) -> Result<OpenedGpus, GpuError> {
             note: "GPUs disabled by configuration (gpus = none)".into(),
         }),
         GpuBackendSpec::Fake(n) => {
-            let g = FakeGpus::new(n);
+            let g = FakeGpus::new(host, n);
             let note = format!("fake backend: {}", found(&g));
             Ok(OpenedGpus {
                 gpus: Arc::new(g),
@@ -661,12 +669,21 @@ mod tests {
 
     #[test]
     fn fake_inventory_is_stable() {
-        let g = FakeGpus::with_proc_root(4, Path::new("/nonexistent"));
+        let g = FakeGpus::with_proc_root("h1", 4, Path::new("/nonexistent"));
         let d = g.devices();
         assert_eq!(d.len(), 4);
-        assert_eq!(d[0].uuid, "GPU-fa4e0000-0000-4000-8000-000000000000");
-        assert_eq!(d[3].uuid, "GPU-fa4e0000-0000-4000-8000-000000000003");
-        assert_eq!(fake_uuid(12), "GPU-fa4e0000-0000-4000-8000-00000000000c");
+        assert_eq!(d[0].uuid, "GPU-903b3592-fa4e-4000-8000-000000000000");
+        assert_eq!(d[3].uuid, "GPU-903b3592-fa4e-4000-8000-000000000003");
+        assert_eq!(
+            fake_uuid("h1", 12),
+            "GPU-903b3592-fa4e-4000-8000-00000000000c"
+        );
+        // Another host's fake GPUs are other GPUs.
+        let other = FakeGpus::with_proc_root("h2", 4, Path::new("/nonexistent"));
+        assert!(other
+            .devices()
+            .iter()
+            .all(|o| d.iter().all(|m| m.uuid != o.uuid)));
         for (i, dev) in d.iter().enumerate() {
             assert_eq!((dev.index, dev.minor_number), (i as u32, i as u32));
             assert_eq!(dev.name, "berth fake GPU");
@@ -700,8 +717,8 @@ mod tests {
             std::fs::write(d.join("environ"), env).unwrap();
             std::fs::write(d.join("cgroup"), cgroup).unwrap();
         };
-        let u1 = fake_uuid(1);
-        let u2 = fake_uuid(2);
+        let u1 = fake_uuid("h1", 1);
+        let u2 = fake_uuid("h1", 2);
         mk(
             100,
             format!("PATH=/bin\0CUDA_VISIBLE_DEVICES={u1},{u2}\0").as_bytes(),
@@ -715,7 +732,7 @@ mod tests {
         mk(102, b"CUDA_VISIBLE_DEVICES=\0", "0::/\n");
         mk(103, b"HOME=/\0", "0::/\n");
         std::fs::create_dir_all(root.path().join("self")).unwrap();
-        let g = FakeGpus::with_proc_root(4, root.path());
+        let g = FakeGpus::with_proc_root("h1", 4, root.path());
         let mut s = g.sample();
         attribute_processes(&mut s, root.path(), "berth-h1");
         let pids = |i: usize| s[i].processes.iter().map(|p| p.pid).collect::<Vec<_>>();
@@ -776,8 +793,8 @@ mod tests {
 
     #[test]
     fn denied_nodes_leave_held_and_control_devices() {
-        let g = FakeGpus::with_proc_root(4, Path::new("/nonexistent"));
-        let held = vec![fake_uuid(1), fake_uuid(3)];
+        let g = FakeGpus::with_proc_root("h1", 4, Path::new("/nonexistent"));
+        let held = vec![fake_uuid("h1", 1), fake_uuid("h1", 3)];
         let minors: Vec<u32> = denied_nodes(g.devices(), &held)
             .iter()
             .map(|d| d.minor)
@@ -800,7 +817,7 @@ mod tests {
         }
         fn devices(&self) -> &[GpuDevice] {
             static ONE: std::sync::OnceLock<Vec<GpuDevice>> = std::sync::OnceLock::new();
-            ONE.get_or_init(|| FakeGpus::with_proc_root(1, Path::new("/nonexistent")).devices)
+            ONE.get_or_init(|| FakeGpus::with_proc_root("h1", 1, Path::new("/nonexistent")).devices)
         }
         fn distance(&self, _a: usize, _b: usize) -> u32 {
             0
@@ -808,7 +825,7 @@ mod tests {
         fn sample(&self) -> Vec<GpuSample> {
             let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             vec![GpuSample {
-                uuid: fake_uuid(0),
+                uuid: fake_uuid("h1", 0),
                 utilization_percent: n as u32,
                 ..Default::default()
             }]
@@ -842,16 +859,16 @@ mod tests {
 
     #[test]
     fn no_gpus_and_missing_nvml() {
-        let g = open(GpuBackendSpec::None).unwrap();
+        let g = open(GpuBackendSpec::None, "h1").unwrap();
         assert_eq!(g.gpus.backend(), "none");
         assert!(g.gpus.devices().is_empty());
         // This machine has no NVIDIA driver: auto falls back to none and says why; an
         // explicit nvml is an error. (Where a driver exists, both load NVML.)
-        let auto = open(GpuBackendSpec::Auto).unwrap();
+        let auto = open(GpuBackendSpec::Auto, "h1").unwrap();
         if auto.gpus.backend() == "none" {
             assert!(auto.note.starts_with("NVML not loaded: "), "{}", auto.note);
             assert!(matches!(
-                open(GpuBackendSpec::Nvml),
+                open(GpuBackendSpec::Nvml, "h1"),
                 Err(GpuError::NvmlLoad { .. })
             ));
         }
