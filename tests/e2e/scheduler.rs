@@ -270,6 +270,16 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
     let c = s.client().await.unwrap();
     let ws = launch(&c, sleepers(5)).await;
     await_running(&c, &ids_of(&ws)).await;
+    // Drain a full host, so the one free core left is on another.
+    let full = hosts
+        .iter()
+        .position(|h| ws.iter().filter(|w| w.host == h.name).count() == 2)
+        .expect("a host with two workers");
+    let hosts: Vec<Daemon> = {
+        let mut hosts = hosts;
+        hosts.swap(0, full);
+        hosts
+    };
     c.cluster()
         .drain_host(pb::DrainHostRequest {
             name: hosts[0].name.clone(),
