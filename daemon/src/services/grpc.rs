@@ -402,8 +402,9 @@ impl pb::workers_server::Workers for WorkersService {
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
         let r = request.into_inner();
         let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        let filter_again = filter.clone();
         // Subscribe before the snapshot, so no change falls between them.
-        let mut events = self.host.subscribe();
+        let events = self.host.subscribe();
         let initial = if r.initial {
             self.host.snapshot(&filter)?
         } else {
@@ -414,47 +415,65 @@ impl pb::workers_server::Workers for WorkersService {
             })?;
             Vec::new()
         };
-        let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
         let host = self.host.clone();
-        let shutdown = host.shutdown_token();
-        tokio::spawn(async move {
-            let send = |w: &WorkerRecord| pb::WorkerEvent {
-                worker: Some(worker_to_pb(w)),
+        let rx = spawn_watch(
+            initial,
+            events,
+            move |w| filter.matches(w).then(|| worker_to_pb(w)),
+            move || host.snapshot(&filter_again).ok(),
+            self.host.shutdown_token(),
+        );
+        Ok(Response::new(Box::pin(rx)))
+    }
+}
+
+/// The stream of a `WatchWorkers` call: `initial` first, then every change that `select` keeps
+/// (and turns into its protobuf), until the client goes or `shutdown`. A reader too slow for
+/// the broadcast gets the current state of everything it watches (`snapshot`) instead of the
+/// changes it missed. Serves hosts and the scheduler alike.
+pub(crate) fn spawn_watch<T, S, N>(
+    initial: Vec<T>,
+    mut events: broadcast::Receiver<T>,
+    select: S,
+    snapshot: N,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> ReceiverStream<Result<pb::WorkerEvent, Status>>
+where
+    T: Clone + Send + 'static,
+    S: Fn(&T) -> Option<pb::Worker> + Send + 'static,
+    N: Fn() -> Option<Vec<T>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
+    tokio::spawn(async move {
+        let send = |w: pb::Worker| Ok(pb::WorkerEvent { worker: Some(w) });
+        let first: Vec<pb::Worker> = initial.iter().filter_map(&select).collect();
+        for w in first {
+            if tx.send(send(w)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                _ = tx.closed() => return,
+                _ = shutdown.cancelled() => return,
             };
-            for w in &initial {
-                if tx.send(Ok(send(w))).await.is_err() {
+            let batch: Vec<pb::Worker> = match ev {
+                Ok(w) => select(&w).into_iter().collect(),
+                Err(broadcast::error::RecvError::Lagged(_)) => match snapshot() {
+                    Some(now) => now.iter().filter_map(&select).collect(),
+                    None => return,
+                },
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            for w in batch {
+                if tx.send(send(w)).await.is_err() {
                     return;
                 }
             }
-            loop {
-                let ev = tokio::select! {
-                    ev = events.recv() => ev,
-                    _ = tx.closed() => return,
-                    _ = shutdown.cancelled() => return,
-                };
-                match ev {
-                    Ok(w) => {
-                        if filter.matches(&w) && tx.send(Ok(send(&w))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Too slow a reader: send the current state of everything it watches.
-                        let Ok(now) = host.snapshot(&filter) else {
-                            return;
-                        };
-                        for w in &now {
-                            if tx.send(Ok(send(w))).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// `berth.v1.Host` served by a host daemon.

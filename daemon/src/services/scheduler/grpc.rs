@@ -3,14 +3,12 @@
 //! a client cannot tell the two servers apart by their errors.
 
 use berth_proto::v1 as pb;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::services::grpc::{
-    await_timeout, check_ids, check_session_id, opt_session, status_from_pb, stop_selector,
-    BoxStream,
+    await_timeout, check_ids, check_session_id, opt_session, spawn_watch, status_from_pb,
+    stop_selector, BoxStream,
 };
 
 use super::view::Filter;
@@ -154,7 +152,7 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         let r = request.into_inner();
         let filter = filter_from(r.session_id, r.ids, r.statuses)?;
         // Subscribe before the snapshot, so no change falls between them.
-        let mut events = self.scheduler.subscribe();
+        let events = self.scheduler.subscribe();
         let snapshot = self.scheduler.snapshot(&Filter {
             statuses: vec![],
             ..filter.clone()
@@ -164,44 +162,16 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         } else {
             Vec::new()
         };
-        let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
         let scheduler = self.scheduler.clone();
-        let shutdown = scheduler.shutdown_token();
-        tokio::spawn(async move {
-            let event = |w: pb::Worker| Ok(pb::WorkerEvent { worker: Some(w) });
-            for w in initial {
-                if tx.send(event(w)).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                let ev = tokio::select! {
-                    ev = events.recv() => ev,
-                    _ = tx.closed() => return,
-                    _ = shutdown.cancelled() => return,
-                };
-                match ev {
-                    Ok(w) => {
-                        if filter.matches(&w) && tx.send(event(w)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        // Too slow a reader: send the current state of everything it watches.
-                        let Ok(now) = scheduler.snapshot(&filter) else {
-                            return;
-                        };
-                        for w in now {
-                            if tx.send(event(w)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let select_filter = filter.clone();
+        let rx = spawn_watch(
+            initial,
+            events,
+            move |w: &pb::Worker| select_filter.matches(w).then(|| w.clone()),
+            move || scheduler.snapshot(&filter).ok(),
+            self.scheduler.shutdown_token(),
+        );
+        Ok(Response::new(Box::pin(rx)))
     }
 }
 
