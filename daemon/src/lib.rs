@@ -44,3 +44,37 @@ pub fn init_tracing(format: &str) {
         builder.init();
     }
 }
+
+/// Runs `serve` on a multi-threaded runtime until it returns; SIGTERM or SIGINT cancel the token
+/// it gets. Exit status 0 when it returned Ok, 1 otherwise (said on stderr and in the log).
+pub fn serve_until_signalled<F, Fut>(program: &str, serve: F) -> std::process::ExitCode
+where
+    F: FnOnce(tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), services::server::DaemonError>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: start runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(on_signals(shutdown.clone()));
+        match serve(shutdown).await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "{program} failed");
+                eprintln!("{program}: {e}");
+                1
+            }
+        }
+    });
+    // Blocking tasks (a cgroup kill in progress) get a bounded moment, never forever.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    std::process::ExitCode::from(code)
+}

@@ -2,7 +2,6 @@
 //! library.
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let args = berth_daemon::scheduler_config::SchedulerArgs::parse();
@@ -18,28 +17,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     berth_daemon::init_tracing(&cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berth-scheduler: start runtime: {e}");
-            return std::process::ExitCode::from(1);
-        }
-    };
-    let code = rt.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(berth_daemon::on_signals(shutdown.clone()));
-        match berth_daemon::services::scheduler::server::run(cfg, shutdown).await {
-            Ok(()) => 0,
-            Err(e) => {
-                tracing::error!(error = %e, "berth-scheduler failed");
-                eprintln!("berth-scheduler: {e}");
-                1
-            }
-        }
-    });
-    rt.shutdown_timeout(std::time::Duration::from_secs(5));
-    std::process::ExitCode::from(code)
+    berth_daemon::serve_until_signalled("berth-scheduler", |shutdown| {
+        berth_daemon::services::scheduler::server::run(cfg, shutdown)
+    })
 }
