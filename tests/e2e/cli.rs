@@ -36,7 +36,7 @@ impl Run {
 }
 
 /// Runs `berth --addr <daemon> ARGS` in `cwd` (default: the test's own) and waits for it,
-/// killing it after a minute (scaled) so a hanging CLI fails the test instead of blocking it.
+/// killing it after 90 s (scaled) so a hanging CLI fails the test instead of blocking it.
 async fn berth_in(d: &Daemon, cwd: Option<&Path>, args: &[&str]) -> Run {
     let mut cmd = Command::new(bin("berth"));
     cmd.arg("--addr")
@@ -59,12 +59,12 @@ async fn berth_in(d: &Daemon, cwd: Option<&Path>, args: &[&str]) -> Run {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        let out = match rx.recv_timeout(scaled(Duration::from_secs(60))) {
+        let out = match rx.recv_timeout(scaled(Duration::from_secs(90))) {
             Ok(out) => out.expect("wait for berth"),
             Err(_) => {
                 // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                panic!("{what} did not finish within a minute");
+                panic!("{what} did not finish in time");
             }
         };
         Run {
@@ -75,6 +75,12 @@ async fn berth_in(d: &Daemon, cwd: Option<&Path>, args: &[&str]) -> Run {
     })
     .await
     .expect("berth runner")
+}
+
+/// `--timeout` of a `berth await` that waits for workers to get there: the server's default (60 s),
+/// stretched like every other wait of the tests (a slow machine may take longer to run them).
+fn await_timeout() -> String {
+    scaled(Duration::from_secs(60)).as_secs().to_string()
 }
 
 async fn berth(d: &Daemon, args: &[&str]) -> Run {
@@ -137,7 +143,8 @@ async fn launch_wait_exit_status() {
     let all = berth(&d, &["--json", "list"]).await;
     let all = ids(&all.ok().json()["workers"]);
     assert_eq!(all.len(), 3);
-    let r = berth(&d, &args_with(&["--json", "await"], &all)).await;
+    let t = await_timeout();
+    let r = berth(&d, &args_with(&["--json", "await", "--timeout", &t], &all)).await;
     assert_eq!(r.code, 1, "{r:?}");
     let v = r.json();
     assert_eq!(v["workers"].as_array().unwrap().len(), 1, "{v}");
@@ -146,7 +153,8 @@ async fn launch_wait_exit_status() {
         assert_eq!(w["status"], "WORKER_STATUS_FAILED", "{w}");
         assert_eq!(w["exit_code"], 1, "{w}");
     }
-    let r = berth(&d, &["await", v["workers"][0]["id"].as_str().unwrap()]).await;
+    let id = v["workers"][0]["id"].as_str().unwrap();
+    let r = berth(&d, &["await", "--timeout", &t, id]).await;
     r.ok();
 
     // --attach: the output on our stdout and stderr, then the exit status of the workers.
@@ -251,9 +259,10 @@ async fn json_documents_carry_the_fields() {
     }
     let launched = ids(&v["workers"]);
 
+    let t = await_timeout();
     let r = berth(
         &d,
-        &args_with(&["--json", "await", "--timeout", "30"], &launched),
+        &args_with(&["--json", "await", "--timeout", &t], &launched),
     )
     .await;
     let v = r.ok().json();
@@ -302,7 +311,9 @@ async fn logs_are_byte_exact() {
     let mut want: Vec<u8> = (0..=255u8).collect::<Vec<u8>>().repeat(64);
     want.extend_from_slice(b"\r\nend");
     let id = launch(&d, &["--code", code]).await.remove(0);
-    berth(&d, &["await", &id]).await.ok();
+    berth(&d, &["await", "--timeout", &await_timeout(), &id])
+        .await
+        .ok();
 
     let r = berth(&d, &["logs", &id]).await;
     assert_eq!(r.ok().stdout, want);
@@ -426,13 +437,16 @@ async fn list_await_and_stop() {
     let d = Daemon::start().await.unwrap();
     let sleepers = launch(&d, &["-n", "2", "--", "sleep", "60"]).await;
     let done = launch(&d, &["--", "/bin/true"]).await;
+    let t = await_timeout();
     let r = berth(
         &d,
-        &args_with(&["await", "--running", "--timeout", "20"], &sleepers),
+        &args_with(&["await", "--running", "--timeout", &t], &sleepers),
     )
     .await;
     assert!(r.ok().stdout().matches("running").count() == 2, "{r:?}");
-    berth(&d, &args_with(&["await"], &done)).await.ok();
+    berth(&d, &args_with(&["await", "--timeout", &t], &done))
+        .await
+        .ok();
 
     let r = berth(&d, &["list"]).await;
     let table = r.ok().stdout();
@@ -485,7 +499,7 @@ async fn list_await_and_stop() {
     want.sort();
     assert_eq!(stopped, want, "{v}");
     // Stopped is no success.
-    let r = berth(&d, &args_with(&["await"], &sleepers)).await;
+    let r = berth(&d, &args_with(&["await", "--timeout", &t], &sleepers)).await;
     assert_eq!(r.code, 1, "{r:?}");
 }
 
@@ -509,7 +523,11 @@ async fn session_selects_workers() {
         ],
     )
     .await;
-    let r = berth(&d, &["await", "--session", &s.id]).await;
+    let r = berth(
+        &d,
+        &["await", "--timeout", &await_timeout(), "--session", &s.id],
+    )
+    .await;
     r.ok();
     let r = berth(&d, &["logs", "--session", &s.id]).await;
     let out = r.ok().stdout();
