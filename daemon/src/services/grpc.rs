@@ -182,6 +182,15 @@ pub(crate) fn check_session_id(id: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// A `session_id` filter: empty means none, anything else must be a well-formed id.
+pub(crate) fn check_optional_session_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        Ok(())
+    } else {
+        check_session_id(id)
+    }
+}
+
 /// The protobuf view of a session.
 pub fn session_to_pb(s: &crate::core::session::Session) -> pb::Session {
     pb::Session {
@@ -205,9 +214,7 @@ pub(crate) fn await_timeout(seconds: Option<u32>) -> Option<Duration> {
 /// What a `StopWorkersRequest` selects: exactly one of ids, session_id and all.
 pub(crate) fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector, Error> {
     check_ids(&r.ids, "ids")?;
-    if !r.session_id.is_empty() {
-        check_session_id(&r.session_id)?;
-    }
+    check_optional_session_id(&r.session_id)?;
     let selectors =
         usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
     match selectors {

@@ -7,8 +7,8 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::services::grpc::{
-    await_timeout, check_ids, check_session_id, opt_session, spawn_watch, status_from_pb,
-    stop_selector, BoxStream,
+    await_timeout, check_ids, check_optional_session_id, check_session_id, opt_session,
+    spawn_watch, status_from_pb, stop_selector, BoxStream,
 };
 
 use super::view::Filter;
@@ -17,9 +17,7 @@ use super::Scheduler;
 /// A `ListWorkers`/`WatchWorkers` filter, checked as a host checks it.
 fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Result<Filter, Error> {
     check_ids(&ids, "ids")?;
-    if !session_id.is_empty() {
-        check_session_id(&session_id)?;
-    }
+    check_optional_session_id(&session_id)?;
     for (i, s) in statuses.iter().enumerate() {
         status_from_pb(*s, &format!("statuses[{i}]"))?;
     }
@@ -97,9 +95,7 @@ impl pb::workers_server::Workers for SchedulerWorkers {
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
         let r = request.into_inner();
         check_ids(&r.ids, "ids")?;
-        if !r.session_id.is_empty() {
-            check_session_id(&r.session_id)?;
-        }
+        check_optional_session_id(&r.session_id)?;
         let (workers, failures) = self
             .scheduler
             .await_workers(
@@ -133,9 +129,7 @@ impl pb::workers_server::Workers for SchedulerWorkers {
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
         let r = request.into_inner();
         check_ids(&r.ids, "ids")?;
-        if !r.session_id.is_empty() {
-            check_session_id(&r.session_id)?;
-        }
+        check_optional_session_id(&r.session_id)?;
         let stream = self.scheduler.output(r).await?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             stream,
@@ -153,7 +147,7 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         let filter = filter_from(r.session_id, r.ids, r.statuses)?;
         // Subscribe before the snapshot, so no change falls between them.
         let events = self.scheduler.subscribe();
-        let snapshot = self.scheduler.snapshot(&Filter {
+        let snapshot = self.scheduler.list(&Filter {
             statuses: vec![],
             ..filter.clone()
         })?;
@@ -168,7 +162,7 @@ impl pb::workers_server::Workers for SchedulerWorkers {
             initial,
             events,
             move |w: &pb::Worker| select_filter.matches(w).then(|| w.clone()),
-            move || scheduler.snapshot(&filter).ok(),
+            move || scheduler.list(&filter).ok(),
             self.scheduler.shutdown_token(),
         );
         Ok(Response::new(Box::pin(rx)))

@@ -1322,11 +1322,6 @@ impl Scheduler {
         Ok(Box::pin(futures::stream::select_all(streams)))
     }
 
-    /// Current records of the workers `filter` selects.
-    pub fn snapshot(&self, filter: &Filter) -> Result<Vec<pb::Worker>> {
-        self.list(filter)
-    }
-
     /// Workers by status, for `/metrics`.
     pub fn status_counts(&self) -> BTreeMap<i32, usize> {
         let mut out = BTreeMap::new();
