@@ -216,6 +216,23 @@ pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// The file through which a forked, still single-threaded child moves itself into a cgroup
+/// before exec, by writing `0` to it.
+///
+/// v1: `tasks` (move this thread). Writing `cgroup.procs` (move the whole thread group) takes the
+/// global `cgroup_threadgroup_rwsem` for writing, and that waits for an RCU grace period unless
+/// another migration ended moments before: 8–50 ms here for every launch that comes alone, against
+/// ~0.03 ms for `tasks`, which the kernel (≥ 6.0, "cgroup: Optimize single thread migration")
+/// moves under `cgroup_mutex` alone when a thread moves itself. For a process with one thread
+/// the two are the same move. v2 has no `tasks`; `cgroup.threads` only works in threaded
+/// subtrees, so it keeps `cgroup.procs`.
+pub fn join_file(version: CgroupVersion) -> &'static str {
+    match version {
+        CgroupVersion::V1 => "tasks",
+        CgroupVersion::V2 => "cgroup.procs",
+    }
+}
+
 /// Parses the pids listed in `cgroup.procs`.
 pub fn parse_pids(text: &str) -> Vec<i32> {
     text.split_whitespace()
@@ -239,11 +256,12 @@ impl WorkerCgroup {
             .map(|(_, p)| p.as_path())
     }
 
-    /// The `cgroup.procs` files a new process writes `0` to, to join this cgroup.
-    pub fn procs_files(&self) -> Vec<PathBuf> {
+    /// The files a new, single-threaded process writes `0` to, to join this cgroup: `tasks` on
+    /// v1, `cgroup.procs` on v2. See [`join_file`].
+    pub fn join_files(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
-            .map(|(_, d)| d.join("cgroup.procs"))
+            .map(|(_, d)| d.join(join_file(self.version)))
             .collect()
     }
 

@@ -313,9 +313,11 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
 
+    // The child is a process with one thread, so moving that thread is moving the process; see
+    // `join_file` for why it does not move the thread group.
     let procs: Vec<OwnedFd> = spec
         .cgroup
-        .procs_files()
+        .join_files()
         .iter()
         .map(|p| open_cloexec(p, libc::O_WRONLY))
         .collect::<io::Result<_>>()
