@@ -780,11 +780,17 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
     };
     match cg.version {
         CgroupVersion::V1 => {
-            w(
-                Controller::Cpu,
-                "cpu.cfs_period_us",
-                CPU_PERIOD_US.to_string(),
-            )?;
+            // Every write of a CFS period or quota walks every CPU cgroup of the host under a
+            // global mutex (the kernel checks the quotas of the whole tree): ~0.4–1.5 ms each
+            // with 4000 workers. A new cgroup starts with the default period, so only the quota
+            // needs writing.
+            if let Some(d) = cg.dir(Controller::Cpu) {
+                let period = d.join("cpu.cfs_period_us");
+                let current = fs::read_to_string(&period).map_err(io_err("read", &period))?;
+                if current.trim().parse::<u64>().ok() != Some(CPU_PERIOD_US) {
+                    write_file(&period, &CPU_PERIOD_US.to_string())?;
+                }
+            }
             w(
                 Controller::Cpu,
                 "cpu.cfs_quota_us",
