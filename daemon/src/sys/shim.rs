@@ -251,6 +251,12 @@ fn run(dir: &Path) -> io::Result<()> {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // SIGCHLD is read from a signalfd (see `supervise`); blocked from here on, none is lost
+        // before it exists. The worker unblocks it before exec.
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
     }
     match start_worker(dir, &spec) {
         Ok(started) => {
@@ -469,9 +475,33 @@ fn set_nonblocking(fd: RawFd) {
 /// process that left the cgroup could still hold the pipes.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// A signalfd for SIGCHLD (blocked since `run`), non-blocking; `None` where the kernel refuses.
+fn child_signals() -> Option<OwnedFd> {
+    // SAFETY: sigset operations on a local set; signalfd returns a new fd or -1.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        // SAFETY: signalfd succeeded; the fd is ours.
+        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads every pending signal from the signalfd `fd` (they only say "look again").
+fn drain_signals(fd: RawFd) {
+    let mut info = [0u8; 128 * 8];
+    // SAFETY: info is valid for its length; the fd is non-blocking.
+    while unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+}
+
 fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let main_pid = s.pid;
     let pidfd = pidfd_open(main_pid).ok();
+    // The end of the worker and of orphans reparented to us (we are a subreaper) both raise
+    // SIGCHLD, so while the worker runs the shim sleeps until output or a child's end: no
+    // periodic wake-ups, which thousands of idle shims would add up.
+    let sigchld = child_signals();
     let fds = [s.stdout.as_raw_fd(), s.stderr.as_raw_fd()];
     for fd in fds {
         set_nonblocking(fd);
@@ -481,7 +511,7 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let mut drain_deadline: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
         for (i, fd) in fds.iter().enumerate() {
             if open[i] {
                 pfds.push(libc::pollfd {
@@ -500,9 +530,23 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
                 });
             }
         }
-        let timeout = if main_status.is_some() { 100 } else { 1000 };
+        if let Some(f) = &sigchld {
+            pfds.push(libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = match (main_status, &sigchld) {
+            (Some(_), _) => 100,
+            (None, Some(_)) => -1,
+            (None, None) => 1000,
+        };
         // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        if let Some(f) = &sigchld {
+            drain_signals(f.as_raw_fd());
+        }
         for i in 0..2 {
             if !open[i] {
                 continue;
