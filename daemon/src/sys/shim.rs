@@ -2,7 +2,7 @@
 //!
 //! The daemon writes the worker's [`ShimSpec`] to `<worker dir>/spec.json` and starts
 //! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
-//! session, becomes a child subreaper, forks the worker, and in the child joins the worker's
+//! session, becomes a child subreaper, starts the worker, and in the child joins the worker's
 //! cgroup (and network namespace) **before** exec, so the program's first instruction already
 //! runs inside both. It reports `ok <pid> <start µs>` or `err <message>` on the handshake pipe and then has
 //! no channel to the daemon at all: the worker's output goes through pipes held by the shim into
@@ -337,31 +337,19 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let (err_r, err_w) = pipe_cloexec().map_err(setup)?;
     let (ee_r, ee_w) = pipe_cloexec().map_err(setup)?;
     let procs_raw: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    let netns_raw = netns.as_ref().map(|f| f.as_raw_fd());
-
-    // SAFETY: the shim is single-threaded, so the child may run any code; it still only makes
-    // raw syscalls on values prepared above, and ends in execve or _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: in the child; every pointer is into memory prepared before fork.
-        unsafe {
-            child_exec(
-                &procs_raw,
-                netns_raw,
-                devnull.as_raw_fd(),
-                out_w.as_raw_fd(),
-                err_w.as_raw_fd(),
-                ee_w.as_raw_fd(),
-                workdir.as_ptr(),
-                program.as_ptr(),
-                argv_p.as_ptr(),
-                envp_p.as_ptr(),
-            )
-        }
-    }
+    let child = ChildArgs {
+        procs: &procs_raw,
+        netns: netns.as_ref().map(|f| f.as_raw_fd()),
+        devnull: devnull.as_raw_fd(),
+        out: out_w.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        ee: ee_w.as_raw_fd(),
+        workdir: workdir.as_ptr(),
+        program: program.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+    };
+    let pid = spawn_child(&child).map_err(|e| format!("clone: {e}"))?;
     drop((out_w, err_w, ee_w, procs, netns));
     let mut buf = [0u8; 5];
     let n = read_full(ee_r.as_raw_fd(), &mut buf);
@@ -403,10 +391,67 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
     got
 }
 
-/// The child between fork and exec: raw syscalls only.
+/// What the worker's process needs between its clone and its exec; every pointer is into memory
+/// the shim prepared before, which stays untouched until the exec.
+struct ChildArgs<'a> {
+    procs: &'a [RawFd],
+    netns: Option<RawFd>,
+    devnull: RawFd,
+    out: RawFd,
+    err: RawFd,
+    ee: RawFd,
+    workdir: *const libc::c_char,
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+}
+
+/// Stack of the worker's process until its exec (it makes a handful of raw syscalls).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Starts the worker's process as posix_spawn does: `clone(CLONE_VM | CLONE_VFORK)`, on a stack
+/// of its own, the shim suspended until the child has exec'd or exited. Unlike fork, nothing of
+/// the shim's memory is copied (no page tables to copy, no copy-on-write faults afterwards, none
+/// to tear down at the exec). Returns the child's pid.
+fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
+    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the ChildArgs that spawn_child passed, alive while the parent is
+        // suspended (CLONE_VFORK), and this runs in the fresh child.
+        unsafe {
+            let a = &*(arg as *const ChildArgs<'_>);
+            child_exec(
+                a.procs, a.netns, a.devnull, a.out, a.err, a.ee, a.workdir, a.program, a.argv,
+                a.envp,
+            )
+        }
+    }
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its 16-byte aligned top.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs `entry` on `stack`, which outlives it: with CLONE_VFORK this thread
+    // (the shim's only one) sleeps until the child has exec'd or exited, and only then `stack`
+    // and `args` may go. The child shares the shim's memory but writes none of it except its own
+    // stack and errno (read by nobody until the child is gone); its signal dispositions are its
+    // own (no CLONE_SIGHAND), and child_exec restores them and the mask before exec.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (args as *const ChildArgs<'_>).cast_mut().cast(),
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid)
+}
+
+/// The child between clone and exec: raw syscalls only.
 ///
 /// # Safety
-/// Must be called in a freshly forked child; all pointers must be valid NUL-terminated strings
+/// Must be called in a freshly cloned child; all pointers must be valid NUL-terminated strings
 /// or NULL-terminated arrays of them.
 #[allow(clippy::too_many_arguments)]
 unsafe fn child_exec(
