@@ -7,7 +7,9 @@
 //!   a join through `cgroup.procs` then waits for an RCU grace period, one right after another
 //!   does not);
 //! - per-worker time of a batch of `--batch` workers (launch call to the last RUNNING, divided by
-//!   the batch size; median over `--rounds` rounds);
+//!   the batch size; median over `--rounds` rounds). Each round first measures the floors again
+//!   (`--floor-runs` of each), and its ratio is taken against them: on a machine whose load comes
+//!   and goes, floors measured once at the start say little about a batch minutes later;
 //! - the floors: fork+exec+wait of /bin/true; cgroup create (same hierarchies and limits as
 //!   berth) + join before exec (the way berth joins) + rmdir; and one worker network made the
 //!   plain way in process (rtnetlink), which a bridge-mode worker needs on top. Host-network
@@ -38,6 +40,7 @@ struct Opts {
     rounds: usize,
     finished: u32,
     gap_ms: u64,
+    floor_runs: usize,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -47,6 +50,7 @@ fn parse_opts() -> Result<Opts> {
         rounds: 5,
         finished: 1000,
         gap_ms: 100,
+        floor_runs: 30,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -58,8 +62,10 @@ fn parse_opts() -> Result<Opts> {
             "--rounds" => o.rounds = v.parse()?,
             "--finished" => o.finished = v.parse()?,
             "--gap-ms" => o.gap_ms = v.parse()?,
+            "--floor-runs" => o.floor_runs = v.parse()?,
             f => bail!(
-                "unknown flag {f}; flags: --single N --batch N --rounds N --finished N --gap-ms N"
+                "unknown flag {f}; flags: --single N --batch N --rounds N --finished N --gap-ms N \
+                 --floor-runs N"
             ),
         }
         i += 2;
@@ -217,11 +223,18 @@ async fn main() -> Result<()> {
     }
     let mut per_worker = [Vec::new(), Vec::new()];
     let mut batch_total = [Vec::new(), Vec::new()];
+    // Floors of each round ([cgroup, cgroup + network]) and the round's ratios against them.
+    let mut round_floors = [Vec::new(), Vec::new()];
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..o.rounds {
+        let (_, cg) = floor_cgroup(o.floor_runs)?;
+        let floors = [cg, cg + network_floor(o.floor_runs)?];
         for (i, (mode, _)) in MODES.iter().enumerate() {
             let (t, ids) = launch_to_running(&client, req(o.batch, *mode), RUNNING_WITHIN).await?;
             batch_total[i].push(t);
             per_worker[i].push(t / o.batch);
+            round_floors[i].push(floors[i]);
+            ratios[i].push((t / o.batch).as_secs_f64() / floors[i].as_secs_f64());
             settle(&client, &ids, SETTLE_WITHIN_S).await?;
         }
     }
@@ -240,6 +253,11 @@ async fn main() -> Result<()> {
     let single_m = single.each_mut().map(|s| s.each_mut().map(|v| median(v)));
     let per_m = per_worker.each_mut().map(|v| median(v));
     let total_m = batch_total.each_mut().map(|v| median(v));
+    let round_floor_m = round_floors.each_mut().map(|v| median(v));
+    let ratio_m = ratios.each_mut().map(|v| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    });
     let floors = [cg_whole, net_whole];
     println!();
     println!("| measurement | median |");
@@ -285,6 +303,11 @@ async fn main() -> Result<()> {
             o.batch,
             ms(per_m[i])
         );
+        println!(
+            "| floor of the {name} batches, measured before each round ({} runs each) | {} |",
+            o.floor_runs,
+            ms(round_floor_m[i])
+        );
     }
     println!();
     for (i, (_, name)) in MODES.iter().enumerate() {
@@ -294,8 +317,9 @@ async fn main() -> Result<()> {
             "cgroup create+join+fork/exec + worker network"
         };
         println!(
-            "ratio {name}: batch per-worker / floor ({floor}) = {:.2}  (target ≤ 2)",
-            per_m[i].as_secs_f64() / floors[i].as_secs_f64()
+            "ratio {name}: batch per-worker / floor ({floor}) = {:.2}  (target ≤ 2; median over \
+             the rounds, each against the floor measured just before it)",
+            ratio_m[i]
         );
         println!(
             "ratio {name}: single launch / the same floor = {:.2} (right after), {:.2} (after quiet)",
