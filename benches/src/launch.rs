@@ -1,11 +1,20 @@
 //! Launch benchmark of the host daemon (issue: host daemon core).
 //!
-//! Measures, in one run and beside their floors:
-//! - launch → RUNNING latency of one `/bin/true` worker (median over `--single` runs);
+//! Measures, in one run and beside their floors, for host-network and bridge-mode workers (rounds
+//! of the two interleaved, so that drift of a busy machine hits both alike):
+//! - launch → RUNNING latency of one `/bin/true` worker (median over `--single` runs), right after
+//!   the previous one ended and after `--gap-ms` of quiet (a launch that comes alone: on cgroup v1
+//!   a join through `cgroup.procs` then waits for an RCU grace period, one right after another
+//!   does not);
 //! - per-worker time of a batch of `--batch` workers (launch call to the last RUNNING, divided by
-//!   the batch size; median over `--rounds` rounds);
-//! - the floor: fork+exec+wait of /bin/true, and cgroup create (same hierarchies and limits as
-//!   berth) + join before exec + rmdir, measured by this same harness;
+//!   the batch size; median over `--rounds` rounds). Each round first measures the floors again
+//!   (`--floor-runs` of each), and its ratio is taken against them: on a machine whose load comes
+//!   and goes, floors measured once at the start say little about a batch minutes later;
+//! - the floors: fork+exec+wait of /bin/true; cgroup create (same hierarchies and limits as
+//!   berth) + join before exec (the way berth joins) + rmdir; and one worker network made the
+//!   plain way in process (rtnetlink), which a bridge-mode worker needs on top. Host-network
+//!   workers compare with the cgroup floor, bridge-mode workers with the cgroup floor plus the
+//!   network floor;
 //! - daemon RSS idle and after `--finished` finished workers.
 //!
 //! Run as root from a release build: `cargo run --release -p berth-benches --bin berth-bench-launch`.
@@ -17,7 +26,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{launch_to_running, median, ms, rss_kib, settle};
+use berth_benches::{launch_to_running, median, ms, network_floor, rss_kib, settle};
+use berth_daemon::sys::cgroup::{join_file, CgroupVersion};
 
 /// How long a launch may take to be all RUNNING, and to finish.
 const RUNNING_WITHIN: Duration = Duration::from_secs(60);
@@ -29,6 +39,8 @@ struct Opts {
     batch: u32,
     rounds: usize,
     finished: u32,
+    gap_ms: u64,
+    floor_runs: usize,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -37,6 +49,8 @@ fn parse_opts() -> Result<Opts> {
         batch: 200,
         rounds: 5,
         finished: 1000,
+        gap_ms: 100,
+        floor_runs: 30,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -47,7 +61,12 @@ fn parse_opts() -> Result<Opts> {
             "--batch" => o.batch = v.parse()?,
             "--rounds" => o.rounds = v.parse()?,
             "--finished" => o.finished = v.parse()?,
-            f => bail!("unknown flag {f}; flags: --single N --batch N --rounds N --finished N"),
+            "--gap-ms" => o.gap_ms = v.parse()?,
+            "--floor-runs" => o.floor_runs = v.parse()?,
+            f => bail!(
+                "unknown flag {f}; flags: --single N --batch N --rounds N --finished N --gap-ms N \
+                 --floor-runs N"
+            ),
         }
         i += 2;
     }
@@ -76,7 +95,8 @@ fn hierarchies() -> Vec<PathBuf> {
         .collect()
 }
 
-/// cgroup create (mkdir + limits) + fork/exec of /bin/true joined before exec + wait + rmdir.
+/// cgroup create (mkdir + limits) + fork/exec of /bin/true joined before exec (through the file
+/// berth's shim writes) + wait + rmdir.
 /// Returns (create+limits, whole create+join+spawn+remove) medians.
 fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
     let roots = hierarchies();
@@ -117,7 +137,7 @@ fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
             .map(|d| {
                 fs::OpenOptions::new()
                     .write(true)
-                    .open(d.join("cgroup.procs"))
+                    .open(d.join(join_file(CgroupVersion::V1)))
             })
             .collect::<std::io::Result<_>>()?;
         let fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
@@ -158,6 +178,8 @@ async fn main() -> Result<()> {
 
     let fork = floor_spawn(o.single.max(50));
     let (cg_create, cg_whole) = floor_cgroup(o.single.max(50))?;
+    let net = network_floor(o.single.max(50))?;
+    let net_whole = cg_whole + net;
 
     let d = Daemon::start_with(DaemonOptions {
         config: "[resources]\nmax_workers = 4096\n".into(),
@@ -169,44 +191,74 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = rss_kib(pid);
 
-    let req = |n| pb::LaunchWorkersRequest {
+    let req = |n, mode: pb::NetworkMode| pb::LaunchWorkersRequest {
         cpu: 0.01,
         memory_gb: 0.0625,
+        network: mode as i32,
         ..command_request(n, &["/bin/true"])
     };
+    const MODES: [(pb::NetworkMode, &str); 2] = [
+        (pb::NetworkMode::Host, "host network"),
+        (pb::NetworkMode::Bridge, "bridge"),
+    ];
     // Warm-up (page cache, first connections).
-    let (_, ids) = launch_to_running(&client, req(5), RUNNING_WITHIN).await?;
-    settle(&client, &ids, SETTLE_WITHIN_S).await?;
-
-    let mut single = Vec::new();
-    for _ in 0..o.single {
-        let (t, ids) = launch_to_running(&client, req(1), RUNNING_WITHIN).await?;
-        single.push(t);
+    for (mode, _) in MODES {
+        let (_, ids) = launch_to_running(&client, req(5, mode), RUNNING_WITHIN).await?;
         settle(&client, &ids, SETTLE_WITHIN_S).await?;
     }
-    let mut per_worker = Vec::new();
-    let mut batch_total = Vec::new();
+
+    // [mode][0: right after the previous, 1: after the gap]
+    let mut single = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for _ in 0..o.single {
+        for gap in [false, true] {
+            for (i, (mode, _)) in MODES.iter().enumerate() {
+                if gap {
+                    tokio::time::sleep(Duration::from_millis(o.gap_ms)).await;
+                }
+                let (t, ids) = launch_to_running(&client, req(1, *mode), RUNNING_WITHIN).await?;
+                single[i][usize::from(gap)].push(t);
+                settle(&client, &ids, SETTLE_WITHIN_S).await?;
+            }
+        }
+    }
+    let mut per_worker = [Vec::new(), Vec::new()];
+    let mut batch_total = [Vec::new(), Vec::new()];
+    // Floors of each round ([cgroup, cgroup + network]) and the round's ratios against them.
+    let mut round_floors = [Vec::new(), Vec::new()];
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..o.rounds {
-        let (t, ids) = launch_to_running(&client, req(o.batch), RUNNING_WITHIN).await?;
-        batch_total.push(t);
-        per_worker.push(t / o.batch);
-        settle(&client, &ids, SETTLE_WITHIN_S).await?;
+        let (_, cg) = floor_cgroup(o.floor_runs)?;
+        let floors = [cg, cg + network_floor(o.floor_runs)?];
+        for (i, (mode, _)) in MODES.iter().enumerate() {
+            let (t, ids) = launch_to_running(&client, req(o.batch, *mode), RUNNING_WITHIN).await?;
+            batch_total[i].push(t);
+            per_worker[i].push(t / o.batch);
+            round_floors[i].push(floors[i]);
+            ratios[i].push((t / o.batch).as_secs_f64() / floors[i].as_secs_f64());
+            settle(&client, &ids, SETTLE_WITHIN_S).await?;
+        }
     }
     // Finished workers held in the daemon's memory.
-    let mut launched = (o.single + 5) as u32 + o.batch * o.rounds as u32;
+    let mut launched = 2 * ((2 * o.single + 5) as u32 + o.batch * o.rounds as u32);
     while launched < o.finished {
         let n = (o.finished - launched).min(200);
-        let (_, ids) = launch_to_running(&client, req(n), RUNNING_WITHIN).await?;
+        let (_, ids) =
+            launch_to_running(&client, req(n, pb::NetworkMode::Bridge), RUNNING_WITHIN).await?;
         settle(&client, &ids, SETTLE_WITHIN_S).await?;
         launched += n;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_finished = rss_kib(pid);
 
-    let single_m = median(&mut single);
-    let per_m = median(&mut per_worker);
-    let total_m = median(&mut batch_total);
-    let floor = fork + cg_whole.saturating_sub(fork).max(cg_create);
+    let single_m = single.each_mut().map(|s| s.each_mut().map(|v| median(v)));
+    let per_m = per_worker.each_mut().map(|v| median(v));
+    let total_m = batch_total.each_mut().map(|v| median(v));
+    let round_floor_m = round_floors.each_mut().map(|v| median(v));
+    let ratio_m = ratios.each_mut().map(|v| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    });
+    let floors = [cg_whole, net_whole];
     println!();
     println!("| measurement | median |");
     println!("| --- | --- |");
@@ -221,30 +273,60 @@ async fn main() -> Result<()> {
         ms(cg_whole)
     );
     println!(
-        "| berth: launch → RUNNING, 1 worker ({} runs) | {} |",
-        o.single,
-        ms(single_m)
+        "| floor: one worker network (unshare, veth with its peer inside, address, routes) | {} |",
+        ms(net)
     );
     println!(
-        "| berth: batch of {} launch → all RUNNING ({} rounds) | {} |",
-        o.batch,
-        o.rounds,
-        ms(total_m)
+        "| floor: cgroup floor + worker network (a bridge-mode worker) | {} |",
+        ms(net_whole)
     );
-    println!(
-        "| berth: per-worker time in a batch of {} | {} |",
-        o.batch,
-        ms(per_m)
-    );
+    for (i, (_, name)) in MODES.iter().enumerate() {
+        println!(
+            "| berth ({name}): launch → RUNNING, 1 worker right after the previous ({} runs) | {} |",
+            o.single,
+            ms(single_m[i][0])
+        );
+        println!(
+            "| berth ({name}): launch → RUNNING, 1 worker after {} ms of quiet ({} runs) | {} |",
+            o.gap_ms,
+            o.single,
+            ms(single_m[i][1])
+        );
+        println!(
+            "| berth ({name}): batch of {} launch → all RUNNING ({} rounds) | {} |",
+            o.batch,
+            o.rounds,
+            ms(total_m[i])
+        );
+        println!(
+            "| berth ({name}): per-worker time in a batch of {} | {} |",
+            o.batch,
+            ms(per_m[i])
+        );
+        println!(
+            "| floor of the {name} batches, measured before each round ({} runs each) | {} |",
+            o.floor_runs,
+            ms(round_floor_m[i])
+        );
+    }
     println!();
-    println!(
-        "ratio batch per-worker / floor (cgroup create+join+fork/exec) = {:.2}  (target ≤ 2)",
-        per_m.as_secs_f64() / cg_whole.as_secs_f64()
-    );
-    println!(
-        "ratio single launch / floor = {:.2}",
-        single_m.as_secs_f64() / floor.as_secs_f64()
-    );
+    for (i, (_, name)) in MODES.iter().enumerate() {
+        let floor = if i == 0 {
+            "cgroup create+join+fork/exec"
+        } else {
+            "cgroup create+join+fork/exec + worker network"
+        };
+        println!(
+            "ratio {name}: batch per-worker / floor ({floor}) = {:.2}  (target ≤ 2; median over \
+             the rounds, each against the floor measured just before it)",
+            ratio_m[i]
+        );
+        println!(
+            "ratio {name}: single launch / the same floor = {:.2} (right after), {:.2} (after quiet)",
+            single_m[i][0].as_secs_f64() / floors[i].as_secs_f64(),
+            single_m[i][1].as_secs_f64() / floors[i].as_secs_f64()
+        );
+    }
     println!(
         "berthd RSS: idle {} KiB; after {} finished workers {} KiB",
         rss_idle, launched, rss_finished

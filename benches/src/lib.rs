@@ -1,10 +1,17 @@
 //! Shared pieces of the benchmark harnesses: statistics and process memory readings.
 
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_tests::{pb, Client};
+use berth_daemon::core::ipam::Subnet;
+use berth_tests::{pb, Client, TestNet};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [Duration]) -> Duration {
@@ -111,6 +118,118 @@ pub async fn settle(client: &Client, ids: &[String], timeout_seconds: u32) -> Re
         );
     }
     Ok(())
+}
+
+/// Address `offset` of `subnet`.
+pub fn addr(subnet: &Subnet, offset: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + offset)
+}
+
+/// The floor of a worker network: one made the plain way (rtnetlink's async handles), on a fresh thread that holds
+/// the namespace; it goes with the thread. Returns the time from unshare to the last route.
+pub fn floor_once(subnet: Subnet, ip: Ipv4Addr, name: String) -> Result<Duration> {
+    std::thread::spawn(move || -> Result<Duration> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let (conn, host, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            let t = Instant::now();
+            // SAFETY: unshare of the network namespace affects only this thread.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                bail!("unshare: {}", std::io::Error::last_os_error());
+            }
+            let ns = std::fs::File::open("/proc/thread-self/ns/net")?;
+            let (conn, inner, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            inner
+                .link()
+                .set(LinkUnspec::new_with_index(1).up().build())
+                .execute()
+                .await?;
+            let peer = LinkUnspec::new_with_name("eth0")
+                .setns_by_fd(ns.as_raw_fd())
+                .build();
+            host.link()
+                .add(
+                    LinkVeth::new(&name, "eth0")
+                        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                        .build(),
+                )
+                .execute()
+                .await?;
+            let idx = host
+                .link()
+                .get()
+                .match_name(name.clone())
+                .execute()
+                .try_next()
+                .await?
+                .context("host end")?
+                .header
+                .index;
+            host.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute()
+                .await?;
+            host.route()
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(ip, 32)
+                        .output_interface(idx)
+                        .scope(RouteScope::Link)
+                        .build(),
+                )
+                .execute()
+                .await?;
+            let e = inner
+                .link()
+                .get()
+                .match_name("eth0")
+                .execute()
+                .try_next()
+                .await?
+                .context("eth0")?
+                .header
+                .index;
+            inner
+                .link()
+                .set(LinkUnspec::new_with_index(e).up().build())
+                .execute()
+                .await?;
+            inner.address().add(e, IpAddr::V4(ip), 32).execute().await?;
+            inner
+                .route()
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .gateway(subnet.gateway())
+                        .output_interface(e)
+                        .onlink()
+                        .build(),
+                )
+                .execute()
+                .await?;
+            Ok(t.elapsed())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
+}
+
+/// Median of `n` worker networks made by [`floor_once`] on a test network slot of its own.
+pub fn network_floor(n: usize) -> Result<Duration> {
+    let own = TestNet::claim()?;
+    let subnet = Subnet::parse(&own.subnet).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(floor_once(
+            subnet,
+            addr(&subnet, 2 + i as u32),
+            format!("bf{}x{i}", std::process::id() % 10_000),
+        )?);
+    }
+    Ok(median(&mut v))
 }
 
 #[cfg(test)]

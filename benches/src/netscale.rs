@@ -19,15 +19,13 @@
 #![allow(clippy::type_complexity)]
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{launch_to_running, median, ms, settle};
+use berth_benches::{addr, floor_once, launch_to_running, median, ms, settle};
 
 /// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
 const RUNNING_WITHIN: Duration = Duration::from_secs(120);
@@ -35,10 +33,6 @@ const SETTLE_WITHIN_S: u32 = 300;
 use berth_daemon::core::ipam::Subnet;
 use berth_daemon::sys::netns::{HostNetwork, NetConfig, Netns, WorkerNet};
 use berth_tests::{command_request, pb, Daemon, DaemonOptions, TestNet};
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoData, InfoVeth};
-use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 struct Opts {
     workers: u32,
@@ -83,102 +77,6 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         i += 2;
     }
     Ok(o)
-}
-
-fn addr(subnet: &Subnet, offset: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + offset)
-}
-
-/// One worker network the plain way (rtnetlink's async handles), on a fresh thread that holds
-/// the namespace; it goes with the thread. Returns the time from unshare to the last route.
-fn floor_once(subnet: Subnet, ip: Ipv4Addr, name: String) -> Result<Duration> {
-    std::thread::spawn(move || -> Result<Duration> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async move {
-            let (conn, host, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            let t = Instant::now();
-            // SAFETY: unshare of the network namespace affects only this thread.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                bail!("unshare: {}", std::io::Error::last_os_error());
-            }
-            let ns = fs::File::open("/proc/thread-self/ns/net")?;
-            let (conn, inner, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            inner
-                .link()
-                .set(LinkUnspec::new_with_index(1).up().build())
-                .execute()
-                .await?;
-            let peer = LinkUnspec::new_with_name("eth0")
-                .setns_by_fd(ns.as_raw_fd())
-                .build();
-            host.link()
-                .add(
-                    LinkVeth::new(&name, "eth0")
-                        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-                        .build(),
-                )
-                .execute()
-                .await?;
-            let idx = host
-                .link()
-                .get()
-                .match_name(name.clone())
-                .execute()
-                .try_next()
-                .await?
-                .context("host end")?
-                .header
-                .index;
-            host.link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
-                .execute()
-                .await?;
-            host.route()
-                .add(
-                    RouteMessageBuilder::<Ipv4Addr>::new()
-                        .destination_prefix(ip, 32)
-                        .output_interface(idx)
-                        .scope(RouteScope::Link)
-                        .build(),
-                )
-                .execute()
-                .await?;
-            let e = inner
-                .link()
-                .get()
-                .match_name("eth0")
-                .execute()
-                .try_next()
-                .await?
-                .context("eth0")?
-                .header
-                .index;
-            inner
-                .link()
-                .set(LinkUnspec::new_with_index(e).up().build())
-                .execute()
-                .await?;
-            inner.address().add(e, IpAddr::V4(ip), 32).execute().await?;
-            inner
-                .route()
-                .add(
-                    RouteMessageBuilder::<Ipv4Addr>::new()
-                        .gateway(subnet.gateway())
-                        .output_interface(e)
-                        .onlink()
-                        .build(),
-                )
-                .execute()
-                .await?;
-            Ok(t.elapsed())
-        })
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("floor thread panicked"))?
 }
 
 /// berth's primitive without a daemon: create + remove of a routed worker network, one at a

@@ -415,11 +415,9 @@ impl pb::workers_server::Workers for WorkersService {
         let initial = if r.initial {
             self.host.snapshot(&filter)?
         } else {
-            // Still check that named ids exist.
-            self.host.snapshot(&Filter {
-                statuses: vec![],
-                ..filter.clone()
-            })?;
+            // Still check that named ids and the session exist (without copying every record:
+            // a watch of all workers of a host with thousands would copy them all).
+            self.host.check_filter(&filter)?;
             Vec::new()
         };
         let host = self.host.clone();

@@ -771,6 +771,12 @@ impl Host {
         self.inner.select(filter)
     }
 
+    /// NOT_FOUND where `filter` names a worker or a session this daemon does not know, as
+    /// [`Host::snapshot`] would say, without copying the records.
+    pub fn check_filter(&self, filter: &Filter) -> Result<()> {
+        self.inner.check_filter(filter)
+    }
+
     /// Streams output of the selected workers into a channel; see [`OutputRequest`].
     pub fn output(&self, req: OutputRequest) -> Result<mpsc::Receiver<Result<OutputPiece>>> {
         if req.ids.is_empty() && req.session_id.is_none() {
@@ -940,6 +946,14 @@ struct SpawnJob {
     net: Option<WorkerNet>,
     /// That network, already being made by the namespace threads.
     pending: Option<PendingNet>,
+}
+
+/// NOT_FOUND for the first of `ids` this daemon does not know.
+fn check_ids(st: &State, ids: &[String]) -> Result<()> {
+    match ids.iter().find(|id| !st.workers.contains_key(*id)) {
+        Some(missing) => Err(Error::NotFound(format!("worker {missing} not found"))),
+        None => Ok(()),
+    }
 }
 
 fn access(path: &Path, mode: i32) -> bool {
@@ -1170,9 +1184,7 @@ impl Inner {
             self.check_known_session(s)?;
         }
         let st = self.lock();
-        if let Some(missing) = filter.ids.iter().find(|id| !st.workers.contains_key(*id)) {
-            return Err(Error::NotFound(format!("worker {missing} not found")));
-        }
+        check_ids(&st, &filter.ids)?;
         let mut v: Vec<(&Entry, WorkerRecord)> = st
             .workers
             .values()
@@ -1181,6 +1193,14 @@ impl Inner {
             .collect();
         v.sort_by_key(|(e, _)| e.seq);
         Ok(v.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// What [`Inner::select`] checks, without copying any record.
+    fn check_filter(&self, filter: &Filter) -> Result<()> {
+        if let Some(s) = &filter.session_id {
+            self.check_known_session(s)?;
+        }
+        check_ids(&self.lock(), &filter.ids)
     }
 
     fn records(&self, ids: &[String]) -> Vec<WorkerRecord> {

@@ -2,7 +2,7 @@
 //!
 //! The daemon writes the worker's [`ShimSpec`] to `<worker dir>/spec.json` and starts
 //! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
-//! session, becomes a child subreaper, forks the worker, and in the child joins the worker's
+//! session, becomes a child subreaper, starts the worker, and in the child joins the worker's
 //! cgroup (and network namespace) **before** exec, so the program's first instruction already
 //! runs inside both. It reports `ok <pid> <start µs>` or `err <message>` on the handshake pipe and then has
 //! no channel to the daemon at all: the worker's output goes through pipes held by the shim into
@@ -251,6 +251,12 @@ fn run(dir: &Path) -> io::Result<()> {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // SIGCHLD is read from a signalfd (see `supervise`); blocked from here on, none is lost
+        // before it exists. The worker unblocks it before exec.
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
     }
     match start_worker(dir, &spec) {
         Ok(started) => {
@@ -313,9 +319,11 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
 
+    // The child is a process with one thread, so moving that thread is moving the process; see
+    // `join_file` for why it does not move the thread group.
     let procs: Vec<OwnedFd> = spec
         .cgroup
-        .procs_files()
+        .join_files()
         .iter()
         .map(|p| open_cloexec(p, libc::O_WRONLY))
         .collect::<io::Result<_>>()
@@ -329,31 +337,19 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let (err_r, err_w) = pipe_cloexec().map_err(setup)?;
     let (ee_r, ee_w) = pipe_cloexec().map_err(setup)?;
     let procs_raw: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    let netns_raw = netns.as_ref().map(|f| f.as_raw_fd());
-
-    // SAFETY: the shim is single-threaded, so the child may run any code; it still only makes
-    // raw syscalls on values prepared above, and ends in execve or _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: in the child; every pointer is into memory prepared before fork.
-        unsafe {
-            child_exec(
-                &procs_raw,
-                netns_raw,
-                devnull.as_raw_fd(),
-                out_w.as_raw_fd(),
-                err_w.as_raw_fd(),
-                ee_w.as_raw_fd(),
-                workdir.as_ptr(),
-                program.as_ptr(),
-                argv_p.as_ptr(),
-                envp_p.as_ptr(),
-            )
-        }
-    }
+    let child = ChildArgs {
+        procs: &procs_raw,
+        netns: netns.as_ref().map(|f| f.as_raw_fd()),
+        devnull: devnull.as_raw_fd(),
+        out: out_w.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        ee: ee_w.as_raw_fd(),
+        workdir: workdir.as_ptr(),
+        program: program.as_ptr(),
+        argv: argv_p.as_ptr(),
+        envp: envp_p.as_ptr(),
+    };
+    let pid = spawn_child(&child).map_err(|e| format!("clone: {e}"))?;
     drop((out_w, err_w, ee_w, procs, netns));
     let mut buf = [0u8; 5];
     let n = read_full(ee_r.as_raw_fd(), &mut buf);
@@ -395,10 +391,67 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
     got
 }
 
-/// The child between fork and exec: raw syscalls only.
+/// What the worker's process needs between its clone and its exec; every pointer is into memory
+/// the shim prepared before, which stays untouched until the exec.
+struct ChildArgs<'a> {
+    procs: &'a [RawFd],
+    netns: Option<RawFd>,
+    devnull: RawFd,
+    out: RawFd,
+    err: RawFd,
+    ee: RawFd,
+    workdir: *const libc::c_char,
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+}
+
+/// Stack of the worker's process until its exec (it makes a handful of raw syscalls).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// Starts the worker's process as posix_spawn does: `clone(CLONE_VM | CLONE_VFORK)`, on a stack
+/// of its own, the shim suspended until the child has exec'd or exited. Unlike fork, nothing of
+/// the shim's memory is copied (no page tables to copy, no copy-on-write faults afterwards, none
+/// to tear down at the exec). Returns the child's pid.
+fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
+    extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the ChildArgs that spawn_child passed, alive while the parent is
+        // suspended (CLONE_VFORK), and this runs in the fresh child.
+        unsafe {
+            let a = &*(arg as *const ChildArgs<'_>);
+            child_exec(
+                a.procs, a.netns, a.devnull, a.out, a.err, a.ee, a.workdir, a.program, a.argv,
+                a.envp,
+            )
+        }
+    }
+    let mut stack = vec![0u8; CHILD_STACK];
+    // The stack grows down from its 16-byte aligned top.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: the child runs `entry` on `stack`, which outlives it: with CLONE_VFORK this thread
+    // (the shim's only one) sleeps until the child has exec'd or exited, and only then `stack`
+    // and `args` may go. The child shares the shim's memory but writes none of it except its own
+    // stack and errno (read by nobody until the child is gone); its signal dispositions are its
+    // own (no CLONE_SIGHAND), and child_exec restores them and the mask before exec.
+    let pid = unsafe {
+        libc::clone(
+            entry,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (args as *const ChildArgs<'_>).cast_mut().cast(),
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid)
+}
+
+/// The child between clone and exec: raw syscalls only.
 ///
 /// # Safety
-/// Must be called in a freshly forked child; all pointers must be valid NUL-terminated strings
+/// Must be called in a freshly cloned child; all pointers must be valid NUL-terminated strings
 /// or NULL-terminated arrays of them.
 #[allow(clippy::too_many_arguments)]
 unsafe fn child_exec(
@@ -467,9 +520,33 @@ fn set_nonblocking(fd: RawFd) {
 /// process that left the cgroup could still hold the pipes.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// A signalfd for SIGCHLD (blocked since `run`), non-blocking; `None` where the kernel refuses.
+fn child_signals() -> Option<OwnedFd> {
+    // SAFETY: sigset operations on a local set; signalfd returns a new fd or -1.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        // SAFETY: signalfd succeeded; the fd is ours.
+        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads every pending signal from the signalfd `fd` (they only say "look again").
+fn drain_signals(fd: RawFd) {
+    let mut info = [0u8; 128 * 8];
+    // SAFETY: info is valid for its length; the fd is non-blocking.
+    while unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
+}
+
 fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let main_pid = s.pid;
     let pidfd = pidfd_open(main_pid).ok();
+    // The end of the worker and of orphans reparented to us (we are a subreaper) both raise
+    // SIGCHLD, so while the worker runs the shim sleeps until output or a child's end: no
+    // periodic wake-ups, which thousands of idle shims would add up.
+    let sigchld = child_signals();
     let fds = [s.stdout.as_raw_fd(), s.stderr.as_raw_fd()];
     for fd in fds {
         set_nonblocking(fd);
@@ -479,7 +556,7 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let mut drain_deadline: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
         for (i, fd) in fds.iter().enumerate() {
             if open[i] {
                 pfds.push(libc::pollfd {
@@ -498,9 +575,23 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
                 });
             }
         }
-        let timeout = if main_status.is_some() { 100 } else { 1000 };
+        if let Some(f) = &sigchld {
+            pfds.push(libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = match (main_status, &sigchld) {
+            (Some(_), _) => 100,
+            (None, Some(_)) => -1,
+            (None, None) => 1000,
+        };
         // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+        if let Some(f) = &sigchld {
+            drain_signals(f.as_raw_fd());
+        }
         for i in 0..2 {
             if !open[i] {
                 continue;
