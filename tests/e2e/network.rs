@@ -252,6 +252,20 @@ async fn same_port_peers_and_host_reach_workers() {
     assert_eq!(running.len(), 3);
     let ips: HashSet<String> = running.iter().map(|w| w.ip_address.clone()).collect();
     assert_eq!(ips.len(), 3, "{running:?}");
+    // Host ends carry no IPv6 (each would add a route to the host's IPv6 table, which the
+    // kernel walks on every link change: launches would slow down with the workers alive).
+    let ends: Vec<String> = worker_veths()
+        .into_iter()
+        .filter(|(_, w)| ids_of(&servers).contains(w))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(ends.len(), 3, "{ends:?}");
+    for n in &ends {
+        if let Ok(v) = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"))
+        {
+            assert_eq!(v.trim(), "1", "IPv6 on host end {n}");
+        }
+    }
     // Each prints once bound; all three got the port.
     for w in &running {
         let out = wait_stdout(&c, &w.id, "bound").await;

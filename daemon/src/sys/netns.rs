@@ -6,8 +6,12 @@
 //! with the worker's address as a /32, a permanent neighbour entry and a default route to the
 //! host end; the host end carries no address, only a /32 route to the worker (source: the
 //! gateway) and forwarding. Neither end generates an IPv6 link-local address, so neither
-//! sends neighbour discovery. Per-link settings go through netlink, never /proc/sys: with
-//! thousands of namespaces a /proc/sys/net lookup costs milliseconds. So workers reach each other and the host through the host's routing
+//! sends neighbour discovery, and the host end has IPv6 off altogether (else each adds a route
+//! to the host's IPv6 table, which the kernel walks on every link change). Per-link settings go
+//! through netlink, never /proc/sys inside a namespace: with thousands of namespaces a
+//! /proc/sys/net lookup there costs milliseconds. The one exception, IPv6 off on the host end
+//! (no netlink attribute sets it), is a host-namespace write made mostly by the pool thread. So
+//! workers reach each other and the host through the host's routing
 //! table, and no Linux bridge with its 1023-port limit and neighbour-discovery floods sits in
 //! the path: the cost of a launch does not grow with the number of workers. The daemon's bridge
 //! exists all the same, without ports: it holds the gateway address and the subnet route, and
@@ -1100,6 +1104,17 @@ fn create_veth(
         ),
     )?;
     let index = at("find host end", host.link_index(host_end))?;
+    // IPv6 off on the host end before it comes up: an IPv6 device gets a multicast route
+    // (ff00::/8) in the host's table, and every link change on the host walks the whole IPv6
+    // table, so with thousands of workers each launch and exit paid for every other worker's
+    // route. There is no netlink attribute for it; the calling thread is in the host namespace.
+    at(
+        "turn IPv6 off on the host end",
+        write_sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6"),
+            "1",
+        ),
+    )?;
     let eth0 = at("find eth0", inner.link_index("eth0"))?;
     Ok((index, eth0))
 }
