@@ -19,15 +19,13 @@
 //!
 //! Run as root from a release build: `cargo run --release -p berth-benches --bin berth-bench-launch`.
 
-use std::fs;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{launch_to_running, median, ms, network_floor, rss_kib, settle};
-use berth_daemon::sys::cgroup::{join_file, CgroupVersion};
+use berth_benches::{
+    floor_cgroup, hierarchies, launch_to_running, median, ms, network_floor, rss_kib, settle, Flags,
+};
 
 /// How long a launch may take to be all RUNNING, and to finish.
 const RUNNING_WITHIN: Duration = Duration::from_secs(60);
@@ -53,23 +51,26 @@ fn parse_opts() -> Result<Opts> {
         floor_runs: 30,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let v = args.get(i + 1).context("flag needs a value")?;
-        match args[i].as_str() {
-            "--single" => o.single = v.parse()?,
-            "--batch" => o.batch = v.parse()?,
-            "--rounds" => o.rounds = v.parse()?,
-            "--finished" => o.finished = v.parse()?,
-            "--gap-ms" => o.gap_ms = v.parse()?,
-            "--floor-runs" => o.floor_runs = v.parse()?,
-            f => bail!(
-                "unknown flag {f}; flags: --single N --batch N --rounds N --finished N --gap-ms N \
-                 --floor-runs N"
-            ),
-        }
-        i += 2;
-    }
+    let f = Flags::parse(
+        "usage: berth-bench-launch [--single N] [--batch N] [--rounds N] [--finished N] \
+         [--gap-ms N] [--floor-runs N]",
+        &args,
+        &[
+            "--single",
+            "--batch",
+            "--rounds",
+            "--finished",
+            "--gap-ms",
+            "--floor-runs",
+        ],
+        &[],
+    )?;
+    f.set("--single", &mut o.single)?;
+    f.set("--batch", &mut o.batch)?;
+    f.set("--rounds", &mut o.rounds)?;
+    f.set("--finished", &mut o.finished)?;
+    f.set("--gap-ms", &mut o.gap_ms)?;
+    f.set("--floor-runs", &mut o.floor_runs)?;
     Ok(o)
 }
 
@@ -84,84 +85,6 @@ fn floor_spawn(n: usize) -> Duration {
         })
         .collect();
     median(&mut v)
-}
-
-/// The v1 hierarchies berth uses, as mounted here.
-fn hierarchies() -> Vec<PathBuf> {
-    ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"]
-        .iter()
-        .map(|c| PathBuf::from("/sys/fs/cgroup").join(c))
-        .filter(|p| p.join("cgroup.procs").exists())
-        .collect()
-}
-
-/// cgroup create (mkdir + limits) + fork/exec of /bin/true joined before exec (through the file
-/// berth's shim writes) + wait + rmdir.
-/// Returns (create+limits, whole create+join+spawn+remove) medians.
-fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
-    let roots = hierarchies();
-    if roots.is_empty() {
-        bail!("no cgroup v1 hierarchies (the floor harness measures v1)");
-    }
-    let mut create = Vec::new();
-    let mut whole = Vec::new();
-    for i in 0..n {
-        let t = Instant::now();
-        let dirs: Vec<PathBuf> = roots
-            .iter()
-            .map(|r| r.join(format!("berth-floor-{}-{i}", std::process::id())))
-            .collect();
-        for d in &dirs {
-            fs::create_dir(d)?;
-        }
-        let w = |d: &PathBuf, f: &str, v: &str| fs::write(d.join(f), v);
-        for d in &dirs {
-            let ctrl = d
-                .parent()
-                .and_then(|p| p.file_name())
-                .and_then(|s| s.to_str())
-                .unwrap_or("");
-            match ctrl {
-                "cpu" => {
-                    w(d, "cpu.cfs_period_us", "100000")?;
-                    w(d, "cpu.cfs_quota_us", "10000")?;
-                }
-                "memory" => w(d, "memory.limit_in_bytes", "134217728")?,
-                "pids" => w(d, "pids.max", "4096")?,
-                _ => {}
-            }
-        }
-        create.push(t.elapsed());
-        let procs: Vec<fs::File> = dirs
-            .iter()
-            .map(|d| {
-                fs::OpenOptions::new()
-                    .write(true)
-                    .open(d.join(join_file(CgroupVersion::V1)))
-            })
-            .collect::<std::io::Result<_>>()?;
-        let fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-        let mut cmd = Command::new("/bin/true");
-        // SAFETY: the hook only calls write(2) on fds opened before fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in &fds {
-                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let st = cmd.status()?;
-        assert!(st.success());
-        drop(procs);
-        for d in &dirs {
-            fs::remove_dir(d)?;
-        }
-        whole.push(t.elapsed());
-    }
-    Ok((median(&mut create), median(&mut whole)))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,81 @@
 //! Shared pieces of the benchmark harnesses: statistics and process memory readings.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Display;
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use berth_daemon::core::ipam::Subnet;
+use berth_daemon::sys::cgroup::{join_file, CgroupVersion};
 use berth_tests::{pb, Client, TestNet};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+/// A benchmark's command line: `--flag VALUE` pairs and bare `--switch`es. `--help` prints the
+/// usage and exits; an unknown flag, a missing value or a bad number is an error that shows it.
+pub struct Flags {
+    values: HashMap<String, String>,
+    switches: HashSet<String>,
+    usage: String,
+}
+
+impl Flags {
+    /// Parses `args` (without the program name). `valued` and `switches` list the flags.
+    pub fn parse(usage: &str, args: &[String], valued: &[&str], switches: &[&str]) -> Result<Self> {
+        let mut f = Flags {
+            values: HashMap::new(),
+            switches: HashSet::new(),
+            usage: usage.to_owned(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "-h" | "--help" => {
+                    println!("{usage}");
+                    std::process::exit(0);
+                }
+                s if switches.contains(&s) => {
+                    f.switches.insert(s.to_owned());
+                }
+                v if valued.contains(&v) => {
+                    let value = it
+                        .next()
+                        .with_context(|| format!("{v} needs a value\n{usage}"))?;
+                    f.values.insert(v.to_owned(), value.clone());
+                }
+                other => bail!("unknown flag {other}\n{usage}"),
+            }
+        }
+        Ok(f)
+    }
+
+    /// Sets `into` from `--name`'s value where given.
+    pub fn set<T: FromStr>(&self, name: &str, into: &mut T) -> Result<()>
+    where
+        T::Err: Display,
+    {
+        if let Some(v) = self.values.get(name) {
+            *into = v
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{name} {v}: {e}\n{}", self.usage))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the switch `--name` was given.
+    pub fn switch(&self, name: &str) -> bool {
+        self.switches.contains(name)
+    }
+}
 
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [Duration]) -> Duration {
@@ -230,6 +294,83 @@ pub fn network_floor(n: usize) -> Result<Duration> {
         )?);
     }
     Ok(median(&mut v))
+}
+
+/// The v1 hierarchies berth uses, as mounted here.
+pub fn hierarchies() -> Vec<PathBuf> {
+    ["cpu", "cpuacct", "memory", "pids", "freezer", "devices"]
+        .iter()
+        .map(|c| PathBuf::from("/sys/fs/cgroup").join(c))
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// cgroup create (mkdir + limits) + fork/exec of /bin/true joined before exec (through the file
+/// berth's shim writes) + wait + rmdir.
+/// Returns (create+limits, whole create+join+spawn+remove) medians.
+pub fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
+    let roots = hierarchies();
+    if roots.is_empty() {
+        bail!("no cgroup v1 hierarchies (the floor harness measures v1)");
+    }
+    let mut create = Vec::new();
+    let mut whole = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let dirs: Vec<PathBuf> = roots
+            .iter()
+            .map(|r| r.join(format!("berth-floor-{}-{i}", std::process::id())))
+            .collect();
+        for d in &dirs {
+            fs::create_dir(d)?;
+        }
+        let w = |d: &PathBuf, f: &str, v: &str| fs::write(d.join(f), v);
+        for d in &dirs {
+            let ctrl = d
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str())
+                .unwrap_or("");
+            match ctrl {
+                // As berth: the period stays the default, only the quota is written (each
+                // write walks every CPU cgroup of the host).
+                "cpu" => w(d, "cpu.cfs_quota_us", "10000")?,
+                "memory" => w(d, "memory.limit_in_bytes", "134217728")?,
+                "pids" => w(d, "pids.max", "4096")?,
+                _ => {}
+            }
+        }
+        create.push(t.elapsed());
+        let procs: Vec<fs::File> = dirs
+            .iter()
+            .map(|d| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join(join_file(CgroupVersion::V1)))
+            })
+            .collect::<std::io::Result<_>>()?;
+        let fds: Vec<i32> = procs.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        let mut cmd = Command::new("/bin/true");
+        // SAFETY: the hook only calls write(2) on fds opened before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let st = cmd.status()?;
+        assert!(st.success());
+        drop(procs);
+        for d in &dirs {
+            fs::remove_dir(d)?;
+        }
+        whole.push(t.elapsed());
+    }
+    Ok((median(&mut create), median(&mut whole)))
 }
 
 #[cfg(test)]

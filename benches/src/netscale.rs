@@ -11,7 +11,9 @@
 //!   host's cgroup2 controller list is hidden: crun refuses hybrid hosts otherwise);
 //! - berthd (release build): launch → RUNNING of one bridge-mode /bin/true worker, per-worker
 //!   time in a batch of 200 (bridge and host mode), and launch → RUNNING of worker 1, 1000, 2000
-//!   and 4000 with every earlier worker alive (sleeping).
+//!   and 4000 with every earlier worker alive (sleeping), each beside the kernel's own floor at
+//!   that scale (cgroup create + CPU quota + join + /bin/true + rmdir: a quota write walks every
+//!   CPU cgroup of the host, so this floor grows with the workers alive whatever berth does).
 //!
 //! Run as root from a release build: `cargo build --release -p berth-benches -p berth-daemon
 //! --bins && target/release/berth-bench-net [--workers 4000] [--single 50] [--rounds 3]`.
@@ -24,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use berth_benches::{addr, floor_once, launch_to_running, median, ms, settle};
+use anyhow::{bail, Result};
+use berth_benches::{addr, floor_cgroup, floor_once, launch_to_running, median, ms, settle, Flags};
 
 /// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
 const RUNNING_WITHIN: Duration = Duration::from_secs(120);
@@ -55,27 +57,27 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
         pool: 256,
         scale_host: false,
     };
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "--scale-host" {
-            o.scale_host = true;
-            i += 1;
-            continue;
-        }
-        let v = args.get(i + 1).context("flag needs a value")?;
-        match args[i].as_str() {
-            "--workers" => o.workers = v.parse()?,
-            "--single" => o.single = v.parse()?,
-            "--rounds" => o.rounds = v.parse()?,
-            "--batch" => o.batch = v.parse()?,
-            "--floor" => o.floor = v.parse()?,
-            "--pool" => o.pool = v.parse()?,
-            f => bail!(
-                "unknown flag {f}; flags: --workers N --single N --rounds N --batch N --floor N --pool N"
-            ),
-        }
-        i += 2;
-    }
+    let f = Flags::parse(
+        "usage: berth-bench-net [--workers N] [--single N] [--rounds N] [--batch N] [--floor N] \
+         [--pool N] [--scale-host]",
+        args,
+        &[
+            "--workers",
+            "--single",
+            "--rounds",
+            "--batch",
+            "--floor",
+            "--pool",
+        ],
+        &["--scale-host"],
+    )?;
+    f.set("--workers", &mut o.workers)?;
+    f.set("--single", &mut o.single)?;
+    f.set("--rounds", &mut o.rounds)?;
+    f.set("--batch", &mut o.batch)?;
+    f.set("--floor", &mut o.floor)?;
+    f.set("--pool", &mut o.pool)?;
+    o.scale_host = f.switch("--scale-host");
     Ok(o)
 }
 
@@ -559,7 +561,10 @@ async fn run(o: Opts) -> Result<()> {
             v.push(t);
             alive.extend(ids);
         }
-        probes.push((*m, alive.len(), median(&mut v)));
+        // The kernel's part at this scale, measured the same way as the launch bench's floor:
+        // a CPU quota write walks every CPU cgroup of the host.
+        let (_, cg_floor) = tokio::task::spawn_blocking(|| floor_cgroup(PROBES as usize)).await??;
+        probes.push((*m, alive.len(), median(&mut v), cg_floor));
     }
     let host_veths = berth_tests::worker_veths().len();
     let t = Instant::now();
@@ -655,11 +660,15 @@ async fn run(o: Opts) -> Result<()> {
         o.batch,
         ms(sleepers_host)
     );
-    for (m, n, t) in &probes {
+    for (m, n, t, cg) in &probes {
         println!(
             "| berth: launch → RUNNING of worker {m} ({} alive before it; median of {PROBES}) | {} |",
             n - PROBES as usize,
             ms(*t)
+        );
+        println!(
+            "| floor beside it: cgroup create + quota + join + /bin/true + rmdir ({n} alive) | {} |",
+            ms(*cg)
         );
     }
     for (at, t) in fills
@@ -696,12 +705,24 @@ async fn run(o: Opts) -> Result<()> {
         single.as_secs_f64() / floor.as_secs_f64()
     );
     if let (Some(first), Some(last)) = (probes.first(), probes.last()) {
+        let grew = |a: Duration, b: Duration| (b.as_secs_f64() - a.as_secs_f64()) * 1e3;
         println!(
-            "launch of worker {} / worker {} = {:.2} (must not climb)",
+            "launch of worker {} / worker {} = {:.2} (must not climb): {:+.3} ms, of which the \
+             kernel's cgroup floor {:+.3} ms",
             last.0,
             first.0,
-            last.2.as_secs_f64() / first.2.as_secs_f64()
+            last.2.as_secs_f64() / first.2.as_secs_f64(),
+            grew(first.2, last.2),
+            grew(first.3, last.3),
         );
+        if let (Some(p1), Some(pn)) = (prim_marks.first(), prim_marks.last()) {
+            println!(
+                "the network primitive alone, network {} vs {}: {:+.3} ms",
+                pn.0,
+                p1.0,
+                grew(p1.1, pn.1)
+            );
+        }
     }
     Ok(())
 }

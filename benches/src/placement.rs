@@ -25,8 +25,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
-use berth_benches::median;
+use anyhow::Result;
+use berth_benches::{median, Flags};
 use berth_daemon::core::placement::{Amount, Ask, Placer, Strategy};
 
 /// Workers placed in each run.
@@ -320,11 +320,13 @@ fn table_rows(mix: Mix, host_count: u64, runs: usize) {
 fn main() -> Result<()> {
     let mut runs: usize = 5;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => {}
-        [flag, v] if flag == "--runs" => runs = v.parse()?,
-        _ => bail!("usage: berth-bench-placement [--runs N]"),
-    }
+    Flags::parse(
+        "usage: berth-bench-placement [--runs N]",
+        &args,
+        &["--runs"],
+        &[],
+    )?
+    .set("--runs", &mut runs)?;
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; run with --release for figures");
     }

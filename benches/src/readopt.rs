@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::rss_pss_kib;
+use berth_benches::{rss_pss_kib, Flags};
 use berth_tests::{command_request, pb, Daemon, DaemonOptions};
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -24,12 +24,13 @@ async fn main() -> Result<()> {
     }
     let mut workers: u32 = 1000;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, v] = args.as_slice() {
-        if flag != "--workers" {
-            bail!("usage: berth-bench-readopt [--workers N]");
-        }
-        workers = v.parse()?;
-    }
+    Flags::parse(
+        "usage: berth-bench-readopt [--workers N]",
+        &args,
+        &["--workers"],
+        &[],
+    )?
+    .set("--workers", &mut workers)?;
     let mut d = Daemon::start_with(DaemonOptions {
         config: "[resources]\nmax_workers = 8192\n".into(),
         ..Default::default()

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use berth_benches::{launch_to_running, median, ms, settle};
+use anyhow::{bail, Result};
+use berth_benches::{launch_to_running, median, ms, settle, Flags};
 use berth_tests::cluster::{start_host, SchedulerNode};
 use berth_tests::{command_request, pb, Client};
 
@@ -30,17 +30,15 @@ fn parse_opts() -> Result<Opts> {
         rounds: 5,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let v = args.get(i + 1).context("flag needs a value")?;
-        match args[i].as_str() {
-            "--single" => o.single = v.parse()?,
-            "--batch" => o.batch = v.parse()?,
-            "--rounds" => o.rounds = v.parse()?,
-            f => bail!("unknown flag {f}; flags: --single N --batch N --rounds N"),
-        }
-        i += 2;
-    }
+    let f = Flags::parse(
+        "usage: berth-bench-sched [--single N] [--batch N] [--rounds N]",
+        &args,
+        &["--single", "--batch", "--rounds"],
+        &[],
+    )?;
+    f.set("--single", &mut o.single)?;
+    f.set("--batch", &mut o.batch)?;
+    f.set("--rounds", &mut o.rounds)?;
     Ok(o)
 }
 
