@@ -16,7 +16,7 @@ use berth_tests::{
     await_all, command_request, free_port, output_of, pb, require_root, scaled, veth_of,
     worker_veths, Client, Daemon, DaemonOptions,
 };
-use berth_tests::{await_running, ids_of, launch};
+use berth_tests::{await_running, host_info, ids_of, launch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
@@ -260,6 +260,13 @@ async fn same_port_peers_and_host_reach_workers() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(ends.len(), 3, "{ends:?}");
+    // HostInfo counts their addresses against the subnet's.
+    let info = host_info(&c).await;
+    let (cap, alloc) = (info.capacity.unwrap(), info.allocated.unwrap());
+    let prefix: u32 = d.net.subnet.rsplit_once('/').unwrap().1.parse().unwrap();
+    // Less the network, gateway and broadcast addresses.
+    let total = (1u32 << (32 - prefix)) - 3;
+    assert_eq!((cap.addresses, alloc.addresses), (total, 3), "{info:?}");
     for n in &ends {
         if let Ok(v) = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"))
         {
@@ -510,6 +517,7 @@ async fn no_network_outlives_its_worker() {
         worker_routes(&d.net.subnet)
     );
     assert_eq!(leases(mport), Some(0.0));
+    assert_eq!(host_info(&c).await.allocated.unwrap().addresses, 0);
 }
 
 /// After a crash of the daemon, the next one re-adopts the networks of live workers (their

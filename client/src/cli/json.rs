@@ -67,6 +67,7 @@ fn resources(r: Option<&pb::Resources>) -> Value {
             "memory_gb": r.memory_gb,
             "gpus": r.gpus,
             "workers": r.workers,
+            "addresses": r.addresses,
         })
     })
 }
@@ -185,6 +186,7 @@ mod tests {
                 memory_gb: 8.0,
                 gpus: 1,
                 workers: 10,
+                addresses: 65533,
             }),
             gpus: vec![pb::Gpu {
                 uuid: "GPU-x".into(),
@@ -199,6 +201,7 @@ mod tests {
         };
         let v = host_info(&h);
         assert_eq!(v["capacity"]["workers"], 10);
+        assert_eq!(v["capacity"]["addresses"], 65533);
         assert_eq!(v["allocated"], Value::Null);
         assert_eq!(v["gpus"][0]["uuid"], "GPU-x");
         assert_eq!(v["kernels"][0]["available"], true);

@@ -254,6 +254,7 @@ pub fn host_info_view(h: &pb::HostInfo, now: SystemTime) -> String {
     for (name, c, a) in [
         ("gpus", cap.gpus, alloc.gpus),
         ("workers", cap.workers, alloc.workers),
+        ("addresses", cap.addresses, alloc.addresses),
     ] {
         res.row([
             name.to_owned(),
@@ -543,12 +544,14 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
                 memory_gb: 64.0,
                 gpus: 2,
                 workers: 100,
+                addresses: 65533,
             }),
             allocated: Some(pb::Resources {
                 cpu: 0.5,
                 memory_gb: 0.125,
                 gpus: 1,
                 workers: 1,
+                addresses: 1,
             }),
             gpus: vec![pb::Gpu {
                 uuid: "GPU-1".into(),
@@ -588,12 +591,16 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
         assert!(got.contains("address      -\n"), "{got}");
         assert!(got.contains("(up 1h1m)"), "{got}");
         assert!(
-            got.contains("cpu             16        0.5     15.5\n"),
+            got.contains("cpu              16        0.5     15.5\n"),
             "{got}"
         );
-        assert!(got.contains("memory       64GiB     128MiB"), "{got}");
+        assert!(got.contains("memory        64GiB     128MiB"), "{got}");
         assert!(
-            got.contains("workers        100          1       99\n"),
+            got.contains("workers         100          1       99\n"),
+            "{got}"
+        );
+        assert!(
+            got.contains("addresses     65533          1    65532\n"),
             "{got}"
         );
         assert!(
@@ -616,12 +623,14 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
                     memory_gb: 32.0,
                     gpus: 0,
                     workers: 50,
+                    ..Default::default()
                 }),
                 allocated: Some(pb::Resources {
                     cpu: 1.5,
                     memory_gb: 2.0,
                     gpus: 0,
                     workers: 3,
+                    ..Default::default()
                 }),
                 ..Default::default()
             }),

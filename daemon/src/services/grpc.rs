@@ -512,12 +512,14 @@ pub fn host_info(host: &Host, address: &str) -> pb::HostInfo {
             memory_gb: v.capacity.memory_bytes as f64 / gib,
             gpus: v.gpu_capacity,
             workers: v.capacity.workers,
+            addresses: v.ip_capacity,
         }),
         allocated: Some(pb::Resources {
             cpu: v.allocated.cpu,
             memory_gb: v.allocated.memory_bytes as f64 / gib,
             gpus: v.gpu_allocated,
             workers: v.allocated.workers,
+            addresses: u32::try_from(v.ip_leases).unwrap_or(u32::MAX),
         }),
         gpus: v
             .gpus

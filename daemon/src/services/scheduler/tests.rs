@@ -18,6 +18,7 @@ fn res(cpu: f64, memory_gb: f64, gpus: u32, workers: u32) -> pb::Resources {
         memory_gb,
         gpus,
         workers,
+        addresses: 0,
     }
 }
 
