@@ -217,7 +217,8 @@ pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 /// The file through which a forked, still single-threaded child moves itself into a cgroup
-/// before exec, by writing `0` to it.
+/// before exec, by writing `0` to it. On v2 the shim only writes it where it cannot create the
+/// child in the cgroup directly (see [`WorkerCgroup::clone_into_dir`]).
 ///
 /// v1: `tasks` (move this thread). Writing `cgroup.procs` (move the whole thread group) takes the
 /// global `cgroup_threadgroup_rwsem` for writing, and that waits for an RCU grace period unless
@@ -225,7 +226,7 @@ pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
 /// ~0.03 ms for `tasks`, which the kernel (≥ 6.0, "cgroup: Optimize single thread migration")
 /// moves under `cgroup_mutex` alone when a thread moves itself. For a process with one thread
 /// the two are the same move. v2 has no `tasks`; `cgroup.threads` only works in threaded
-/// subtrees, so it keeps `cgroup.procs`.
+/// subtrees, so it keeps `cgroup.procs`, with the grace period.
 pub fn join_file(version: CgroupVersion) -> &'static str {
     match version {
         CgroupVersion::V1 => "tasks",
@@ -256,8 +257,28 @@ impl WorkerCgroup {
             .map(|(_, p)| p.as_path())
     }
 
+    /// How a new worker process enters this cgroup, decided here and nowhere else:
+    ///
+    /// - `Some(dir)` (v2, one directory): the process is created in `dir` directly, by
+    ///   `clone3(CLONE_INTO_CGROUP)` with `dir` open (Linux ≥ 5.7). No migration happens at all:
+    ///   the fork takes `cgroup_threadgroup_rwsem` for reading only, so a launch that comes alone
+    ///   waits for no RCU grace period, as a write to `cgroup.procs` would (see [`join_file`]).
+    ///   Where clone3 is refused (an older kernel, a seccomp filter), the shim falls back to the
+    ///   [`join_files`](Self::join_files).
+    /// - `None` (v1, one directory per hierarchy): the process joins by writing `0` to each of
+    ///   the [`join_files`](Self::join_files) before exec. v1 cannot clone into cgroups.
+    ///
+    /// Either way the program's first instruction runs inside the cgroup.
+    pub fn clone_into_dir(&self) -> Option<&Path> {
+        match (self.version, self.dirs.as_slice()) {
+            (CgroupVersion::V2, [(_, dir)]) => Some(dir),
+            _ => None,
+        }
+    }
+
     /// The files a new, single-threaded process writes `0` to, to join this cgroup: `tasks` on
-    /// v1, `cgroup.procs` on v2. See [`join_file`].
+    /// v1, `cgroup.procs` on v2 (where it is only the fallback of
+    /// [`clone_into_dir`](Self::clone_into_dir)). See [`join_file`].
     pub fn join_files(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
@@ -566,7 +587,7 @@ impl CgroupFs {
 }
 
 /// Path of cgroup `rel` (as /proc/self/cgroup names it) under mount `m`.
-fn join_in_hierarchy(m: &CgroupMount, rel: &str) -> PathBuf {
+pub(crate) fn join_in_hierarchy(m: &CgroupMount, rel: &str) -> PathBuf {
     let rel = rel
         .strip_prefix(m.root.trim_end_matches('/'))
         .unwrap_or(rel);
@@ -1040,6 +1061,51 @@ mod tests {
             Some(1500)
         );
         assert_eq!(parse_flat_keyed("", "oom_kill"), None);
+    }
+
+    #[test]
+    fn only_a_single_v2_dir_is_cloned_into() {
+        let v2 = WorkerCgroup {
+            version: CgroupVersion::V2,
+            dirs: vec![(Controller::Unified, "/sys/fs/cgroup/berth-x/w1".into())],
+        };
+        assert_eq!(
+            v2.clone_into_dir(),
+            Some(Path::new("/sys/fs/cgroup/berth-x/w1"))
+        );
+        assert_eq!(
+            v2.join_files(),
+            vec![PathBuf::from("/sys/fs/cgroup/berth-x/w1/cgroup.procs")]
+        );
+        let v1 = WorkerCgroup {
+            version: CgroupVersion::V1,
+            dirs: vec![
+                (
+                    Controller::Memory,
+                    "/sys/fs/cgroup/memory/berth-x/w1".into(),
+                ),
+                (Controller::Pids, "/sys/fs/cgroup/pids/berth-x/w1".into()),
+            ],
+        };
+        assert_eq!(v1.clone_into_dir(), None);
+        assert_eq!(
+            v1.join_files(),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/memory/berth-x/w1/tasks"),
+                PathBuf::from("/sys/fs/cgroup/pids/berth-x/w1/tasks"),
+            ]
+        );
+        // A v1 worker in a single hierarchy still joins through its file.
+        let v1_one = WorkerCgroup {
+            version: CgroupVersion::V1,
+            dirs: vec![(Controller::Pids, "/sys/fs/cgroup/pids/w".into())],
+        };
+        assert_eq!(v1_one.clone_into_dir(), None);
+        let v2_none = WorkerCgroup {
+            version: CgroupVersion::V2,
+            dirs: Vec::new(),
+        };
+        assert_eq!(v2_none.clone_into_dir(), None);
     }
 
     #[test]

@@ -2,12 +2,15 @@
 //!
 //! The daemon writes the worker's [`ShimSpec`] to `<worker dir>/spec.json` and starts
 //! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
-//! session, becomes a child subreaper, starts the worker, and in the child joins the worker's
-//! cgroup (and network namespace) **before** exec, so the program's first instruction already
-//! runs inside both. It reports `ok <pid> <start µs>` or `err <message>` on the handshake pipe and then has
-//! no channel to the daemon at all: the worker's output goes through pipes held by the shim into
-//! rotated files ([`super::output`]), and its exit status goes to `<worker dir>/exit.json`. So a
-//! crash, kill or upgrade of the daemon loses neither output nor exit status.
+//! session, becomes a child subreaper and starts the worker inside the worker's cgroup and network
+//! namespace, so the program's first instruction already runs inside both. On cgroup v2 the
+//! kernel creates the process in its cgroup (`clone3(CLONE_INTO_CGROUP)`, see `spawn_in_cgroup`);
+//! on v1, and where clone3 is refused, the child joins the cgroup before exec. The network
+//! namespace the child joins before exec. It reports `ok <pid> <start µs>` or `err <message>` on
+//! the handshake pipe and then has no channel to the daemon at all: the worker's output goes
+//! through pipes held by the shim into rotated files ([`super::output`]), and its exit status goes
+//! to `<worker dir>/exit.json`. So a crash, kill or upgrade of the daemon loses neither output nor
+//! exit status.
 //!
 //! When the worker's main process ends, the shim kills whatever else is left in the cgroup
 //! (no grandchild outlives its worker), drains the pipes, writes `exit.json` and exits.
@@ -18,6 +21,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -319,15 +323,6 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envp_p.push(std::ptr::null());
 
-    // The child is a process with one thread, so moving that thread is moving the process; see
-    // `join_file` for why it does not move the thread group.
-    let procs: Vec<OwnedFd> = spec
-        .cgroup
-        .join_files()
-        .iter()
-        .map(|p| open_cloexec(p, libc::O_WRONLY))
-        .collect::<io::Result<_>>()
-        .map_err(setup)?;
     let netns = match &spec.netns {
         Some(p) => Some(open_cloexec(p, libc::O_RDONLY).map_err(setup)?),
         None => None,
@@ -336,9 +331,8 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
     let (out_r, out_w) = pipe_cloexec().map_err(setup)?;
     let (err_r, err_w) = pipe_cloexec().map_err(setup)?;
     let (ee_r, ee_w) = pipe_cloexec().map_err(setup)?;
-    let procs_raw: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let child = ChildArgs {
-        procs: &procs_raw,
+        procs: &[],
         netns: netns.as_ref().map(|f| f.as_raw_fd()),
         devnull: devnull.as_raw_fd(),
         out: out_w.as_raw_fd(),
@@ -349,8 +343,8 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
         argv: argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
     };
-    let pid = spawn_child(&child).map_err(|e| format!("clone: {e}"))?;
-    drop((out_w, err_w, ee_w, procs, netns));
+    let pid = spawn_in_cgroup(&spec.cgroup, child)?;
+    drop((out_w, err_w, ee_w, netns));
     let mut buf = [0u8; 5];
     let n = read_full(ee_r.as_raw_fd(), &mut buf);
     if n >= 5 {
@@ -393,7 +387,10 @@ fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
 
 /// What the worker's process needs between its clone and its exec; every pointer is into memory
 /// the shim prepared before, which stays untouched until the exec.
+#[derive(Clone, Copy)]
 struct ChildArgs<'a> {
+    /// The cgroup files the child writes `0` to before anything else (empty when it was created
+    /// in its cgroup).
     procs: &'a [RawFd],
     netns: Option<RawFd>,
     devnull: RawFd,
@@ -406,13 +403,151 @@ struct ChildArgs<'a> {
     envp: *const *const libc::c_char,
 }
 
+/// Set once the kernel refused clone3 into a cgroup (see [`clone3_refused`]): later starts in
+/// this shim skip the attempt and join through `cgroup.procs`. A shim starts one worker, so this
+/// mostly says which way it went.
+static CLONE3_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Starts the worker's process (`child`; its join list is filled in here) inside `cgroup` and
+/// returns its pid, or the message the handshake reports.
+///
+/// [`WorkerCgroup::clone_into_dir`] decides the way. On v2 the process is created in the cgroup
+/// by [`clone_into_cgroup`]: no migration, so no `cgroup.procs` write and no RCU grace period
+/// (8–50 ms) for a launch that comes alone. Where the kernel refuses clone3 (older than 5.7, or
+/// a seccomp filter such as Docker's default, which answers ENOSYS), it falls back to the way v1
+/// always goes: [`spawn_child`], whose child writes `0` to the join files before exec.
+fn spawn_in_cgroup(cgroup: &WorkerCgroup, child: ChildArgs<'_>) -> Result<i32, String> {
+    let setup = |e: io::Error| e.to_string();
+    if let Some(dir) = cgroup.clone_into_dir() {
+        if !CLONE3_REFUSED.load(Ordering::Relaxed) {
+            let dir_fd = open_cloexec(dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(setup)?;
+            let child = ChildArgs {
+                procs: &[],
+                ..child
+            };
+            match clone_into_cgroup(dir_fd.as_raw_fd(), &child) {
+                Ok(pid) => return Ok(pid),
+                Err(e) if clone3_refused(&e) => CLONE3_REFUSED.store(true, Ordering::Relaxed),
+                // The fork itself failed, as a clone would have.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                    return Err(format!("clone: {e}"));
+                }
+                // The cgroup refused the process (EBUSY: it has children with controllers,
+                // EOPNOTSUPP: an invalid threaded domain, ...), as a `cgroup.procs` write would.
+                Err(e) => return Err(format!("{}: {e}", stage_name(Stage::JoinCgroup as u8))),
+            }
+        }
+    }
+    // The child is a process with one thread, so moving that thread is moving the process; see
+    // `join_file` for why it does not move the thread group.
+    let procs: Vec<OwnedFd> = cgroup
+        .join_files()
+        .iter()
+        .map(|p| open_cloexec(p, libc::O_WRONLY))
+        .collect::<io::Result<_>>()
+        .map_err(setup)?;
+    let procs_raw: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    spawn_child(&ChildArgs {
+        procs: &procs_raw,
+        ..child
+    })
+    .map_err(|e| format!("clone: {e}"))
+}
+
+/// Whether clone3 failed because this kernel (or a seccomp filter) does not offer what
+/// [`clone_into_cgroup`] asks for, rather than because of the cgroup: ENOSYS (no clone3, or a
+/// filter), E2BIG (a clone3 without the `cgroup` field, 5.3–5.6), EINVAL (CLONE_INTO_CGROUP
+/// unknown), EPERM (a filter that denies it). A genuine EPERM of the cgroup comes back from the
+/// fallback's `cgroup.procs` write too.
+fn clone3_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EPERM)
+    )
+}
+
+/// `struct clone_args` of `<linux/sched.h>` up to its `cgroup` field (Linux 5.7); every field is
+/// an `__aligned_u64`.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_ARGS_SIZE_VER2`: the size of [`CloneArgs`], which clone3 takes as its version.
+const CLONE_ARGS_SIZE_VER2: usize = 88;
+const _: () = assert!(std::mem::size_of::<CloneArgs>() == CLONE_ARGS_SIZE_VER2);
+/// Create the child in the cgroup `clone_args.cgroup` refers to (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Starts the worker's process with `clone3(CLONE_INTO_CGROUP | CLONE_VFORK)`, in the cgroup
+/// whose directory `cgroup_dir` is open: the kernel creates it there (taking
+/// `cgroup_threadgroup_rwsem` for reading only), so at no instant does it run outside. Fork
+/// semantics, not posix_spawn's: without CLONE_VM the child runs on a copy of the shim's memory
+/// (a clone3 with CLONE_VM would need a stack switched to in assembly), and CLONE_VFORK still
+/// suspends the shim until the child has exec'd or exited. Returns the child's pid, or clone3's
+/// error (see [`clone3_refused`]); `args.procs` should be empty.
+fn clone_into_cgroup(cgroup_dir: RawFd, args: &ChildArgs<'_>) -> io::Result<i32> {
+    let cl = CloneArgs {
+        flags: CLONE_INTO_CGROUP | libc::CLONE_VFORK as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup_dir as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 reads `cl` (valid, CLONE_ARGS_SIZE_VER2 bytes) and nothing else: no stack,
+    // no pidfd or tid pointers. Without CLONE_VM the child gets a copy of the caller's memory and
+    // returns from this call on its own copy of this stack, like a fork, so nothing it does can
+    // touch the shim's memory. Only the calling thread exists in the child; the shim has no other,
+    // and the child takes no lock anyway (child_exec makes raw syscalls only, no allocation).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &cl as *const CloneArgs,
+            CLONE_ARGS_SIZE_VER2,
+        )
+    };
+    if ret == 0 {
+        // SAFETY: this is the fresh child (clone3 returned 0), on its own copy of the shim's
+        // memory, where every fd and pointer of `args` is as the shim prepared it; child_exec
+        // never returns.
+        unsafe {
+            child_exec(
+                args.procs,
+                args.netns,
+                args.devnull,
+                args.out,
+                args.err,
+                args.ee,
+                args.workdir,
+                args.program,
+                args.argv,
+                args.envp,
+            )
+        }
+    }
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret as i32)
+}
+
 /// Stack of the worker's process until its exec (it makes a handful of raw syscalls).
 const CHILD_STACK: usize = 64 * 1024;
 
-/// Starts the worker's process as posix_spawn does: `clone(CLONE_VM | CLONE_VFORK)`, on a stack
-/// of its own, the shim suspended until the child has exec'd or exited. Unlike fork, nothing of
-/// the shim's memory is copied (no page tables to copy, no copy-on-write faults afterwards, none
-/// to tear down at the exec). Returns the child's pid.
+/// Starts the worker's process as posix_spawn does (on v1, and on v2 where clone3 is refused):
+/// `clone(CLONE_VM | CLONE_VFORK)`, on a stack of its own, the shim suspended until the child has
+/// exec'd or exited. Unlike fork, nothing of the shim's memory is copied (no page tables to copy,
+/// no copy-on-write faults afterwards, none to tear down at the exec). Returns the child's pid.
 fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
     extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `arg` is the ChildArgs that spawn_child passed, alive while the parent is
@@ -721,6 +856,188 @@ mod tests {
             back.finished_at(),
             UNIX_EPOCH + Duration::from_micros(5_000_999)
         );
+    }
+
+    #[test]
+    fn clone_args_is_clone_args_size_ver2() {
+        assert_eq!(std::mem::size_of::<CloneArgs>(), CLONE_ARGS_SIZE_VER2);
+        assert_eq!(std::mem::align_of::<CloneArgs>(), 8);
+        assert_eq!(std::mem::offset_of!(CloneArgs, exit_signal), 32);
+        assert_eq!(std::mem::offset_of!(CloneArgs, cgroup), 80);
+    }
+
+    #[test]
+    fn only_a_refused_clone3_falls_back() {
+        for errno in [libc::ENOSYS, libc::E2BIG, libc::EINVAL, libc::EPERM] {
+            assert!(
+                clone3_refused(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [libc::EBUSY, libc::EOPNOTSUPP, libc::ENOENT, libc::EAGAIN] {
+            assert!(
+                !clone3_refused(&io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
+
+    /// Whether this kernel offers clone3 with CLONE_INTO_CGROUP (5.7) to this process: no
+    /// seccomp filter that could refuse it.
+    fn clone_into_cgroup_expected() -> bool {
+        // SAFETY: uname fills the zeroed struct it is given.
+        let release = unsafe {
+            let mut u: libc::utsname = std::mem::zeroed();
+            libc::uname(&mut u);
+            std::ffi::CStr::from_ptr(u.release.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        let unfiltered = fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "0"]);
+        (major, minor) >= (5, 7) && unfiltered
+    }
+
+    /// Starts `cat /proc/self/cgroup` the way the shim starts a worker, in `cgroup`; returns
+    /// what it printed.
+    fn cgroup_seen_by_a_worker(cgroup: &WorkerCgroup) -> String {
+        let c = |s: &str| CString::new(s).unwrap();
+        let (program, argv0, arg, workdir) =
+            (c("/bin/cat"), c("cat"), c("/proc/self/cgroup"), c("/"));
+        let argv = [argv0.as_ptr(), arg.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null()];
+        let devnull = open_cloexec(Path::new("/dev/null"), libc::O_RDWR).unwrap();
+        let (out_r, out_w) = pipe_cloexec().unwrap();
+        let (ee_r, ee_w) = pipe_cloexec().unwrap();
+        let child = ChildArgs {
+            procs: &[],
+            netns: None,
+            devnull: devnull.as_raw_fd(),
+            out: out_w.as_raw_fd(),
+            err: devnull.as_raw_fd(),
+            ee: ee_w.as_raw_fd(),
+            workdir: workdir.as_ptr(),
+            program: program.as_ptr(),
+            argv: argv.as_ptr(),
+            envp: envp.as_ptr(),
+        };
+        let pid = spawn_in_cgroup(cgroup, child).unwrap();
+        drop((out_w, ee_w));
+        let mut ee = [0u8; 5];
+        assert_eq!(read_full(ee_r.as_raw_fd(), &mut ee), 0, "the exec failed");
+        let mut out = vec![0u8; 64 * 1024];
+        let n = read_full(out_r.as_raw_fd(), &mut out);
+        let mut status = 0;
+        // SAFETY: pid is our child; status is a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(decode_status(status), (Some(0), None));
+        String::from_utf8_lossy(&out[..n]).into_owned()
+    }
+
+    /// Real kernel, root only: a worker's process runs in its cgroup from its first instruction:
+    /// on v2 created there by clone3 (the cgroup2 hierarchy of the hybrid layout works too),
+    /// with no fallback where the kernel offers it; on v1 joined through `tasks`.
+    #[test]
+    fn worker_process_starts_in_its_cgroup() {
+        use super::super::cgroup::{
+            join_in_hierarchy, parse_mountinfo, parse_proc_cgroup, CgroupVersion, Controller,
+        };
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups)");
+            return;
+        }
+        let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap());
+        let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap());
+        let name = format!("berth-shimtest-{}", std::process::id());
+        let mut tried = 0;
+        if let Some(m) = mounts.iter().find(|m| m.version == CgroupVersion::V2) {
+            let (_, own_path) = own.iter().find(|(c, _)| c.is_empty()).unwrap();
+            let dir = join_in_hierarchy(m, own_path).join(&name);
+            fs::create_dir(&dir).unwrap();
+            let cg = WorkerCgroup {
+                version: CgroupVersion::V2,
+                dirs: vec![(Controller::Unified, dir)],
+            };
+            let want = format!("0::{}/{name}", own_path.trim_end_matches('/'));
+            let seen = cgroup_seen_by_a_worker(&cg);
+            let refused = CLONE3_REFUSED.load(Ordering::Relaxed);
+            // The fallback (what a kernel that refuses clone3 gets) ends in the same place. Only
+            // this test touches CLONE3_REFUSED.
+            CLONE3_REFUSED.store(true, Ordering::Relaxed);
+            let seen_fallback = cgroup_seen_by_a_worker(&cg);
+            CLONE3_REFUSED.store(refused, Ordering::Relaxed);
+            // A cgroup that refuses the process is not a refused clone3: a removed one (ENOENT,
+            // ENODEV on older kernels).
+            let dir_fd = open_cloexec(&cg.dirs[0].1, libc::O_RDONLY | libc::O_DIRECTORY).unwrap();
+            cg.remove().unwrap();
+            let (_, out_w) = pipe_cloexec().unwrap();
+            let none = [std::ptr::null()];
+            let gone = ChildArgs {
+                procs: &[],
+                netns: None,
+                devnull: out_w.as_raw_fd(),
+                out: out_w.as_raw_fd(),
+                err: out_w.as_raw_fd(),
+                ee: out_w.as_raw_fd(),
+                workdir: c"/".as_ptr(),
+                program: c"/bin/true".as_ptr(),
+                argv: none.as_ptr(),
+                envp: none.as_ptr(),
+            };
+            let into_removed = clone_into_cgroup(dir_fd.as_raw_fd(), &gone);
+            assert!(seen.lines().any(|l| l == want), "v2: {seen:?}, want {want}");
+            assert!(
+                seen_fallback.lines().any(|l| l == want),
+                "v2 fallback: {seen_fallback:?}, want {want}"
+            );
+            if clone_into_cgroup_expected() {
+                assert!(!refused, "clone3 into the cgroup was refused: fell back");
+                let e = into_removed.expect_err("clone3 into a removed cgroup");
+                assert!(!clone3_refused(&e), "{e}");
+            }
+            eprintln!(
+                "v2: {}; the fallback joined through cgroup.procs",
+                if refused {
+                    "clone3 refused, joined through cgroup.procs"
+                } else {
+                    "created in the cgroup by clone3"
+                }
+            );
+            tried += 1;
+        }
+        let pids = |(c, _): &&(Vec<String>, String)| c.iter().any(|x| x == "pids");
+        if let (Some(m), Some((_, own_path))) = (
+            mounts.iter().find(|m| {
+                m.version == CgroupVersion::V1 && m.controllers.iter().any(|c| c == "pids")
+            }),
+            own.iter().find(pids),
+        ) {
+            let dir = join_in_hierarchy(m, own_path).join(&name);
+            fs::create_dir(&dir).unwrap();
+            let cg = WorkerCgroup {
+                version: CgroupVersion::V1,
+                dirs: vec![(Controller::Pids, dir)],
+            };
+            let seen = cgroup_seen_by_a_worker(&cg);
+            cg.remove().unwrap();
+            let want = format!(":pids:{}/{name}", own_path.trim_end_matches('/'));
+            assert!(
+                seen.lines().any(|l| l.ends_with(&want)),
+                "v1: {seen:?}, want {want}"
+            );
+            eprintln!("v1: joined through tasks");
+            tried += 1;
+        }
+        if tried == 0 {
+            eprintln!("skipped: neither cgroup2 nor the v1 pids controller is mounted");
+        }
     }
 
     #[test]
