@@ -542,7 +542,7 @@ async fn run(o: Opts) -> Result<()> {
     let mut alive: Vec<String> = Vec::new();
     let mut probes = Vec::new();
     let mut fills: Vec<(usize, Duration)> = Vec::new();
-    const PROBES: u32 = 5;
+    const PROBES: u32 = 15;
     for m in &marks {
         let target = m.saturating_sub(PROBES / 2 + 1) as usize;
         while alive.len() < target {
@@ -554,6 +554,9 @@ async fn run(o: Opts) -> Result<()> {
             }
             alive.extend(ids);
         }
+        // What a fill leaves to the kernel (RCU callbacks, namespace set-up of the pool) settles
+        // before the probes, which are about the launch path, not about that.
+        tokio::time::sleep(Duration::from_secs(2)).await;
         let mut v = Vec::new();
         for _ in 0..PROBES {
             pool_full().await;
