@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use berth_benches::{
-    floor_cgroup, hierarchies, launch_to_running, median, ms, network_floor, rss_kib, settle, Flags,
+    floor_cgroup, fs_type, hierarchies, launch_to_running, median, ms, network_floor, rss_kib,
+    settle, Flags,
 };
 
 /// How long a launch may take to be all RUNNING, and to finish.
@@ -94,9 +95,11 @@ async fn main() -> Result<()> {
     }
     let o = parse_opts()?;
     println!(
-        "# berth launch benchmark (pid {}, {} CPUs)",
+        "# berth launch benchmark (pid {}, {} CPUs, state dir in {} on {})",
         std::process::id(),
-        std::thread::available_parallelism()?.get()
+        std::thread::available_parallelism()?.get(),
+        std::env::temp_dir().display(),
+        fs_type(&std::env::temp_dir()),
     );
 
     let fork = floor_spawn(o.single.max(50));

@@ -77,6 +77,22 @@ impl Flags {
     }
 }
 
+/// The filesystem type holding `path` (longest mount point of /proc/self/mounts that contains
+/// it), e.g. `tmpfs` or `ext4`: the daemons' state directories live in the temporary directory
+/// (`TMPDIR`), and file creation costs differ a lot between filesystems.
+pub fn fs_type(path: &std::path::Path) -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at).then(|| (at.len(), ty.to_owned()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map_or_else(|| "unknown".to_owned(), |(_, ty)| ty)
+}
+
 /// Median of `v` (sorts it).
 pub fn median(v: &mut [Duration]) -> Duration {
     if v.is_empty() {

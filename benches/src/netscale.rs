@@ -27,7 +27,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use berth_benches::{addr, floor_cgroup, floor_once, launch_to_running, median, ms, settle, Flags};
+use berth_benches::{
+    addr, floor_cgroup, floor_once, fs_type, launch_to_running, median, ms, settle, Flags,
+};
 
 /// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
 const RUNNING_WITHIN: Duration = Duration::from_secs(120);
@@ -245,7 +247,11 @@ fn crun_helper(args: &[String]) -> Result<()> {
     }
     let run = |lane: usize, i: usize| -> Result<Duration> {
         let t = Instant::now();
+        // crun's state beside berth's: both under TMPDIR, so that both pay the same
+        // filesystem (crun's default, /run/crun, is tmpfs on most hosts but not on all).
         let st = Command::new("crun")
+            .arg("--root")
+            .arg(bundles.join("crun-state"))
             .args(["run", "--bundle"])
             .arg(bundles.join(format!("lane{lane}")))
             .arg(format!("berth-bench-{}-{lane}-{i}", std::process::id()))
@@ -431,10 +437,13 @@ fn main() -> Result<()> {
 
 async fn run(o: Opts) -> Result<()> {
     println!(
-        "# berth worker network benchmark (pid {}, {} CPUs, kernel {})",
+        "# berth worker network benchmark (pid {}, {} CPUs, kernel {}, state of berth and crun \
+         in {} on {})",
         std::process::id(),
         std::thread::available_parallelism()?.get(),
-        fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+        fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+        std::env::temp_dir().display(),
+        fs_type(&std::env::temp_dir()),
     );
     // Floors, on a test network slot of their own (its bridge and rules go with it).
     let own = TestNet::claim()?;
