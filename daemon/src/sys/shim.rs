@@ -520,20 +520,7 @@ fn clone_into_cgroup(cgroup_dir: RawFd, args: &ChildArgs<'_>) -> io::Result<i32>
         // SAFETY: this is the fresh child (clone3 returned 0), on its own copy of the shim's
         // memory, where every fd and pointer of `args` is as the shim prepared it; child_exec
         // never returns.
-        unsafe {
-            child_exec(
-                args.procs,
-                args.netns,
-                args.devnull,
-                args.out,
-                args.err,
-                args.ee,
-                args.workdir,
-                args.program,
-                args.argv,
-                args.envp,
-            )
-        }
+        unsafe { child_exec(args) }
     }
     if ret < 0 {
         return Err(io::Error::last_os_error());
@@ -552,13 +539,7 @@ fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
     extern "C" fn entry(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `arg` is the ChildArgs that spawn_child passed, alive while the parent is
         // suspended (CLONE_VFORK), and this runs in the fresh child.
-        unsafe {
-            let a = &*(arg as *const ChildArgs<'_>);
-            child_exec(
-                a.procs, a.netns, a.devnull, a.out, a.err, a.ee, a.workdir, a.program, a.argv,
-                a.envp,
-            )
-        }
+        unsafe { child_exec(&*(arg as *const ChildArgs<'_>)) }
     }
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down from its 16-byte aligned top.
@@ -588,19 +569,8 @@ fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
 /// # Safety
 /// Must be called in a freshly cloned child; all pointers must be valid NUL-terminated strings
 /// or NULL-terminated arrays of them.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child_exec(
-    procs: &[RawFd],
-    netns: Option<RawFd>,
-    devnull: RawFd,
-    out: RawFd,
-    err: RawFd,
-    ee: RawFd,
-    workdir: *const libc::c_char,
-    program: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) -> ! {
+unsafe fn child_exec(a: &ChildArgs<'_>) -> ! {
+    let ee = a.ee;
     let fail = |stage: Stage| -> ! {
         // SAFETY: errno location is thread-local and valid; write/_exit are async-signal-safe.
         unsafe {
@@ -613,12 +583,12 @@ unsafe fn child_exec(
     };
     // SAFETY: raw syscalls on fds and pointers the caller guarantees valid (see above).
     unsafe {
-        for &fd in procs {
+        for &fd in a.procs {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 fail(Stage::JoinCgroup);
             }
         }
-        if let Some(ns) = netns {
+        if let Some(ns) = a.netns {
             if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
                 fail(Stage::JoinNetns);
             }
@@ -632,13 +602,13 @@ unsafe fn child_exec(
         for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGPIPE] {
             libc::signal(sig, libc::SIG_DFL);
         }
-        if libc::dup2(devnull, 0) < 0 || libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+        if libc::dup2(a.devnull, 0) < 0 || libc::dup2(a.out, 1) < 0 || libc::dup2(a.err, 2) < 0 {
             fail(Stage::Setup);
         }
-        if libc::chdir(workdir) != 0 {
+        if libc::chdir(a.workdir) != 0 {
             fail(Stage::Workdir);
         }
-        libc::execve(program, argv, envp);
+        libc::execve(a.program, a.argv, a.envp);
         fail(Stage::Exec)
     }
 }
