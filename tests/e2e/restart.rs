@@ -456,8 +456,18 @@ async fn restart_loses_nothing(signal: i32) {
     let long_pid = before[&long.id].pid;
     assert!(long_pid > 0);
     drop(c);
+    let zygotes = berth_tests::children_named(d.pid().unwrap(), "berth-zygote");
+    assert!(!zygotes.is_empty());
     d.stop_daemon(signal);
     tokio::time::sleep(Duration::from_millis(1800)).await;
+    // The daemon's zygotes end with it; the shims they forked go on (the long worker below).
+    for z in &zygotes {
+        let state = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z "),
+            "zygote {z} outlived its daemon"
+        );
+    }
     d.restart(&[]).await.unwrap();
     let c = d.client().await.unwrap();
     let after = list(&c).await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
     await_all, command_request, output_of, pb, processes_named, processes_with_env, python_request,
-    require_root, scaled, timeout_scale, zombies_of, Client, Daemon, DaemonOptions,
+    require_root, scaled, timeout_scale, zombies_under, Client, Daemon, DaemonOptions,
 };
 use berth_tests::{host_info, ids_of, launch};
 use tokio::sync::RwLock;
@@ -137,16 +137,28 @@ async fn wait_gone(pids: &[u32], limit: Duration) -> Vec<u32> {
     }
 }
 
-/// `berth-shim` processes of daemon `d` (their argument is a worker dir under its state dir).
+/// `berth-shim` processes of daemon `d` (each works in a worker dir under its state dir).
 fn shims_of(d: &Daemon) -> Vec<u32> {
-    let state = d.state_dir().to_string_lossy().into_owned();
+    let state = d.state_dir();
     processes_named("berth-shim")
         .into_iter()
         .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&state))
+            std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&state))
         })
         .collect()
+}
+
+/// Zombies under the daemon `pid` and its zygotes, once they have had a moment to reap (a
+/// zygote reaps a shim as it sees it end, while the daemon may already report the worker).
+async fn zombies_left(pid: u32) -> usize {
+    let deadline = Instant::now() + within(2.0);
+    loop {
+        let n = zombies_under(pid);
+        if n == 0 || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Open file descriptors of process `pid`.
@@ -571,7 +583,7 @@ async fn fork_bomb_is_held_by_pids_limit() {
     );
     assert!(d.worker_cgroups().is_empty(), "{:?}", d.worker_cgroups());
     assert!(shims_of(&d).is_empty());
-    assert_eq!(zombies_of(d.pid().unwrap()), 0);
+    assert_eq!(zombies_left(d.pid().unwrap()).await, 0);
     let info = host_info(&c).await;
     assert_eq!(info.allocated.unwrap().workers, 0);
 }
@@ -1778,6 +1790,25 @@ async fn fifty_workers_leave_nothing_behind() {
     let info = host_info(&c).await;
     assert!(info.allocated.unwrap().workers > 0);
     await_running(&c, &ids_of(&sleeping)).await;
+    // The shims come from the daemon's zygotes and hold nothing of theirs (no socket).
+    let zygotes = berth_tests::children_named(daemon_pid, "berth-zygote");
+    assert!(!zygotes.is_empty(), "no zygote under the daemon");
+    let shims = shims_of(&d);
+    assert!(shims.len() >= 10, "{shims:?}");
+    for s in &shims {
+        let parent = berth_tests::parent_of(*s).unwrap();
+        assert!(zygotes.contains(&parent), "shim {s} is a child of {parent}");
+        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{s}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            fds.len() <= 8 && !fds.iter().any(|f| f.starts_with("socket:")),
+            "shim {s} holds {fds:?}"
+        );
+    }
     let stopped = stop(&c, &ids_of(&sleeping), 1).await;
     assert!(
         stopped
@@ -1814,7 +1845,11 @@ async fn fifty_workers_leave_nothing_behind() {
 
     // Nothing of them is left.
     assert!(d.worker_cgroups().is_empty(), "{:?}", d.worker_cgroups());
-    assert_eq!(zombies_of(daemon_pid), 0, "zombie children of the daemon");
+    assert_eq!(
+        zombies_left(daemon_pid).await,
+        0,
+        "zombies under the daemon or its zygotes"
+    );
     assert!(shims_of(&d).is_empty(), "shims left: {:?}", shims_of(&d));
     let info = host_info(&c).await;
     let a = info.allocated.unwrap();

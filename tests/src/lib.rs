@@ -592,21 +592,66 @@ pub async fn await_all(client: &Client, ids: &[String]) -> Result<Vec<pb::Worker
     Ok(all)
 }
 
-/// Zombie processes whose parent is `ppid`.
-pub fn zombies_of(ppid: u32) -> usize {
+/// State letter and parent pid of every process, from `/proc/<pid>/stat`.
+fn process_table() -> Vec<(u32, char, u32)> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return 0;
+        return vec![];
     };
     rd.flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|s| {
-            s.rsplit_once(')').is_some_and(|(_, r)| {
-                let f: Vec<&str> = r.split_whitespace().collect();
-                f.first() == Some(&"Z")
-                    && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid)
-            })
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut f = rest.split_whitespace();
+            let state = f.next()?.chars().next()?;
+            Some((pid, state, f.next()?.parse().ok()?))
         })
+        .collect()
+}
+
+/// Zombie processes whose parent is `ppid`.
+pub fn zombies_of(ppid: u32) -> usize {
+    process_table()
+        .iter()
+        .filter(|(_, state, parent)| *state == 'Z' && *parent == ppid)
         .count()
+}
+
+/// Zombies among the children of `pid` and of its children: the daemon reaps its zygotes, the
+/// zygotes reap the shims they forked.
+pub fn zombies_under(pid: u32) -> usize {
+    let table = process_table();
+    let children: Vec<u32> = table
+        .iter()
+        .filter(|(_, _, parent)| *parent == pid)
+        .map(|(p, _, _)| *p)
+        .collect();
+    table
+        .iter()
+        .filter(|(_, state, parent)| *state == 'Z' && (*parent == pid || children.contains(parent)))
+        .count()
+}
+
+/// Live children of `ppid` whose command name is `comm` (a daemon's `berth-zygote`s).
+pub fn children_named(ppid: u32, comm: &str) -> Vec<u32> {
+    process_table()
+        .into_iter()
+        .filter(|(pid, state, parent)| {
+            *parent == ppid
+                && *state != 'Z'
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == comm)
+        })
+        .map(|(pid, _, _)| pid)
+        .collect()
+}
+
+/// The parent of `pid`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    process_table()
+        .into_iter()
+        .find(|(p, _, _)| *p == pid)
+        .map(|(_, _, parent)| parent)
 }
 
 /// Processes whose command name is `comm`.

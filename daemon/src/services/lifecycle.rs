@@ -516,9 +516,11 @@ pub fn open_store(state_dir: &Path) -> std::result::Result<Store, crate::sys::st
     Ok(store)
 }
 
-/// Live `berth-shim` processes serving worker dirs under `workers_dir`, by worker id.
+/// Live `berth-shim` processes serving worker dirs under `workers_dir`, by worker id. A shim
+/// works in its worker's directory; one from before that rule names it as its argument.
 fn scan_shims(workers_dir: &Path) -> HashMap<String, (u32, Option<u64>)> {
     let mut out = HashMap::new();
+    let abs_dir = std::path::absolute(workers_dir).unwrap_or_else(|_| workers_dir.to_path_buf());
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
@@ -536,7 +538,10 @@ fn scan_shims(workers_dir: &Path) -> HashMap<String, (u32, Option<u64>)> {
         if !a0.ends_with(b"berth-shim") {
             continue;
         }
-        let dir = PathBuf::from(String::from_utf8_lossy(a1).into_owned());
+        let dir = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .ok()
+            .and_then(|d| Some(workers_dir.join(d.strip_prefix(&abs_dir).ok()?)))
+            .unwrap_or_else(|| PathBuf::from(String::from_utf8_lossy(a1).into_owned()));
         if dir.parent() != Some(workers_dir) {
             continue;
         }

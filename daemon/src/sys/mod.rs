@@ -10,3 +10,4 @@ pub mod output;
 pub mod shim;
 pub mod spawn;
 pub mod store;
+pub mod zygote;

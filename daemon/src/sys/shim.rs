@@ -1,7 +1,8 @@
 //! The per-worker shim: a small process between the daemon and a worker that outlives the daemon.
 //!
 //! The daemon writes the worker's [`ShimSpec`] to `<worker dir>/spec.json` and starts
-//! `berth-shim <worker dir>` with its stdout on a handshake pipe. The shim puts itself in its own
+//! `berth-shim <worker dir>` with its stdout on a handshake pipe: forked by a zygote
+//! ([`super::zygote`]), or exec'd where there is none. The shim puts itself in its own
 //! session, becomes a child subreaper and starts the worker inside the worker's cgroup and network
 //! namespace, so the program's first instruction already runs inside both. On cgroup v2 the
 //! kernel creates the process in its cgroup (`clone3(CLONE_INTO_CGROUP)`, see `spawn_in_cgroup`);
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::cgroup::WorkerCgroup;
 use super::output::{Rotation, SegmentWriter, StreamKind};
 use super::spawn::{pidfd_open, pipe_cloexec};
+use super::zygote::ZYGOTE_ARG;
 
 /// Everything the shim needs to start one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,11 +214,26 @@ fn stage_name(b: u8) -> &'static str {
 
 /// Entry point of the `berth-shim` binary. Returns the process exit code.
 pub fn main() -> i32 {
-    let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: berth-shim WORKER_DIR");
+    let Some(arg) = std::env::args_os().nth(1) else {
+        eprintln!("usage: berth-shim WORKER_DIR | berth-shim {ZYGOTE_ARG}");
         return 2;
     };
-    match run(&dir) {
+    if arg == ZYGOTE_ARG {
+        return super::zygote::serve();
+    }
+    run_dir(Path::new(&arg))
+}
+
+/// Runs the shim of the worker in `dir` (an exec'd shim, or one a zygote forked); returns the
+/// process exit code.
+pub(crate) fn run_dir(dir: &Path) -> i32 {
+    // The shim works in its worker's directory: that is how a daemon that lost its state store
+    // recognises it among the processes (see `lifecycle::scan_shims`). Paths stay absolute, so
+    // nothing else depends on it.
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let _ = std::env::set_current_dir(&dir);
+    let dir = dir.as_path();
+    match run(dir) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("berth-shim {}: {e}", dir.display());
@@ -626,7 +643,7 @@ fn set_nonblocking(fd: RawFd) {
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// A signalfd for SIGCHLD (blocked since `run`), non-blocking; `None` where the kernel refuses.
-fn child_signals() -> Option<OwnedFd> {
+pub(crate) fn child_signals() -> Option<OwnedFd> {
     // SAFETY: sigset operations on a local set; signalfd returns a new fd or -1.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -639,7 +656,7 @@ fn child_signals() -> Option<OwnedFd> {
 }
 
 /// Reads every pending signal from the signalfd `fd` (they only say "look again").
-fn drain_signals(fd: RawFd) {
+pub(crate) fn drain_signals(fd: RawFd) {
     let mut info = [0u8; 128 * 8];
     // SAFETY: info is valid for its length; the fd is non-blocking.
     while unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) } > 0 {}

@@ -1,30 +1,26 @@
 //! Starting a worker's shim. The daemon never forks itself (a fork of a threaded process of this
-//! size is slow and unsafe): it writes the spec and starts `berth-shim` by posix_spawn, with the
-//! shim's stdout on a handshake pipe.
+//! size is slow and unsafe): it writes the spec and asks a shim zygote ([`super::zygote`]) to
+//! fork `berth-shim` for the worker, with the shim's stdout on a handshake pipe.
 //!
-//! The posix_spawn happens on a *spawn lane*: a thread of the daemon with a file descriptor table
-//! of its own (`unshare(CLONE_FILES)`) that holds nothing but the lane's socket. A process's fd
-//! table is copied into every child it starts and closed again at the child's exec, one file at
-//! a time; the daemon's table holds a pidfd per live worker, so a spawn from it would cost time
-//! in proportion to the workers alive (1.6 ms per launch with 4000 alive here). A lane's table
-//! stays at a handful of entries whatever runs. Lanes get the handshake pipe's write end over a
-//! socket (`SCM_RIGHTS`) and answer with the pid; the shim is still the daemon's child.
+//! The daemon keeps one zygote per spawn lane (one per CPU, at most 4), each used by one spawn at
+//! a time. They are started with the spawner, when the daemon's fd table is still small and the
+//! daemon sits in its own cgroup (on cgroup v1 a process takes the cgroups of the thread that
+//! started it); the shims they fork inherit that cgroup, as exec'd shims did. Neither way copies
+//! the daemon's fd table, which holds a pidfd per live worker: a posix_spawn from the daemon
+//! copies it into the child and closes it again at exec, one file at a time (1.6 ms per launch
+//! with 4000 workers alive here). A zygote that died is replaced at the next spawn; where none
+//! can be started, the shim is exec'd from the daemon (slower, same result).
 
 use std::fs;
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
-};
-
 use super::shim::{ShimSpec, SPEC_FILE};
+use super::zygote::{Forked, Zygote, ZygoteError};
 
 /// Failure to start a shim.
 #[derive(Debug, thiserror::Error)]
@@ -59,18 +55,18 @@ pub trait Spawner: Send + Sync {
     fn spawn(&self, dir: &Path, spec: &ShimSpec) -> Result<ShimHandle, SpawnError>;
 }
 
-/// Starts the real `berth-shim` binary, from spawn lanes (see the module docs).
+/// Starts the real `berth-shim` binary, forked by zygotes (see the module docs).
 #[derive(Debug)]
 pub struct ShimSpawner {
     pub shim: PathBuf,
-    /// Started with the spawner, once the daemon sits in its own cgroup (on cgroup v1 each
-    /// thread has its own cgroups, taken from the thread that made it).
-    lanes: io::Result<Lanes>,
+    /// One zygote per lane; `None` until one could be started (again).
+    lanes: Vec<Mutex<Option<Zygote>>>,
+    next: AtomicUsize,
 }
 
 impl ShimSpawner {
-    /// The `berth-shim` beside the running executable, or the given path. Starts the lanes: a
-    /// daemon that cannot start threads fails its launches with the reason.
+    /// The `berth-shim` beside the running executable, or the given path. Starts the zygotes;
+    /// one that cannot start is tried again at the next spawn on its lane.
     pub fn new(shim: Option<PathBuf>) -> Self {
         let shim = shim.unwrap_or_else(|| {
             std::env::current_exe()
@@ -78,15 +74,69 @@ impl ShimSpawner {
                 .and_then(|p| p.parent().map(|d| d.join("berth-shim")))
                 .unwrap_or_else(|| PathBuf::from("berth-shim"))
         });
-        let lanes = Lanes::start(&shim, super::host::online_cpus().clamp(1, 4));
-        Self { shim, lanes }
+        let lanes = (0..super::host::online_cpus().clamp(1, 4))
+            .map(|_| Mutex::new(start_zygote(&shim)))
+            .collect();
+        Self {
+            shim,
+            lanes,
+            next: AtomicUsize::new(0),
+        }
     }
 
-    fn lanes(&self) -> io::Result<&Lanes> {
+    /// Pids of the zygotes running now.
+    pub fn zygotes(&self) -> Vec<u32> {
         self.lanes
-            .as_ref()
-            .map_err(|e| io::Error::new(e.kind(), format!("spawn lanes: {e}")))
+            .iter()
+            .filter_map(|l| {
+                l.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(Zygote::pid)
+            })
+            .collect()
     }
+
+    /// Starts the shim for `dir` with `handshake` as its stdout: forked by a lane's zygote
+    /// (started again if it died), else exec'd from here.
+    fn start_shim(&self, dir: &Path, handshake: OwnedFd) -> io::Result<Forked> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let mut lane = self.lanes[i].lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..2 {
+            if lane.is_none() {
+                *lane = start_zygote(&self.shim);
+            }
+            let Some(z) = lane.as_ref() else {
+                break;
+            };
+            match z.spawn(dir, handshake.as_fd()) {
+                Ok(f) => return Ok(f),
+                Err(ZygoteError::Fork(e)) => return Err(e),
+                Err(e @ ZygoteError::Gone(_)) => {
+                    tracing::warn!(error = %e, zygote = z.pid(), "shim zygote lost; starting another");
+                    *lane = None;
+                }
+            }
+        }
+        drop(lane);
+        let pid = exec_shim(&self.shim, dir, handshake)?;
+        // The child is ours and not yet reaped (nobody waits on it), so its pid cannot be reused
+        // before we hold the pidfd.
+        let pidfd = pidfd_open(pid as i32)?;
+        Ok(Forked {
+            pid,
+            starttime: super::host::process_starttime(pid),
+            pidfd,
+        })
+    }
+}
+
+fn start_zygote(shim: &Path) -> Option<Zygote> {
+    Zygote::start(shim)
+        .inspect_err(|e| {
+            tracing::warn!(shim = %shim.display(), error = %e, "no shim zygote: shims are exec'd");
+        })
+        .ok()
 }
 
 impl Spawner for ShimSpawner {
@@ -104,189 +154,20 @@ impl Spawner for ShimSpawner {
             source,
         };
         let (hs_r, hs_w) = pipe_cloexec().map_err(shim_err)?;
-        let pid = self
-            .lanes()
-            .and_then(|l| l.spawn(dir, hs_w))
-            .map_err(shim_err)?;
-        // The child is ours and not yet reaped (nobody waits on it), so its pid cannot be reused
-        // before we hold the pidfd.
-        let pidfd = pidfd_open(pid as i32).map_err(shim_err)?;
+        // hs_w goes with the call: only the shim holds the write end afterwards.
+        let f = self.start_shim(dir, hs_w).map_err(shim_err)?;
         Ok(ShimHandle {
-            pid,
-            starttime: super::host::process_starttime(pid),
-            pidfd,
+            pid: f.pid,
+            starttime: f.starttime,
+            pidfd: f.pidfd,
             handshake: hs_r,
         })
     }
 }
 
-/// The spawn lanes: one socket (this side of a socketpair) per lane thread, used by one spawn
-/// at a time. Dropping them ends the threads (their sockets see end of file).
-#[derive(Debug)]
-struct Lanes {
-    sockets: Vec<Mutex<OwnedFd>>,
-    next: AtomicUsize,
-}
-
-/// Longest request: a worker directory path.
-const MAX_REQUEST: usize = 8192;
-
-impl Lanes {
-    fn start(shim: &Path, n: usize) -> io::Result<Self> {
-        let mut sockets = Vec::with_capacity(n);
-        for i in 0..n {
-            let (ours, theirs) = socketpair(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .map_err(io::Error::from)?;
-            let shim = shim.to_path_buf();
-            let raw = theirs.as_raw_fd();
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            std::thread::Builder::new()
-                .name(format!("berth-spawn-{i}"))
-                .spawn(move || {
-                    let private = lane_private_table(raw);
-                    let _ = tx.send(private.is_ok());
-                    if let Err(e) = private {
-                        // Without a table of its own the lane still works, only slower.
-                        tracing::warn!(error = %e, "spawn lane shares the daemon's fd table");
-                    }
-                    // SAFETY: `raw` is open in this thread's table: its private copy, or the
-                    // shared table's entry that the starter leaves to this thread.
-                    lane_serve(&shim, unsafe { OwnedFd::from_raw_fd(raw) });
-                })?;
-            match rx.recv() {
-                // Same table: the entry is the lane's now.
-                Ok(false) => std::mem::forget(theirs),
-                // The lane has its own copy (or died): the daemon's table keeps none.
-                _ => drop(theirs),
-            }
-            sockets.push(Mutex::new(ours));
-        }
-        Ok(Self {
-            sockets,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// Starts the shim for `dir` on a lane, with `handshake` as its stdout; returns its pid.
-    fn spawn(&self, dir: &Path, handshake: OwnedFd) -> io::Result<u32> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.sockets.len();
-        let sock = self.sockets[i].lock().unwrap_or_else(|e| e.into_inner());
-        let fds = [handshake.as_raw_fd()];
-        let cmsg = [ControlMessage::ScmRights(&fds)];
-        let path = dir.as_os_str().as_bytes();
-        sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(path)],
-            &cmsg,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
-        .map_err(io::Error::from)?;
-        // The lane holds its own reference now; the shim's stdout must not stay open here too.
-        drop(handshake);
-        let mut reply = [0u8; 5];
-        let got = loop {
-            match nix::sys::socket::recv(sock.as_raw_fd(), &mut reply, MsgFlags::empty()) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                r => break r.map_err(io::Error::from)?,
-            }
-        };
-        if got != reply.len() {
-            return Err(io::Error::other("spawn lane ended"));
-        }
-        let v = i32::from_ne_bytes([reply[1], reply[2], reply[3], reply[4]]);
-        match reply[0] {
-            0 => Ok(v as u32),
-            _ => Err(io::Error::from_raw_os_error(v)),
-        }
-    }
-}
-
-/// Gives the calling thread a file descriptor table of its own and closes every entry of it but
-/// stdin/stdout/stderr and `keep` (the copies only; the daemon's table is untouched).
-fn lane_private_table(keep: RawFd) -> io::Result<()> {
-    // SAFETY: unshare(CLONE_FILES) copies this thread's fd table; it touches no memory.
-    if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let close = |from: RawFd, to: RawFd| -> io::Result<()> {
-        if from > to {
-            return Ok(());
-        }
-        // SAFETY: close_range only closes entries of this thread's private table, which no
-        // other thread uses; nothing in this thread holds any of them but `keep`.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, from as u32, to as u32, 0u32) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    close(3, keep - 1)?;
-    close(keep + 1, RawFd::MAX)
-}
-
-/// Serves spawn requests until the daemon's end of `sock` closes: each request is a worker
-/// directory with the handshake pipe's write end attached; the reply is `0 PID` or `1 ERRNO`.
-fn lane_serve(shim: &Path, sock: OwnedFd) {
-    let mut buf = vec![0u8; MAX_REQUEST];
-    loop {
-        let mut space = nix::cmsg_space!([RawFd; 1]);
-        let (n, stdout) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return,
-            };
-            let mut stdout = None;
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(fds) = c {
-                        for fd in fds {
-                            // SAFETY: the kernel just installed this fd in our table for us.
-                            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                            stdout.get_or_insert(owned);
-                        }
-                    }
-                }
-            }
-            (msg.bytes, stdout)
-        };
-        if n == 0 && stdout.is_none() {
-            return; // the daemon's end closed
-        }
-        let dir = PathBuf::from(std::ffi::OsString::from_vec(buf[..n].to_vec()));
-        let reply = match stdout {
-            None => Err(io::Error::other("no handshake pipe in the request")),
-            Some(out) => spawn_shim(shim, &dir, out),
-        };
-        let mut msg = [0u8; 5];
-        match reply {
-            Ok(pid) => msg[1..].copy_from_slice(&(pid as i32).to_ne_bytes()),
-            Err(e) => {
-                msg[0] = 1;
-                msg[1..].copy_from_slice(&e.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes());
-            }
-        }
-        if nix::sys::socket::send(sock.as_raw_fd(), &msg, MsgFlags::MSG_NOSIGNAL).is_err() {
-            return;
-        }
-    }
-}
-
 /// posix_spawn of the shim (no pre_exec hook, so std takes the posix_spawn path: a clone with
 /// CLONE_VFORK), stdout on the handshake pipe.
-fn spawn_shim(shim: &Path, dir: &Path, stdout: OwnedFd) -> io::Result<u32> {
+fn exec_shim(shim: &Path, dir: &Path, stdout: OwnedFd) -> io::Result<u32> {
     let child = Command::new(shim)
         .arg(dir)
         .env_clear()
