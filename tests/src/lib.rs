@@ -449,6 +449,11 @@ impl Daemon {
             }
             let _ = std::fs::remove_file(&p);
         }
+        // The daemon keeps the files on a tmpfs of its own, which outlives it.
+        if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: c is a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 

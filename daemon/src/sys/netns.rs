@@ -404,6 +404,7 @@ impl HostNetwork {
             )));
         }
         fs::create_dir_all(&cfg.dir).map_err(host_err("create namespace dir"))?;
+        mount_namespace_fs(&cfg.dir);
         let mut nl = Rtnl::open().map_err(host_err("open netlink"))?;
         setup_host(&mut nl, &cfg).map_err(|(step, e)| host_err(step)(e))?;
         let host_ns = fs::File::open("/proc/thread-self/ns/net")
@@ -455,6 +456,8 @@ impl Drop for HostNetwork {
             .stop
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.pool.changed.notify_all();
+        // A daemon that leaves no worker network behind leaves no mount either.
+        release_namespace_fs(&self.cfg.dir);
     }
 }
 
@@ -523,16 +526,67 @@ fn list_dir(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether `path` is a mounted namespace file.
-pub fn is_nsfs(path: &Path) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
+/// The file system type (`statfs` magic) of `path`.
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
     // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == NSFS_MAGIC
+        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
+    }
+}
+
+/// Whether `path` is a mounted namespace file.
+pub fn is_nsfs(path: &Path) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    fs_magic(path) == Some(NSFS_MAGIC)
+}
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Puts the namespace files on a tmpfs of their own, mounted on `dir` unless it is one already.
+/// Each worker's file is made at its launch and removed at its end: on a disk file system that
+/// is an inode allocated and freed per worker, and an ext4 without a journal then scans past
+/// every inode freed in the last minutes at each allocation (1.7 ms per worker here with workers
+/// ending around it). A tmpfs outlives the daemon as the files on it must (workers keep their
+/// namespaces across a restart); namespaces end at a reboot anyway. Files a predecessor left on
+/// the disk are never hidden: with any in `dir` it stays as it is. Where the mount is refused
+/// (a container without the right), the files stay on the disk.
+fn mount_namespace_fs(dir: &Path) {
+    let empty = fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_none());
+    if !empty || fs_magic(dir) == Some(TMPFS_MAGIC) {
+        return;
+    }
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: every argument is a valid NUL-terminated string; tmpfs reads its options as text.
+    let r = unsafe {
+        libc::mount(
+            c"berth-netns".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            error = %io::Error::last_os_error(),
+            "namespace files stay on the state dir's file system (no tmpfs)"
+        );
+    }
+}
+
+/// Unmounts the tmpfs of [`mount_namespace_fs`] from `dir` once no namespace file is left on it.
+fn release_namespace_fs(dir: &Path) {
+    if fs_magic(dir) != Some(TMPFS_MAGIC) || !list_dir(dir).is_empty() {
+        return;
+    }
+    if let Ok(c) = CString::new(dir.as_os_str().as_bytes()) {
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
