@@ -1117,7 +1117,7 @@ impl Inner {
                 if stopped {
                     return (job.id, Err("stopped before it started".into()));
                 }
-                let res = self.spawn_one(&job, made);
+                let res = self.spawn_one(&mut job, made);
                 (job.id, res)
             })
             .collect()
@@ -1127,7 +1127,7 @@ impl Inner {
     /// starts its shim.
     fn spawn_one(
         &self,
-        job: &SpawnJob,
+        job: &mut SpawnJob,
         made: Option<Result<PathBuf, crate::sys::netns::NetError>>,
     ) -> Result<ShimHandle, String> {
         match (made, job.net) {
@@ -1152,6 +1152,8 @@ impl Inner {
                 return Err(e.to_string());
             }
         };
+        // The shim joins the directories made, which need not be every hierarchy's.
+        job.shim.cgroup = cg.clone();
         let dir = self.worker_dir(&job.id);
         match self.spawner.spawn(&dir, &job.shim) {
             Ok(h) => Ok(h),

@@ -762,7 +762,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
             (true, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
             (true, _) => Some(WorkerNet::Isolated),
         };
-        let job = SpawnJob {
+        let mut job = SpawnJob {
             net,
             pending: None,
             id: jid,
@@ -774,7 +774,7 @@ async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
                 denied_devices: job_inner.denied_devices(&rec.gpu_uuids),
             },
         };
-        job_inner.spawn_one(&job, None)
+        job_inner.spawn_one(&mut job, None)
     })
     .await
     .unwrap_or_else(|e| Err(format!("restart task: {e}")));

@@ -739,7 +739,14 @@ impl Cgroups for CgroupFs {
     }
 
     fn create(&self, id: &str, limits: &Limits) -> Result<WorkerCgroup> {
-        let cg = self.worker(id);
+        let mut cg = self.worker(id);
+        // On v1 a worker with no device to deny needs no devices cgroup of its own: a new one
+        // only copies its parent's rules (the kernel copies the whole exception list at each
+        // mkdir), so the worker may open what its shim may. That saves a mkdir, a join and an
+        // rmdir per worker on hosts without GPUs.
+        if cg.version == CgroupVersion::V1 && limits.denied_devices.is_empty() {
+            cg.dirs.retain(|(c, _)| *c != Controller::Devices);
+        }
         let made = (|| {
             for (_, d) in &cg.dirs {
                 fs::create_dir(d).map_err(io_err("create", d))?;
@@ -1357,5 +1364,54 @@ mod tests {
         } else {
             eprintln!("device rules enforced by {tried} cgroup interface(s)");
         }
+    }
+
+    /// Real kernel, root only: on v1 a worker gets a devices cgroup only when it has devices to
+    /// deny, and removal copes with either; on v2 its one cgroup holds everything.
+    #[test]
+    fn devices_cgroup_only_where_devices_are_denied() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups)");
+            return;
+        }
+        let subtree = format!("berth-cgtest-{}", std::process::id());
+        let fs = match CgroupFs::discover(&subtree, None) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let limits = |denied: Vec<DeviceNode>| Limits {
+            cpu: 0.5,
+            memory_bytes: 64 << 20,
+            pids_max: 16,
+            denied_devices: denied,
+        };
+        let plain = fs.create("plain", &limits(vec![])).unwrap();
+        let gpu = fs
+            .create("gpu", &limits(vec![DeviceNode::char(195, 1)]))
+            .unwrap();
+        let has_devices =
+            |cg: &WorkerCgroup| cg.dirs.iter().any(|(c, _)| *c == Controller::Devices);
+        let v1_devices = fs.version == CgroupVersion::V1
+            && fs.bases.iter().any(|(c, _)| *c == Controller::Devices);
+        assert!(!has_devices(&plain), "{plain:?}");
+        assert_eq!(has_devices(&gpu), v1_devices, "{gpu:?}");
+        for cg in [&plain, &gpu] {
+            assert!(cg.dirs.iter().all(|(_, d)| d.is_dir()), "{cg:?}");
+        }
+        // No devices cgroup was made for the plain worker, on any version.
+        assert!(!fs
+            .worker("plain")
+            .dirs
+            .iter()
+            .any(|(c, d)| *c == Controller::Devices && d.exists()));
+        // Removal by id (as after a restart) finds what exists and skips what never did.
+        fs.worker("plain").remove().unwrap();
+        fs.worker("gpu").remove().unwrap();
+        assert!(fs.list().is_empty(), "{:?}", fs.list());
+        fs.remove_subtree().unwrap();
     }
 }
