@@ -543,6 +543,8 @@ struct PoolState {
     want: Option<Preset>,
     /// When a launch last took (or looked for) a cgroup.
     last_use: Option<Instant>,
+    /// The refill thread is making (or re-presetting) one now.
+    busy: bool,
 }
 
 impl ReadyPool {
@@ -572,8 +574,19 @@ impl ReadyPool {
     /// Removes every ready cgroup now and stops the refill thread.
     fn drain(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let ready = std::mem::take(&mut self.lock().ready);
         self.changed.notify_all();
+        let mut st = self.lock();
+        // One being made now goes too: the subtree can be removed once this returns.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while st.busy && Instant::now() < deadline {
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let ready = std::mem::take(&mut st.ready);
+        drop(st);
         for (name, _) in ready {
             remove_dirs(&self.dirs(&name));
         }
@@ -633,6 +646,7 @@ impl ReadyPool {
                     let _ = self.changed.wait_timeout(st, wait);
                     continue;
                 }
+                st.busy = true;
                 match st.ready.iter().position(|(_, p)| *p != want) {
                     Some(i) => {
                         let (name, _) = st.ready.swap_remove(i);
@@ -641,17 +655,24 @@ impl ReadyPool {
                     None => (ready_name(), want, false),
                 }
             };
-            match self.make(&name, preset, exists) {
-                Ok(()) => {
-                    failures = 0;
-                    let mut st = self.lock();
-                    if self.stop.load(Ordering::SeqCst) {
-                        drop(st);
-                        remove_dirs(&self.dirs(&name));
-                        return;
-                    }
+            let made = self.make(&name, preset, exists);
+            let stopped = self.stop.load(Ordering::SeqCst);
+            if stopped && made.is_ok() {
+                remove_dirs(&self.dirs(&name));
+            }
+            {
+                let mut st = self.lock();
+                st.busy = false;
+                if !stopped && made.is_ok() {
                     st.ready.push((name, preset));
                 }
+            }
+            self.changed.notify_all();
+            if stopped {
+                return;
+            }
+            match made {
+                Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     if failures == 1 {
