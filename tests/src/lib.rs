@@ -379,7 +379,8 @@ impl Daemon {
         )
     }
 
-    /// Worker cgroups that exist now, across hierarchies (deduplicated by worker id).
+    /// Worker cgroups that exist now, across hierarchies (deduplicated by worker id). The
+    /// cgroups a v1 daemon keeps ready (`_ready_<random>`) are no worker's.
     pub fn worker_cgroups(&self) -> Vec<String> {
         let mut ids: Vec<String> = Vec::new();
         for sub in self.cgroup_subtrees() {
@@ -387,7 +388,7 @@ impl Daemon {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
                         let n = e.file_name().to_string_lossy().into_owned();
-                        if !ids.contains(&n) {
+                        if !n.starts_with("_ready_") && !ids.contains(&n) {
                             ids.push(n);
                         }
                     }

@@ -220,13 +220,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     std::fs::create_dir_all(cfg.state_dir.join("workers")).map_err(state_err)?;
     let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
     let subtree = format!("berth-{}", opts.name);
-    let cgroups =
-        tokio::task::spawn_blocking(move || CgroupFs::discover(&subtree, parent.as_deref()))
-            .await
-            .map_err(|e| DaemonError::StateDir {
-                path: cfg.state_dir.clone(),
-                source: std::io::Error::other(e),
-            })??;
+    let cgroup_pool = cfg.cgroup.pool;
+    let cgroups = tokio::task::spawn_blocking(move || {
+        CgroupFs::discover(&subtree, parent.as_deref()).map(|c| c.with_pool(cgroup_pool))
+    })
+    .await
+    .map_err(|e| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source: std::io::Error::other(e),
+    })??;
     tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
     for k in &opts.kernels {
         match &k.invocation {

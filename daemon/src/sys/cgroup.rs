@@ -5,6 +5,8 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -280,10 +282,11 @@ impl WorkerCgroup {
     /// v1, `cgroup.procs` on v2 (where it is only the fallback of
     /// [`clone_into_dir`](Self::clone_into_dir)). See [`join_file`].
     pub fn join_files(&self) -> Vec<PathBuf> {
-        self.dirs
-            .iter()
-            .map(|(_, d)| d.join(join_file(self.version)))
-            .collect()
+        distinct(
+            self.dirs
+                .iter()
+                .map(|(_, d)| d.join(join_file(self.version))),
+        )
     }
 
     /// Directory used for the process list (the pids hierarchy on v1).
@@ -490,6 +493,245 @@ pub struct CgroupFs {
     version: CgroupVersion,
     /// The daemon's subtree in each hierarchy berth uses.
     bases: Vec<(Controller, PathBuf)>,
+    /// Cgroups made ahead of need (v1 only); `None` makes every one on demand.
+    pool: Option<Arc<ReadyPool>>,
+}
+
+/// Prefix of the name of a cgroup made ahead of need: `_ready_` + 12 random characters. No
+/// worker id has a `_`, so nothing takes one for a worker's.
+const READY_PREFIX: &str = "_ready_";
+
+/// How long the pool waits after a cgroup was taken before it makes more: the rest of that
+/// launch (the shim's start) comes first on a host with few CPUs.
+const POOL_QUIET: Duration = Duration::from_millis(10);
+
+/// What a ready cgroup was made with. The CPU quota is what matters: on v1 every write of it
+/// walks every CPU cgroup of the host under a global mutex (~1–2 ms with 4000 workers), so a
+/// ready cgroup has it written already, and a launch takes one whose quota is its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Preset {
+    quota_us: u64,
+    pids_max: u64,
+}
+
+impl Preset {
+    fn of(l: &Limits) -> Self {
+        Self {
+            quota_us: l.cpu_quota_us(),
+            pids_max: l.pids_max,
+        }
+    }
+}
+
+/// Worker cgroups kept ready on v1: made in every hierarchy, CPU quota and pids limit written,
+/// by a thread of their own while no launch is in progress. A launch renames one to its worker
+/// id in each hierarchy (v1 allows renaming a cgroup within its parent; v2 does not) and writes
+/// only the memory limit and device rules, which cost the same whatever the number of workers.
+#[derive(Debug)]
+struct ReadyPool {
+    target: usize,
+    /// The daemon's subtree in each hierarchy, as [`CgroupFs`] has it.
+    bases: Vec<(Controller, PathBuf)>,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    ready: Vec<(String, Preset)>,
+    /// What the latest launch asked for: what the pool makes.
+    want: Option<Preset>,
+    /// When a launch last took (or looked for) a cgroup.
+    last_use: Option<Instant>,
+    /// The refill thread is making (or re-presetting) one now.
+    busy: bool,
+}
+
+impl ReadyPool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A ready cgroup made with `preset`, if there is one; the pool makes the next ones so.
+    fn take(&self, preset: Preset) -> Option<String> {
+        let mut st = self.lock();
+        st.want = Some(preset);
+        st.last_use = Some(Instant::now());
+        let got = st
+            .ready
+            .iter()
+            .position(|(_, p)| *p == preset)
+            .map(|i| st.ready.swap_remove(i).0);
+        drop(st);
+        self.changed.notify_all();
+        got
+    }
+
+    /// The directories of ready cgroup `name`, one per distinct hierarchy.
+    fn dirs(&self, name: &str) -> Vec<PathBuf> {
+        distinct(self.bases.iter().map(|(_, b)| b.join(name)))
+    }
+
+    /// Removes every ready cgroup now and stops the refill thread.
+    fn drain(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+        let mut st = self.lock();
+        // One being made now goes too: the subtree can be removed once this returns.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while st.busy && Instant::now() < deadline {
+            st = self
+                .changed
+                .wait_timeout(st, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let ready = std::mem::take(&mut st.ready);
+        drop(st);
+        for (name, _) in ready {
+            remove_dirs(&self.dirs(&name));
+        }
+    }
+
+    /// Makes ready cgroup `name` with `preset` (or gives an existing one `preset`).
+    fn make(&self, name: &str, preset: Preset, exists: bool) -> Result<()> {
+        let dirs = self.dirs(name);
+        let made = (|| {
+            if !exists {
+                for d in &dirs {
+                    fs::create_dir(d).map_err(io_err("create", d))?;
+                }
+            }
+            for (c, b) in &self.bases {
+                let d = b.join(name);
+                match c {
+                    Controller::Cpu => write_cpu_quota(&d, preset.quota_us)?,
+                    Controller::Pids => {
+                        write_file(&d.join("pids.max"), &preset.pids_max.to_string())?
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })();
+        if made.is_err() {
+            remove_dirs(&dirs);
+        }
+        made
+    }
+
+    /// Keeps `target` cgroups with the latest launch's preset ready, while launches leave it a
+    /// quiet moment. A ready cgroup of an older preset is given the new one rather than made
+    /// anew.
+    fn refill(self: Arc<Self>) {
+        let mut failures = 0u32;
+        loop {
+            let (name, preset, exists) = {
+                let mut st = self.lock();
+                if self.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let quiet_for = st
+                    .last_use
+                    .map_or(Duration::ZERO, |t| POOL_QUIET.saturating_sub(t.elapsed()));
+                let Some(want) = st.want else {
+                    let _ = self.changed.wait_timeout(st, Duration::from_secs(1));
+                    continue;
+                };
+                let matching = st.ready.iter().filter(|(_, p)| *p == want).count();
+                if matching >= self.target || !quiet_for.is_zero() {
+                    let wait = if quiet_for.is_zero() {
+                        Duration::from_secs(1)
+                    } else {
+                        quiet_for
+                    };
+                    let _ = self.changed.wait_timeout(st, wait);
+                    continue;
+                }
+                st.busy = true;
+                match st.ready.iter().position(|(_, p)| *p != want) {
+                    Some(i) => {
+                        let (name, _) = st.ready.swap_remove(i);
+                        (name, want, true)
+                    }
+                    None => (ready_name(), want, false),
+                }
+            };
+            let made = self.make(&name, preset, exists);
+            let stopped = self.stop.load(Ordering::SeqCst);
+            if stopped && made.is_ok() {
+                remove_dirs(&self.dirs(&name));
+            }
+            {
+                let mut st = self.lock();
+                st.busy = false;
+                if !stopped && made.is_ok() {
+                    st.ready.push((name, preset));
+                }
+            }
+            self.changed.notify_all();
+            if stopped {
+                return;
+            }
+            match made {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "ready cgroup not made");
+                    }
+                    std::thread::sleep(Duration::from_millis(
+                        (100u64 << failures.min(6)).min(5_000),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// A fresh name for a ready cgroup.
+fn ready_name() -> String {
+    use rand::Rng;
+    const ALNUM: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let mut n = String::from(READY_PREFIX);
+    for _ in 0..12 {
+        n.push(ALNUM[rng.random_range(0..ALNUM.len())] as char);
+    }
+    n
+}
+
+/// `paths` without repeats, in order: v1 controllers mounted together (`cpu,cpuacct`, the usual
+/// systemd layout) share one hierarchy, so their directories are one.
+fn distinct(paths: impl IntoIterator<Item = PathBuf>) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Best-effort rmdir of empty cgroup directories.
+fn remove_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = fs::remove_dir(d);
+    }
+}
+
+/// Sets the CFS quota of the v1 cgroup `dir` over [`CPU_PERIOD_US`]. Every write of a period or
+/// quota walks every CPU cgroup of the host under a global mutex (the kernel checks the quotas
+/// of the whole tree): ~0.4–2 ms each with 4000 workers. A new cgroup starts with the default
+/// period, so only the quota needs writing.
+fn write_cpu_quota(dir: &Path, quota_us: u64) -> Result<()> {
+    let period = dir.join("cpu.cfs_period_us");
+    let current = fs::read_to_string(&period).map_err(io_err("read", &period))?;
+    if current.trim().parse::<u64>().ok() != Some(CPU_PERIOD_US) {
+        write_file(&period, &CPU_PERIOD_US.to_string())?;
+    }
+    write_file(&dir.join("cpu.cfs_quota_us"), &quota_us.to_string())
 }
 
 impl CgroupFs {
@@ -556,6 +798,7 @@ impl CgroupFs {
         Ok(Self {
             version: CgroupVersion::V1,
             bases,
+            pool: None,
         })
     }
 
@@ -582,7 +825,103 @@ impl CgroupFs {
         Ok(Self {
             version: CgroupVersion::V2,
             bases: vec![(Controller::Unified, base)],
+            pool: None,
         })
+    }
+
+    /// Keeps `n` worker cgroups ready (see [`ReadyPool`]; v1 only: v2 cannot rename a cgroup,
+    /// so there every one is made on demand). Removes the ready cgroups a crashed predecessor
+    /// left first, whatever `n`.
+    pub fn with_pool(mut self, n: usize) -> Self {
+        if self.version != CgroupVersion::V1 {
+            return self;
+        }
+        for (_, b) in &self.bases {
+            let Ok(rd) = fs::read_dir(b) else { continue };
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(READY_PREFIX) {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        if n == 0 {
+            return self;
+        }
+        let pool = Arc::new(ReadyPool {
+            target: n,
+            // Only workers with devices to deny get a devices cgroup (see `create`).
+            bases: self
+                .bases
+                .iter()
+                .filter(|(c, _)| *c != Controller::Devices)
+                .cloned()
+                .collect(),
+            state: Mutex::new(PoolState::default()),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let p = pool.clone();
+        match std::thread::Builder::new()
+            .name("berth-cgroup-pool".into())
+            .spawn(move || p.refill())
+        {
+            Ok(_) => self.pool = Some(pool),
+            Err(e) => tracing::warn!(error = %e, "no ready cgroups: thread not started"),
+        }
+        self
+    }
+
+    /// Cgroups ready now.
+    pub fn ready(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.lock().ready.len())
+    }
+
+    /// Makes `cg` out of ready cgroup `name`: renamed in every hierarchy the pool keeps, made
+    /// in the others (a devices cgroup, which the pool leaves out). On failure it puts back what
+    /// it renamed, removes what it made and the ready cgroup.
+    fn adopt(&self, name: &str, cg: &WorkerCgroup) -> Result<()> {
+        let Some(pool) = &self.pool else {
+            return Err(CgroupError::Unsupported("no ready cgroups".into()));
+        };
+        let mut renamed: Vec<(PathBuf, &Path)> = Vec::new();
+        let mut made: Vec<&Path> = Vec::new();
+        let mut seen: Vec<&Path> = Vec::new();
+        for (c, to) in &cg.dirs {
+            if seen.contains(&to.as_path()) {
+                continue; // controllers mounted together share a directory
+            }
+            seen.push(to);
+            let done = match pool.bases.iter().find(|(pc, _)| pc == c) {
+                Some((_, b)) => {
+                    let from = b.join(name);
+                    fs::rename(&from, to)
+                        .map(|()| renamed.push((from.clone(), to)))
+                        .map_err(io_err("rename", &from))
+                }
+                None => fs::create_dir(to)
+                    .map(|()| made.push(to))
+                    .map_err(io_err("create", to)),
+            };
+            if let Err(e) = done {
+                for (from, to) in renamed.iter().rev() {
+                    let _ = fs::rename(to, from);
+                }
+                for d in made {
+                    let _ = fs::remove_dir(d);
+                }
+                remove_dirs(&pool.dirs(name));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CgroupFs {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pool {
+            p.drain();
+        }
     }
 }
 
@@ -747,11 +1086,23 @@ impl Cgroups for CgroupFs {
         if cg.version == CgroupVersion::V1 && limits.denied_devices.is_empty() {
             cg.dirs.retain(|(c, _)| *c != Controller::Devices);
         }
-        let made = (|| {
-            for (_, d) in &cg.dirs {
-                fs::create_dir(d).map_err(io_err("create", d))?;
+        if let Some(name) = self.pool.as_ref().and_then(|p| p.take(Preset::of(limits))) {
+            match self.adopt(&name, &cg) {
+                Ok(()) => {
+                    if let Err(e) = apply_limits(&cg, limits, true) {
+                        let _ = cg.remove();
+                        return Err(e);
+                    }
+                    return Ok(cg);
+                }
+                Err(e) => tracing::warn!(error = %e, "ready cgroup unusable; making one"),
             }
-            apply_limits(&cg, limits)
+        }
+        let made = (|| {
+            for d in distinct(cg.dirs.iter().map(|(_, d)| d.clone())) {
+                fs::create_dir(&d).map_err(io_err("create", &d))?;
+            }
+            apply_limits(&cg, limits, false)
         })();
         if let Err(e) = made {
             let _ = cg.remove();
@@ -777,10 +1128,14 @@ impl Cgroups for CgroupFs {
         rd.filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with(READY_PREFIX))
             .collect()
     }
 
     fn remove_subtree(&self) -> Result<()> {
+        if let Some(p) = &self.pool {
+            p.drain();
+        }
         for (_, b) in &self.bases {
             match fs::remove_dir(b) {
                 Ok(()) => {}
@@ -801,29 +1156,21 @@ impl Cgroups for CgroupFs {
     }
 }
 
-fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
+/// Writes limits `l` into the new cgroup `cg`; `preset`: the cgroup came from the pool with the
+/// [`Preset`] of `l` written already.
+fn apply_limits(cg: &WorkerCgroup, l: &Limits, preset: bool) -> Result<()> {
     let w = |c: Controller, f: &str, v: String| match cg.dir(c) {
         Some(d) => write_file(&d.join(f), &v),
         None => Ok(()),
     };
     match cg.version {
         CgroupVersion::V1 => {
-            // Every write of a CFS period or quota walks every CPU cgroup of the host under a
-            // global mutex (the kernel checks the quotas of the whole tree): ~0.4–1.5 ms each
-            // with 4000 workers. A new cgroup starts with the default period, so only the quota
-            // needs writing.
-            if let Some(d) = cg.dir(Controller::Cpu) {
-                let period = d.join("cpu.cfs_period_us");
-                let current = fs::read_to_string(&period).map_err(io_err("read", &period))?;
-                if current.trim().parse::<u64>().ok() != Some(CPU_PERIOD_US) {
-                    write_file(&period, &CPU_PERIOD_US.to_string())?;
+            if !preset {
+                if let Some(d) = cg.dir(Controller::Cpu) {
+                    write_cpu_quota(d, l.cpu_quota_us())?;
                 }
+                w(Controller::Pids, "pids.max", l.pids_max.to_string())?;
             }
-            w(
-                Controller::Cpu,
-                "cpu.cfs_quota_us",
-                l.cpu_quota_us().to_string(),
-            )?;
             w(
                 Controller::Memory,
                 "memory.limit_in_bytes",
@@ -836,7 +1183,6 @@ fn apply_limits(cg: &WorkerCgroup, l: &Limits) -> Result<()> {
                     write_file(&sw, &l.memory_bytes.to_string())?;
                 }
             }
-            w(Controller::Pids, "pids.max", l.pids_max.to_string())?;
             if !l.denied_devices.is_empty() {
                 // The child inherits the parent's list; each line adds one exception. (v1 cannot
                 // punch holes into a wildcard deny, so every denied node is named.)
@@ -1366,8 +1712,92 @@ mod tests {
         }
     }
 
+    /// Real kernel, root, v1 only: a launch takes a ready cgroup with its own quota (renamed to
+    /// the worker id, memory limit written), one with another quota is made on demand, ready
+    /// cgroups are no workers' and go with the subtree.
+    #[test]
+    fn ready_cgroups_on_the_real_kernel() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups)");
+            return;
+        }
+        let subtree = format!("berth-pooltest-{}", std::process::id());
+        let cgs = match CgroupFs::discover(&subtree, None) {
+            Ok(c) if c.version == CgroupVersion::V1 => c.with_pool(2),
+            Ok(c) => {
+                let _ = c.remove_subtree();
+                eprintln!("skipped: ready cgroups are v1 only");
+                return;
+            }
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let read = |cg: &WorkerCgroup, c: Controller, f: &str| {
+            fs::read_to_string(cg.dir(c).unwrap().join(f))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let ready_dirs = |c: &CgroupFs| {
+            fs::read_dir(&c.bases[0].1)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(READY_PREFIX))
+                .count()
+        };
+        let wait_ready = |c: &CgroupFs, n: usize| {
+            let t = Instant::now();
+            while c.ready() < n && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(c.ready(), n);
+        };
+        let limits = |cpu: f64| Limits {
+            cpu,
+            memory_bytes: 64 << 20,
+            pids_max: 100,
+            denied_devices: Vec::new(),
+        };
+        // Nothing is made before a launch says what it needs.
+        assert_eq!(cgs.ready(), 0);
+        let a = cgs.create("pooltesta", &limits(0.5)).unwrap();
+        wait_ready(&cgs, 2);
+        assert_eq!(ready_dirs(&cgs), 2);
+        assert_eq!(cgs.list(), vec!["pooltesta".to_owned()]);
+        // Taken: renamed, with the quota and pids limit it was made with and its memory limit.
+        let b = cgs.create("pooltestb", &limits(0.5)).unwrap();
+        assert!(cgs.ready() < 2 || ready_dirs(&cgs) == 2);
+        for cg in [&a, &b] {
+            assert_eq!(read(cg, Controller::Cpu, "cpu.cfs_quota_us"), "50000");
+            assert_eq!(read(cg, Controller::Cpu, "cpu.cfs_period_us"), "100000");
+            assert_eq!(read(cg, Controller::Pids, "pids.max"), "100");
+            assert_eq!(
+                read(cg, Controller::Memory, "memory.limit_in_bytes"),
+                (64u64 << 20).to_string()
+            );
+        }
+        // Another quota: made on demand; the pool then makes that one.
+        let c = cgs.create("pooltestc", &limits(0.25)).unwrap();
+        assert_eq!(read(&c, Controller::Cpu, "cpu.cfs_quota_us"), "25000");
+        wait_ready(&cgs, 2);
+        let d = cgs.create("pooltestd", &limits(0.25)).unwrap();
+        assert_eq!(read(&d, Controller::Cpu, "cpu.cfs_quota_us"), "25000");
+        let mut names = cgs.list();
+        names.sort();
+        assert_eq!(names, ["pooltesta", "pooltestb", "pooltestc", "pooltestd"]);
+        for cg in [a, b, c, d] {
+            cg.remove().unwrap();
+        }
+        cgs.remove_subtree().unwrap();
+        assert!(cgs.bases.iter().all(|(_, b)| !b.exists()));
+    }
+
     /// Real kernel, root only: on v1 a worker gets a devices cgroup only when it has devices to
-    /// deny, and removal copes with either; on v2 its one cgroup holds everything.
+    /// deny, whether its cgroup is made on demand or out of a ready one; removal by id copes
+    /// with either. On v2 its one cgroup holds everything.
     #[test]
     fn devices_cgroup_only_where_devices_are_denied() {
         // SAFETY: geteuid has no preconditions.
@@ -1375,9 +1805,9 @@ mod tests {
             eprintln!("skipped: needs root (cgroups)");
             return;
         }
-        let subtree = format!("berth-cgtest-{}", std::process::id());
-        let fs = match CgroupFs::discover(&subtree, None) {
-            Ok(f) => f,
+        let subtree = format!("berth-devcg-{}", std::process::id());
+        let cgs = match CgroupFs::discover(&subtree, None) {
+            Ok(c) => c.with_pool(1),
             Err(e) => {
                 eprintln!("skipped: {e}");
                 return;
@@ -1389,29 +1819,69 @@ mod tests {
             pids_max: 16,
             denied_devices: denied,
         };
-        let plain = fs.create("plain", &limits(vec![])).unwrap();
-        let gpu = fs
-            .create("gpu", &limits(vec![DeviceNode::char(195, 1)]))
-            .unwrap();
         let has_devices =
             |cg: &WorkerCgroup| cg.dirs.iter().any(|(c, _)| *c == Controller::Devices);
-        let v1_devices = fs.version == CgroupVersion::V1
-            && fs.bases.iter().any(|(c, _)| *c == Controller::Devices);
-        assert!(!has_devices(&plain), "{plain:?}");
-        assert_eq!(has_devices(&gpu), v1_devices, "{gpu:?}");
-        for cg in [&plain, &gpu] {
+        let v1_devices = cgs.version == CgroupVersion::V1
+            && cgs.bases.iter().any(|(c, _)| *c == Controller::Devices);
+        let gpu = vec![DeviceNode::char(195, 1)];
+        let mut made = Vec::new();
+        // On demand first, then (v1) out of the ready cgroup the first launch asked for.
+        for (i, denied) in [vec![], gpu.clone(), vec![], gpu.clone()]
+            .into_iter()
+            .enumerate()
+        {
+            let wants = !denied.is_empty();
+            if i >= 2 && cgs.version == CgroupVersion::V1 {
+                let t = Instant::now();
+                while cgs.ready() == 0 && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert_eq!(cgs.ready(), 1);
+            }
+            let id = format!("devtest{i}");
+            let cg = cgs.create(&id, &limits(denied)).unwrap();
+            assert_eq!(has_devices(&cg), wants && v1_devices, "{cg:?}");
             assert!(cg.dirs.iter().all(|(_, d)| d.is_dir()), "{cg:?}");
+            let stray = cgs
+                .worker(&id)
+                .dirs
+                .into_iter()
+                .any(|(c, d)| c == Controller::Devices && d.exists() && !(wants && v1_devices));
+            assert!(!stray, "a devices cgroup for worker {i}");
+            made.push(id);
         }
-        // No devices cgroup was made for the plain worker, on any version.
-        assert!(!fs
-            .worker("plain")
-            .dirs
-            .iter()
-            .any(|(c, d)| *c == Controller::Devices && d.exists()));
+        let mut listed = cgs.list();
+        listed.sort();
+        assert_eq!(listed, made);
         // Removal by id (as after a restart) finds what exists and skips what never did.
-        fs.worker("plain").remove().unwrap();
-        fs.worker("gpu").remove().unwrap();
-        assert!(fs.list().is_empty(), "{:?}", fs.list());
-        fs.remove_subtree().unwrap();
+        for id in &made {
+            cgs.worker(id).remove().unwrap();
+        }
+        assert!(cgs.list().is_empty(), "{:?}", cgs.list());
+        cgs.remove_subtree().unwrap();
+    }
+
+    /// v1 controllers mounted together (`cpu,cpuacct`) share one directory: a worker joins and
+    /// makes it once.
+    #[test]
+    fn co_mounted_controllers_share_one_directory() {
+        let d = PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/berth/w1");
+        let cg = WorkerCgroup {
+            version: CgroupVersion::V1,
+            dirs: vec![
+                (Controller::Cpu, d.clone()),
+                (Controller::Cpuacct, d.clone()),
+                (Controller::Memory, "/sys/fs/cgroup/memory/berth/w1".into()),
+            ],
+        };
+        assert_eq!(
+            cg.join_files(),
+            vec![
+                d.join("tasks"),
+                "/sys/fs/cgroup/memory/berth/w1/tasks".into()
+            ]
+        );
+        assert_eq!(cg.dir(Controller::Cpuacct), Some(d.as_path()));
+        assert_eq!(distinct([d.clone(), d.clone()]), vec![d]);
     }
 }
