@@ -116,6 +116,13 @@ impl ShimSpawner {
                     tracing::warn!(error = %e, zygote = z.pid(), "shim zygote lost; starting another");
                     *lane = None;
                 }
+                Err(ZygoteError::Lost(e)) => {
+                    tracing::warn!(error = %e, zygote = z.pid(), "shim zygote lost while forking");
+                    *lane = None;
+                    return Err(io::Error::other(format!(
+                        "shim zygote lost while forking: {e}"
+                    )));
+                }
             }
         }
         drop(lane);

@@ -59,9 +59,13 @@ pub enum ZygoteError {
     /// The zygote's fork (or pidfd) failed with this error: a new zygote would fare no better.
     #[error("fork shim: {0}")]
     Fork(#[source] io::Error),
-    /// The zygote is gone or broke the protocol: start a new one.
+    /// The zygote is gone and never had the request: start a new one and ask it.
     #[error("shim zygote: {0}")]
     Gone(#[source] io::Error),
+    /// The zygote took the request but gave no answer (it died, or broke the protocol): start a
+    /// new one, but do not ask again, since a shim may have been forked.
+    #[error("shim zygote: {0}")]
+    Lost(#[source] io::Error),
 }
 
 /// The daemon's end of one zygote. Dropping it ends the zygote (it sees end of file) and reaps
@@ -103,6 +107,7 @@ impl Zygote {
     /// millisecond).
     pub fn spawn(&self, dir: &Path, handshake: BorrowedFd<'_>) -> Result<Forked, ZygoteError> {
         let gone = |e: nix::errno::Errno| ZygoteError::Gone(io::Error::from(e));
+        let lost = |e: io::Error| ZygoteError::Lost(e);
         let fds = [handshake.as_raw_fd()];
         sendmsg::<()>(
             self.sock.as_raw_fd(),
@@ -123,7 +128,7 @@ impl Zygote {
                 MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(gone(e)),
+                Err(e) => return Err(lost(io::Error::from(e))),
                 Ok(msg) => break (msg.bytes, received_fd(&msg)),
             }
         };
@@ -141,8 +146,8 @@ impl Zygote {
                 let errno = i32::from_ne_bytes(reply[1..5].try_into().unwrap_or_default());
                 Err(ZygoteError::Fork(io::Error::from_raw_os_error(errno)))
             }
-            (0, _, _) => Err(ZygoteError::Gone(io::Error::other("the zygote ended"))),
-            _ => Err(ZygoteError::Gone(io::Error::other(format!(
+            (0, _, _) => Err(lost(io::Error::other("the zygote ended"))),
+            _ => Err(lost(io::Error::other(format!(
                 "bad reply from the zygote ({n} bytes)"
             )))),
         }
