@@ -84,19 +84,6 @@ impl ShimSpawner {
         }
     }
 
-    /// Pids of the zygotes running now.
-    pub fn zygotes(&self) -> Vec<u32> {
-        self.lanes
-            .iter()
-            .filter_map(|l| {
-                l.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .map(Zygote::pid)
-            })
-            .collect()
-    }
-
     /// Starts the shim for `dir` with `handshake` as its stdout: forked by a lane's zygote
     /// (started again if it died), else exec'd from here.
     fn start_shim(&self, dir: &Path, handshake: OwnedFd) -> io::Result<Forked> {
