@@ -655,6 +655,15 @@ pub(crate) fn child_signals() -> Option<OwnedFd> {
     }
 }
 
+/// A `poll` entry that waits for `fd` to become readable.
+pub(crate) fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// Reads every pending signal from the signalfd `fd` (they only say "look again").
 pub(crate) fn drain_signals(fd: RawFd) {
     let mut info = [0u8; 128 * 8];
@@ -681,28 +690,16 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
         for (i, fd) in fds.iter().enumerate() {
             if open[i] {
-                pfds.push(libc::pollfd {
-                    fd: *fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                pfds.push(poll_in(*fd));
             }
         }
         if main_status.is_none() {
             if let Some(p) = &pidfd {
-                pfds.push(libc::pollfd {
-                    fd: p.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                pfds.push(poll_in(p.as_raw_fd()));
             }
         }
         if let Some(f) = &sigchld {
-            pfds.push(libc::pollfd {
-                fd: f.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            pfds.push(poll_in(f.as_raw_fd()));
         }
         let timeout = match (main_status, &sigchld) {
             (Some(_), _) => 100,

@@ -208,17 +208,9 @@ pub fn serve() -> i32 {
     let sigchld = super::shim::child_signals();
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
-        let mut pfds = vec![libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut pfds = vec![super::shim::poll_in(sock.as_raw_fd())];
         if let Some(f) = &sigchld {
-            pfds.push(libc::pollfd {
-                fd: f.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            pfds.push(super::shim::poll_in(f.as_raw_fd()));
         }
         // Without a signalfd, children are reaped at least every second.
         let timeout = if sigchld.is_some() { -1 } else { 1000 };
