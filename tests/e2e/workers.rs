@@ -1793,10 +1793,15 @@ async fn fifty_workers_leave_nothing_behind() {
     // The shims come from the daemon's zygotes and hold nothing of theirs (no socket).
     let zygotes = berth_tests::children_named(daemon_pid, "berth-zygote");
     assert!(!zygotes.is_empty(), "no zygote under the daemon");
-    let shims = shims_of(&d);
-    assert!(shims.len() >= 10, "{shims:?}");
-    for s in &shims {
-        let parent = berth_tests::parent_of(*s).unwrap();
+    // Each sleeper's parent is its shim, whose parent is one of the zygotes (a shim's child
+    // between clone and exec would also pass for a shim: start from the workers).
+    let running = list(&c, &ids_of(&sleeping)).await;
+    assert_eq!(running.len(), 10);
+    for w in &running {
+        let s = berth_tests::parent_of(w.pid).unwrap();
+        let comm = std::fs::read_to_string(format!("/proc/{s}/comm")).unwrap();
+        assert_eq!(comm.trim(), "berth-shim", "the parent of {w:?}");
+        let parent = berth_tests::parent_of(s).unwrap();
         assert!(zygotes.contains(&parent), "shim {s} is a child of {parent}");
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{s}/fd"))
             .unwrap()
