@@ -23,6 +23,19 @@ pub fn new_id() -> String {
     s
 }
 
+/// `prefix` followed by 12 random characters of `[0-9a-z]`: names of things kept ready ahead
+/// of need (cgroups, veth ends), which no id can take.
+pub fn ready_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALNUM: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let mut n = String::from(prefix);
+    for _ in 0..12 {
+        n.push(ALNUM[rng.random_range(0..ALNUM.len())] as char);
+    }
+    n
+}
+
 /// Whether `s` could be an id this server made (guards file paths built from ids).
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')

@@ -655,7 +655,7 @@ impl ReadyPool {
                         let (name, _) = st.ready.swap_remove(i);
                         (name, want, true)
                     }
-                    None => (ready_name(), want, false),
+                    None => (crate::core::ready_name(READY_PREFIX), want, false),
                 }
             };
             let made = self.make(&name, preset, exists);
@@ -688,18 +688,6 @@ impl ReadyPool {
             }
         }
     }
-}
-
-/// A fresh name for a ready cgroup.
-fn ready_name() -> String {
-    use rand::Rng;
-    const ALNUM: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let mut n = String::from(READY_PREFIX);
-    for _ in 0..12 {
-        n.push(ALNUM[rng.random_range(0..ALNUM.len())] as char);
-    }
-    n
 }
 
 /// `paths` without repeats, in order: v1 controllers mounted together (`cpu,cpuacct`, the usual
@@ -1712,29 +1700,33 @@ mod tests {
         }
     }
 
+    /// The real cgroup file system with a subtree of its own for a test, or `None` (with the
+    /// reason printed) where the test cannot run: not root, or no usable hierarchy.
+    fn test_cgroups(subtree: &str) -> Option<CgroupFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups)");
+            return None;
+        }
+        CgroupFs::discover(&format!("{subtree}-{}", std::process::id()), None)
+            .inspect_err(|e| eprintln!("skipped: {e}"))
+            .ok()
+    }
+
     /// Real kernel, root, v1 only: a launch takes a ready cgroup with its own quota (renamed to
     /// the worker id, memory limit written), one with another quota is made on demand, ready
     /// cgroups are no workers' and go with the subtree.
     #[test]
     fn ready_cgroups_on_the_real_kernel() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (cgroups)");
+        let Some(cgs) = test_cgroups("berth-pooltest") else {
+            return;
+        };
+        if cgs.version != CgroupVersion::V1 {
+            let _ = cgs.remove_subtree();
+            eprintln!("skipped: ready cgroups are v1 only");
             return;
         }
-        let subtree = format!("berth-pooltest-{}", std::process::id());
-        let cgs = match CgroupFs::discover(&subtree, None) {
-            Ok(c) if c.version == CgroupVersion::V1 => c.with_pool(2),
-            Ok(c) => {
-                let _ = c.remove_subtree();
-                eprintln!("skipped: ready cgroups are v1 only");
-                return;
-            }
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
-        };
+        let cgs = cgs.with_pool(2);
         let read = |cg: &WorkerCgroup, c: Controller, f: &str| {
             fs::read_to_string(cg.dir(c).unwrap().join(f))
                 .unwrap()
@@ -1800,19 +1792,10 @@ mod tests {
     /// with either. On v2 its one cgroup holds everything.
     #[test]
     fn devices_cgroup_only_where_devices_are_denied() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root (cgroups)");
+        let Some(cgs) = test_cgroups("berth-devcg") else {
             return;
-        }
-        let subtree = format!("berth-devcg-{}", std::process::id());
-        let cgs = match CgroupFs::discover(&subtree, None) {
-            Ok(c) => c.with_pool(1),
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
         };
+        let cgs = cgs.with_pool(1);
         let limits = |denied: Vec<DeviceNode>| Limits {
             cpu: 0.5,
             memory_bytes: 64 << 20,

@@ -744,18 +744,6 @@ fn spawn_refill_thread(cfg: NetConfig, host_ns: Arc<OwnedFd>, pool: Arc<Pool>) -
         .map(|_| ())
 }
 
-/// A random suffix for the host end of a ready namespace's veth.
-fn ready_end_name() -> String {
-    use rand::Rng;
-    const ALNUM: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    let mut n = String::from(READY_END_PREFIX);
-    for _ in 0..12 {
-        n.push(ALNUM[rng.random_range(0..ALNUM.len())] as char);
-    }
-    n
-}
-
 /// Makes a ready namespace (see [`Ready`]). The error says whether the thread is back in the
 /// host namespace.
 fn make_ready(
@@ -783,7 +771,7 @@ fn make_ready(
         ));
     }
     let (ns, mut inner) = inside.map_err(|(s, e)| (s, e, true))?;
-    let host_end = ready_end_name();
+    let host_end = crate::core::ready_name(READY_END_PREFIX);
     let built = (|| -> StepResult<(u32, u32)> {
         at("bring lo up", inner.one(lo_up(), 0))?;
         create_veth(host, &mut inner, &host_end, &ns)
