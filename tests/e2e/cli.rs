@@ -824,3 +824,468 @@ async fn ctrl_c_of_wait_leaves_workers_running() {
     assert_eq!(v["workers"][0]["status"], "WORKER_STATUS_RUNNING", "{v}");
     berth(&d, &["stop", "--grace", "0", &id]).await.ok();
 }
+
+/// The type of a JSON value, as client/JSON.md names them.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Checks a worker document against the contract of client/JSON.md: every field, each of its
+/// type (`null` allowed where the field may be unset).
+#[track_caller]
+fn assert_worker_document(w: &Value) {
+    let fields: &[(&str, &str, bool)] = &[
+        ("id", "string", false),
+        ("session_id", "string", false),
+        ("host", "string", false),
+        ("ip_address", "string", false),
+        ("status", "string", false),
+        ("cpu", "number", false),
+        ("memory_gb", "number", false),
+        ("nvidia_gpu", "number", false),
+        ("gpu_uuids", "array", false),
+        ("kernel", "string", false),
+        ("command", "array", false),
+        ("pid", "number", false),
+        ("exit_code", "number", true),
+        ("signal", "number", true),
+        ("reason", "string", false),
+        ("restarts", "number", false),
+        ("labels", "object", false),
+        ("created_at", "string", false),
+        ("started_at", "string", true),
+        ("finished_at", "string", true),
+        ("cpu_seconds", "number", false),
+        ("memory_peak_bytes", "number", false),
+        ("workdir", "string", false),
+        ("network", "string", false),
+        ("gpu_memory_used_bytes", "number", false),
+    ];
+    let obj = w.as_object().unwrap_or_else(|| panic!("no object: {w}"));
+    for (name, ty, nullable) in fields {
+        let v = obj.get(*name).unwrap_or_else(|| panic!("no {name} in {w}"));
+        let got = json_type(v);
+        assert!(
+            got == *ty || (*nullable && got == "null"),
+            "{name} is {got}, not {ty}: {w}"
+        );
+    }
+    assert_eq!(obj.len(), fields.len(), "fields beyond the contract: {w}");
+    assert!(w["status"].as_str().unwrap().starts_with("WORKER_STATUS_"));
+    assert!(w["network"].as_str().unwrap().starts_with("NETWORK_MODE_"));
+}
+
+/// The error document that `--json` writes on stderr: one line, `{"error": {code, message}}`.
+#[track_caller]
+fn error_document(r: &Run) -> (String, String) {
+    assert!(r.stdout.is_empty(), "{r:?}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{r:?}");
+    let v: Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("stderr is no JSON document ({e}): {r:?}"));
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+    let e = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(e.len(), 2, "{v}");
+    (
+        e["code"].as_str().unwrap().to_owned(),
+        e["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_contract_of_workers_and_errors() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+
+    // Launched: not started or not ended yet, so what is unset is null.
+    let v = berth(
+        &d,
+        &[&["--json", "launch"][..], &SMALL, &["--", "sleep", "1000"]].concat(),
+    )
+    .await
+    .ok()
+    .json();
+    let w = &v["workers"][0];
+    assert_worker_document(w);
+    assert_eq!(w["exit_code"], Value::Null, "{w}");
+    assert_eq!(w["signal"], Value::Null, "{w}");
+    assert_eq!(w["finished_at"], Value::Null, "{w}");
+    assert_eq!(w["session_id"], "", "{w}");
+    let id = w["id"].as_str().unwrap().to_owned();
+    let t = await_timeout();
+    let v = berth(&d, &["--json", "await", "--running", "--timeout", &t, &id])
+        .await
+        .ok()
+        .json();
+    let w = &v["workers"][0];
+    assert_worker_document(w);
+    assert_eq!(w["status"], "WORKER_STATUS_RUNNING");
+    assert!(w["started_at"].as_str().unwrap().ends_with('Z'), "{w}");
+    assert!(w["pid"].as_u64().unwrap() > 0, "{w}");
+    assert!(!w["ip_address"].as_str().unwrap().is_empty(), "{w}");
+
+    // Awaited workers that fail: the document, exit status 1, and nothing on stderr.
+    let r = berth(&d, &["--json", "await", "--timeout", "1", &id]).await;
+    assert_eq!((r.code, r.stderr.as_str()), (1, ""), "{r:?}");
+    assert_eq!(r.json()["failures"][0]["id"], id.as_str());
+
+    // Stopped by a signal: the signal is set, the exit code null.
+    let v = berth(&d, &["--json", "stop", "--grace", "0", &id])
+        .await
+        .ok()
+        .json();
+    assert_worker_document(&v["workers"][0]);
+    let r = berth(&d, &["--json", "await", "--timeout", &t, &id]).await;
+    let w = &r.json()["failures"][0];
+    assert_worker_document(w);
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{w}");
+    assert_eq!(w["exit_code"], Value::Null, "{w}");
+    assert!(w["signal"].is_number(), "{w}");
+    assert!(w["finished_at"].is_string(), "{w}");
+
+    // Failures: one JSON document on stderr, the code by its gRPC name, the server's message.
+    let cases: &[(&[&str], i32, &str, &str)] = &[
+        (
+            &["launch", "--cpu", "0", "--", "/bin/true"],
+            1,
+            "INVALID_ARGUMENT",
+            "cpu",
+        ),
+        (
+            &["launch", "-n", "0", "--", "/bin/true"],
+            1,
+            "INVALID_ARGUMENT",
+            "n",
+        ),
+        (
+            &["launch", "--cpu", "100000", "--", "/bin/true"],
+            1,
+            "RESOURCE_EXHAUSTED",
+            "cpu",
+        ),
+        (&["list", "nosuchworker7"], 1, "NOT_FOUND", "nosuchworker7"),
+        (&["stop", "nosuchworker7"], 1, "NOT_FOUND", "nosuchworker7"),
+        (
+            &["session", "keepalive", "nosuchsession7"],
+            1,
+            "NOT_FOUND",
+            "nosuchsession7",
+        ),
+        // Usage errors too (exit status 2), with clap's first line.
+        (&["launch", "--count", "x"], 2, "INVALID_ARGUMENT", "'x'"),
+        (&["stop"], 2, "INVALID_ARGUMENT", "required"),
+    ];
+    for (args, status, code, needle) in cases {
+        let r = berth(&d, &[&["--json"][..], args].concat()).await;
+        assert_eq!(r.code, *status, "{args:?}: {r:?}");
+        let (c, m) = error_document(&r);
+        assert_eq!(c, *code, "{args:?}: {r:?}");
+        assert!(m.contains(needle), "{args:?}: {m}");
+        assert!(!m.starts_with(code), "the code is not repeated: {m}");
+    }
+    let gone = d.dir.join("nobody.sock");
+    let r = berth(
+        &d,
+        &[
+            "--json",
+            "--addr",
+            &format!("unix:{}", gone.display()),
+            "list",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let (c, m) = error_document(&r);
+    assert_eq!(c, "UNAVAILABLE");
+    assert!(m.contains("nobody.sock"), "{m}");
+    // Help is no error, even with --json.
+    let r = berth(&d, &["--json", "session", "--help"]).await;
+    assert!(r.ok().stdout().contains("open"), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_open_keepalive_close() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let v = berth(
+        &d,
+        &["--json", "session", "open", "--ttl", "60", "-l", "a=b"],
+    )
+    .await
+    .ok()
+    .json();
+    for (field, ty) in [
+        ("id", "string"),
+        ("ttl_seconds", "number"),
+        ("expires_at", "string"),
+        ("created_at", "string"),
+        ("labels", "object"),
+        ("holder_pid", "null"),
+    ] {
+        assert_eq!(json_type(&v[field]), ty, "{field}: {v}");
+    }
+    assert_eq!(v["ttl_seconds"], 60);
+    assert_eq!(v["labels"]["a"], "b");
+    let s = v["id"].as_str().unwrap().to_owned();
+    // Without --json: the id alone, for S=$(berth session open).
+    let plain = berth(&d, &["session", "open"]).await.ok().stdout();
+    assert_eq!(plain.trim_end().len(), plain.len() - 1, "{plain:?}");
+    assert!(!plain.trim().contains(char::is_whitespace), "{plain:?}");
+
+    let ids = launch(&d, &["-n", "2", "--session", &s, "--", "sleep", "1000"]).await;
+    let v = berth(&d, &["--json", "session", "keep-alive", &s])
+        .await
+        .ok()
+        .json();
+    assert_eq!(v["id"], s.as_str());
+    assert!(v["expires_at"].is_string(), "{v}");
+    let v = berth(&d, &["--json", "session", "close", "--grace", "0", &s])
+        .await
+        .ok()
+        .json();
+    let mut stopped = ids_of(&serde_json::json!({"workers": v["stopped"]}));
+    stopped.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(stopped, want, "{v}");
+    for w in v["stopped"].as_array().unwrap() {
+        assert_worker_document(w);
+    }
+    let r = berth(&d, &["--json", "list", "--session", &s]).await;
+    for w in r.ok().json()["workers"].as_array().unwrap() {
+        assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{w}");
+        assert_eq!(w["reason"], "session ended", "{w}");
+    }
+    // Ended: it renews no more.
+    let r = berth(&d, &["session", "keepalive", &s]).await;
+    assert!(
+        r.code == 1 && r.stderr.starts_with("berth: NOT_FOUND: "),
+        "{r:?}"
+    );
+    let r = berth(&d, &["session", "open", "--output", "/tmp/x"]).await;
+    assert_eq!(r.code, 2, "--output needs --hold-while: {r:?}");
+}
+
+/// A process for a holder to hold, killed when dropped.
+struct Held(std::process::Child);
+
+impl Held {
+    fn start() -> Self {
+        Held(
+            Command::new("sleep")
+                .arg("1000")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("run sleep"),
+        )
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn running(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(") ")?.1.chars().next()?;
+            Some(!matches!(state, 'Z' | 'X'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until `f` holds, for at most `limit` (scaled); says what it waited for otherwise.
+async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + scaled(limit);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what} in {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Opens a session held while `held` lives, its output to `out` (and stderr lines to `err`).
+async fn open_held(d: &Daemon, held: &Held, ttl: u64, out: &Path, err: Option<&Path>) -> Value {
+    let (ttl, pid) = (ttl.to_string(), held.pid());
+    let out = out.display().to_string();
+    let mut args = vec![
+        "--json",
+        "session",
+        "open",
+        "--ttl",
+        &ttl,
+        "--hold-while",
+        &pid,
+        "--output",
+        &out,
+    ];
+    let err = err.map(|p| p.display().to_string());
+    if let Some(e) = &err {
+        args.extend(["--output-stderr", e]);
+    }
+    // berth_in reads berth's stdout to its end: a holder that kept the pipe would hang here.
+    berth(d, &args).await.ok().json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_copies_output_and_ends_with_its_process() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let mut held = Held::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let ttl = scaled(Duration::from_secs(2)).as_secs();
+    // A descriptor that berth inherits (as it would inherit a listening socket of R's).
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe(2) writes two descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let inherited = std::fs::read_link(format!("/proc/self/fd/{}", pipe[1])).unwrap();
+    let v = open_held(&d, &held, ttl, &out, Some(&err)).await;
+    for fd in pipe {
+        // SAFETY: close(2) of the descriptors made above, used by nothing else.
+        unsafe { libc::close(fd) };
+    }
+    let s = v["id"].as_str().unwrap().to_owned();
+    let holder = v["holder_pid"].as_u64().expect("a holder pid");
+    assert!(running(holder), "{v}");
+    // Detached: standard streams on /dev/null, nothing inherited.
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{holder}/fd/{fd}")).unwrap();
+        assert_eq!(target, Path::new("/dev/null"), "fd {fd}");
+    }
+    // Closed as the holder starts (which may be a moment after `session open` returned).
+    wait_for(
+        "close of the inherited descriptor",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_dir(format!("/proc/{holder}/fd"))
+                .unwrap()
+                .all(|e| std::fs::read_link(e.unwrap().path()).unwrap_or_default() != inherited)
+        },
+    )
+    .await;
+    let stat = std::fs::read_to_string(format!("/proc/{holder}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    assert_eq!(fields[2], holder.to_string(), "a process group of its own");
+
+    let code = "printf 'one\\ntwo\\n'; echo oops >&2; printf partial";
+    let first = launch(
+        &d,
+        &["-n", "2", "--session", &s, "--", "/bin/sh", "-c", code],
+    )
+    .await;
+    // Past a few leases: the holder renews; and a worker launched later is followed too.
+    tokio::time::sleep(Duration::from_secs(2 * ttl)).await;
+    let later = launch(&d, &["--session", &s, "--", "/bin/sh", "-c", code]).await;
+    let sleeper = launch(&d, &["--session", &s, "--", "sleep", "1000"]).await;
+    let all: Vec<&String> = first.iter().chain(&later).collect();
+    wait_for("output of every worker", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        all.iter()
+            .all(|id| text.contains(&format!("[{id}] partial\n")))
+    })
+    .await;
+    let text = std::fs::read_to_string(&out).unwrap();
+    let errs = std::fs::read_to_string(&err).unwrap();
+    for id in &all {
+        let of: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{id}] ")))
+            .collect();
+        assert_eq!(of, ["one", "two", "partial"], "{text}");
+        assert!(errs.contains(&format!("[{id}] oops\n")), "{errs}");
+    }
+    assert!(!text.contains("oops"), "{text}");
+    let w = berth(&d, &["--json", "list", &sleeper[0]])
+        .await
+        .ok()
+        .json();
+    assert_eq!(w["workers"][0]["status"], "WORKER_STATUS_RUNNING", "{w}");
+
+    // The held process ends (kill -9): the session is closed at once, not at the lease's end.
+    held.kill();
+    let killed = std::time::Instant::now();
+    let r = berth(&d, &["--json", "await", "--timeout", "60", &sleeper[0]]).await;
+    let took = killed.elapsed();
+    let w = &r.json()["failures"][0];
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{r:?}");
+    assert_eq!(w["reason"], "session ended", "{w}");
+    assert!(
+        took < scaled(Duration::from_secs(2)),
+        "stopped {took:?} after its process ended"
+    );
+    wait_for("end of the holder", Duration::from_secs(10), || {
+        !running(holder)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_session_ends_without_its_holder_and_its_holder_without_it() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let held = Held::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ttl = scaled(Duration::from_secs(2)).as_secs();
+
+    // The holder killed: the lease lapses.
+    let v = open_held(&d, &held, ttl, &out, None).await;
+    let (s, holder) = (v["id"].as_str().unwrap(), v["holder_pid"].as_u64().unwrap());
+    let id = launch(&d, &["--session", s, "--", "sleep", "1000"]).await;
+    // SAFETY: kill(2) of the holder this test started (through berth), which is running.
+    unsafe { libc::kill(holder as i32, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    let r = berth(&d, &["--json", "await", "--timeout", "60", &id[0]]).await;
+    let w = &r.json()["failures"][0];
+    assert_eq!(w["status"], "WORKER_STATUS_STOPPED", "{r:?}");
+    assert_eq!(w["reason"], "session ended", "{w}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(ttl) + scaled(Duration::from_secs(4)),
+        "stopped {:?} after its holder was killed",
+        killed.elapsed()
+    );
+
+    // The session closed by someone: the holder exits, its process lives on.
+    let v = open_held(&d, &held, ttl, &out, None).await;
+    let (s, holder) = (v["id"].as_str().unwrap(), v["holder_pid"].as_u64().unwrap());
+    berth(&d, &["session", "close", s]).await.ok();
+    wait_for("end of the holder", Duration::from_secs(ttl + 5), || {
+        !running(holder)
+    })
+    .await;
+    assert!(running(u64::from(held.0.id())));
+
+    // A process that does not exist is refused before a session is opened.
+    let r = berth(
+        &d,
+        &["--json", "session", "open", "--hold-while", "999999999"],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    let (code, m) = error_document(&r);
+    assert_eq!(code, "INVALID_ARGUMENT");
+    assert!(m.contains("999999999"), "{m}");
+}

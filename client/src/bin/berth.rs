@@ -1,18 +1,41 @@
 //! `berth`: launch, track and stop workers on a berth host daemon or scheduler.
 //!
 //! Exit status: 0 on success; 1 when a call fails or awaited workers fail; 2 on a usage error.
+//! With `--json`, a failure is also told as one JSON document on stderr (client/JSON.md).
 
 use std::process::ExitCode;
 
 use berth_client::cli::{self, Cli, Terminal};
 use clap::Parser;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
-    let args = Cli::parse();
-    if let Err(e) = cli::check(&args) {
-        e.exit();
+fn main() -> ExitCode {
+    let json = cli::wants_json(std::env::args_os());
+    let args = match Cli::try_parse().and_then(|a| cli::check(&a).map(|()| a)) {
+        Ok(a) => a,
+        // Help and version are no errors: clap prints them on stdout.
+        Err(e) if json && e.use_stderr() => {
+            eprintln!("{}", cli::usage_error_json(&e));
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+        Err(e) => e.exit(),
+    };
+    if args.is_holder() {
+        cli::holder::close_inherited_fds();
     }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("berth: cannot start: {e}");
+            return ExitCode::from(cli::EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(run(args, json))
+}
+
+async fn run(args: Cli, json: bool) -> ExitCode {
     let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
     let (mut out, mut err) = (stdout.lock(), stderr.lock());
     let mut term = Terminal {
@@ -23,7 +46,11 @@ async fn main() -> ExitCode {
         Ok(outcome) => ExitCode::from(outcome.exit_status()),
         Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
-            let _ = writeln!(term.err, "berth: {e}");
+            let _ = if json {
+                writeln!(term.err, "{}", e.to_json())
+            } else {
+                writeln!(term.err, "berth: {e}")
+            };
             ExitCode::from(e.exit_status())
         }
     }

@@ -1,6 +1,8 @@
 //! The command line of `berth`: verbs, flags and the parsers of their values. Clap turns a
 //! malformed command line into a usage error (exit status 2) before any call is made.
 
+use std::path::PathBuf;
+
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::pb;
@@ -18,11 +20,19 @@ pub struct Cli {
     /// Server address: HOST:PORT, http://HOST:PORT or unix:PATH.
     #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
-    /// Print one JSON document (the response) instead of tables; `logs` stays raw.
+    /// Print one JSON document (the response) instead of tables, and a failure as one on
+    /// stderr (client/JSON.md); `logs` stays raw.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Whether this is the session holder that `session open --hold-while` starts.
+    pub fn is_holder(&self) -> bool {
+        matches!(self.command, Command::Session(SessionCommand::Hold(_)))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +56,89 @@ pub enum Command {
     Drain(HostArg),
     /// Place new workers on a drained host again.
     Undrain(HostArg),
+    /// Open, renew or close a session (its workers end with it).
+    #[command(subcommand)]
+    Session(SessionCommand),
+}
+
+/// `berth session …`: sessions for callers that hold no connection of their own (scripts, R).
+#[derive(Debug, Clone, Subcommand)]
+pub enum SessionCommand {
+    /// Open a session; print it (its id without --json).
+    ///
+    /// With --hold-while, a detached holder process keeps it alive while PID lives, closes it
+    /// once PID is gone, and copies the output of its workers to --output.
+    Open(SessionOpenArgs),
+    /// Renew a session's lease; print the session.
+    #[command(visible_alias = "keep-alive")]
+    Keepalive(SessionIdArg),
+    /// Close a session: its workers are stopped. Prints them.
+    Close(SessionCloseArgs),
+    /// The holder that `open --hold-while` starts (not for people: run by `open`).
+    #[command(hide = true)]
+    Hold(HoldArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SessionOpenArgs {
+    /// Lease in seconds: without renewal the session ends this long after the last one (a
+    /// holder renews it every third of it).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = super::lease::DEFAULT_TTL_SECS,
+        value_parser = clap::value_parser!(u32).range(1..=86400)
+    )]
+    pub ttl: u32,
+    /// Keep the session alive while process PID lives, and close it as soon as PID is gone.
+    #[arg(long, value_name = "PID")]
+    pub hold_while: Option<u32>,
+    /// Where the holder writes the workers' output, line by line as `[id] line` (opened for
+    /// appending; e.g. /proc/<PID>/fd/1, the caller's own standard output, or a file).
+    #[arg(long, value_name = "PATH", requires = "hold_while")]
+    pub output: Option<PathBuf>,
+    /// Where the workers' standard error lines go instead of --output.
+    #[arg(long, value_name = "PATH", requires = "output")]
+    pub output_stderr: Option<PathBuf>,
+    /// Free label of the session (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "K=V", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SessionIdArg {
+    /// Session id, as `session open` printed it.
+    #[arg(value_name = "ID")]
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SessionCloseArgs {
+    /// Session id, as `session open` printed it.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Seconds between SIGTERM and SIGKILL for its workers (server default 10).
+    #[arg(long, value_name = "SECS")]
+    pub grace: Option<u32>,
+}
+
+/// What `session open --hold-while` hands to the holder it starts.
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    #[arg(value_name = "ID")]
+    pub id: String,
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..=86400))]
+    pub ttl: u32,
+    #[arg(long, value_name = "PID")]
+    pub hold_while: u32,
+    /// Start time of PID (clock ticks after boot, /proc/PID/stat), so that another process
+    /// that gets the same pid later is not taken for it.
+    #[arg(long, value_name = "TICKS")]
+    pub start_time: u64,
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", requires = "output")]
+    pub output_stderr: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

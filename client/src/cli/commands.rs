@@ -8,7 +8,11 @@ use clap::CommandFactory;
 use serde_json::Value;
 use tonic::Streaming;
 
-use super::args::{AwaitArgs, Cli, Command, LaunchArgs, ListArgs, LogsArgs, StopArgs};
+use super::args::{
+    AwaitArgs, Cli, Command, LaunchArgs, ListArgs, LogsArgs, SessionCloseArgs, SessionCommand,
+    SessionOpenArgs, StopArgs,
+};
+use super::holder::{self, HolderSpec};
 use super::lease::{Lease, Signal, Signals};
 use super::output::{OutputDemux, Sink};
 use super::{json, request, view, CliError, Outcome, Terminal};
@@ -33,6 +37,11 @@ pub fn check(cli: &Cli) -> Result<(), clap::Error> {
 
 /// Runs the verb of `cli` against its server, writing to `term`.
 pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+    // The holder connects (and connects again) on its own, for as long as it holds.
+    if let Command::Session(SessionCommand::Hold(a)) = &cli.command {
+        holder::hold(&cli.addr, a).await?;
+        return Ok(Outcome::Success);
+    }
     let client = Client::connect(&cli.addr)
         .await
         .map_err(CliError::Connect)?;
@@ -51,6 +60,13 @@ pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError>
         Command::Hosts => v.hosts(term).await,
         Command::Drain(a) => v.drain(&a.name, true, term).await,
         Command::Undrain(a) => v.drain(&a.name, false, term).await,
+        Command::Session(SessionCommand::Open(a)) => v.session_open(&a, term).await,
+        Command::Session(SessionCommand::Keepalive(a)) => {
+            let s = v.keep_alive(&a.id).await?;
+            v.print_session(term, &s, None)
+        }
+        Command::Session(SessionCommand::Close(a)) => v.session_close(&a, term).await,
+        Command::Session(SessionCommand::Hold(_)) => unreachable!("run above"),
     }
 }
 
@@ -114,6 +130,10 @@ impl Verb<'_> {
         }
         if r.failures.is_empty() {
             return Ok(Outcome::Success);
+        }
+        // The document says it all; a script reads the exit status.
+        if self.json {
+            return Ok(Outcome::WorkersFailed);
         }
         writeln!(
             term.err,
@@ -290,17 +310,111 @@ impl Verb<'_> {
     }
 
     async fn open_session(&self, ttl_seconds: u32) -> Result<pb::Session, CliError> {
+        self.open_labelled_session(
+            ttl_seconds,
+            [("berth.cli".to_owned(), "attach".to_owned())].into(),
+        )
+        .await
+    }
+
+    async fn open_labelled_session(
+        &self,
+        ttl_seconds: u32,
+        labels: std::collections::HashMap<String, String>,
+    ) -> Result<pb::Session, CliError> {
         call(
             "berth.v1.Workers/OpenSession",
             self.client
                 .workers()
                 .open_session(pb::OpenSessionRequest {
                     ttl_seconds,
-                    labels: [("berth.cli".to_owned(), "attach".to_owned())].into(),
+                    labels,
                     ..Default::default()
                 })
                 .await,
         )
+    }
+
+    /// `berth session open`: with `--hold-while`, the process and the destinations are checked
+    /// before the session exists, and a session whose holder cannot start is closed again.
+    async fn session_open(
+        &self,
+        a: &SessionOpenArgs,
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
+        let held = match a.hold_while {
+            Some(pid) => Some((pid, holder::start_time_of(pid).await?)),
+            None => None,
+        };
+        for p in a.output.iter().chain(&a.output_stderr) {
+            drop(holder::open_destination(p).await?);
+        }
+        let mut labels: std::collections::HashMap<String, String> =
+            a.labels.iter().cloned().collect();
+        labels
+            .entry("berth.cli".to_owned())
+            .or_insert_with(|| "session".to_owned());
+        let session = self.open_labelled_session(a.ttl, labels).await?;
+        let holder_pid = match held {
+            None => None,
+            Some((pid, start_time)) => {
+                let spec = HolderSpec {
+                    addr: self.addr.to_owned(),
+                    session: session.id.clone(),
+                    ttl_seconds: session.ttl_seconds.max(1),
+                    pid,
+                    start_time,
+                    output: a.output.clone(),
+                    output_stderr: a.output_stderr.clone(),
+                };
+                match holder::spawn(&spec).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        let _ = self.close_session(&session.id).await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.print_session(term, &session, holder_pid)
+    }
+
+    /// A session: the document with `--json`, else its id alone (for `S=$(berth session open)`).
+    fn print_session(
+        &self,
+        term: &mut Terminal<'_>,
+        s: &pb::Session,
+        holder_pid: Option<u32>,
+    ) -> Result<Outcome, CliError> {
+        if self.json {
+            print_json(term, &json::session(s, holder_pid))?;
+        } else {
+            print_text(term, &format!("{}\n", s.id))?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    async fn session_close(
+        &self,
+        a: &SessionCloseArgs,
+        term: &mut Terminal<'_>,
+    ) -> Result<Outcome, CliError> {
+        let r = call(
+            "berth.v1.Workers/CloseSession",
+            self.client
+                .workers()
+                .close_session(pb::CloseSessionRequest {
+                    session_id: a.id.clone(),
+                    grace_seconds: a.grace,
+                })
+                .await,
+        )?;
+        if self.json {
+            print_json(term, &json::close_response(&r))?;
+        } else {
+            print_text(term, &view::workers_table(&r.stopped, SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
     }
 
     async fn keep_alive(&self, id: &str) -> Result<pb::Session, CliError> {

@@ -1,6 +1,7 @@
 //! What scripts read (`--json`): the response messages as JSON, with the proto field names,
 //! enums by their proto names (`WORKER_STATUS_RUNNING`), timestamps in RFC 3339, unset
-//! optional fields as `null`, and 64-bit integers as numbers.
+//! optional fields as `null`, and 64-bit integers as numbers. `client/JSON.md` is the contract
+//! (the R client parses these documents); a change here is a change there.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -58,6 +59,30 @@ pub fn worker_list(ws: &[pb::Worker]) -> Value {
 
 pub fn await_response(r: &pb::AwaitWorkersResponse) -> Value {
     json!({ "workers": workers(&r.workers), "failures": workers(&r.failures) })
+}
+
+/// `CloseSessionResponse`: the workers that the close stopped.
+pub fn close_response(r: &pb::CloseSessionResponse) -> Value {
+    json!({ "stopped": workers(&r.stopped) })
+}
+
+/// A `Session`, and the pid of the holder that `session open --hold-while` started (`null`
+/// for none).
+pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Value {
+    json!({
+        "id": s.id,
+        "ttl_seconds": s.ttl_seconds,
+        "expires_at": timestamp(s.expires_at.as_ref()),
+        "created_at": timestamp(s.created_at.as_ref()),
+        "labels": map(&s.labels),
+        "holder_pid": holder_pid,
+    })
+}
+
+/// The document that `--json` writes on stderr when a verb fails: `code` is the gRPC code's
+/// canonical name, `message` the server's message (or what failed here).
+pub fn error(code: &str, message: &str) -> Value {
+    json!({ "error": { "code": code, "message": message } })
 }
 
 fn resources(r: Option<&pb::Resources>) -> Value {
@@ -174,6 +199,39 @@ mod tests {
         });
         assert_eq!(v["workers"][0]["id"], "a");
         assert_eq!(v["failures"], json!([]));
+    }
+
+    #[test]
+    fn session_fields() {
+        let s = pb::Session {
+            id: "s1".into(),
+            ttl_seconds: 10,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+            created_at: None,
+            labels: [("berth.client".to_owned(), "r".to_owned())].into(),
+        };
+        let v = session(&s, Some(42));
+        assert_eq!(v["id"], "s1");
+        assert_eq!(v["ttl_seconds"], 10);
+        assert_eq!(v["expires_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["created_at"], Value::Null);
+        assert_eq!(v["labels"]["berth.client"], "r");
+        assert_eq!(v["holder_pid"], 42);
+        assert_eq!(session(&s, None)["holder_pid"], Value::Null);
+        let c = close_response(&pb::CloseSessionResponse {
+            stopped: vec![pb::Worker {
+                id: "w".into(),
+                ..Default::default()
+            }],
+        });
+        assert_eq!(c["stopped"][0]["id"], "w");
+        assert_eq!(
+            error("NOT_FOUND", "session s1"),
+            json!({"error": {"code": "NOT_FOUND", "message": "session s1"}})
+        );
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Lease {
 
 /// Renews the lease until the server says the session is gone; returns that answer. Any other
 /// failure (the server restarting, a network hiccup) is retried.
-async fn renew(addr: &str, id: &str, every: Duration) -> tonic::Status {
+pub(crate) async fn renew(addr: &str, id: &str, every: Duration) -> tonic::Status {
     let mut client: Option<Client> = None;
     let mut wait = every;
     loop {

@@ -5,6 +5,7 @@
 
 pub mod args;
 mod commands;
+pub mod holder;
 pub mod json;
 pub mod lease;
 pub mod output;
@@ -12,7 +13,9 @@ pub mod request;
 pub mod table;
 pub mod view;
 
+use std::ffi::OsString;
 use std::io::Write;
+use std::path::PathBuf;
 
 pub use args::Cli;
 pub use commands::{check, run};
@@ -22,6 +25,9 @@ use lease::Signal;
 
 /// Exit status of a failed call, or of awaited workers that failed.
 pub const EXIT_FAILURE: u8 = 1;
+
+/// Exit status of a usage error (what clap refuses).
+pub const EXIT_USAGE: u8 = 2;
 
 /// How a verb that ran to the end came out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +71,19 @@ pub enum CliError {
     /// The signal handlers or the lease thread of `--attach` could not be set up.
     #[error("cannot hold a session while attached: {0}")]
     Attach(#[source] std::io::Error),
+    /// `session open --hold-while PID` names no live process.
+    #[error("--hold-while {pid}: no such process")]
+    NoProcess { pid: u32 },
+    /// An output destination of the session holder cannot be opened for writing.
+    #[error("cannot write to {}: {source}", .path.display())]
+    Destination {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The session holder could not be started (or, in the holder, set up).
+    #[error("cannot start the session holder: {0}")]
+    Holder(#[source] std::io::Error),
     #[error("write output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -86,6 +105,54 @@ impl CliError {
             _ => None,
         }
     }
+
+    /// The code that `--json` reports: the server's for a refused call, UNAVAILABLE when it
+    /// cannot be reached, INVALID_ARGUMENT for an argument found wrong here, UNKNOWN for a
+    /// local failure.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            CliError::Connect(_) => "UNAVAILABLE",
+            CliError::Call { status, .. } => code_name(status.code()),
+            CliError::CurrentDir(_) => "FAILED_PRECONDITION",
+            CliError::NoProcess { .. } | CliError::Destination { .. } => "INVALID_ARGUMENT",
+            CliError::Attach(_) | CliError::Holder(_) | CliError::Output(_) => "UNKNOWN",
+        }
+    }
+
+    /// What went wrong, without the code: the server's message for a refused call.
+    pub fn message(&self) -> String {
+        match self {
+            CliError::Connect(e) => error_chain(e),
+            CliError::Call {
+                method,
+                status,
+                hint,
+            } => call_message(method, status, hint.as_deref()),
+            e => error_chain(e),
+        }
+    }
+
+    /// The error document of `--json`, written on stderr.
+    pub fn to_json(&self) -> serde_json::Value {
+        json::error(self.code_name(), &self.message())
+    }
+}
+
+/// Whether a command line asks for `--json` (before any `--`): then even a usage error is told
+/// as a JSON document.
+pub fn wants_json<I: IntoIterator<Item = OsString>>(args: I) -> bool {
+    args.into_iter()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// The error document of a usage error: INVALID_ARGUMENT with the first line of clap's text.
+pub fn usage_error_json(e: &clap::Error) -> serde_json::Value {
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let message = first.strip_prefix("error: ").unwrap_or(first).trim();
+    json::error("INVALID_ARGUMENT", message)
 }
 
 /// The canonical name of a gRPC status code, as in the gRPC spec: `INVALID_ARGUMENT`.
@@ -112,16 +179,24 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// `CODE: message`; a status without message names the method instead.
+/// `CODE: message`.
 fn describe_call(method: &str, status: &tonic::Status, hint: Option<&str>) -> String {
-    let code = code_name(status.code());
+    format!(
+        "{}: {}",
+        code_name(status.code()),
+        call_message(method, status, hint)
+    )
+}
+
+/// The server's message, and the hint; a status without message names the method instead.
+fn call_message(method: &str, status: &tonic::Status, hint: Option<&str>) -> String {
     let mut s = if status.message().is_empty() {
         match status.code() {
-            tonic::Code::Unimplemented => format!("{code}: {method} is not served here"),
-            _ => format!("{code}: {method} failed"),
+            tonic::Code::Unimplemented => format!("{method} is not served here"),
+            _ => format!("{method} failed"),
         }
     } else {
-        format!("{code}: {}", status.message())
+        status.message().to_owned()
     };
     if let Some(h) = hint {
         s.push_str(" (");
@@ -187,6 +262,64 @@ mod tests {
             hint: None,
         };
         assert_eq!(e.to_string(), "INTERNAL: M failed");
+    }
+
+    #[test]
+    fn json_errors_carry_code_and_message() {
+        let e = CliError::Call {
+            method: "berth.v1.Workers/LaunchWorkers",
+            status: tonic::Status::resource_exhausted("cpu: 64 asked, 2 free"),
+            hint: None,
+        };
+        assert_eq!(
+            e.to_json(),
+            serde_json::json!({"error": {"code": "RESOURCE_EXHAUSTED", "message": "cpu: 64 asked, 2 free"}})
+        );
+        let e = CliError::Call {
+            method: "M",
+            status: tonic::Status::unimplemented(""),
+            hint: Some("needs a scheduler".into()),
+        };
+        assert_eq!(
+            e.to_json()["error"]["message"],
+            "M is not served here (needs a scheduler)"
+        );
+        let e = CliError::NoProcess { pid: 7 };
+        assert_eq!(e.code_name(), "INVALID_ARGUMENT");
+        assert_eq!(
+            e.to_json()["error"]["message"],
+            "--hold-while 7: no such process"
+        );
+        assert_eq!(
+            CliError::from(std::io::Error::other("x")).code_name(),
+            "UNKNOWN"
+        );
+    }
+
+    #[test]
+    fn json_is_asked_for_before_the_command() {
+        let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert!(wants_json(args(&["berth", "--json", "list"])));
+        assert!(wants_json(args(&["berth", "list", "--json"])));
+        assert!(!wants_json(args(&["berth", "list"])));
+        assert!(
+            !wants_json(args(&["--json"])),
+            "the program name is no flag"
+        );
+        assert!(!wants_json(args(&[
+            "berth", "launch", "--", "prog", "--json"
+        ])));
+    }
+
+    #[test]
+    fn usage_errors_as_json() {
+        use clap::Parser;
+        let e = Cli::try_parse_from(["berth", "--json", "launch", "--count", "x"]).unwrap_err();
+        let v = usage_error_json(&e);
+        assert_eq!(v["error"]["code"], "INVALID_ARGUMENT");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.starts_with("invalid value 'x'"), "{m}");
+        assert!(!m.contains('\n'), "{m}");
     }
 
     #[test]

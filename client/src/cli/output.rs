@@ -63,6 +63,20 @@ impl OutputDemux {
         (sink, Cow::Owned(prefix_lines(&chunk.worker_id, &lines)))
     }
 
+    /// What is still held back of worker `id` (its unfinished last lines, once it has ended),
+    /// each ended by a newline.
+    pub fn finish_worker(&mut self, id: &str) -> Vec<(Sink, Vec<u8>)> {
+        let mut out = Vec::new();
+        for sink in [Sink::Stdout, Sink::Stderr] {
+            if let Some(bytes) = self.pending.remove(&(id.to_owned(), sink)) {
+                if !bytes.is_empty() {
+                    out.push((sink, prefix_lines(id, &bytes)));
+                }
+            }
+        }
+        out
+    }
+
     /// What is still held back (unfinished last lines), each ended by a newline; empties it.
     pub fn finish(&mut self) -> Vec<(Sink, Vec<u8>)> {
         std::mem::take(&mut self.pending)
@@ -140,6 +154,27 @@ mod tests {
         );
         assert_eq!(d.finish(), [(Sink::Stdout, b"[b] three\n".to_vec())]);
         assert!(d.finish().is_empty());
+    }
+
+    #[test]
+    fn one_worker_finishes_alone() {
+        let mut d = OutputDemux::new(true);
+        for c in [
+            chunk("a", pb::Stream::Stdout, b"a1"),
+            chunk("a", pb::Stream::Stderr, b"a2"),
+            chunk("b", pb::Stream::Stdout, b"b1"),
+        ] {
+            d.push(&c);
+        }
+        assert_eq!(
+            d.finish_worker("a"),
+            [
+                (Sink::Stdout, b"[a] a1\n".to_vec()),
+                (Sink::Stderr, b"[a] a2\n".to_vec())
+            ]
+        );
+        assert!(d.finish_worker("a").is_empty());
+        assert_eq!(d.finish(), [(Sink::Stdout, b"[b] b1\n".to_vec())]);
     }
 
     #[test]
