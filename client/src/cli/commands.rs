@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
-use serde_json::Value;
+use serde::Serialize;
 use tonic::Streaming;
 
 use super::args::{
@@ -82,7 +82,7 @@ fn call<T>(
         })
 }
 
-fn print_json(term: &mut Terminal<'_>, v: &Value) -> Result<(), CliError> {
+fn print_json(term: &mut Terminal<'_>, v: &impl Serialize) -> Result<(), CliError> {
     serde_json::to_writer_pretty(&mut *term.out, v).map_err(std::io::Error::from)?;
     writeln!(term.out)?;
     term.out.flush()?;

@@ -1,277 +1,736 @@
 //! What scripts read (`--json`): the response messages as JSON, with the proto field names,
 //! enums by their proto names (`WORKER_STATUS_RUNNING`), timestamps in RFC 3339, unset
 //! optional fields as `null`, and 64-bit integers as numbers. `client/JSON.md` is the contract
-//! (the R client parses these documents); a change here is a change there.
+//! (the R client parses these documents, a Python test compares them with the Python client's
+//! dicts); a change here is a change there.
+//!
+//! Each document is a view that borrows from the response and derives `Serialize`. A view
+//! takes its message apart field by field, without `..`, so a field added to the proto does
+//! not build until it is given its place here. The fields are declared in the sorted order of
+//! their names, the order in which `berth --json` has always written the keys (JSON.md gives
+//! the order no meaning; the tests below hold it all the same).
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{json, Value};
+use prost_types::Timestamp;
+use serde::{Serialize, Serializer};
 
 use crate::pb;
 
-fn timestamp(t: Option<&prost_types::Timestamp>) -> Value {
-    t.map_or(Value::Null, |t| Value::String(t.to_string()))
+/// A timestamp in RFC 3339 as prost writes it (UTC, `Z`, the fraction of a second as sent),
+/// `null` when unset.
+fn rfc3339<S: Serializer>(t: &Option<&Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.collect_str(t),
+        None => s.serialize_none(),
+    }
 }
 
 /// A map with its keys in order, so the output is stable.
-fn map(m: &HashMap<String, String>) -> Value {
-    json!(m.iter().collect::<BTreeMap<_, _>>())
+fn sorted(m: &HashMap<String, String>) -> BTreeMap<&str, &str> {
+    m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-pub fn worker(w: &pb::Worker) -> Value {
-    json!({
-        "id": w.id,
-        "session_id": w.session_id,
-        "host": w.host,
-        "ip_address": w.ip_address,
-        "status": w.status().as_str_name(),
-        "cpu": w.cpu,
-        "memory_gb": w.memory_gb,
-        "nvidia_gpu": w.nvidia_gpu,
-        "gpu_uuids": w.gpu_uuids,
-        "kernel": w.kernel,
-        "command": w.command,
-        "pid": w.pid,
-        "exit_code": w.exit_code,
-        "signal": w.signal,
-        "reason": w.reason,
-        "restarts": w.restarts,
-        "labels": map(&w.labels),
-        "created_at": timestamp(w.created_at.as_ref()),
-        "started_at": timestamp(w.started_at.as_ref()),
-        "finished_at": timestamp(w.finished_at.as_ref()),
-        "cpu_seconds": w.cpu_seconds,
-        "memory_peak_bytes": w.memory_peak_bytes,
-        "workdir": w.workdir,
-        "network": w.network().as_str_name(),
-        "gpu_memory_used_bytes": w.gpu_memory_used_bytes,
-    })
+/// A `Worker`.
+#[derive(Debug, Serialize)]
+pub struct Worker<'a> {
+    command: &'a [String],
+    cpu: f64,
+    cpu_seconds: f64,
+    #[serde(serialize_with = "rfc3339")]
+    created_at: Option<&'a Timestamp>,
+    exit_code: Option<i32>,
+    #[serde(serialize_with = "rfc3339")]
+    finished_at: Option<&'a Timestamp>,
+    gpu_memory_used_bytes: u64,
+    gpu_uuids: &'a [String],
+    host: &'a str,
+    id: &'a str,
+    ip_address: &'a str,
+    kernel: &'a str,
+    labels: BTreeMap<&'a str, &'a str>,
+    memory_gb: f64,
+    memory_peak_bytes: u64,
+    network: &'static str,
+    nvidia_gpu: u32,
+    pid: u32,
+    reason: &'a str,
+    restarts: u32,
+    session_id: &'a str,
+    signal: Option<i32>,
+    #[serde(serialize_with = "rfc3339")]
+    started_at: Option<&'a Timestamp>,
+    status: &'static str,
+    workdir: &'a str,
 }
 
-fn workers(ws: &[pb::Worker]) -> Value {
-    Value::Array(ws.iter().map(worker).collect())
+impl<'a> From<&'a pb::Worker> for Worker<'a> {
+    fn from(w: &'a pb::Worker) -> Self {
+        let pb::Worker {
+            id,
+            session_id,
+            host,
+            ip_address,
+            status: _,
+            cpu,
+            memory_gb,
+            nvidia_gpu,
+            gpu_uuids,
+            kernel,
+            command,
+            pid,
+            exit_code,
+            signal,
+            reason,
+            restarts,
+            labels,
+            created_at,
+            started_at,
+            finished_at,
+            cpu_seconds,
+            memory_peak_bytes,
+            workdir,
+            network: _,
+            gpu_memory_used_bytes,
+        } = w;
+        Self {
+            command,
+            cpu: *cpu,
+            cpu_seconds: *cpu_seconds,
+            created_at: created_at.as_ref(),
+            exit_code: *exit_code,
+            finished_at: finished_at.as_ref(),
+            gpu_memory_used_bytes: *gpu_memory_used_bytes,
+            gpu_uuids,
+            host,
+            id,
+            ip_address,
+            kernel,
+            labels: sorted(labels),
+            memory_gb: *memory_gb,
+            memory_peak_bytes: *memory_peak_bytes,
+            network: w.network().as_str_name(),
+            nvidia_gpu: *nvidia_gpu,
+            pid: *pid,
+            reason,
+            restarts: *restarts,
+            session_id,
+            signal: *signal,
+            started_at: started_at.as_ref(),
+            status: w.status().as_str_name(),
+            workdir,
+        }
+    }
+}
+
+fn workers(ws: &[pb::Worker]) -> Vec<Worker<'_>> {
+    ws.iter().map(Worker::from).collect()
 }
 
 /// `LaunchWorkersResponse`, `ListWorkersResponse` and `StopWorkersResponse` alike.
-pub fn worker_list(ws: &[pb::Worker]) -> Value {
-    json!({ "workers": workers(ws) })
+#[derive(Debug, Serialize)]
+pub struct WorkerList<'a> {
+    workers: Vec<Worker<'a>>,
 }
 
-pub fn await_response(r: &pb::AwaitWorkersResponse) -> Value {
-    json!({ "workers": workers(&r.workers), "failures": workers(&r.failures) })
+pub fn worker_list(ws: &[pb::Worker]) -> WorkerList<'_> {
+    WorkerList {
+        workers: workers(ws),
+    }
+}
+
+/// `AwaitWorkersResponse`.
+#[derive(Debug, Serialize)]
+pub struct AwaitResponse<'a> {
+    failures: Vec<Worker<'a>>,
+    workers: Vec<Worker<'a>>,
+}
+
+pub fn await_response(r: &pb::AwaitWorkersResponse) -> AwaitResponse<'_> {
+    let pb::AwaitWorkersResponse {
+        workers: ok,
+        failures,
+    } = r;
+    AwaitResponse {
+        failures: workers(failures),
+        workers: workers(ok),
+    }
 }
 
 /// `CloseSessionResponse`: the workers that the close stopped.
-pub fn close_response(r: &pb::CloseSessionResponse) -> Value {
-    json!({ "stopped": workers(&r.stopped) })
+#[derive(Debug, Serialize)]
+pub struct CloseResponse<'a> {
+    stopped: Vec<Worker<'a>>,
+}
+
+pub fn close_response(r: &pb::CloseSessionResponse) -> CloseResponse<'_> {
+    let pb::CloseSessionResponse { stopped } = r;
+    CloseResponse {
+        stopped: workers(stopped),
+    }
 }
 
 /// A `Session`, and the pid of the holder that `session open --hold-while` started (`null`
 /// for none).
-pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Value {
-    json!({
-        "id": s.id,
-        "ttl_seconds": s.ttl_seconds,
-        "expires_at": timestamp(s.expires_at.as_ref()),
-        "created_at": timestamp(s.created_at.as_ref()),
-        "labels": map(&s.labels),
-        "holder_pid": holder_pid,
+#[derive(Debug, Serialize)]
+pub struct Session<'a> {
+    #[serde(serialize_with = "rfc3339")]
+    created_at: Option<&'a Timestamp>,
+    #[serde(serialize_with = "rfc3339")]
+    expires_at: Option<&'a Timestamp>,
+    holder_pid: Option<u32>,
+    id: &'a str,
+    labels: BTreeMap<&'a str, &'a str>,
+    ttl_seconds: u32,
+}
+
+pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Session<'_> {
+    let pb::Session {
+        id,
+        ttl_seconds,
+        expires_at,
+        created_at,
+        labels,
+    } = s;
+    Session {
+        created_at: created_at.as_ref(),
+        expires_at: expires_at.as_ref(),
+        holder_pid,
+        id,
+        labels: sorted(labels),
+        ttl_seconds: *ttl_seconds,
+    }
+}
+
+/// The document that `--json` writes on stderr when a verb fails, as its one line: `code` is
+/// the gRPC code's canonical name, `message` the server's message (or what failed here).
+pub fn error(code: &str, message: &str) -> String {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        error: Body<'a>,
+    }
+    #[derive(Serialize)]
+    struct Body<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    serde_json::to_string(&Error {
+        error: Body { code, message },
     })
+    .expect("a document of strings serializes")
 }
 
-/// The document that `--json` writes on stderr when a verb fails: `code` is the gRPC code's
-/// canonical name, `message` the server's message (or what failed here).
-pub fn error(code: &str, message: &str) -> Value {
-    json!({ "error": { "code": code, "message": message } })
+/// `Resources`.
+#[derive(Debug, Serialize)]
+pub struct Resources {
+    addresses: u32,
+    cpu: f64,
+    gpus: u32,
+    memory_gb: f64,
+    workers: u32,
 }
 
-fn resources(r: Option<&pb::Resources>) -> Value {
-    r.map_or(Value::Null, |r| {
-        json!({
-            "cpu": r.cpu,
-            "memory_gb": r.memory_gb,
-            "gpus": r.gpus,
-            "workers": r.workers,
-            "addresses": r.addresses,
-        })
-    })
+impl From<&pb::Resources> for Resources {
+    fn from(r: &pb::Resources) -> Self {
+        let pb::Resources {
+            cpu,
+            memory_gb,
+            gpus,
+            workers,
+            addresses,
+        } = *r;
+        Self {
+            addresses,
+            cpu,
+            gpus,
+            memory_gb,
+            workers,
+        }
+    }
 }
 
-fn gpu(g: &pb::Gpu) -> Value {
-    json!({
-        "uuid": g.uuid,
-        "index": g.index,
-        "name": g.name,
-        "memory_total_bytes": g.memory_total_bytes,
-        "memory_used_bytes": g.memory_used_bytes,
-        "utilization_percent": g.utilization_percent,
-        "pci_bus_id": g.pci_bus_id,
-        "mig_enabled": g.mig_enabled,
-        "worker_id": g.worker_id,
-        "minor_number": g.minor_number,
-    })
+/// A `Gpu` of a host.
+#[derive(Debug, Serialize)]
+pub struct Gpu<'a> {
+    index: u32,
+    memory_total_bytes: u64,
+    memory_used_bytes: u64,
+    mig_enabled: bool,
+    minor_number: u32,
+    name: &'a str,
+    pci_bus_id: &'a str,
+    utilization_percent: u32,
+    uuid: &'a str,
+    worker_id: &'a str,
 }
 
-fn kernel(k: &pb::Kernel) -> Value {
-    json!({ "name": k.name, "path": k.path, "available": k.available })
+impl<'a> From<&'a pb::Gpu> for Gpu<'a> {
+    fn from(g: &'a pb::Gpu) -> Self {
+        let pb::Gpu {
+            uuid,
+            index,
+            name,
+            memory_total_bytes,
+            memory_used_bytes,
+            utilization_percent,
+            pci_bus_id,
+            mig_enabled,
+            worker_id,
+            minor_number,
+        } = g;
+        Self {
+            index: *index,
+            memory_total_bytes: *memory_total_bytes,
+            memory_used_bytes: *memory_used_bytes,
+            mig_enabled: *mig_enabled,
+            minor_number: *minor_number,
+            name,
+            pci_bus_id,
+            utilization_percent: *utilization_percent,
+            uuid,
+            worker_id,
+        }
+    }
 }
 
-pub fn host_info(h: &pb::HostInfo) -> Value {
-    json!({
-        "name": h.name,
-        "version": h.version,
-        "labels": map(&h.labels),
-        "capacity": resources(h.capacity.as_ref()),
-        "allocated": resources(h.allocated.as_ref()),
-        "gpus": h.gpus.iter().map(gpu).collect::<Vec<_>>(),
-        "subnet": h.subnet,
-        "cgroup_version": h.cgroup_version,
-        "address": h.address,
-        "kernels": h.kernels.iter().map(kernel).collect::<Vec<_>>(),
-        "gpu_backend": h.gpu_backend,
-        "started_at": timestamp(h.started_at.as_ref()),
-    })
+/// A `Kernel` of a host.
+#[derive(Debug, Serialize)]
+pub struct Kernel<'a> {
+    available: bool,
+    name: &'a str,
+    path: &'a str,
 }
 
-pub fn cluster_host(h: &pb::ClusterHost) -> Value {
-    json!({
-        "info": h.info.as_ref().map_or(Value::Null, host_info),
-        "state": h.state().as_str_name(),
-        "last_seen": timestamp(h.last_seen.as_ref()),
-    })
+impl<'a> From<&'a pb::Kernel> for Kernel<'a> {
+    fn from(k: &'a pb::Kernel) -> Self {
+        let pb::Kernel {
+            name,
+            path,
+            available,
+        } = k;
+        Self {
+            available: *available,
+            name,
+            path,
+        }
+    }
 }
 
-pub fn hosts(r: &pb::ListHostsResponse) -> Value {
-    json!({ "hosts": r.hosts.iter().map(cluster_host).collect::<Vec<_>>() })
+/// `HostInfo`.
+#[derive(Debug, Serialize)]
+pub struct HostInfo<'a> {
+    address: &'a str,
+    allocated: Option<Resources>,
+    capacity: Option<Resources>,
+    cgroup_version: u32,
+    gpu_backend: &'a str,
+    gpus: Vec<Gpu<'a>>,
+    kernels: Vec<Kernel<'a>>,
+    labels: BTreeMap<&'a str, &'a str>,
+    name: &'a str,
+    #[serde(serialize_with = "rfc3339")]
+    started_at: Option<&'a Timestamp>,
+    subnet: &'a str,
+    version: &'a str,
+}
+
+impl<'a> From<&'a pb::HostInfo> for HostInfo<'a> {
+    fn from(h: &'a pb::HostInfo) -> Self {
+        let pb::HostInfo {
+            name,
+            version,
+            labels,
+            capacity,
+            allocated,
+            gpus,
+            subnet,
+            cgroup_version,
+            address,
+            kernels,
+            gpu_backend,
+            started_at,
+        } = h;
+        Self {
+            address,
+            allocated: allocated.as_ref().map(Resources::from),
+            capacity: capacity.as_ref().map(Resources::from),
+            cgroup_version: *cgroup_version,
+            gpu_backend,
+            gpus: gpus.iter().map(Gpu::from).collect(),
+            kernels: kernels.iter().map(Kernel::from).collect(),
+            labels: sorted(labels),
+            name,
+            started_at: started_at.as_ref(),
+            subnet,
+            version,
+        }
+    }
+}
+
+pub fn host_info(h: &pb::HostInfo) -> HostInfo<'_> {
+    HostInfo::from(h)
+}
+
+/// A `ClusterHost`: a host as a scheduler knows it.
+#[derive(Debug, Serialize)]
+pub struct ClusterHost<'a> {
+    info: Option<HostInfo<'a>>,
+    #[serde(serialize_with = "rfc3339")]
+    last_seen: Option<&'a Timestamp>,
+    state: &'static str,
+}
+
+impl<'a> From<&'a pb::ClusterHost> for ClusterHost<'a> {
+    fn from(c: &'a pb::ClusterHost) -> Self {
+        let pb::ClusterHost {
+            info,
+            state: _,
+            last_seen,
+        } = c;
+        Self {
+            info: info.as_ref().map(HostInfo::from),
+            last_seen: last_seen.as_ref(),
+            state: c.state().as_str_name(),
+        }
+    }
+}
+
+pub fn cluster_host(h: &pb::ClusterHost) -> ClusterHost<'_> {
+    ClusterHost::from(h)
+}
+
+/// `ListHostsResponse`.
+#[derive(Debug, Serialize)]
+pub struct Hosts<'a> {
+    hosts: Vec<ClusterHost<'a>>,
+}
+
+pub fn hosts(r: &pb::ListHostsResponse) -> Hosts<'_> {
+    let pb::ListHostsResponse { hosts } = r;
+    Hosts {
+        hosts: hosts.iter().map(ClusterHost::from).collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
-    #[test]
-    fn worker_fields() {
-        let w = pb::Worker {
-            id: "abc".into(),
+    fn ts(seconds: i64, nanos: i32) -> Option<Timestamp> {
+        Some(Timestamp { seconds, nanos })
+    }
+
+    /// Every field set; text that JSON escapes; a 64-bit number past 2^53.
+    fn full_worker() -> pb::Worker {
+        pb::Worker {
+            id: "w1".into(),
+            session_id: "s1".into(),
+            host: "node1".into(),
+            ip_address: "10.88.0.2".into(),
             status: pb::WorkerStatus::Failed as i32,
-            cpu: 0.5,
-            memory_gb: 0.25,
-            command: vec!["/bin/false".into()],
+            cpu: 0.1,
+            memory_gb: 1.5,
+            nvidia_gpu: 2,
+            gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
+            kernel: "python3".into(),
+            command: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo \"hi\"\n\u{e9}\u{1}".into(),
+            ],
+            pid: 4242,
             exit_code: Some(1),
+            signal: Some(9),
             reason: "exited with code 1".into(),
-            labels: [("b".to_owned(), "2".to_owned()), ("a".into(), "1".into())].into(),
-            created_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 500_000_000,
-            }),
+            restarts: 3,
+            labels: [
+                ("zone".to_owned(), "a".to_owned()),
+                ("b".into(), "".into()),
+                ("A".into(), "x".into()),
+            ]
+            .into(),
+            created_at: ts(1_700_000_000, 98_187_267),
+            started_at: ts(1_700_000_001, 500_000_000),
+            finished_at: ts(1_700_000_002, 0),
+            cpu_seconds: 12.25,
             memory_peak_bytes: u64::MAX,
-            network: pb::NetworkMode::None as i32,
-            ..Default::default()
-        };
-        let v = worker(&w);
-        assert_eq!(v["id"], "abc");
-        assert_eq!(v["status"], "WORKER_STATUS_FAILED");
-        assert_eq!(v["cpu"], 0.5);
-        assert_eq!(v["command"], json!(["/bin/false"]));
-        assert_eq!(v["exit_code"], 1);
-        assert_eq!(v["signal"], Value::Null);
-        assert_eq!(v["labels"], json!({"a": "1", "b": "2"}));
-        assert_eq!(v["created_at"], "2023-11-14T22:13:20.500Z");
-        assert_eq!(v["started_at"], Value::Null);
-        assert_eq!(v["memory_peak_bytes"], u64::MAX);
-        assert_eq!(v["network"], "NETWORK_MODE_NONE");
-        // Every field of the message is there.
-        assert_eq!(v.as_object().unwrap().len(), 25);
-        // And it round-trips through text.
-        let text = serde_json::to_string(&worker_list(&[w])).unwrap();
-        let back: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(back["workers"][0]["id"], "abc");
+            workdir: "/tmp/w".into(),
+            network: pb::NetworkMode::Bridge as i32,
+            gpu_memory_used_bytes: 1 << 40,
+        }
     }
 
-    #[test]
-    fn await_has_both_lists() {
-        let v = await_response(&pb::AwaitWorkersResponse {
-            workers: vec![pb::Worker {
-                id: "a".into(),
-                ..Default::default()
-            }],
-            failures: vec![],
-        });
-        assert_eq!(v["workers"][0]["id"], "a");
-        assert_eq!(v["failures"], json!([]));
-    }
+    const FULL_WORKER: &str = r#"{
+  "command": [
+    "/bin/sh",
+    "-c",
+    "echo \"hi\"\né\u0001"
+  ],
+  "cpu": 0.1,
+  "cpu_seconds": 12.25,
+  "created_at": "2023-11-14T22:13:20.098187267Z",
+  "exit_code": 1,
+  "finished_at": "2023-11-14T22:13:22Z",
+  "gpu_memory_used_bytes": 1099511627776,
+  "gpu_uuids": [
+    "GPU-a",
+    "GPU-b"
+  ],
+  "host": "node1",
+  "id": "w1",
+  "ip_address": "10.88.0.2",
+  "kernel": "python3",
+  "labels": {
+    "A": "x",
+    "b": "",
+    "zone": "a"
+  },
+  "memory_gb": 1.5,
+  "memory_peak_bytes": 18446744073709551615,
+  "network": "NETWORK_MODE_BRIDGE",
+  "nvidia_gpu": 2,
+  "pid": 4242,
+  "reason": "exited with code 1",
+  "restarts": 3,
+  "session_id": "s1",
+  "signal": 9,
+  "started_at": "2023-11-14T22:13:21.500Z",
+  "status": "WORKER_STATUS_FAILED",
+  "workdir": "/tmp/w"
+}"#;
 
-    #[test]
-    fn session_fields() {
-        let s = pb::Session {
-            id: "s1".into(),
-            ttl_seconds: 10,
-            expires_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 0,
-            }),
-            created_at: None,
-            labels: [("berth.client".to_owned(), "r".to_owned())].into(),
-        };
-        let v = session(&s, Some(42));
-        assert_eq!(v["id"], "s1");
-        assert_eq!(v["ttl_seconds"], 10);
-        assert_eq!(v["expires_at"], "2023-11-14T22:13:20Z");
-        assert_eq!(v["created_at"], Value::Null);
-        assert_eq!(v["labels"]["berth.client"], "r");
-        assert_eq!(v["holder_pid"], 42);
-        assert_eq!(session(&s, None)["holder_pid"], Value::Null);
-        let c = close_response(&pb::CloseSessionResponse {
-            stopped: vec![pb::Worker {
-                id: "w".into(),
-                ..Default::default()
-            }],
-        });
-        assert_eq!(c["stopped"][0]["id"], "w");
-        assert_eq!(
-            error("NOT_FOUND", "session s1"),
-            json!({"error": {"code": "NOT_FOUND", "message": "session s1"}})
-        );
-    }
+    /// A worker with nothing set: zeros and empty strings are themselves, unset is `null`.
+    const EMPTY_WORKER: &str = r#"{"command":[],"cpu":0.0,"cpu_seconds":0.0,"created_at":null,"exit_code":null,"finished_at":null,"gpu_memory_used_bytes":0,"gpu_uuids":[],"host":"","id":"","ip_address":"","kernel":"","labels":{},"memory_gb":0.0,"memory_peak_bytes":0,"network":"NETWORK_MODE_BRIDGE","nvidia_gpu":0,"pid":0,"reason":"","restarts":0,"session_id":"","signal":null,"started_at":null,"status":"WORKER_STATUS_UNSPECIFIED","workdir":""}"#;
 
-    #[test]
-    fn host_info_fields() {
-        let h = pb::HostInfo {
-            name: "n".into(),
-            cgroup_version: 1,
+    fn full_host() -> pb::HostInfo {
+        pb::HostInfo {
+            name: "node1".into(),
+            version: "0.1.0".into(),
+            labels: [
+                ("zone".to_owned(), "a".to_owned()),
+                ("rack".into(), "7".into()),
+            ]
+            .into(),
             capacity: Some(pb::Resources {
-                cpu: 4.0,
-                memory_gb: 8.0,
-                gpus: 1,
-                workers: 10,
+                cpu: 16.0,
+                memory_gb: 62.5,
+                gpus: 2,
+                workers: 100,
                 addresses: 65533,
             }),
+            allocated: Some(pb::Resources {
+                cpu: 0.5,
+                memory_gb: 0.125,
+                gpus: 1,
+                workers: 1,
+                addresses: 1,
+            }),
             gpus: vec![pb::Gpu {
-                uuid: "GPU-x".into(),
-                ..Default::default()
+                uuid: "GPU-a".into(),
+                index: 1,
+                name: "A100".into(),
+                memory_total_bytes: 80 << 30,
+                memory_used_bytes: 1 << 30,
+                utilization_percent: 42,
+                pci_bus_id: "0000:01:00.0".into(),
+                mig_enabled: true,
+                worker_id: "w1".into(),
+                minor_number: 3,
             }],
+            subnet: "10.88.0.0/16".into(),
+            cgroup_version: 2,
+            address: "10.0.0.1:7300".into(),
             kernels: vec![pb::Kernel {
                 name: "python3".into(),
                 path: "/usr/bin/python3".into(),
                 available: true,
             }],
+            gpu_backend: "nvml".into(),
+            started_at: ts(1_600_000_000, 1),
+        }
+    }
+
+    const FULL_HOST: &str = r#"{
+  "address": "10.0.0.1:7300",
+  "allocated": {
+    "addresses": 1,
+    "cpu": 0.5,
+    "gpus": 1,
+    "memory_gb": 0.125,
+    "workers": 1
+  },
+  "capacity": {
+    "addresses": 65533,
+    "cpu": 16.0,
+    "gpus": 2,
+    "memory_gb": 62.5,
+    "workers": 100
+  },
+  "cgroup_version": 2,
+  "gpu_backend": "nvml",
+  "gpus": [
+    {
+      "index": 1,
+      "memory_total_bytes": 85899345920,
+      "memory_used_bytes": 1073741824,
+      "mig_enabled": true,
+      "minor_number": 3,
+      "name": "A100",
+      "pci_bus_id": "0000:01:00.0",
+      "utilization_percent": 42,
+      "uuid": "GPU-a",
+      "worker_id": "w1"
+    }
+  ],
+  "kernels": [
+    {
+      "available": true,
+      "name": "python3",
+      "path": "/usr/bin/python3"
+    }
+  ],
+  "labels": {
+    "rack": "7",
+    "zone": "a"
+  },
+  "name": "node1",
+  "started_at": "2020-09-13T12:26:40.000000001Z",
+  "subnet": "10.88.0.0/16",
+  "version": "0.1.0"
+}"#;
+
+    const EMPTY_HOST: &str = r#"{"address":"","allocated":null,"capacity":null,"cgroup_version":0,"gpu_backend":"","gpus":[],"kernels":[],"labels":{},"name":"","started_at":null,"subnet":"","version":""}"#;
+
+    /// The one-line form of a document written pretty.
+    fn compact(pretty: &str) -> String {
+        serde_json::to_string(&serde_json::from_str::<Value>(pretty).unwrap()).unwrap()
+    }
+
+    /// The text of `doc`, checked to have its keys sorted (as a `Value`, which sorts them,
+    /// writes it).
+    fn text<T: Serialize>(doc: &T) -> String {
+        let text = serde_json::to_string(doc).unwrap();
+        let sorted = serde_json::to_string(&serde_json::to_value(doc).unwrap()).unwrap();
+        assert_eq!(text, sorted, "keys out of order");
+        text
+    }
+
+    #[test]
+    fn workers() {
+        let full = full_worker();
+        // As `berth --json` prints it: pretty.
+        let got = serde_json::to_string_pretty(&Worker::from(&full)).unwrap();
+        assert_eq!(got, FULL_WORKER);
+        assert_eq!(text(&Worker::from(&pb::Worker::default())), EMPTY_WORKER);
+        assert_eq!(
+            text(&worker_list(&[full.clone(), pb::Worker::default()])),
+            format!(r#"{{"workers":[{},{EMPTY_WORKER}]}}"#, compact(FULL_WORKER))
+        );
+        assert_eq!(text(&worker_list(&[])), r#"{"workers":[]}"#);
+        // A value the proto does not know is the enum's default, as prost reads it.
+        let odd = pb::Worker {
+            status: 99,
+            cpu: f64::NAN,
             ..Default::default()
         };
-        let v = host_info(&h);
-        assert_eq!(v["capacity"]["workers"], 10);
-        assert_eq!(v["capacity"]["addresses"], 65533);
-        assert_eq!(v["allocated"], Value::Null);
-        assert_eq!(v["gpus"][0]["uuid"], "GPU-x");
-        assert_eq!(v["kernels"][0]["available"], true);
-        assert_eq!(v["cgroup_version"], 1);
-        let c = hosts(&pb::ListHostsResponse {
-            hosts: vec![pb::ClusterHost {
-                info: Some(h),
-                state: pb::HostState::Ready as i32,
-                last_seen: None,
-            }],
-        });
-        assert_eq!(c["hosts"][0]["state"], "HOST_STATE_READY");
-        assert_eq!(c["hosts"][0]["info"]["name"], "n");
+        let v = serde_json::to_value(Worker::from(&odd)).unwrap();
+        assert_eq!(v["status"], "WORKER_STATUS_UNSPECIFIED");
+        assert_eq!(v["cpu"], Value::Null);
+    }
+
+    #[test]
+    fn await_and_close() {
+        let full = full_worker();
+        let w2 = pb::Worker {
+            id: "w2".into(),
+            ..Default::default()
+        };
+        let empty_w2 = EMPTY_WORKER.replace(r#""id":"""#, r#""id":"w2""#);
+        assert_eq!(
+            text(&await_response(&pb::AwaitWorkersResponse {
+                workers: vec![full],
+                failures: vec![w2.clone()],
+            })),
+            format!(
+                r#"{{"failures":[{empty_w2}],"workers":[{}]}}"#,
+                compact(FULL_WORKER)
+            )
+        );
+        assert_eq!(
+            text(&await_response(&pb::AwaitWorkersResponse::default())),
+            r#"{"failures":[],"workers":[]}"#
+        );
+        assert_eq!(
+            text(&close_response(&pb::CloseSessionResponse {
+                stopped: vec![w2]
+            })),
+            format!(r#"{{"stopped":[{empty_w2}]}}"#)
+        );
+    }
+
+    #[test]
+    fn sessions() {
+        let s = pb::Session {
+            id: "s1".into(),
+            ttl_seconds: 30,
+            expires_at: ts(1_700_000_030, 5),
+            created_at: ts(1_700_000_000, 0),
+            labels: [
+                ("berth.client".to_owned(), "r".to_owned()),
+                ("a".into(), "b".into()),
+            ]
+            .into(),
+        };
+        assert_eq!(
+            text(&session(&s, Some(42))),
+            r#"{"created_at":"2023-11-14T22:13:20Z","expires_at":"2023-11-14T22:13:50.000000005Z","holder_pid":42,"id":"s1","labels":{"a":"b","berth.client":"r"},"ttl_seconds":30}"#
+        );
+        assert_eq!(
+            text(&session(&pb::Session::default(), None)),
+            r#"{"created_at":null,"expires_at":null,"holder_pid":null,"id":"","labels":{},"ttl_seconds":0}"#
+        );
+    }
+
+    #[test]
+    fn hosts_and_host_info() {
+        let got = serde_json::to_string_pretty(&host_info(&full_host())).unwrap();
+        assert_eq!(got, FULL_HOST);
+        assert_eq!(text(&host_info(&pb::HostInfo::default())), EMPTY_HOST);
+        assert_eq!(
+            text(&cluster_host(&pb::ClusterHost {
+                info: Some(full_host()),
+                state: pb::HostState::Draining as i32,
+                last_seen: ts(1_700_000_000, 0),
+            })),
+            format!(
+                r#"{{"info":{},"last_seen":"2023-11-14T22:13:20Z","state":"HOST_STATE_DRAINING"}}"#,
+                compact(FULL_HOST)
+            )
+        );
+        assert_eq!(
+            text(&hosts(&pb::ListHostsResponse {
+                hosts: vec![
+                    pb::ClusterHost {
+                        info: Some(pb::HostInfo::default()),
+                        state: pb::HostState::Ready as i32,
+                        last_seen: None,
+                    },
+                    pb::ClusterHost::default(),
+                ],
+            })),
+            format!(
+                r#"{{"hosts":[{{"info":{EMPTY_HOST},"last_seen":null,"state":"HOST_STATE_READY"}},{}]}}"#,
+                r#"{"info":null,"last_seen":null,"state":"HOST_STATE_UNSPECIFIED"}"#
+            )
+        );
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            error("NOT_FOUND", "session \"s1\"\n"),
+            r#"{"error":{"code":"NOT_FOUND","message":"session \"s1\"\n"}}"#
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! The `berth` command-line tool as a library: the command line ([`args`]), the requests it
-//! makes ([`request`]), what it prints for people ([`view`], [`table`], [`output`]) and for
+//! makes ([`request`]), what it prints for people ([`view`], [`output`]) and for
 //! scripts ([`json`]), and [`run`], which makes the calls. The binary only parses, runs and
 //! turns the result into an exit status.
 
@@ -10,7 +10,6 @@ pub mod json;
 pub mod lease;
 pub mod output;
 pub mod request;
-pub mod table;
 pub mod view;
 
 use std::ffi::OsString;
@@ -132,8 +131,8 @@ impl CliError {
         }
     }
 
-    /// The error document of `--json`, written on stderr.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The error document of `--json`, the one line written on stderr.
+    pub fn to_json(&self) -> String {
         json::error(self.code_name(), &self.message())
     }
 }
@@ -147,8 +146,9 @@ pub fn wants_json<I: IntoIterator<Item = OsString>>(args: I) -> bool {
         .any(|a| a == "--json")
 }
 
-/// The error document of a usage error: INVALID_ARGUMENT with the first line of clap's text.
-pub fn usage_error_json(e: &clap::Error) -> serde_json::Value {
+/// The error document of a usage error, as one line: INVALID_ARGUMENT with the first line of
+/// clap's text.
+pub fn usage_error_json(e: &clap::Error) -> String {
     let text = e.render().to_string();
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let message = first.strip_prefix("error: ").unwrap_or(first).trim();
@@ -273,23 +273,21 @@ mod tests {
         };
         assert_eq!(
             e.to_json(),
-            serde_json::json!({"error": {"code": "RESOURCE_EXHAUSTED", "message": "cpu: 64 asked, 2 free"}})
+            r#"{"error":{"code":"RESOURCE_EXHAUSTED","message":"cpu: 64 asked, 2 free"}}"#
         );
+        let message = |e: &CliError| {
+            let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+            v["error"]["message"].as_str().unwrap().to_owned()
+        };
         let e = CliError::Call {
             method: "M",
             status: tonic::Status::unimplemented(""),
             hint: Some("needs a scheduler".into()),
         };
-        assert_eq!(
-            e.to_json()["error"]["message"],
-            "M is not served here (needs a scheduler)"
-        );
+        assert_eq!(message(&e), "M is not served here (needs a scheduler)");
         let e = CliError::NoProcess { pid: 7 };
         assert_eq!(e.code_name(), "INVALID_ARGUMENT");
-        assert_eq!(
-            e.to_json()["error"]["message"],
-            "--hold-while 7: no such process"
-        );
+        assert_eq!(message(&e), "--hold-while 7: no such process");
         assert_eq!(
             CliError::from(std::io::Error::other("x")).code_name(),
             "UNKNOWN"
@@ -315,7 +313,7 @@ mod tests {
     fn usage_errors_as_json() {
         use clap::Parser;
         let e = Cli::try_parse_from(["berth", "--json", "launch", "--count", "x"]).unwrap_err();
-        let v = usage_error_json(&e);
+        let v: serde_json::Value = serde_json::from_str(&usage_error_json(&e)).unwrap();
         assert_eq!(v["error"]["code"], "INVALID_ARGUMENT");
         let m = v["error"]["message"].as_str().unwrap();
         assert!(m.starts_with("invalid value 'x'"), "{m}");

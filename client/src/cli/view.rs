@@ -3,7 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::table::Table;
+use comfy_table::{presets, CellAlignment, Row, Table};
+
 use crate::pb;
 
 /// `WorkerStatus` as people read it: `running`, `failed`…
@@ -125,6 +126,31 @@ fn or_dash(s: &str) -> String {
     }
 }
 
+/// A table for people, drawn by comfy-table without any lines: `header` (no header row when
+/// empty) over `rows`, columns two spaces apart, those whose header is in `right` right-aligned
+/// (numbers read better that way); each line ends in `\n` and carries no trailing blanks.
+fn table<R: Into<Row>>(
+    header: &[&str],
+    right: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    if !header.is_empty() {
+        t.set_header(header.to_vec());
+    }
+    t.add_rows(rows);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, 2));
+        if header.get(i).is_some_and(|h| right.contains(h)) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.lines()
+        .map(|line| line.trim_end().to_owned() + "\n")
+        .collect()
+}
+
 /// Workers as a table. The SESSION, GPU and RESTARTS columns appear only when some worker has
 /// one, so the common table stays narrow.
 pub fn workers_table(workers: &[pb::Worker], now: SystemTime) -> String {
@@ -144,8 +170,7 @@ pub fn workers_table(workers: &[pb::Worker], now: SystemTime) -> String {
         headers.push("RESTARTS");
     }
     headers.push("EXIT/REASON");
-    let mut t = Table::new(headers).right(&["CPU", "MEM", "GPU", "PID", "AGE", "RESTARTS"]);
-    for w in workers {
+    let rows = workers.iter().map(|w| {
         let mut row = vec![w.id.clone(), status_name(w.status()).to_owned()];
         if sessions {
             row.push(or_dash(&w.session_id));
@@ -171,9 +196,13 @@ pub fn workers_table(workers: &[pb::Worker], now: SystemTime) -> String {
             row.push(w.restarts.to_string());
         }
         row.push(outcome(w));
-        t.row(row);
-    }
-    t.render()
+        row
+    });
+    table(
+        &headers,
+        &["CPU", "MEM", "GPU", "PID", "AGE", "RESTARTS"],
+        rows,
+    )
 }
 
 /// The result of an await: the workers that got there, then those that did not.
@@ -213,8 +242,7 @@ pub fn host_info_view(h: &pb::HostInfo, now: SystemTime) -> String {
         Some(t) => format!("{t} (up {})", format_age(Some(t), now)),
         None => "-".to_owned(),
     };
-    let mut about = Table::new(["", ""]);
-    for (k, v) in [
+    let about = [
         ("name", or_dash(&h.name)),
         ("version", or_dash(&h.version)),
         ("address", or_dash(&h.address)),
@@ -223,40 +251,31 @@ pub fn host_info_view(h: &pb::HostInfo, now: SystemTime) -> String {
         ("gpu backend", or_dash(&h.gpu_backend)),
         ("started", started),
         ("labels", labels_line(&h.labels)),
-    ] {
-        about.row([k.to_owned(), v]);
-    }
-    // The empty header row of a key/value table would be a blank line: skip it.
-    let about = about.render();
-    let mut out = about
-        .split_once('\n')
-        .map_or(String::new(), |(_, rest)| rest.to_owned());
+    ];
+    let mut out = table(&[], &[], about.map(|(k, v)| [k.to_owned(), v]));
 
     let cap = h.capacity.unwrap_or_default();
     let alloc = h.allocated.unwrap_or_default();
-    let mut res = Table::new(["RESOURCE", "CAPACITY", "ALLOCATED", "FREE"]).right(&[
-        "CAPACITY",
-        "ALLOCATED",
-        "FREE",
-    ]);
-    res.row([
-        "cpu".to_owned(),
-        format_cpu(cap.cpu),
-        format_cpu(alloc.cpu),
-        format_cpu((cap.cpu - alloc.cpu).max(0.0)),
-    ]);
-    res.row([
-        "memory".to_owned(),
-        format_gib(cap.memory_gb),
-        format_gib(alloc.memory_gb),
-        format_gib(cap.memory_gb - alloc.memory_gb),
-    ]);
+    let mut res = vec![
+        [
+            "cpu".to_owned(),
+            format_cpu(cap.cpu),
+            format_cpu(alloc.cpu),
+            format_cpu((cap.cpu - alloc.cpu).max(0.0)),
+        ],
+        [
+            "memory".to_owned(),
+            format_gib(cap.memory_gb),
+            format_gib(alloc.memory_gb),
+            format_gib(cap.memory_gb - alloc.memory_gb),
+        ],
+    ];
     for (name, c, a) in [
         ("gpus", cap.gpus, alloc.gpus),
         ("workers", cap.workers, alloc.workers),
         ("addresses", cap.addresses, alloc.addresses),
     ] {
-        res.row([
+        res.push([
             name.to_owned(),
             c.to_string(),
             a.to_string(),
@@ -264,26 +283,27 @@ pub fn host_info_view(h: &pb::HostInfo, now: SystemTime) -> String {
         ]);
     }
     out.push('\n');
-    out.push_str(&res.render());
+    out.push_str(&table(
+        &["RESOURCE", "CAPACITY", "ALLOCATED", "FREE"],
+        &["CAPACITY", "ALLOCATED", "FREE"],
+        res,
+    ));
 
     if !h.kernels.is_empty() {
-        let mut k = Table::new(["KERNEL", "AVAILABLE", "PATH"]);
-        for kernel in &h.kernels {
-            k.row([
+        let rows = h.kernels.iter().map(|kernel| {
+            [
                 kernel.name.clone(),
                 if kernel.available { "yes" } else { "no" }.to_owned(),
                 or_dash(&kernel.path),
-            ]);
-        }
+            ]
+        });
         out.push('\n');
-        out.push_str(&k.render());
+        out.push_str(&table(&["KERNEL", "AVAILABLE", "PATH"], &[], rows));
     }
 
     if !h.gpus.is_empty() {
-        let mut g = Table::new(["GPU", "NAME", "UUID", "MEMORY", "UTIL", "WORKER"])
-            .right(&["GPU", "MEMORY", "UTIL"]);
-        for gpu in &h.gpus {
-            g.row([
+        let rows = h.gpus.iter().map(|gpu| {
+            [
                 gpu.index.to_string(),
                 or_dash(&gpu.name),
                 or_dash(&gpu.uuid),
@@ -293,32 +313,25 @@ pub fn host_info_view(h: &pb::HostInfo, now: SystemTime) -> String {
                 ),
                 format!("{}%", gpu.utilization_percent),
                 or_dash(&gpu.worker_id),
-            ]);
-        }
+            ]
+        });
         out.push('\n');
-        out.push_str(&g.render());
+        out.push_str(&table(
+            &["GPU", "NAME", "UUID", "MEMORY", "UTIL", "WORKER"],
+            &["GPU", "MEMORY", "UTIL"],
+            rows,
+        ));
     }
     out
 }
 
 /// `berth hosts`: one line per host of a scheduler, resources as `allocated/capacity`.
 pub fn hosts_table(hosts: &[pb::ClusterHost], now: SystemTime) -> String {
-    let mut t = Table::new([
-        "NAME",
-        "STATE",
-        "ADDRESS",
-        "CPU",
-        "MEM",
-        "GPUS",
-        "WORKERS",
-        "LAST SEEN",
-    ])
-    .right(&["CPU", "MEM", "GPUS", "WORKERS", "LAST SEEN"]);
-    for h in hosts {
+    let rows = hosts.iter().map(|h| {
         let info = h.info.clone().unwrap_or_default();
         let cap = info.capacity.unwrap_or_default();
         let alloc = info.allocated.unwrap_or_default();
-        t.row([
+        [
             or_dash(&info.name),
             host_state_name(h.state()).to_owned(),
             or_dash(&info.address),
@@ -330,9 +343,22 @@ pub fn hosts_table(hosts: &[pb::ClusterHost], now: SystemTime) -> String {
                 Some(t) => format!("{} ago", format_age(Some(t), now)),
                 None => "-".to_owned(),
             },
-        ]);
-    }
-    t.render()
+        ]
+    });
+    table(
+        &[
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "CPU",
+            "MEM",
+            "GPUS",
+            "WORKERS",
+            "LAST SEEN",
+        ],
+        &["CPU", "MEM", "GPUS", "WORKERS", "LAST SEEN"],
+        rows,
+    )
 }
 
 #[cfg(test)]
@@ -349,6 +375,27 @@ mod tests {
             seconds: secs,
             nanos: 0,
         })
+    }
+
+    #[test]
+    fn tables() {
+        let rows = [["a", "0.5", "first"], ["bbbb", "16", "x"]];
+        assert_eq!(
+            table(&["ID", "CPU", "NAME"], &["CPU"], rows),
+            "ID    CPU  NAME\n\
+             a     0.5  first\n\
+             bbbb   16  x\n"
+        );
+        assert_eq!(table(&["A", "B"], &[], Vec::<[&str; 2]>::new()), "A  B\n");
+        // No header row; a short last cell leaves no blanks; width is what the terminal shows.
+        assert_eq!(
+            table(
+                &[],
+                &[],
+                [["h\u{e9}llo", "1"], ["x", "long value"], ["y", ""]]
+            ),
+            "h\u{e9}llo  1\nx      long value\ny\n"
+        );
     }
 
     #[test]
