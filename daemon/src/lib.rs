@@ -2,11 +2,13 @@
 //! `services` (the supervisor and its gRPC servers). The binaries are thin wrappers.
 
 pub mod config;
-pub mod core;
-pub mod error;
 pub mod scheduler_config;
 pub mod services;
-pub mod sys;
+
+// The layers below, re-exported under the names the daemon's modules and tests use.
+pub use berth_core as core;
+pub use berth_core::error;
+pub use berth_sys as sys;
 
 /// Version reported in `HostInfo` and `--version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -18,8 +18,9 @@ use crate::sys::output::StreamKind;
 
 use super::host::{Filter, Host, OutputRequest, Selector};
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
+/// The one place where a domain error becomes a gRPC status (the code API.md gives for it).
+pub fn to_status(e: Error) -> Status {
+    {
         let msg = e.to_string();
         match e {
             Error::InvalidArgument { .. } => Status::invalid_argument(msg),
@@ -270,12 +271,16 @@ impl pb::workers_server::Workers for WorkersService {
         } else if crate::core::is_valid_id(&r.id) {
             Some(r.id)
         } else {
-            return Err(Error::invalid("id", format!("{:?} is not a session id", r.id)).into());
+            return Err(to_status(Error::invalid(
+                "id",
+                format!("{:?} is not a session id", r.id),
+            )));
         };
         let s = self
             .host
             .open_session(r.ttl_seconds, r.labels.into_iter().collect(), id)
-            .await?;
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(session_to_pb(&s)))
     }
 
@@ -284,8 +289,8 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::KeepAliveRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let r = request.into_inner();
-        check_session_id(&r.session_id)?;
-        let s = self.host.keep_alive(&r.session_id)?;
+        check_session_id(&r.session_id).map_err(to_status)?;
+        let s = self.host.keep_alive(&r.session_id).map_err(to_status)?;
         Ok(Response::new(session_to_pb(&s)))
     }
 
@@ -294,9 +299,13 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let r = request.into_inner();
-        check_session_id(&r.session_id)?;
+        check_session_id(&r.session_id).map_err(to_status)?;
         let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
-        let stopped = self.host.close_session(&r.session_id, grace).await?;
+        let stopped = self
+            .host
+            .close_session(&r.session_id, grace)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::CloseSessionResponse {
             stopped: stopped.iter().map(worker_to_pb).collect(),
         }))
@@ -307,9 +316,10 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::LaunchWorkersRequest>,
     ) -> Result<Response<pb::LaunchWorkersResponse>, Status> {
         let caller = request.remote_addr().map(|a| a.ip());
-        let req = launch_from_pb(request.into_inner())?;
-        let spec = crate::core::launch::validate(&req, |k| self.host.knows_kernel(k))?;
-        let workers = self.host.launch(spec, caller).await?;
+        let req = launch_from_pb(request.into_inner()).map_err(to_status)?;
+        let spec = crate::core::launch::validate(&req, |k| self.host.knows_kernel(k))
+            .map_err(to_status)?;
+        let workers = self.host.launch(spec, caller).await.map_err(to_status)?;
         Ok(Response::new(pb::LaunchWorkersResponse {
             workers: workers.iter().map(worker_to_pb).collect(),
         }))
@@ -320,8 +330,8 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
-        let workers = self.host.list(&filter).await?;
+        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
+        let workers = self.host.list(&filter).await.map_err(to_status)?;
         Ok(Response::new(pb::ListWorkersResponse {
             workers: workers.iter().map(worker_to_pb).collect(),
         }))
@@ -332,13 +342,14 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::AwaitWorkersRequest>,
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
         let r = request.into_inner();
-        check_ids(&r.ids, "ids")?;
+        check_ids(&r.ids, "ids").map_err(to_status)?;
         let completion = r.wait_for_completion.unwrap_or(true);
         let timeout = await_timeout(r.timeout_seconds);
         let out = self
             .host
             .await_workers(r.ids, opt_session(r.session_id), completion, timeout)
-            .await?;
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::AwaitWorkersResponse {
             workers: out.reached.iter().map(worker_to_pb).collect(),
             failures: out.failures.iter().map(worker_to_pb).collect(),
@@ -350,9 +361,13 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let r = request.into_inner();
-        let sel = stop_selector(&r)?;
+        let sel = stop_selector(&r).map_err(to_status)?;
         let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
-        let workers = self.host.stop(sel, grace, "stopped").await?;
+        let workers = self
+            .host
+            .stop(sel, grace, "stopped")
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::StopWorkersResponse {
             workers: workers.iter().map(worker_to_pb).collect(),
         }))
@@ -365,7 +380,7 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::StreamOutputRequest>,
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
         let r = request.into_inner();
-        check_ids(&r.ids, "ids")?;
+        check_ids(&r.ids, "ids").map_err(to_status)?;
         let streams = r
             .streams
             .iter()
@@ -378,14 +393,18 @@ impl pb::workers_server::Workers for WorkersService {
                     format!("unknown stream {s}"),
                 )),
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let rx = self.host.output(OutputRequest {
-            ids: r.ids,
-            session_id: opt_session(r.session_id),
-            follow: r.follow,
-            from_start: r.from_start,
-            streams,
-        })?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_status)?;
+        let rx = self
+            .host
+            .output(OutputRequest {
+                ids: r.ids,
+                session_id: opt_session(r.session_id),
+                follow: r.follow,
+                from_start: r.from_start,
+                streams,
+            })
+            .map_err(to_status)?;
         let stream = futures::StreamExt::map(ReceiverStream::new(rx), |item| {
             item.map(|p| pb::OutputChunk {
                 worker_id: p.worker_id,
@@ -396,7 +415,7 @@ impl pb::workers_server::Workers for WorkersService {
                 data: p.data,
                 offset: p.offset,
             })
-            .map_err(Status::from)
+            .map_err(to_status)
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -408,16 +427,16 @@ impl pb::workers_server::Workers for WorkersService {
         request: Request<pb::WatchWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
         let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
         let filter_again = filter.clone();
         // Subscribe before the snapshot, so no change falls between them.
         let events = self.host.subscribe();
         let initial = if r.initial {
-            self.host.snapshot(&filter)?
+            self.host.snapshot(&filter).map_err(to_status)?
         } else {
             // Still check that named ids and the session exist (without copying every record:
             // a watch of all workers of a host with thousands would copy them all).
-            self.host.check_filter(&filter)?;
+            self.host.check_filter(&filter).map_err(to_status)?;
             Vec::new()
         };
         let host = self.host.clone();

@@ -5,6 +5,8 @@
 use berth_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::services::grpc::to_status;
+
 use crate::error::Error;
 use crate::services::grpc::{
     await_timeout, check_ids, check_optional_session_id, check_session_id, opt_session,
@@ -41,7 +43,9 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         Ok(Response::new(
-            self.scheduler.open_session(request.into_inner())?,
+            self.scheduler
+                .open_session(request.into_inner())
+                .map_err(to_status)?,
         ))
     }
 
@@ -50,9 +54,12 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::KeepAliveRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let r = request.into_inner();
-        check_session_id(&r.session_id)?;
+        check_session_id(&r.session_id).map_err(to_status)?;
         Ok(Response::new(
-            self.scheduler.keep_alive(&r.session_id).await?,
+            self.scheduler
+                .keep_alive(&r.session_id)
+                .await
+                .map_err(to_status)?,
         ))
     }
 
@@ -61,11 +68,12 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let r = request.into_inner();
-        check_session_id(&r.session_id)?;
+        check_session_id(&r.session_id).map_err(to_status)?;
         let stopped = self
             .scheduler
             .close_session(&r.session_id, r.grace_seconds)
-            .await?;
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::CloseSessionResponse { stopped }))
     }
 
@@ -74,7 +82,11 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::LaunchWorkersRequest>,
     ) -> Result<Response<pb::LaunchWorkersResponse>, Status> {
         let caller = request.remote_addr().map(|a| a.ip());
-        let workers = self.scheduler.launch(request.into_inner(), caller).await?;
+        let workers = self
+            .scheduler
+            .launch(request.into_inner(), caller)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::LaunchWorkersResponse { workers }))
     }
 
@@ -83,9 +95,9 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
         Ok(Response::new(pb::ListWorkersResponse {
-            workers: self.scheduler.list(&filter)?,
+            workers: self.scheduler.list(&filter).map_err(to_status)?,
         }))
     }
 
@@ -94,8 +106,8 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::AwaitWorkersRequest>,
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
         let r = request.into_inner();
-        check_ids(&r.ids, "ids")?;
-        check_optional_session_id(&r.session_id)?;
+        check_ids(&r.ids, "ids").map_err(to_status)?;
+        check_optional_session_id(&r.session_id).map_err(to_status)?;
         let (workers, failures) = self
             .scheduler
             .await_workers(
@@ -104,7 +116,8 @@ impl pb::workers_server::Workers for SchedulerWorkers {
                 r.wait_for_completion.unwrap_or(true),
                 await_timeout(r.timeout_seconds),
             )
-            .await?;
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::AwaitWorkersResponse {
             workers,
             failures,
@@ -116,8 +129,12 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let r = request.into_inner();
-        let sel = stop_selector(&r)?;
-        let workers = self.scheduler.stop(sel, r.grace_seconds).await?;
+        let sel = stop_selector(&r).map_err(to_status)?;
+        let workers = self
+            .scheduler
+            .stop(sel, r.grace_seconds)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::StopWorkersResponse { workers }))
     }
 
@@ -128,12 +145,12 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::StreamOutputRequest>,
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
         let r = request.into_inner();
-        check_ids(&r.ids, "ids")?;
-        check_optional_session_id(&r.session_id)?;
-        let stream = self.scheduler.output(r).await?;
+        check_ids(&r.ids, "ids").map_err(to_status)?;
+        check_optional_session_id(&r.session_id).map_err(to_status)?;
+        let stream = self.scheduler.output(r).await.map_err(to_status)?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             stream,
-            |c| c.map_err(Status::from),
+            |c| c.map_err(to_status),
         ))))
     }
 
@@ -144,13 +161,16 @@ impl pb::workers_server::Workers for SchedulerWorkers {
         request: Request<pb::WatchWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
         let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses)?;
+        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
         // Subscribe before the snapshot, so no change falls between them.
         let events = self.scheduler.subscribe();
-        let snapshot = self.scheduler.list(&Filter {
-            statuses: vec![],
-            ..filter.clone()
-        })?;
+        let snapshot = self
+            .scheduler
+            .list(&Filter {
+                statuses: vec![],
+                ..filter.clone()
+            })
+            .map_err(to_status)?;
         let initial: Vec<pb::Worker> = if r.initial {
             snapshot.into_iter().filter(|w| filter.matches(w)).collect()
         } else {
@@ -192,7 +212,10 @@ impl pb::cluster_server::Cluster for SchedulerCluster {
     ) -> Result<Response<pb::ClusterHost>, Status> {
         let name = request.into_inner().name;
         Ok(Response::new(
-            self.scheduler.set_draining(&name, true).await?,
+            self.scheduler
+                .set_draining(&name, true)
+                .await
+                .map_err(to_status)?,
         ))
     }
 
@@ -202,7 +225,10 @@ impl pb::cluster_server::Cluster for SchedulerCluster {
     ) -> Result<Response<pb::ClusterHost>, Status> {
         let name = request.into_inner().name;
         Ok(Response::new(
-            self.scheduler.set_draining(&name, false).await?,
+            self.scheduler
+                .set_draining(&name, false)
+                .await
+                .map_err(to_status)?,
         ))
     }
 }
@@ -220,7 +246,9 @@ impl pb::membership_server::Membership for SchedulerMembership {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         Ok(Response::new(
-            self.scheduler.heartbeat(request.into_inner())?,
+            self.scheduler
+                .heartbeat(request.into_inner())
+                .map_err(to_status)?,
         ))
     }
 }

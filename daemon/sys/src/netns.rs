@@ -65,7 +65,7 @@ use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::core::ipam::Subnet;
+use berth_core::ipam::Subnet;
 
 /// MAC address of every host end of a worker veth. Each pair is its own link, so one address
 /// serves all of them, and each worker's neighbour entry for its gateway is known in advance.
@@ -520,7 +520,7 @@ fn list_dir(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| crate::core::is_valid_id(n))
+                .filter(|n| berth_core::is_valid_id(n))
                 .collect()
         })
         .unwrap_or_default()
@@ -771,7 +771,7 @@ fn make_ready(
         ));
     }
     let (ns, mut inner) = inside.map_err(|(s, e)| (s, e, true))?;
-    let host_end = crate::core::ready_name(READY_END_PREFIX);
+    let host_end = berth_core::ready_name(READY_END_PREFIX);
     let built = (|| -> StepResult<(u32, u32)> {
         at("bring lo up", inner.one(lo_up(), 0))?;
         create_veth(host, &mut inner, &host_end, &ns)

@@ -655,7 +655,7 @@ impl ReadyPool {
                         let (name, _) = st.ready.swap_remove(i);
                         (name, want, true)
                     }
-                    None => (crate::core::ready_name(READY_PREFIX), want, false),
+                    None => (berth_core::ready_name(READY_PREFIX), want, false),
                 }
             };
             let made = self.make(&name, preset, exists);

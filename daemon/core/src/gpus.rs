@@ -294,7 +294,7 @@ pub fn admit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::admission::Capacity;
+    use crate::admission::Capacity;
 
     fn uuids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("GPU-{i}")).collect()

@@ -549,7 +549,7 @@ pub fn worker_in_proc_cgroup(text: &str, subtree: &str) -> Option<String> {
         parts.find(|p| *p == subtree)?;
         parts
             .next()
-            .filter(|w| crate::core::is_valid_id(w))
+            .filter(|w| berth_core::is_valid_id(w))
             .map(str::to_owned)
     })
 }
