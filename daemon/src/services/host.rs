@@ -571,7 +571,8 @@ impl Host {
                             w.shim_pid = Some(handle.pid);
                             w.shim_starttime = handle.starttime;
                         });
-                        tokio::spawn(follow_worker(inner.clone(), id, handle));
+                        let span = crate::services::worker_span(&id, spec.session_id.as_deref());
+                        crate::services::spawn_in(span, follow_worker(inner.clone(), id, handle));
                     }
                     Err(msg) => {
                         inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
@@ -741,7 +742,10 @@ impl Host {
         }
         let mut changes = self.inner.changed.subscribe();
         for id in &to_stop {
-            tokio::spawn(stop_worker(self.inner.clone(), id.clone(), grace));
+            crate::services::spawn_in(
+                crate::services::worker_span(id, None),
+                stop_worker(self.inner.clone(), id.clone(), grace),
+            );
         }
         // Return once all have ended; a worker whose processes cannot be killed (a process in
         // uninterruptible sleep) does not hold the call forever.
@@ -799,14 +803,17 @@ impl Host {
             req.streams.clone()
         };
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(pump_output(
-            self.inner.clone(),
-            ids,
-            streams,
-            req.follow,
-            req.from_start,
-            tx,
-        ));
+        crate::services::spawn_in(
+            tracing::info_span!("output"),
+            pump_output(
+                self.inner.clone(),
+                ids,
+                streams,
+                req.follow,
+                req.from_start,
+                tx,
+            ),
+        );
         Ok(rx)
     }
 
@@ -867,7 +874,7 @@ impl Host {
             return;
         }
         let host = self.clone();
-        tokio::spawn(async move {
+        crate::services::spawn_in(tracing::info_span!("gpu_watch"), async move {
             let mut reported: std::collections::HashSet<(u32, String)> = Default::default();
             loop {
                 tokio::select! {
@@ -1304,8 +1311,12 @@ impl Inner {
         };
         if let Some(delay) = restart_in {
             tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
+            let span = crate::services::worker_span(id, rec.session_id.as_deref());
             self.publish(rec);
-            tokio::spawn(lifecycle::restart_later(self.clone(), id.to_owned(), delay));
+            crate::services::spawn_in(
+                span,
+                lifecycle::restart_later(self.clone(), id.to_owned(), delay),
+            );
             return;
         }
         // Restarts keep their namespace and address; a worker that has ended frees both.

@@ -162,9 +162,13 @@ impl Host {
     /// Starts the background duties: session expiry and retention of ended workers.
     pub fn start_background(&self) {
         let host = self.clone();
-        tokio::spawn(async move { host.expire_sessions().await });
+        crate::services::spawn_in(tracing::info_span!("session_expiry"), async move {
+            host.expire_sessions().await
+        });
         let host = self.clone();
-        tokio::spawn(async move { host.sweep_finished().await });
+        crate::services::spawn_in(tracing::info_span!("retention"), async move {
+            host.sweep_finished().await
+        });
     }
 
     async fn expire_sessions(&self) {
@@ -181,7 +185,8 @@ impl Host {
             for s in expired {
                 tracing::info!(session = %s.id, "session lease lapsed");
                 let host = self.clone();
-                tokio::spawn(async move {
+                let span = tracing::info_span!("session_end", session = %s.id);
+                crate::services::spawn_in(span, async move {
                     let _ = host.end_session(&s, None).await;
                 });
             }
@@ -399,15 +404,22 @@ impl Host {
                 Pickup::Keep => report.kept += 1,
                 Pickup::Adopt { shim_pid } => {
                     report.adopted += 1;
+                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
                     self.inner.publish(rec);
                     match spawn::pidfd_open(shim_pid as i32) {
                         Ok(fd) => {
-                            tokio::spawn(await_shim(self.inner.clone(), id, shim_pid, fd, None));
+                            let inner = self.inner.clone();
+                            crate::services::spawn_in(
+                                span,
+                                await_shim(inner, id, shim_pid, fd, None),
+                            );
                         }
                         // It ended between the scan and now: its exit record is there.
                         Err(_) => {
                             let inner = self.inner.clone();
-                            tokio::spawn(async move { finish_from_files(inner, id).await });
+                            crate::services::spawn_in(span, async move {
+                                finish_from_files(inner, id).await
+                            });
                         }
                     }
                 }
@@ -416,12 +428,17 @@ impl Host {
                     self.inner.clone().finish(&id, exit, at).await;
                 }
                 Pickup::Orphan => {
+                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
                     self.inner.publish(rec);
-                    tokio::spawn(watch_orphan(self.inner.clone(), id));
+                    crate::services::spawn_in(span, watch_orphan(self.inner.clone(), id));
                 }
                 Pickup::Respawn => {
+                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
                     self.inner.publish(rec);
-                    tokio::spawn(restart_later(self.inner.clone(), id, Duration::ZERO));
+                    crate::services::spawn_in(
+                        span,
+                        restart_later(self.inner.clone(), id, Duration::ZERO),
+                    );
                 }
                 Pickup::Lost(reason) => {
                     report.lost += 1;
@@ -450,7 +467,8 @@ impl Host {
             if live {
                 tracing::info!(session = %s.id, "stopping the workers of a session that ended");
                 let host = self.clone();
-                tokio::spawn(async move {
+                let span = tracing::info_span!("session_end", session = %s.id);
+                crate::services::spawn_in(span, async move {
                     let _ = host.end_session(&s, None).await;
                 });
             }

@@ -352,18 +352,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 source,
             })?;
         tracing::info!(listen = %cfg.metrics_listen, "serving metrics");
-        tokio::spawn(super::metrics::serve(l, host.clone(), shutdown.clone()));
+        crate::services::spawn_in(
+            tracing::info_span!("metrics"),
+            super::metrics::serve(l, host.clone(), shutdown.clone()),
+        );
     }
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
     let beats = (!cfg.scheduler.is_empty()).then(|| {
         tracing::info!(scheduler = %cfg.scheduler, advertise = %address, "joining a scheduler");
-        tokio::spawn(super::member::run(
-            host.clone(),
-            address.clone(),
-            cfg.scheduler.clone(),
-            membership.clone(),
-            shutdown.clone(),
-        ))
+        crate::services::spawn_in(
+            tracing::info_span!("membership"),
+            super::member::run(
+                host.clone(),
+                address.clone(),
+                cfg.scheduler.clone(),
+                membership.clone(),
+                shutdown.clone(),
+            ),
+        )
     });
     sd_notify("READY=1");
 

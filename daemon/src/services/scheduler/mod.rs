@@ -248,7 +248,9 @@ impl Scheduler {
     pub fn start(&self) {
         self.restore_hosts();
         let s = self.clone();
-        tokio::spawn(async move { s.watch_hosts().await });
+        crate::services::spawn_in(tracing::info_span!("host_watch"), async move {
+            s.watch_hosts().await
+        });
     }
 
     // ---- membership ----
@@ -440,7 +442,8 @@ impl Scheduler {
         let token = cancel.clone();
         let s = self.clone();
         let name = name.to_owned();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("host_follow", host = %name);
+        crate::services::spawn_in(span, async move {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let connected = tokio::select! {
@@ -813,7 +816,8 @@ impl Scheduler {
             hosts.extend(self.view().session_hosts(&id));
             tracing::info!(session = %id, "session lease lapsed");
             let s = self.clone();
-            tokio::spawn(async move {
+            let span = tracing::info_span!("session_end", session = %id);
+            crate::services::spawn_in(span, async move {
                 let _ = s.end_session_on(&id, &hosts, None).await;
             });
         }
