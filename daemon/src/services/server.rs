@@ -371,14 +371,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             ),
         )
     });
-    sd_notify("READY=1");
+    sd_notify(sd_notify::NotifyState::Ready);
 
     shutdown.cancelled().await;
     if let Some(b) = beats {
         let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
     }
     tracing::info!("shutting down; workers keep running under their shims");
-    sd_notify("STOPPING=1");
+    sd_notify(sd_notify::NotifyState::Stopping);
     health
         .set_not_serving::<pb::workers_server::WorkersServer<WorkersService>>()
         .await;
@@ -507,22 +507,8 @@ async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
 }
 
 /// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.
-fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abs)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = res {
+fn sd_notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
         tracing::debug!(error = %e, "sd_notify");
     }
 }
