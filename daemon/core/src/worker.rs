@@ -23,6 +23,44 @@ pub enum WorkerStatus {
     Lost,
 }
 
+/// Which workers a list, watch or await is about: one type for the host's records and the
+/// scheduler's view alike (each matches its own representation through [`Filter::selects`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub session_id: Option<String>,
+    pub ids: Vec<String>,
+    pub statuses: Vec<WorkerStatus>,
+}
+
+impl Filter {
+    /// Whether a worker with this id, session and status is selected. `status` is `None` for a
+    /// status outside the contract, which only a filter on no status selects.
+    pub fn selects(
+        &self,
+        id: &str,
+        session_id: Option<&str>,
+        status: Option<WorkerStatus>,
+    ) -> bool {
+        self.session_id
+            .as_deref()
+            .is_none_or(|s| session_id == Some(s))
+            && (self.ids.is_empty() || self.ids.iter().any(|i| i == id))
+            && (self.statuses.is_empty() || status.is_some_and(|s| self.statuses.contains(&s)))
+    }
+
+    pub fn matches(&self, w: &WorkerRecord) -> bool {
+        self.selects(&w.id, w.session_id.as_deref(), Some(w.status))
+    }
+}
+
+/// Which workers a stop is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Ids(Vec<String>),
+    Session(String),
+    All,
+}
+
 impl WorkerStatus {
     /// Whether the worker has ended for good.
     pub fn is_terminal(self) -> bool {

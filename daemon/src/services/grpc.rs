@@ -1,14 +1,9 @@
-//! The gRPC face of the host supervisor: protobuf in, domain requests to [`Host`], domain
-//! results and errors out. tonic types stop here; `Error` becomes `Status` in one place.
+//! Protobuf and the domain, both ways: workers, sessions, launch requests, statuses; the
+//! domain error becomes a `Status` in one place ([`to_status`]); and `berth.v1.Host`.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
-use std::time::Duration;
 
 use berth_proto::v1 as pb;
-use futures::Stream;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::core::launch::{LaunchRequest, NetworkMode, RestartPolicy};
@@ -16,7 +11,7 @@ use crate::core::worker::{WorkerRecord, WorkerStatus};
 use crate::error::Error;
 use crate::sys::output::StreamKind;
 
-use super::host::{Filter, Host, OutputRequest, Selector};
+use super::host::Host;
 
 /// The one place where a domain error becomes a gRPC status (the code API.md gives for it).
 pub fn to_status(e: Error) -> Status {
@@ -158,38 +153,20 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
     })
 }
 
-pub(crate) fn check_ids(ids: &[String], field: &str) -> Result<(), Error> {
-    for (i, id) in ids.iter().enumerate() {
-        if !crate::core::is_valid_id(id) {
-            return Err(Error::invalid(
-                format!("{field}[{i}]"),
-                format!("{id:?} is not a worker id"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn check_session_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() {
-        return Err(Error::invalid("session_id", "is required"));
-    }
-    if !crate::core::is_valid_id(id) {
-        return Err(Error::invalid(
-            "session_id",
-            format!("{id:?} is not a session id"),
-        ));
-    }
-    Ok(())
-}
-
-/// A `session_id` filter: empty means none, anything else must be a well-formed id.
-pub(crate) fn check_optional_session_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() {
-        Ok(())
-    } else {
-        check_session_id(id)
-    }
+/// `StreamOutputRequest.streams`, each a known stream.
+pub(crate) fn streams_from_pb(streams: &[i32]) -> Result<Vec<StreamKind>, Error> {
+    streams
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match pb::Stream::try_from(*s) {
+            Ok(pb::Stream::Stdout) => Ok(StreamKind::Stdout),
+            Ok(pb::Stream::Stderr) => Ok(StreamKind::Stderr),
+            _ => Err(Error::invalid(
+                format!("streams[{i}]"),
+                format!("unknown stream {s}"),
+            )),
+        })
+        .collect()
 }
 
 /// The protobuf view of a session.
@@ -201,303 +178,6 @@ pub fn session_to_pb(s: &crate::core::session::Session) -> pb::Session {
         created_at: Some(ts(s.created_at)),
         labels: s.labels.clone().into_iter().collect(),
     }
-}
-
-/// `AwaitWorkersRequest.timeout_seconds`: unset is 60 s, 0 is none.
-pub(crate) fn await_timeout(seconds: Option<u32>) -> Option<Duration> {
-    match seconds {
-        None => Some(Duration::from_secs(60)),
-        Some(0) => None,
-        Some(s) => Some(Duration::from_secs(u64::from(s))),
-    }
-}
-
-/// What a `StopWorkersRequest` selects: exactly one of ids, session_id and all.
-pub(crate) fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector, Error> {
-    check_ids(&r.ids, "ids")?;
-    check_optional_session_id(&r.session_id)?;
-    let selectors =
-        usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
-    match selectors {
-        0 => Err(Error::invalid(
-            "ids",
-            "name the workers to stop: ids, session_id, or all = true",
-        )),
-        1 if r.all => Ok(Selector::All),
-        1 if !r.ids.is_empty() => Ok(Selector::Ids(r.ids.clone())),
-        1 => Ok(Selector::Session(r.session_id.clone())),
-        _ => Err(Error::invalid(
-            "all",
-            "set only one of ids, session_id and all",
-        )),
-    }
-}
-
-pub(crate) fn opt_session(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
-}
-
-fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Result<Filter, Error> {
-    check_ids(&ids, "ids")?;
-    let statuses = statuses
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| status_from_pb(s, &format!("statuses[{i}]")))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Filter {
-        session_id: opt_session(session_id),
-        ids,
-        statuses,
-    })
-}
-
-/// `berth.v1.Workers` served by a host daemon.
-#[derive(Debug, Clone)]
-pub struct WorkersService {
-    pub host: Host,
-}
-
-pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-#[tonic::async_trait]
-impl pb::workers_server::Workers for WorkersService {
-    async fn open_session(
-        &self,
-        request: Request<pb::OpenSessionRequest>,
-    ) -> Result<Response<pb::Session>, Status> {
-        let r = request.into_inner();
-        let id = if r.id.is_empty() {
-            None
-        } else if crate::core::is_valid_id(&r.id) {
-            Some(r.id)
-        } else {
-            return Err(to_status(Error::invalid(
-                "id",
-                format!("{:?} is not a session id", r.id),
-            )));
-        };
-        let s = self
-            .host
-            .open_session(r.ttl_seconds, r.labels.into_iter().collect(), id)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(session_to_pb(&s)))
-    }
-
-    async fn keep_alive(
-        &self,
-        request: Request<pb::KeepAliveRequest>,
-    ) -> Result<Response<pb::Session>, Status> {
-        let r = request.into_inner();
-        check_session_id(&r.session_id).map_err(to_status)?;
-        let s = self.host.keep_alive(&r.session_id).map_err(to_status)?;
-        Ok(Response::new(session_to_pb(&s)))
-    }
-
-    async fn close_session(
-        &self,
-        request: Request<pb::CloseSessionRequest>,
-    ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        let r = request.into_inner();
-        check_session_id(&r.session_id).map_err(to_status)?;
-        let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
-        let stopped = self
-            .host
-            .close_session(&r.session_id, grace)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::CloseSessionResponse {
-            stopped: stopped.iter().map(worker_to_pb).collect(),
-        }))
-    }
-
-    async fn launch_workers(
-        &self,
-        request: Request<pb::LaunchWorkersRequest>,
-    ) -> Result<Response<pb::LaunchWorkersResponse>, Status> {
-        let caller = request.remote_addr().map(|a| a.ip());
-        let req = launch_from_pb(request.into_inner()).map_err(to_status)?;
-        let spec = crate::core::launch::validate(&req, |k| self.host.knows_kernel(k))
-            .map_err(to_status)?;
-        let workers = self.host.launch(spec, caller).await.map_err(to_status)?;
-        Ok(Response::new(pb::LaunchWorkersResponse {
-            workers: workers.iter().map(worker_to_pb).collect(),
-        }))
-    }
-
-    async fn list_workers(
-        &self,
-        request: Request<pb::ListWorkersRequest>,
-    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
-        let workers = self.host.list(&filter).await.map_err(to_status)?;
-        Ok(Response::new(pb::ListWorkersResponse {
-            workers: workers.iter().map(worker_to_pb).collect(),
-        }))
-    }
-
-    async fn await_workers(
-        &self,
-        request: Request<pb::AwaitWorkersRequest>,
-    ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
-        let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
-        let completion = r.wait_for_completion.unwrap_or(true);
-        let timeout = await_timeout(r.timeout_seconds);
-        let out = self
-            .host
-            .await_workers(r.ids, opt_session(r.session_id), completion, timeout)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::AwaitWorkersResponse {
-            workers: out.reached.iter().map(worker_to_pb).collect(),
-            failures: out.failures.iter().map(worker_to_pb).collect(),
-        }))
-    }
-
-    async fn stop_workers(
-        &self,
-        request: Request<pb::StopWorkersRequest>,
-    ) -> Result<Response<pb::StopWorkersResponse>, Status> {
-        let r = request.into_inner();
-        let sel = stop_selector(&r).map_err(to_status)?;
-        let grace = r.grace_seconds.map(|s| Duration::from_secs(u64::from(s)));
-        let workers = self
-            .host
-            .stop(sel, grace, "stopped")
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::StopWorkersResponse {
-            workers: workers.iter().map(worker_to_pb).collect(),
-        }))
-    }
-
-    type StreamOutputStream = BoxStream<pb::OutputChunk>;
-
-    async fn stream_output(
-        &self,
-        request: Request<pb::StreamOutputRequest>,
-    ) -> Result<Response<Self::StreamOutputStream>, Status> {
-        let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
-        let streams = r
-            .streams
-            .iter()
-            .enumerate()
-            .map(|(i, s)| match pb::Stream::try_from(*s) {
-                Ok(pb::Stream::Stdout) => Ok(StreamKind::Stdout),
-                Ok(pb::Stream::Stderr) => Ok(StreamKind::Stderr),
-                _ => Err(Error::invalid(
-                    format!("streams[{i}]"),
-                    format!("unknown stream {s}"),
-                )),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(to_status)?;
-        let rx = self
-            .host
-            .output(OutputRequest {
-                ids: r.ids,
-                session_id: opt_session(r.session_id),
-                follow: r.follow,
-                from_start: r.from_start,
-                streams,
-            })
-            .map_err(to_status)?;
-        let stream = futures::StreamExt::map(ReceiverStream::new(rx), |item| {
-            item.map(|p| pb::OutputChunk {
-                worker_id: p.worker_id,
-                stream: match p.stream {
-                    StreamKind::Stdout => pb::Stream::Stdout as i32,
-                    StreamKind::Stderr => pb::Stream::Stderr as i32,
-                },
-                data: p.data,
-                offset: p.offset,
-            })
-            .map_err(to_status)
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    type WatchWorkersStream = BoxStream<pb::WorkerEvent>;
-
-    async fn watch_workers(
-        &self,
-        request: Request<pb::WatchWorkersRequest>,
-    ) -> Result<Response<Self::WatchWorkersStream>, Status> {
-        let r = request.into_inner();
-        let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
-        let filter_again = filter.clone();
-        // Subscribe before the snapshot, so no change falls between them.
-        let events = self.host.subscribe();
-        let initial = if r.initial {
-            self.host.snapshot(&filter).map_err(to_status)?
-        } else {
-            // Still check that named ids and the session exist (without copying every record:
-            // a watch of all workers of a host with thousands would copy them all).
-            self.host.check_filter(&filter).map_err(to_status)?;
-            Vec::new()
-        };
-        let host = self.host.clone();
-        let rx = spawn_watch(
-            initial,
-            events,
-            move |w| filter.matches(w).then(|| worker_to_pb(w)),
-            move || host.snapshot(&filter_again).ok(),
-            self.host.shutdown_token(),
-        );
-        Ok(Response::new(Box::pin(rx)))
-    }
-}
-
-/// The stream of a `WatchWorkers` call: `initial` first, then every change that `select` keeps
-/// (and turns into its protobuf), until the client goes or `shutdown`. A reader too slow for
-/// the broadcast gets the current state of everything it watches (`snapshot`) instead of the
-/// changes it missed. Serves hosts and the scheduler alike.
-pub(crate) fn spawn_watch<T, S, N>(
-    initial: Vec<T>,
-    mut events: broadcast::Receiver<T>,
-    select: S,
-    snapshot: N,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> ReceiverStream<Result<pb::WorkerEvent, Status>>
-where
-    T: Clone + Send + 'static,
-    S: Fn(&T) -> Option<pb::Worker> + Send + 'static,
-    N: Fn() -> Option<Vec<T>> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel::<Result<pb::WorkerEvent, Status>>(256);
-    tokio::spawn(async move {
-        let send = |w: pb::Worker| Ok(pb::WorkerEvent { worker: Some(w) });
-        let first: Vec<pb::Worker> = initial.iter().filter_map(&select).collect();
-        for w in first {
-            if tx.send(send(w)).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            let ev = tokio::select! {
-                ev = events.recv() => ev,
-                _ = tx.closed() => return,
-                _ = shutdown.cancelled() => return,
-            };
-            let batch: Vec<pb::Worker> = match ev {
-                Ok(w) => select(&w).into_iter().collect(),
-                Err(broadcast::error::RecvError::Lagged(_)) => match snapshot() {
-                    Some(now) => now.iter().filter_map(&select).collect(),
-                    None => return,
-                },
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            for w in batch {
-                if tx.send(send(w)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// `berth.v1.Host` served by a host daemon.

@@ -19,7 +19,7 @@ use crate::core::gpus::GpuLedger;
 use crate::core::ipam::Ipam;
 use crate::core::launch::{self, KernelInvocation, LaunchSpec, Program, WorkerIdentity};
 use crate::core::session::Session;
-use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
+use crate::core::worker::{final_state, Exit, Filter, Selector, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::cgroup::{CgroupVersion, Cgroups, Limits};
 use crate::sys::devbpf::DeviceNode;
@@ -97,30 +97,6 @@ impl HostOptions {
             retention_sweep: Duration::from_secs(30),
         }
     }
-}
-
-/// Which workers a list, watch or await is about.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    pub session_id: Option<String>,
-    pub ids: Vec<String>,
-    pub statuses: Vec<WorkerStatus>,
-}
-
-impl Filter {
-    pub fn matches(&self, w: &WorkerRecord) -> bool {
-        (self.session_id.is_none() || w.session_id == self.session_id)
-            && (self.ids.is_empty() || self.ids.contains(&w.id))
-            && (self.statuses.is_empty() || self.statuses.contains(&w.status))
-    }
-}
-
-/// Which workers a stop is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
-    Ids(Vec<String>),
-    Session(String),
-    All,
 }
 
 /// Result of an await: every requested worker is in exactly one list.

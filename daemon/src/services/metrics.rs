@@ -117,7 +117,7 @@ pub async fn render(host: &Host) -> String {
         v.netns_ready
     );
     if let Ok(live) = host
-        .list(&super::host::Filter {
+        .list(&crate::core::worker::Filter {
             statuses: vec![crate::core::worker::WorkerStatus::Running],
             ..Default::default()
         })
@@ -197,19 +197,6 @@ fn render_gpus(s: &mut String, v: &super::host::HostView) {
             };
         }
     }
-}
-
-/// Serves a host's `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, host: Host, shutdown: CancellationToken) {
-    serve_with(
-        listener,
-        move || {
-            let host = host.clone();
-            async move { render(&host).await }
-        },
-        shutdown,
-    )
-    .await;
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`, each answer rendered by `render`.

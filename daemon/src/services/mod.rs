@@ -1,11 +1,14 @@
 //! The host supervisor and its gRPC face: wiring of core to sys and to tonic.
 
+pub mod front;
 pub mod grpc;
 pub mod host;
+pub mod host_workers;
 pub mod member;
 pub mod metrics;
 pub mod scheduler;
 pub mod server;
+pub mod workers;
 
 use std::future::Future;
 

@@ -2,15 +2,11 @@
 //! (TCP and Unix sockets) with health and reflection, metrics over HTTP, and one shutdown path.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
-use futures::StreamExt;
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -25,7 +21,8 @@ use crate::sys::output::Rotation;
 use crate::sys::spawn::ShimSpawner;
 use crate::sys::store::StoreWriter;
 
-use super::grpc::{HostService, WorkersService};
+use super::front::{bind_all, serve_metrics, GrpcFront};
+use super::grpc::HostService;
 use super::host::{Host, HostOptions, KernelEntry};
 
 /// Failure to start or run the daemon.
@@ -61,81 +58,6 @@ pub enum DaemonError {
         #[source]
         source: tonic::transport::Error,
     },
-}
-
-/// A listen address of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenAddr {
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl ListenAddr {
-    pub fn parse(s: &str) -> Self {
-        match s.strip_prefix("unix:") {
-            Some(p) => ListenAddr::Unix(PathBuf::from(p)),
-            None => ListenAddr::Tcp(s.to_owned()),
-        }
-    }
-}
-
-enum Bound {
-    Tcp(TcpListener, SocketAddr),
-    Unix(UnixListener, PathBuf),
-}
-
-/// Binds every address before anything is served, so a taken port fails the start at once.
-pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, DaemonError> {
-    let mut out = Vec::new();
-    for a in addrs {
-        let err = |source| DaemonError::Listen {
-            addr: a.clone(),
-            source,
-        };
-        let b = match ListenAddr::parse(a) {
-            ListenAddr::Tcp(t) => {
-                let l = TcpListener::bind(&t).await.map_err(err)?;
-                let local = l.local_addr().map_err(err)?;
-                Bound::Tcp(l, local)
-            }
-            ListenAddr::Unix(p) => {
-                if let Some(dir) = p.parent() {
-                    std::fs::create_dir_all(dir).map_err(err)?;
-                }
-                // A socket file left by a previous run; refuse if something still answers on it.
-                if std::os::unix::net::UnixStream::connect(&p).is_ok() {
-                    return Err(err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "another daemon answers on this socket",
-                    )));
-                }
-                let _ = std::fs::remove_file(&p);
-                let l = UnixListener::bind(&p).map_err(err)?;
-                Bound::Unix(l, p)
-            }
-        };
-        out.push((a.clone(), BoundListener(b)));
-    }
-    Ok(out)
-}
-
-/// A bound listener, ready to serve.
-pub struct BoundListener(Bound);
-
-impl BoundListener {
-    /// `host:port` for TCP (with the real port when 0 was asked), `unix:path` otherwise.
-    pub fn display(&self) -> String {
-        match &self.0 {
-            Bound::Tcp(_, a) => a.to_string(),
-            Bound::Unix(_, p) => format!("unix:{}", p.display()),
-        }
-    }
-}
-
-impl std::fmt::Debug for BoundListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.display())
-    }
 }
 
 /// Resolves the kernel table: the first candidate of each that exists.
@@ -248,7 +170,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let address = if cfg.advertise.is_empty() {
         listeners
             .iter()
-            .find(|(_, l)| matches!(l.0, Bound::Tcp(..)))
+            .find(|(_, l)| l.is_tcp())
             .map(|(_, l)| l.display())
             .unwrap_or_default()
     } else {
@@ -318,45 +240,29 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         "host ready"
     );
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::workers_server::WorkersServer<WorkersService>>()
-        .await;
-    health
-        .set_serving::<pb::host_server::HostServer<HostService>>()
-        .await;
-    let (refl_v1, refl_v1alpha) = reflection(&["berth.v1.Workers", "berth.v1.Host"])?;
-    let workers = pb::workers_server::WorkersServer::new(WorkersService { host: host.clone() })
-        .max_decoding_message_size(64 << 20);
     let hostsvc = pb::host_server::HostServer::new(HostService {
         host: host.clone(),
         address: address.clone(),
     });
+    let front = GrpcFront::serve(
+        listeners,
+        host.clone(),
+        &["berth.v1.Host"],
+        |router| router.add_service(hostsvc.clone()),
+        shutdown.clone(),
+    )
+    .await?;
+    let metrics_host = host.clone();
+    serve_metrics(
+        &cfg.metrics_listen,
+        move || {
+            let host = metrics_host.clone();
+            async move { super::metrics::render(&host).await }
+        },
+        shutdown.clone(),
+    )
+    .await?;
     let membership = Arc::new(super::member::Membership::default());
-
-    let mut servers = Vec::new();
-    for (addr, l) in listeners {
-        let router = tonic::transport::Server::builder()
-            .add_service(health_svc.clone())
-            .add_service(refl_v1.clone())
-            .add_service(refl_v1alpha.clone())
-            .add_service(workers.clone())
-            .add_service(hostsvc.clone());
-        servers.push(spawn_serve(addr, l, router, shutdown.clone()));
-    }
-    if !cfg.metrics_listen.is_empty() {
-        let l = TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: cfg.metrics_listen.clone(),
-                source,
-            })?;
-        tracing::info!(listen = %cfg.metrics_listen, "serving metrics");
-        crate::services::spawn_in(
-            tracing::info_span!("metrics"),
-            super::metrics::serve(l, host.clone(), shutdown.clone()),
-        );
-    }
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
     let beats = (!cfg.scheduler.is_empty()).then(|| {
         tracing::info!(scheduler = %cfg.scheduler, advertise = %address, "joining a scheduler");
@@ -379,99 +285,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     }
     tracing::info!("shutting down; workers keep running under their shims");
     sd_notify(sd_notify::NotifyState::Stopping);
-    health
-        .set_not_serving::<pb::workers_server::WorkersServer<WorkersService>>()
-        .await;
     host.shutdown();
-    let result = drain_servers(servers).await;
+    let result = front.drain().await;
     let h = host.clone();
     let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
     writer.stop();
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    result
-}
-
-/// Server reflection v1 and v1alpha (grpcurl 1.8 asks for v1alpha) listing `services` and the
-/// health service; the descriptor set holds every berth.v1 file.
-pub fn reflection(
-    services: &[&str],
-) -> Result<
-    (
-        tonic_reflection::server::v1::ServerReflectionServer<
-            impl tonic_reflection::server::v1::ServerReflection,
-        >,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<
-            impl tonic_reflection::server::v1alpha::ServerReflection,
-        >,
-    ),
-    DaemonError,
-> {
-    let builder = || {
-        let mut b = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name("grpc.health.v1.Health");
-        for s in services {
-            b = b.with_service_name(*s);
-        }
-        b
-    };
-    let v1 = builder()
-        .build_v1()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    let v1alpha = builder()
-        .build_v1alpha()
-        .map_err(|e| DaemonError::Reflection(e.to_string()))?;
-    Ok((v1, v1alpha))
-}
-
-/// Serves `router` on one bound listener until `shutdown` (a Unix socket file is removed after).
-pub fn spawn_serve(
-    addr: String,
-    l: BoundListener,
-    router: tonic::transport::server::Router,
-    shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<Result<(), DaemonError>> {
-    tracing::info!(listen = %l.display(), "serving gRPC");
-    let signal = async move { shutdown.cancelled().await };
-    tokio::spawn(async move {
-        let res = match l.0 {
-            Bound::Tcp(t, _) => {
-                let incoming = TcpListenerStream::new(t).map(|s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                    })
-                });
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-            Bound::Unix(u, p) => {
-                let r = router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(u), signal)
-                    .await;
-                let _ = std::fs::remove_file(p);
-                r
-            }
-        };
-        res.map_err(|source| DaemonError::Serve { addr, source })
-    })
-}
-
-/// Waits for the gRPC servers to drain, at most 3 s: a client that never answers the GOAWAY
-/// ping must not hold the shutdown for long.
-pub async fn drain_servers(
-    servers: Vec<tokio::task::JoinHandle<Result<(), DaemonError>>>,
-) -> Result<(), DaemonError> {
-    let mut result = Ok(());
-    match tokio::time::timeout(Duration::from_secs(3), futures::future::join_all(servers)).await {
-        Ok(results) => {
-            for r in results.into_iter().flatten() {
-                if let Err(e) = r {
-                    result = Err(e);
-                }
-            }
-        }
-        Err(_) => tracing::warn!("gRPC connections did not drain within 3 s"),
-    }
     result
 }
 

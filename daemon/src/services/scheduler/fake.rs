@@ -13,7 +13,7 @@ use berth_proto::v1 as pb;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use super::hosts::{Connector, HostApi, HostStream};
+use super::hosts::{Connector, HostApi, ItemStream};
 use super::view::is_terminal;
 use crate::error::{Error, Result};
 
@@ -270,7 +270,7 @@ impl HostApi for FakeHost {
         Ok(self.stop_where(|w| w.session_id == req.session_id, "session ended"))
     }
 
-    async fn watch(&self) -> Result<HostStream<pb::Worker>> {
+    async fn watch(&self) -> Result<ItemStream<pb::Worker>> {
         self.reachable()?;
         let name = self.name.clone();
         Ok(Box::pin(futures::StreamExt::map(
@@ -279,7 +279,7 @@ impl HostApi for FakeHost {
         )))
     }
 
-    async fn output(&self, _req: pb::StreamOutputRequest) -> Result<HostStream<pb::OutputChunk>> {
+    async fn output(&self, _req: pb::StreamOutputRequest) -> Result<ItemStream<pb::OutputChunk>> {
         self.reachable()?;
         Ok(Box::pin(futures::stream::empty()))
     }

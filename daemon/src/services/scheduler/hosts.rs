@@ -3,17 +3,15 @@
 //! that makes one per registered host. Tests put thousands of in-process fakes behind the same
 //! trait.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use berth_proto::v1 as pb;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tonic::Code;
 
 use crate::error::{Error, Result};
 
-/// A stream of items from a host; an `Err` ends it.
-pub type HostStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send + 'static>>;
+pub use crate::services::workers::ItemStream;
 
 /// The calls the scheduler makes on a host daemon. Errors keep the host's gRPC code (a host's
 /// INVALID_ARGUMENT stays one) and name the host where that helps the caller.
@@ -26,8 +24,8 @@ pub trait HostApi: Send + Sync + 'static {
     async fn keep_alive(&self, session_id: &str) -> Result<pb::Session>;
     async fn close_session(&self, req: pb::CloseSessionRequest) -> Result<Vec<pb::Worker>>;
     /// Every worker change on the host from now on (`WatchWorkers` with no filter).
-    async fn watch(&self) -> Result<HostStream<pb::Worker>>;
-    async fn output(&self, req: pb::StreamOutputRequest) -> Result<HostStream<pb::OutputChunk>>;
+    async fn watch(&self) -> Result<ItemStream<pb::Worker>>;
+    async fn output(&self, req: pb::StreamOutputRequest) -> Result<ItemStream<pb::OutputChunk>>;
     async fn info(&self) -> Result<pb::HostInfo>;
 }
 
@@ -151,7 +149,7 @@ impl HostApi for GrpcHost {
         }
     }
 
-    async fn watch(&self) -> Result<HostStream<pb::Worker>> {
+    async fn watch(&self) -> Result<ItemStream<pb::Worker>> {
         let req = pb::WatchWorkersRequest::default();
         match self.client().await?.workers().watch_workers(req).await {
             Ok(r) => {
@@ -168,7 +166,7 @@ impl HostApi for GrpcHost {
         }
     }
 
-    async fn output(&self, req: pb::StreamOutputRequest) -> Result<HostStream<pb::OutputChunk>> {
+    async fn output(&self, req: pb::StreamOutputRequest) -> Result<ItemStream<pb::OutputChunk>> {
         match self.client().await?.workers().stream_output(req).await {
             Ok(r) => {
                 let name = self.name.clone();

@@ -30,9 +30,9 @@ use crate::core::placement::{Amount, Ask, Placer, Strategy};
 use crate::core::session::Session;
 use crate::error::{Error, Result};
 
-use super::host::Selector;
+use crate::core::worker::Selector;
 
-use hosts::{Connector, HostApi, HostStream};
+use hosts::{Connector, HostApi, ItemStream};
 use view::{is_terminal, Filter, Tracked, View};
 
 /// Label a host carries for each kernel it can run; a kernel launch is constrained to it.
@@ -485,7 +485,7 @@ impl Scheduler {
         &self,
         name: &str,
         api: &Arc<dyn HostApi>,
-    ) -> Result<HostStream<pb::Worker>> {
+    ) -> Result<ItemStream<pb::Worker>> {
         let stream = api.watch().await?;
         let listing = api.list(pb::ListWorkersRequest::default()).await?;
         let n = listing.len();
@@ -646,28 +646,19 @@ impl Scheduler {
     // ---- sessions ----
 
     /// Opens a session on the scheduler; it is opened on each host when workers land there.
-    pub fn open_session(&self, req: pb::OpenSessionRequest) -> Result<pb::Session> {
-        let id = if req.id.is_empty() {
-            crate::core::new_id()
-        } else if crate::core::is_valid_id(&req.id) {
-            req.id
-        } else {
-            return Err(Error::invalid(
-                "id",
-                format!("{:?} is not a session id", req.id),
-            ));
-        };
+    pub fn open_session(
+        &self,
+        id: Option<String>,
+        ttl_seconds: u32,
+        labels: BTreeMap<String, String>,
+    ) -> Result<pb::Session> {
+        let id = id.unwrap_or_else(crate::core::new_id);
         let mut sessions = self.sessions();
         if let Some(s) = sessions.get_mut(&id) {
             s.session.renew(SystemTime::now());
             return Ok(session_to_pb(&s.session));
         }
-        let session = Session::open(
-            id.clone(),
-            req.ttl_seconds,
-            req.labels.into_iter().collect(),
-            SystemTime::now(),
-        )?;
+        let session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
         let out = session_to_pb(&session);
         sessions.insert(
             id.clone(),
@@ -1279,7 +1270,7 @@ impl Scheduler {
     pub async fn output(
         &self,
         req: pb::StreamOutputRequest,
-    ) -> Result<HostStream<pb::OutputChunk>> {
+    ) -> Result<ItemStream<pb::OutputChunk>> {
         let calls: Vec<(String, pb::StreamOutputRequest)> = if !req.ids.is_empty() {
             let f = Filter {
                 ids: req.ids.clone(),

@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use berth_proto::v1 as pb;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::scheduler_config::SchedulerConfig;
-use crate::services::server::{bind_all, drain_servers, reflection, spawn_serve, DaemonError};
+use crate::services::front::{bind_all, serve_metrics, GrpcFront};
+use crate::services::server::DaemonError;
 
-use super::grpc::{SchedulerCluster, SchedulerMembership, SchedulerWorkers};
+use super::grpc::{SchedulerCluster, SchedulerMembership};
 use super::hosts::GrpcConnector;
 use super::{Scheduler, SchedulerOptions};
 
@@ -36,66 +36,40 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     );
     scheduler.start();
 
-    let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::workers_server::WorkersServer<SchedulerWorkers>>()
-        .await;
-    health
-        .set_serving::<pb::cluster_server::ClusterServer<SchedulerCluster>>()
-        .await;
-    let (refl_v1, refl_v1alpha) = reflection(&[
-        "berth.v1.Workers",
-        "berth.v1.Cluster",
-        "berth.v1.Membership",
-    ])?;
-    let workers = pb::workers_server::WorkersServer::new(SchedulerWorkers {
-        scheduler: scheduler.clone(),
-    })
-    .max_decoding_message_size(64 << 20);
     let cluster = pb::cluster_server::ClusterServer::new(SchedulerCluster {
         scheduler: scheduler.clone(),
     });
     let membership = pb::membership_server::MembershipServer::new(SchedulerMembership {
         scheduler: scheduler.clone(),
     });
-    let mut servers = Vec::new();
-    for (addr, l) in listeners {
-        let router = tonic::transport::Server::builder()
-            .add_service(health_svc.clone())
-            .add_service(refl_v1.clone())
-            .add_service(refl_v1alpha.clone())
-            .add_service(workers.clone())
-            .add_service(cluster.clone())
-            .add_service(membership.clone());
-        servers.push(spawn_serve(addr, l, router, shutdown.clone()));
-    }
-    if !cfg.metrics_listen.is_empty() {
-        let l = TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: cfg.metrics_listen.clone(),
-                source,
-            })?;
-        tracing::info!(listen = %cfg.metrics_listen, "serving metrics");
-        let s = scheduler.clone();
-        tokio::spawn(crate::services::metrics::serve_with(
-            l,
-            move || {
-                let s = s.clone();
-                async move { render_metrics(&s) }
-            },
-            shutdown.clone(),
-        ));
-    }
+    let front = GrpcFront::serve(
+        listeners,
+        scheduler.clone(),
+        &["berth.v1.Cluster", "berth.v1.Membership"],
+        |router| {
+            router
+                .add_service(cluster.clone())
+                .add_service(membership.clone())
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    let s = scheduler.clone();
+    serve_metrics(
+        &cfg.metrics_listen,
+        move || {
+            let s = s.clone();
+            async move { render_metrics(&s) }
+        },
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!("scheduler ready");
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; hosts and their workers keep running");
-    health
-        .set_not_serving::<pb::workers_server::WorkersServer<SchedulerWorkers>>()
-        .await;
     scheduler.shutdown();
-    drain_servers(servers).await
+    front.drain().await
 }
 
 fn status_name(s: i32) -> &'static str {

@@ -12,15 +12,23 @@ use crate::error::{Error, Result};
 /// `reason` of the workers of a host that stopped beating.
 pub const HOST_LOST: &str = "host lost";
 
+pub use crate::core::worker::Filter;
+use crate::core::worker::WorkerStatus;
+
+/// The status of a worker as a host reported it; `None` for a value outside the contract.
+fn status_of(status: i32) -> Option<WorkerStatus> {
+    crate::services::grpc::status_from_pb(status, "status").ok()
+}
+
 /// Whether a worker in this status has ended.
 pub fn is_terminal(status: i32) -> bool {
-    matches!(
-        pb::WorkerStatus::try_from(status),
-        Ok(pb::WorkerStatus::Succeeded
-            | pb::WorkerStatus::Failed
-            | pb::WorkerStatus::Stopped
-            | pb::WorkerStatus::Lost)
-    )
+    status_of(status).is_some_and(WorkerStatus::is_terminal)
+}
+
+/// Whether `filter` selects `w`, a worker as its host reported it.
+pub fn selects(filter: &Filter, w: &pb::Worker) -> bool {
+    let session = (!w.session_id.is_empty()).then_some(w.session_id.as_str());
+    filter.selects(&w.id, session, status_of(w.status))
 }
 
 /// How far along its life a status is; reports never move a worker back within one run.
@@ -51,22 +59,6 @@ pub fn supersedes(new: &pb::Worker, old: &pb::Worker) -> bool {
         return new.restarts > old.restarts;
     }
     rank(new.status) >= rank(old.status)
-}
-
-/// Which workers a call selects (the filters of `ListWorkers`).
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub session_id: Option<String>,
-    pub ids: Vec<String>,
-    pub statuses: Vec<i32>,
-}
-
-impl Filter {
-    pub fn matches(&self, w: &pb::Worker) -> bool {
-        self.session_id.as_ref().is_none_or(|s| &w.session_id == s)
-            && (self.ids.is_empty() || self.ids.contains(&w.id))
-            && (self.statuses.is_empty() || self.statuses.contains(&w.status))
-    }
 }
 
 /// A worker and the host that runs it.
@@ -199,7 +191,7 @@ impl View {
         let mut out: Vec<Tracked> = if filter.ids.is_empty() {
             self.workers
                 .values()
-                .filter(|t| filter.matches(&t.worker))
+                .filter(|t| selects(filter, &t.worker))
                 .cloned()
                 .collect()
         } else {
@@ -210,7 +202,7 @@ impl View {
                     .workers
                     .get(id)
                     .ok_or_else(|| Error::NotFound(format!("worker {id} not found")))?;
-                if seen.insert(id) && filter.matches(&t.worker) {
+                if seen.insert(id) && selects(filter, &t.worker) {
                     v.push(t.clone());
                 }
             }
@@ -327,7 +319,7 @@ mod tests {
         };
         assert_eq!(v.select(&f).unwrap().len(), 1);
         let f = Filter {
-            statuses: vec![S::Failed as i32],
+            statuses: vec![WorkerStatus::Failed],
             ..Default::default()
         };
         assert_eq!(v.select(&f).unwrap()[0].worker.id, "b");
