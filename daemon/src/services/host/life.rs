@@ -1,0 +1,469 @@
+//! A worker's life after its spawn: following its shim to the end, the final record, what it
+//! held given back, and ON_FAILURE restarts.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::AsyncReadExt;
+
+use crate::core::launch;
+use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
+use crate::error::Result;
+use crate::sys::cgroup::Limits;
+use crate::sys::netns::WorkerNet;
+use crate::sys::shim::{self, ShimSpec};
+use crate::sys::spawn::{self, ShimHandle};
+
+use super::start::SpawnJob;
+use super::Inner;
+
+/// When a worker's last run started and ended, as its shim recorded them; `None` where no shim
+/// said (it never ran, left no exit record, or is an older shim).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct RunTimes {
+    pub(super) started_at: Option<SystemTime>,
+    pub(super) finished_at: Option<SystemTime>,
+}
+
+/// Writes the end of a worker into its record.
+pub(super) fn finalize_record(
+    rec: &mut WorkerRecord,
+    status: WorkerStatus,
+    reason: String,
+    exit: &Exit,
+    times: RunTimes,
+    stats: crate::sys::cgroup::CgroupStats,
+) {
+    // Usage of earlier runs (restarts) adds up; peaks take the maximum.
+    let earlier_cpu = if rec.restarts > 0 {
+        rec.cpu_seconds
+    } else {
+        0.0
+    };
+    rec.status = status;
+    rec.reason = reason;
+    rec.exit_code = exit.exit_code;
+    rec.signal = exit.signal;
+    let finished_at = times.finished_at.unwrap_or_else(SystemTime::now);
+    // The shim's own start time is the truth: a worker re-adopted after a restart of the daemon
+    // had only an estimate until now.
+    if let Some(s) = times.started_at {
+        rec.started_at = Some(s);
+    }
+    // Without the shim's times (an older shim, a lost exit record), the start was stamped by the
+    // daemon and may lie after an end stamped elsewhere.
+    if rec.started_at.is_some_and(|s| s > finished_at) {
+        rec.started_at = Some(finished_at);
+    }
+    rec.finished_at = Some(finished_at);
+    rec.cpu_seconds = earlier_cpu + stats.cpu_seconds;
+    rec.memory_peak_bytes = rec.memory_peak_bytes.max(stats.memory_peak_bytes);
+}
+
+/// Follows one worker from its shim's handshake to its end.
+pub(super) async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
+    let shim_pid = handle.pid;
+    let hs = read_handshake(handle.handshake).await;
+    match &hs {
+        Ok(hs) => {
+            let admitted = inner.lock().workers.get(&id).map(|e| e.admitted);
+            if let Some(a) = admitted {
+                inner.metrics.observe_latency(a.elapsed());
+            }
+            inner
+                .metrics
+                .workers_started
+                .fetch_add(1, Ordering::Relaxed);
+            inner.update(&id, |w| {
+                w.status = WorkerStatus::Running;
+                w.pid = Some(hs.pid);
+                w.started_at = Some(hs.started_at.unwrap_or_else(SystemTime::now));
+            });
+        }
+        Err(msg) => {
+            inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(worker = %id, error = %msg, "worker did not start");
+        }
+    }
+    await_shim(inner, id, shim_pid, handle.pidfd, hs.err()).await;
+}
+
+/// Waits for the shim of worker `id` to exit, then ends the worker from its exit record. Used
+/// for shims this daemon started and for shims it re-adopted after a restart.
+pub(super) async fn await_shim(
+    inner: Arc<Inner>,
+    id: String,
+    shim_pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+    handshake_error: Option<String>,
+) {
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
+    // stays open and refers to the same pidfd for the AsyncFd's whole life.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(fd) => {
+            let _ = fd.readable().await;
+        }
+        Err(e) => {
+            // Without a pollable pidfd, poll the pid.
+            tracing::warn!(worker = %id, error = ?e, "pidfd not pollable; polling");
+            while std::path::Path::new(&format!("/proc/{shim_pid}")).exists()
+                && !is_zombie(shim_pid)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let dir = inner.worker_dir(&id);
+    let rec = tokio::task::spawn_blocking(move || {
+        spawn::reap(shim_pid);
+        shim::read_exit(&dir)
+    })
+    .await;
+    let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
+    let (exit, times) = outcome_of(rec, missing);
+    inner.finish(&id, exit, times).await;
+}
+
+/// How a worker ended, from its shim's exit record.
+pub(super) fn exit_of(r: shim::ExitRecord) -> (Exit, RunTimes) {
+    let times = RunTimes {
+        started_at: r.started_at(),
+        finished_at: Some(r.finished_at()),
+    };
+    (
+        Exit {
+            exit_code: r.exit_code,
+            signal: r.signal,
+            spawn_error: r.spawn_error,
+            oom_killed: false,
+        },
+        times,
+    )
+}
+
+/// How a worker ended, from an attempt to read its exit record off the async threads;
+/// `missing` says why, where the shim left no record.
+pub(super) fn outcome_of(
+    read: std::result::Result<std::io::Result<Option<shim::ExitRecord>>, tokio::task::JoinError>,
+    missing: String,
+) -> (Exit, RunTimes) {
+    let spawn_error = match read {
+        Ok(Ok(Some(r))) => return exit_of(r),
+        Ok(Ok(None)) => missing,
+        Ok(Err(e)) => format!("exit record unreadable: {e}"),
+        Err(e) => format!("exit record: {e}"),
+    };
+    (
+        Exit {
+            spawn_error: Some(spawn_error),
+            ..Default::default()
+        },
+        RunTimes::default(),
+    )
+}
+
+pub(super) fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+pub(super) async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<shim::Handshake, String> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+        .map_err(|e| format!("handshake pipe: {e}"))?;
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; 256];
+    loop {
+        match rx.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.contains(&b'\n') || buf.len() > 4096 {
+                    break;
+                }
+            }
+            Err(e) => return Err(format!("handshake read: {e}")),
+        }
+    }
+    shim::parse_handshake(&String::from_utf8_lossy(&buf))
+}
+
+/// Ends worker `id` from the exit record its shim left.
+pub(super) async fn finish_from_files(inner: Arc<Inner>, id: String) {
+    let dir = inner.worker_dir(&id);
+    let rec = tokio::task::spawn_blocking(move || shim::read_exit(&dir)).await;
+    let (exit, at) = outcome_of(rec, "shim exited without an exit record".into());
+    inner.finish(&id, exit, at).await;
+}
+
+/// Follows a worker whose shim is gone: it is over when its cgroup is empty.
+pub(super) async fn watch_orphan(inner: Arc<Inner>, id: String) {
+    let cg = inner.cgroups.worker(&id);
+    loop {
+        let c = cg.clone();
+        let empty = tokio::task::spawn_blocking(move || c.pids().is_empty())
+            .await
+            .unwrap_or(true);
+        if empty {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let stop = inner
+        .lock()
+        .workers
+        .get(&id)
+        .and_then(|e| e.rec.stop_reason.clone());
+    let reason = "ended unsupervised; exit status unknown".to_owned();
+    inner
+        .clone()
+        .finish(
+            &id,
+            Exit {
+                spawn_error: None,
+                ..Default::default()
+            },
+            RunTimes::default(),
+        )
+        .await;
+    if stop.is_none() {
+        inner.update(&id, |w| {
+            w.status = WorkerStatus::Lost;
+            w.reason = reason;
+        });
+    }
+}
+
+/// Starts worker `id` again after `delay` (ON_FAILURE), in a fresh cgroup, same output streams.
+pub(super) fn restart_later(
+    inner: Arc<Inner>,
+    id: String,
+    delay: Duration,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed: restart → follow → finish → restart is a cycle the compiler cannot size.
+    Box::pin(restart_after(inner, id, delay))
+}
+
+pub(super) async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        // Shutting down: the record stays PENDING and the next daemon restarts it.
+        _ = inner.shutdown.cancelled() => return,
+    }
+    let Some(rec) = inner.lock().workers.get(&id).map(|e| e.rec.clone()) else {
+        return;
+    };
+    if rec.stop_reason.is_some() {
+        let exit = Exit {
+            spawn_error: Some("stopped before it restarted".into()),
+            ..Default::default()
+        };
+        inner.finish(&id, exit, RunTimes::default()).await;
+        return;
+    }
+    let dir = inner.worker_dir(&id);
+    let job_inner = inner.clone();
+    let jid = id.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let bytes =
+            std::fs::read(dir.join(shim::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
+        let spec: ShimSpec =
+            serde_json::from_slice(&bytes).map_err(|e| format!("read spec: {e}"))?;
+        let _ = std::fs::remove_file(dir.join(shim::EXIT_FILE));
+        // The namespace outlives a restart; after a reboot or a crash of an earlier daemon it
+        // may be gone, and is made again with the worker's address.
+        let net = match (spec.netns.is_some(), rec.ip_address) {
+            (false, _) => None,
+            (true, _) if job_inner.net.exists(&jid) => None,
+            (true, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
+            (true, _) => Some(WorkerNet::Isolated),
+        };
+        let mut job = SpawnJob {
+            net,
+            pending: None,
+            id: jid,
+            shim: spec,
+            limits: Limits {
+                cpu: rec.cpu,
+                memory_bytes: rec.memory_bytes,
+                pids_max: job_inner.opts.pids_max,
+                denied_devices: job_inner.denied_devices(&rec.gpu_uuids),
+            },
+        };
+        job_inner.spawn_one(&mut job, None)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("restart task: {e}")));
+    match res {
+        Ok(handle) => {
+            inner.update(&id, |w| {
+                w.status = WorkerStatus::Starting;
+                w.shim_pid = Some(handle.pid);
+                w.shim_starttime = handle.starttime;
+                w.exit_code = None;
+                w.signal = None;
+            });
+            follow_worker(inner, id, handle).await;
+        }
+        Err(msg) => {
+            let exit = Exit {
+                spawn_error: Some(msg),
+                ..Default::default()
+            };
+            inner.finish(&id, exit, RunTimes::default()).await;
+        }
+    }
+}
+
+impl Inner {
+    /// Removes worker `id`'s network namespace (its veth and route go with it) and frees its
+    /// address. Idempotent.
+    pub(super) async fn release_network(self: &Arc<Self>, id: &str, own_namespace: bool) {
+        if own_namespace {
+            let inner = self.clone();
+            let nid = id.to_owned();
+            let removed = tokio::task::spawn_blocking(move || inner.net.remove(&nid)).await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(worker = %id, error = %e, "network namespace not removed");
+            }
+        }
+        self.lock().ips.release(id);
+    }
+
+    /// Ends worker `id`: reads its usage, removes its cgroup, frees its claim, records its status.
+    pub(super) async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, times: RunTimes) {
+        let inner = self.clone();
+        let cid = id.to_owned();
+        let stats = tokio::task::spawn_blocking(move || {
+            let cg = inner.cgroups.worker(&cid);
+            let stats = cg.stats();
+            if let Err(e) = cg.kill_all(Duration::from_secs(10)) {
+                tracing::warn!(worker = %cid, error = %e, "worker processes survived the kill");
+            }
+            if let Err(e) = cg.remove() {
+                tracing::warn!(worker = %cid, error = %e, "cgroup not removed");
+            }
+            stats
+        })
+        .await
+        .unwrap_or_default();
+        exit.oom_killed = stats.oom_kills > 0;
+        let mut restart_in = None;
+        let known = self.lock().workers.contains_key(id);
+        if !known {
+            {
+                let mut st = self.lock();
+                st.ledger.release(id);
+                st.gpus.release(id);
+            }
+            self.release_network(id, true).await;
+            return;
+        }
+        let rec = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let Some(e) = st.workers.get_mut(id) else {
+                // Workers are only forgotten once ended: nothing is held any more.
+                return;
+            };
+            let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
+            if status == WorkerStatus::Failed
+                && exit.spawn_error.is_none()
+                && e.rec.restart.should_restart(e.rec.restarts)
+                && !self.shutdown.is_cancelled()
+            {
+                // ON_FAILURE: same worker, same claim, after an exponential back-off.
+                e.rec.restarts += 1;
+                let delay = e.rec.restart.backoff(e.rec.restarts);
+                e.rec.status = WorkerStatus::Pending;
+                e.rec.reason = format!(
+                    "{reason}; restart {} of {} in {} ms",
+                    e.rec.restarts,
+                    e.rec.restart.max_restarts,
+                    delay.as_millis()
+                );
+                e.rec.exit_code = exit.exit_code;
+                e.rec.signal = exit.signal;
+                e.rec.pid = None;
+                e.rec.cpu_seconds += stats.cpu_seconds;
+                e.rec.memory_peak_bytes = e.rec.memory_peak_bytes.max(stats.memory_peak_bytes);
+                restart_in = Some(delay);
+                e.rec.clone()
+            } else {
+                st.ledger.release(id);
+                st.gpus.release(id);
+                finalize_record(&mut e.rec, status, reason, &exit, times, stats);
+                e.rec.clone()
+            }
+        };
+        if let Some(delay) = restart_in {
+            tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
+            let span = crate::services::worker_span(id, rec.session_id.as_deref());
+            self.publish(rec);
+            crate::services::spawn_in(span, restart_later(self.clone(), id.to_owned(), delay));
+            return;
+        }
+        // Restarts keep their namespace and address; a worker that has ended frees both.
+        self.release_network(id, rec.network != launch::NetworkMode::Host)
+            .await;
+        tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
+        self.publish(rec);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_shims_times_are_the_record_s() {
+        // (start the daemon had, shim's start, shim's end) → (start, end) recorded.
+        type Case = (Option<u64>, Option<u64>, Option<u64>, (Option<u64>, u64));
+        let cases: &[Case] = &[
+            // From the handshake, confirmed by the exit record.
+            (Some(100), Some(100), Some(500), (Some(100), 500)),
+            // Re-adopted after a restart: the daemon's estimate gives way to the shim's time.
+            (Some(900), Some(100), Some(500), (Some(100), 500)),
+            // Re-adopted, never had a start: the exit record brings it.
+            (None, Some(100), Some(500), (Some(100), 500)),
+            // An older shim (no start in its record): an estimate after the end is held to it.
+            (Some(900), None, Some(500), (Some(500), 500)),
+            (Some(100), None, Some(500), (Some(100), 500)),
+            // Never ran.
+            (None, None, Some(500), (None, 500)),
+        ];
+        for &(had, shim_start, shim_end, (start, end)) in cases {
+            let mut rec = WorkerRecord::pending("w".into(), "h".into(), at(50));
+            rec.started_at = had.map(at);
+            let times = RunTimes {
+                started_at: shim_start.map(at),
+                finished_at: shim_end.map(at),
+            };
+            finalize_record(
+                &mut rec,
+                WorkerStatus::Succeeded,
+                "exited with code 0".into(),
+                &Exit::default(),
+                times,
+                Default::default(),
+            );
+            assert_eq!(
+                (rec.started_at, rec.finished_at),
+                (start.map(at), Some(at(end))),
+                "{had:?} {shim_start:?} {shim_end:?}"
+            );
+        }
+    }
+}
