@@ -16,9 +16,9 @@ use crate::core::launch::{KernelInvocation, GIB};
 use crate::sys::cgroup::{CgroupFs, Cgroups};
 use crate::sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use crate::sys::host as hostfs;
+use crate::sys::launcher::ShimSpawner;
 use crate::sys::netns::{HostNetwork, NetConfig, Netns, NoNetwork};
 use crate::sys::output::Rotation;
-use crate::sys::spawn::ShimSpawner;
 use crate::sys::store::StoreWriter;
 
 use super::front::{bind_all, serve_metrics, GrpcFront};

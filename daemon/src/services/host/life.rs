@@ -13,9 +13,8 @@ use crate::core::launch;
 use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
 use crate::error::Result;
 use crate::sys::cgroup::Limits;
+use crate::sys::launcher::{self, ShimHandle, ShimSpec};
 use crate::sys::netns::WorkerNet;
-use crate::sys::shim::{self, ShimSpec};
-use crate::sys::spawn::{self, ShimHandle};
 
 use super::start::SpawnJob;
 use super::Inner;
@@ -120,8 +119,8 @@ pub(super) async fn await_shim(
     }
     let dir = inner.worker_dir(&id);
     let rec = tokio::task::spawn_blocking(move || {
-        spawn::reap(shim_pid);
-        shim::read_exit(&dir)
+        launcher::reap(shim_pid);
+        launcher::read_exit(&dir)
     })
     .await;
     let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
@@ -130,7 +129,7 @@ pub(super) async fn await_shim(
 }
 
 /// How a worker ended, from its shim's exit record.
-pub(super) fn exit_of(r: shim::ExitRecord) -> (Exit, RunTimes) {
+pub(super) fn exit_of(r: launcher::ExitRecord) -> (Exit, RunTimes) {
     let times = RunTimes {
         started_at: r.started_at(),
         finished_at: Some(r.finished_at()),
@@ -149,7 +148,10 @@ pub(super) fn exit_of(r: shim::ExitRecord) -> (Exit, RunTimes) {
 /// How a worker ended, from an attempt to read its exit record off the async threads;
 /// `missing` says why, where the shim left no record.
 pub(super) fn outcome_of(
-    read: std::result::Result<std::io::Result<Option<shim::ExitRecord>>, tokio::task::JoinError>,
+    read: std::result::Result<
+        std::io::Result<Option<launcher::ExitRecord>>,
+        tokio::task::JoinError,
+    >,
     missing: String,
 ) -> (Exit, RunTimes) {
     let spawn_error = match read {
@@ -176,7 +178,9 @@ pub(super) fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
-pub(super) async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<shim::Handshake, String> {
+pub(super) async fn read_handshake(
+    fd: std::os::fd::OwnedFd,
+) -> Result<launcher::Handshake, String> {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
         .map_err(|e| format!("handshake pipe: {e}"))?;
     let mut buf = Vec::with_capacity(64);
@@ -193,13 +197,13 @@ pub(super) async fn read_handshake(fd: std::os::fd::OwnedFd) -> Result<shim::Han
             Err(e) => return Err(format!("handshake read: {e}")),
         }
     }
-    shim::parse_handshake(&String::from_utf8_lossy(&buf))
+    launcher::parse_handshake(&String::from_utf8_lossy(&buf))
 }
 
 /// Ends worker `id` from the exit record its shim left.
 pub(super) async fn finish_from_files(inner: Arc<Inner>, id: String) {
     let dir = inner.worker_dir(&id);
-    let rec = tokio::task::spawn_blocking(move || shim::read_exit(&dir)).await;
+    let rec = tokio::task::spawn_blocking(move || launcher::read_exit(&dir)).await;
     let (exit, at) = outcome_of(rec, "shim exited without an exit record".into());
     inner.finish(&id, exit, at).await;
 }
@@ -274,10 +278,10 @@ pub(super) async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration
     let jid = id.clone();
     let res = tokio::task::spawn_blocking(move || {
         let bytes =
-            std::fs::read(dir.join(shim::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
+            std::fs::read(dir.join(launcher::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
         let spec: ShimSpec =
             serde_json::from_slice(&bytes).map_err(|e| format!("read spec: {e}"))?;
-        let _ = std::fs::remove_file(dir.join(shim::EXIT_FILE));
+        let _ = std::fs::remove_file(dir.join(launcher::EXIT_FILE));
         // The namespace outlives a restart; after a reboot or a crash of an earlier daemon it
         // may be gone, and is made again with the worker's address.
         let net = match (spec.netns.is_some(), rec.ip_address) {

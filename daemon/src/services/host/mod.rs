@@ -26,9 +26,9 @@ use crate::core::worker::{WorkerRecord, WorkerStatus};
 use crate::sys::cgroup::{CgroupVersion, Cgroups};
 use crate::sys::devbpf::DeviceNode;
 use crate::sys::gpu::{self, GpuDevice, GpuMonitor, GpuSample, Gpus, NoGpus};
+use crate::sys::launcher::Spawner;
 use crate::sys::netns::{Netns, NoNetwork};
 use crate::sys::output::{Rotation, StreamKind};
-use crate::sys::spawn::Spawner;
 use crate::sys::store::{Op, StoreWriter, Table};
 
 mod life;

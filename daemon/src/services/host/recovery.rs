@@ -12,8 +12,7 @@ use crate::core::session::Session;
 use crate::core::worker::{Exit, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::host as hostfs;
-use crate::sys::shim::{self, ShimSpec};
-use crate::sys::spawn;
+use crate::sys::launcher::{self, ShimSpec};
 use crate::sys::store::Table;
 use crate::sys::store::{BadRecord, OpenReport, Store};
 
@@ -197,7 +196,7 @@ impl Host {
                     report.adopted += 1;
                     let span = crate::services::worker_span(&id, rec.session_id.as_deref());
                     self.inner.publish(rec);
-                    match spawn::pidfd_open(shim_pid as i32) {
+                    match launcher::pidfd_open(shim_pid as i32) {
                         Ok(fd) => {
                             let inner = self.inner.clone();
                             crate::services::spawn_in(
@@ -355,7 +354,7 @@ impl Inner {
                         && !is_zombie(*p)
                 })
                 .or_else(|| shims.get(&id).map(|(p, _)| *p));
-            let exit = shim::read_exit(&dir).ok().flatten();
+            let exit = launcher::read_exit(&dir).ok().flatten();
             let cg = self.cgroups.worker(&id);
             let pickup = match (shim, exit) {
                 (Some(pid), _) => Pickup::Adopt { shim_pid: pid },
@@ -403,7 +402,7 @@ impl Inner {
 
     /// A record rebuilt from the worker's spec (the record at launch, kept beside its output).
     pub(super) fn record_from_spec(&self, id: &str, dir: &Path) -> Option<WorkerRecord> {
-        let bytes = std::fs::read(dir.join(shim::SPEC_FILE)).ok()?;
+        let bytes = std::fs::read(dir.join(launcher::SPEC_FILE)).ok()?;
         let spec: ShimSpec = serde_json::from_slice(&bytes).ok()?;
         let mut rec: WorkerRecord = serde_json::from_value(spec.meta).ok()?;
         if rec.id != id {

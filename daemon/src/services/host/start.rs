@@ -13,9 +13,8 @@ use crate::core::worker::{Exit, Selector, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::cgroup::Limits;
 use crate::sys::host as hostfs;
+use crate::sys::launcher::{ShimHandle, ShimSpec};
 use crate::sys::netns::{PendingNet, WorkerNet};
-use crate::sys::shim::ShimSpec;
-use crate::sys::spawn::ShimHandle;
 
 use super::life::{follow_worker, RunTimes};
 use super::{Entry, Host, Inner};

@@ -205,19 +205,19 @@ pub fn serve() -> i32 {
     set_comm(b"berth-zygote");
     // SIGCHLD is read from a signalfd; blocked from here on (forked shims block it anyway).
     block_sigchld();
-    let sigchld = super::shim::child_signals();
+    let sigchld = super::proc::child_signals();
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
-        let mut pfds = vec![super::shim::poll_in(sock.as_raw_fd())];
+        let mut pfds = vec![super::proc::poll_in(sock.as_raw_fd())];
         if let Some(f) = &sigchld {
-            pfds.push(super::shim::poll_in(f.as_raw_fd()));
+            pfds.push(super::proc::poll_in(f.as_raw_fd()));
         }
         // Without a signalfd, children are reaped at least every second.
         let timeout = if sigchld.is_some() { -1 } else { 1000 };
         // SAFETY: pfds is a valid slice of pollfd for the duration of the call.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         if let Some(f) = &sigchld {
-            super::shim::drain_signals(f.as_raw_fd());
+            super::proc::drain_signals(f.as_raw_fd());
         }
         reap_children();
         if pfds[0].revents == 0 {
@@ -248,7 +248,7 @@ pub fn serve() -> i32 {
         let close_in_child = [sigchld.as_ref().map_or(-1, |f| f.as_raw_fd())];
         match fork_shim(&dir, handshake, &close_in_child, &argv0, &comm) {
             Ok((pid, pidfd)) => {
-                let st = super::host::process_starttime(pid as u32).unwrap_or(u64::MAX);
+                let st = crate::host::process_starttime(pid as u32).unwrap_or(u64::MAX);
                 let mut msg = [0u8; REPLY_LEN];
                 msg[1..5].copy_from_slice(&pid.to_ne_bytes());
                 msg[5..13].copy_from_slice(&st.to_ne_bytes());
@@ -324,7 +324,7 @@ fn fork_shim(
         std::process::exit(super::shim::run_dir(dir));
     }
     drop(handshake);
-    match super::spawn::pidfd_open(pid) {
+    match super::proc::pidfd_open(pid) {
         Ok(fd) => Ok((pid, fd)),
         Err(e) => {
             // Without a pidfd the daemon could not watch it: end it (the shim has not reported

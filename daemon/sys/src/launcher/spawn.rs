@@ -13,12 +13,13 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::proc::{pidfd_open, pipe_cloexec};
 use super::shim::{ShimSpec, SPEC_FILE};
 use super::zygote::{Forked, Zygote, ZygoteError};
 
@@ -74,7 +75,7 @@ impl ShimSpawner {
                 .and_then(|p| p.parent().map(|d| d.join("berth-shim")))
                 .unwrap_or_else(|| PathBuf::from("berth-shim"))
         });
-        let lanes = (0..super::host::online_cpus().clamp(1, 4))
+        let lanes = (0..crate::host::online_cpus().clamp(1, 4))
             .map(|_| Mutex::new(start_zygote(&shim)))
             .collect();
         Self {
@@ -119,7 +120,7 @@ impl ShimSpawner {
         let pidfd = pidfd_open(pid as i32)?;
         Ok(Forked {
             pid,
-            starttime: super::host::process_starttime(pid),
+            starttime: crate::host::process_starttime(pid),
             pidfd,
         })
     }
@@ -171,32 +172,4 @@ fn exec_shim(shim: &Path, dir: &Path, stdout: OwnedFd) -> io::Result<u32> {
         .stderr(Stdio::null())
         .spawn()?;
     Ok(child.id())
-}
-
-pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Opens a pidfd for `pid` (Linux ≥ 5.3).
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the syscall returned a new fd that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Reaps `pid` if it is our child and has exited; harmless otherwise.
-pub fn reap(pid: u32) {
-    let mut status = 0;
-    // SAFETY: status is a valid out-pointer; WNOHANG never blocks.
-    unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
 }

@@ -9,7 +9,7 @@
 //! on v1, and where clone3 is refused, the child joins the cgroup before exec. The network
 //! namespace the child joins before exec. It reports `ok <pid> <start µs>` or `err <message>` on
 //! the handshake pipe and then has no channel to the daemon at all: the worker's output goes
-//! through pipes held by the shim into rotated files ([`super::output`]), and its exit status goes
+//! through pipes held by the shim into rotated files ([`crate::output`]), and its exit status goes
 //! to `<worker dir>/exit.json`. So a crash, kill or upgrade of the daemon loses neither output nor
 //! exit status.
 //!
@@ -27,10 +27,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::cgroup::WorkerCgroup;
-use super::output::{Rotation, SegmentWriter, StreamKind};
-use super::spawn::{pidfd_open, pipe_cloexec};
-use super::zygote::ZYGOTE_ARG;
+use crate::cgroup::WorkerCgroup;
+use crate::output::{Rotation, SegmentWriter, StreamKind};
+
+use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
 
 /// Everything the shim needs to start one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,21 +212,9 @@ fn stage_name(b: u8) -> &'static str {
     }
 }
 
-/// Entry point of the `berth-shim` binary. Returns the process exit code.
-pub fn main() -> i32 {
-    let Some(arg) = std::env::args_os().nth(1) else {
-        eprintln!("usage: berth-shim WORKER_DIR | berth-shim {ZYGOTE_ARG}");
-        return 2;
-    };
-    if arg == ZYGOTE_ARG {
-        return super::zygote::serve();
-    }
-    run_dir(Path::new(&arg))
-}
-
 /// Runs the shim of the worker in `dir` (an exec'd shim, or one a zygote forked); returns the
 /// process exit code.
-pub(crate) fn run_dir(dir: &Path) -> i32 {
+pub(super) fn run_dir(dir: &Path) -> i32 {
     // The shim works in its worker's directory: that is how a daemon that lost its state store
     // recognises it among the processes (see `lifecycle::scan_shims`). Paths stay absolute, so
     // nothing else depends on it.
@@ -642,35 +630,6 @@ fn set_nonblocking(fd: RawFd) {
 /// process that left the cgroup could still hold the pipes.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
-/// A signalfd for SIGCHLD (blocked since `run`), non-blocking; `None` where the kernel refuses.
-pub(crate) fn child_signals() -> Option<OwnedFd> {
-    // SAFETY: sigset operations on a local set; signalfd returns a new fd or -1.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
-        // SAFETY: signalfd succeeded; the fd is ours.
-        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd))
-    }
-}
-
-/// A `poll` entry that waits for `fd` to become readable.
-pub(crate) fn poll_in(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Reads every pending signal from the signalfd `fd` (they only say "look again").
-pub(crate) fn drain_signals(fd: RawFd) {
-    let mut info = [0u8; 128 * 8];
-    // SAFETY: info is valid for its length; the fd is non-blocking.
-    while unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) } > 0 {}
-}
-
 fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let main_pid = s.pid;
     let pidfd = pidfd_open(main_pid).ok();
@@ -929,7 +888,7 @@ mod tests {
     /// with no fallback where the kernel offers it; on v1 joined through `tasks`.
     #[test]
     fn worker_process_starts_in_its_cgroup() {
-        use super::super::cgroup::{
+        use crate::cgroup::{
             join_in_hierarchy, parse_mountinfo, parse_proc_cgroup, CgroupVersion, Controller,
         };
         // SAFETY: geteuid has no preconditions.
