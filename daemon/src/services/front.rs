@@ -2,7 +2,6 @@
 //! served, `berth.v1.Workers` over the server's [`WorkersBackend`] beside its other services,
 //! health and reflection on every listen address, metrics over HTTP, and one way to drain.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 
+use super::metrics::MetricsSource;
 use super::server::DaemonError;
 use super::workers::{WorkersBackend, WorkersService};
 
@@ -89,16 +89,12 @@ impl GrpcFront {
     }
 }
 
-/// Serves Prometheus text from `render` at `addr` (empty: not at all) until `shutdown`.
-pub async fn serve_metrics<R, Fut>(
+/// Serves the metrics of `source` over HTTP at `addr` (empty: not at all) until `shutdown`.
+pub async fn serve_metrics<S: MetricsSource>(
     addr: &str,
-    render: R,
+    source: S,
     shutdown: CancellationToken,
-) -> Result<(), DaemonError>
-where
-    R: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = String> + Send + 'static,
-{
+) -> Result<(), DaemonError> {
     if addr.is_empty() {
         return Ok(());
     }
@@ -111,7 +107,7 @@ where
     tracing::info!(listen = %addr, "serving metrics");
     super::spawn_in(
         tracing::info_span!("metrics"),
-        super::metrics::serve_with(l, render, shutdown),
+        super::metrics::serve(l, source, shutdown),
     );
     Ok(())
 }

@@ -252,16 +252,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     )
     .await?;
-    let metrics_host = host.clone();
-    serve_metrics(
-        &cfg.metrics_listen,
-        move || {
-            let host = metrics_host.clone();
-            async move { super::metrics::render(&host).await }
-        },
-        shutdown.clone(),
-    )
-    .await?;
+    serve_metrics(&cfg.metrics_listen, host.clone(), shutdown.clone()).await?;
     let membership = Arc::new(super::member::Membership::default());
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
     let beats = (!cfg.scheduler.is_empty()).then(|| {
