@@ -400,8 +400,7 @@ mod tests {
     use crate::services::scheduler::SchedulerOptions;
     use crate::sys::cgroup::{CgroupError, CgroupVersion, Cgroups, Limits, WorkerCgroup};
     use crate::sys::gpu::{FakeGpus, GpuMonitor};
-    use crate::sys::shim::ShimSpec;
-    use crate::sys::spawn::{ShimHandle, SpawnError, Spawner};
+    use crate::sys::launcher::{ShimHandle, ShimSpec, SpawnError, Spawner};
 
     /// Cgroups and a spawner for a host that never starts a worker.
     struct Idle;
