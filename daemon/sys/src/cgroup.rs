@@ -485,6 +485,31 @@ pub trait Cgroups: Send + Sync {
     fn remove_subtree(&self) -> Result<()>;
     /// Human-readable location of the subtree, for logs.
     fn describe(&self) -> String;
+
+    // What the supervisor does to a worker's cgroup goes through here, never through a
+    // `WorkerCgroup` of its own, so that a fake can stand in for the kernel. `WorkerCgroup` is
+    // the description the shim needs to join it.
+
+    /// Pids of every process in worker `id`'s cgroup; empty when it is gone.
+    fn pids(&self, id: &str) -> Vec<i32> {
+        self.worker(id).pids()
+    }
+    /// Sends `signal` to every process of worker `id` (a best-effort snapshot).
+    fn signal_all(&self, id: &str, signal: i32) {
+        self.worker(id).signal_all(signal)
+    }
+    /// Kills every process of worker `id` and waits until its cgroup is empty, at most `timeout`.
+    fn kill_all(&self, id: &str, timeout: Duration) -> Result<()> {
+        self.worker(id).kill_all(timeout)
+    }
+    /// CPU, memory and OOM-kill counters of worker `id`'s cgroup.
+    fn stats(&self, id: &str) -> CgroupStats {
+        self.worker(id).stats()
+    }
+    /// Removes worker `id`'s (empty) cgroup; nothing to do when it is gone.
+    fn remove(&self, id: &str) -> Result<()> {
+        self.worker(id).remove()
+    }
 }
 
 /// The real cgroup filesystem.

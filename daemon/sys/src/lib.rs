@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod devbpf;
+pub mod fake;
 pub mod gpu;
 pub mod host;
 pub mod launcher;

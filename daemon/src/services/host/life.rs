@@ -210,10 +210,9 @@ pub(super) async fn finish_from_files(inner: Arc<Inner>, id: String) {
 
 /// Follows a worker whose shim is gone: it is over when its cgroup is empty.
 pub(super) async fn watch_orphan(inner: Arc<Inner>, id: String) {
-    let cg = inner.cgroups.worker(&id);
     loop {
-        let c = cg.clone();
-        let empty = tokio::task::spawn_blocking(move || c.pids().is_empty())
+        let (i, wid) = (inner.clone(), id.clone());
+        let empty = tokio::task::spawn_blocking(move || i.cgroups.pids(&wid).is_empty())
             .await
             .unwrap_or(true);
         if empty {
@@ -347,12 +346,11 @@ impl Inner {
         let inner = self.clone();
         let cid = id.to_owned();
         let stats = tokio::task::spawn_blocking(move || {
-            let cg = inner.cgroups.worker(&cid);
-            let stats = cg.stats();
-            if let Err(e) = cg.kill_all(Duration::from_secs(10)) {
+            let stats = inner.cgroups.stats(&cid);
+            if let Err(e) = inner.cgroups.kill_all(&cid, Duration::from_secs(10)) {
                 tracing::warn!(worker = %cid, error = %e, "worker processes survived the kill");
             }
-            if let Err(e) = cg.remove() {
+            if let Err(e) = inner.cgroups.remove(&cid) {
                 tracing::warn!(worker = %cid, error = %e, "cgroup not removed");
             }
             stats

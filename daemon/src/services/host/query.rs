@@ -33,7 +33,7 @@ impl Host {
                 running
                     .into_iter()
                     .map(|id| {
-                        let s = inner.cgroups.worker(&id).stats();
+                        let s = inner.cgroups.stats(&id);
                         (id, s)
                     })
                     .collect::<HashMap<_, _>>()

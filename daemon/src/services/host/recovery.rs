@@ -233,10 +233,10 @@ impl Host {
                 Pickup::Lost(reason) => {
                     report.lost += 1;
                     let inner = self.inner.clone();
-                    let cg = inner.cgroups.worker(&id);
+                    let wid = id.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        let _ = cg.kill_all(Duration::from_secs(5));
-                        let _ = cg.remove();
+                        let _ = inner.cgroups.kill_all(&wid, Duration::from_secs(5));
+                        let _ = inner.cgroups.remove(&wid);
                     })
                     .await;
                     self.inner.update(&id, |w| {
@@ -355,14 +355,13 @@ impl Inner {
                 })
                 .or_else(|| shims.get(&id).map(|(p, _)| *p));
             let exit = launcher::read_exit(&dir).ok().flatten();
-            let cg = self.cgroups.worker(&id);
             let pickup = match (shim, exit) {
                 (Some(pid), _) => Pickup::Adopt { shim_pid: pid },
                 (None, Some(r)) => {
                     let (exit, at) = exit_of(r);
                     Pickup::Finish(exit, at)
                 }
-                (None, None) if !cg.pids().is_empty() => Pickup::Orphan,
+                (None, None) if !self.cgroups.pids(&id).is_empty() => Pickup::Orphan,
                 (None, None) if rec.status == WorkerStatus::Pending && rec.restarts > 0 => {
                     Pickup::Respawn
                 }
@@ -382,7 +381,7 @@ impl Inner {
                         rec.started_at.get_or_insert_with(SystemTime::now);
                     }
                     if rec.pid.is_none() {
-                        rec.pid = cg.pids().into_iter().min().map(|p| p as u32);
+                        rec.pid = self.cgroups.pids(&id).into_iter().min().map(|p| p as u32);
                     }
                 }
                 Pickup::Orphan => {
@@ -414,8 +413,7 @@ impl Inner {
 
     /// A record for a worker cgroup or shim that nothing else accounts for: listed, not killed.
     pub(super) fn unaccounted_record(&self, id: &str) -> WorkerRecord {
-        let cg = self.cgroups.worker(id);
-        let pids = cg.pids();
+        let pids = self.cgroups.pids(id);
         WorkerRecord {
             status: WorkerStatus::Starting,
             pid: pids.into_iter().min().map(|p| p as u32),

@@ -462,7 +462,7 @@ impl Inner {
         match self.spawner.spawn(&dir, &job.shim) {
             Ok(h) => Ok(h),
             Err(e) => {
-                let _ = cg.remove();
+                let _ = self.cgroups.remove(&job.id);
                 undo_net();
                 Err(e.to_string())
             }

@@ -23,10 +23,10 @@ pub(super) async fn stop_worker(inner: Arc<Inner>, id: String, grace: Duration) 
     if inner.status(&id).is_none_or(|s| s.is_terminal()) {
         return;
     }
-    let cg = inner.cgroups.worker(&id);
     {
-        let cg = cg.clone();
-        let _ = tokio::task::spawn_blocking(move || cg.signal_all(libc::SIGTERM)).await;
+        let (i, wid) = (inner.clone(), id.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || i.cgroups.signal_all(&wid, libc::SIGTERM)).await;
     }
     let mut changes = inner.changed.subscribe();
     let deadline = tokio::time::Instant::now() + grace;
@@ -45,8 +45,10 @@ pub(super) async fn stop_worker(inner: Arc<Inner>, id: String, grace: Duration) 
     }
     // Kill until the shim has seen the end (it also kills the rest once the main process dies).
     while inner.status(&id).is_some_and(|s| !s.is_terminal()) {
-        let cg = cg.clone();
-        let _ = tokio::task::spawn_blocking(move || cg.kill_all(Duration::from_secs(1))).await;
+        let (i, wid) = (inner.clone(), id.clone());
+        let _ =
+            tokio::task::spawn_blocking(move || i.cgroups.kill_all(&wid, Duration::from_secs(1)))
+                .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -23,7 +23,7 @@ pub use shim::{
     decode_status, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec, EXIT_FILE,
     SPEC_FILE,
 };
-pub use spawn::{ShimHandle, ShimSpawner, SpawnError, Spawner};
+pub use spawn::{write_spec, ShimHandle, ShimSpawner, SpawnError, Spawner};
 
 /// Entry point of the `berth-shim` binary: `berth-shim WORKER_DIR` runs the shim of one worker,
 /// `berth-shim --zygote` a zygote. Returns the process exit code.

@@ -40,8 +40,8 @@ pub enum SpawnError {
     },
 }
 
-/// A started shim: its pid, a pidfd that becomes readable when it exits, and the read end of
-/// the handshake pipe.
+/// A started shim: its pid, an fd that becomes readable when the shim has exited (a pidfd; a
+/// fake's pipe whose write end it closes), and the read end of the handshake pipe.
 #[derive(Debug)]
 pub struct ShimHandle {
     pub pid: u32,
@@ -136,14 +136,7 @@ fn start_zygote(shim: &Path) -> Option<Zygote> {
 
 impl Spawner for ShimSpawner {
     fn spawn(&self, dir: &Path, spec: &ShimSpec) -> Result<ShimHandle, SpawnError> {
-        let spec_path = dir.join(SPEC_FILE);
-        let spec_err = |source| SpawnError::Spec {
-            path: spec_path.clone(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(spec_err)?;
-        let json = serde_json::to_vec(spec).map_err(|e| spec_err(io::Error::other(e)))?;
-        fs::write(&spec_path, json).map_err(spec_err)?;
+        write_spec(dir, spec)?;
         let shim_err = |source| SpawnError::Shim {
             shim: self.shim.clone(),
             source,
@@ -158,6 +151,19 @@ impl Spawner for ShimSpawner {
             handshake: hs_r,
         })
     }
+}
+
+/// Writes `spec` into the worker directory `dir` (made if missing), where the shim reads it and
+/// where a restart or a daemon that lost its store finds it again. Every spawner does this.
+pub fn write_spec(dir: &Path, spec: &ShimSpec) -> Result<(), SpawnError> {
+    let spec_path = dir.join(SPEC_FILE);
+    let spec_err = |source| SpawnError::Spec {
+        path: spec_path.clone(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(spec_err)?;
+    let json = serde_json::to_vec(spec).map_err(|e| spec_err(io::Error::other(e)))?;
+    fs::write(&spec_path, json).map_err(spec_err)
 }
 
 /// posix_spawn of the shim (no pre_exec hook, so std takes the posix_spawn path: a clone with
