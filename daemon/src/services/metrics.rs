@@ -388,7 +388,6 @@ fn sample(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::path::Path;
     use std::sync::Arc;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -398,45 +397,7 @@ mod tests {
     use crate::services::host::HostOptions;
     use crate::services::scheduler::fake::{FakeCluster, FakeConnector};
     use crate::services::scheduler::SchedulerOptions;
-    use crate::sys::cgroup::{CgroupError, CgroupVersion, Cgroups, Limits, WorkerCgroup};
     use crate::sys::gpu::{FakeGpus, GpuMonitor};
-    use crate::sys::launcher::{ShimHandle, ShimSpec, SpawnError, Spawner};
-
-    /// Cgroups and a spawner for a host that never starts a worker.
-    struct Idle;
-
-    impl Cgroups for Idle {
-        fn version(&self) -> CgroupVersion {
-            CgroupVersion::V2
-        }
-        fn create(&self, id: &str, _: &Limits) -> Result<WorkerCgroup, CgroupError> {
-            Ok(self.worker(id))
-        }
-        fn worker(&self, _: &str) -> WorkerCgroup {
-            WorkerCgroup {
-                version: CgroupVersion::V2,
-                dirs: Vec::new(),
-            }
-        }
-        fn list(&self) -> Vec<String> {
-            Vec::new()
-        }
-        fn remove_subtree(&self) -> Result<(), CgroupError> {
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "none".into()
-        }
-    }
-
-    impl Spawner for Idle {
-        fn spawn(&self, dir: &Path, _: &ShimSpec) -> Result<ShimHandle, SpawnError> {
-            Err(SpawnError::Spec {
-                path: dir.to_path_buf(),
-                source: std::io::Error::other("this host starts nothing"),
-            })
-        }
-    }
 
     fn host() -> Host {
         let capacity = Capacity {
@@ -445,10 +406,11 @@ mod tests {
             workers: 16,
         };
         let dir = std::env::temp_dir().join("berth-metrics-test");
+        let world = crate::sys::fake::FakeWorld::new();
         Host::with_gpus(
             HostOptions::with_defaults("m1", &dir, capacity),
-            Arc::new(Idle),
-            Arc::new(Idle),
+            world.cgroups(),
+            world.spawner(),
             None,
             Arc::new(FakeGpus::new("m1", 2)),
             GpuMonitor::idle(),
