@@ -2,6 +2,7 @@
 //! held given back, and ON_FAILURE restarts.
 
 use std::net::IpAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -62,13 +63,74 @@ pub(super) fn finalize_record(
     rec.memory_peak_bytes = rec.memory_peak_bytes.max(stats.memory_peak_bytes);
 }
 
-/// Follows one worker from its shim's handshake to its end.
-pub(super) async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHandle) {
+/// How a worker is found when its life task takes it up.
+pub(super) enum Run {
+    /// A shim this daemon has just started.
+    Spawned(ShimHandle),
+    /// A live shim found at start-up, with a pidfd on it.
+    Adopted { shim_pid: u32, pidfd: OwnedFd },
+    /// A shim that ended before anyone watched it: its exit record is in the worker's directory.
+    Ended,
+    /// Processes left in the worker's cgroup whose shim is gone.
+    Orphan,
+    /// To be started again after this delay (ON_FAILURE).
+    RestartIn(Duration),
+}
+
+/// What comes after a worker's run, as [`Inner::finish`] decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a restart must be started"]
+pub(super) enum Next {
+    Done,
+    Restart(Duration),
+}
+
+/// Starts the task that owns worker `id`'s life from `run` on (in the worker's tracing span).
+pub(super) fn spawn_life(inner: &Arc<Inner>, id: String, session: Option<&str>, run: Run) {
+    let span = crate::services::worker_span(&id, session);
+    crate::services::spawn_in(span, life(inner.clone(), id, run));
+}
+
+/// One worker's life, owned by one task: wait for the end of its run, record it, and start it
+/// again after its back-off for as long as its restart policy says so.
+async fn life(inner: Arc<Inner>, id: String, mut run: Run) {
+    loop {
+        let next = match run {
+            Run::Spawned(handle) => {
+                let (exit, times) = follow_worker(&inner, &id, handle).await;
+                inner.clone().finish(&id, exit, times).await
+            }
+            Run::Adopted { shim_pid, pidfd } => {
+                let (exit, times) = await_shim(&inner, &id, shim_pid, pidfd, None).await;
+                inner.clone().finish(&id, exit, times).await
+            }
+            Run::Ended => {
+                let (exit, times) = exit_from_files(&inner, &id).await;
+                inner.clone().finish(&id, exit, times).await
+            }
+            Run::Orphan => watch_orphan(&inner, &id).await,
+            Run::RestartIn(delay) => match restart(&inner, &id, delay).await {
+                Some(handle) => {
+                    run = Run::Spawned(handle);
+                    continue;
+                }
+                None => return,
+            },
+        };
+        match next {
+            Next::Done => return,
+            Next::Restart(delay) => run = Run::RestartIn(delay),
+        }
+    }
+}
+
+/// Follows one run of a worker from its shim's handshake to its end; returns how it ended.
+async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> (Exit, RunTimes) {
     let shim_pid = handle.pid;
     let hs = read_handshake(handle.handshake).await;
     match &hs {
         Ok(hs) => {
-            let admitted = inner.lock().workers.get(&id).map(|e| e.admitted);
+            let admitted = inner.lock().workers.get(id).map(|e| e.admitted);
             if let Some(a) = admitted {
                 inner.metrics.observe_latency(a.elapsed());
             }
@@ -76,7 +138,7 @@ pub(super) async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHan
                 .metrics
                 .workers_started
                 .fetch_add(1, Ordering::Relaxed);
-            inner.update(&id, |w| {
+            inner.update(id, |w| {
                 w.status = WorkerStatus::Running;
                 w.pid = Some(hs.pid);
                 w.started_at = Some(hs.started_at.unwrap_or_else(SystemTime::now));
@@ -87,18 +149,18 @@ pub(super) async fn follow_worker(inner: Arc<Inner>, id: String, handle: ShimHan
             tracing::info!(worker = %id, error = %msg, "worker did not start");
         }
     }
-    await_shim(inner, id, shim_pid, handle.pidfd, hs.err()).await;
+    await_shim(inner, id, shim_pid, handle.pidfd, hs.err()).await
 }
 
-/// Waits for the shim of worker `id` to exit, then ends the worker from its exit record. Used
-/// for shims this daemon started and for shims it re-adopted after a restart.
-pub(super) async fn await_shim(
-    inner: Arc<Inner>,
-    id: String,
+/// Waits for the shim of worker `id` to exit; returns the end its exit record tells. Used for
+/// shims this daemon started and for shims it re-adopted after a restart.
+async fn await_shim(
+    inner: &Arc<Inner>,
+    id: &str,
     shim_pid: u32,
-    pidfd: std::os::fd::OwnedFd,
+    pidfd: OwnedFd,
     handshake_error: Option<String>,
-) {
+) -> (Exit, RunTimes) {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
     // stays open and refers to the same pidfd for the AsyncFd's whole life.
     let registered =
@@ -117,15 +179,14 @@ pub(super) async fn await_shim(
             }
         }
     }
-    let dir = inner.worker_dir(&id);
+    let dir = inner.worker_dir(id);
     let rec = tokio::task::spawn_blocking(move || {
         launcher::reap(shim_pid);
         launcher::read_exit(&dir)
     })
     .await;
     let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
-    let (exit, times) = outcome_of(rec, missing);
-    inner.finish(&id, exit, times).await;
+    outcome_of(rec, missing)
 }
 
 /// How a worker ended, from its shim's exit record.
@@ -200,18 +261,17 @@ pub(super) async fn read_handshake(
     launcher::parse_handshake(&String::from_utf8_lossy(&buf))
 }
 
-/// Ends worker `id` from the exit record its shim left.
-pub(super) async fn finish_from_files(inner: Arc<Inner>, id: String) {
-    let dir = inner.worker_dir(&id);
+/// The end of worker `id` from the exit record its shim left.
+async fn exit_from_files(inner: &Arc<Inner>, id: &str) -> (Exit, RunTimes) {
+    let dir = inner.worker_dir(id);
     let rec = tokio::task::spawn_blocking(move || launcher::read_exit(&dir)).await;
-    let (exit, at) = outcome_of(rec, "shim exited without an exit record".into());
-    inner.finish(&id, exit, at).await;
+    outcome_of(rec, "shim exited without an exit record".into())
 }
 
 /// Follows a worker whose shim is gone: it is over when its cgroup is empty.
-pub(super) async fn watch_orphan(inner: Arc<Inner>, id: String) {
+async fn watch_orphan(inner: &Arc<Inner>, id: &str) -> Next {
     loop {
-        let (i, wid) = (inner.clone(), id.clone());
+        let (i, wid) = (inner.clone(), id.to_owned());
         let empty = tokio::task::spawn_blocking(move || i.cgroups.pids(&wid).is_empty())
             .await
             .unwrap_or(true);
@@ -223,13 +283,13 @@ pub(super) async fn watch_orphan(inner: Arc<Inner>, id: String) {
     let stop = inner
         .lock()
         .workers
-        .get(&id)
+        .get(id)
         .and_then(|e| e.rec.stop_reason.clone());
     let reason = "ended unsupervised; exit status unknown".to_owned();
-    inner
+    let next = inner
         .clone()
         .finish(
-            &id,
+            id,
             Exit {
                 spawn_error: None,
                 ..Default::default()
@@ -238,43 +298,34 @@ pub(super) async fn watch_orphan(inner: Arc<Inner>, id: String) {
         )
         .await;
     if stop.is_none() {
-        inner.update(&id, |w| {
+        inner.update(id, |w| {
             w.status = WorkerStatus::Lost;
             w.reason = reason;
         });
     }
+    next
 }
 
-/// Starts worker `id` again after `delay` (ON_FAILURE), in a fresh cgroup, same output streams.
-pub(super) fn restart_later(
-    inner: Arc<Inner>,
-    id: String,
-    delay: Duration,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    // Boxed: restart → follow → finish → restart is a cycle the compiler cannot size.
-    Box::pin(restart_after(inner, id, delay))
-}
-
-pub(super) async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration) {
+/// Starts worker `id` again after `delay` (ON_FAILURE), in a fresh cgroup, same output streams;
+/// returns its new shim, or none when it is not to run again (stopped meanwhile, or its start
+/// failed: then it has been finished).
+async fn restart(inner: &Arc<Inner>, id: &str, delay: Duration) -> Option<ShimHandle> {
     tokio::select! {
         _ = tokio::time::sleep(delay) => {}
         // Shutting down: the record stays PENDING and the next daemon restarts it.
-        _ = inner.shutdown.cancelled() => return,
+        _ = inner.shutdown.cancelled() => return None,
     }
-    let Some(rec) = inner.lock().workers.get(&id).map(|e| e.rec.clone()) else {
-        return;
-    };
+    let rec = inner.lock().workers.get(id).map(|e| e.rec.clone())?;
     if rec.stop_reason.is_some() {
-        let exit = Exit {
-            spawn_error: Some("stopped before it restarted".into()),
-            ..Default::default()
-        };
-        inner.finish(&id, exit, RunTimes::default()).await;
-        return;
+        inner
+            .clone()
+            .not_started(id, "stopped before it restarted".into())
+            .await;
+        return None;
     }
-    let dir = inner.worker_dir(&id);
+    let dir = inner.worker_dir(id);
     let job_inner = inner.clone();
-    let jid = id.clone();
+    let jid = id.to_owned();
     let res = tokio::task::spawn_blocking(move || {
         let bytes =
             std::fs::read(dir.join(launcher::SPEC_FILE)).map_err(|e| format!("read spec: {e}"))?;
@@ -307,21 +358,18 @@ pub(super) async fn restart_after(inner: Arc<Inner>, id: String, delay: Duration
     .unwrap_or_else(|e| Err(format!("restart task: {e}")));
     match res {
         Ok(handle) => {
-            inner.update(&id, |w| {
+            inner.update(id, |w| {
                 w.status = WorkerStatus::Starting;
                 w.shim_pid = Some(handle.pid);
                 w.shim_starttime = handle.starttime;
                 w.exit_code = None;
                 w.signal = None;
             });
-            follow_worker(inner, id, handle).await;
+            Some(handle)
         }
         Err(msg) => {
-            let exit = Exit {
-                spawn_error: Some(msg),
-                ..Default::default()
-            };
-            inner.finish(&id, exit, RunTimes::default()).await;
+            inner.clone().not_started(id, msg).await;
+            None
         }
     }
 }
@@ -341,8 +389,19 @@ impl Inner {
         self.lock().ips.release(id);
     }
 
-    /// Ends worker `id`: reads its usage, removes its cgroup, frees its claim, records its status.
-    pub(super) async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, times: RunTimes) {
+    /// Ends worker `id`, whose program did not start (`why`); such a worker is never restarted.
+    pub(super) async fn not_started(self: Arc<Self>, id: &str, why: String) {
+        let exit = Exit {
+            spawn_error: Some(why),
+            ..Default::default()
+        };
+        let next = self.finish(id, exit, RunTimes::default()).await;
+        debug_assert_eq!(next, Next::Done, "a spawn error is never restarted");
+    }
+
+    /// Ends worker `id`'s run: reads its usage, removes its cgroup, and either records its end
+    /// and frees what it held, or (ON_FAILURE) keeps both for the restart it returns.
+    pub(super) async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, times: RunTimes) -> Next {
         let inner = self.clone();
         let cid = id.to_owned();
         let stats = tokio::task::spawn_blocking(move || {
@@ -367,14 +426,14 @@ impl Inner {
                 st.gpus.release(id);
             }
             self.release_network(id, true).await;
-            return;
+            return Next::Done;
         }
         let rec = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
                 // Workers are only forgotten once ended: nothing is held any more.
-                return;
+                return Next::Done;
             };
             let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
             if status == WorkerStatus::Failed
@@ -408,16 +467,15 @@ impl Inner {
         };
         if let Some(delay) = restart_in {
             tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
-            let span = crate::services::worker_span(id, rec.session_id.as_deref());
             self.publish(rec);
-            crate::services::spawn_in(span, restart_later(self.clone(), id.to_owned(), delay));
-            return;
+            return Next::Restart(delay);
         }
         // Restarts keep their namespace and address; a worker that has ended frees both.
         self.release_network(id, rec.network != launch::NetworkMode::Host)
             .await;
         tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
         self.publish(rec);
+        Next::Done
     }
 }
 

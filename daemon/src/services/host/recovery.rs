@@ -16,9 +16,7 @@ use crate::sys::launcher::{self, ShimSpec};
 use crate::sys::store::Table;
 use crate::sys::store::{BadRecord, OpenReport, Store};
 
-use super::life::{
-    await_shim, exit_of, finish_from_files, is_zombie, restart_later, watch_orphan, RunTimes,
-};
+use super::life::{exit_of, is_zombie, spawn_life, Next, Run, RunTimes};
 use super::{Entry, Host, Inner};
 
 /// What recovery found at start-up.
@@ -194,40 +192,35 @@ impl Host {
                 Pickup::Keep => report.kept += 1,
                 Pickup::Adopt { shim_pid } => {
                     report.adopted += 1;
-                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
+                    let session = rec.session_id.clone();
                     self.inner.publish(rec);
-                    match launcher::pidfd_open(shim_pid as i32) {
-                        Ok(fd) => {
-                            let inner = self.inner.clone();
-                            crate::services::spawn_in(
-                                span,
-                                await_shim(inner, id, shim_pid, fd, None),
-                            );
-                        }
+                    let run = match launcher::pidfd_open(shim_pid as i32) {
+                        Ok(pidfd) => Run::Adopted { shim_pid, pidfd },
                         // It ended between the scan and now: its exit record is there.
-                        Err(_) => {
-                            let inner = self.inner.clone();
-                            crate::services::spawn_in(span, async move {
-                                finish_from_files(inner, id).await
-                            });
-                        }
-                    }
+                        Err(_) => Run::Ended,
+                    };
+                    spawn_life(&self.inner, id, session.as_deref(), run);
                 }
                 Pickup::Finish(exit, at) => {
                     report.ended_while_down += 1;
-                    self.inner.clone().finish(&id, exit, at).await;
+                    let session = rec.session_id.clone();
+                    if let Next::Restart(delay) = self.inner.clone().finish(&id, exit, at).await {
+                        spawn_life(&self.inner, id, session.as_deref(), Run::RestartIn(delay));
+                    }
                 }
                 Pickup::Orphan => {
-                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
+                    let session = rec.session_id.clone();
                     self.inner.publish(rec);
-                    crate::services::spawn_in(span, watch_orphan(self.inner.clone(), id));
+                    spawn_life(&self.inner, id, session.as_deref(), Run::Orphan);
                 }
                 Pickup::Respawn => {
-                    let span = crate::services::worker_span(&id, rec.session_id.as_deref());
+                    let session = rec.session_id.clone();
                     self.inner.publish(rec);
-                    crate::services::spawn_in(
-                        span,
-                        restart_later(self.inner.clone(), id, Duration::ZERO),
+                    spawn_life(
+                        &self.inner,
+                        id,
+                        session.as_deref(),
+                        Run::RestartIn(Duration::ZERO),
                     );
                 }
                 Pickup::Lost(reason) => {

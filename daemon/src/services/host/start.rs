@@ -9,14 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::core::admission::Claim;
 use crate::core::launch::{self, LaunchSpec, Program, WorkerIdentity};
-use crate::core::worker::{Exit, Selector, WorkerRecord, WorkerStatus};
+use crate::core::worker::{Selector, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
 use crate::sys::cgroup::Limits;
 use crate::sys::host as hostfs;
 use crate::sys::launcher::{ShimHandle, ShimSpec};
 use crate::sys::netns::{PendingNet, WorkerNet};
 
-use super::life::{follow_worker, RunTimes};
+use super::life::{spawn_life, Run};
 use super::{Entry, Host, Inner};
 
 /// What a launch resolved to on this host.
@@ -254,16 +254,12 @@ impl Host {
                             w.shim_pid = Some(handle.pid);
                             w.shim_starttime = handle.starttime;
                         });
-                        let span = crate::services::worker_span(&id, spec.session_id.as_deref());
-                        crate::services::spawn_in(span, follow_worker(inner.clone(), id, handle));
+                        let session = spec.session_id.as_deref();
+                        spawn_life(&inner, id, session, Run::Spawned(handle));
                     }
                     Err(msg) => {
                         inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
-                        let exit = Exit {
-                            spawn_error: Some(msg),
-                            ..Default::default()
-                        };
-                        inner.clone().finish(&id, exit, RunTimes::default()).await;
+                        inner.clone().not_started(&id, msg).await;
                     }
                 }
             }
