@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Failure to load the configuration.
@@ -23,6 +24,76 @@ pub enum ConfigError {
     },
     #[error("config key {key}: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+/// A daemon's configuration: embedded defaults, a TOML file over them, flags over that. The one
+/// loading path of berthd ([`Config`]) and berth-scheduler
+/// ([`SchedulerConfig`](crate::scheduler_config::SchedulerConfig)).
+pub trait DaemonConfig: Sized + Default + Serialize + DeserializeOwned {
+    /// Checks values that TOML types cannot.
+    fn validate(&self) -> Result<(), ConfigError>;
+
+    /// `text` or `json`.
+    fn log_format(&self) -> &str;
+
+    /// Fills in what a file leaves out beyond serde's defaults (berthd: the default kernels
+    /// beside the ones a file names).
+    fn complete(&mut self) {}
+
+    /// Parses TOML text over the defaults.
+    fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(e),
+        })?;
+        cfg.complete();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a TOML file over the defaults.
+    fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// The effective configuration as TOML.
+    fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// A daemon's command line: the configuration file it names and the flags over it.
+pub trait DaemonArgs: clap::Parser {
+    type Config: DaemonConfig;
+
+    fn config_file(&self) -> Option<&Path>;
+
+    /// `--print-config`: print the effective configuration and exit.
+    fn print_config(&self) -> bool;
+
+    /// Sets what the flags given say over `cfg`.
+    fn apply(&self, cfg: &mut Self::Config);
+
+    /// The configuration these flags select.
+    fn load(&self) -> Result<Self::Config, ConfigError> {
+        let mut cfg = match self.config_file() {
+            Some(p) => Self::Config::from_file(p)?,
+            None => Self::Config::default(),
+        };
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// The whole configuration of a host daemon. Every key has a default (see `Default`).
@@ -268,37 +339,18 @@ impl Default for OutputConfig {
     }
 }
 
-impl Config {
-    /// Reads a TOML file over the defaults.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                source,
-            },
-            other => other,
-        })
-    }
-
-    /// Parses TOML text over the defaults.
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            source: Box::new(e),
-        })?;
+impl DaemonConfig for Config {
+    fn complete(&mut self) {
         for (k, v) in default_kernels() {
-            cfg.kernels.entry(k).or_insert(v);
+            self.kernels.entry(k).or_insert(v);
         }
-        cfg.validate()?;
-        Ok(cfg)
     }
 
-    /// Checks values that TOML types cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn log_format(&self) -> &str {
+        &self.log_format
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -355,11 +407,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// The effective configuration as TOML.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
-    }
 }
 
 /// Command line of berthd. Flags override the config file, which overrides the defaults.
@@ -408,13 +455,18 @@ pub struct Args {
     pub print_config: bool,
 }
 
-impl Args {
-    /// The configuration these flags select.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut cfg = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
-        };
+impl DaemonArgs for Args {
+    type Config = Config;
+
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn print_config(&self) -> bool {
+        self.print_config
+    }
+
+    fn apply(&self, cfg: &mut Config) {
         if !self.listen.is_empty() {
             cfg.listen = self.listen.clone();
         }
@@ -445,8 +497,6 @@ impl Args {
         if let Some(v) = &self.log_format {
             cfg.log_format = v.clone();
         }
-        cfg.validate()?;
-        Ok(cfg)
     }
 }
 

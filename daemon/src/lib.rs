@@ -47,6 +47,32 @@ pub fn init_tracing(format: &str) {
     }
 }
 
+/// The whole `main` of berthd and berth-scheduler: parse the command line, load the
+/// configuration it selects (exit status 2 when that fails), print it with `--print-config`,
+/// start logging, and run `serve` until SIGTERM or SIGINT.
+pub fn daemon_main<A, F, Fut>(program: &str, serve: F) -> std::process::ExitCode
+where
+    A: config::DaemonArgs,
+    F: FnOnce(A::Config, tokio_util::sync::CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), services::server::DaemonError>>,
+{
+    use config::DaemonConfig as _;
+    let args = A::parse();
+    let cfg = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if args.print_config() {
+        print!("{}", cfg.to_toml());
+        return std::process::ExitCode::SUCCESS;
+    }
+    init_tracing(cfg.log_format());
+    serve_until_signalled(program, |shutdown| serve(cfg, shutdown))
+}
+
 /// Runs `serve` on a multi-threaded runtime until it returns; SIGTERM or SIGINT cancel the token
 /// it gets. Exit status 0 when it returned Ok, 1 otherwise (said on stderr and in the log).
 pub fn serve_until_signalled<F, Fut>(program: &str, serve: F) -> std::process::ExitCode

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, DaemonArgs, DaemonConfig};
 
 /// The whole configuration of a scheduler node. Every key has a default (see `Default`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,21 +43,12 @@ impl Default for SchedulerConfig {
     }
 }
 
-impl SchedulerConfig {
-    /// Reads a TOML file over the defaults.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        })?;
-        Ok(cfg)
+impl DaemonConfig for SchedulerConfig {
+    fn log_format(&self) -> &str {
+        &self.log_format
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, message: &str| {
             Err(ConfigError::Invalid {
                 key,
@@ -87,17 +78,15 @@ impl SchedulerConfig {
         }
         Ok(())
     }
+}
 
+impl SchedulerConfig {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs_f64(self.heartbeat_seconds)
     }
 
     pub fn host_down_after(&self) -> Duration {
         Duration::from_secs_f64(self.host_down_seconds)
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
     }
 }
 
@@ -130,13 +119,18 @@ pub struct SchedulerArgs {
     pub print_config: bool,
 }
 
-impl SchedulerArgs {
-    /// The configuration these flags select.
-    pub fn load(&self) -> Result<SchedulerConfig, ConfigError> {
-        let mut cfg = match &self.config {
-            Some(p) => SchedulerConfig::from_file(p)?,
-            None => SchedulerConfig::default(),
-        };
+impl DaemonArgs for SchedulerArgs {
+    type Config = SchedulerConfig;
+
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn print_config(&self) -> bool {
+        self.print_config
+    }
+
+    fn apply(&self, cfg: &mut SchedulerConfig) {
         if !self.listen.is_empty() {
             cfg.listen = self.listen.clone();
         }
@@ -149,8 +143,6 @@ impl SchedulerArgs {
         if let Some(v) = &self.log_format {
             cfg.log_format = v.clone();
         }
-        cfg.validate()?;
-        Ok(cfg)
     }
 }
 
