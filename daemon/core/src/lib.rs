@@ -2,6 +2,7 @@
 //! and admission, placement across hosts. Unit-tested with plain values.
 
 pub mod admission;
+pub mod batch;
 pub mod error;
 pub mod gpus;
 pub mod ipam;

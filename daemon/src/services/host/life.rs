@@ -1,7 +1,6 @@
 //! A worker's life after its spawn: following its shim to the end, the final record, what it
 //! held given back, and ON_FAILURE restarts.
 
-use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,11 +12,8 @@ use tokio::io::AsyncReadExt;
 use crate::core::launch;
 use crate::core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
 use crate::error::Result;
-use crate::sys::cgroup::Limits;
 use crate::sys::launcher::{self, ShimHandle, ShimSpec};
-use crate::sys::netns::WorkerNet;
 
-use super::start::SpawnJob;
 use super::Inner;
 
 /// When a worker's last run started and ended, as its shim recorded them; `None` where no shim
@@ -334,24 +330,8 @@ async fn restart(inner: &Arc<Inner>, id: &str, delay: Duration) -> Option<ShimHa
         let _ = std::fs::remove_file(dir.join(launcher::EXIT_FILE));
         // The namespace outlives a restart; after a reboot or a crash of an earlier daemon it
         // may be gone, and is made again with the worker's address.
-        let net = match (spec.netns.is_some(), rec.ip_address) {
-            (false, _) => None,
-            (true, _) if job_inner.net.exists(&jid) => None,
-            (true, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
-            (true, _) => Some(WorkerNet::Isolated),
-        };
-        let mut job = SpawnJob {
-            net,
-            pending: None,
-            id: jid,
-            shim: spec,
-            limits: Limits {
-                cpu: rec.cpu,
-                memory_bytes: rec.memory_bytes,
-                pids_max: job_inner.opts.pids_max,
-                denied_devices: job_inner.denied_devices(&rec.gpu_uuids),
-            },
-        };
+        let net_exists = spec.netns.is_some() && job_inner.net.exists(&jid);
+        let mut job = job_inner.spawn_job(&rec, spec, net_exists);
         job_inner.spawn_one(&mut job, None)
     })
     .await
@@ -417,7 +397,6 @@ impl Inner {
         .await
         .unwrap_or_default();
         exit.oom_killed = stats.oom_kills > 0;
-        let mut restart_in = None;
         let known = self.lock().workers.contains_key(id);
         if !known {
             {
@@ -428,7 +407,8 @@ impl Inner {
             self.release_network(id, true).await;
             return Next::Done;
         }
-        let rec = {
+        // Restart (the worker keeps its claim, namespace and address) or end.
+        let network = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
@@ -456,23 +436,31 @@ impl Inner {
                 e.rec.pid = None;
                 e.rec.cpu_seconds += stats.cpu_seconds;
                 e.rec.memory_peak_bytes = e.rec.memory_peak_bytes.max(stats.memory_peak_bytes);
-                restart_in = Some(delay);
-                e.rec.clone()
-            } else {
-                st.ledger.release(id);
-                st.gpus.release(id);
-                finalize_record(&mut e.rec, status, reason, &exit, times, stats);
-                e.rec.clone()
+                let rec = e.rec.clone();
+                drop(guard);
+                tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
+                self.publish(rec);
+                return Next::Restart(delay);
             }
+            e.rec.network
         };
-        if let Some(delay) = restart_in {
-            tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
-            self.publish(rec);
-            return Next::Restart(delay);
-        }
-        // Restarts keep their namespace and address; a worker that has ended frees both.
-        self.release_network(id, rec.network != launch::NetworkMode::Host)
+        // Everything is given back before the worker is seen to have ended, so whoever sees the
+        // end (an await, a watch) can count on its namespace, address and claim being free.
+        self.release_network(id, network != launch::NetworkMode::Host)
             .await;
+        let rec = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            st.ledger.release(id);
+            st.gpus.release(id);
+            let Some(e) = st.workers.get_mut(id) else {
+                return Next::Done;
+            };
+            // Read again: a stop may have come while the network went.
+            let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
+            finalize_record(&mut e.rec, status, reason, &exit, times, stats);
+            e.rec.clone()
+        };
         tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
         self.publish(rec);
         Next::Done

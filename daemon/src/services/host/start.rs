@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::core::admission::Claim;
+use crate::core::batch;
 use crate::core::launch::{self, LaunchSpec, Program, WorkerIdentity};
 use crate::core::worker::{Selector, WorkerRecord, WorkerStatus};
 use crate::error::{Error, Result};
@@ -95,24 +96,14 @@ impl Host {
             };
             let mut guard = inner.lock();
             let st = &mut *guard;
-            // CPU, memory, worker slots, GPUs and addresses: all of it for every worker, or
-            // nothing.
-            let wants_ips = spec.network == launch::NetworkMode::Bridge;
-            if let Err(e) = st.ips.check(if wants_ips { spec.n } else { 0 }) {
-                inner
-                    .metrics
-                    .launch_refusals
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-            let gpu_sets = match crate::core::gpus::admit(
-                &mut st.ledger,
-                &mut st.gpus,
-                &ids,
-                claim,
-                spec.nvidia_gpu,
-            ) {
-                Ok(sets) => sets,
+            let books = batch::Books {
+                ledger: &mut st.ledger,
+                gpus: &mut st.gpus,
+                ips: &mut st.ips,
+            };
+            let own_address = spec.network == launch::NetworkMode::Bridge;
+            let grant = match batch::admit(books, &ids, claim, spec.nvidia_gpu, own_address) {
+                Ok(g) => g,
                 Err(e) => {
                     inner
                         .metrics
@@ -121,23 +112,9 @@ impl Host {
                     return Err(e);
                 }
             };
-            let ips = if wants_ips {
-                match st.ips.allocate(&ids) {
-                    Ok(ips) => ips,
-                    Err(e) => {
-                        // Unreachable after the check above; never keep claims of refused workers.
-                        for id in &ids {
-                            st.ledger.release(id);
-                            st.gpus.release(id);
-                        }
-                        return Err(e);
-                    }
-                }
-            } else {
-                Vec::new()
-            };
+            let ips = grant.ips;
             let mut out = Vec::with_capacity(ids.len());
-            for (i, (id, gpu_uuids)) in ids.iter().zip(gpu_sets).enumerate() {
+            for (i, (id, gpu_uuids)) in ids.iter().zip(grant.gpu_uuids).enumerate() {
                 st.seq += 1;
                 let rec = WorkerRecord {
                     session_id: spec.session_id.clone(),
@@ -183,39 +160,18 @@ impl Host {
                     worker_ip: rec.ip_address,
                     gpu_uuids: &rec.gpu_uuids,
                 };
-                let net = match (rec.network, rec.ip_address) {
-                    (launch::NetworkMode::Host, _) => None,
-                    (launch::NetworkMode::Bridge, Some(IpAddr::V4(ip))) => {
-                        Some(WorkerNet::Routed { ip })
-                    }
-                    _ => Some(WorkerNet::Isolated),
+                let shim = ShimSpec {
+                    worker_id: id.clone(),
+                    program: prepared.program.clone(),
+                    argv: prepared.argv.clone(),
+                    env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
+                    workdir: prepared.workdir.clone(),
+                    cgroup: inner.cgroups.worker(id),
+                    netns: (rec.network != launch::NetworkMode::Host).then(|| inner.net.path(id)),
+                    rotation: inner.opts.rotation,
+                    meta: serde_json::to_value(rec).unwrap_or_default(),
                 };
-                SpawnJob {
-                    id: id.clone(),
-                    shim: ShimSpec {
-                        worker_id: id.clone(),
-                        program: prepared.program.clone(),
-                        argv: prepared.argv.clone(),
-                        env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
-                        workdir: prepared.workdir.clone(),
-                        cgroup: inner.cgroups.worker(id),
-                        netns: net.map(|_| inner.net.path(id)),
-                        rotation: inner.opts.rotation,
-                        meta: records
-                            .iter()
-                            .find(|r| &r.id == id)
-                            .and_then(|r| serde_json::to_value(r).ok())
-                            .unwrap_or_default(),
-                    },
-                    limits: Limits {
-                        cpu: spec.cpu,
-                        memory_bytes: spec.memory_bytes,
-                        pids_max: inner.opts.pids_max,
-                        denied_devices: inner.denied_devices(&rec.gpu_uuids),
-                    },
-                    net,
-                    pending: None,
-                }
+                inner.spawn_job(rec, shim, false)
             })
             .collect();
         // The namespace threads start on every network of the batch at once; each spawn waits
@@ -290,6 +246,35 @@ impl Host {
 }
 
 impl Inner {
+    /// The spawn of worker `rec` running `shim`: built here alone, for a launch and for a
+    /// restart. `net_exists`: the worker's namespace is there already (a restart keeps it, unless
+    /// a reboot took it), so none is made.
+    pub(super) fn spawn_job(
+        &self,
+        rec: &WorkerRecord,
+        shim: ShimSpec,
+        net_exists: bool,
+    ) -> SpawnJob {
+        let net = match (rec.network, rec.ip_address) {
+            (launch::NetworkMode::Host, _) => None,
+            _ if net_exists => None,
+            (launch::NetworkMode::Bridge, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
+            _ => Some(WorkerNet::Isolated),
+        };
+        SpawnJob {
+            id: rec.id.clone(),
+            shim,
+            limits: Limits {
+                cpu: rec.cpu,
+                memory_bytes: rec.memory_bytes,
+                pids_max: self.opts.pids_max,
+                denied_devices: self.denied_devices(&rec.gpu_uuids),
+            },
+            net,
+            pending: None,
+        }
+    }
+
     /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
     pub(super) fn prepare(&self, spec: &LaunchSpec) -> Result<Prepared> {
         let workdir = spec
