@@ -12,8 +12,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_daemon::core::ipam::Subnet;
-use berth_daemon::sys::cgroup::{join_file, CgroupVersion};
+use berth_core::ipam::Subnet;
+use berth_sys::cgroup::{join_file, CgroupVersion};
 use berth_tests::{pb, Client, TestNet};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};

@@ -15,7 +15,7 @@
 //!   that scale (cgroup create + CPU quota + join + /bin/true + rmdir: a quota write walks every
 //!   CPU cgroup of the host, so this floor grows with the workers alive whatever berth does).
 //!
-//! Run as root from a release build: `cargo build --release -p berth-benches -p berth-daemon
+//! Run as root from a release build: `cargo build --release -p berth-benches -p berth-host -p berth-scheduler
 //! --bins && target/release/berth-bench-net [--workers 4000] [--single 50] [--rounds 3]`.
 
 #![allow(clippy::type_complexity)]
@@ -34,8 +34,8 @@ use berth_benches::{
 /// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
 const RUNNING_WITHIN: Duration = Duration::from_secs(120);
 const SETTLE_WITHIN_S: u32 = 300;
-use berth_daemon::core::ipam::Subnet;
-use berth_daemon::sys::netns::{HostNetwork, NetConfig, Netns, WorkerNet};
+use berth_core::ipam::Subnet;
+use berth_sys::netns::{HostNetwork, NetConfig, Netns, WorkerNet};
 use berth_tests::{command_request, pb, Daemon, DaemonOptions, TestNet};
 
 struct Opts {

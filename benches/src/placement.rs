@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use berth_benches::{median, Flags};
-use berth_daemon::core::placement::{Amount, Ask, Placer, Strategy};
+use berth_core::placement::{Amount, Ask, Placer, Strategy};
 
 /// Workers placed in each run.
 const WORKERS: u32 = 100_000;

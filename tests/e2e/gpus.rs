@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use berth_daemon::sys::gpu::fake_uuid;
+use berth_sys::gpu::fake_uuid;
 use berth_tests::{await_running, host_info, ids_of, launch};
 use berth_tests::{command_request, pb, require_root, scaled, Client, Daemon, DaemonOptions};
 use tonic::Code;

@@ -292,7 +292,7 @@ async fn stop(c: &Client, args: &[String]) -> Result<bool> {
 
 /// Inventory and one sample straight from NVML, through berth's own backend (no daemon).
 fn nvml() -> Result<bool> {
-    use berth_daemon::sys::gpu::{Gpus, NvmlGpus};
+    use berth_sys::gpu::{Gpus, NvmlGpus};
     let g = NvmlGpus::open()?;
     println!("driver={} gpus={}", g.driver_version(), g.devices().len());
     let samples = g.sample();

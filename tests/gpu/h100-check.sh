@@ -6,7 +6,7 @@
 #
 # Binaries (berthd, berth-shim, berth-gpu-check): $BERTH_BIN_DIR, else target/release of this
 # repository, else built there with cargo when cargo exists:
-#   cargo build --release -p berth-daemon -p berth-tests --bins
+#   cargo build --release -p berth-host -p berth-scheduler -p berth-tests --bins
 # Env: BERTH_BIN_DIR, GPUS (default nvml; fake:2 makes a dry run on a machine without GPUs),
 #      LOAD_SECONDS (default 25), KEEP=1 keeps the work dir (logs) after the run.
 set -u
@@ -32,7 +32,7 @@ have_bins() { [ -x "$1/berthd" ] && [ -x "$1/berth-shim" ] && [ -x "$1/berth-gpu
 if ! have_bins "$BIN"; then
   if [ -z "${BERTH_BIN_DIR:-}" ] && command -v cargo >/dev/null 2>&1; then
     say "building release binaries (cargo)..."
-    (cd "$ROOT" && timeout 1200 cargo build --release -p berth-daemon -p berth-tests --bins) || {
+    (cd "$ROOT" && timeout 1200 cargo build --release -p berth-host -p berth-scheduler -p berth-tests --bins) || {
       say "FAIL: cargo build"; exit 2; }
   fi
 fi
@@ -118,7 +118,7 @@ listen = ["$ADDR"]
 metrics_listen = "127.0.0.1:$MPORT"
 gpu_telemetry_seconds = 1.0
 EOF
-BERTH_LOG=info,berth_daemon=debug "$BIN/berthd" --config "$WORK/berthd.toml" --gpus "$GPUS" \
+BERTH_LOG=info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug "$BIN/berthd" --config "$WORK/berthd.toml" --gpus "$GPUS" \
   >"$WORK/berthd.log" 2>&1 &
 DPID=$!
 ready=0

@@ -60,7 +60,10 @@ impl SchedulerNode {
         let child = Command::new(bin("berth-scheduler"))
             .arg("--config")
             .arg(&self.config_path)
-            .env("BERTH_LOG", "info,berth_daemon=debug")
+            .env(
+                "BERTH_LOG",
+                "info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -78,7 +78,9 @@ pub fn bin_dir() -> &'static Path {
             "--quiet",
             "--bins",
             "-p",
-            "berth-daemon",
+            "berth-host",
+            "-p",
+            "berth-scheduler",
             "-p",
             "berth-client",
         ]);
@@ -289,7 +291,10 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
-            .env("BERTH_LOG", "info,berth_daemon=debug")
+            .env(
+                "BERTH_LOG",
+                "info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

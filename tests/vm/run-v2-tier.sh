@@ -53,7 +53,7 @@ fi
 work=$(mktemp -d -t berth-v2-tier.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 log "building"
-cargo build --bins -p berth-daemon -p berth-client --message-format=json >"$work/bins.json"
+cargo build --bins -p berth-host -p berth-scheduler -p berth-client --message-format=json >"$work/bins.json"
 cargo test --workspace --no-run --message-format=json >"$work/tests.json"
 # berthd's directory (target/debug, wherever CARGO_TARGET_DIR puts it) and the executables of
 # the test targets whose source is tests/e2e/*.rs.

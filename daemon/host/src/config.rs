@@ -1,0 +1,512 @@
+//! berthd's configuration: embedded defaults, overridden by a TOML file, overridden by flags.
+//! `berthd --print-config` shows the effective configuration with every key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use berth_server::config::{ConfigError, DaemonArgs, DaemonConfig};
+
+/// Failure to load the configuration.
+/// The whole configuration of a host daemon. Every key has a default (see `Default`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Host name reported to clients and the scheduler; empty means the kernel's hostname.
+    pub name: String,
+    /// gRPC listen addresses: `HOST:PORT` or `unix:PATH`.
+    pub listen: Vec<String>,
+    /// Worker records, specs and output live here.
+    pub state_dir: PathBuf,
+    /// Prometheus `/metrics` address; empty turns it off.
+    pub metrics_listen: String,
+    /// Worker bridge name and subnet (bridge networking).
+    pub bridge: String,
+    pub subnet: String,
+    /// Let bridge-mode workers reach beyond this host (masquerading, set up once at start-up
+    /// with nft or iptables). Off: they reach each other and the host only.
+    pub egress: bool,
+    /// Network namespaces kept ready for bridge-mode workers (each holds ~0.3 MiB of kernel
+    /// memory): a launch of up to this many workers takes ready ones (~0.1 ms each) instead of
+    /// making them (~1 ms each, serialised in the kernel). 0 makes every one on demand.
+    pub netns_pool: usize,
+    /// GPU backend: `nvml`, `none`, `fake:N`, or `auto` (NVML when it loads).
+    pub gpus: String,
+    /// Seconds between two GPU telemetry samples (utilization, memory, processes).
+    pub gpu_telemetry_seconds: f64,
+    /// Scheduler to register with; empty means standalone.
+    pub scheduler: String,
+    /// Where the scheduler and clients reach this daemon (`HostInfo.address`, `HOST:PORT` or
+    /// `unix:PATH`); empty means the first TCP listen address.
+    pub advertise: String,
+    /// Free labels of this host (scheduler constraints match them).
+    pub labels: BTreeMap<String, String>,
+    /// `text` or `json` logs.
+    pub log_format: String,
+    pub resources: ResourcesConfig,
+    pub worker: WorkerConfig,
+    pub output: OutputConfig,
+    pub cgroup: CgroupConfig,
+    pub retention: RetentionConfig,
+    /// Interpreters by kernel name. `python3` and `r` are always defined.
+    pub kernels: BTreeMap<String, KernelConfig>,
+    /// Path of the `berth-shim` binary; empty means beside `berthd`.
+    pub shim: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourcesConfig {
+    /// Allocatable CPU cores; 0 means every online CPU.
+    pub cpu: f64,
+    /// Allocatable memory in GiB; 0 means total memory less `reserved_memory_gb`.
+    pub memory_gb: f64,
+    /// Memory kept for the host itself when `memory_gb` is 0.
+    pub reserved_memory_gb: f64,
+    /// Most workers alive at once.
+    pub max_workers: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Task (process and thread) limit of each worker's cgroup.
+    pub pids_max: u64,
+    /// Working directory of workers that ask for none.
+    pub workdir: PathBuf,
+    /// Default seconds between SIGTERM and SIGKILL when stopping.
+    pub stop_grace_seconds: u32,
+    /// `PATH` of workers, also used to find `command[0]`.
+    pub path: String,
+    /// Variables every worker gets (the request's `env` overrides them).
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Size of one output segment file.
+    pub segment_bytes: u64,
+    /// Segments kept per stream; the cap is `segment_bytes × segments` per stream.
+    pub segments: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// Parent cgroup of this daemon's subtree, as a path inside each hierarchy; empty means the
+    /// daemon's own cgroup (what systemd's `Delegate=yes` hands it).
+    pub parent: String,
+    /// Worker cgroups kept ready, made and given their CPU quota ahead of need (cgroup v1 only,
+    /// which can rename a cgroup): a launch renames one (~0.1 ms) instead of making it, and so
+    /// never pays the quota write, which walks every CPU cgroup of the host (~1–2 ms with 4000
+    /// workers). 0 makes every one on demand.
+    pub pool: usize,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        Self {
+            parent: String::new(),
+            pool: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Ended workers (record and output) are removed this many seconds after they ended...
+    /// An ended session is kept while any of its workers is, and at least this long after its
+    /// end; until then it can be named by `session_id`, afterwards it is NOT_FOUND.
+    pub finished_seconds: u64,
+    /// ...or once more than this many ended workers are kept, oldest first.
+    pub max_finished: usize,
+    /// How often ended workers are checked against these limits.
+    pub sweep_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            finished_seconds: 24 * 3600,
+            max_finished: 10_000,
+            sweep_seconds: 30,
+        }
+    }
+}
+
+/// How one kernel's interpreter is found and run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelConfig {
+    /// Interpreter paths or names (searched in `worker.path`); the first that exists wins.
+    pub candidates: Vec<String>,
+    /// Arguments before the source.
+    pub args: Vec<String>,
+    /// Flag that introduces inline code.
+    pub code_flag: String,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            candidates: Vec::new(),
+            args: Vec::new(),
+            code_flag: "-c".into(),
+        }
+    }
+}
+
+fn default_kernels() -> BTreeMap<String, KernelConfig> {
+    BTreeMap::from([
+        (
+            "python3".to_owned(),
+            KernelConfig {
+                // The system interpreter first: shims such as pyenv's cost ~80 ms per start.
+                candidates: vec![
+                    "/usr/bin/python3".into(),
+                    "/usr/local/bin/python3".into(),
+                    "python3".into(),
+                ],
+                args: vec!["-u".into()],
+                code_flag: "-c".into(),
+            },
+        ),
+        (
+            "r".to_owned(),
+            KernelConfig {
+                candidates: vec![
+                    "/usr/bin/Rscript".into(),
+                    "/usr/local/bin/Rscript".into(),
+                    "Rscript".into(),
+                ],
+                args: vec![],
+                code_flag: "-e".into(),
+            },
+        ),
+    ])
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            listen: vec![
+                "127.0.0.1:7300".into(),
+                "unix:/run/berth/berthd.sock".into(),
+            ],
+            state_dir: PathBuf::from("/var/lib/berth"),
+            metrics_listen: "127.0.0.1:7301".into(),
+            bridge: "berth0".into(),
+            subnet: "10.213.0.0/16".into(),
+            egress: false,
+            netns_pool: 32,
+            gpus: "auto".into(),
+            gpu_telemetry_seconds: 5.0,
+            scheduler: String::new(),
+            advertise: String::new(),
+            labels: BTreeMap::new(),
+            log_format: "text".into(),
+            resources: ResourcesConfig::default(),
+            worker: WorkerConfig::default(),
+            output: OutputConfig::default(),
+            cgroup: CgroupConfig::default(),
+            retention: RetentionConfig::default(),
+            kernels: default_kernels(),
+            shim: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        Self {
+            cpu: 0.0,
+            memory_gb: 0.0,
+            reserved_memory_gb: 0.5,
+            max_workers: 4096,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            pids_max: 4096,
+            workdir: PathBuf::from("/"),
+            stop_grace_seconds: 10,
+            path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 16 << 20,
+            segments: 4,
+        }
+    }
+}
+
+impl DaemonConfig for Config {
+    fn complete(&mut self) {
+        for (k, v) in default_kernels() {
+            self.kernels.entry(k).or_insert(v);
+        }
+    }
+
+    fn log_format(&self) -> &str {
+        &self.log_format
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.listen.is_empty() {
+            return bad("listen", "needs at least one address");
+        }
+        if !self.resources.cpu.is_finite() || self.resources.cpu < 0.0 {
+            return bad("resources.cpu", "must be a number >= 0");
+        }
+        if !self.resources.memory_gb.is_finite() || self.resources.memory_gb < 0.0 {
+            return bad("resources.memory_gb", "must be a number >= 0");
+        }
+        if self.worker.pids_max == 0 {
+            return bad("worker.pids_max", "must be at least 1");
+        }
+        if !self.worker.workdir.is_absolute() {
+            return bad("worker.workdir", "must be an absolute path");
+        }
+        if self.output.segment_bytes < 4096 {
+            return bad("output.segment_bytes", "must be at least 4096");
+        }
+        if self.output.segments == 0 {
+            return bad("output.segments", "must be at least 1");
+        }
+        if !self.name.is_empty() && !berth_core::is_valid_id(&self.name) {
+            return bad("name", "may hold only letters, digits and '-'");
+        }
+        if let Err(e) = berth_sys::gpu::GpuBackendSpec::parse(&self.gpus) {
+            return Err(ConfigError::Invalid {
+                key: "gpus",
+                message: e.to_string(),
+            });
+        }
+        if !self.gpu_telemetry_seconds.is_finite() || self.gpu_telemetry_seconds < 0.1 {
+            return bad("gpu_telemetry_seconds", "must be a number >= 0.1");
+        }
+        if let Err(e) = berth_core::ipam::Subnet::parse(&self.subnet) {
+            return Err(ConfigError::Invalid {
+                key: "subnet",
+                message: e.to_string(),
+            });
+        }
+        if !berth_sys::netns::valid_link_name(&self.bridge) {
+            return bad(
+                "bridge",
+                "must be a link name: 1 to 15 characters, no '/', ':' or spaces",
+            );
+        }
+        if self.log_format != "text" && self.log_format != "json" {
+            return bad("log_format", "must be text or json");
+        }
+        Ok(())
+    }
+}
+
+/// Command line of berthd. Flags override the config file, which overrides the defaults.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "berthd",
+    version,
+    about = "berth host daemon: runs workers in their own cgroups and answers gRPC"
+)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "BERTHD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address, HOST:PORT or unix:PATH (repeatable).
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Directory for worker records and output.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Host name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Worker bridge name.
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Worker subnet (CIDR).
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// GPU backend: nvml, none, fake:N or auto.
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Scheduler address to register with.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Address the scheduler reaches this daemon at (default: first TCP listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Prometheus metrics address; "" turns it off.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Log format: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl DaemonArgs for Args {
+    type Config = Config;
+
+    fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    fn print_config(&self) -> bool {
+        self.print_config
+    }
+
+    fn apply(&self, cfg: &mut Config) {
+        if !self.listen.is_empty() {
+            cfg.listen = self.listen.clone();
+        }
+        if let Some(v) = &self.state_dir {
+            cfg.state_dir = v.clone();
+        }
+        if let Some(v) = &self.name {
+            cfg.name = v.clone();
+        }
+        if let Some(v) = &self.bridge {
+            cfg.bridge = v.clone();
+        }
+        if let Some(v) = &self.subnet {
+            cfg.subnet = v.clone();
+        }
+        if let Some(v) = &self.gpus {
+            cfg.gpus = v.clone();
+        }
+        if let Some(v) = &self.scheduler {
+            cfg.scheduler = v.clone();
+        }
+        if let Some(v) = &self.advertise {
+            cfg.advertise = v.clone();
+        }
+        if let Some(v) = &self.metrics_listen {
+            cfg.metrics_listen = v.clone();
+        }
+        if let Some(v) = &self.log_format {
+            cfg.log_format = v.clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_roundtrip_through_toml() {
+        let text = Config::default().to_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_kernel_entry_keeps_the_others() {
+        let c =
+            Config::from_toml("[kernels.julia]\ncandidates = [\"julia\"]\ncode_flag = \"-e\"\n")
+                .unwrap();
+        assert!(c.kernels.contains_key("python3") && c.kernels.contains_key("r"));
+        assert_eq!(c.kernels["julia"].code_flag, "-e");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(matches!(
+            Config::from_toml("listn = []"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::from_toml("[worker]\npids_max = 0"),
+            Err(ConfigError::Invalid {
+                key: "worker.pids_max",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Config::from_toml("name = \"a/b\""),
+            Err(ConfigError::Invalid { key: "name", .. })
+        ));
+        for bad_gpus in ["gpus = \"cuda\"", "gpus = \"fake:0\""] {
+            assert!(
+                matches!(
+                    Config::from_toml(bad_gpus),
+                    Err(ConfigError::Invalid { key: "gpus", .. })
+                ),
+                "{bad_gpus}"
+            );
+        }
+        assert!(matches!(
+            Config::from_toml("gpu_telemetry_seconds = 0.0"),
+            Err(ConfigError::Invalid {
+                key: "gpu_telemetry_seconds",
+                ..
+            })
+        ));
+        for (bad, key) in [
+            ("subnet = \"10.213.0.0\"", "subnet"),
+            ("subnet = \"10.213.0.1/16\"", "subnet"),
+            ("bridge = \"a-very-long-bridge-name\"", "bridge"),
+        ] {
+            assert!(
+                matches!(Config::from_toml(bad), Err(ConfigError::Invalid { key: k, .. }) if k == key),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            Config::from_toml("gpus = \"fake:4\"").unwrap().gpus,
+            "fake:4"
+        );
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let a = Args {
+            listen: vec!["127.0.0.1:0".into()],
+            name: Some("h1".into()),
+            ..Default::default()
+        };
+        let c = a.load().unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:0"]);
+        assert_eq!(c.name, "h1");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/berth"));
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// systemd/berthd.toml documents every key with its default: it must parse to the defaults.
+    #[test]
+    fn example_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../systemd/berthd.toml");
+        assert_eq!(Config::from_file(&path).unwrap(), Config::default());
+    }
+}

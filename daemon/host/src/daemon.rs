@@ -1,0 +1,313 @@
+//! Assembles a host daemon from its configuration and serves it: gRPC on every listen address
+//! (TCP and Unix sockets) with health and reflection, metrics over HTTP, and one shutdown path.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use berth_core::admission::Capacity;
+use berth_core::ipam::Subnet;
+use berth_core::launch::{KernelInvocation, GIB};
+use berth_sys::cgroup::{CgroupFs, Cgroups};
+use berth_sys::gpu::{self, GpuBackendSpec, GpuMonitor};
+use berth_sys::host as hostfs;
+use berth_sys::launcher::ShimSpawner;
+use berth_sys::netns::{HostNetwork, NetConfig, Netns, NoNetwork};
+use berth_sys::output::Rotation;
+use berth_sys::store::StoreWriter;
+
+use crate::info::HostService;
+use crate::supervisor::{Host, HostOptions, KernelEntry};
+use berth_server::front::{bind_all, serve_metrics, GrpcFront};
+use berth_server::ServeError;
+
+/// Failure to start or run the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] berth_sys::cgroup::CgroupError),
+    #[error(transparent)]
+    Gpu(#[from] berth_sys::gpu::GpuError),
+    #[error("start GPU telemetry: {0}")]
+    GpuTelemetry(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] berth_sys::store::StoreError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Resolves the kernel table: the first candidate of each that exists.
+pub fn resolve_kernels(cfg: &Config) -> Vec<KernelEntry> {
+    cfg.kernels
+        .iter()
+        .map(|(name, k)| {
+            let found = k.candidates.iter().find_map(|c| {
+                hostfs::resolve_program(c, &cfg.worker.path, std::path::Path::new("/"))
+            });
+            KernelEntry {
+                name: name.clone(),
+                invocation: found.map(|interpreter| KernelInvocation {
+                    interpreter,
+                    args: k.args.clone(),
+                    code_flag: k.code_flag.clone(),
+                }),
+                candidates: k.candidates.clone(),
+            }
+        })
+        .collect()
+}
+
+/// The supervisor's options from a configuration.
+pub fn host_options(cfg: &Config) -> HostOptions {
+    let name = if cfg.name.is_empty() {
+        hostfs::hostname()
+    } else {
+        cfg.name.clone()
+    };
+    let cpu = if cfg.resources.cpu > 0.0 {
+        cfg.resources.cpu
+    } else {
+        hostfs::online_cpus() as f64
+    };
+    let memory_bytes = if cfg.resources.memory_gb > 0.0 {
+        (cfg.resources.memory_gb * GIB) as u64
+    } else {
+        hostfs::memory_total_bytes().saturating_sub((cfg.resources.reserved_memory_gb * GIB) as u64)
+    };
+    let mut base_env: BTreeMap<String, String> =
+        ["HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
+    base_env.extend(cfg.worker.env.clone());
+    HostOptions {
+        name,
+        state_dir: cfg.state_dir.clone(),
+        capacity: Capacity {
+            cpu,
+            memory_bytes,
+            workers: cfg.resources.max_workers,
+        },
+        pids_max: cfg.worker.pids_max,
+        default_workdir: cfg.worker.workdir.clone(),
+        worker_path: cfg.worker.path.clone(),
+        base_env,
+        kernels: resolve_kernels(cfg),
+        rotation: Rotation {
+            segment_bytes: cfg.output.segment_bytes,
+            segments: cfg.output.segments,
+        },
+        stop_grace: Duration::from_secs(u64::from(cfg.worker.stop_grace_seconds)),
+        host_from_worker: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        subnet: cfg.subnet.clone(),
+        labels: cfg.labels.clone(),
+        retain_finished_for: Duration::from_secs(cfg.retention.finished_seconds),
+        retain_finished_max: cfg.retention.max_finished,
+        retention_sweep: Duration::from_secs(cfg.retention.sweep_seconds.max(1)),
+    }
+}
+
+/// Runs a host daemon until `shutdown` is cancelled. Workers keep running afterwards: they live
+/// under their shims, not under the daemon.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let opts = host_options(&cfg);
+    let state_err = |source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(cfg.state_dir.join("workers")).map_err(state_err)?;
+    let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
+    let subtree = format!("berth-{}", opts.name);
+    let cgroup_pool = cfg.cgroup.pool;
+    let cgroups = tokio::task::spawn_blocking(move || {
+        CgroupFs::discover(&subtree, parent.as_deref()).map(|c| c.with_pool(cgroup_pool))
+    })
+    .await
+    .map_err(|e| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source: std::io::Error::other(e),
+    })??;
+    tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
+    for k in &opts.kernels {
+        match &k.invocation {
+            Some(i) => {
+                tracing::info!(kernel = %k.name, interpreter = %i.interpreter.display(), "kernel available")
+            }
+            None => {
+                tracing::warn!(kernel = %k.name, looked_for = ?k.candidates, "kernel not installed")
+            }
+        }
+    }
+    let cgroups: Arc<dyn Cgroups> = Arc::new(cgroups);
+    let spawner = Arc::new(ShimSpawner::new(
+        (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
+    ));
+    let listeners = bind_all(&cfg.listen).await?;
+    let address = if cfg.advertise.is_empty() {
+        listeners
+            .iter()
+            .find(|(_, l)| l.is_tcp())
+            .map(|(_, l)| l.display())
+            .unwrap_or_default()
+    } else {
+        cfg.advertise.clone()
+    };
+    let state_dir = cfg.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || crate::supervisor::open_store(&state_dir))
+        .await
+        .map_err(|e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
+    let store = Arc::new(store);
+    let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
+    // NVML is loaded (dlopen) and queried off the async threads, and sampled on its own thread.
+    let gpu_spec = GpuBackendSpec::parse(&cfg.gpus)?;
+    let gpu_period = Duration::from_secs_f64(cfg.gpu_telemetry_seconds);
+    let gpu_host = opts.name.clone();
+    let gpu_subtree = format!("berth-{}", opts.name);
+    let (opened, monitor) = tokio::task::spawn_blocking(move || {
+        let opened = gpu::open(gpu_spec, &gpu_host)?;
+        let monitor = GpuMonitor::start(opened.gpus.clone(), gpu_period, gpu_subtree)
+            .map_err(DaemonError::GpuTelemetry)?;
+        Ok::<_, DaemonError>((opened, monitor))
+    })
+    .await
+    .map_err(|e| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source: std::io::Error::other(e),
+    })??;
+    tracing::info!(
+        backend = opened.gpus.backend(),
+        gpus = opened.gpus.devices().len(),
+        "GPUs: {}",
+        opened.note
+    );
+    let net = start_network(&cfg).await;
+    let host = Host::with_network(
+        opts,
+        cgroups,
+        spawner,
+        Some(writer.clone()),
+        opened.gpus,
+        monitor,
+        net,
+    );
+    let started = std::time::Instant::now();
+    match host.recover(&store).await {
+        Ok(r) => tracing::info!(
+            adopted = r.adopted,
+            ended_while_down = r.ended_while_down,
+            lost = r.lost,
+            unaccounted = r.unaccounted,
+            kept = r.kept,
+            sessions = r.sessions,
+            bad_records = r.bad_records.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "recovered state"
+        ),
+        Err(e) => tracing::error!(error = %e, "recovery failed; starting with what was recovered"),
+    }
+    host.start_background();
+    host.start_gpu_watch(gpu_period);
+    tracing::info!(
+        name = %host.name(),
+        capacity = ?host.view().capacity,
+        "host ready"
+    );
+
+    let hostsvc = pb::host_server::HostServer::new(HostService {
+        host: host.clone(),
+        address: address.clone(),
+    });
+    let front = GrpcFront::serve(
+        listeners,
+        host.clone(),
+        &["berth.v1.Host"],
+        |router| router.add_service(hostsvc.clone()),
+        shutdown.clone(),
+    )
+    .await?;
+    serve_metrics(&cfg.metrics_listen, host.clone(), shutdown.clone()).await?;
+    let membership = Arc::new(crate::member::Membership::default());
+    // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
+    let beats = (!cfg.scheduler.is_empty()).then(|| {
+        tracing::info!(scheduler = %cfg.scheduler, advertise = %address, "joining a scheduler");
+        berth_server::spawn_in(
+            tracing::info_span!("membership"),
+            crate::member::run(
+                host.clone(),
+                address.clone(),
+                cfg.scheduler.clone(),
+                membership.clone(),
+                shutdown.clone(),
+            ),
+        )
+    });
+    sd_notify(sd_notify::NotifyState::Ready);
+
+    shutdown.cancelled().await;
+    if let Some(b) = beats {
+        let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
+    }
+    tracing::info!("shutting down; workers keep running under their shims");
+    sd_notify(sd_notify::NotifyState::Stopping);
+    host.shutdown();
+    let result = front.drain().await.map_err(DaemonError::from);
+    let h = host.clone();
+    let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;
+    writer.stop();
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    result
+}
+
+/// The host side of worker networks (bridge, gateway, rules, egress) and its namespace threads.
+/// Where it cannot be set up, the daemon still runs host-mode workers and refuses the others
+/// with the reason.
+async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
+    let dir = cfg.state_dir.join("netns");
+    let unavailable = |reason: String| -> Arc<dyn Netns> {
+        tracing::error!(reason = %reason, "worker networks unavailable; only host-mode workers can run");
+        Arc::new(NoNetwork {
+            reason,
+            dir: dir.clone(),
+        })
+    };
+    let subnet = match Subnet::parse(&cfg.subnet) {
+        Ok(s) => s,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    let ncfg = NetConfig {
+        dir: dir.clone(),
+        bridge: cfg.bridge.clone(),
+        subnet,
+        egress: cfg.egress,
+        threads: hostfs::online_cpus().clamp(1, 4),
+        pool: cfg.netns_pool,
+    };
+    match tokio::task::spawn_blocking(move || HostNetwork::start(ncfg)).await {
+        Ok(Ok(n)) => Arc::new(n),
+        Ok(Err(e)) => unavailable(e.to_string()),
+        Err(e) => unavailable(format!("start: {e}")),
+    }
+}
+
+/// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.
+fn sd_notify(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}

@@ -1,0 +1,452 @@
+//! Admission and start of a launch: the checks that need the host (interpreters, scripts,
+//! workdir, GPUs, addresses), the records, and the spawns of every worker's shim.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use berth_core::admission::Claim;
+use berth_core::batch;
+use berth_core::error::{Error, Result};
+use berth_core::launch::{self, LaunchSpec, Program, WorkerIdentity};
+use berth_core::worker::{Selector, WorkerRecord, WorkerStatus};
+use berth_sys::cgroup::Limits;
+use berth_sys::host as hostfs;
+use berth_sys::launcher::{ShimHandle, ShimSpec};
+use berth_sys::netns::{PendingNet, WorkerNet};
+
+use super::life::{spawn_life, Run};
+use super::{Entry, Host, Inner};
+
+/// What a launch resolved to on this host.
+pub(super) struct Prepared {
+    pub(super) program: PathBuf,
+    pub(super) argv: Vec<String>,
+    pub(super) workdir: PathBuf,
+    pub(super) base_env: BTreeMap<String, String>,
+}
+
+pub(super) struct SpawnJob {
+    pub(super) id: String,
+    pub(super) shim: ShimSpec,
+    pub(super) limits: Limits,
+    /// The network namespace to make before the shim starts; `None` for a worker in the host's
+    /// namespace, or one whose namespace exists already (a restart).
+    pub(super) net: Option<WorkerNet>,
+    /// That network, already being made by the namespace threads.
+    pub(super) pending: Option<PendingNet>,
+}
+
+pub(super) fn access(path: &Path, mode: i32) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), mode) == 0 }
+}
+
+impl Host {
+    /// Admits and starts the workers of `spec`, all or none. Returns them as admitted (PENDING or
+    /// STARTING); they turn RUNNING as their shims report.
+    pub async fn launch(
+        &self,
+        spec: LaunchSpec,
+        caller: Option<IpAddr>,
+    ) -> Result<Vec<WorkerRecord>> {
+        let inner = self.inner.clone();
+        if let Some(s) = &spec.session_id {
+            inner.check_session(s)?;
+        }
+        // Filesystem checks are syscalls: off the async threads.
+        let prepared = {
+            let inner = inner.clone();
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || inner.prepare(&spec))
+                .await
+                .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
+        };
+        if spec.network != launch::NetworkMode::Host {
+            if let Some(why) = inner.net.unavailable() {
+                return Err(Error::FailedPrecondition(format!(
+                    "network: workers with their own network cannot run on this host: {why}"
+                )));
+            }
+        }
+        let gateway = inner.net.subnet().map(|s| IpAddr::V4(s.gateway()));
+        let master_ip = launch::master_ip(
+            spec.master_ip,
+            caller,
+            launch::host_from_worker(spec.network, gateway, inner.opts.host_from_worker),
+        );
+        let claim = Claim {
+            cpu: spec.cpu,
+            memory_bytes: spec.memory_bytes,
+        };
+        let ids: Vec<String> = (0..spec.n).map(|_| berth_core::new_id()).collect();
+        let now = SystemTime::now();
+        let records: Vec<WorkerRecord> = {
+            // The session stays open until the workers are in the table: a close either comes
+            // first (the launch is refused) or finds them (and stops them).
+            let _session = match &spec.session_id {
+                Some(s) => Some(inner.lock_open_session(s)?),
+                None => None,
+            };
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            let books = batch::Books {
+                ledger: &mut st.ledger,
+                gpus: &mut st.gpus,
+                ips: &mut st.ips,
+            };
+            let own_address = spec.network == launch::NetworkMode::Bridge;
+            let grant = match batch::admit(books, &ids, claim, spec.nvidia_gpu, own_address) {
+                Ok(g) => g,
+                Err(e) => {
+                    inner
+                        .metrics
+                        .launch_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let ips = grant.ips;
+            let mut out = Vec::with_capacity(ids.len());
+            for (i, (id, gpu_uuids)) in ids.iter().zip(grant.gpu_uuids).enumerate() {
+                st.seq += 1;
+                let rec = WorkerRecord {
+                    session_id: spec.session_id.clone(),
+                    ip_address: ips.get(i).map(|ip| IpAddr::V4(*ip)),
+                    cpu: spec.cpu,
+                    memory_bytes: spec.memory_bytes,
+                    nvidia_gpu: spec.nvidia_gpu,
+                    gpu_uuids,
+                    kernel: spec.program.kernel().to_owned(),
+                    command: prepared.argv.clone(),
+                    workdir: prepared.workdir.clone(),
+                    network: spec.network,
+                    restart: spec.restart,
+                    labels: spec.labels.clone(),
+                    ..WorkerRecord::pending(id.clone(), inner.opts.name.clone(), now)
+                };
+                let seq = st.seq;
+                st.workers.insert(
+                    id.clone(),
+                    Entry {
+                        rec: rec.clone(),
+                        seq,
+                        admitted: Instant::now(),
+                    },
+                );
+                out.push(rec);
+            }
+            out
+        };
+        inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
+        for r in &records {
+            inner.publish(r.clone());
+        }
+
+        let jobs: Vec<SpawnJob> = records
+            .iter()
+            .map(|rec| {
+                let id = &rec.id;
+                let identity = WorkerIdentity {
+                    worker_id: id,
+                    session_id: spec.session_id.as_deref(),
+                    master_ip,
+                    worker_ip: rec.ip_address,
+                    gpu_uuids: &rec.gpu_uuids,
+                };
+                let shim = ShimSpec {
+                    worker_id: id.clone(),
+                    program: prepared.program.clone(),
+                    argv: prepared.argv.clone(),
+                    env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
+                    workdir: prepared.workdir.clone(),
+                    cgroup: inner.cgroups.worker(id),
+                    netns: (rec.network != launch::NetworkMode::Host).then(|| inner.net.path(id)),
+                    rotation: inner.opts.rotation,
+                    meta: serde_json::to_value(rec).unwrap_or_default(),
+                };
+                inner.spawn_job(rec, shim, false)
+            })
+            .collect();
+        // The namespace threads start on every network of the batch at once; each spawn waits
+        // for its own just before it starts the shim.
+        let jobs: Vec<SpawnJob> = jobs
+            .into_iter()
+            .map(|mut j| {
+                j.pending = j.net.map(|n| inner.net.begin(&j.id, n));
+                j
+            })
+            .collect();
+        // Spread the batch over the CPUs: each spawn is a few syscalls and one posix_spawn.
+        let lanes = hostfs::online_cpus().clamp(1, 4).min(jobs.len());
+        let mut chunks: Vec<Vec<SpawnJob>> = (0..lanes).map(|_| Vec::new()).collect();
+        for (i, j) in jobs.into_iter().enumerate() {
+            chunks[i % lanes].push(j);
+        }
+        let mut tasks = Vec::new();
+        for chunk in chunks {
+            let inner = inner.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                inner.spawn_chunk(chunk)
+            }));
+        }
+        for t in tasks {
+            let results = t
+                .await
+                .map_err(|e| Error::Internal(format!("spawn task: {e}")))?;
+            for (id, res) in results {
+                match res {
+                    Ok(handle) => {
+                        inner.update(&id, |w| {
+                            if w.status == WorkerStatus::Pending {
+                                w.status = WorkerStatus::Starting;
+                            }
+                            w.shim_pid = Some(handle.pid);
+                            w.shim_starttime = handle.starttime;
+                        });
+                        let session = spec.session_id.as_deref();
+                        spawn_life(&inner, id, session, Run::Spawned(handle));
+                    }
+                    Err(msg) => {
+                        inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
+                        inner.clone().not_started(&id, msg).await;
+                    }
+                }
+            }
+        }
+        // The client hears of its workers only once their records are durable.
+        if let Some(store) = &inner.store {
+            if let Err(e) = store.commit(Vec::new()).await {
+                tracing::error!(error = %e, "launch not recorded; stopping its workers");
+                let this = Host {
+                    inner: inner.clone(),
+                };
+                let _ = this
+                    .stop(
+                        Selector::Ids(ids.clone()),
+                        Some(Duration::ZERO),
+                        "launch not recorded",
+                    )
+                    .await;
+                return Err(Error::Internal(format!("state store: {e}")));
+            }
+        }
+        let st = inner.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| st.workers.get(id).map(|e| e.rec.clone()))
+            .collect())
+    }
+}
+
+impl Inner {
+    /// The spawn of worker `rec` running `shim`: built here alone, for a launch and for a
+    /// restart. `net_exists`: the worker's namespace is there already (a restart keeps it, unless
+    /// a reboot took it), so none is made.
+    pub(super) fn spawn_job(
+        &self,
+        rec: &WorkerRecord,
+        shim: ShimSpec,
+        net_exists: bool,
+    ) -> SpawnJob {
+        let net = match (rec.network, rec.ip_address) {
+            (launch::NetworkMode::Host, _) => None,
+            _ if net_exists => None,
+            (launch::NetworkMode::Bridge, Some(IpAddr::V4(ip))) => Some(WorkerNet::Routed { ip }),
+            _ => Some(WorkerNet::Isolated),
+        };
+        SpawnJob {
+            id: rec.id.clone(),
+            shim,
+            limits: Limits {
+                cpu: rec.cpu,
+                memory_bytes: rec.memory_bytes,
+                pids_max: self.opts.pids_max,
+                denied_devices: self.denied_devices(&rec.gpu_uuids),
+            },
+            net,
+            pending: None,
+        }
+    }
+
+    /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
+    pub(super) fn prepare(&self, spec: &LaunchSpec) -> Result<Prepared> {
+        let workdir = spec
+            .workdir
+            .clone()
+            .unwrap_or_else(|| self.opts.default_workdir.clone());
+        match std::fs::metadata(&workdir) {
+            Ok(m) if m.is_dir() => {
+                if !access(&workdir, libc::X_OK) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "workdir {}: cannot be entered",
+                        workdir.display()
+                    )));
+                }
+            }
+            Ok(_) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "workdir {}: is not a directory",
+                    workdir.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "workdir {}: {e}",
+                    workdir.display()
+                )))
+            }
+        }
+        let mut base_env = self.opts.base_env.clone();
+        base_env.insert("PATH".into(), self.opts.worker_path.clone());
+        let (program, argv) = match &spec.program {
+            Program::Command(cmd) => {
+                let path_var = spec
+                    .env
+                    .get("PATH")
+                    .cloned()
+                    .unwrap_or_else(|| self.opts.worker_path.clone());
+                let resolved =
+                    hostfs::resolve_program(&cmd[0], &path_var, &workdir).ok_or_else(|| {
+                        let why = if cmd[0].contains('/') {
+                            "does not exist or is not executable"
+                        } else {
+                            "not found in PATH"
+                        };
+                        Error::FailedPrecondition(format!("command[0] {}: {why}", cmd[0]))
+                    })?;
+                (resolved, cmd.clone())
+            }
+            Program::Code { kernel, .. } | Program::Script { kernel, .. } => {
+                let entry = self
+                    .opts
+                    .kernels
+                    .iter()
+                    .find(|k| &k.name == kernel)
+                    .ok_or_else(|| {
+                        Error::invalid("kernel", format!("unknown kernel {kernel:?}"))
+                    })?;
+                let inv = entry.invocation.as_ref().ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "kernel {kernel}: interpreter not installed on this host (looked for {})",
+                        entry.candidates.join(", ")
+                    ))
+                })?;
+                let program = match &spec.program {
+                    Program::Script { kernel, path } => {
+                        let path = if path.is_absolute() {
+                            path.clone()
+                        } else {
+                            workdir.join(path)
+                        };
+                        match std::fs::metadata(&path) {
+                            Ok(m) if m.is_file() && access(&path, libc::R_OK) => {}
+                            Ok(m) if !m.is_file() => {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: is not a regular file",
+                                    path.display()
+                                )))
+                            }
+                            Ok(_) => {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: cannot be read",
+                                    path.display()
+                                )))
+                            }
+                            Err(e) => {
+                                return Err(Error::FailedPrecondition(format!(
+                                    "script {}: {e}",
+                                    path.display()
+                                )))
+                            }
+                        }
+                        Program::Script {
+                            kernel: kernel.clone(),
+                            path,
+                        }
+                    }
+                    other => other.clone(),
+                };
+                (inv.interpreter.clone(), launch::kernel_argv(inv, &program))
+            }
+        };
+        Ok(Prepared {
+            program,
+            argv,
+            workdir,
+            base_env,
+        })
+    }
+
+    /// Creates cgroups and starts shims for one chunk of a batch (blocking thread).
+    pub(super) fn spawn_chunk(
+        &self,
+        jobs: Vec<SpawnJob>,
+    ) -> Vec<(String, Result<ShimHandle, String>)> {
+        jobs.into_iter()
+            .map(|mut job| {
+                // Always collected, so that a network made for a worker that then does not start
+                // is known to exist (finish() removes it).
+                let made = job.pending.take().map(PendingNet::wait);
+                let stopped = self
+                    .lock()
+                    .workers
+                    .get(&job.id)
+                    .is_some_and(|e| e.rec.stop_reason.is_some());
+                if stopped {
+                    return (job.id, Err("stopped before it started".into()));
+                }
+                let res = self.spawn_one(&mut job, made);
+                (job.id, res)
+            })
+            .collect()
+    }
+
+    /// Makes the worker's network (unless `made` says how that went already), its cgroup, and
+    /// starts its shim.
+    pub(super) fn spawn_one(
+        &self,
+        job: &mut SpawnJob,
+        made: Option<Result<PathBuf, berth_sys::netns::NetError>>,
+    ) -> Result<ShimHandle, String> {
+        match (made, job.net) {
+            (Some(r), _) => {
+                r.map_err(|e| e.to_string())?;
+            }
+            (None, Some(net)) => {
+                self.net.create(&job.id, net).map_err(|e| e.to_string())?;
+            }
+            (None, None) => {}
+        }
+        // What this spawn made goes if it fails half-way (finish() removes it again, harmlessly).
+        let undo_net = || {
+            if job.net.is_some() {
+                let _ = self.net.remove(&job.id);
+            }
+        };
+        let cg = match self.cgroups.create(&job.id, &job.limits) {
+            Ok(cg) => cg,
+            Err(e) => {
+                undo_net();
+                return Err(e.to_string());
+            }
+        };
+        // The shim joins the directories made, which need not be every hierarchy's.
+        job.shim.cgroup = cg.clone();
+        let dir = self.worker_dir(&job.id);
+        match self.spawner.spawn(&dir, &job.shim) {
+            Ok(h) => Ok(h),
+            Err(e) => {
+                let _ = self.cgroups.remove(&job.id);
+                undo_net();
+                Err(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! The supervisor's decisions on fakes: a real `Host` over fake cgroups, a fake launcher and a
+//! fake network ([`berth_sys::fake`], `FakeNetns`), so each behaviour is checked in
+//! milliseconds, without root. What the kernel does for real is the e2e tests' part
+//! (`tests/e2e`); here it is what the supervisor asks and decides: what it starts, signals,
+//! kills and frees, which status and reason it records, when it restarts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_core::admission::Capacity;
+use berth_core::error::Error;
+use berth_core::ipam::Subnet;
+use berth_core::launch::{self, LaunchRequest, NetworkMode, RestartPolicy};
+use berth_core::worker::{Selector, WorkerRecord, WorkerStatus};
+use berth_host::supervisor::{Host, HostOptions};
+use berth_sys::fake::{Behaviour, FakeEvent, FakeWorld};
+use berth_sys::gpu::{FakeGpus, GpuMonitor};
+use berth_sys::netns::FakeNetns;
+
+const GIB: u64 = 1 << 30;
+
+/// A supervisor of a host with 4 CPUs, 8 GiB, 10 worker slots, 2 fake GPUs and a /28 of
+/// worker addresses, over the fakes of `world`.
+struct Fixture {
+    host: Host,
+    world: FakeWorld,
+    net: Arc<FakeNetns>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = HostOptions::with_defaults(
+        "fake",
+        dir.path(),
+        Capacity {
+            cpu: 4.0,
+            memory_bytes: 8 * GIB,
+            workers: 10,
+        },
+    );
+    opts.stop_grace = Duration::from_millis(200);
+    let world = FakeWorld::new();
+    let net = Arc::new(FakeNetns {
+        subnet: Some(Subnet::parse("10.99.0.0/28").unwrap()),
+        ..Default::default()
+    });
+    let host = Host::with_network(
+        opts,
+        world.cgroups(),
+        world.spawner(),
+        None,
+        Arc::new(FakeGpus::new("fake", 2)),
+        GpuMonitor::idle(),
+        net.clone(),
+    );
+    host.start_background();
+    Fixture {
+        host,
+        world,
+        net,
+        _dir: dir,
+    }
+}
+
+fn request(n: u32) -> LaunchRequest {
+    LaunchRequest {
+        n,
+        cpu: 1.0,
+        memory_gb: 1.0,
+        command: vec!["/bin/true".into()],
+        network: NetworkMode::Bridge,
+        ..Default::default()
+    }
+}
+
+impl Fixture {
+    async fn launch(&self, req: LaunchRequest) -> Result<Vec<String>, Error> {
+        let spec = launch::validate(&req, |_| false)?;
+        let ws = self.host.launch(spec, None).await?;
+        Ok(ws.into_iter().map(|w| w.id).collect())
+    }
+
+    /// Waits until every one of `ids` has ended (at most 5 s); returns their records.
+    async fn ended(&self, ids: &[String]) -> Vec<WorkerRecord> {
+        let out = self
+            .host
+            .await_workers(ids.to_vec(), None, true, Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let mut all: Vec<WorkerRecord> = out.reached.into_iter().chain(out.failures).collect();
+        all.sort_by_key(|w| ids.iter().position(|i| *i == w.id));
+        assert!(
+            all.iter().all(|w| w.status.is_terminal()),
+            "not ended: {all:?}"
+        );
+        all
+    }
+
+    async fn running(&self, ids: &[String]) {
+        let out = self
+            .host
+            .await_workers(ids.to_vec(), None, false, Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.reached.len(),
+            ids.len(),
+            "not running: {:?}",
+            out.failures
+        );
+    }
+
+    /// What is held for workers: CPU, memory, slots, GPUs, addresses, namespaces and cgroups.
+    fn held(&self) -> (f64, u64, u32, u32, usize, usize, usize) {
+        let v = self.host.view();
+        (
+            v.allocated.cpu,
+            v.allocated.memory_bytes,
+            v.allocated.workers,
+            v.gpu_allocated,
+            v.ip_leases,
+            self.net.live.lock().unwrap().len(),
+            self.world.cgroup_ids().len(),
+        )
+    }
+}
+
+fn signals_of(events: &[FakeEvent], id: &str) -> Vec<i32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            FakeEvent::Signalled(w, s) if w == id => Some(*s),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_launch_starts_every_worker_and_their_ends_free_everything() {
+    let f = fixture();
+    let mut req = request(3);
+    req.nvidia_gpu = 0;
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    assert_eq!(f.world.running(), {
+        let mut s = ids.clone();
+        s.sort();
+        s
+    });
+    assert_eq!(f.held(), (3.0, 3 * GIB, 3, 0, 3, 3, 3));
+    for (k, id) in ids.iter().enumerate() {
+        assert!(f.world.exit(id, k as i32));
+    }
+    let ws = f.ended(&ids).await;
+    let got: Vec<(WorkerStatus, Option<i32>)> =
+        ws.iter().map(|w| (w.status, w.exit_code)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (WorkerStatus::Succeeded, Some(0)),
+            (WorkerStatus::Failed, Some(1)),
+            (WorkerStatus::Failed, Some(2)),
+        ]
+    );
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0), "everything freed");
+}
+
+#[tokio::test]
+async fn a_launch_that_does_not_fit_changes_nothing() {
+    let f = fixture();
+    let mut req = request(5);
+    req.cpu = 1.0; // 5 cores of 4
+    match f.launch(req).await {
+        Err(Error::ResourceExhausted(m)) => assert!(m.contains("cpu"), "{m}"),
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    let mut req = request(2);
+    req.nvidia_gpu = 2; // 4 GPUs of 2
+    assert!(matches!(
+        f.launch(req).await,
+        Err(Error::ResourceExhausted(_))
+    ));
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+    assert!(f.world.events().is_empty(), "nothing asked of the host");
+}
+
+#[tokio::test]
+async fn gpus_are_held_exclusively_and_given_back() {
+    let f = fixture();
+    let mut req = request(2);
+    req.nvidia_gpu = 1;
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    assert_eq!(f.held().3, 2);
+    let mut more = request(1);
+    more.nvidia_gpu = 1;
+    assert!(matches!(
+        f.launch(more).await,
+        Err(Error::ResourceExhausted(_))
+    ));
+    for id in &ids {
+        f.world.exit(id, 0);
+    }
+    f.ended(&ids).await;
+    assert_eq!(f.held().3, 0);
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_and_kills_the_cgroup_only_after_the_grace() {
+    let f = fixture();
+    let obeys = f.launch(request(1)).await.unwrap();
+    f.running(&obeys).await;
+    f.world.set_default(Behaviour {
+        ignores_sigterm: true,
+        ..Default::default()
+    });
+    let stubborn = f.launch(request(1)).await.unwrap();
+    f.running(&stubborn).await;
+
+    let t = Instant::now();
+    let stopped = f
+        .host
+        .stop(
+            Selector::Ids(vec![obeys[0].clone(), stubborn[0].clone()]),
+            Some(Duration::from_millis(300)),
+            "stopped",
+        )
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(stopped.len(), 2);
+    assert!(stopped
+        .iter()
+        .all(|w| w.status == WorkerStatus::Stopped && w.reason == "stopped"));
+    let ev = f.world.events();
+    assert_eq!(signals_of(&ev, &obeys[0]), vec![libc::SIGTERM]);
+    assert!(!ev.contains(&FakeEvent::Killed(obeys[0].clone())));
+    assert_eq!(signals_of(&ev, &stubborn[0]), vec![libc::SIGTERM]);
+    assert!(ev.contains(&FakeEvent::Killed(stubborn[0].clone())));
+    assert!(
+        took >= Duration::from_millis(300),
+        "killed before the grace: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+    // Idempotent: a second stop changes nothing and signals nobody.
+    let again = f
+        .host
+        .stop(Selector::Ids(obeys.clone()), None, "stopped")
+        .await
+        .unwrap();
+    assert_eq!(again[0].status, WorkerStatus::Stopped);
+    assert_eq!(signals_of(&f.world.events(), &obeys[0]).len(), 1);
+}
+
+#[tokio::test]
+async fn on_failure_restarts_with_exponential_back_off_up_to_the_limit() {
+    let f = fixture();
+    f.world.set_default(Behaviour {
+        exit_at_once: Some(3),
+        ..Default::default()
+    });
+    let mut req = request(1);
+    req.restart = RestartPolicy {
+        on_failure: true,
+        max_restarts: 2,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 10_000,
+    };
+    let ids = f.launch(req).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let w = loop {
+        let w = f.ended(&ids).await.remove(0);
+        if w.restarts == 2 || Instant::now() > deadline {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (w.status, w.exit_code, w.restarts),
+        (WorkerStatus::Failed, Some(3), 2)
+    );
+    let starts = f.world.starts(&ids[0]);
+    assert_eq!(starts.len(), 3, "one start and two restarts");
+    let gaps: Vec<Duration> = starts.windows(2).map(|p| p[1] - p[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "{gaps:?}");
+    assert!(
+        gaps[1] >= Duration::from_millis(200),
+        "back-off doubles: {gaps:?}"
+    );
+    // Each run had a cgroup of its own; none is left.
+    let created = f
+        .world
+        .events()
+        .iter()
+        .filter(|e| matches!(e, FakeEvent::CgroupCreated(i) if *i == ids[0]))
+        .count();
+    assert_eq!(created, 3);
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_worker_that_succeeds_is_not_restarted() {
+    let f = fixture();
+    let mut req = request(1);
+    req.restart = RestartPolicy {
+        on_failure: true,
+        max_restarts: 5,
+        backoff_initial_ms: 10,
+        backoff_max_ms: 100,
+    };
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    f.world.exit(&ids[0], 0);
+    let w = f.ended(&ids).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!((w.status, w.restarts), (WorkerStatus::Succeeded, 0));
+    assert_eq!(f.world.starts(&ids[0]).len(), 1);
+}
+
+#[tokio::test]
+async fn a_lapsed_session_stops_its_workers_and_only_those() {
+    let f = fixture();
+    let s = f.host.open_session(1, BTreeMap::new(), None).await.unwrap();
+    let mut req = request(2);
+    req.session_id = s.id.clone();
+    let in_session = f.launch(req).await.unwrap();
+    let outside = f.launch(request(1)).await.unwrap();
+    f.running(&in_session).await;
+    f.running(&outside).await;
+    let t = Instant::now();
+    let ws = f.ended(&in_session).await;
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(ws
+        .iter()
+        .all(|w| w.status == WorkerStatus::Stopped && w.reason == "session ended"));
+    assert_eq!(f.world.running(), outside, "the other worker runs on");
+    assert!(matches!(f.host.keep_alive(&s.id), Err(Error::NotFound(_))));
+    // An ended session takes no new workers.
+    let mut req = request(1);
+    req.session_id = s.id;
+    assert!(matches!(f.launch(req).await, Err(Error::NotFound(_))));
+    f.world.exit(&outside[0], 0);
+    f.ended(&outside).await;
+}
+
+#[tokio::test]
+async fn keep_alive_holds_a_session_past_its_ttl() {
+    let f = fixture();
+    let s = f.host.open_session(1, BTreeMap::new(), None).await.unwrap();
+    let mut req = request(1);
+    req.session_id = s.id.clone();
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.host.keep_alive(&s.id).unwrap();
+    }
+    assert_eq!(f.world.running(), ids, "renewed: still running after 1.8 s");
+    let stopped = f
+        .host
+        .close_session(&s.id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(f.ended(&ids).await[0].reason, "session ended");
+}
+
+#[tokio::test]
+async fn an_oom_kill_is_reported_as_such() {
+    let f = fixture();
+    f.world.set_default(Behaviour {
+        oom: true,
+        ..Default::default()
+    });
+    let ids = f.launch(request(1)).await.unwrap();
+    let w = f.ended(&ids).await.remove(0);
+    assert_eq!(w.status, WorkerStatus::Failed);
+    assert_eq!(w.reason, "OOMKilled");
+    assert_eq!(w.signal, Some(libc::SIGKILL));
+}
+
+#[tokio::test]
+async fn a_worker_whose_shim_cannot_start_it_fails_and_frees_what_it_held() {
+    let f = fixture();
+    f.world.set_default(Behaviour {
+        spawn_error: Some("exec /bin/true: permission denied".into()),
+        ..Default::default()
+    });
+    let ids = f.launch(request(2)).await.unwrap();
+    for id in &ids {
+        // The shim of a worker that never ran exits without an exit record.
+        assert!(!f.world.exit(id, 0), "never running");
+    }
+    // Its "pidfd" closes with the handle: drop is the shim's exit.
+    let ws = f.ended(&ids).await;
+    for w in &ws {
+        assert_eq!(w.status, WorkerStatus::Failed, "{w:?}");
+        assert!(w.reason.starts_with("spawn failed"), "{}", w.reason);
+    }
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+}

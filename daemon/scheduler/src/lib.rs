@@ -1,0 +1,1358 @@
+//! The scheduler node: host daemons beat in (membership), launches are placed on the hosts that
+//! fit (all-or-nothing, [`berth_core::placement`]), and the workers of every host are tracked
+//! from the hosts' own event streams and stopped through them.
+//!
+//! The scheduler holds nothing the hosts do not: worker records, sessions and draining are all
+//! kept by the hosts, so a restarted scheduler rebuilds the same view from their beats and
+//! listings. `hosts.json` in the state dir only remembers where the hosts were, so that the view
+//! is rebuilt before their next beat and a host that never returns is seen to be DOWN.
+
+pub mod config;
+pub mod daemon;
+pub mod fake;
+pub mod grpc;
+pub mod hosts;
+pub mod metrics;
+pub mod view;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use berth_proto::v1 as pb;
+use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use berth_core::error::{Error, Result};
+use berth_core::launch::Program;
+use berth_core::placement::{Amount, Ask, Placer, Strategy};
+use berth_core::session::Session;
+
+use berth_core::worker::Selector;
+
+use hosts::{Connector, HostApi, ItemStream};
+use view::{is_terminal, Filter, Tracked, View};
+
+/// Label a host carries for each kernel it can run; a kernel launch is constrained to it.
+pub fn kernel_label(kernel: &str) -> String {
+    format!("berth.kernel/{kernel}")
+}
+
+/// How the scheduler runs.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Beat interval asked of the hosts.
+    pub heartbeat: Duration,
+    /// A host whose beats stop this long is DOWN and its workers LOST.
+    pub host_down_after: Duration,
+    /// Placements tried for one launch when hosts refuse (stale view, unreachable host).
+    pub launch_attempts: u32,
+    /// Longest a host may take to answer a launch.
+    pub host_call_timeout: Duration,
+    /// Where `hosts.json` is kept; `None` keeps nothing.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(2),
+            host_down_after: Duration::from_secs(10),
+            launch_attempts: 3,
+            host_call_timeout: Duration::from_secs(60),
+            state_dir: None,
+        }
+    }
+}
+
+/// Resources of launches sent to a host and not yet seen in its beats.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: u64,
+    amount: Amount,
+    /// The first beat sequence whose `allocated` includes it; `None` while the launch is in flight.
+    settled_by: Option<u64>,
+}
+
+struct HostEntry {
+    info: pb::HostInfo,
+    state: pb::HostState,
+    /// The operator's intent, kept while the host is down.
+    drained: bool,
+    last_seen: SystemTime,
+    seen_at: Instant,
+    /// Its unfinished workers were marked LOST for this outage.
+    lost_marked: bool,
+    sequence: u64,
+    /// A beat has come since this entry was made (a restored entry has none yet).
+    sequence_seen: bool,
+    api: Arc<dyn HostApi>,
+    follower: CancellationToken,
+    /// The view has read this host's listing since it (re)connected.
+    synced: bool,
+    pending: Vec<Pending>,
+}
+
+struct State {
+    hosts: BTreeMap<String, HostEntry>,
+    placer: Placer,
+}
+
+/// A host as `hosts.json` remembers it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct RememberedHost {
+    address: String,
+    draining: bool,
+}
+
+struct SchedSession {
+    session: Session,
+    /// Hosts the session was opened on.
+    hosts: BTreeSet<String>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SchedulerMetrics {
+    pub launches: AtomicU64,
+    pub launch_refusals: AtomicU64,
+    pub placement_retries: AtomicU64,
+    pub workers_launched: AtomicU64,
+    pub hosts_lost: AtomicU64,
+}
+
+struct Inner {
+    opts: SchedulerOptions,
+    connector: Arc<dyn Connector>,
+    state: Mutex<State>,
+    view: Mutex<View>,
+    events: broadcast::Sender<pb::Worker>,
+    changed: watch::Sender<u64>,
+    sessions: Mutex<HashMap<String, SchedSession>>,
+    next_pending: AtomicU64,
+    /// Serialises writers of `hosts.json`.
+    save_lock: Mutex<()>,
+    metrics: SchedulerMetrics,
+    shutdown: CancellationToken,
+}
+
+/// The scheduler: cheap to clone, every clone the same scheduler.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("hosts", &self.state().hosts.len())
+            .field("workers", &self.view().len())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resources of the protobuf in the placer's integer units.
+fn amount_of(r: Option<&pb::Resources>) -> Amount {
+    let r = r.cloned().unwrap_or_default();
+    Amount::from_units(r.cpu, r.memory_gb, r.gpus, r.workers)
+}
+
+/// Tells the placer what `e` has free now: the host's last beat plus launches it has not
+/// reported yet.
+fn sync_placer(placer: &mut Placer, name: &str, e: &HostEntry) {
+    let capacity = amount_of(e.info.capacity.as_ref());
+    let allocated = e
+        .pending
+        .iter()
+        .fold(amount_of(e.info.allocated.as_ref()), |a, p| {
+            a.saturating_add(p.amount)
+        });
+    let mut labels: BTreeMap<String, String> = e.info.labels.clone().into_iter().collect();
+    for k in e.info.kernels.iter().filter(|k| k.available) {
+        labels.insert(kernel_label(&k.name), "available".into());
+    }
+    placer.upsert(
+        name,
+        capacity,
+        allocated,
+        labels,
+        e.state == pb::HostState::Ready,
+    );
+}
+
+/// A host name as a scheduler accepts it: what a DNS name or a berthd `--name` can be.
+fn valid_host_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl Scheduler {
+    pub fn new(opts: SchedulerOptions, connector: Arc<dyn Connector>) -> Self {
+        let (events, _) = broadcast::channel(8192);
+        let (changed, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                connector,
+                state: Mutex::new(State {
+                    hosts: BTreeMap::new(),
+                    placer: Placer::new(),
+                }),
+                view: Mutex::new(View::default()),
+                events,
+                changed,
+                sessions: Mutex::new(HashMap::new()),
+                next_pending: AtomicU64::new(1),
+                save_lock: Mutex::new(()),
+                metrics: SchedulerMetrics::default(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner.state)
+    }
+
+    fn view(&self) -> MutexGuard<'_, View> {
+        lock(&self.inner.view)
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<String, SchedSession>> {
+        lock(&self.inner.sessions)
+    }
+
+    pub fn metrics(&self) -> &SchedulerMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Stops the background duties and every host follower.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Starts the duties that run on their own: DOWN detection and session expiry. Hosts
+    /// remembered in the state dir are followed at once.
+    pub fn start(&self) {
+        self.restore_hosts();
+        let s = self.clone();
+        berth_server::spawn_in(tracing::info_span!("host_watch"), async move {
+            s.watch_hosts().await
+        });
+    }
+
+    // ---- membership ----
+
+    /// A host's beat: registers it the first time, refreshes what it has, and answers the
+    /// state the scheduler holds for it.
+    pub fn heartbeat(&self, req: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse> {
+        let info = req
+            .info
+            .ok_or_else(|| Error::invalid("info", "is required"))?;
+        if !valid_host_name(&info.name) {
+            return Err(Error::invalid(
+                "info.name",
+                format!("{:?} is not a host name", info.name),
+            ));
+        }
+        if info.address.is_empty() {
+            return Err(Error::invalid(
+                "info.address",
+                "is required: where the scheduler reaches the host",
+            ));
+        }
+        let name = info.name.clone();
+        let mut remember = false;
+        let state = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let e = match st.hosts.get_mut(&name) {
+                Some(e) => e,
+                None => {
+                    tracing::info!(host = %name, address = %info.address, "host joined");
+                    remember = true;
+                    let e = self.new_entry(&name, &info.address, req.draining);
+                    st.hosts.entry(name.clone()).or_insert(e)
+                }
+            };
+            if e.info.address != info.address && !e.info.address.is_empty() {
+                tracing::info!(host = %name, address = %info.address, "host moved");
+                e.follower.cancel();
+                e.api = self.inner.connector.connect(&name, &info.address);
+                e.follower = self.follow(&name, e.api.clone());
+                e.synced = false;
+                remember = true;
+            }
+            if req.sequence <= e.sequence {
+                // The daemon restarted: what it reports now is all it holds.
+                e.pending.retain(|p| p.settled_by.is_none());
+            }
+            e.sequence = req.sequence;
+            e.pending
+                .retain(|p| p.settled_by.is_none_or(|s| s > req.sequence));
+            e.info = info;
+            e.last_seen = SystemTime::now();
+            e.seen_at = Instant::now();
+            let was = e.state;
+            if req.leaving {
+                e.state = pb::HostState::Down;
+                tracing::info!(host = %name, "host leaving");
+            } else {
+                e.state = if e.drained {
+                    pb::HostState::Draining
+                } else {
+                    pb::HostState::Ready
+                };
+                if was == pb::HostState::Down && e.sequence_seen {
+                    // Read the host afresh: what still runs there replaces the LOST verdict.
+                    tracing::info!(host = %name, "host is back");
+                    e.follower.cancel();
+                    e.follower = self.follow(&name, e.api.clone());
+                    e.synced = false;
+                }
+                e.lost_marked = false;
+                e.sequence_seen = true;
+            }
+            sync_placer(&mut st.placer, &name, e);
+            e.state
+        };
+        if remember {
+            drop(self.save_hosts());
+        }
+        Ok(pb::HeartbeatResponse {
+            interval_ms: self.inner.opts.heartbeat.as_millis() as u32,
+            state: match state {
+                pb::HostState::Draining => pb::HostState::Draining,
+                _ => pb::HostState::Ready,
+            } as i32,
+        })
+    }
+
+    fn new_entry(&self, name: &str, address: &str, drained: bool) -> HostEntry {
+        let api = self.inner.connector.connect(name, address);
+        HostEntry {
+            info: pb::HostInfo {
+                name: name.to_owned(),
+                address: address.to_owned(),
+                ..Default::default()
+            },
+            state: pb::HostState::Down,
+            drained,
+            last_seen: SystemTime::UNIX_EPOCH,
+            seen_at: Instant::now(),
+            lost_marked: false,
+            sequence: 0,
+            sequence_seen: false,
+            follower: self.follow(name, api.clone()),
+            api,
+            synced: false,
+            pending: Vec::new(),
+        }
+    }
+
+    fn hosts_file(&self) -> Option<PathBuf> {
+        self.inner
+            .opts
+            .state_dir
+            .as_ref()
+            .map(|d| d.join("hosts.json"))
+    }
+
+    /// Remembers where the hosts are and which drain (a hint for the next start, written at
+    /// once so that a drain survives a crash before the host's next beat; the hosts hold the
+    /// rest, and their own `draining` where this file is missing).
+    fn save_hosts(&self) -> tokio::task::JoinHandle<()> {
+        let s = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let Some(path) = s.hosts_file() else {
+                return;
+            };
+            // The latest state, whichever save runs last.
+            let _guard = lock(&s.inner.save_lock);
+            let map: BTreeMap<String, RememberedHost> = s
+                .state()
+                .hosts
+                .iter()
+                .map(|(n, e)| {
+                    (
+                        n.clone(),
+                        RememberedHost {
+                            address: e.info.address.clone(),
+                            draining: e.drained,
+                        },
+                    )
+                })
+                .collect();
+            let tmp = path.with_extension("json.tmp");
+            let res = serde_json::to_vec_pretty(&map)
+                .map_err(std::io::Error::other)
+                .and_then(|b| std::fs::write(&tmp, b))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = res {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remember hosts");
+            }
+        })
+    }
+
+    fn restore_hosts(&self) {
+        let Some(path) = self.hosts_file() else {
+            return;
+        };
+        let map: BTreeMap<String, RememberedHost> = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable hosts file");
+                    return;
+                }
+            },
+            Err(_) => return,
+        };
+        let mut st = self.state();
+        for (name, h) in map {
+            if valid_host_name(&name) && !st.hosts.contains_key(&name) {
+                let e = self.new_entry(&name, &h.address, h.draining);
+                st.hosts.insert(name, e);
+            }
+        }
+        if !st.hosts.is_empty() {
+            tracing::info!(
+                hosts = st.hosts.len(),
+                "following the hosts known before the restart"
+            );
+        }
+    }
+
+    /// Follows one host's worker events until `cancel`: its `WatchWorkers`, then a listing,
+    /// then every event; again from the start whenever the stream breaks.
+    fn follow(&self, name: &str, api: Arc<dyn HostApi>) -> CancellationToken {
+        let cancel = self.inner.shutdown.child_token();
+        let token = cancel.clone();
+        let s = self.clone();
+        let name = name.to_owned();
+        let span = tracing::info_span!("host_follow", host = %name);
+        berth_server::spawn_in(span, async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let connected = tokio::select! {
+                    r = s.sync_host(&name, &api) => r,
+                    _ = token.cancelled() => return,
+                };
+                match connected {
+                    Ok(mut stream) => {
+                        backoff = Duration::from_millis(100);
+                        loop {
+                            let ev = tokio::select! {
+                                ev = stream.next() => ev,
+                                _ = token.cancelled() => return,
+                            };
+                            match ev {
+                                Some(Ok(w)) => s.record(&name, vec![w]),
+                                Some(Err(e)) => {
+                                    tracing::debug!(host = %name, error = %e, "event stream broke");
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        s.set_synced(&name, false);
+                    }
+                    Err(e) => tracing::debug!(host = %name, error = %e, "cannot follow host"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = token.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        });
+        cancel
+    }
+
+    async fn sync_host(
+        &self,
+        name: &str,
+        api: &Arc<dyn HostApi>,
+    ) -> Result<ItemStream<pb::Worker>> {
+        let stream = api.watch().await?;
+        let listing = api.list(pb::ListWorkersRequest::default()).await?;
+        let n = listing.len();
+        let changed = self.view().replace_host(name, listing);
+        self.publish(changed);
+        self.set_synced(name, true);
+        tracing::debug!(host = %name, workers = n, "host view synced");
+        Ok(stream)
+    }
+
+    fn set_synced(&self, name: &str, synced: bool) {
+        if let Some(e) = self.state().hosts.get_mut(name) {
+            e.synced = synced;
+        }
+    }
+
+    /// Takes host reports into the view and tells watchers what changed.
+    fn record(&self, host: &str, workers: Vec<pb::Worker>) {
+        let changed: Vec<pb::Worker> = {
+            let mut v = self.view();
+            workers
+                .into_iter()
+                .filter_map(|w| v.apply(host, w))
+                .collect()
+        };
+        self.publish(changed);
+    }
+
+    fn publish(&self, changed: Vec<pb::Worker>) {
+        if changed.is_empty() {
+            return;
+        }
+        for w in changed {
+            let _ = self.inner.events.send(w);
+        }
+        self.inner.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Marks hosts DOWN when their beats stop, their workers LOST, and ends lapsed sessions.
+    async fn watch_hosts(&self) {
+        let tick = (self.inner.opts.host_down_after / 10)
+            .clamp(Duration::from_millis(50), Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.inner.shutdown.cancelled() => return,
+            }
+            let mut lost = Vec::new();
+            {
+                let mut guard = self.state();
+                let st = &mut *guard;
+                for (name, e) in st.hosts.iter_mut() {
+                    let silent = e.seen_at.elapsed() >= self.inner.opts.host_down_after;
+                    if !silent {
+                        continue;
+                    }
+                    if e.state != pb::HostState::Down {
+                        tracing::warn!(host = %name, "host DOWN: heartbeats stopped");
+                        e.state = pb::HostState::Down;
+                        sync_placer(&mut st.placer, name, e);
+                    }
+                    if !e.lost_marked {
+                        e.lost_marked = true;
+                        lost.push(name.clone());
+                    }
+                }
+            }
+            for name in lost {
+                let workers = self.view().mark_host_lost(&name, SystemTime::now());
+                if !workers.is_empty() {
+                    self.inner
+                        .metrics
+                        .hosts_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(host = %name, workers = workers.len(), "workers of a DOWN host are LOST");
+                }
+                self.publish(workers);
+            }
+            self.expire_sessions().await;
+        }
+    }
+
+    // ---- cluster ----
+
+    fn cluster_host(e: &HostEntry) -> pb::ClusterHost {
+        pb::ClusterHost {
+            info: Some(e.info.clone()),
+            state: e.state as i32,
+            last_seen: (e.last_seen > SystemTime::UNIX_EPOCH)
+                .then(|| prost_types::Timestamp::from(e.last_seen)),
+        }
+    }
+
+    /// Every host, by name.
+    pub fn list_hosts(&self) -> Vec<pb::ClusterHost> {
+        self.state()
+            .hosts
+            .values()
+            .map(Self::cluster_host)
+            .collect()
+    }
+
+    /// Whether every READY or DRAINING host's workers are in the view (after a start, the view
+    /// is whole once this holds).
+    pub fn synced(&self) -> bool {
+        self.state()
+            .hosts
+            .values()
+            .all(|e| e.state == pb::HostState::Down || e.synced)
+    }
+
+    /// No new placements on `name` (`drain`), or again (`!drain`). Its workers keep running.
+    pub async fn set_draining(&self, name: &str, drain: bool) -> Result<pb::ClusterHost> {
+        let out = self.set_draining_now(name, drain)?;
+        let _ = self.save_hosts().await;
+        Ok(out)
+    }
+
+    fn set_draining_now(&self, name: &str, drain: bool) -> Result<pb::ClusterHost> {
+        if name.is_empty() {
+            return Err(Error::invalid("name", "is required"));
+        }
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let e = st
+            .hosts
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound(format!("host {name} not found")))?;
+        e.drained = drain;
+        if e.state != pb::HostState::Down {
+            e.state = if drain {
+                pb::HostState::Draining
+            } else {
+                pb::HostState::Ready
+            };
+        }
+        sync_placer(&mut st.placer, name, e);
+        tracing::info!(host = %name, draining = drain, "host drain changed");
+        Ok(Self::cluster_host(e))
+    }
+
+    fn api_of(&self, host: &str) -> Option<(Arc<dyn HostApi>, pb::HostState)> {
+        self.state()
+            .hosts
+            .get(host)
+            .map(|e| (e.api.clone(), e.state))
+    }
+
+    /// Whether some host knows the kernel `name` (available or not: a host that lacks the
+    /// interpreter is left out by placement, and the error says so).
+    fn knows_kernel(&self, name: &str) -> bool {
+        self.state()
+            .hosts
+            .values()
+            .any(|e| e.info.kernels.iter().any(|k| k.name == name))
+    }
+
+    // ---- sessions ----
+
+    /// Opens a session on the scheduler; it is opened on each host when workers land there.
+    pub fn open_session(
+        &self,
+        id: Option<String>,
+        ttl_seconds: u32,
+        labels: BTreeMap<String, String>,
+    ) -> Result<pb::Session> {
+        let id = id.unwrap_or_else(berth_core::new_id);
+        let mut sessions = self.sessions();
+        if let Some(s) = sessions.get_mut(&id) {
+            s.session.renew(SystemTime::now());
+            return Ok(session_to_pb(&s.session));
+        }
+        let session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
+        let out = session_to_pb(&session);
+        sessions.insert(
+            id.clone(),
+            SchedSession {
+                session,
+                hosts: BTreeSet::new(),
+            },
+        );
+        tracing::info!(session = %id, "session opened");
+        Ok(out)
+    }
+
+    /// Renews a session here and on every host it reached. A session this scheduler does not
+    /// hold (it restarted) is looked for on the hosts that run its workers.
+    pub async fn keep_alive(&self, id: &str) -> Result<pb::Session> {
+        let known = {
+            let mut sessions = self.sessions();
+            match sessions.get_mut(id) {
+                Some(s) if !s.session.expired(SystemTime::now()) => {
+                    s.session.renew(SystemTime::now());
+                    Some((session_to_pb(&s.session), s.hosts.clone()))
+                }
+                _ => None,
+            }
+        };
+        let hosts: BTreeSet<String> = match &known {
+            Some((_, h)) => h.clone(),
+            None => self.view().session_hosts(id),
+        };
+        let renewed = futures::future::join_all(hosts.iter().map(|h| async move {
+            let Some((api, state)) = self.api_of(h) else {
+                return (h.clone(), None);
+            };
+            if state == pb::HostState::Down {
+                return (h.clone(), None);
+            }
+            (h.clone(), api.keep_alive(id).await.ok())
+        }))
+        .await;
+        if let Some((s, _)) = known {
+            return Ok(s);
+        }
+        // Adopt the session from the hosts that still hold it.
+        let live: Vec<(String, pb::Session)> = renewed
+            .into_iter()
+            .filter_map(|(h, s)| s.map(|s| (h, s)))
+            .collect();
+        let Some((_, first)) = live.first() else {
+            return Err(Error::NotFound(format!("session {id} not found or ended")));
+        };
+        let session = Session::open(
+            id.to_owned(),
+            first.ttl_seconds,
+            first.labels.clone().into_iter().collect(),
+            SystemTime::now(),
+        )?;
+        let out = session_to_pb(&session);
+        self.sessions().insert(
+            id.to_owned(),
+            SchedSession {
+                session,
+                hosts: live.into_iter().map(|(h, _)| h).collect(),
+            },
+        );
+        tracing::info!(session = %id, "session adopted from its hosts");
+        Ok(out)
+    }
+
+    /// Ends a session and stops its workers on every host.
+    pub async fn close_session(&self, id: &str, grace: Option<u32>) -> Result<Vec<pb::Worker>> {
+        let held = self.sessions().remove(id);
+        let mut hosts = self.view().session_hosts(id);
+        if held.is_none() && hosts.is_empty() {
+            return Err(Error::NotFound(format!("session {id} not found or ended")));
+        }
+        if let Some(s) = held {
+            hosts.extend(s.hosts);
+        }
+        tracing::info!(session = %id, hosts = hosts.len(), "session closed");
+        self.end_session_on(id, &hosts, grace).await
+    }
+
+    async fn end_session_on(
+        &self,
+        id: &str,
+        hosts: &BTreeSet<String>,
+        grace: Option<u32>,
+    ) -> Result<Vec<pb::Worker>> {
+        let results = futures::future::join_all(hosts.iter().map(|h| async move {
+            let Some((api, state)) = self.api_of(h) else {
+                return (h.clone(), Ok(Vec::new()));
+            };
+            if state == pb::HostState::Down {
+                return (h.clone(), Ok(Vec::new()));
+            }
+            let r = api
+                .close_session(pb::CloseSessionRequest {
+                    session_id: id.to_owned(),
+                    grace_seconds: grace,
+                })
+                .await;
+            (h.clone(), r)
+        }))
+        .await;
+        let mut first_err = None;
+        for (h, r) in results {
+            match r {
+                Ok(ws) => self.record(&h, ws),
+                // Its lease there had already lapsed: the host stopped the workers itself.
+                Err(Error::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(host = %h, session = %id, error = %e, "cannot end session on host");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let f = Filter {
+            session_id: Some(id.to_owned()),
+            ..Default::default()
+        };
+        Ok(self
+            .view()
+            .select(&f)?
+            .into_iter()
+            .map(|t| t.worker)
+            .collect())
+    }
+
+    async fn expire_sessions(&self) {
+        let now = SystemTime::now();
+        let expired: Vec<(String, BTreeSet<String>)> = {
+            let mut sessions = self.sessions();
+            let ids: Vec<String> = sessions
+                .values()
+                .filter(|s| s.session.expired(now))
+                .map(|s| s.session.id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove(&id).map(|s| (id, s.hosts)))
+                .collect()
+        };
+        for (id, mut hosts) in expired {
+            hosts.extend(self.view().session_hosts(&id));
+            tracing::info!(session = %id, "session lease lapsed");
+            let s = self.clone();
+            let span = tracing::info_span!("session_end", session = %id);
+            berth_server::spawn_in(span, async move {
+                let _ = s.end_session_on(&id, &hosts, None).await;
+            });
+        }
+    }
+
+    /// Whether a session id is one this scheduler holds or whose workers it sees.
+    fn session_known(&self, id: &str) -> bool {
+        self.sessions().contains_key(id) || !self.view().session_hosts(id).is_empty()
+    }
+
+    fn require_session(&self, id: &str) -> Result<()> {
+        if self.session_known(id) {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("session {id} not found")))
+        }
+    }
+
+    // ---- workers ----
+
+    /// Places and launches `req`'s workers, all or none. `caller` is the client's address, the
+    /// workers' master unless the request names one.
+    pub async fn launch(
+        &self,
+        mut req: pb::LaunchWorkersRequest,
+        caller: Option<IpAddr>,
+    ) -> Result<Vec<pb::Worker>> {
+        self.inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
+        let res = self.launch_inner(&mut req, caller).await;
+        match &res {
+            Ok(ws) => {
+                self.inner
+                    .metrics
+                    .workers_launched
+                    .fetch_add(ws.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.inner
+                    .metrics
+                    .launch_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        res
+    }
+
+    async fn launch_inner(
+        &self,
+        req: &mut pb::LaunchWorkersRequest,
+        caller: Option<IpAddr>,
+    ) -> Result<Vec<pb::Worker>> {
+        let parsed = berth_server::convert::launch_from_pb(req.clone())?;
+        let spec = berth_core::launch::validate(&parsed, |k| self.knows_kernel(k))?;
+        let session = match &spec.session_id {
+            Some(id) => {
+                let s = self.sessions().get(id).map(|s| s.session.clone());
+                match s {
+                    Some(s) if !s.expired(SystemTime::now()) => Some(s),
+                    _ => return Err(Error::NotFound(format!("session {id} not found or ended"))),
+                }
+            }
+            None => None,
+        };
+        let mut constraints: BTreeMap<String, String> =
+            req.constraints.clone().into_iter().collect();
+        match &spec.program {
+            Program::Code { kernel, .. } | Program::Script { kernel, .. } => {
+                constraints.insert(kernel_label(kernel), "available".into());
+            }
+            Program::Command(_) => {}
+        }
+        let strategy = if req.placement == pb::Placement::Spread as i32 {
+            Strategy::Spread
+        } else {
+            Strategy::BinPack
+        };
+        let per_worker = Amount {
+            cpu_milli: (spec.cpu * 1000.0).ceil() as u64,
+            memory_bytes: spec.memory_bytes,
+            gpus: spec.nvidia_gpu,
+            workers: 1,
+        };
+        // The hosts see the scheduler as their caller: tell them who the master really is.
+        if req.master_ip.is_empty() {
+            if let Some(ip) = caller.filter(|ip| !ip.is_loopback()) {
+                req.master_ip = ip.to_string();
+            }
+        }
+        req.constraints.clear();
+        let mut refused: BTreeMap<String, Error> = BTreeMap::new();
+        for attempt in 0..self.inner.opts.launch_attempts.max(1) {
+            if attempt > 0 {
+                self.inner
+                    .metrics
+                    .placement_retries
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let ask = Ask {
+                n: spec.n,
+                per_worker,
+                constraints: &constraints,
+                strategy,
+            };
+            let plan = self.reserve(&ask, &refused)?;
+            let results = futures::future::join_all(
+                plan.iter()
+                    .map(|(host, k, _)| self.launch_on(host, *k, req, session.as_ref())),
+            )
+            .await;
+            let ok = results.iter().all(|r| r.is_ok());
+            if ok {
+                let mut out = Vec::new();
+                let mut placed = BTreeSet::new();
+                for ((host, _, pending), r) in plan.iter().zip(results) {
+                    let ws = r?;
+                    self.settle(host, *pending, true);
+                    self.record(host, ws.clone());
+                    placed.insert(host.clone());
+                    out.extend(ws);
+                }
+                if let Some(s) = &session {
+                    if let Some(held) = self.sessions().get_mut(&s.id) {
+                        held.hosts.extend(placed);
+                    }
+                }
+                tracing::info!(
+                    workers = out.len(),
+                    hosts = plan.len(),
+                    attempt,
+                    "launch placed"
+                );
+                return Ok(out);
+            }
+            // Roll back what did start, so the client sees all or nothing.
+            let mut fatal = None;
+            for ((host, _, pending), r) in plan.iter().zip(results) {
+                match r {
+                    Ok(ws) => {
+                        let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
+                        self.rollback(host, ids).await;
+                        self.settle(host, *pending, false);
+                    }
+                    Err(e) => {
+                        self.settle(host, *pending, false);
+                        tracing::info!(host = %host, error = %e, attempt, "host refused its part of a launch");
+                        match e {
+                            Error::ResourceExhausted(_) | Error::Unavailable(_) => {
+                                refused.insert(host.clone(), e);
+                            }
+                            other => {
+                                fatal.get_or_insert(other);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(e) = fatal {
+                return Err(e);
+            }
+        }
+        Err(refusal(&refused, "no placement left after hosts refused"))
+    }
+
+    /// Chooses hosts for `ask` and holds its resources there until the launch is answered.
+    fn reserve(
+        &self,
+        ask: &Ask<'_>,
+        refused: &BTreeMap<String, Error>,
+    ) -> Result<Vec<(String, u32, u64)>> {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if st.hosts.is_empty() {
+            return Err(Error::Unavailable(
+                "no host has joined this scheduler".into(),
+            ));
+        }
+        // Hosts that refused this launch sit out its next placements.
+        for name in refused.keys() {
+            st.placer.set_schedulable(name, false);
+        }
+        let placed = st.placer.place(ask);
+        for name in refused.keys() {
+            if let Some(e) = st.hosts.get(name) {
+                st.placer
+                    .set_schedulable(name, e.state == pb::HostState::Ready);
+            }
+        }
+        let plan = placed.map_err(|short| {
+            if refused.is_empty() {
+                Error::ResourceExhausted(short.to_string())
+            } else {
+                refusal(refused, &short.to_string())
+            }
+        })?;
+        let mut out = Vec::with_capacity(plan.len());
+        for (name, k) in plan {
+            let id = self.inner.next_pending.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = st.hosts.get_mut(&name) {
+                e.pending.push(Pending {
+                    id,
+                    amount: ask.per_worker.times(k),
+                    settled_by: None,
+                });
+                sync_placer(&mut st.placer, &name, e);
+            }
+            out.push((name, k, id));
+        }
+        Ok(out)
+    }
+
+    /// A launch on `host` was answered: its resources stay held until the host's beats include
+    /// them (`launched`), or are freed now.
+    fn settle(&self, host: &str, pending: u64, launched: bool) {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        if let Some(e) = st.hosts.get_mut(host) {
+            if launched {
+                // Beat `sequence + 1` may have left before the launch; `sequence + 2` cannot.
+                let by = e.sequence + 2;
+                if let Some(p) = e.pending.iter_mut().find(|p| p.id == pending) {
+                    p.settled_by = Some(by);
+                }
+            } else {
+                e.pending.retain(|p| p.id != pending);
+            }
+            sync_placer(&mut st.placer, host, e);
+        }
+    }
+
+    async fn launch_on(
+        &self,
+        host: &str,
+        n: u32,
+        req: &pb::LaunchWorkersRequest,
+        session: Option<&Session>,
+    ) -> Result<Vec<pb::Worker>> {
+        let (api, _) = self
+            .api_of(host)
+            .ok_or_else(|| Error::Unavailable(format!("host {host} left")))?;
+        let timeout = self.inner.opts.host_call_timeout;
+        let call = async {
+            if let Some(s) = session {
+                api.open_session(pb::OpenSessionRequest {
+                    ttl_seconds: s.ttl.as_secs() as u32,
+                    labels: s.labels.clone().into_iter().collect(),
+                    id: s.id.clone(),
+                })
+                .await?;
+            }
+            let mut r = req.clone();
+            r.n = n;
+            api.launch(r).await
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "host {host} did not answer the launch within {} s",
+                timeout.as_secs()
+            ))),
+        }
+    }
+
+    async fn rollback(&self, host: &str, ids: Vec<String>) {
+        let Some((api, _)) = self.api_of(host) else {
+            return;
+        };
+        let req = pb::StopWorkersRequest {
+            ids,
+            grace_seconds: Some(0),
+            ..Default::default()
+        };
+        match api.stop(req).await {
+            Ok(ws) => self.record(host, ws),
+            Err(e) => {
+                tracing::error!(host = %host, error = %e, "cannot roll back a partial launch")
+            }
+        }
+    }
+
+    /// Workers `filter` selects, oldest first.
+    pub fn list(&self, filter: &Filter) -> Result<Vec<pb::Worker>> {
+        if let Some(s) = &filter.session_id {
+            self.require_session(s)?;
+        }
+        Ok(self
+            .view()
+            .select(filter)?
+            .into_iter()
+            .map(|t| t.worker)
+            .collect())
+    }
+
+    /// Every change of a worker from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<pb::Worker> {
+        self.inner.events.subscribe()
+    }
+
+    /// Waits as a host's `AwaitWorkers` does, over the workers of every host.
+    pub async fn await_workers(
+        &self,
+        ids: Vec<String>,
+        session_id: Option<String>,
+        completion: bool,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<pb::Worker>, Vec<pb::Worker>)> {
+        let mut changes = self.inner.changed.subscribe();
+        let filter = Filter {
+            session_id,
+            ids,
+            statuses: Vec::new(),
+        };
+        let selected: Vec<String> = self.list(&filter)?.into_iter().map(|w| w.id).collect();
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let reached = |w: &pb::Worker| {
+            w.status == pb::WorkerStatus::Succeeded as i32
+                || (!completion && w.status == pb::WorkerStatus::Running as i32)
+        };
+        loop {
+            changes.borrow_and_update();
+            let snapshot: Vec<pb::Worker> = {
+                let v = self.view();
+                selected
+                    .iter()
+                    .filter_map(|id| v.get(id).map(|t| t.worker.clone()))
+                    .collect()
+            };
+            let settled = snapshot.iter().all(|w| reached(w) || is_terminal(w.status));
+            let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+            if settled || timed_out || self.inner.shutdown.is_cancelled() {
+                return Ok(snapshot.into_iter().partition(|w| reached(w)));
+            }
+            let wait = changes.changed();
+            let cancelled = self.inner.shutdown.cancelled();
+            match deadline {
+                Some(d) => tokio::select! {
+                    _ = wait => {}
+                    _ = tokio::time::sleep_until(d) => {}
+                    _ = cancelled => {}
+                },
+                None => tokio::select! {
+                    _ = wait => {}
+                    _ = cancelled => {}
+                },
+            }
+        }
+    }
+
+    /// Stops the selected workers through their hosts. Workers of a DOWN host are returned as
+    /// the view holds them (LOST); a host that cannot be reached makes the call UNAVAILABLE
+    /// after every other host has stopped its part (stopping again is harmless).
+    pub async fn stop(&self, sel: Selector, grace: Option<u32>) -> Result<Vec<pb::Worker>> {
+        let (calls, filter): (Vec<(String, pb::StopWorkersRequest)>, Filter) = match sel {
+            Selector::Ids(ids) => {
+                let f = Filter {
+                    ids: ids.clone(),
+                    ..Default::default()
+                };
+                let mut by_host: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                for t in self.view().select(&f)? {
+                    if !is_terminal(t.worker.status) {
+                        by_host.entry(t.host).or_default().push(t.worker.id);
+                    }
+                }
+                let calls = by_host
+                    .into_iter()
+                    .map(|(h, ids)| {
+                        (
+                            h,
+                            pb::StopWorkersRequest {
+                                ids,
+                                grace_seconds: grace,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect();
+                (calls, f)
+            }
+            Selector::Session(id) => {
+                self.require_session(&id)?;
+                let mut hosts = self.view().session_hosts(&id);
+                if let Some(s) = self.sessions().get(&id) {
+                    hosts.extend(s.hosts.iter().cloned());
+                }
+                let calls = hosts
+                    .into_iter()
+                    .map(|h| {
+                        (
+                            h,
+                            pb::StopWorkersRequest {
+                                session_id: id.clone(),
+                                grace_seconds: grace,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect();
+                (
+                    calls,
+                    Filter {
+                        session_id: Some(id),
+                        ..Default::default()
+                    },
+                )
+            }
+            Selector::All => {
+                let hosts: Vec<String> = self.state().hosts.keys().cloned().collect();
+                let calls = hosts
+                    .into_iter()
+                    .map(|h| {
+                        (
+                            h,
+                            pb::StopWorkersRequest {
+                                all: true,
+                                grace_seconds: grace,
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect();
+                (calls, Filter::default())
+            }
+        };
+        let results = futures::future::join_all(calls.into_iter().map(|(h, r)| async move {
+            let Some((api, state)) = self.api_of(&h) else {
+                return (h, Ok(Vec::new()));
+            };
+            if state == pb::HostState::Down {
+                return (h, Ok(Vec::new()));
+            }
+            let res = api.stop(r).await;
+            (h, res)
+        }))
+        .await;
+        let mut unreachable = None;
+        for (h, r) in results {
+            match r {
+                Ok(ws) => self.record(&h, ws),
+                // A session the host never held, or ids it already retired.
+                Err(Error::NotFound(_)) => {}
+                Err(e) => {
+                    tracing::warn!(host = %h, error = %e, "cannot stop workers on host");
+                    unreachable.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = unreachable {
+            return Err(e);
+        }
+        Ok(self
+            .view()
+            .select(&filter)?
+            .into_iter()
+            .map(|t| t.worker)
+            .collect())
+    }
+
+    /// Output of the selected workers, from their hosts, merged into one stream.
+    pub async fn output(
+        &self,
+        req: pb::StreamOutputRequest,
+    ) -> Result<ItemStream<pb::OutputChunk>> {
+        let calls: Vec<(String, pb::StreamOutputRequest)> = if !req.ids.is_empty() {
+            let f = Filter {
+                ids: req.ids.clone(),
+                ..Default::default()
+            };
+            let mut by_host: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for Tracked { host, worker } in self.view().select(&f)? {
+                by_host.entry(host).or_default().push(worker.id);
+            }
+            by_host
+                .into_iter()
+                .map(|(h, ids)| {
+                    (
+                        h,
+                        pb::StreamOutputRequest {
+                            ids,
+                            session_id: String::new(),
+                            ..req.clone()
+                        },
+                    )
+                })
+                .collect()
+        } else if !req.session_id.is_empty() {
+            self.require_session(&req.session_id)?;
+            self.view()
+                .session_hosts(&req.session_id)
+                .into_iter()
+                .map(|h| (h, req.clone()))
+                .collect()
+        } else {
+            return Err(Error::invalid("ids", "name the workers: ids or session_id"));
+        };
+        let mut streams = Vec::new();
+        for (h, r) in calls {
+            let Some((api, _)) = self.api_of(&h) else {
+                continue;
+            };
+            match api.output(r).await {
+                Ok(s) => streams.push(s),
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Box::pin(futures::stream::select_all(streams)))
+    }
+
+    /// Workers by status, for `/metrics`.
+    pub fn status_counts(&self) -> BTreeMap<i32, usize> {
+        let mut out = BTreeMap::new();
+        for t in self.view().select(&Filter::default()).unwrap_or_default() {
+            *out.entry(t.worker.status).or_insert(0) += 1;
+        }
+        out
+    }
+
+    /// Hosts by state, for `/metrics`.
+    pub fn host_counts(&self) -> BTreeMap<i32, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.state().hosts.values() {
+            *out.entry(e.state as i32).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// RESOURCE_EXHAUSTED (or UNAVAILABLE when no host could be reached) after hosts refused.
+fn refusal(refused: &BTreeMap<String, Error>, what: &str) -> Error {
+    let detail: Vec<String> = refused.values().map(ToString::to_string).collect();
+    let all_unreachable = refused.values().all(|e| matches!(e, Error::Unavailable(_)));
+    let msg = format!("{what}; refused by: {}", detail.join("; "));
+    if all_unreachable {
+        Error::Unavailable(msg)
+    } else {
+        Error::ResourceExhausted(msg)
+    }
+}
+
+fn session_to_pb(s: &Session) -> pb::Session {
+    berth_server::convert::session_to_pb(s)
+}
+
+#[cfg(test)]
+mod tests;

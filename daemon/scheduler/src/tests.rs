@@ -1,0 +1,492 @@
+//! The scheduler against simulated hosts in process: membership, all-or-nothing placement over
+//! thousands of hosts, refusals and roll-back, lost hosts, sessions, restarts, concurrency.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+
+use super::fake::{FakeCluster, FakeConnector, FakeHost};
+use super::view::{Filter, HOST_LOST};
+use super::*;
+
+fn res(cpu: f64, memory_gb: f64, gpus: u32, workers: u32) -> pb::Resources {
+    pb::Resources {
+        cpu,
+        memory_gb,
+        gpus,
+        workers,
+        addresses: 0,
+    }
+}
+
+fn opts() -> SchedulerOptions {
+    SchedulerOptions {
+        heartbeat: Duration::from_millis(100),
+        host_down_after: Duration::from_millis(400),
+        ..Default::default()
+    }
+}
+
+/// A scheduler with `n` simulated hosts of `cap` that have each beaten once.
+fn cluster(n: usize, cap: pb::Resources) -> (Scheduler, Arc<FakeCluster>) {
+    let fakes = FakeCluster::new();
+    for i in 0..n {
+        fakes.add(&format!("h{i:05}"), cap, BTreeMap::new());
+    }
+    let s = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    s.start();
+    for h in fakes.all() {
+        s.heartbeat(h.beat(1)).unwrap();
+    }
+    (s, fakes)
+}
+
+fn launch(n: u32, cpu: f64) -> pb::LaunchWorkersRequest {
+    pb::LaunchWorkersRequest {
+        n,
+        cpu,
+        memory_gb: 0.5,
+        command: vec!["/bin/true".into()],
+        ..Default::default()
+    }
+}
+
+/// Every host of `fakes` beats every 100 ms until the handle is aborted.
+fn keep_beating(s: &Scheduler, fakes: &Arc<FakeCluster>) -> tokio::task::JoinHandle<()> {
+    let s = s.clone();
+    let fakes = fakes.clone();
+    tokio::spawn(async move {
+        for seq in 2.. {
+            for h in fakes.all() {
+                s.heartbeat(h.beat(seq)).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+async fn synced(s: &Scheduler) {
+    for _ in 0..500 {
+        if s.synced() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the scheduler never read every host");
+}
+
+fn running_on(h: &FakeHost) -> usize {
+    h.workers()
+        .iter()
+        .filter(|w| w.status == pb::WorkerStatus::Running as i32)
+        .count()
+}
+
+fn ids(ws: &[pb::Worker]) -> BTreeSet<String> {
+    ws.iter().map(|w| w.id.clone()).collect()
+}
+
+fn union_of_hosts(fakes: &FakeCluster) -> BTreeSet<String> {
+    fakes.all().iter().flat_map(|h| ids(&h.workers())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_hosts_take_a_launch_whole_or_not_at_all() {
+    let (s, fakes) = cluster(2000, res(4.0, 8.0, 0, 16));
+    synced(&s).await;
+    let ws = s.launch(launch(500, 2.0), None).await.unwrap();
+    assert_eq!(ws.len(), 500);
+    assert_eq!(ids(&ws).len(), 500, "ids are unique");
+    for h in fakes.all() {
+        assert!(
+            running_on(&h) <= 2,
+            "{} is over its 4 cores",
+            h.host_info().name
+        );
+    }
+    let listed = s.list(&Filter::default()).unwrap();
+    assert_eq!(ids(&listed), union_of_hosts(&fakes));
+
+    // 2000 hosts hold 4000 such workers; 500 run: 3501 more cannot fit, and nothing starts.
+    let before = union_of_hosts(&fakes);
+    let err = s.launch(launch(3501, 2.0), None).await.unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+    assert_eq!(union_of_hosts(&fakes), before);
+    // Exactly what is left fits.
+    let ws = s.launch(launch(3500, 2.0), None).await.unwrap();
+    assert_eq!(ws.len(), 3500);
+    assert_eq!(s.list(&Filter::default()).unwrap().len(), 4000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_refuses_is_replaced_by_another() {
+    let (s, fakes) = cluster(3, res(4.0, 8.0, 0, 16));
+    let first = s.launch(launch(1, 1.0), None).await.unwrap();
+    let busy = fakes.get(&first[0].host).unwrap();
+    // The host the scheduler would fill next lies about its room.
+    busy.refuse_launches.store(true, Ordering::Relaxed);
+    let ws = s.launch(launch(2, 1.0), None).await.unwrap();
+    assert_eq!(ws.len(), 2);
+    assert!(ws.iter().all(|w| w.host != busy.host_info().name));
+    assert_eq!(running_on(&busy), 1, "nothing new on the refusing host");
+    assert!(s.metrics().placement_retries.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_rolls_back_the_part_that_started() {
+    let (s, fakes) = cluster(2, res(2.0, 8.0, 0, 16));
+    // Both hosts are needed; one refuses, the other has started its half.
+    let h1 = fakes.get("h00001").unwrap();
+    h1.refuse_launches.store(true, Ordering::Relaxed);
+    let err = s.launch(launch(4, 1.0), None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("h00001")),
+        "{err}"
+    );
+    for h in fakes.all() {
+        assert_eq!(
+            running_on(&h),
+            0,
+            "{} runs a half launch",
+            h.host_info().name
+        );
+    }
+    // And its room is free again.
+    h1.refuse_launches.store(false, Ordering::Relaxed);
+    assert_eq!(s.launch(launch(4, 1.0), None).await.unwrap().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_launches_never_overcommit_a_host() {
+    let (s, fakes) = cluster(20, res(64.0, 64.0, 0, 4));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.launch(launch(1, 1.0), None).await })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(Error::ResourceExhausted(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((ok, refused), (80, 20));
+    let calls: u64 = fakes
+        .all()
+        .iter()
+        .map(|h| h.launch_calls.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(calls, 80, "no host was asked for more than it had room for");
+    assert!(fakes.all().iter().all(|h| running_on(h) == 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_host_goes_down_and_its_workers_come_back_with_it() {
+    let (s, fakes) = cluster(2, res(4.0, 8.0, 0, 16));
+    synced(&s).await;
+    let mut req = launch(1, 4.0);
+    req.constraints.clear();
+    let w = s.launch(req, None).await.unwrap().remove(0);
+    let (quiet, other) = if w.host == "h00000" {
+        ("h00000", "h00001")
+    } else {
+        ("h00001", "h00000")
+    };
+    // Only the other host keeps beating.
+    let beating = {
+        let s = s.clone();
+        let h = fakes.get(other).unwrap();
+        tokio::spawn(async move {
+            for seq in 2.. {
+                s.heartbeat(h.beat(seq)).unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut lost = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let l = s.list(&Filter::default()).unwrap();
+        if l[0].status == pb::WorkerStatus::Lost as i32 {
+            lost = Some(l[0].clone());
+            break;
+        }
+    }
+    let lost = lost.expect("the worker of a silent host is LOST");
+    assert_eq!(lost.reason, HOST_LOST);
+    let states: BTreeMap<String, i32> = s
+        .list_hosts()
+        .into_iter()
+        .map(|h| (h.info.unwrap().name, h.state))
+        .collect();
+    assert_eq!(states[quiet], pb::HostState::Down as i32);
+    assert_eq!(states[other], pb::HostState::Ready as i32);
+    // Nothing is placed on a DOWN host.
+    let err = s.launch(launch(1, 4.0), None).await;
+    assert_eq!(err.unwrap().remove(0).host, other);
+
+    // It beats again: the worker still runs there, and is RUNNING again, not launched twice.
+    s.heartbeat(fakes.get(quiet).unwrap().beat(50)).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let l = s.list(&Filter {
+            ids: vec![w.id.clone()],
+            ..Default::default()
+        });
+        if l.unwrap()[0].status == pb::WorkerStatus::Running as i32 {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "the returning host's worker is RUNNING again");
+    assert_eq!(running_on(&fakes.get(quiet).unwrap()), 1);
+    beating.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_scheduler_rebuilds_the_same_view() {
+    let (s, fakes) = cluster(5, res(4.0, 8.0, 0, 16));
+    s.launch(launch(7, 1.0), None).await.unwrap();
+    s.set_draining("h00002", true).await.unwrap();
+    let before: BTreeMap<String, (String, i32)> = s
+        .list(&Filter::default())
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.id, (w.host, w.status)))
+        .collect();
+    s.shutdown();
+
+    let s2 = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    s2.start();
+    for h in fakes.all() {
+        let mut beat = h.beat(9);
+        // What the first scheduler told the host, the host tells the new one.
+        beat.draining = beat.info.as_ref().unwrap().name == "h00002";
+        s2.heartbeat(beat).unwrap();
+    }
+    synced(&s2).await;
+    let after: BTreeMap<String, (String, i32)> = s2
+        .list(&Filter::default())
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.id, (w.host, w.status)))
+        .collect();
+    assert_eq!(after, before);
+    let draining: Vec<String> = s2
+        .list_hosts()
+        .into_iter()
+        .filter(|h| h.state == pb::HostState::Draining as i32)
+        .map(|h| h.info.unwrap().name)
+        .collect();
+    assert_eq!(draining, vec!["h00002"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_hosts_take_no_new_workers() {
+    let (s, _fakes) = cluster(2, res(4.0, 8.0, 0, 16));
+    s.set_draining("h00000", true).await.unwrap();
+    let ws = s.launch(launch(4, 1.0), None).await.unwrap();
+    assert!(ws.iter().all(|w| w.host == "h00001"));
+    let err = s.launch(launch(1, 1.0), None).await.unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+    s.set_draining("h00000", false).await.unwrap();
+    assert_eq!(
+        s.launch(launch(1, 1.0), None).await.unwrap()[0].host,
+        "h00000"
+    );
+    assert!(matches!(
+        s.set_draining("nope", true).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        s.set_draining("", true).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_its_workers_on_every_host() {
+    let (s, fakes) = cluster(2, res(1.0, 8.0, 0, 16));
+    let session = s.open_session(None, 60, Default::default()).unwrap();
+    let mut req = launch(2, 1.0);
+    req.session_id = session.id.clone();
+    let ws = s.launch(req, None).await.unwrap();
+    let hosts: BTreeSet<String> = ws.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(hosts.len(), 2, "one core each: both hosts");
+    s.keep_alive(&session.id).await.unwrap();
+    let stopped = s.close_session(&session.id, Some(0)).await.unwrap();
+    assert_eq!(stopped.len(), 2);
+    for h in fakes.all() {
+        assert!(h
+            .workers()
+            .iter()
+            .all(|w| w.status == pb::WorkerStatus::Stopped as i32 && w.reason == "session ended"));
+    }
+    assert!(matches!(
+        s.keep_alive(&session.id).await,
+        Err(Error::NotFound(_))
+    ));
+    let mut req = launch(1, 1.0);
+    req.session_id = session.id.clone();
+    assert!(matches!(s.launch(req, None).await, Err(Error::NotFound(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_session_ends_its_workers() {
+    let (s, fakes) = cluster(1, res(4.0, 8.0, 0, 16));
+    let session = s.open_session(None, 1, Default::default()).unwrap();
+    let beating = keep_beating(&s, &fakes);
+    let mut req = launch(2, 1.0);
+    req.session_id = session.id.clone();
+    s.launch(req, None).await.unwrap();
+    let h = fakes.get("h00000").unwrap();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if running_on(&h) == 0 {
+            beating.abort();
+            return;
+        }
+    }
+    panic!("workers of a lapsed session still run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_and_stop_span_hosts() {
+    let (s, fakes) = cluster(3, res(1.0, 8.0, 0, 16));
+    let ws = s.launch(launch(3, 1.0), None).await.unwrap();
+    let (running, failures) = s
+        .await_workers(ids(&ws).into_iter().collect(), None, false, None)
+        .await
+        .unwrap();
+    assert_eq!((running.len(), failures.len()), (3, 0));
+    for w in &ws[..2] {
+        fakes.get(&w.host).unwrap().finish(&w.id);
+    }
+    let (done, pending) = s
+        .await_workers(
+            ids(&ws).into_iter().collect(),
+            None,
+            true,
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    assert_eq!((done.len(), pending.len()), (2, 1), "the third still runs");
+    let stopped = s
+        .stop(Selector::Ids(vec![ws[2].id.clone()]), Some(0))
+        .await
+        .unwrap();
+    assert_eq!(stopped[0].status, pb::WorkerStatus::Stopped as i32);
+    assert!(matches!(
+        s.stop(Selector::Ids(vec!["nosuchworker".into()]), None)
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        s.list(&Filter {
+            session_id: Some("nosuchsession".into()),
+            ..Default::default()
+        }),
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_beats_name_their_field() {
+    let (s, _) = cluster(0, res(1.0, 1.0, 0, 1));
+    let e = s.heartbeat(pb::HeartbeatRequest::default()).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "info"));
+    let mut beat = FakeHost::new("ok", res(1.0, 1.0, 0, 1), BTreeMap::new()).beat(1);
+    beat.info.as_mut().unwrap().name = "../x".into();
+    let e = s.heartbeat(beat.clone()).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "info.name"));
+    beat.info.as_mut().unwrap().name = "ok".into();
+    beat.info.as_mut().unwrap().address.clear();
+    let e = s.heartbeat(beat).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { ref field, .. } if field == "info.address"));
+    assert!(
+        s.list_hosts().is_empty(),
+        "a refused beat registers nothing"
+    );
+    // With no host at all, a launch is UNAVAILABLE.
+    assert!(matches!(
+        s.launch(launch(1, 1.0), None).await,
+        Err(Error::Unavailable(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_uses_many_hosts_and_binpack_few() {
+    let (s, _fakes) = cluster(8, res(8.0, 8.0, 0, 16));
+    let packed = s.launch(launch(8, 1.0), None).await.unwrap();
+    let hosts: BTreeSet<String> = packed.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(hosts.len(), 1, "bin-pack fills one host");
+    let mut req = launch(7, 1.0);
+    req.placement = pb::Placement::Spread as i32;
+    let spread = s.launch(req, None).await.unwrap();
+    let hosts: BTreeSet<String> = spread.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(hosts.len(), 7, "spread puts one on each of the other hosts");
+    assert!(!hosts.contains(&packed[0].host), "the full host is skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraints_and_gpus_choose_the_host() {
+    let fakes = FakeCluster::new();
+    fakes.add("cpu-a", res(16.0, 64.0, 0, 16), BTreeMap::new());
+    fakes.add(
+        "gpu-a",
+        res(16.0, 64.0, 2, 16),
+        [("zone".to_owned(), "b".to_owned())].into(),
+    );
+    let s = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    s.start();
+    for h in fakes.all() {
+        s.heartbeat(h.beat(1)).unwrap();
+    }
+    let mut req = launch(1, 1.0);
+    req.nvidia_gpu = 2;
+    assert_eq!(s.launch(req.clone(), None).await.unwrap()[0].host, "gpu-a");
+    // Both GPUs are held: a third is short, and the refusal names GPUs.
+    req.nvidia_gpu = 1;
+    let err = s.launch(req, None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("gpu")),
+        "{err}"
+    );
+    let mut req = launch(1, 1.0);
+    req.constraints.insert("zone".into(), "b".into());
+    assert_eq!(s.launch(req.clone(), None).await.unwrap()[0].host, "gpu-a");
+    req.constraints.insert("zone".into(), "c".into());
+    let err = s.launch(req, None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResourceExhausted(ref m) if m.contains("zone=c")),
+        "{err}"
+    );
+    // A kernel no host has is refused by name before placement.
+    let err = s
+        .launch(
+            pb::LaunchWorkersRequest {
+                n: 1,
+                cpu: 1.0,
+                memory_gb: 1.0,
+                kernel: "julia".into(),
+                code: "1".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref field, .. } if field == "kernel"),
+        "{err}"
+    );
+}

@@ -1,0 +1,353 @@
+//! Recording fakes of the host's effects that the supervisor drives — worker cgroups and the
+//! launcher — so that its decisions (launch, stop, restart back-off, session lapse, OOM report,
+//! what is freed) can be tested in milliseconds without root. Both share one [`FakeWorld`]: the
+//! spawner starts a fake shim there, and a signal through the fake cgroups ends it the way the
+//! real kernel and shim would. Every call is recorded in order ([`FakeWorld::events`]).
+//!
+//! A fake shim is honest about the contract the supervisor relies on: it writes its handshake
+//! line (`ok <pid> <start µs>`) and closes it, and when its worker ends it writes `exit.json`
+//! into the worker's directory and then closes the fd the supervisor waits on (a pipe here; a
+//! pidfd for a real shim: both become readable when the shim is gone). Fake pids lie above the
+//! kernel's largest (`pid_max` ≤ 2^22), so no signal or wait can reach a real process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::cgroup::{CgroupError, CgroupStats, CgroupVersion, Cgroups, Limits, WorkerCgroup};
+use crate::launcher::{
+    write_spec, ExitRecord, ShimHandle, ShimSpec, SpawnError, Spawner, EXIT_FILE,
+};
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+/// The first pid a fake shim gets: far above any real pid.
+const FIRST_FAKE_PID: u32 = 1 << 30;
+
+/// One thing the supervisor asked of the fakes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeEvent {
+    CgroupCreated(String),
+    Spawned(String),
+    Signalled(String, i32),
+    Killed(String),
+    CgroupRemoved(String),
+    /// A worker's program ended with this exit code or signal.
+    Exited {
+        id: String,
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// How a fake worker behaves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Behaviour {
+    /// Ends with this code as soon as it starts (`None`: runs until told or signalled).
+    pub exit_at_once: Option<i32>,
+    /// Does not end on SIGTERM (only a kill of its cgroup ends it).
+    pub ignores_sigterm: bool,
+    /// The kernel's OOM killer killed it: it ends by SIGKILL and its cgroup counts one OOM kill.
+    pub oom: bool,
+    /// Its shim fails to start it (`err <message>` on the handshake, no exit record).
+    pub spawn_error: Option<String>,
+}
+
+/// A fake worker process and its shim.
+#[derive(Debug)]
+struct Running {
+    dir: PathBuf,
+    pid: u32,
+    behaviour: Behaviour,
+    /// Closing it tells the supervisor that the shim has exited.
+    exited_w: Option<OwnedFd>,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    next_pid: u32,
+    /// Worker id → what its next start does (default: runs until told).
+    plans: HashMap<String, Vec<Behaviour>>,
+    /// Behaviour of workers without a plan.
+    default: Behaviour,
+    running: HashMap<String, Running>,
+    cgroups: BTreeMap<String, CgroupStats>,
+    events: Vec<FakeEvent>,
+    /// When each worker's shim was started, in order.
+    started: HashMap<String, Vec<Instant>>,
+}
+
+/// The shared state of [`FakeCgroups`] and [`FakeSpawner`], and the test's handle on them.
+#[derive(Debug, Clone, Default)]
+pub struct FakeWorld {
+    inner: Arc<Mutex<World>>,
+}
+
+impl FakeWorld {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, World> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cgroups backed by this world.
+    pub fn cgroups(&self) -> Arc<FakeCgroups> {
+        Arc::new(FakeCgroups {
+            world: self.clone(),
+        })
+    }
+
+    /// A spawner that starts fake shims in this world.
+    pub fn spawner(&self) -> Arc<FakeSpawner> {
+        Arc::new(FakeSpawner {
+            world: self.clone(),
+        })
+    }
+
+    /// How workers without a plan of their own behave.
+    pub fn set_default(&self, b: Behaviour) {
+        self.lock().default = b;
+    }
+
+    /// What the next starts of worker `id` do, in order (then the default).
+    pub fn plan(&self, id: &str, starts: Vec<Behaviour>) {
+        self.lock().plans.insert(id.to_owned(), starts);
+    }
+
+    /// Everything asked of the fakes so far, in order.
+    pub fn events(&self) -> Vec<FakeEvent> {
+        self.lock().events.clone()
+    }
+
+    /// Workers whose fake program runs now.
+    pub fn running(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.lock().running.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Worker cgroups that exist now.
+    pub fn cgroup_ids(&self) -> Vec<String> {
+        self.lock().cgroups.keys().cloned().collect()
+    }
+
+    /// When worker `id`'s shim was started, every time it was.
+    pub fn starts(&self, id: &str) -> Vec<Instant> {
+        self.lock().started.get(id).cloned().unwrap_or_default()
+    }
+
+    /// Ends worker `id`'s program with `code`, as if it exited by itself.
+    pub fn exit(&self, id: &str, code: i32) -> bool {
+        self.end(id, Some(code), None)
+    }
+
+    /// Ends a running worker: its shim records the end and exits.
+    fn end(&self, id: &str, code: Option<i32>, signal: Option<i32>) -> bool {
+        let mut w = self.lock();
+        let Some(mut r) = w.running.remove(id) else {
+            return false;
+        };
+        w.events.push(FakeEvent::Exited {
+            id: id.to_owned(),
+            code,
+            signal,
+        });
+        drop(w);
+        let now = now_us();
+        let rec = ExitRecord {
+            pid: r.pid,
+            exit_code: code,
+            signal,
+            spawn_error: None,
+            started_at_us: Some(now),
+            finished_at_us: Some(now),
+            finished_at_ms: now / 1000,
+        };
+        let _ = std::fs::write(
+            r.dir.join(EXIT_FILE),
+            serde_json::to_vec(&rec).unwrap_or_default(),
+        );
+        // The shim is gone: what the supervisor waits on becomes readable.
+        r.exited_w.take();
+        true
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = std::io::pipe()?;
+    Ok((r.into(), w.into()))
+}
+
+/// Worker cgroups that exist only in a [`FakeWorld`].
+#[derive(Debug)]
+pub struct FakeCgroups {
+    world: FakeWorld,
+}
+
+impl Cgroups for FakeCgroups {
+    fn version(&self) -> CgroupVersion {
+        CgroupVersion::V2
+    }
+
+    fn create(&self, id: &str, _limits: &Limits) -> Result<WorkerCgroup> {
+        let mut w = self.world.lock();
+        w.cgroups.insert(id.to_owned(), CgroupStats::default());
+        w.events.push(FakeEvent::CgroupCreated(id.to_owned()));
+        Ok(self.worker(id))
+    }
+
+    fn worker(&self, id: &str) -> WorkerCgroup {
+        WorkerCgroup {
+            version: CgroupVersion::V2,
+            dirs: vec![(
+                crate::cgroup::Controller::Unified,
+                PathBuf::from("/nonexistent/berth-fake").join(id),
+            )],
+        }
+    }
+
+    fn list(&self) -> Vec<String> {
+        self.world.cgroup_ids()
+    }
+
+    fn remove_subtree(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "fake cgroups".into()
+    }
+
+    fn pids(&self, id: &str) -> Vec<i32> {
+        let w = self.world.lock();
+        w.running
+            .get(id)
+            .map(|r| vec![r.pid as i32])
+            .unwrap_or_default()
+    }
+
+    fn signal_all(&self, id: &str, signal: i32) {
+        let ignores = {
+            let mut w = self.world.lock();
+            w.events.push(FakeEvent::Signalled(id.to_owned(), signal));
+            w.running.get(id).map(|r| r.behaviour.ignores_sigterm)
+        };
+        if ignores == Some(false) || (ignores == Some(true) && signal == libc::SIGKILL) {
+            self.world.end(id, None, Some(signal));
+        }
+    }
+
+    fn kill_all(&self, id: &str, _timeout: Duration) -> Result<()> {
+        let live = {
+            let mut w = self.world.lock();
+            let live = w.running.contains_key(id);
+            if live {
+                w.events.push(FakeEvent::Killed(id.to_owned()));
+            }
+            live
+        };
+        if live {
+            self.world.end(id, None, Some(libc::SIGKILL));
+        }
+        Ok(())
+    }
+
+    fn stats(&self, id: &str) -> CgroupStats {
+        self.world
+            .lock()
+            .cgroups
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn remove(&self, id: &str) -> Result<()> {
+        let mut w = self.world.lock();
+        if w.cgroups.remove(id).is_some() {
+            w.events.push(FakeEvent::CgroupRemoved(id.to_owned()));
+        }
+        Ok(())
+    }
+}
+
+/// Starts fake shims in a [`FakeWorld`].
+#[derive(Debug)]
+pub struct FakeSpawner {
+    world: FakeWorld,
+}
+
+impl Spawner for FakeSpawner {
+    fn spawn(&self, dir: &Path, spec: &ShimSpec) -> std::result::Result<ShimHandle, SpawnError> {
+        write_spec(dir, spec)?;
+        let io = |source| SpawnError::Shim {
+            shim: PathBuf::from("fake"),
+            source,
+        };
+        let (hs_r, hs_w) = pipe().map_err(io)?;
+        let (exited_r, exited_w) = pipe().map_err(io)?;
+        let id = spec.worker_id.clone();
+        let mut w = self.world.lock();
+        w.next_pid += 1;
+        let pid = FIRST_FAKE_PID + w.next_pid;
+        w.started
+            .entry(id.clone())
+            .or_default()
+            .push(Instant::now());
+        let behaviour = match w.plans.get_mut(&id) {
+            Some(p) if !p.is_empty() => p.remove(0),
+            _ => w.default.clone(),
+        };
+        w.events.push(FakeEvent::Spawned(id.clone()));
+        let mut hs = std::fs::File::from(hs_w);
+        if let Some(msg) = &behaviour.spawn_error {
+            let _ = writeln!(hs, "err {msg}");
+            return Ok(ShimHandle {
+                pid,
+                starttime: Some(u64::from(pid)),
+                pidfd: exited_r,
+                handshake: hs_r,
+            });
+        }
+        let _ = writeln!(hs, "ok {} {}", pid + 1, now_us());
+        drop(hs);
+        if behaviour.oom {
+            if let Some(s) = w.cgroups.get_mut(&id) {
+                s.oom_kills += 1;
+            }
+        }
+        let at_once = behaviour
+            .exit_at_once
+            .map(|c| (Some(c), None))
+            .or(behaviour.oom.then_some((None, Some(libc::SIGKILL))));
+        w.running.insert(
+            id.clone(),
+            Running {
+                dir: dir.to_path_buf(),
+                pid: pid + 1,
+                behaviour,
+                exited_w: Some(exited_w),
+            },
+        );
+        drop(w);
+        if let Some((code, signal)) = at_once {
+            self.world.end(&id, code, signal);
+        }
+        Ok(ShimHandle {
+            pid,
+            starttime: Some(u64::from(pid)),
+            pidfd: exited_r,
+            handshake: hs_r,
+        })
+    }
+}

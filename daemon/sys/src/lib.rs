@@ -1,0 +1,12 @@
+//! Every effect on the Linux host, each behind a small trait or a module with pure parsers:
+//! cgroups, spawning shims, worker output files and host facts.
+
+pub mod cgroup;
+pub mod devbpf;
+pub mod fake;
+pub mod gpu;
+pub mod host;
+pub mod launcher;
+pub mod netns;
+pub mod output;
+pub mod store;
