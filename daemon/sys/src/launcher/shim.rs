@@ -216,8 +216,8 @@ fn stage_name(b: u8) -> &'static str {
 /// process exit code.
 pub(super) fn run_dir(dir: &Path) -> i32 {
     // The shim works in its worker's directory: that is how a daemon that lost its state store
-    // recognises it among the processes (see `lifecycle::scan_shims`). Paths stay absolute, so
-    // nothing else depends on it.
+    // recognises it among the processes (`scan_shims` in berth-host's `supervisor::recovery`).
+    // Paths stay absolute, so nothing else depends on it.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let _ = std::env::set_current_dir(&dir);
     let dir = dir.as_path();
