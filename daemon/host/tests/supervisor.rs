@@ -402,3 +402,129 @@ async fn a_worker_whose_shim_cannot_start_it_fails_and_frees_what_it_held() {
     }
     assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
 }
+
+/// A daemon that dies leaves its workers to the next: one that ended meanwhile gets its real
+/// end from its exit record, one whose processes still run is followed until they end, and one
+/// of which nothing is left is LOST; the next daemon kills none of them.
+#[test]
+fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
+    use berth_host::supervisor::open_store;
+    use berth_sys::store::StoreWriter;
+
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::new();
+    let net = Arc::new(FakeNetns {
+        subnet: Some(Subnet::parse("10.99.0.0/28").unwrap()),
+        ..Default::default()
+    });
+    let store = Arc::new(open_store(dir.path()).unwrap());
+    let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
+    let host = |rt: &tokio::runtime::Runtime| {
+        let _enter = rt.enter();
+        let opts = HostOptions::with_defaults(
+            "fake",
+            dir.path(),
+            Capacity {
+                cpu: 4.0,
+                memory_bytes: 8 * GIB,
+                workers: 10,
+            },
+        );
+        Host::with_network(
+            opts,
+            world.cgroups(),
+            world.spawner(),
+            Some(writer.clone()),
+            Arc::new(FakeGpus::new("fake", 2)),
+            GpuMonitor::idle(),
+            net.clone(),
+        )
+    };
+
+    // The first daemon launches three workers, then dies with its runtime: no shutdown.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let h1 = host(&first);
+    let ids = first.block_on(async {
+        let spec = launch::validate(&request(3), |_| false).unwrap();
+        let ids: Vec<String> = h1
+            .launch(spec, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|w| w.id)
+            .collect();
+        let out = h1
+            .await_workers(ids.clone(), None, false, Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(out.reached.len(), 3);
+        ids
+    });
+    drop(h1);
+    first.shutdown_background();
+    let (ended, orphan, gone) = (&ids[0], &ids[1], &ids[2]);
+    assert!(world.exit(ended, 3), "ends while no daemon runs");
+    assert!(world.vanish(gone));
+
+    let second = tokio::runtime::Runtime::new().unwrap();
+    let h2 = host(&second);
+    second.block_on(async {
+        let report = h2.recover(&store).await.unwrap();
+        assert_eq!(
+            (
+                report.ended_while_down,
+                report.lost,
+                report.adopted,
+                report.unaccounted
+            ),
+            (1, 1, 0, 0),
+            "{report:?}"
+        );
+        let by_id = |id: &str| {
+            let id = id.to_owned();
+            let h2 = h2.clone();
+            async move {
+                h2.await_workers(vec![id], None, false, Some(Duration::ZERO))
+                    .await
+                    .unwrap()
+            }
+        };
+        let e = by_id(ended).await.failures.remove(0);
+        assert_eq!(
+            (e.status, e.exit_code),
+            (WorkerStatus::Failed, Some(3)),
+            "{e:?}"
+        );
+        let g = by_id(gone).await.failures.remove(0);
+        assert_eq!(g.status, WorkerStatus::Lost, "{g:?}");
+        assert!(g.reason.contains("exit status unknown"), "{}", g.reason);
+        let o = by_id(orphan).await.reached.remove(0);
+        assert_eq!(o.status, WorkerStatus::Running, "{o:?}");
+        assert!(o.reason.starts_with("unsupervised"), "{}", o.reason);
+        // Nothing was killed: the orphan's processes run on until they end by themselves.
+        assert_eq!(world.running(), vec![orphan.clone()]);
+        assert!(!world
+            .events()
+            .iter()
+            .any(|e| matches!(e, FakeEvent::Killed(_) | FakeEvent::Signalled(..))));
+        world.exit(orphan, 0);
+        let o = h2
+            .await_workers(
+                vec![orphan.clone()],
+                None,
+                true,
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap()
+            .failures
+            .remove(0);
+        assert_eq!(o.status, WorkerStatus::Lost, "{o:?}");
+        assert!(o.reason.contains("unsupervised"), "{}", o.reason);
+    });
+    drop(h2);
+    second.shutdown_background();
+    writer.stop();
+    writer_thread.join().unwrap();
+    assert!(world.cgroup_ids().is_empty(), "{:?}", world.cgroup_ids());
+}

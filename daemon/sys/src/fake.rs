@@ -146,6 +146,13 @@ impl FakeWorld {
         self.end(id, Some(code), None)
     }
 
+    /// Takes worker `id`'s program and shim away without a trace (no exit record), as a reboot
+    /// or a `kill -9` of both would.
+    pub fn vanish(&self, id: &str) -> bool {
+        let r = self.lock().running.remove(id);
+        r.is_some()
+    }
+
     /// Ends a running worker: its shim records the end and exits.
     fn end(&self, id: &str, code: Option<i32>, signal: Option<i32>) -> bool {
         let mut w = self.lock();
