@@ -5,7 +5,8 @@
 //! This module holds the supervisor's state (`Host`, its `Inner` and the worker table) and what
 //! reads it whole (`view`, counts); each duty has a module of its own: `start` (admission and
 //! spawns), `life` (a worker from spawn to its final record, and restarts), `stop`, `query`
-//! (list, await, watch), `streams` (output), `sessions`, `retention`, `recovery` (start-up).
+//! (list, await), `events` (every change to the store and to watchers), `streams` (output),
+//! `sessions`, `retention`, `recovery` (start-up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -29,8 +30,9 @@ use berth_sys::gpu::{self, GpuDevice, GpuMonitor, GpuSample, Gpus, NoGpus};
 use berth_sys::launcher::Spawner;
 use berth_sys::netns::{Netns, NoNetwork};
 use berth_sys::output::{Rotation, StreamKind};
-use berth_sys::store::{Op, StoreWriter, Table};
+use berth_sys::store::StoreWriter;
 
+mod events;
 mod life;
 mod query;
 mod recovery;
@@ -502,25 +504,5 @@ impl Inner {
             }
         }
         m
-    }
-
-    fn publish(&self, rec: WorkerRecord) {
-        if let Some(store) = &self.store {
-            store.submit(vec![Op::put(Table::Workers, &rec.id, &rec)]);
-        }
-        let _ = self.events.send(rec);
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// Applies `f` to worker `id` and tells watchers.
-    fn update(&self, id: &str, f: impl FnOnce(&mut WorkerRecord)) -> Option<WorkerRecord> {
-        let rec = {
-            let mut st = self.lock();
-            let e = st.workers.get_mut(id)?;
-            f(&mut e.rec);
-            e.rec.clone()
-        };
-        self.publish(rec.clone());
-        Some(rec)
     }
 }

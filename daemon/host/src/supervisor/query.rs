@@ -3,8 +3,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio::sync::broadcast;
-
 use berth_core::error::{Error, Result};
 use berth_core::worker::{Filter, WorkerRecord, WorkerStatus};
 
@@ -110,11 +108,6 @@ impl Host {
                 }
             }
         }
-    }
-
-    /// A receiver of every worker change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<WorkerRecord> {
-        self.inner.events.subscribe()
     }
 
     /// Current records of the workers matching `filter` (no live usage).
