@@ -29,11 +29,23 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+fn fake_net() -> Arc<FakeNetns> {
+    Arc::new(FakeNetns {
+        subnet: Some(Subnet::parse("10.99.0.0/28").unwrap()),
+        ..Default::default()
+    })
+}
+
+/// The supervisor of the fixture's host, with its state under `dir` and records in `store`.
+fn fake_host(
+    dir: &std::path::Path,
+    world: &FakeWorld,
+    net: &Arc<FakeNetns>,
+    store: Option<berth_sys::store::StoreWriter>,
+) -> Host {
     let mut opts = HostOptions::with_defaults(
         "fake",
-        dir.path(),
+        dir,
         Capacity {
             cpu: 4.0,
             memory_bytes: 8 * GIB,
@@ -41,20 +53,22 @@ fn fixture() -> Fixture {
         },
     );
     opts.stop_grace = Duration::from_millis(200);
-    let world = FakeWorld::new();
-    let net = Arc::new(FakeNetns {
-        subnet: Some(Subnet::parse("10.99.0.0/28").unwrap()),
-        ..Default::default()
-    });
-    let host = Host::with_network(
+    Host::with_network(
         opts,
         world.cgroups(),
         world.spawner(),
-        None,
+        store,
         Arc::new(FakeGpus::new("fake", 2)),
         GpuMonitor::idle(),
         net.clone(),
-    );
+    )
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::new();
+    let net = fake_net();
+    let host = fake_host(dir.path(), &world, &net, None);
     host.start_background();
     Fixture {
         host,
@@ -413,32 +427,12 @@ fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
 
     let dir = tempfile::tempdir().unwrap();
     let world = FakeWorld::new();
-    let net = Arc::new(FakeNetns {
-        subnet: Some(Subnet::parse("10.99.0.0/28").unwrap()),
-        ..Default::default()
-    });
+    let net = fake_net();
     let store = Arc::new(open_store(dir.path()).unwrap());
     let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
     let host = |rt: &tokio::runtime::Runtime| {
         let _enter = rt.enter();
-        let opts = HostOptions::with_defaults(
-            "fake",
-            dir.path(),
-            Capacity {
-                cpu: 4.0,
-                memory_bytes: 8 * GIB,
-                workers: 10,
-            },
-        );
-        Host::with_network(
-            opts,
-            world.cgroups(),
-            world.spawner(),
-            Some(writer.clone()),
-            Arc::new(FakeGpus::new("fake", 2)),
-            GpuMonitor::idle(),
-            net.clone(),
-        )
+        fake_host(dir.path(), &world, &net, Some(writer.clone()))
     };
 
     // The first daemon launches three workers, then dies with its runtime: no shutdown.

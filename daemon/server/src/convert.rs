@@ -12,17 +12,15 @@ use berth_core::worker::{WorkerRecord, WorkerStatus};
 
 /// The one place where a domain error becomes a gRPC status (the code API.md gives for it).
 pub fn to_status(e: Error) -> Status {
-    {
-        let msg = e.to_string();
-        match e {
-            Error::InvalidArgument { .. } => Status::invalid_argument(msg),
-            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
-            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-            Error::NotFound(_) => Status::not_found(msg),
-            Error::Unavailable(_) => Status::unavailable(msg),
-            Error::Unimplemented(_) => Status::unimplemented(msg),
-            Error::Internal(_) => Status::internal(msg),
-        }
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument { .. } => Status::invalid_argument(msg),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::NotFound(_) => Status::not_found(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
+        Error::Unimplemented(_) => Status::unimplemented(msg),
+        Error::Internal(_) => Status::internal(msg),
     }
 }
 

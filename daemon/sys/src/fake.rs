@@ -69,10 +69,8 @@ struct Running {
 #[derive(Debug, Default)]
 struct World {
     next_pid: u32,
-    /// Worker id → what its next start does (default: runs until told).
-    plans: HashMap<String, Vec<Behaviour>>,
-    /// Behaviour of workers without a plan.
-    default: Behaviour,
+    /// How a worker started from now on behaves.
+    behaviour: Behaviour,
     running: HashMap<String, Running>,
     cgroups: BTreeMap<String, CgroupStats>,
     events: Vec<FakeEvent>,
@@ -109,14 +107,9 @@ impl FakeWorld {
         })
     }
 
-    /// How workers without a plan of their own behave.
+    /// How workers started from now on behave.
     pub fn set_default(&self, b: Behaviour) {
-        self.lock().default = b;
-    }
-
-    /// What the next starts of worker `id` do, in order (then the default).
-    pub fn plan(&self, id: &str, starts: Vec<Behaviour>) {
-        self.lock().plans.insert(id.to_owned(), starts);
+        self.lock().behaviour = b;
     }
 
     /// Everything asked of the fakes so far, in order.
@@ -304,27 +297,26 @@ impl Spawner for FakeSpawner {
         let (hs_r, hs_w) = pipe().map_err(io)?;
         let (exited_r, exited_w) = pipe().map_err(io)?;
         let id = spec.worker_id.clone();
+        let handle = |pid: u32| ShimHandle {
+            pid,
+            starttime: Some(u64::from(pid)),
+            pidfd: exited_r,
+            handshake: hs_r,
+        };
         let mut w = self.world.lock();
-        w.next_pid += 1;
+        // Two pids a start: the shim's, and its worker's just above.
+        w.next_pid += 2;
         let pid = FIRST_FAKE_PID + w.next_pid;
         w.started
             .entry(id.clone())
             .or_default()
             .push(Instant::now());
-        let behaviour = match w.plans.get_mut(&id) {
-            Some(p) if !p.is_empty() => p.remove(0),
-            _ => w.default.clone(),
-        };
+        let behaviour = w.behaviour.clone();
         w.events.push(FakeEvent::Spawned(id.clone()));
         let mut hs = std::fs::File::from(hs_w);
         if let Some(msg) = &behaviour.spawn_error {
             let _ = writeln!(hs, "err {msg}");
-            return Ok(ShimHandle {
-                pid,
-                starttime: Some(u64::from(pid)),
-                pidfd: exited_r,
-                handshake: hs_r,
-            });
+            return Ok(handle(pid));
         }
         let _ = writeln!(hs, "ok {} {}", pid + 1, now_us());
         drop(hs);
@@ -350,11 +342,6 @@ impl Spawner for FakeSpawner {
         if let Some((code, signal)) = at_once {
             self.world.end(&id, code, signal);
         }
-        Ok(ShimHandle {
-            pid,
-            starttime: Some(u64::from(pid)),
-            pidfd: exited_r,
-            handshake: hs_r,
-        })
+        Ok(handle(pid))
     }
 }
