@@ -92,6 +92,10 @@ impl<'a> From<&'a pb::Worker> for Worker<'a> {
             workdir,
             network: _,
             gpu_memory_used_bytes,
+            owner: _,
+            user: _,
+            pooled: _,
+            output_dropped_bytes: _,
         } = w;
         Self {
             command,
@@ -191,6 +195,7 @@ pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Session<'_> {
         expires_at,
         created_at,
         labels,
+        owner: _,
     } = s;
     Session {
         created_at: created_at.as_ref(),
@@ -458,6 +463,7 @@ mod tests {
             workdir: "/tmp/w".into(),
             network: pb::NetworkMode::Bridge as i32,
             gpu_memory_used_bytes: 1 << 40,
+            ..Default::default()
         }
     }
 
@@ -681,6 +687,7 @@ mod tests {
                 ("a".into(), "b".into()),
             ]
             .into(),
+            ..Default::default()
         };
         assert_eq!(
             text(&session(&s, Some(42))),

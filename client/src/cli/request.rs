@@ -51,6 +51,7 @@ pub fn launch(a: &LaunchArgs, cwd: &Path) -> pb::LaunchWorkersRequest {
         labels: a.labels.iter().cloned().collect(),
         constraints: a.constraints.iter().cloned().collect(),
         placement: pb::Placement::from(a.placement) as i32,
+        ..Default::default()
     }
 }
 

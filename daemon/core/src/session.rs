@@ -23,6 +23,10 @@ pub struct Session {
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub labels: BTreeMap<String, String>,
+    /// The user name of the caller that opened it: who may keep it alive, close it and launch
+    /// into it.
+    #[serde(default)]
+    pub owner: String,
     /// When the session ended (closed or lapsed); `None` while it is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<SystemTime>,
@@ -53,6 +57,7 @@ impl Session {
             created_at: now,
             expires_at: now + ttl,
             labels,
+            owner: String::new(),
             ended_at: None,
         })
     }

@@ -135,6 +135,13 @@ pub struct WorkerRecord {
     /// GPU memory the worker's processes use now (live, like `cpu_seconds`; 0 when unknown).
     #[serde(default)]
     pub gpu_memory_used_bytes: u64,
+    /// The user name of the caller that launched the worker: who may see and stop it. Empty in
+    /// records written before owners existed, which only root and admins see.
+    #[serde(default)]
+    pub owner: String,
+    /// The user the worker runs as.
+    #[serde(default)]
+    pub user: String,
 }
 
 impl WorkerRecord {
@@ -171,6 +178,8 @@ impl WorkerRecord {
             shim_pid: None,
             shim_starttime: None,
             gpu_memory_used_bytes: 0,
+            owner: String::new(),
+            user: String::new(),
         }
     }
 }

@@ -89,6 +89,10 @@ pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
         workdir: w.workdir.to_string_lossy().into_owned(),
         network: network_to_pb(w.network) as i32,
         gpu_memory_used_bytes: w.gpu_memory_used_bytes,
+        owner: w.owner.clone(),
+        user: w.user.clone(),
+        pooled: false,
+        output_dropped_bytes: 0,
     }
 }
 
@@ -171,5 +175,6 @@ pub fn session_to_pb(s: &berth_core::session::Session) -> pb::Session {
         expires_at: Some(ts(s.expires_at)),
         created_at: Some(ts(s.created_at)),
         labels: s.labels.clone().into_iter().collect(),
+        owner: s.owner.clone(),
     }
 }
