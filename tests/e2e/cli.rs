@@ -867,6 +867,10 @@ fn assert_worker_document(w: &Value) {
         ("workdir", "string", false),
         ("network", "string", false),
         ("gpu_memory_used_bytes", "number", false),
+        ("owner", "string", false),
+        ("user", "string", false),
+        ("pooled", "boolean", false),
+        ("output_dropped_bytes", "number", false),
     ];
     let obj = w.as_object().unwrap_or_else(|| panic!("no object: {w}"));
     for (name, ty, nullable) in fields {
@@ -1027,6 +1031,7 @@ async fn session_open_keepalive_close() {
         ("expires_at", "string"),
         ("created_at", "string"),
         ("labels", "object"),
+        ("owner", "string"),
         ("holder_pid", "null"),
     ] {
         assert_eq!(json_type(&v[field]), ty, "{field}: {v}");

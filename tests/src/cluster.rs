@@ -25,17 +25,24 @@ pub struct SchedulerNode {
     pub addr: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    /// What clients present to it (empty: plaintext).
+    pub tls: berth_client::TlsFiles,
 }
 
 impl SchedulerNode {
     pub async fn start() -> Result<Self> {
+        Self::start_with("", berth_client::TlsFiles::default()).await
+    }
+
+    /// A scheduler with `extra` TOML in its config, reached with `tls` (its `[tls]` must match).
+    pub async fn start_with(extra: &str, tls: berth_client::TlsFiles) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("berth-sched-test-")
             .tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
         let config = format!(
             "listen = [\"{addr}\"]\nstate_dir = \"{}\"\nmetrics_listen = \"\"\n\
-             heartbeat_seconds = {HEARTBEAT_SECONDS}\nhost_down_seconds = {}\n",
+             heartbeat_seconds = {HEARTBEAT_SECONDS}\nhost_down_seconds = {}\n{extra}\n",
             tmp.path().join("state").display(),
             host_down_seconds(),
         );
@@ -47,6 +54,7 @@ impl SchedulerNode {
             _tmp: tmp,
             addr,
             config_path,
+            tls,
         };
         s.spawn().await?;
         Ok(s)
@@ -79,7 +87,7 @@ impl SchedulerNode {
             {
                 bail!("berth-scheduler exited with {st}:\n{}", self.log());
             }
-            if let Ok(c) = Client::connect(&self.addr).await {
+            if let Ok(c) = Client::connect_with(&self.addr, &self.tls).await {
                 if c.cluster()
                     .list_hosts(pb::ListHostsRequest {})
                     .await
@@ -100,7 +108,7 @@ impl SchedulerNode {
     }
 
     pub async fn client(&self) -> Result<Client> {
-        Ok(Client::connect(&self.addr).await?)
+        Ok(Client::connect_with(&self.addr, &self.tls).await?)
     }
 
     /// Sends `signal` and waits for the scheduler to exit.

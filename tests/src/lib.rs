@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 pub use berth_client::{pb, Client};
 
 pub mod cluster;
+pub mod users;
 
 /// Whether the tests run as root (needed for cgroups and namespaces).
 pub fn is_root() -> bool {
@@ -99,6 +100,68 @@ pub fn bin_dir() -> &'static Path {
 /// Path of a berth binary.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
+}
+
+/// The hard `RLIMIT_NOFILE` a worker gets by default: systemd's 524288, or less where this
+/// process's own hard limit is lower (the daemon cannot raise it then either).
+pub fn worker_nofile_hard() -> u64 {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let can_raise = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0);
+    if can_raise {
+        return 524_288;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (lim.rlim_max as u64).min(524_288)
+}
+
+/// What systemd gives berthd (`OOMScoreAdjust=-900`, `LimitNOFILE=1048576`), given to a daemon
+/// the tests start, so that a worker that inherited the daemon's values instead of getting its
+/// own would be seen.
+pub fn as_systemd_runs_it(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // syscalls (open, write, close, setrlimit) on a static path and stack values; it allocates
+    // nothing. Failures are ignored: a non-root test run cannot lower its oom_score_adj.
+    unsafe {
+        cmd.pre_exec(|| {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, b"-900".as_ptr().cast(), 4);
+                libc::close(fd);
+            }
+            // 2^20 files where the hard limit allows (root without CAP_SYS_RESOURCE, as in some
+            // containers, cannot raise it): far from a worker's 1024 either way.
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            let want = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Options of a test daemon.
@@ -247,6 +310,9 @@ impl Daemon {
     pub async fn start_with(opts: DaemonOptions) -> Result<Self> {
         let tmp = tempfile::Builder::new().prefix("berth-test-").tempdir()?;
         let dir = tmp.path().to_path_buf();
+        // Other users reach the socket in here (the socket's own mode decides who may connect);
+        // the daemon keeps its state dir inside private.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         let name = unique_name();
         let socket = dir.join("berthd.sock");
         let tcp = opts.tcp.then(|| format!("127.0.0.1:{}", free_port()));
@@ -287,7 +353,9 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(bin("berthd"))
+        let mut cmd = Command::new(bin("berthd"));
+        as_systemd_runs_it(&mut cmd);
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .args(args)

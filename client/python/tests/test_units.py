@@ -9,6 +9,7 @@ import pytest
 
 import berth
 from berth import _output
+from berth import _client
 from berth._address import parse_addrs
 from berth._client import _launch_request
 from berth._convert import to_dict
@@ -92,6 +93,16 @@ def test_worker_dicts_follow_the_cli_json() -> None:
     assert d["created_at"] == "2023-11-14T22:13:20.500Z"
     assert d["started_at"] is None and d["finished_at"] is None
     assert d["network"] == "NETWORK_MODE_NONE"
+    # Who launched it, whom it runs as, and what the CLI's JSON says of them.
+    assert (d["owner"], d["user"], d["pooled"], d["output_dropped_bytes"]) == ("", "", False, 0)
+    w.owner, w.user, w.pooled, w.output_dropped_bytes = "alice", "nobody", True, 2**40
+    d = to_dict(w)
+    assert (d["owner"], d["user"], d["pooled"], d["output_dropped_bytes"]) == (
+        "alice",
+        "nobody",
+        True,
+        2**40,
+    )
     # Every field of the message, by its proto name.
     assert set(d) == {f.name for f in workers_pb2.Worker.DESCRIPTOR.fields}
 
@@ -151,6 +162,29 @@ def test_what_a_request_cannot_carry_is_refused_here(kwargs: dict, field: str) -
     args.update(kwargs)
     with pytest.raises(berth.InvalidArgument, match=field):
         _launch_request(**args)
+
+
+def test_root_workers_are_asked_for_by_keyword() -> None:
+    args = dict(
+        n=1,
+        cpu=0.1,
+        memory=0.1,
+        nvidia_gpu=0,
+        kernel="python3",
+        script="",
+        code="1",
+        env=None,
+        command=None,
+        workdir="",
+        master_ip="",
+        network=None,
+        labels=None,
+        constraints=None,
+        placement=None,
+        max_restarts=None,
+    )
+    assert _launch_request(**args).run_as_root is False
+    assert _launch_request(**args, run_as_root=True).run_as_root is True
 
 
 def test_a_command_replaces_the_default_kernel(tmp_path, monkeypatch) -> None:
@@ -241,3 +275,221 @@ def test_no_progress_when_stderr_is_no_terminal(capsys) -> None:
     p.update(Progress.text(1, 1, 0, False))
     p.close()
     assert capsys.readouterr().err == ""
+
+
+# TLS ------------------------------------------------------------------------------------------
+
+CA_PEM = b"-----BEGIN CERTIFICATE-----\nMIIBca\n-----END CERTIFICATE-----\n"
+CERT_PEM = b"-----BEGIN CERTIFICATE-----\nMIIBalice\n-----END CERTIFICATE-----\n"
+KEY_PEM = b"-----BEGIN PRIVATE KEY-----\nMIGHkey\n-----END PRIVATE KEY-----\n"
+
+
+@pytest.fixture
+def tls(tmp_path, monkeypatch):
+    """PEM files, no BERTH_TLS_* set, and the arguments ssl_channel_credentials is called with."""
+    for name in ("BERTH_TLS_CA", "BERTH_TLS_CERT", "BERTH_TLS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    files = {}
+    for name, data in (("ca.pem", CA_PEM), ("alice.pem", CERT_PEM), ("alice.key", KEY_PEM)):
+        (tmp_path / name).write_bytes(data)
+        files[name] = str(tmp_path / name)
+    built = []
+
+    def credentials(**kw):
+        built.append(kw)
+        return ("creds", len(built))
+
+    monkeypatch.setattr(grpc, "ssl_channel_credentials", credentials)
+    return files, built
+
+
+def test_tls_material_comes_from_the_variables(tls, monkeypatch) -> None:
+    files, built = tls
+    assert _client._tls_credentials() is None, "nothing set: plaintext"
+    assert built == []
+
+    monkeypatch.setenv("BERTH_TLS_CA", files["ca.pem"])
+    assert _client._tls_credentials() is not None
+    assert built[-1] == dict(root_certificates=CA_PEM, private_key=None, certificate_chain=None)
+
+    monkeypatch.setenv("BERTH_TLS_CERT", files["alice.pem"])
+    monkeypatch.setenv("BERTH_TLS_KEY", files["alice.key"])
+    _client._tls_credentials()
+    assert built[-1] == dict(
+        root_certificates=CA_PEM, private_key=KEY_PEM, certificate_chain=CERT_PEM
+    )
+
+    # A certificate and key without a CA: gRPC's own roots check the server.
+    monkeypatch.setenv("BERTH_TLS_CA", "")
+    _client._tls_credentials()
+    assert built[-1] == dict(
+        root_certificates=None, private_key=KEY_PEM, certificate_chain=CERT_PEM
+    )
+
+
+def test_tls_arguments_win_over_the_variables(tls, monkeypatch) -> None:
+    files, built = tls
+    monkeypatch.setenv("BERTH_TLS_CA", "/nonexistent/ca.pem")
+    _client._tls_credentials(ca=files["ca.pem"])
+    assert built[-1]["root_certificates"] == CA_PEM
+    c = berth.Client("10.0.0.1:7300", tls_ca=files["ca.pem"])
+    assert built[-1]["root_certificates"] == CA_PEM
+    c.close()
+
+
+def test_empty_tls_variables_are_unset(tls, monkeypatch) -> None:
+    _, built = tls
+    for name in ("BERTH_TLS_CA", "BERTH_TLS_CERT", "BERTH_TLS_KEY"):
+        monkeypatch.setenv(name, "")
+    assert _client._tls_credentials() is None
+    assert built == []
+
+
+@pytest.mark.parametrize(
+    "given, missing",
+    [("BERTH_TLS_CERT", "BERTH_TLS_KEY"), ("BERTH_TLS_KEY", "BERTH_TLS_CERT")],
+)
+def test_a_certificate_without_its_key_is_refused(tls, monkeypatch, given, missing) -> None:
+    files, built = tls
+    monkeypatch.setenv("BERTH_TLS_CA", files["ca.pem"])
+    monkeypatch.setenv(given, files["alice.pem" if given.endswith("CERT") else "alice.key"])
+    with pytest.raises(berth.InvalidArgument) as e:
+        _client._tls_credentials()
+    assert e.value.message.startswith(f"{given} is set without {missing}"), e.value.message
+    # Client() refuses it at once, before any connection.
+    with pytest.raises(berth.InvalidArgument, match=given):
+        berth.Client("10.0.0.1:7300")
+    assert built == []
+
+
+def test_a_cert_argument_without_a_key_is_named(tls) -> None:
+    files, _ = tls
+    with pytest.raises(berth.InvalidArgument, match="^.*tls_cert is set without BERTH_TLS_KEY"):
+        _client._tls_credentials(cert=files["alice.pem"])
+
+
+def test_unreadable_or_wrong_tls_files_are_named(tls, monkeypatch, tmp_path) -> None:
+    files, _ = tls
+    monkeypatch.setenv("BERTH_TLS_CA", str(tmp_path / "missing.pem"))
+    with pytest.raises(berth.InvalidArgument) as e:
+        _client._tls_credentials()
+    assert e.value.message.startswith("BERTH_TLS_CA: cannot read ")
+    assert "missing.pem" in e.value.message
+    # A key given as the CA, a certificate as the key: no PEM block of the kind.
+    monkeypatch.setenv("BERTH_TLS_CA", files["alice.key"])
+    with pytest.raises(berth.InvalidArgument, match="BERTH_TLS_CA: no PEM block"):
+        _client._tls_credentials()
+    monkeypatch.setenv("BERTH_TLS_CA", files["ca.pem"])
+    monkeypatch.setenv("BERTH_TLS_CERT", files["alice.pem"])
+    monkeypatch.setenv("BERTH_TLS_KEY", files["alice.pem"])
+    with pytest.raises(berth.InvalidArgument, match="BERTH_TLS_KEY: no PEM block"):
+        _client._tls_credentials()
+
+
+def test_which_addresses_use_tls(monkeypatch) -> None:
+    opened = []
+    monkeypatch.setattr(
+        grpc, "secure_channel", lambda target, creds, options: opened.append(("tls", target))
+    )
+    monkeypatch.setattr(
+        grpc, "insecure_channel", lambda target, options: opened.append(("plain", target))
+    )
+    monkeypatch.setattr(grpc, "ssl_channel_credentials", lambda **kw: "default-roots")
+    creds = object()
+    addrs = "node1:7300,http://node2:7300,https://node3:7300,unix:/run/berth/berthd.sock"
+    for c in (creds, None):
+        conn = _client._Connection(addrs, c)  # type: ignore[arg-type]
+        for t in conn.targets:
+            conn._open(t)
+    assert opened == [
+        # With TLS material: HOST:PORT and https:// over TLS, http:// and unix: not.
+        ("tls", "node1:7300"),
+        ("plain", "node2:7300"),
+        ("tls", "node3:7300"),
+        ("plain", "unix:/run/berth/berthd.sock"),
+        # Without: only https://.
+        ("plain", "node1:7300"),
+        ("plain", "node2:7300"),
+        ("tls", "node3:7300"),
+        ("plain", "unix:/run/berth/berthd.sock"),
+    ]
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, a server certificate for localhost and 127.0.0.1, and alice's client certificate, made
+    with the openssl command (EC P-256 keys, PKCS#8)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make certificates with")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=berth test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=tmp_path,
+    )  # fmt: skip
+    for name, cn, ext in (
+        ("server", "berthd", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"),
+        ("alice", "alice", "extendedKeyUsage=clientAuth\n"),
+    ):
+        (tmp_path / f"{name}.ext").write_text(ext)
+        _openssl(
+            "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}",
+            cwd=tmp_path,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=tmp_path,
+        )  # fmt: skip
+    return tmp_path
+
+
+def test_mutual_tls_with_a_real_server(pki, monkeypatch) -> None:
+    """A gRPC server that requires a client certificate signed by the CA: the client presents
+    BERTH_TLS_CERT and the server knows it as alice; without the certificate it is refused."""
+    from concurrent import futures
+
+    from berth.v1 import workers_pb2_grpc
+
+    class NamesCaller(workers_pb2_grpc.WorkersServicer):
+        def ListWorkers(self, request, context):
+            cn = context.auth_context().get("x509_common_name", [b""])[0].decode()
+            return workers_pb2.ListWorkersResponse(workers=[workers_pb2.Worker(id="w", owner=cn)])
+
+    def read(name: str) -> bytes:
+        return bytes((pki / name).read_bytes())
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    workers_pb2_grpc.add_WorkersServicer_to_server(NamesCaller(), server)
+    creds = grpc.ssl_server_credentials(
+        [(read("server.key"), read("server.pem"))],
+        root_certificates=read("ca.pem"),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        monkeypatch.setenv("BERTH_TLS_CA", str(pki / "ca.pem"))
+        monkeypatch.setenv("BERTH_TLS_CERT", str(pki / "alice.pem"))
+        monkeypatch.setenv("BERTH_TLS_KEY", str(pki / "alice.key"))
+        with berth.Client(f"127.0.0.1:{port}") as c:
+            ws = c.list_workers(all_sessions=True)
+        assert [(w["id"], w["owner"]) for w in ws] == [("w", "alice")]
+
+        monkeypatch.delenv("BERTH_TLS_CERT")
+        monkeypatch.delenv("BERTH_TLS_KEY")
+        with berth.Client(f"127.0.0.1:{port}") as c:
+            with pytest.raises(berth.BerthError):
+                c._conn.call("ListWorkers", workers_pb2.ListWorkersRequest(), timeout=5)
+    finally:
+        server.stop(None)

@@ -50,7 +50,7 @@ env_args <- function(env) {
 }
 
 launch.workers <- function(n, cpu, memory, nvidia_gpu = 0, kernel = "r", script = "",
-                           code = "", env = list()) {
+                           code = "", env = list(), run_as_root = FALSE) {
   args <- c("launch",
             number_arg("--count", n, "n"),
             number_arg("--cpu", cpu, "cpu"),
@@ -66,6 +66,10 @@ launch.workers <- function(n, cpu, memory, nvidia_gpu = 0, kernel = "r", script 
     args <- c(args, paste0("--code=", code))
   }
   args <- c(args, env_args(env))
+  if (!is.logical(run_as_root) || length(run_as_root) != 1L || is.na(run_as_root)) {
+    stop(berth_condition("INVALID_ARGUMENT", "run_as_root: must be TRUE or FALSE"))
+  }
+  if (run_as_root) args <- c(args, "--run-as-root")
   id <- session_id()
   r <- tryCatch(
     berth_run(c(args, paste0("--session=", id))),
@@ -160,6 +164,7 @@ print.berth_workers <- function(x, ...) {
   df <- data.frame(
     id = field("id"),
     status = tolower(sub("^WORKER_STATUS_", "", field("status"))),
+    owner = field("owner"),
     ip_address = field("ip_address"),
     host = field("host"),
     reason = field("reason"),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::pb;
-use crate::DEFAULT_ADDR;
+use super::Server;
+use crate::{pb, TlsFiles, DEFAULT_ADDR};
 
 /// Launch, track and stop berth workers on a host daemon or a scheduler.
 #[derive(Debug, Parser)]
@@ -17,9 +17,20 @@ use crate::DEFAULT_ADDR;
     args_override_self = true
 )]
 pub struct Cli {
-    /// Server address: HOST:PORT, http://HOST:PORT or unix:PATH.
+    /// Server address: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:PATH.
     #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
+    /// PEM file of the CA that signs the server's certificate. With any --tls-* a HOST:PORT
+    /// address is reached over TLS (unix:PATH and http:// never are).
+    #[arg(long, global = true, env = "BERTH_TLS_CA", value_name = "PEM", value_parser = path())]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM file of this client's certificate (with --tls-key): who calls, to a server beyond
+    /// loopback (on the Unix socket and on loopback the server knows the caller from the kernel).
+    #[arg(long, global = true, env = "BERTH_TLS_CERT", value_name = "PEM", value_parser = path())]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert.
+    #[arg(long, global = true, env = "BERTH_TLS_KEY", value_name = "PEM", value_parser = path())]
+    pub tls_key: Option<PathBuf>,
     /// Print one JSON document (the response) instead of tables, and a failure as one on
     /// stderr (client/JSON.md); `logs` stays raw.
     #[arg(long, global = true)]
@@ -32,6 +43,19 @@ impl Cli {
     /// Whether this is the session holder that `session open --hold-while` starts.
     pub fn is_holder(&self) -> bool {
         matches!(self.command, Command::Session(SessionCommand::Hold(_)))
+    }
+
+    /// The server, and the TLS material that every connection to it presents.
+    pub fn server(&self) -> Server {
+        Server {
+            addr: self.addr.clone(),
+            tls: TlsFiles {
+                ca: self.tls_ca.clone(),
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+            }
+            .normalized(),
+        }
     }
 }
 
@@ -212,6 +236,14 @@ pub struct LaunchArgs {
     /// killed, its lease lapses and they stop within --session-ttl plus the stop grace.
     #[arg(long)]
     pub attach: bool,
+    /// Ask for workers that run as root instead of as you (only root or an admin may, where
+    /// the host allows root workers; else PERMISSION_DENIED).
+    #[arg(long)]
+    pub run_as_root: bool,
+    /// Id of this launch: a retry with the same ID (within 10 minutes) returns the workers of
+    /// the first launch instead of launching again.
+    #[arg(long, value_name = "ID")]
+    pub request_id: Option<String>,
     /// Lease, in seconds, of the session that --attach opens (renewed every third of it).
     #[arg(
         long,
@@ -373,6 +405,12 @@ pub struct LogsArgs {
     /// Start at the current end instead of replaying what was written before.
     #[arg(long)]
     pub tail: bool,
+}
+
+/// A path that may be empty: an empty `--tls-*` (or `BERTH_TLS_*`) is unset, as if not given.
+fn path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
 }
 
 /// Why a `K=V` argument was refused.
@@ -590,6 +628,56 @@ mod tests {
         // The last of repeated flags wins (an alias with --addr can be overridden).
         let cli = parse(&["--addr", "a:1", "list", "--addr", "b:2"]).unwrap();
         assert_eq!(cli.addr, "b:2");
+    }
+
+    #[test]
+    fn tls_flags() {
+        let cli = parse(&[
+            "--tls-ca",
+            "/etc/berth/ca.pem",
+            "list",
+            "--tls-cert",
+            "alice.pem",
+            "--tls-key",
+            "alice.key",
+        ])
+        .unwrap();
+        let s = cli.server();
+        assert_eq!(s.addr, cli.addr);
+        assert_eq!(
+            s.tls,
+            TlsFiles {
+                ca: Some("/etc/berth/ca.pem".into()),
+                cert: Some("alice.pem".into()),
+                key: Some("alice.key".into()),
+            }
+        );
+        // An empty value is unset.
+        let cli = parse(&["--tls-ca=", "list"]).unwrap();
+        assert!(cli.server().tls.is_empty(), "{:?}", cli.server());
+    }
+
+    #[test]
+    fn launch_as_root_and_with_a_request_id() {
+        let Command::Launch(a) = parse(&["launch", "--", "/bin/true"]).unwrap().command else {
+            panic!("not launch")
+        };
+        assert!(!a.run_as_root && a.request_id.is_none());
+        let Command::Launch(a) = parse(&[
+            "launch",
+            "--run-as-root",
+            "--request-id",
+            "r1",
+            "--",
+            "/bin/true",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not launch")
+        };
+        assert!(a.run_as_root);
+        assert_eq!(a.request_id.as_deref(), Some("r1"));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::args::{
 use super::holder::{self, HolderSpec};
 use super::lease::{Lease, Signal, Signals};
 use super::output::{OutputDemux, Sink};
-use super::{json, request, view, CliError, Outcome, Terminal};
+use super::{json, request, view, CliError, Outcome, Server, Terminal};
 use crate::{pb, Client};
 
 /// Seconds of one AwaitWorkers call while `--wait` or `--attach` waits without bound: short
@@ -37,18 +37,17 @@ pub fn check(cli: &Cli) -> Result<(), clap::Error> {
 
 /// Runs the verb of `cli` against its server, writing to `term`.
 pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+    let server = cli.server();
     // The holder connects (and connects again) on its own, for as long as it holds.
     if let Command::Session(SessionCommand::Hold(a)) = &cli.command {
-        holder::hold(&cli.addr, a).await?;
+        holder::hold(&server, a).await?;
         return Ok(Outcome::Success);
     }
-    let client = Client::connect(&cli.addr)
-        .await
-        .map_err(CliError::Connect)?;
+    let client = server.connect().await.map_err(CliError::Connect)?;
     let v = Verb {
         client: &client,
         json: cli.json,
-        addr: &cli.addr,
+        server: &server,
     };
     match cli.command {
         Command::Launch(a) => v.launch(&a, term).await,
@@ -100,11 +99,12 @@ fn sort_like(workers: &mut [pb::Worker], ids: &[String]) {
     workers.sort_by_key(|w| ids.iter().position(|i| *i == w.id).unwrap_or(usize::MAX));
 }
 
-/// What every verb needs: the connection, and how to print.
+/// What every verb needs: the connection, how to print, and the server for connections of
+/// their own (a lease, a holder).
 struct Verb<'a> {
     client: &'a Client,
     json: bool,
-    addr: &'a str,
+    server: &'a Server,
 }
 
 impl Verb<'_> {
@@ -214,7 +214,7 @@ impl Verb<'_> {
         };
         let id = session.id.clone();
         let ttl = Duration::from_secs(u64::from(session.ttl_seconds.max(1)));
-        let lease = match Lease::keep(self.addr, &id, ttl) {
+        let lease = match Lease::keep(self.server, &id, ttl) {
             Ok(l) => l,
             Err(e) => {
                 if own {
@@ -342,8 +342,13 @@ impl Verb<'_> {
         a: &SessionOpenArgs,
         term: &mut Terminal<'_>,
     ) -> Result<Outcome, CliError> {
+        // The holder runs in `/`: its TLS files are named by absolute paths.
         let held = match a.hold_while {
-            Some(pid) => Some((pid, holder::start_time_of(pid).await?)),
+            Some(pid) => Some((
+                pid,
+                holder::start_time_of(pid).await?,
+                holder::absolute(self.server)?,
+            )),
             None => None,
         };
         for p in a.output.iter().chain(&a.output_stderr) {
@@ -357,9 +362,9 @@ impl Verb<'_> {
         let session = self.open_labelled_session(a.ttl, labels).await?;
         let holder_pid = match held {
             None => None,
-            Some((pid, start_time)) => {
+            Some((pid, start_time, server)) => {
                 let spec = HolderSpec {
-                    addr: self.addr.to_owned(),
+                    server,
                     session: session.id.clone(),
                     ttl_seconds: session.ttl_seconds.max(1),
                     pid,
@@ -655,7 +660,7 @@ impl Verb<'_> {
                 status,
                 hint: Some(format!(
                     "{} serves no cluster: `berth {verb}` needs the address of a berth-scheduler",
-                    self.addr
+                    self.server.addr
                 )),
             },
             e => e,

@@ -28,8 +28,8 @@ use tokio::task::JoinSet;
 use super::args::HoldArgs;
 use super::lease::{self, Signal, Signals};
 use super::output::{OutputDemux, Sink};
-use super::CliError;
-use crate::{pb, Client};
+use super::{CliError, Server};
+use crate::{pb, Client, TlsFiles};
 
 /// How often the holder looks whether its process still lives: how soon after a `kill -9` of
 /// the caller its workers are told to stop.
@@ -112,7 +112,9 @@ pub async fn open_destination(path: &Path) -> Result<File, CliError> {
 /// What `session open` hands to the holder it starts.
 #[derive(Debug, Clone)]
 pub struct HolderSpec {
-    pub addr: String,
+    /// The server, with the TLS material the holder presents: its paths absolute, since the
+    /// holder runs in `/` (see [`absolute`]).
+    pub server: Server,
     pub session: String,
     pub ttl_seconds: u32,
     pub pid: u32,
@@ -122,11 +124,12 @@ pub struct HolderSpec {
 }
 
 impl HolderSpec {
-    /// The holder's command line, after the program name.
+    /// The holder's command line, after the program name. The TLS files go as flags; the
+    /// holder's environment has no `BERTH_TLS_*` (see [`spawn`]), so it presents exactly these.
     pub fn args(&self) -> Vec<std::ffi::OsString> {
         let mut a: Vec<std::ffi::OsString> = vec![
             "--addr".into(),
-            self.addr.clone().into(),
+            self.server.addr.clone().into(),
             "session".into(),
             "hold".into(),
             self.session.clone().into(),
@@ -137,13 +140,19 @@ impl HolderSpec {
             "--start-time".into(),
             self.start_time.to_string().into(),
         ];
-        if let Some(p) = &self.output {
-            a.push("--output".into());
-            a.push(p.clone().into());
-        }
-        if let Some(p) = &self.output_stderr {
-            a.push("--output-stderr".into());
-            a.push(p.clone().into());
+        let TlsFiles { ca, cert, key } = &self.server.tls;
+        let paths = [
+            ("--tls-ca", ca),
+            ("--tls-cert", cert),
+            ("--tls-key", key),
+            ("--output", &self.output),
+            ("--output-stderr", &self.output_stderr),
+        ];
+        for (flag, path) in paths {
+            if let Some(p) = path {
+                a.push(flag.into());
+                a.push(p.clone().into());
+            }
         }
         a
     }
@@ -157,6 +166,9 @@ pub async fn spawn(spec: &HolderSpec) -> Result<u32, CliError> {
     let exe = std::env::current_exe().map_err(CliError::Holder)?;
     let mut cmd = Command::new(exe);
     cmd.args(spec.args())
+        .env_remove(crate::tls::ENV_CA)
+        .env_remove(crate::tls::ENV_CERT)
+        .env_remove(crate::tls::ENV_KEY)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -168,6 +180,32 @@ pub async fn spawn(spec: &HolderSpec) -> Result<u32, CliError> {
         .map_err(|e| CliError::Holder(std::io::Error::other(e)))?
         .map_err(CliError::Holder)?;
     Ok(child.id())
+}
+
+/// `server` with its TLS paths made absolute (against the current directory), for the holder,
+/// which runs in `/`.
+pub fn absolute(server: &Server) -> Result<Server, CliError> {
+    let abs = |p: &Option<PathBuf>| -> Result<Option<PathBuf>, CliError> {
+        p.as_deref()
+            .map(|p| {
+                std::path::absolute(p).map_err(|e| {
+                    CliError::Holder(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", p.display()),
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let t = &server.tls;
+    Ok(Server {
+        addr: server.addr.clone(),
+        tls: TlsFiles {
+            ca: abs(&t.ca)?,
+            cert: abs(&t.cert)?,
+            key: abs(&t.key)?,
+        },
+    })
 }
 
 /// Closes every descriptor above standard error that the holder inherited from its caller
@@ -206,7 +244,7 @@ enum End {
 }
 
 /// Runs the holder: `berth session hold`. Returns once the session has ended.
-pub async fn hold(addr: &str, a: &HoldArgs) -> Result<(), CliError> {
+pub async fn hold(server: &Server, a: &HoldArgs) -> Result<(), CliError> {
     let out = match &a.output {
         Some(p) => Some(open_destination(p).await?),
         None => None,
@@ -219,21 +257,21 @@ pub async fn hold(addr: &str, a: &HoldArgs) -> Result<(), CliError> {
     let (tx, written) = start_writer(Destinations::new(out, err)).map_err(CliError::Holder)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let follower = tokio::spawn(follow_session(
-        addr.to_owned(),
+        server.clone(),
         a.id.clone(),
         tx.clone(),
         drain_rx,
     ));
     let ttl = Duration::from_secs(u64::from(a.ttl));
     let end = tokio::select! {
-        _ = lease::renew(addr, &a.id, lease::renew_every(ttl)) => End::Ended,
+        _ = lease::renew(server, &a.id, lease::renew_every(ttl)) => End::Ended,
         () = gone(a.hold_while, a.start_time) => End::Gone,
         _ = terminating(&mut signals) => End::Signal,
     };
     let drain = match end {
         End::Ended => DRAIN_ENDED,
         End::Gone | End::Signal => {
-            close(addr, &a.id, ttl).await;
+            close(server, &a.id, ttl).await;
             DRAIN_GONE
         }
     };
@@ -271,10 +309,10 @@ async fn terminating(signals: &mut Signals) -> Signal {
 
 /// Closes session `id`; a failure other than NOT_FOUND is tried again for as long as the lease
 /// would hold it anyway.
-async fn close(addr: &str, id: &str, ttl: Duration) {
+async fn close(server: &Server, id: &str, ttl: Duration) {
     let deadline = tokio::time::Instant::now() + ttl;
     loop {
-        if let Ok(c) = Client::connect(addr).await {
+        if let Ok(c) = server.connect().await {
             let r = c
                 .workers()
                 .close_session(pb::CloseSessionRequest {
@@ -308,7 +346,7 @@ enum Item {
 /// Follows the session: a watch of its workers, and for each new one a task that copies its
 /// output, until told to drain; then waits for those tasks (they end with their workers).
 async fn follow_session(
-    addr: String,
+    server: Server,
     id: String,
     out: mpsc::Sender<Item>,
     mut drain: watch::Receiver<bool>,
@@ -317,7 +355,7 @@ async fn follow_session(
     let mut seen = HashSet::new();
     loop {
         let watched = tokio::select! {
-            r = watch_session(&addr, &id, &out, &mut seen, &mut tasks) => r,
+            r = watch_session(&server, &id, &out, &mut seen, &mut tasks) => r,
             _ = drain.wait_for(|d| *d) => break,
         };
         if matches!(&watched, Err(s) if s.code() == tonic::Code::NotFound) {
@@ -334,13 +372,14 @@ async fn follow_session(
 /// One `WatchWorkers` of the session (current workers first), starting a follower for every
 /// worker not seen before. Returns when the stream ends or fails.
 async fn watch_session(
-    addr: &str,
+    server: &Server,
     id: &str,
     out: &mpsc::Sender<Item>,
     seen: &mut HashSet<String>,
     tasks: &mut JoinSet<()>,
 ) -> Result<(), tonic::Status> {
-    let client = Client::connect(addr)
+    let client = server
+        .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut events = client
@@ -357,7 +396,7 @@ async fn watch_session(
         if seen.insert(w.id.clone()) {
             tasks.spawn(follow_worker(
                 client.clone(),
-                addr.to_owned(),
+                server.clone(),
                 w.id,
                 out.clone(),
             ));
@@ -368,13 +407,13 @@ async fn watch_session(
 
 /// Copies the output of worker `id` from its start until it has ended, opening the stream again
 /// after a failure without repeating what was copied.
-async fn follow_worker(client: Client, addr: String, id: String, out: mpsc::Sender<Item>) {
+async fn follow_worker(client: Client, server: Server, id: String, out: mpsc::Sender<Item>) {
     let mut next = Offsets::default();
     let mut client = Some(client);
     loop {
         let c = match client.take() {
             Some(c) => c,
-            None => match Client::connect(&addr).await {
+            None => match server.connect().await {
                 Ok(c) => c,
                 Err(_) => {
                     tokio::time::sleep(RETRY_AFTER).await;
@@ -599,8 +638,11 @@ mod tests {
     fn holder_command_line_parses() {
         use crate::cli::args::{Cli, Command, SessionCommand};
         use clap::Parser;
-        let spec = HolderSpec {
-            addr: "unix:/tmp/x.sock".into(),
+        let mut spec = HolderSpec {
+            server: Server {
+                addr: "unix:/tmp/x.sock".into(),
+                tls: TlsFiles::default(),
+            },
             session: "s1".into(),
             ttl_seconds: 10,
             pid: 77,
@@ -608,9 +650,11 @@ mod tests {
             output: Some("/proc/77/fd/1".into()),
             output_stderr: None,
         };
-        let argv = std::iter::once("berth".into()).chain(spec.args());
-        let cli = Cli::try_parse_from(argv).unwrap();
-        assert_eq!(cli.addr, "unix:/tmp/x.sock");
+        let parse = |spec: &HolderSpec| {
+            Cli::try_parse_from(std::iter::once("berth".into()).chain(spec.args())).unwrap()
+        };
+        let cli = parse(&spec);
+        assert_eq!(cli.server(), spec.server);
         let Command::Session(SessionCommand::Hold(h)) = cli.command else {
             panic!("not hold")
         };
@@ -618,6 +662,41 @@ mod tests {
         assert_eq!(h.start_time, 123);
         assert_eq!(h.output.as_deref(), Some(Path::new("/proc/77/fd/1")));
         assert_eq!(h.output_stderr, None);
+
+        // The holder presents the TLS material of `session open`, by flags.
+        spec.server = Server {
+            addr: "node1:7300".into(),
+            tls: TlsFiles {
+                ca: Some("/etc/berth/ca.pem".into()),
+                cert: Some("/home/alice/alice.pem".into()),
+                key: Some("/home/alice/alice.key".into()),
+            },
+        };
+        spec.output_stderr = Some("/proc/77/fd/2".into());
+        let cli = parse(&spec);
+        assert_eq!(cli.server(), spec.server);
+        let Command::Session(SessionCommand::Hold(h)) = cli.command else {
+            panic!("not hold")
+        };
+        assert_eq!(h.output_stderr.as_deref(), Some(Path::new("/proc/77/fd/2")));
+    }
+
+    #[test]
+    fn the_holder_gets_absolute_tls_paths() {
+        let cwd = std::env::current_dir().unwrap();
+        let server = Server {
+            addr: "node1:7300".into(),
+            tls: TlsFiles {
+                ca: Some("certs/ca.pem".into()),
+                cert: Some("/abs/alice.pem".into()),
+                key: None,
+            },
+        };
+        let abs = absolute(&server).unwrap();
+        assert_eq!(abs.addr, "node1:7300");
+        assert_eq!(abs.tls.ca, Some(cwd.join("certs/ca.pem")));
+        assert_eq!(abs.tls.cert.as_deref(), Some(Path::new("/abs/alice.pem")));
+        assert_eq!(abs.tls.key, None);
     }
 
     #[test]

@@ -53,7 +53,10 @@ pub struct Worker<'a> {
     memory_peak_bytes: u64,
     network: &'static str,
     nvidia_gpu: u32,
+    output_dropped_bytes: u64,
+    owner: &'a str,
     pid: u32,
+    pooled: bool,
     reason: &'a str,
     restarts: u32,
     session_id: &'a str,
@@ -61,6 +64,7 @@ pub struct Worker<'a> {
     #[serde(serialize_with = "rfc3339")]
     started_at: Option<&'a Timestamp>,
     status: &'static str,
+    user: &'a str,
     workdir: &'a str,
 }
 
@@ -92,10 +96,10 @@ impl<'a> From<&'a pb::Worker> for Worker<'a> {
             workdir,
             network: _,
             gpu_memory_used_bytes,
-            owner: _,
-            user: _,
-            pooled: _,
-            output_dropped_bytes: _,
+            owner,
+            user,
+            pooled,
+            output_dropped_bytes,
         } = w;
         Self {
             command,
@@ -115,13 +119,17 @@ impl<'a> From<&'a pb::Worker> for Worker<'a> {
             memory_peak_bytes: *memory_peak_bytes,
             network: w.network().as_str_name(),
             nvidia_gpu: *nvidia_gpu,
+            output_dropped_bytes: *output_dropped_bytes,
+            owner,
             pid: *pid,
+            pooled: *pooled,
             reason,
             restarts: *restarts,
             session_id,
             signal: *signal,
             started_at: started_at.as_ref(),
             status: w.status().as_str_name(),
+            user,
             workdir,
         }
     }
@@ -185,6 +193,7 @@ pub struct Session<'a> {
     holder_pid: Option<u32>,
     id: &'a str,
     labels: BTreeMap<&'a str, &'a str>,
+    owner: &'a str,
     ttl_seconds: u32,
 }
 
@@ -195,7 +204,7 @@ pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Session<'_> {
         expires_at,
         created_at,
         labels,
-        owner: _,
+        owner,
     } = s;
     Session {
         created_at: created_at.as_ref(),
@@ -203,6 +212,7 @@ pub fn session(s: &pb::Session, holder_pid: Option<u32>) -> Session<'_> {
         holder_pid,
         id,
         labels: sorted(labels),
+        owner,
         ttl_seconds: *ttl_seconds,
     }
 }
@@ -463,7 +473,10 @@ mod tests {
             workdir: "/tmp/w".into(),
             network: pb::NetworkMode::Bridge as i32,
             gpu_memory_used_bytes: 1 << 40,
-            ..Default::default()
+            owner: "alice".into(),
+            user: "nobody".into(),
+            pooled: true,
+            output_dropped_bytes: 4096,
         }
     }
 
@@ -496,18 +509,22 @@ mod tests {
   "memory_peak_bytes": 18446744073709551615,
   "network": "NETWORK_MODE_BRIDGE",
   "nvidia_gpu": 2,
+  "output_dropped_bytes": 4096,
+  "owner": "alice",
   "pid": 4242,
+  "pooled": true,
   "reason": "exited with code 1",
   "restarts": 3,
   "session_id": "s1",
   "signal": 9,
   "started_at": "2023-11-14T22:13:21.500Z",
   "status": "WORKER_STATUS_FAILED",
+  "user": "nobody",
   "workdir": "/tmp/w"
 }"#;
 
     /// A worker with nothing set: zeros and empty strings are themselves, unset is `null`.
-    const EMPTY_WORKER: &str = r#"{"command":[],"cpu":0.0,"cpu_seconds":0.0,"created_at":null,"exit_code":null,"finished_at":null,"gpu_memory_used_bytes":0,"gpu_uuids":[],"host":"","id":"","ip_address":"","kernel":"","labels":{},"memory_gb":0.0,"memory_peak_bytes":0,"network":"NETWORK_MODE_BRIDGE","nvidia_gpu":0,"pid":0,"reason":"","restarts":0,"session_id":"","signal":null,"started_at":null,"status":"WORKER_STATUS_UNSPECIFIED","workdir":""}"#;
+    const EMPTY_WORKER: &str = r#"{"command":[],"cpu":0.0,"cpu_seconds":0.0,"created_at":null,"exit_code":null,"finished_at":null,"gpu_memory_used_bytes":0,"gpu_uuids":[],"host":"","id":"","ip_address":"","kernel":"","labels":{},"memory_gb":0.0,"memory_peak_bytes":0,"network":"NETWORK_MODE_BRIDGE","nvidia_gpu":0,"output_dropped_bytes":0,"owner":"","pid":0,"pooled":false,"reason":"","restarts":0,"session_id":"","signal":null,"started_at":null,"status":"WORKER_STATUS_UNSPECIFIED","user":"","workdir":""}"#;
 
     fn full_host() -> pb::HostInfo {
         pb::HostInfo {
@@ -687,15 +704,15 @@ mod tests {
                 ("a".into(), "b".into()),
             ]
             .into(),
-            ..Default::default()
+            owner: "alice".into(),
         };
         assert_eq!(
             text(&session(&s, Some(42))),
-            r#"{"created_at":"2023-11-14T22:13:20Z","expires_at":"2023-11-14T22:13:50.000000005Z","holder_pid":42,"id":"s1","labels":{"a":"b","berth.client":"r"},"ttl_seconds":30}"#
+            r#"{"created_at":"2023-11-14T22:13:20Z","expires_at":"2023-11-14T22:13:50.000000005Z","holder_pid":42,"id":"s1","labels":{"a":"b","berth.client":"r"},"owner":"alice","ttl_seconds":30}"#
         );
         assert_eq!(
             text(&session(&pb::Session::default(), None)),
-            r#"{"created_at":null,"expires_at":null,"holder_pid":null,"id":"","labels":{},"ttl_seconds":0}"#
+            r#"{"created_at":null,"expires_at":null,"holder_pid":null,"id":"","labels":{},"owner":"","ttl_seconds":0}"#
         );
     }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
+use super::Server;
 use crate::{pb, Client};
 
 /// Lease of the session that `launch --attach` opens when none is given.
@@ -37,11 +38,11 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Renews session `id` on the server at `addr` every [`renew_every`]`(ttl)`.
-    pub fn keep(addr: &str, id: &str, ttl: Duration) -> std::io::Result<Self> {
+    /// Renews session `id` on `server` every [`renew_every`]`(ttl)`.
+    pub fn keep(server: &Server, id: &str, ttl: Duration) -> std::io::Result<Self> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ended_tx, ended) = std::sync::mpsc::channel();
-        let (addr, id) = (addr.to_owned(), id.to_owned());
+        let (server, id) = (server.clone(), id.to_owned());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -51,7 +52,7 @@ impl Lease {
                 rt.block_on(async move {
                     tokio::select! {
                         _ = stop_rx => {}
-                        ended = renew(&addr, &id, renew_every(ttl)) => {
+                        ended = renew(&server, &id, renew_every(ttl)) => {
                             let _ = ended_tx.send(ended);
                         }
                     }
@@ -71,14 +72,14 @@ impl Lease {
 
 /// Renews the lease until the server says the session is gone; returns that answer. Any other
 /// failure (the server restarting, a network hiccup) is retried.
-pub(crate) async fn renew(addr: &str, id: &str, every: Duration) -> tonic::Status {
+pub(crate) async fn renew(server: &Server, id: &str, every: Duration) -> tonic::Status {
     let mut client: Option<Client> = None;
     let mut wait = every;
     loop {
         tokio::time::sleep(wait).await;
         wait = retry_after(every);
         if client.is_none() {
-            client = Client::connect(addr).await.ok();
+            client = server.connect().await.ok();
         }
         let Some(c) = &client else { continue };
         let mut workers = c.workers();
@@ -155,6 +156,8 @@ impl Signals {
 mod tests {
     use super::*;
 
+    use crate::pki::Pki;
+
     #[test]
     fn renewals_come_three_times_a_lease() {
         let s = Duration::from_secs;
@@ -176,8 +179,9 @@ mod tests {
         assert_eq!(exits, [(1, "SIGHUP"), (2, "SIGINT"), (15, "SIGTERM")]);
     }
 
-    /// A lease renews against a real (in-process) server until dropped, and reports the end of
-    /// a session the server no longer knows.
+    /// A lease renews against a real (in-process) server until dropped, over mutual TLS when
+    /// the server is given with TLS material, and reports the end of a session the server no
+    /// longer knows.
     #[tokio::test(flavor = "current_thread")]
     async fn renews_until_dropped_and_reports_an_ended_session() {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -186,17 +190,22 @@ mod tests {
         #[derive(Default)]
         struct Renewals {
             count: AtomicU32,
+            /// Renewals that came with a client certificate.
+            certified: AtomicU32,
             /// Answer NOT_FOUND from this renewal on.
             gone_after: u32,
         }
         /// A server of nothing but KeepAlive.
-        struct Server(Arc<Renewals>);
+        struct KeepAliveOnly(Arc<Renewals>);
         #[tonic::async_trait]
-        impl pb::workers_server::Workers for Server {
+        impl pb::workers_server::Workers for KeepAliveOnly {
             async fn keep_alive(
                 &self,
                 r: tonic::Request<pb::KeepAliveRequest>,
             ) -> Result<tonic::Response<pb::Session>, tonic::Status> {
+                if r.peer_certs().is_some_and(|c| !c.is_empty()) {
+                    self.0.certified.fetch_add(1, Ordering::SeqCst);
+                }
                 let n = self.0.count.fetch_add(1, Ordering::SeqCst) + 1;
                 if self.0.gone_after > 0 && n > self.0.gone_after {
                     return Err(tonic::Status::not_found("session s1 not found or ended"));
@@ -260,24 +269,37 @@ mod tests {
             }
         }
 
-        async fn serve(r: Arc<Renewals>) -> String {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
+        /// Serves `r`, over TLS requiring a client certificate with `pki`.
+        async fn serve(r: Arc<Renewals>, pki: Option<&Pki>) -> Server {
+            let (incoming, port) = crate::pki::listen().await;
+            let mut builder = match pki {
+                Some(p) => p.server(),
+                None => tonic::transport::Server::builder(),
+            };
             tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(pb::workers_server::WorkersServer::new(Server(r)))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                builder
+                    .add_service(pb::workers_server::WorkersServer::new(KeepAliveOnly(r)))
+                    .serve_with_incoming(incoming),
             );
-            addr
+            Server {
+                addr: format!("127.0.0.1:{port}"),
+                tls: pki.map(Pki::client).unwrap_or_default(),
+            }
         }
 
         let ttl = Duration::from_millis(300);
+        let pki = Pki::new();
         let kept = Arc::new(Renewals::default());
-        let addr = serve(kept.clone()).await;
-        let lease = Lease::keep(&addr, "s1", ttl).unwrap();
+        let server = serve(kept.clone(), Some(&pki)).await;
+        let lease = Lease::keep(&server, "s1", ttl).unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
         let n = kept.count.load(Ordering::SeqCst);
         assert!(n >= 3, "{n} renewals in 0.8 s, every 0.1 s");
+        assert_eq!(
+            kept.certified.load(Ordering::SeqCst),
+            n,
+            "every renewal presents the client certificate"
+        );
         assert!(lease.ended().is_none());
         drop(lease);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -293,8 +315,8 @@ mod tests {
             gone_after: 2,
             ..Default::default()
         });
-        let addr = serve(gone.clone()).await;
-        let lease = Lease::keep(&addr, "s1", ttl).unwrap();
+        let server = serve(gone.clone(), None).await;
+        let lease = Lease::keep(&server, "s1", ttl).unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
         let status = lease.ended().expect("the end of the session is reported");
         assert_eq!(status.code(), tonic::Code::NotFound);

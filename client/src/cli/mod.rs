@@ -19,8 +19,22 @@ use std::path::PathBuf;
 pub use args::Cli;
 pub use commands::{check, run};
 
-use crate::ClientError;
+use crate::{Client, ClientError, TlsFiles};
 use lease::Signal;
+
+/// The server that the CLI talks to and how: each connection the CLI makes (the verb's, the
+/// lease of `launch --attach`, the session holder's) is made from this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub addr: String,
+    pub tls: TlsFiles,
+}
+
+impl Server {
+    pub async fn connect(&self) -> Result<Client, ClientError> {
+        Client::connect_with(&self.addr, &self.tls).await
+    }
+}
 
 /// Exit status of a failed call, or of awaited workers that failed.
 pub const EXIT_FAILURE: u8 = 1;
@@ -53,8 +67,9 @@ impl Outcome {
 /// Why a verb could not run to the end. Printed as `berth: <this>`.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The server could not be reached; gRPC clients call that UNAVAILABLE.
-    #[error("UNAVAILABLE: {}", error_chain(.0))]
+    /// The server could not be reached (gRPC clients call that UNAVAILABLE), or the address or
+    /// the TLS material cannot be used (INVALID_ARGUMENT).
+    #[error("{}: {}", connect_code(.0), error_chain(.0))]
     Connect(#[source] ClientError),
     /// The server refused or failed a call.
     #[error("{}", describe_call(.method, .status, .hint.as_deref()))]
@@ -106,11 +121,11 @@ impl CliError {
     }
 
     /// The code that `--json` reports: the server's for a refused call, UNAVAILABLE when it
-    /// cannot be reached, INVALID_ARGUMENT for an argument found wrong here, UNKNOWN for a
-    /// local failure.
+    /// cannot be reached, INVALID_ARGUMENT for an argument found wrong here (the TLS files
+    /// too), UNKNOWN for a local failure.
     pub fn code_name(&self) -> &'static str {
         match self {
-            CliError::Connect(_) => "UNAVAILABLE",
+            CliError::Connect(e) => connect_code(e),
             CliError::Call { status, .. } => code_name(status.code()),
             CliError::CurrentDir(_) => "FAILED_PRECONDITION",
             CliError::NoProcess { .. } | CliError::Destination { .. } => "INVALID_ARGUMENT",
@@ -176,6 +191,16 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The code of a connection that could not be made: UNAVAILABLE when the server cannot be
+/// reached, INVALID_ARGUMENT when what was given to reach it cannot be used.
+fn connect_code(e: &ClientError) -> &'static str {
+    if e.is_misconfigured() {
+        "INVALID_ARGUMENT"
+    } else {
+        "UNAVAILABLE"
     }
 }
 
@@ -354,6 +379,100 @@ mod tests {
         struct Quoting(#[source] std::io::Error);
         let e = Quoting(std::io::Error::other("inner"));
         assert_eq!(error_chain(&e), "outer: inner");
+    }
+
+    /// A verb with `--tls-ca`, `--tls-cert`, `--tls-key` against a server that requires a client
+    /// certificate: the flags reach the connection, and the server sees alice's certificate.
+    #[tokio::test]
+    async fn verbs_connect_with_the_tls_flags() {
+        use crate::pki::Pki;
+        use clap::Parser;
+
+        /// A host that names its caller: alice by her certificate.
+        struct NamesCaller(Vec<u8>);
+        #[tonic::async_trait]
+        impl crate::pb::host_server::Host for NamesCaller {
+            async fn get_host_info(
+                &self,
+                r: tonic::Request<crate::pb::GetHostInfoRequest>,
+            ) -> Result<tonic::Response<crate::pb::HostInfo>, tonic::Status> {
+                let who = match r.peer_certs() {
+                    Some(c) if c.first().map(|d| d.as_ref()) == Some(&self.0[..]) => "alice",
+                    Some(_) => "someone else",
+                    None => "nobody",
+                };
+                Ok(tonic::Response::new(crate::pb::HostInfo {
+                    name: who.into(),
+                    ..Default::default()
+                }))
+            }
+        }
+
+        async fn berth(args: &[&str]) -> Result<String, CliError> {
+            let cli =
+                Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied())).unwrap();
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let mut term = Terminal {
+                out: &mut out,
+                err: &mut err,
+            };
+            run(cli, &mut term).await?;
+            Ok(String::from_utf8(out).unwrap())
+        }
+
+        let pki = Pki::new();
+        let (incoming, port) = crate::pki::listen().await;
+        tokio::spawn(
+            pki.server()
+                .add_service(crate::pb::host_server::HostServer::new(NamesCaller(
+                    pki.client_der.clone(),
+                )))
+                .serve_with_incoming(incoming),
+        );
+        let addr = format!("127.0.0.1:{port}");
+        let (ca, cert, key) = (
+            pki.ca.to_str().unwrap(),
+            pki.client_cert.to_str().unwrap(),
+            pki.client_key.to_str().unwrap(),
+        );
+        let tls = ["--tls-ca", ca, "--tls-cert", cert, "--tls-key", key];
+
+        let out = berth(&[&["--addr", &addr, "--json"][..], &tls, &["info"]].concat())
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["name"], "alice", "{out}");
+        // Global flags: after the verb too.
+        let out = berth(&[&["info", "--addr", &addr][..], &tls].concat())
+            .await
+            .unwrap();
+        assert!(out.starts_with("name         alice\n"), "{out}");
+
+        // Without a certificate the server refuses the caller.
+        let e = berth(&["--addr", &addr, "--tls-ca", ca, "info"])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.code_name(), "UNAVAILABLE" | "UNKNOWN"),
+            "{e}: {}",
+            e.code_name()
+        );
+        // Without TLS the server is not reached.
+        assert!(berth(&["--addr", &addr, "info"]).await.is_err());
+        // A certificate without its key: named, and no connection tried.
+        let e = berth(&["--addr", &addr, "--tls-ca", ca, "--tls-cert", cert, "info"])
+            .await
+            .unwrap_err();
+        assert_eq!(e.code_name(), "INVALID_ARGUMENT", "{e}");
+        assert_eq!(
+            e.message(),
+            "--tls-cert (BERTH_TLS_CERT) is given without --tls-key (BERTH_TLS_KEY): a client \
+             certificate goes with its key"
+        );
+        assert!(
+            e.to_string().starts_with("INVALID_ARGUMENT: --tls-cert"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub fn launch(a: &LaunchArgs, cwd: &Path) -> pb::LaunchWorkersRequest {
         labels: a.labels.iter().cloned().collect(),
         constraints: a.constraints.iter().cloned().collect(),
         placement: pb::Placement::from(a.placement) as i32,
-        ..Default::default()
+        request_id: a.request_id.clone().unwrap_or_default(),
+        run_as_root: a.run_as_root,
     }
 }
 
@@ -182,8 +183,13 @@ mod tests {
             "on-failure",
             "--max-restarts",
             "3",
+            "--request-id",
+            "retry-7",
+            "--run-as-root",
         ]);
         let r = launch(&a, Path::new("/cwd"));
+        assert_eq!(r.request_id, "retry-7");
+        assert!(r.run_as_root);
         assert_eq!((r.n, r.cpu, r.memory_gb, r.nvidia_gpu), (2, 0.5, 2.0, 1));
         assert_eq!((r.kernel.as_str(), r.script.as_str()), ("r", "job.R"));
         assert!(r.code.is_empty() && r.command.is_empty());

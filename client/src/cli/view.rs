@@ -151,13 +151,24 @@ fn table<R: Into<Row>>(
         .collect()
 }
 
-/// Workers as a table. The SESSION, GPU and RESTARTS columns appear only when some worker has
-/// one, so the common table stays narrow.
+/// Whether a worker runs as another user than the one who launched it (a root worker, or a
+/// caller whose certificate name maps to no user of the host and runs as `worker_user`).
+fn runs_as_other(w: &pb::Worker) -> bool {
+    !w.user.is_empty() && w.user != w.owner
+}
+
+/// Workers as a table. OWNER is who launched each; the USER, SESSION, GPU and RESTARTS columns
+/// appear only when some worker has one (USER: runs as another user than its owner), so the
+/// common table stays narrow.
 pub fn workers_table(workers: &[pb::Worker], now: SystemTime) -> String {
+    let users = workers.iter().any(runs_as_other);
     let sessions = workers.iter().any(|w| !w.session_id.is_empty());
     let gpus = workers.iter().any(|w| w.nvidia_gpu > 0);
     let restarts = workers.iter().any(|w| w.restarts > 0);
-    let mut headers = vec!["ID", "STATUS"];
+    let mut headers = vec!["ID", "STATUS", "OWNER"];
+    if users {
+        headers.push("USER");
+    }
     if sessions {
         headers.push("SESSION");
     }
@@ -171,7 +182,14 @@ pub fn workers_table(workers: &[pb::Worker], now: SystemTime) -> String {
     }
     headers.push("EXIT/REASON");
     let rows = workers.iter().map(|w| {
-        let mut row = vec![w.id.clone(), status_name(w.status()).to_owned()];
+        let mut row = vec![
+            w.id.clone(),
+            status_name(w.status()).to_owned(),
+            or_dash(&w.owner),
+        ];
+        if users {
+            row.push(or_dash(&w.user));
+        }
         if sessions {
             row.push(or_dash(&w.session_id));
         }
@@ -462,6 +480,8 @@ mod tests {
     fn worker(id: &str, status: pb::WorkerStatus) -> pb::Worker {
         pb::Worker {
             id: id.into(),
+            owner: "alice".into(),
+            user: "alice".into(),
             host: "h1".into(),
             status: status as i32,
             cpu: 0.5,
@@ -494,11 +514,13 @@ mod tests {
         b.exit_code = Some(1);
         b.reason = "exited with code 1".into();
         b.created_at = ts(0);
+        b.owner = String::new();
+        b.user = String::new();
         let got = workers_table(&[a, b], at(1_000));
         let want = "\
-ID      STATUS   HOST  IP         CPU     MEM   PID     AGE  EXIT/REASON
-abc123  running  h1    10.88.0.2  0.5  128MiB  4242   1m40s  -
-def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
+ID      STATUS   OWNER  HOST  IP         CPU     MEM   PID     AGE  EXIT/REASON
+abc123  running  alice  h1    10.88.0.2  0.5  128MiB  4242   1m40s  -
+def     failed   -      h1    -            2  1.5GiB     -  16m40s  exited with code 1
 ";
         assert_eq!(got, want);
     }
@@ -509,6 +531,7 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
         a.session_id = "s1".into();
         a.nvidia_gpu = 2;
         a.restarts = 3;
+        a.user = "root".into();
         let got = workers_table(&[a], at(900));
         let header = got.lines().next().unwrap();
         assert_eq!(
@@ -516,6 +539,8 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
             [
                 "ID",
                 "STATUS",
+                "OWNER",
+                "USER",
                 "SESSION",
                 "HOST",
                 "IP",
@@ -529,9 +554,26 @@ def     failed   h1    -            2  1.5GiB     -  16m40s  exited with code 1
             ]
         );
         let row: Vec<&str> = got.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(row[2], "s1");
-        assert_eq!(row[7], "2");
-        assert_eq!(row[10], "3");
+        assert_eq!(&row[2..5], ["alice", "root", "s1"]);
+        assert_eq!(row[9], "2");
+        assert_eq!(row[12], "3");
+    }
+
+    #[test]
+    fn user_column_only_for_workers_that_run_as_another() {
+        let header = |ws: &[pb::Worker]| {
+            let t = workers_table(ws, at(900));
+            t.lines().next().unwrap().to_owned()
+        };
+        let same = worker("a", pb::WorkerStatus::Running);
+        assert!(!header(std::slice::from_ref(&same)).contains("USER"));
+        // A server that does not say whom a worker runs as.
+        let mut unsaid = same.clone();
+        unsaid.user = String::new();
+        assert!(!header(&[unsaid]).contains("USER"));
+        let mut mapped = same.clone();
+        mapped.user = "nobody".into();
+        assert!(header(&[same, mapped]).contains("USER"));
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub enum Error {
     /// Not offered by this server (yet).
     #[error("{0}")]
     Unimplemented(String),
+    /// The caller cannot be identified (no peer credentials, no valid client certificate).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller names a worker or session it does not own, or asks for what its role does
+    /// not allow.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A failure of the host itself (a cgroup or file that cannot be written).
     #[error("{0}")]
     Internal(String),

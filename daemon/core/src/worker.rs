@@ -30,6 +30,8 @@ pub struct Filter {
     pub session_id: Option<String>,
     pub ids: Vec<String>,
     pub statuses: Vec<WorkerStatus>,
+    /// Only the workers of this owner (a caller who is not an admin sees only its own).
+    pub owner: Option<String>,
 }
 
 impl Filter {
@@ -49,7 +51,12 @@ impl Filter {
     }
 
     pub fn matches(&self, w: &WorkerRecord) -> bool {
-        self.selects(&w.id, w.session_id.as_deref(), Some(w.status))
+        self.owns(&w.owner) && self.selects(&w.id, w.session_id.as_deref(), Some(w.status))
+    }
+
+    /// Whether a worker of `owner` passes the owner restriction.
+    pub fn owns(&self, owner: &str) -> bool {
+        self.owner.as_deref().is_none_or(|o| o == owner)
     }
 }
 

@@ -53,6 +53,27 @@ pub struct Config {
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
     pub shim: PathBuf,
+    /// Group whose members may connect to the Unix sockets (mode 0660); when it does not
+    /// exist, the sockets are 0600 (root only).
+    pub socket_group: String,
+    /// Members of this group see and stop every worker, as root does.
+    pub admin_group: String,
+    /// Workers of root, of unmapped certificate names and of anonymous callers run as this user.
+    pub worker_user: String,
+    /// Root or an admin may ask for root workers (`run_as_root`).
+    pub allow_root_workers: bool,
+    /// Capabilities root workers keep, by name (e.g. "CAP_NET_BIND_SERVICE"); default none.
+    pub root_worker_capabilities: Vec<String>,
+    /// Allow plaintext gRPC and metrics beyond loopback; callers there are taken for whoever
+    /// they say they are. Never on a shared network.
+    pub insecure_plaintext: bool,
+    /// Identities whose forwarded caller this host accepts: certificate names, or `uid:N` for a
+    /// scheduler on this host.
+    pub trusted_schedulers: Vec<String>,
+    /// TLS of the TCP listeners and of the calls to the scheduler.
+    pub tls: berth_server::identity::TlsConfig,
+    /// Certificate name → local user name (unmapped names run workers as `worker_user`).
+    pub users: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +102,10 @@ pub struct WorkerConfig {
     pub path: String,
     /// Variables every worker gets (the request's `env` overrides them).
     pub env: BTreeMap<String, String>,
+    /// Resource limits of workers, by name without `RLIMIT_` (e.g. `NOFILE = [1024, 524288]`,
+    /// soft and hard; -1 is unlimited). Default: systemd's defaults for services, not the
+    /// daemon's own limits.
+    pub rlimits: BTreeMap<String, [i64; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,6 +241,15 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
+            socket_group: "berth".into(),
+            admin_group: "berth-admin".into(),
+            worker_user: "nobody".into(),
+            allow_root_workers: false,
+            root_worker_capabilities: Vec::new(),
+            insecure_plaintext: false,
+            trusted_schedulers: vec!["uid:0".into()],
+            tls: Default::default(),
+            users: BTreeMap::new(),
         }
     }
 }
@@ -239,6 +273,7 @@ impl Default for WorkerConfig {
             stop_grace_seconds: 10,
             path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             env: BTreeMap::new(),
+            rlimits: BTreeMap::from([("NOFILE".to_owned(), [1024, 524288])]),
         }
     }
 }
@@ -318,8 +353,61 @@ impl DaemonConfig for Config {
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
         }
+        for c in &self.root_worker_capabilities {
+            if berth_sys::launcher::cap_number(c).is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "root_worker_capabilities",
+                    message: format!("{c:?} is not a capability name"),
+                });
+            }
+        }
+        for (name, [soft, hard]) in &self.worker.rlimits {
+            if rlimit_resource(name).is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "worker.rlimits",
+                    message: format!("{name:?} is not a resource limit (NOFILE, NPROC, CORE, ...)"),
+                });
+            }
+            let lim = |v: i64| if v < 0 { u64::MAX } else { v as u64 };
+            if lim(*soft) > lim(*hard) {
+                return Err(ConfigError::Invalid {
+                    key: "worker.rlimits",
+                    message: format!(
+                        "{name}: the soft limit {soft} is above the hard limit {hard}"
+                    ),
+                });
+            }
+        }
+        berth_server::identity::check_tls_config(&self.tls)?;
+        if self.worker_user.is_empty() {
+            return bad("worker_user", "must name a user");
+        }
         Ok(())
     }
+}
+
+/// The `RLIMIT_*` number of a limit named without its prefix (`NOFILE`, `nproc`).
+pub fn rlimit_resource(name: &str) -> Option<i32> {
+    let r = match name.to_ascii_uppercase().trim_start_matches("RLIMIT_") {
+        "AS" => libc::RLIMIT_AS,
+        "CORE" => libc::RLIMIT_CORE,
+        "CPU" => libc::RLIMIT_CPU,
+        "DATA" => libc::RLIMIT_DATA,
+        "FSIZE" => libc::RLIMIT_FSIZE,
+        "LOCKS" => libc::RLIMIT_LOCKS,
+        "MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "NICE" => libc::RLIMIT_NICE,
+        "NOFILE" => libc::RLIMIT_NOFILE,
+        "NPROC" => libc::RLIMIT_NPROC,
+        "RSS" => libc::RLIMIT_RSS,
+        "RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RTTIME" => libc::RLIMIT_RTTIME,
+        "SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    };
+    Some(r as i32)
 }
 
 /// Command line of berthd. Flags override the config file, which overrides the defaults.
@@ -363,6 +451,8 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    #[command(flatten)]
+    pub security: berth_server::config::SecurityArgs,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -410,6 +500,7 @@ impl DaemonArgs for Args {
         if let Some(v) = &self.log_format {
             cfg.log_format = v.clone();
         }
+        self.security.apply(&mut cfg.socket_group, &mut cfg.tls);
     }
 }
 

@@ -16,14 +16,15 @@ use berth_core::launch::{KernelInvocation, GIB};
 use berth_sys::cgroup::{CgroupFs, Cgroups};
 use berth_sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use berth_sys::host as hostfs;
-use berth_sys::launcher::ShimSpawner;
+use berth_sys::launcher::{Rlimit, ShimSpawner};
 use berth_sys::netns::{HostNetwork, NetConfig, Netns, NoNetwork};
 use berth_sys::output::Rotation;
 use berth_sys::store::StoreWriter;
 
 use crate::info::HostService;
-use crate::supervisor::{Host, HostOptions, KernelEntry};
-use berth_server::front::{bind_all, serve_metrics, GrpcFront};
+use crate::supervisor::{Host, HostOptions, KernelEntry, WorkerPrivileges};
+use berth_server::front::{bind_all, serve_metrics, GrpcFront, Security};
+use berth_server::identity::{AccessConfig, Policy};
 use berth_server::ServeError;
 
 /// Failure to start or run the daemon.
@@ -87,11 +88,11 @@ pub fn host_options(cfg: &Config) -> HostOptions {
     } else {
         hostfs::memory_total_bytes().saturating_sub((cfg.resources.reserved_memory_gb * GIB) as u64)
     };
-    let mut base_env: BTreeMap<String, String> =
-        ["HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"]
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-            .collect();
+    // HOME, USER and LOGNAME come from the account each worker runs as.
+    let mut base_env: BTreeMap<String, String> = ["LANG", "LC_ALL", "TZ"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
     base_env.extend(cfg.worker.env.clone());
     HostOptions {
         name,
@@ -117,18 +118,87 @@ pub fn host_options(cfg: &Config) -> HostOptions {
         retain_finished_for: Duration::from_secs(cfg.retention.finished_seconds),
         retain_finished_max: cfg.retention.max_finished,
         retention_sweep: Duration::from_secs(cfg.retention.sweep_seconds.max(1)),
+        privileges: WorkerPrivileges {
+            worker_user: None,
+            worker_user_name: cfg.worker_user.clone(),
+            allow_root: cfg.allow_root_workers,
+            root_caps: cfg
+                .root_worker_capabilities
+                .iter()
+                .filter_map(|c| berth_sys::launcher::cap_number(c))
+                .collect(),
+            rlimits: cfg
+                .worker
+                .rlimits
+                .iter()
+                .filter_map(|(name, [soft, hard])| {
+                    let lim = |v: i64| if v < 0 { u64::MAX } else { v as u64 };
+                    crate::config::rlimit_resource(name).map(|resource| Rlimit {
+                        resource,
+                        soft: lim(*soft),
+                        hard: lim(*hard),
+                    })
+                })
+                .collect(),
+        },
     }
+}
+
+/// What both daemons' listeners need to know to protect themselves, from berthd's config.
+pub fn security(cfg: &Config) -> Security {
+    Security {
+        tls: cfg.tls.clone(),
+        insecure_plaintext: cfg.insecure_plaintext,
+        socket_group: cfg.socket_group.clone(),
+        policy: Policy::new(AccessConfig {
+            admin_group: cfg.admin_group.clone(),
+            worker_user: cfg.worker_user.clone(),
+            insecure_plaintext: cfg.insecure_plaintext,
+            users: cfg.users.clone(),
+            trusted_schedulers: cfg.trusted_schedulers.clone(),
+        }),
+    }
+}
+
+/// The TLS material berthd presents to its scheduler (its certificate names the host).
+fn client_tls(cfg: &Config) -> berth_client::TlsFiles {
+    let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+    berth_client::TlsFiles {
+        ca: some(cfg.tls.server_ca()),
+        cert: some(&cfg.tls.cert),
+        key: some(&cfg.tls.key),
+    }
+}
+
+/// The state dir, private to root: spec records hold the workers' environments (which often
+/// hold secrets), and output is served only through the API, to its owner.
+fn private_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("workers"))?;
+    for d in [dir.to_path_buf(), dir.join("workers")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Runs a host daemon until `shutdown` is cancelled. Workers keep running afterwards: they live
 /// under their shims, not under the daemon.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let opts = host_options(&cfg);
+    let mut opts = host_options(&cfg);
     let state_err = |source| DaemonError::StateDir {
         path: cfg.state_dir.clone(),
         source,
     };
-    std::fs::create_dir_all(cfg.state_dir.join("workers")).map_err(state_err)?;
+    private_state_dir(&cfg.state_dir).map_err(state_err)?;
+    let security = security(&cfg);
+    opts.privileges.worker_user = security.policy.account_by_name(&cfg.worker_user).await;
+    if opts.privileges.worker_user.is_none() {
+        tracing::error!(
+            worker_user = %cfg.worker_user,
+            "worker_user does not exist: launches by root and by callers without a local \
+             account are refused until it does"
+        );
+    }
     let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
     let subtree = format!("berth-{}", opts.name);
     let cgroup_pool = cfg.cgroup.pool;
@@ -154,8 +224,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let cgroups: Arc<dyn Cgroups> = Arc::new(cgroups);
     let spawner = Arc::new(ShimSpawner::new(
         (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
+        &opts.privileges.root_caps,
     ));
-    let listeners = bind_all(&cfg.listen).await?;
+    let listeners = bind_all(&cfg.listen, &security).await?;
     let address = if cfg.advertise.is_empty() {
         listeners
             .iter()
@@ -235,13 +306,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     });
     let front = GrpcFront::serve(
         listeners,
+        &security,
         host.clone(),
         &["berth.v1.Host"],
         |router| router.add_service(hostsvc.clone()),
         shutdown.clone(),
     )
     .await?;
-    serve_metrics(&cfg.metrics_listen, host.clone(), shutdown.clone()).await?;
+    serve_metrics(
+        &cfg.metrics_listen,
+        cfg.insecure_plaintext,
+        host.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     let membership = Arc::new(crate::member::Membership::default());
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
     let beats = (!cfg.scheduler.is_empty()).then(|| {
@@ -252,6 +330,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
                 host.clone(),
                 address.clone(),
                 cfg.scheduler.clone(),
+                client_tls(&cfg),
                 membership.clone(),
                 shutdown.clone(),
             ),

@@ -36,6 +36,7 @@ pub async fn run(
     host: Host,
     address: String,
     scheduler: String,
+    tls: berth_client::TlsFiles,
     state: Arc<Membership>,
     shutdown: CancellationToken,
 ) {
@@ -46,7 +47,7 @@ pub async fn run(
     let mut failing = false;
     loop {
         if client.is_none() {
-            match berth_client::Client::connect(&scheduler).await {
+            match berth_client::Client::connect_with(&scheduler, &tls).await {
                 Ok(c) => client = Some(pb::membership_client::MembershipClient::new(c.channel())),
                 Err(e) => {
                     if !failing {

@@ -13,7 +13,7 @@ use berth_core::error::Error;
 use berth_core::ipam::Subnet;
 use berth_core::launch::{self, LaunchRequest, NetworkMode, RestartPolicy};
 use berth_core::worker::{Selector, WorkerRecord, WorkerStatus};
-use berth_host::supervisor::{Host, HostOptions};
+use berth_host::supervisor::{Host, HostOptions, LaunchAs};
 use berth_sys::fake::{Behaviour, FakeEvent, FakeWorld};
 use berth_sys::gpu::{FakeGpus, GpuMonitor};
 use berth_sys::netns::FakeNetns;
@@ -92,7 +92,7 @@ fn request(n: u32) -> LaunchRequest {
 impl Fixture {
     async fn launch(&self, req: LaunchRequest) -> Result<Vec<String>, Error> {
         let spec = launch::validate(&req, |_| false)?;
-        let ws = self.host.launch(spec, None).await?;
+        let ws = self.host.launch(spec, LaunchAs::default()).await?;
         Ok(ws.into_iter().map(|w| w.id).collect())
     }
 
@@ -337,7 +337,11 @@ async fn a_worker_that_succeeds_is_not_restarted() {
 #[tokio::test]
 async fn a_lapsed_session_stops_its_workers_and_only_those() {
     let f = fixture();
-    let s = f.host.open_session(1, BTreeMap::new(), None).await.unwrap();
+    let s = f
+        .host
+        .open_session(1, BTreeMap::new(), None, "")
+        .await
+        .unwrap();
     let mut req = request(2);
     req.session_id = s.id.clone();
     let in_session = f.launch(req).await.unwrap();
@@ -363,7 +367,11 @@ async fn a_lapsed_session_stops_its_workers_and_only_those() {
 #[tokio::test]
 async fn keep_alive_holds_a_session_past_its_ttl() {
     let f = fixture();
-    let s = f.host.open_session(1, BTreeMap::new(), None).await.unwrap();
+    let s = f
+        .host
+        .open_session(1, BTreeMap::new(), None, "")
+        .await
+        .unwrap();
     let mut req = request(1);
     req.session_id = s.id.clone();
     let ids = f.launch(req).await.unwrap();
@@ -441,7 +449,7 @@ fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
     let ids = first.block_on(async {
         let spec = launch::validate(&request(3), |_| false).unwrap();
         let ids: Vec<String> = h1
-            .launch(spec, None)
+            .launch(spec, LaunchAs::default())
             .await
             .unwrap()
             .into_iter()

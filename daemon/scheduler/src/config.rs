@@ -27,6 +27,20 @@ pub struct SchedulerConfig {
     pub launch_attempts: u32,
     /// `text` or `json` logs.
     pub log_format: String,
+    /// Group whose members may connect to the Unix sockets (mode 0660); when it does not
+    /// exist, the sockets are 0600 (root only).
+    pub socket_group: String,
+    /// Members of this group see and stop every worker and drain hosts, as root does.
+    pub admin_group: String,
+    /// The owner name of callers with no proven identity (`insecure_plaintext`).
+    pub worker_user: String,
+    /// Allow plaintext gRPC and metrics beyond loopback; callers and hosts there are taken for
+    /// whoever they say they are. Never on a shared network.
+    pub insecure_plaintext: bool,
+    /// TLS of the listeners and of the calls to hosts; a host's certificate name is its name.
+    pub tls: berth_server::identity::TlsConfig,
+    /// Certificate name → local user name.
+    pub users: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for SchedulerConfig {
@@ -39,6 +53,12 @@ impl Default for SchedulerConfig {
             host_down_seconds: 10.0,
             launch_attempts: 3,
             log_format: "text".into(),
+            socket_group: "berth".into(),
+            admin_group: "berth-admin".into(),
+            worker_user: "nobody".into(),
+            insecure_plaintext: false,
+            tls: Default::default(),
+            users: Default::default(),
         }
     }
 }
@@ -76,7 +96,37 @@ impl DaemonConfig for SchedulerConfig {
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
         }
-        Ok(())
+        berth_server::identity::check_tls_config(&self.tls)
+    }
+}
+
+impl SchedulerConfig {
+    /// What the listeners need to protect themselves and to know their callers.
+    pub fn security(&self) -> berth_server::front::Security {
+        use berth_server::identity::{AccessConfig, Policy};
+        berth_server::front::Security {
+            tls: self.tls.clone(),
+            insecure_plaintext: self.insecure_plaintext,
+            socket_group: self.socket_group.clone(),
+            policy: Policy::new(AccessConfig {
+                admin_group: self.admin_group.clone(),
+                worker_user: self.worker_user.clone(),
+                insecure_plaintext: self.insecure_plaintext,
+                users: self.users.clone(),
+                // Nobody speaks for others to a scheduler.
+                trusted_schedulers: Vec::new(),
+            }),
+        }
+    }
+
+    /// The TLS material the scheduler presents to hosts.
+    pub fn client_tls(&self) -> berth_client::TlsFiles {
+        let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+        berth_client::TlsFiles {
+            ca: some(self.tls.server_ca()),
+            cert: some(&self.tls.cert),
+            key: some(&self.tls.key),
+        }
     }
 }
 
@@ -114,6 +164,8 @@ pub struct SchedulerArgs {
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    #[command(flatten)]
+    pub security: berth_server::config::SecurityArgs,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -143,6 +195,7 @@ impl DaemonArgs for SchedulerArgs {
         if let Some(v) = &self.log_format {
             cfg.log_format = v.clone();
         }
+        self.security.apply(&mut cfg.socket_group, &mut cfg.tls);
     }
 }
 

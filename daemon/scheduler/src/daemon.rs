@@ -34,7 +34,8 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
         path: cfg.state_dir.clone(),
         source,
     })?;
-    let listeners = bind_all(&cfg.listen).await?;
+    let security = cfg.security();
+    let listeners = bind_all(&cfg.listen, &security).await?;
     let scheduler = Scheduler::new(
         SchedulerOptions {
             heartbeat: cfg.heartbeat(),
@@ -43,18 +44,23 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             state_dir: Some(cfg.state_dir.clone()),
             ..Default::default()
         },
-        Arc::new(GrpcConnector),
+        Arc::new(GrpcConnector {
+            tls: cfg.client_tls(),
+        }),
     );
     scheduler.start();
 
     let cluster = pb::cluster_server::ClusterServer::new(SchedulerCluster {
         scheduler: scheduler.clone(),
+        policy: security.policy.clone(),
     });
     let membership = pb::membership_server::MembershipServer::new(SchedulerMembership {
         scheduler: scheduler.clone(),
+        policy: security.policy.clone(),
     });
     let front = GrpcFront::serve(
         listeners,
+        &security,
         scheduler.clone(),
         &["berth.v1.Cluster", "berth.v1.Membership"],
         |router| {
@@ -65,7 +71,13 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
         shutdown.clone(),
     )
     .await?;
-    serve_metrics(&cfg.metrics_listen, scheduler.clone(), shutdown.clone()).await?;
+    serve_metrics(
+        &cfg.metrics_listen,
+        cfg.insecure_plaintext,
+        scheduler.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!("scheduler ready");
 
     shutdown.cancelled().await;

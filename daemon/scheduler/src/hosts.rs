@@ -10,8 +10,32 @@ use futures::StreamExt;
 use tonic::Code;
 
 use berth_core::error::{Error, Result};
+use berth_server::identity::{Caller, CALLER_HEADER};
 
 pub use berth_server::workers::ItemStream;
+
+tokio::task_local! {
+    /// The caller a scheduler request serves, as [`CALLER_HEADER`] says it to hosts.
+    static CALLER: String;
+}
+
+/// Runs `f` (a request's work, in the request's task) with every call it makes to a host
+/// carrying `caller` in [`CALLER_HEADER`]: the host records it as the owner of what it makes and
+/// runs its workers as that user. Calls outside (the scheduler's own watches, beats and lease
+/// renewals) speak for the scheduler itself, which hosts trust with everything
+/// (`trusted_schedulers`).
+pub async fn as_caller<F: std::future::Future>(caller: &Caller, f: F) -> F::Output {
+    CALLER.scope(caller.forward(), f).await
+}
+
+/// A request to a host, with the caller it serves (if any).
+fn forwarded<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(Ok(v)) = CALLER.try_with(|c| tonic::metadata::MetadataValue::try_from(c.as_str())) {
+        r.metadata_mut().insert(CALLER_HEADER, v);
+    }
+    r
+}
 
 /// The calls the scheduler makes on a host daemon. Errors keep the host's gRPC code (a host's
 /// INVALID_ARGUMENT stays one) and name the host where that helps the caller.
@@ -34,15 +58,19 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self, name: &str, address: &str) -> Arc<dyn HostApi>;
 }
 
-/// Host connections over gRPC, dialled on first use and redialled after a transport failure.
+/// Host connections over gRPC, dialled on first use and redialled after a transport failure,
+/// over TLS where the scheduler has TLS material (its certificate is its identity to the hosts).
 #[derive(Debug, Default)]
-pub struct GrpcConnector;
+pub struct GrpcConnector {
+    pub tls: berth_client::TlsFiles,
+}
 
 impl Connector for GrpcConnector {
     fn connect(&self, name: &str, address: &str) -> Arc<dyn HostApi> {
         Arc::new(GrpcHost {
             name: name.to_owned(),
             address: address.to_owned(),
+            tls: self.tls.clone(),
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -53,6 +81,7 @@ impl Connector for GrpcConnector {
 pub struct GrpcHost {
     name: String,
     address: String,
+    tls: berth_client::TlsFiles,
     client: tokio::sync::Mutex<Option<berth_client::Client>>,
 }
 
@@ -62,7 +91,7 @@ impl GrpcHost {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = berth_client::Client::connect(&self.address)
+        let c = berth_client::Client::connect_with(&self.address, &self.tls)
             .await
             .map_err(|e| Error::Unavailable(format!("host {}: {e}", self.name)))?;
         *slot = Some(c.clone());
@@ -94,6 +123,8 @@ pub fn error_from_status(host: &str, s: &tonic::Status) -> Error {
         Code::ResourceExhausted => Error::ResourceExhausted(format!("host {host}: {msg}")),
         Code::FailedPrecondition => Error::FailedPrecondition(format!("host {host}: {msg}")),
         Code::NotFound => Error::NotFound(msg.to_owned()),
+        Code::PermissionDenied => Error::PermissionDenied(format!("host {host}: {msg}")),
+        Code::Unauthenticated => Error::Unauthenticated(format!("host {host}: {msg}")),
         Code::Unimplemented => Error::Unimplemented(format!("host {host}: {msg}")),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
             Error::Unavailable(format!("host {host} cannot be reached: {msg}"))
@@ -105,28 +136,52 @@ pub fn error_from_status(host: &str, s: &tonic::Status) -> Error {
 #[tonic::async_trait]
 impl HostApi for GrpcHost {
     async fn launch(&self, req: pb::LaunchWorkersRequest) -> Result<Vec<pb::Worker>> {
-        match self.client().await?.workers().launch_workers(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .launch_workers(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner().workers),
             Err(s) => Err(self.fail(s).await),
         }
     }
 
     async fn list(&self, req: pb::ListWorkersRequest) -> Result<Vec<pb::Worker>> {
-        match self.client().await?.workers().list_workers(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .list_workers(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner().workers),
             Err(s) => Err(self.fail(s).await),
         }
     }
 
     async fn stop(&self, req: pb::StopWorkersRequest) -> Result<Vec<pb::Worker>> {
-        match self.client().await?.workers().stop_workers(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .stop_workers(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner().workers),
             Err(s) => Err(self.fail(s).await),
         }
     }
 
     async fn open_session(&self, req: pb::OpenSessionRequest) -> Result<pb::Session> {
-        match self.client().await?.workers().open_session(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .open_session(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s).await),
         }
@@ -136,14 +191,26 @@ impl HostApi for GrpcHost {
         let req = pb::KeepAliveRequest {
             session_id: session_id.to_owned(),
         };
-        match self.client().await?.workers().keep_alive(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .keep_alive(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => Err(self.fail(s).await),
         }
     }
 
     async fn close_session(&self, req: pb::CloseSessionRequest) -> Result<Vec<pb::Worker>> {
-        match self.client().await?.workers().close_session(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .close_session(forwarded(req))
+            .await
+        {
             Ok(r) => Ok(r.into_inner().stopped),
             Err(s) => Err(self.fail(s).await),
         }
@@ -151,7 +218,13 @@ impl HostApi for GrpcHost {
 
     async fn watch(&self) -> Result<ItemStream<pb::Worker>> {
         let req = pb::WatchWorkersRequest::default();
-        match self.client().await?.workers().watch_workers(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .watch_workers(forwarded(req))
+            .await
+        {
             Ok(r) => {
                 let name = self.name.clone();
                 Ok(Box::pin(r.into_inner().filter_map(move |ev| {
@@ -167,7 +240,13 @@ impl HostApi for GrpcHost {
     }
 
     async fn output(&self, req: pb::StreamOutputRequest) -> Result<ItemStream<pb::OutputChunk>> {
-        match self.client().await?.workers().stream_output(req).await {
+        match self
+            .client()
+            .await?
+            .workers()
+            .stream_output(forwarded(req))
+            .await
+        {
             Ok(r) => {
                 let name = self.name.clone();
                 Ok(Box::pin(
@@ -184,7 +263,7 @@ impl HostApi for GrpcHost {
             .client()
             .await?
             .host()
-            .get_host_info(pb::GetHostInfoRequest {})
+            .get_host_info(forwarded(pb::GetHostInfoRequest {}))
             .await
         {
             Ok(r) => Ok(r.into_inner()),

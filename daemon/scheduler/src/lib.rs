@@ -653,14 +653,21 @@ impl Scheduler {
         id: Option<String>,
         ttl_seconds: u32,
         labels: BTreeMap<String, String>,
+        owner: &str,
     ) -> Result<pb::Session> {
         let id = id.unwrap_or_else(berth_core::new_id);
         let mut sessions = self.sessions();
         if let Some(s) = sessions.get_mut(&id) {
+            if s.session.owner != owner {
+                return Err(Error::PermissionDenied(format!(
+                    "session {id} belongs to another user"
+                )));
+            }
             s.session.renew(SystemTime::now());
             return Ok(session_to_pb(&s.session));
         }
-        let session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
+        let mut session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
+        session.owner = owner.to_owned();
         let out = session_to_pb(&session);
         sessions.insert(
             id.clone(),
@@ -711,12 +718,13 @@ impl Scheduler {
         let Some((_, first)) = live.first() else {
             return Err(Error::NotFound(format!("session {id} not found or ended")));
         };
-        let session = Session::open(
+        let mut session = Session::open(
             id.to_owned(),
             first.ttl_seconds,
             first.labels.clone().into_iter().collect(),
             SystemTime::now(),
         )?;
+        session.owner = first.owner.clone();
         let out = session_to_pb(&session);
         self.sessions().insert(
             id.to_owned(),
@@ -819,6 +827,32 @@ impl Scheduler {
     /// Whether a session id is one this scheduler holds or whose workers it sees.
     fn session_known(&self, id: &str) -> bool {
         self.sessions().contains_key(id) || !self.view().session_hosts(id).is_empty()
+    }
+
+    /// The owner of session `id`: as this scheduler holds it, else as its workers say.
+    pub fn session_owner(&self, id: &str) -> Option<String> {
+        if let Some(s) = self.sessions().get(id) {
+            return Some(s.session.owner.clone());
+        }
+        let view = self.view();
+        let owner = view
+            .select(&Filter {
+                session_id: Some(id.to_owned()),
+                ..Default::default()
+            })
+            .ok()?
+            .into_iter()
+            .next()
+            .map(|t| t.worker.owner);
+        owner
+    }
+
+    /// The owner of each of `ids` the view holds (unknown ones are left out).
+    pub fn worker_owners(&self, ids: &[String]) -> Vec<(String, String)> {
+        let view = self.view();
+        ids.iter()
+            .filter_map(|id| view.get(id).map(|t| (id.clone(), t.worker.owner.clone())))
+            .collect()
     }
 
     fn require_session(&self, id: &str) -> Result<()> {
@@ -1120,7 +1154,7 @@ impl Scheduler {
         let filter = Filter {
             session_id,
             ids,
-            statuses: Vec::new(),
+            ..Default::default()
         };
         let selected: Vec<String> = self.list(&filter)?.into_iter().map(|w| w.id).collect();
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);

@@ -315,7 +315,9 @@ async fn draining_hosts_take_no_new_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_its_workers_on_every_host() {
     let (s, fakes) = cluster(2, res(1.0, 8.0, 0, 16));
-    let session = s.open_session(None, 60, Default::default()).unwrap();
+    let session = s
+        .open_session(None, 60, Default::default(), "alice")
+        .unwrap();
     let mut req = launch(2, 1.0);
     req.session_id = session.id.clone();
     let ws = s.launch(req, None).await.unwrap();
@@ -342,7 +344,9 @@ async fn a_session_ends_its_workers_on_every_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lapsed_session_ends_its_workers() {
     let (s, fakes) = cluster(1, res(4.0, 8.0, 0, 16));
-    let session = s.open_session(None, 1, Default::default()).unwrap();
+    let session = s
+        .open_session(None, 1, Default::default(), "alice")
+        .unwrap();
     let beating = keep_beating(&s, &fakes);
     let mut req = launch(2, 1.0);
     req.session_id = session.id.clone();

@@ -28,7 +28,7 @@ pub fn is_terminal(status: i32) -> bool {
 /// Whether `filter` selects `w`, a worker as its host reported it.
 pub fn selects(filter: &Filter, w: &pb::Worker) -> bool {
     let session = (!w.session_id.is_empty()).then_some(w.session_id.as_str());
-    filter.selects(&w.id, session, status_of(w.status))
+    filter.owns(&w.owner) && filter.selects(&w.id, session, status_of(w.status))
 }
 
 /// How far along its life a status is; reports never move a worker back within one run.

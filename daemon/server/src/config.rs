@@ -93,3 +93,38 @@ pub trait DaemonArgs: clap::Parser {
         Ok(cfg)
     }
 }
+
+/// The security flags both daemons take (API.md, "Who may do what").
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// Group whose members may connect to the Unix sockets (0660).
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// TLS certificate (PEM) of the TCP listeners; with it every TCP listener serves TLS.
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) that signs client certificates; set, a client certificate is required.
+    #[arg(long)]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+impl SecurityArgs {
+    /// Sets what the flags given say over a configuration's keys.
+    pub fn apply(&self, socket_group: &mut String, tls: &mut crate::identity::TlsConfig) {
+        if let Some(v) = &self.socket_group {
+            socket_group.clone_from(v);
+        }
+        if let Some(v) = &self.tls_cert {
+            tls.cert.clone_from(v);
+        }
+        if let Some(v) = &self.tls_key {
+            tls.key.clone_from(v);
+        }
+        if let Some(v) = &self.tls_client_ca {
+            tls.client_ca.clone_from(v);
+        }
+    }
+}

@@ -20,6 +20,8 @@ pub fn to_status(e: Error) -> Status {
         Error::NotFound(_) => Status::not_found(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
         Error::Unimplemented(_) => Status::unimplemented(msg),
+        Error::Unauthenticated(_) => Status::unauthenticated(msg),
+        Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::Internal(_) => Status::internal(msg),
     }
 }

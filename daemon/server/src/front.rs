@@ -15,8 +15,46 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 
+use crate::identity::{IdentifiedTcp, Policy, TlsConfig};
 use crate::metrics::MetricsSource;
 use crate::workers::{WorkersBackend, WorkersService};
+
+/// How a daemon's listeners protect themselves: its TLS material, whether plaintext beyond
+/// loopback is allowed, the group of its Unix sockets, and who its callers are.
+#[derive(Debug, Clone)]
+pub struct Security {
+    pub tls: TlsConfig,
+    pub insecure_plaintext: bool,
+    /// Group that may connect to the Unix sockets (mode 0660); when it does not exist, the
+    /// sockets are 0600 (root only).
+    pub socket_group: String,
+    pub policy: std::sync::Arc<Policy>,
+}
+
+impl Security {
+    /// The server TLS configuration of the TCP listeners, when `[tls]` gives a certificate.
+    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        if !self.tls.enabled() {
+            return Ok(None);
+        }
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ServeError::Tls(format!("{what} {}: {e}", p.display())))
+        };
+        let identity =
+            Identity::from_pem(read("cert", &self.tls.cert)?, read("key", &self.tls.key)?);
+        let mut c = ServerTlsConfig::new().identity(identity);
+        if !self.tls.client_ca.as_os_str().is_empty() {
+            c = c
+                .client_ca_root(Certificate::from_pem(read(
+                    "client_ca",
+                    &self.tls.client_ca,
+                )?))
+                .client_auth_optional(false);
+        }
+        Ok(Some(c))
+    }
+}
 
 /// Failure to listen or to serve.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +67,14 @@ pub enum ServeError {
     },
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error(
+        "listen on {addr}: a plaintext listener beyond loopback would let anyone on the network \
+         act without proving who they are; configure [tls] (cert, key, client_ca), listen on \
+         loopback or a Unix socket, or set insecure_plaintext = true"
+    )]
+    Insecure { addr: String },
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("serve {addr}: {source}")]
     Serve {
         addr: String,
@@ -61,6 +107,7 @@ impl GrpcFront {
     /// in `more`, for health and reflection) on every listener, until `shutdown`.
     pub async fn serve<B, F>(
         listeners: Vec<(String, BoundListener)>,
+        security: &Security,
         backend: B,
         more: &[&'static str],
         add: F,
@@ -77,11 +124,21 @@ impl GrpcFront {
             health.set_service_status(*s, ServingStatus::Serving).await;
         }
         let (refl_v1, refl_v1alpha) = reflection(&services)?;
-        let workers = pb::workers_server::WorkersServer::new(WorkersService::new(backend))
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let workers = pb::workers_server::WorkersServer::new(WorkersService::new(
+            backend,
+            security.policy.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let tls = security.server_tls()?;
         let mut servers = Vec::new();
         for (addr, l) in listeners {
-            let router = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let (Some(t), true) = (&tls, l.is_tcp()) {
+                builder = builder
+                    .tls_config(t.clone())
+                    .map_err(|e| ServeError::Tls(e.to_string()))?;
+            }
+            let router = builder
                 .add_service(health_svc.clone())
                 .add_service(refl_v1.clone())
                 .add_service(refl_v1alpha.clone())
@@ -108,20 +165,27 @@ impl GrpcFront {
 }
 
 /// Serves the metrics of `source` over HTTP at `addr` (empty: not at all) until `shutdown`.
+/// Like every plaintext listener, only on loopback unless `insecure_plaintext`.
 pub async fn serve_metrics<S: MetricsSource>(
     addr: &str,
+    insecure_plaintext: bool,
     source: S,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     if addr.is_empty() {
         return Ok(());
     }
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen {
+    let err = |source| ServeError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    if !insecure_plaintext && !berth_sys::peer::is_loopback(local.ip()) {
+        return Err(ServeError::Insecure {
             addr: addr.to_owned(),
-            source,
-        })?;
+        });
+    }
     tracing::info!(listen = %addr, "serving metrics");
     crate::spawn_in(
         tracing::info_span!("metrics"),
@@ -151,8 +215,13 @@ enum Bound {
     Unix(UnixListener, PathBuf),
 }
 
-/// Binds every address before anything is served, so a taken port fails the start at once.
-pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, ServeError> {
+/// Binds every address before anything is served, so a taken port fails the start at once. A
+/// plaintext TCP listener beyond loopback is refused unless `security` allows it; Unix sockets
+/// are made 0660 with group `socket_group` (0600 when that group does not exist).
+pub async fn bind_all(
+    addrs: &[String],
+    security: &Security,
+) -> Result<Vec<(String, BoundListener)>, ServeError> {
     let mut out = Vec::new();
     for a in addrs {
         let err = |source| ServeError::Listen {
@@ -163,6 +232,19 @@ pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, 
             ListenAddr::Tcp(t) => {
                 let l = TcpListener::bind(&t).await.map_err(err)?;
                 let local = l.local_addr().map_err(err)?;
+                if !security.tls.enabled()
+                    && !security.insecure_plaintext
+                    && !berth_sys::peer::is_loopback(local.ip())
+                {
+                    return Err(ServeError::Insecure { addr: a.clone() });
+                }
+                if security.insecure_plaintext && !berth_sys::peer::is_loopback(local.ip()) {
+                    tracing::warn!(
+                        listen = %local,
+                        "INSECURE: plaintext gRPC beyond loopback (insecure_plaintext = true): \
+                         anyone who reaches this address is taken for whoever they claim to be"
+                    );
+                }
                 Bound::Tcp(l, local)
             }
             ListenAddr::Unix(p) => {
@@ -178,12 +260,38 @@ pub async fn bind_all(addrs: &[String]) -> Result<Vec<(String, BoundListener)>, 
                 }
                 let _ = std::fs::remove_file(&p);
                 let l = UnixListener::bind(&p).map_err(err)?;
+                socket_permissions(&p, &security.socket_group).map_err(err)?;
                 Bound::Unix(l, p)
             }
         };
         out.push((a.clone(), BoundListener(b)));
     }
     Ok(out)
+}
+
+/// Mode 0660 and group `group` on the socket at `path`, or 0600 when there is no such group.
+fn socket_permissions(path: &std::path::Path, group: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let gid = if group.is_empty() {
+        None
+    } else {
+        berth_sys::users::group_gid(group).map_err(std::io::Error::other)?
+    };
+    match gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        }
+        None => {
+            tracing::warn!(
+                socket = %path.display(),
+                group,
+                "socket_group does not exist: the socket is 0600, for root only \
+                 (create the group, or set socket_group, to let users in)"
+            );
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+    }
 }
 
 /// A bound listener, ready to serve.
@@ -257,10 +365,15 @@ pub fn spawn_serve(
         async move {
             let res = match l.0 {
                 Bound::Tcp(t, _) => {
-                    let incoming = TcpListenerStream::new(t).map(|s| {
-                        s.inspect(|s| {
-                            let _ = s.set_nodelay(true);
-                        })
+                    // Each connection's loopback peer is looked up once, as it is accepted.
+                    let incoming = TcpListenerStream::new(t).then(|s| async move {
+                        match s {
+                            Ok(s) => {
+                                let _ = s.set_nodelay(true);
+                                Ok(IdentifiedTcp::accept(s).await)
+                            }
+                            Err(e) => Err(e),
+                        }
                     });
                     router.serve_with_incoming_shutdown(incoming, signal).await
                 }

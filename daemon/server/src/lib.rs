@@ -7,6 +7,7 @@
 pub mod config;
 pub mod convert;
 pub mod front;
+pub mod identity;
 pub mod metrics;
 pub mod workers;
 

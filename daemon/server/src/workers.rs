@@ -5,8 +5,8 @@
 //! protobuf workers. Domain errors become statuses in one place, [`to_status`].
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
@@ -19,24 +19,8 @@ use berth_core::error::{Error, Result};
 use berth_core::worker::{Filter, Selector};
 
 use crate::convert::{status_from_pb, streams_from_pb, to_status};
-
-/// Who made a request. Every backend call takes one, so that who may do what is decided in the
-/// backends, on the same value, whichever server answers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Caller {
-    /// The peer's address on a TCP connection (none on a Unix socket): what the workers of a
-    /// launch see as `BERTH_MASTER_IP` unless the request names one.
-    pub addr: Option<IpAddr>,
-}
-
-impl Caller {
-    /// The caller of `request`, from what its connection tells.
-    pub fn of<T>(request: &Request<T>) -> Self {
-        Self {
-            addr: request.remote_addr().map(|a| a.ip()),
-        }
-    }
-}
+pub use crate::identity::Caller;
+use crate::identity::Policy;
 
 /// A stream of items a backend answers with; its errors become statuses at the edge.
 pub type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send + 'static>>;
@@ -118,11 +102,17 @@ pub trait WorkersBackend: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct WorkersService<B> {
     backend: B,
+    policy: Arc<Policy>,
 }
 
 impl<B> WorkersService<B> {
-    pub fn new(backend: B) -> Self {
-        Self { backend }
+    /// Serves `backend`; `policy` says who each request's caller is.
+    pub fn new(backend: B, policy: Arc<Policy>) -> Self {
+        Self { backend, policy }
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        self.policy.caller(request).await.map_err(to_status)
     }
 }
 
@@ -206,6 +196,7 @@ fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Resu
         session_id,
         ids,
         statuses,
+        owner: None,
     })
 }
 
@@ -217,7 +208,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let id = if r.id.is_empty() {
             None
@@ -240,7 +231,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::KeepAliveRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         check_session_id(&r.session_id).map_err(to_status)?;
         let s = self.backend.keep_alive(&caller, &r.session_id).await;
@@ -251,7 +242,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         check_session_id(&r.session_id).map_err(to_status)?;
         let stopped = self
@@ -266,7 +257,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::LaunchWorkersRequest>,
     ) -> Result<Response<pb::LaunchWorkersResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let workers = self
             .backend
             .launch(&caller, request.into_inner())
@@ -279,7 +270,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
         let workers = self.backend.list(&caller, &filter).await;
@@ -292,7 +283,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::AwaitWorkersRequest>,
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         check_ids(&r.ids, "ids").map_err(to_status)?;
         let req = AwaitRequest {
@@ -316,7 +307,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let sel = stop_selector(&r).map_err(to_status)?;
         let workers = self
@@ -333,7 +324,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::StreamOutputRequest>,
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         check_ids(&r.ids, "ids").map_err(to_status)?;
         optional_session_id(r.session_id.clone()).map_err(to_status)?;
@@ -351,7 +342,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         &self,
         request: Request<pb::WatchWorkersRequest>,
     ) -> Result<Response<Self::WatchWorkersStream>, Status> {
-        let caller = Caller::of(&request);
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let filter = filter_from(r.session_id, r.ids, r.statuses).map_err(to_status)?;
         let events = self.backend.watch(&caller, filter, r.initial).await;

@@ -1,7 +1,6 @@
 //! Facts about the host read from /proc and the filesystem: memory, CPUs, executables.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// `MemTotal` of `/proc/meminfo` text, in bytes.
@@ -28,9 +27,10 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
-/// Whether `path` is a regular file with an execute bit.
+/// Whether `path` is a regular file this thread may execute.
 pub fn is_executable(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    // Checked with this thread's identity: inside `users::as_user`, as the worker's user would.
+    fs::metadata(path).is_ok_and(|m| m.is_file()) && crate::users::eaccess(path, libc::X_OK)
 }
 
 /// Resolves a program name the way execvp would: a name with a `/` is taken as is (relative to
@@ -81,6 +81,22 @@ pub fn parse_smaps_rollup(text: &str) -> (u64, u64) {
             * 1024
     };
     (kb("Rss:"), kb("Pss:"))
+}
+
+/// Whether this process runs with root's effective uid.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The name of this process's effective user as workers that keep the daemon's identity run as
+/// it: `root`, or `uid:N` (no passwd lookup: this is called on async threads).
+pub fn current_user_name() -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    match unsafe { libc::geteuid() } {
+        0 => "root".into(),
+        uid => format!("uid:{uid}"),
+    }
 }
 
 #[cfg(test)]

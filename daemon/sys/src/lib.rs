@@ -9,4 +9,6 @@ pub mod host;
 pub mod launcher;
 pub mod netns;
 pub mod output;
+pub mod peer;
 pub mod store;
+pub mod users;

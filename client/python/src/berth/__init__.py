@@ -18,7 +18,14 @@ them. The output of the session's workers is printed as it comes, each line as `
 
 Workers are dicts of the ``berth.v1.Worker`` fields under their proto names, as ``berth --json``
 prints them: ``{"id": "k3x…", "status": "WORKER_STATUS_RUNNING", "ip_address": "10.213.0.7",
-"exit_code": None, "created_at": "2026-01-01T12:00:00.123Z", …}``.
+"exit_code": None, "created_at": "2026-01-01T12:00:00.123Z", "owner": "alice", "user": "alice",
+…}``.
+
+TLS: a server beyond loopback knows its caller by a client certificate: ``BERTH_TLS_CA`` (the
+CA that signs the server's certificate), ``BERTH_TLS_CERT`` and ``BERTH_TLS_KEY`` (this caller's
+certificate and key), or ``Client(tls_ca=, tls_cert=, tls_key=)``. On the Unix socket and on
+loopback the server knows the caller from the kernel and none is needed (a server that serves
+TLS on loopback too needs the CA alone).
 
 Failed calls raise :class:`BerthError` subclasses per gRPC status (:class:`InvalidArgument`,
 :class:`NotFound`, :class:`ResourceExhausted`, …), with ``.code`` and the server's message.
@@ -142,8 +149,11 @@ def launch_workers(
     More of the request, by keyword: ``command=[argv…]`` (any program instead of a kernel),
     ``workdir=`` (default: the current directory), ``master_ip=``, ``network=`` (``"bridge"``,
     ``"host"``, ``"none"``), ``labels=``, ``constraints=``, ``placement=`` (``"binpack"``,
-    ``"spread"``), ``max_restarts=`` (restart on failure), ``show_output=`` (this launch's
-    output printed here, default :func:`show_output`).
+    ``"spread"``), ``max_restarts=`` (restart on failure), ``run_as_root=True`` (workers that run
+    as root instead of as you: only root or an admin may, where the host allows it, else
+    :class:`PermissionDenied`), ``request_id=`` (a retry with the same id, within 10 minutes,
+    returns the first launch's workers; default: a fresh id per call), ``show_output=`` (this
+    launch's output printed here, default :func:`show_output`).
 
     Raises :class:`InvalidArgument` (the message names the field: ``n``, ``cpu``, ``kernel``, …),
     :class:`ResourceExhausted` (does not fit; says what is short), :class:`FailedPrecondition`

@@ -1,5 +1,9 @@
-"""Server addresses as the CLI takes them: ``HOST:PORT``, ``http://HOST:PORT`` (``https://`` for
-TLS) or ``unix:PATH``; a comma-separated list names scheduler replicas, tried in turn."""
+"""Server addresses as the CLI takes them: ``HOST:PORT``, ``http://HOST:PORT``,
+``https://HOST:PORT`` or ``unix:PATH``; a comma-separated list names scheduler replicas, tried in
+turn.
+
+With TLS material (``BERTH_TLS_*``) a ``HOST:PORT`` is reached over TLS; ``https://`` always is,
+``http://`` and ``unix:`` never are."""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ DEFAULT_ADDR = "127.0.0.1:7300"
 
 
 class Target(NamedTuple):
-    """One server: what it was called (for messages), the gRPC target, and whether it is reached
-    over TLS by its scheme (``https://``)."""
+    """One server: what it was called (for messages), the gRPC target, its scheme if one was
+    written (``https``: TLS; ``http``: plaintext, TLS material or not), and whether it is a Unix
+    socket (never TLS)."""
 
     addr: str
     target: str
     https: bool
     unix: bool
+    http: bool = False
 
 
 def default_addr() -> str:
@@ -44,9 +50,9 @@ def parse_addrs(addr: str) -> List[Target]:
                 path = path[2:]
             if not path:
                 raise InvalidArgument(f"addr: {part!r} names no socket path")
-            targets.append(Target(part, f"unix:{path}", False, True))
+            targets.append(Target(part, f"unix:{path}", https=False, unix=True))
             continue
-        https = False
+        https = http = False
         rest = part
         if "://" in part:
             scheme, rest = part.split("://", 1)
@@ -55,11 +61,11 @@ def parse_addrs(addr: str) -> List[Target]:
                     f"addr: {part!r}: scheme {scheme!r} (want HOST:PORT, http://HOST:PORT, "
                     "https://HOST:PORT or unix:PATH)"
                 )
-            https = scheme == "https"
+            https, http = scheme == "https", scheme == "http"
             rest = rest.rstrip("/")
         if not rest or ":" not in rest:
             raise InvalidArgument(f"addr: {part!r} is not HOST:PORT, http://HOST:PORT or unix:PATH")
-        targets.append(Target(part, rest, https, False))
+        targets.append(Target(part, rest, https=https, unix=False, http=http))
     if not targets:
         raise InvalidArgument(f"addr: {addr!r} names no server")
     return targets

@@ -121,31 +121,63 @@ def _check_ttl(ttl: float) -> int:
     return int(math.ceil(ttl))
 
 
-def _read(path: Optional[str], what: str) -> Optional[bytes]:
-    if not path:
-        return None
+def _read_pem(path: str, what: str, label: str) -> bytes:
+    """The PEM file ``path``, which must hold a ``-----BEGIN …<label>-----`` block: gRPC would
+    otherwise fail only at the handshake, saying little."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read()
     except OSError as e:
         raise InvalidArgument(f"{what}: cannot read {path}: {e.strerror}") from None
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line.startswith("-----BEGIN ") and line.endswith(label + "-----"):
+            return data
+    raise InvalidArgument(f"{what}: no PEM block -----BEGIN …{label}----- in {path}")
+
+
+def _tls_files(
+    ca: Optional[str], cert: Optional[str], key: Optional[str]
+) -> Dict[str, Tuple[str, str]]:
+    """The TLS files to present, each with what named it: the argument (``tls_ca=``), else the
+    variable (``BERTH_TLS_CA``); an empty one is unset."""
+    files: Dict[str, Tuple[str, str]] = {}
+    for part, given in (("ca", ca), ("cert", cert), ("key", key)):
+        var = f"BERTH_TLS_{part.upper()}"
+        if given:
+            files[part] = (os.fspath(given), f"tls_{part}")
+        elif os.environ.get(var):
+            files[part] = (os.environ[var], var)
+    return files
 
 
 def _tls_credentials(
-    ca: Optional[str], cert: Optional[str], key: Optional[str]
+    ca: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None
 ) -> Optional[grpc.ChannelCredentials]:
-    """TLS material from the arguments, else ``BERTH_TLS_CA``/``_CERT``/``_KEY``; None: plaintext."""
-    ca = ca or os.environ.get("BERTH_TLS_CA")
-    cert = cert or os.environ.get("BERTH_TLS_CERT")
-    key = key or os.environ.get("BERTH_TLS_KEY")
-    if not (ca or cert or key):
+    """TLS material from the arguments, else ``BERTH_TLS_CA``/``_CERT``/``_KEY``; None: plaintext.
+
+    The CA checks the server's certificate (without it, gRPC's own roots do); the certificate
+    and key, which go together, tell a server beyond loopback who calls."""
+    files = _tls_files(ca, cert, key)
+    if not files:
         return None
-    if bool(cert) != bool(key):
-        raise InvalidArgument("tls_cert, tls_key: a client certificate needs both")
+    if ("cert" in files) != ("key" in files):
+        given, missing = ("cert", "key") if "cert" in files else ("key", "cert")
+        raise InvalidArgument(
+            f"{files[given][1]} is set without BERTH_TLS_{missing.upper()} (tls_{missing}=): "
+            "a client certificate goes with its key"
+        )
+
+    def read(part: str, label: str) -> Optional[bytes]:
+        if part not in files:
+            return None
+        path, what = files[part]
+        return _read_pem(path, what, label)
+
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "tls_ca"),
-        private_key=_read(key, "tls_key"),
-        certificate_chain=_read(cert, "tls_cert"),
+        root_certificates=read("ca", "CERTIFICATE"),
+        private_key=read("key", "PRIVATE KEY"),
+        certificate_chain=read("cert", "CERTIFICATE"),
     )
 
 
@@ -201,8 +233,9 @@ class _Connection:
         ]
         if t.unix:
             # gRPC would send the socket path as :authority, which the server's HTTP/2 refuses.
+            # Never TLS: the kernel tells the server who calls.
             options.append(("grpc.default_authority", "localhost"))
-        elif self._creds is not None or t.https:
+        elif t.https or (self._creds is not None and not t.http):
             return grpc.secure_channel(
                 t.target, self._creds or grpc.ssl_channel_credentials(), options
             )
@@ -566,6 +599,8 @@ class Session:
         constraints: Optional[Mapping[str, str]] = None,
         placement: Optional[Union[str, int]] = None,
         max_restarts: Optional[int] = None,
+        run_as_root: bool = False,
+        request_id: Optional[str] = None,
         show_output: Optional[bool] = None,
     ) -> List[Worker]:
         """Starts ``n`` workers in this session, all or none; see :func:`berth.launch_workers`."""
@@ -586,13 +621,12 @@ class Session:
             constraints,
             placement,
             max_restarts,
+            run_as_root=run_as_root,
         )
         req.session_id = self._open_id()
-        fields = req.DESCRIPTOR.fields_by_name
-        retry_safe = "request_id" in fields  # a retried launch with the same id launches once
-        if retry_safe:
-            setattr(req, "request_id", uuid.uuid4().hex)
-        resp = self.client._conn.call("LaunchWorkers", req, retry_safe=retry_safe)
+        # A retried launch (on the next replica) with the same id launches once.
+        req.request_id = str(request_id) if request_id else uuid.uuid4().hex
+        resp = self.client._conn.call("LaunchWorkers", req, retry_safe=True)
         workers = [to_dict(w) for w in resp.workers]
         show = self.client._showing_output() if show_output is None else show_output
         if show and workers:
@@ -759,6 +793,8 @@ def _launch_request(
     constraints: Optional[Mapping[str, str]],
     placement: Optional[Union[str, int]],
     max_restarts: Optional[int],
+    *,
+    run_as_root: bool = False,
 ) -> Any:
     """The LaunchWorkersRequest; what the request cannot carry (a negative or fractional ``n``, a
     ``cpu`` that is no number) is refused here with the server's error (the field named); the
@@ -786,6 +822,7 @@ def _launch_request(
         script=script or "",
         code=code or "",
         master_ip=master_ip or "",
+        run_as_root=bool(run_as_root),
     )
     if command:
         if isinstance(command, str):

@@ -32,6 +32,7 @@ use berth_sys::netns::{Netns, NoNetwork};
 use berth_sys::output::{Rotation, StreamKind};
 use berth_sys::store::StoreWriter;
 
+mod access;
 mod events;
 mod life;
 mod query;
@@ -42,6 +43,7 @@ mod start;
 mod stop;
 mod streams;
 
+pub use access::{LaunchAs, WorkerPrivileges};
 pub use recovery::{open_store, RecoveryReport, UNACCOUNTED};
 
 /// A kernel of the host's table and what it resolved to at start-up.
@@ -79,6 +81,8 @@ pub struct HostOptions {
     pub retain_finished_max: usize,
     /// How often retention is checked.
     pub retention_sweep: Duration,
+    /// What the workers of a launch keep and may ask for.
+    pub privileges: WorkerPrivileges,
 }
 
 impl HostOptions {
@@ -104,6 +108,7 @@ impl HostOptions {
             retain_finished_for: Duration::from_secs(24 * 3600),
             retain_finished_max: 10_000,
             retention_sweep: Duration::from_secs(30),
+            privileges: WorkerPrivileges::default(),
         }
     }
 }

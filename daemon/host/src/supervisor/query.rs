@@ -63,7 +63,7 @@ impl Host {
         let filter = Filter {
             session_id,
             ids,
-            statuses: Vec::new(),
+            ..Default::default()
         };
         let selected: Vec<String> = self
             .inner

@@ -21,18 +21,26 @@ impl Host {
         ttl_seconds: u32,
         labels: BTreeMap<String, String>,
         id: Option<String>,
+        owner: &str,
     ) -> Result<Session> {
         if let Some(id) = &id {
-            if self.inner.sessions().contains_key(id) {
+            let known = self.inner.sessions().get(id).map(|s| s.owner.clone());
+            if let Some(o) = known {
+                if o != owner {
+                    return Err(Error::PermissionDenied(format!(
+                        "session {id} belongs to another user"
+                    )));
+                }
                 return self.keep_alive(id);
             }
         }
-        let s = Session::open(
+        let mut s = Session::open(
             id.unwrap_or_else(berth_core::new_id),
             ttl_seconds,
             labels,
             SystemTime::now(),
         )?;
+        s.owner = owner.to_owned();
         if let Some(store) = &self.inner.store {
             store
                 .commit(vec![Op::put(Table::Sessions, &s.id, &s)])

@@ -18,7 +18,7 @@ use berth_sys::launcher::{ShimHandle, ShimSpec};
 use berth_sys::netns::{PendingNet, WorkerNet};
 
 use super::life::{spawn_life, Run};
-use super::{Entry, Host, Inner};
+use super::{Entry, Host, Inner, LaunchAs};
 
 /// What a launch resolved to on this host.
 pub(super) struct Prepared {
@@ -39,34 +39,51 @@ pub(super) struct SpawnJob {
     pub(super) pending: Option<PendingNet>,
 }
 
+/// Whether this thread's identity (inside `users::as_user`, the worker's user) may access
+/// `path` with `mode`.
 pub(super) fn access(path: &Path, mode: i32) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: c is a valid NUL-terminated path.
-    unsafe { libc::access(c.as_ptr(), mode) == 0 }
+    berth_sys::users::eaccess(path, mode)
 }
 
 impl Host {
     /// Admits and starts the workers of `spec`, all or none. Returns them as admitted (PENDING or
     /// STARTING); they turn RUNNING as their shims report.
-    pub async fn launch(
-        &self,
-        spec: LaunchSpec,
-        caller: Option<IpAddr>,
-    ) -> Result<Vec<WorkerRecord>> {
+    pub async fn launch(&self, spec: LaunchSpec, who: LaunchAs) -> Result<Vec<WorkerRecord>> {
         let inner = self.inner.clone();
         if let Some(s) = &spec.session_id {
             inner.check_session(s)?;
         }
-        // Filesystem checks are syscalls: off the async threads.
-        let prepared = {
+        let caller = who.addr;
+        // Filesystem checks are syscalls: off the async threads. They are made as the user the
+        // workers run as, so a workdir or script that user cannot enter or read is refused here.
+        let mut prepared = {
             let inner = inner.clone();
             let spec = spec.clone();
-            tokio::task::spawn_blocking(move || inner.prepare(&spec))
-                .await
-                .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
+            let account = who.account.clone();
+            tokio::task::spawn_blocking(move || match &account {
+                Some(a) if berth_sys::host::is_root() => {
+                    berth_sys::users::as_user(a, || inner.prepare(&spec))
+                        .map_err(|e| Error::Internal(format!("check as user {}: {e}", a.name)))?
+                }
+                _ => inner.prepare(&spec),
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
+        };
+        if let Some(a) = &who.account {
+            // As a login would: the request's env may still say otherwise.
+            for (k, v) in [
+                ("HOME", a.home.to_string_lossy().into_owned()),
+                ("USER", a.name.clone()),
+                ("LOGNAME", a.name.clone()),
+            ] {
+                prepared.base_env.insert(k.into(), v);
+            }
+        }
+        let creds = who.account.as_ref().map(|a| inner.opts.privileges.creds(a));
+        let user = match &who.account {
+            Some(a) => a.name.clone(),
+            None => berth_sys::host::current_user_name(),
         };
         if spec.network != launch::NetworkMode::Host {
             if let Some(why) = inner.net.unavailable() {
@@ -129,6 +146,8 @@ impl Host {
                     network: spec.network,
                     restart: spec.restart,
                     labels: spec.labels.clone(),
+                    owner: who.owner.clone(),
+                    user: user.clone(),
                     ..WorkerRecord::pending(id.clone(), inner.opts.name.clone(), now)
                 };
                 let seq = st.seq;
@@ -170,6 +189,7 @@ impl Host {
                     netns: (rec.network != launch::NetworkMode::Host).then(|| inner.net.path(id)),
                     rotation: inner.opts.rotation,
                     meta: serde_json::to_value(rec).unwrap_or_default(),
+                    creds: creds.clone(),
                 };
                 inner.spawn_job(rec, shim, false)
             })

@@ -143,7 +143,7 @@ impl Host {
         let filter = Filter {
             ids: req.ids.clone(),
             session_id: req.session_id.clone(),
-            statuses: Vec::new(),
+            ..Default::default()
         };
         let ids: Vec<String> = self
             .inner

@@ -11,6 +11,7 @@
 //! the records a shim leaves ([`ShimSpec`], [`Handshake`], [`ExitRecord`]), and [`shim_main`],
 //! the `berth-shim` binary.
 
+mod creds;
 mod proc;
 mod shim;
 mod spawn;
@@ -18,6 +19,7 @@ mod zygote;
 
 use std::path::Path;
 
+pub use creds::{cap_number, default_rlimits, CredsError, Rlimit, WorkerCreds};
 pub use proc::{pidfd_open, reap};
 pub use shim::{
     decode_status, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec, EXIT_FILE,

@@ -13,6 +13,10 @@
 //! to `<worker dir>/exit.json`. So a crash, kill or upgrade of the daemon loses neither output nor
 //! exit status.
 //!
+//! When the spec has credentials ([`WorkerCreds`]), the child also switches to the worker's user,
+//! groups, limits and capabilities before exec, in the order `super::creds` explains; without
+//! them (a spec from an older daemon) the worker keeps the shim's identity.
+//!
 //! When the worker's main process ends, the shim kills whatever else is left in the cgroup
 //! (no grandchild outlives its worker), drains the pipes, writes `exit.json` and exits.
 
@@ -30,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::WorkerCgroup;
 use crate::output::{Rotation, SegmentWriter, StreamKind};
 
+use super::creds::{bounding_set, current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
 use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
 
 /// Everything the shim needs to start one worker.
@@ -51,6 +56,10 @@ pub struct ShimSpec {
     /// its state store recovers the worker from.
     #[serde(default)]
     pub meta: serde_json::Value,
+    /// Who the worker runs as; `None` (and in specs of older daemons): the shim's identity, root
+    /// with every capability.
+    #[serde(default)]
+    pub creds: Option<WorkerCreds>,
 }
 
 /// How a worker ended, as the shim recorded it.
@@ -200,6 +209,11 @@ enum Stage {
     Workdir = 3,
     Exec = 4,
     Setup = 5,
+    OomScore = 6,
+    Rlimits = 7,
+    Capabilities = 8,
+    Identity = 9,
+    NoNewPrivs = 10,
 }
 
 fn stage_name(b: u8) -> &'static str {
@@ -208,20 +222,36 @@ fn stage_name(b: u8) -> &'static str {
         2 => "join network namespace",
         3 => "enter workdir",
         4 => "exec",
+        6 => "set oom_score_adj",
+        7 => "set resource limits",
+        8 => "drop capabilities",
+        9 => "switch user",
+        10 => "set no_new_privs",
         _ => "prepare",
     }
 }
 
-/// Runs the shim of the worker in `dir` (an exec'd shim, or one a zygote forked); returns the
-/// process exit code.
+/// Runs the shim of the worker in `dir` (an exec'd shim); returns the process exit code.
 pub(super) fn run_dir(dir: &Path) -> i32 {
+    run_dir_with(dir, None)
+}
+
+/// Runs the shim of the worker in `dir` that a zygote forked with `bounding` as its bounding set
+/// (what the zygote left itself, and so its shims: nothing changes it between the two); returns
+/// the process exit code.
+pub(super) fn run_forked(dir: &Path, bounding: u64) -> i32 {
+    run_dir_with(dir, Some(bounding))
+}
+
+/// [`run_dir`], with the shim's bounding set when it is known already (else it is read).
+fn run_dir_with(dir: &Path, bounding: Option<u64>) -> i32 {
     // The shim works in its worker's directory: that is how a daemon that lost its state store
     // recognises it among the processes (`scan_shims` in berth-host's `supervisor::recovery`).
     // Paths stay absolute, so nothing else depends on it.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let _ = std::env::set_current_dir(&dir);
     let dir = dir.as_path();
-    match run(dir) {
+    match run(dir, bounding) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("berth-shim {}: {e}", dir.display());
@@ -242,7 +272,7 @@ fn handshake(msg: &str) {
     }
 }
 
-fn run(dir: &Path) -> io::Result<()> {
+fn run(dir: &Path, bounding: Option<u64>) -> io::Result<()> {
     let spec: ShimSpec = match fs::read(dir.join(SPEC_FILE)).and_then(|b| {
         serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }) {
@@ -267,7 +297,7 @@ fn run(dir: &Path) -> io::Result<()> {
         libc::sigaddset(&mut chld, libc::SIGCHLD);
         libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
     }
-    match start_worker(dir, &spec) {
+    match start_worker(dir, &spec, bounding) {
         Ok(started) => {
             handshake(&format!("ok {} {}\n", started.pid, started.started_at_us));
             supervise(dir, &spec, started)
@@ -301,7 +331,10 @@ struct Started {
     writers: [SegmentWriter; 2],
 }
 
-fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
+/// Starts the worker of `spec`; `bounding` is the shim's bounding set where the shim knows it
+/// already (from its zygote), else it is read here, so that the worker's process drops only what
+/// is left of it.
+fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<Started, String> {
     let setup = |e: io::Error| e.to_string();
     let writers = [
         SegmentWriter::open(&dir.join(StreamKind::Stdout.dir_name()), spec.rotation)
@@ -323,6 +356,15 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
         .collect::<io::Result<_>>()
         .map_err(setup)?;
     let workdir = cstr(spec.workdir.as_os_str().as_bytes(), "workdir").map_err(setup)?;
+    let creds = match &spec.creds {
+        Some(c) => Some(
+            ChildCreds::prepare(c)
+                .and_then(|c| c.for_bounding_set(bounding.unwrap_or_else(bounding_set)))
+                .map_err(|e| format!("credentials: {e}"))?
+                .without_inherited_limits(current_rlimit),
+        ),
+        None => None,
+    };
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     argv_p.push(std::ptr::null());
     let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
@@ -347,6 +389,7 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
         program: program.as_ptr(),
         argv: argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
+        creds: creds.as_ref(),
     };
     let pid = spawn_in_cgroup(&spec.cgroup, child)?;
     drop((out_w, err_w, ee_w, netns));
@@ -357,10 +400,15 @@ fn start_worker(dir: &Path, spec: &ShimSpec) -> Result<Started, String> {
         let mut status = 0;
         // SAFETY: pid is our child; status is a valid out-pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        let what = match buf[0] {
-            4 => format!("exec {}", spec.program.display()),
-            3 => format!("enter workdir {}", spec.workdir.display()),
-            b => stage_name(b).to_owned(),
+        let what = match (buf[0], &spec.creds) {
+            (4, _) => format!("exec {}", spec.program.display()),
+            (3, _) => format!("enter workdir {}", spec.workdir.display()),
+            (9, Some(c)) => format!(
+                "switch to uid {} gid {} groups {:?}",
+                c.uid, c.gid, c.groups
+            ),
+            (8, Some(c)) => format!("drop capabilities (keeping {:?})", c.keep_caps),
+            (b, _) => stage_name(b).to_owned(),
         };
         return Err(format!("{what}: {}", io::Error::from_raw_os_error(errno)));
     }
@@ -406,6 +454,8 @@ struct ChildArgs<'a> {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    /// Who the worker becomes before exec; `None`: the shim's identity.
+    creds: Option<&'a ChildCreds>,
 }
 
 /// Set once the kernel refused clone3 into a cgroup (see [`clone3_refused`]): later starts in
@@ -549,6 +599,8 @@ fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
     let mut stack = vec![0u8; CHILD_STACK];
     // The stack grows down from its 16-byte aligned top.
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    // SAFETY: prctl with integer arguments only.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
     // SAFETY: the child runs `entry` on `stack`, which outlives it: with CLONE_VFORK this thread
     // (the shim's only one) sleeps until the child has exec'd or exited, and only then `stack`
     // and `args` may go. The child shares the shim's memory but writes none of it except its own
@@ -565,6 +617,15 @@ fn spawn_child(args: &ChildArgs<'_>) -> io::Result<i32> {
     drop(stack);
     if pid < 0 {
         return Err(io::Error::last_os_error());
+    }
+    // A change of uid makes the memory it runs in non-dumpable (fs.suid_dumpable), and the child
+    // ran in the shim's until its exec: the shim's own /proc files would stay root's, and it would
+    // not dump core.
+    // SAFETY: prctl with integer arguments only; the child has exec'd or exited (CLONE_VFORK).
+    unsafe {
+        if args.creds.is_some() && libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != dumpable {
+            libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong, 0, 0, 0);
+        }
     }
     Ok(pid)
 }
@@ -610,11 +671,126 @@ unsafe fn child_exec(a: &ChildArgs<'_>) -> ! {
         if libc::dup2(a.devnull, 0) < 0 || libc::dup2(a.out, 1) < 0 || libc::dup2(a.err, 2) < 0 {
             fail(Stage::Setup);
         }
+        if let Some(c) = a.creds {
+            if let Err(stage) = apply_creds(c) {
+                fail(stage);
+            }
+        }
+        // As the worker's user, when it has one.
         if libc::chdir(a.workdir) != 0 {
             fail(Stage::Workdir);
         }
         libc::execve(a.program, a.argv, a.envp);
         fail(Stage::Exec)
+    }
+}
+
+/// The worker's credentials, applied in the child in the order `super::creds` explains. On
+/// failure returns the stage right after the failing syscall, errno still its.
+///
+/// # Safety
+/// As [`child_exec`]: raw syscalls only, no allocation, no lock.
+unsafe fn apply_creds(c: &ChildCreds) -> Result<(), Stage> {
+    let errno = || {
+        // SAFETY: the errno location of this thread is always valid.
+        unsafe { *libc::__errno_location() }
+    };
+    // SAFETY: raw syscalls on pointers into `c` (alive and untouched until the exec) and on
+    // this stack.
+    unsafe {
+        // Opened here: /proc/self is whoever opens it.
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(Stage::OomScore);
+        }
+        let text = c.oom_score_adj_text();
+        if libc::write(fd, text.as_ptr().cast(), text.len()) < 0 {
+            return Err(Stage::OomScore);
+        }
+        libc::close(fd);
+        for (resource, limit) in &c.rlimits {
+            if !set_rlimit_closest(*resource, limit) {
+                return Err(Stage::Rlimits);
+            }
+        }
+        libc::umask(c.umask);
+        // What the shim has and the worker may not keep: under a zygote, nothing.
+        for cap in Caps(c.drop_bounding) {
+            if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0 {
+                // Past the last capability this kernel knows (cap_last_cap), where the shim's
+                // set was not read.
+                if errno() == libc::EINVAL {
+                    break;
+                }
+                return Err(Stage::Capabilities);
+            }
+        }
+        // The capset below leaves of the ambient set only what is both permitted and
+        // inheritable: for a worker that keeps nothing, nothing.
+        let clear_ambient = libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong;
+        if c.keep != 0
+            && libc::prctl(libc::PR_CAP_AMBIENT, clear_ambient, 0, 0, 0) != 0
+            && errno() != libc::EINVAL
+        {
+            return Err(Stage::Capabilities);
+        }
+        // Raw syscalls: glibc's wrappers signal every thread they know of to change its ids too,
+        // and the threads this child knows of are the shim's.
+        if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0 {
+            return Err(Stage::Identity);
+        }
+        if libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0 {
+            return Err(Stage::Identity);
+        }
+        if libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0 {
+            return Err(Stage::Identity);
+        }
+        let mut header = c.cap_header();
+        let data = c.cap_data();
+        if libc::syscall(libc::SYS_capset, &mut header as *mut _, data.as_ptr()) != 0 {
+            return Err(Stage::Capabilities);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(Stage::NoNewPrivs);
+        }
+    }
+    Ok(())
+}
+
+/// Sets one resource limit; where raising its hard limit is refused (no CAP_SYS_RESOURCE, or
+/// above `fs.nr_open`), sets the closest it may: both limits lowered to the current hard one,
+/// as systemd does. Returns false, errno set, when even that fails.
+///
+/// # Safety
+/// As [`child_exec`]: raw syscalls only.
+unsafe fn set_rlimit_closest(resource: libc::c_int, want: &KernelRlimit) -> bool {
+    let none = std::ptr::null_mut::<KernelRlimit>();
+    // SAFETY: prlimit64 on this process, reading `want` and writing `now`, both valid.
+    unsafe {
+        if libc::syscall(libc::SYS_prlimit64, 0, resource, want as *const _, none) == 0 {
+            return true;
+        }
+        if *libc::__errno_location() != libc::EPERM {
+            return false;
+        }
+        let mut now = KernelRlimit { cur: 0, max: 0 };
+        if libc::syscall(libc::SYS_prlimit64, 0, resource, none, &mut now as *mut _) != 0 {
+            return false;
+        }
+        if now.max == u64::MAX {
+            // Nothing was out of reach: refused for another reason.
+            *libc::__errno_location() = libc::EPERM;
+            return false;
+        }
+        let closest = KernelRlimit {
+            cur: want.cur.min(now.max),
+            max: want.max.min(now.max),
+        };
+        let closest_p = &closest as *const KernelRlimit;
+        closest == now || libc::syscall(libc::SYS_prlimit64, 0, resource, closest_p, none) == 0
     }
 }
 
@@ -869,6 +1045,7 @@ mod tests {
             program: program.as_ptr(),
             argv: argv.as_ptr(),
             envp: envp.as_ptr(),
+            creds: None,
         };
         let pid = spawn_in_cgroup(cgroup, child).unwrap();
         drop((out_w, ee_w));
@@ -933,6 +1110,7 @@ mod tests {
                 program: c"/bin/true".as_ptr(),
                 argv: none.as_ptr(),
                 envp: none.as_ptr(),
+                creds: None,
             };
             let into_removed = clone_into_cgroup(dir_fd.as_raw_fd(), &gone);
             assert!(seen.lines().any(|l| l == want), "v2: {seen:?}, want {want}");
@@ -981,6 +1159,590 @@ mod tests {
         if tried == 0 {
             eprintln!("skipped: neither cgroup2 nor the v1 pids controller is mounted");
         }
+    }
+
+    #[test]
+    fn a_spec_without_creds_parses() {
+        let spec = ShimSpec {
+            worker_id: "w1".into(),
+            program: "/bin/true".into(),
+            argv: vec!["true".into()],
+            env: vec![],
+            workdir: "/".into(),
+            cgroup: WorkerCgroup {
+                version: crate::cgroup::CgroupVersion::V2,
+                dirs: vec![],
+            },
+            netns: None,
+            rotation: Rotation {
+                segment_bytes: 1 << 20,
+                segments: 2,
+            },
+            meta: serde_json::Value::Null,
+            creds: None,
+        };
+        // What an older daemon wrote: no `creds` key at all.
+        let mut old = serde_json::to_value(&spec).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("creds").is_some());
+        let back: ShimSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(back, spec);
+        let spec = ShimSpec {
+            creds: Some(nobody()),
+            ..spec
+        };
+        let back: ShimSpec = serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    /// Whether this process runs as root, or a line saying the test is skipped.
+    fn is_root(what: &str) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("skipped: needs root ({what})");
+        }
+        root
+    }
+
+    /// The tests that start workers with credentials change process-wide state (limits,
+    /// oom_score_adj, and, through a CLONE_VM child, dumpability): one at a time.
+    static CREDS_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn nobody() -> WorkerCreds {
+        WorkerCreds {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+            keep_caps: vec![],
+            rlimits: crate::launcher::default_rlimits(),
+            umask: 0o022,
+            oom_score_adj: 0,
+        }
+    }
+
+    /// A cgroup for each way a worker's process starts, both of which run `child_exec`: clone3
+    /// into a v2 cgroup where cgroup2 is mounted, and clone(CLONE_VM) that joins a v1 pids
+    /// cgroup (or, where there is none, no cgroup at all). Removed on drop.
+    struct TestCgroups(Vec<(&'static str, WorkerCgroup)>);
+
+    impl TestCgroups {
+        fn new(tag: &str) -> Self {
+            use crate::cgroup::{
+                join_in_hierarchy, parse_mountinfo, parse_proc_cgroup, CgroupVersion, Controller,
+            };
+            let mounts = parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo").unwrap());
+            let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap());
+            let name = format!("berth-credstest-{tag}-{}", std::process::id());
+            let mut ways = Vec::new();
+            if let (Some(m), Some((_, own_path))) = (
+                mounts.iter().find(|m| m.version == CgroupVersion::V2),
+                own.iter().find(|(c, _)| c.is_empty()),
+            ) {
+                let dir = join_in_hierarchy(m, own_path).join(&name);
+                fs::create_dir(&dir).unwrap();
+                let cg = WorkerCgroup {
+                    version: CgroupVersion::V2,
+                    dirs: vec![(Controller::Unified, dir)],
+                };
+                ways.push(("clone3 into a v2 cgroup", cg));
+            }
+            let pids = |(c, _): &&(Vec<String>, String)| c.iter().any(|x| x == "pids");
+            let v1 = match (
+                mounts.iter().find(|m| {
+                    m.version == CgroupVersion::V1 && m.controllers.iter().any(|c| c == "pids")
+                }),
+                own.iter().find(pids),
+            ) {
+                (Some(m), Some((_, own_path))) => {
+                    let dir = join_in_hierarchy(m, own_path).join(&name);
+                    fs::create_dir(&dir).unwrap();
+                    vec![(Controller::Pids, dir)]
+                }
+                _ => vec![],
+            };
+            let cg = WorkerCgroup {
+                version: CgroupVersion::V1,
+                dirs: v1,
+            };
+            ways.push(("clone(CLONE_VM), joining v1", cg));
+            Self(ways)
+        }
+    }
+
+    impl Drop for TestCgroups {
+        fn drop(&mut self) {
+            for (_, cg) in &self.0 {
+                let _ = cg.remove();
+            }
+        }
+    }
+
+    /// (exit code, signal), as [`decode_status`] returns them.
+    type ExitOf = (Option<i32>, Option<i32>);
+
+    /// Starts `argv` the way the shim starts a worker (`start_worker`) and reads its stdout to
+    /// the end; returns it and the exit status, or the start's error.
+    fn run_worker(
+        cgroup: &WorkerCgroup,
+        argv: &[&str],
+        workdir: &Path,
+        creds: Option<WorkerCreds>,
+    ) -> Result<(String, ExitOf), String> {
+        run_spec(&worker_spec(cgroup, argv, workdir, creds), None)
+    }
+
+    /// The spec of a worker that runs `argv` in `cgroup` and `workdir`, as `creds`.
+    fn worker_spec(
+        cgroup: &WorkerCgroup,
+        argv: &[&str],
+        workdir: &Path,
+        creds: Option<WorkerCreds>,
+    ) -> ShimSpec {
+        ShimSpec {
+            worker_id: "w".into(),
+            program: argv[0].into(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            workdir: workdir.into(),
+            cgroup: cgroup.clone(),
+            netns: None,
+            rotation: Rotation {
+                segment_bytes: 1 << 20,
+                segments: 2,
+            },
+            meta: serde_json::Value::Null,
+            creds,
+        }
+    }
+
+    /// [`run_worker`] of a whole spec, by a shim whose bounding set is `bounding` when it knows
+    /// it (else it reads it).
+    fn run_spec(spec: &ShimSpec, bounding: Option<u64>) -> Result<(String, ExitOf), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let started = start_worker(dir.path(), spec, bounding)?;
+        let mut out = vec![0u8; 256 * 1024];
+        let n = read_full(started.stdout.as_raw_fd(), &mut out);
+        let mut status = 0;
+        // SAFETY: the pid is our child; status is a valid out-pointer.
+        let reaped = unsafe { libc::waitpid(started.pid, &mut status, 0) };
+        assert_eq!(reaped, started.pid);
+        Ok((
+            String::from_utf8_lossy(&out[..n]).into_owned(),
+            decode_status(status),
+        ))
+    }
+
+    /// The fields of a `/proc/<pid>/status` line.
+    fn status_field<'a>(status: &'a str, key: &str) -> Vec<&'a str> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+            .split_whitespace()
+            .collect()
+    }
+
+    fn cap_set(status: &str, key: &str) -> u64 {
+        u64::from_str_radix(status_field(status, key)[0], 16).unwrap()
+    }
+
+    fn dumpable() -> i32 {
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }
+    }
+
+    /// What a worker prints about itself: its status, soft and hard NOFILE, umask and
+    /// oom_score_adj, one per line after the status.
+    const SELF_REPORT: [&str; 3] = [
+        "/bin/sh",
+        "-c",
+        "cat /proc/self/status; ulimit -n; ulimit -Hn; umask; cat /proc/self/oom_score_adj",
+    ];
+
+    /// This process's oom_score_adj and RLIMIT_NOFILE changed to what a shim has, so that a
+    /// worker that inherited them would show it; restored on drop.
+    struct ShimLike {
+        oom: String,
+        nofile: libc::rlimit,
+        /// The hard limit a worker asking for 524288 gets: that, where this process may raise a
+        /// hard limit, else this process's (lowering it is all it may do).
+        worker_hard: u64,
+    }
+
+    impl ShimLike {
+        fn set() -> Self {
+            let oom = fs::read_to_string("/proc/self/oom_score_adj").unwrap();
+            // -900 as the daemon's shims, which needs CAP_SYS_RESOURCE; any other value than 0
+            // shows inheritance as well.
+            if fs::write("/proc/self/oom_score_adj", "-900").is_err() {
+                eprintln!("no CAP_SYS_RESOURCE: this process at oom_score_adj 500, not -900");
+                fs::write("/proc/self/oom_score_adj", "500").unwrap();
+            }
+            let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
+                .map_or(1_048_576, |s| s.trim().parse().unwrap());
+            let mut nofile = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let raised = libc::rlimit {
+                rlim_cur: 65_536,
+                rlim_max: nr_open.min(1_048_576),
+            };
+            // SAFETY: getrlimit/setrlimit on valid structs.
+            let hard = unsafe {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    raised.rlim_max
+                } else {
+                    // Soft at hard: still not what a worker gets.
+                    let at_hard = libc::rlimit {
+                        rlim_cur: nofile.rlim_max,
+                        ..nofile
+                    };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &at_hard);
+                    eprintln!(
+                        "cannot raise RLIMIT_NOFILE's hard limit: this process at {0}/{0}",
+                        nofile.rlim_max
+                    );
+                    nofile.rlim_max
+                }
+            };
+            Self {
+                oom,
+                nofile,
+                // Where the worker may not reach 524288 (this process could not raise its own
+                // hard limit, or fs.nr_open is lower), it gets the closest: this process's.
+                worker_hard: hard.min(524_288),
+            }
+        }
+    }
+
+    impl Drop for ShimLike {
+        fn drop(&mut self) {
+            let _ = fs::write("/proc/self/oom_score_adj", self.oom.trim());
+            // SAFETY: setrlimit reads a valid struct.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.nofile) };
+        }
+    }
+
+    /// Real kernel, root only: a worker with credentials runs as its user, with no capability
+    /// in any set, no_new_privs, systemd's NOFILE limits, its umask and oom_score_adj, none of
+    /// them the shim's; on both ways a worker's process starts.
+    #[test]
+    fn worker_runs_as_its_user_without_privileges() {
+        if !is_root("switches users") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("nobody");
+        let shim = ShimLike::set();
+        let was_dumpable = dumpable();
+        for (way, cg) in &cgroups.0 {
+            let (out, status) = run_worker(cg, &SELF_REPORT, Path::new("/"), Some(nobody()))
+                .unwrap_or_else(|e| panic!("{way}: {e}"));
+            assert_eq!(status, (Some(0), None), "{way}: {out}");
+            for key in ["Uid", "Gid"] {
+                assert_eq!(status_field(&out, key), ["65534"; 4], "{way}: {key}");
+            }
+            assert_eq!(status_field(&out, "Groups"), ["65534"], "{way}");
+            for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(cap_set(&out, key), 0, "{way}: {key}");
+            }
+            assert_eq!(status_field(&out, "NoNewPrivs"), ["1"], "{way}");
+            let tail: Vec<&str> = out.lines().rev().take(4).collect();
+            let hard = shim.worker_hard.to_string();
+            assert_eq!(tail, ["0", "0022", hard.as_str(), "1024"], "{way}: {out}");
+            // The CLONE_VM child's switch made the shim's memory non-dumpable; it is again.
+            assert_eq!(dumpable(), was_dumpable, "{way}");
+            eprintln!("{way}: runs as nobody, NOFILE 1024/{hard}");
+        }
+        drop(shim);
+    }
+
+    /// Real kernel, root only: a root worker keeps exactly the capabilities it is given, in the
+    /// bounding set too, and no_new_privs.
+    #[test]
+    fn root_worker_keeps_only_its_capabilities() {
+        if !is_root("capabilities") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("root");
+        let root = WorkerCreds {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            keep_caps: vec![10],
+            ..nobody()
+        };
+        for (way, cg) in &cgroups.0 {
+            let (out, _) = run_worker(cg, &SELF_REPORT, Path::new("/"), Some(root.clone()))
+                .unwrap_or_else(|e| panic!("{way}: {e}"));
+            assert_eq!(status_field(&out, "Uid"), ["0"; 4], "{way}");
+            for key in ["CapInh", "CapPrm", "CapEff", "CapBnd"] {
+                assert_eq!(cap_set(&out, key), 0x400, "{way}: {key}");
+            }
+            assert_eq!(cap_set(&out, "CapAmb"), 0, "{way}");
+            assert_eq!(status_field(&out, "NoNewPrivs"), ["1"], "{way}");
+        }
+    }
+
+    /// A new network namespace, held by the returned fd (the thread that made it is gone).
+    fn new_netns() -> io::Result<OwnedFd> {
+        std::thread::spawn(|| {
+            // SAFETY: unshare moves this thread alone into a new network namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            open_cloexec(Path::new("/proc/thread-self/ns/net"), libc::O_RDONLY)
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Raises `cap` in this thread's inheritable and ambient sets (as a daemon started with
+    /// systemd's AmbientCapabilities= has it), for a worker to show that it does not inherit it.
+    fn raise_ambient(cap: u8) {
+        let mut header = super::super::creds::CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let mut data = [super::super::creds::CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        let word = usize::from(cap / 32);
+        // SAFETY: capget/capset of this thread with a v3 header and two words of data; prctl
+        // with integer arguments.
+        unsafe {
+            let h = &mut header as *mut super::super::creds::CapHeader;
+            assert_eq!(libc::syscall(libc::SYS_capget, h, data.as_mut_ptr()), 0);
+            data[word].inheritable |= 1 << (cap % 32);
+            assert_eq!(libc::syscall(libc::SYS_capset, h, data.as_ptr()), 0);
+            let raise = libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong;
+            let r = libc::prctl(libc::PR_CAP_AMBIENT, raise, libc::c_ulong::from(cap), 0, 0);
+            assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        }
+    }
+
+    /// Real kernel, root only: a shim whose bounding set its zygote shrank to what root workers
+    /// may keep (here CAP_NET_BIND_SERVICE), which reads that set or is told it, still starts
+    /// a worker in its cgroup and network namespace as another user, with no capability left in
+    /// any set; a root worker keeps exactly its own in each. The worker's process drops only what
+    /// is left (nothing, or for nobody CAP_NET_BIND_SERVICE), and no ambient capability of the
+    /// shim's reaches either. Capabilities are a thread's: the thread that shrinks its bounding
+    /// set stands for the zygote and its shim.
+    #[test]
+    fn a_zygotes_shim_drops_only_what_is_left() {
+        use super::super::creds::{shrink_bounding_set, ChildCreds, CredsError};
+        use std::os::unix::fs::MetadataExt;
+        if !is_root("capabilities") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("zygote");
+        let netns = match new_netns() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                eprintln!("no network namespace ({e}): workers stay in this one");
+                None
+            }
+        };
+        let netns_path = netns
+            .as_ref()
+            .map(|fd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+        let net_link = match &netns_path {
+            Some(p) => format!("net:[{}]", fs::metadata(p).unwrap().ino()),
+            None => fs::read_link("/proc/self/ns/net")
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let report = [
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/status; readlink /proc/self/ns/net; cat /proc/self/cgroup",
+        ];
+        let nbs = 1u64 << 10;
+        let root = WorkerCreds {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            keep_caps: vec![10],
+            ..nobody()
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let before = fs::read_to_string("/proc/thread-self/status").unwrap();
+                assert_ne!(cap_set(&before, "CapBnd") & nbs, 0, "{before}");
+                raise_ambient(10);
+                let bounding = shrink_bounding_set(nbs);
+                let shrunk = fs::read_to_string("/proc/thread-self/status").unwrap();
+                assert_eq!(bounding, nbs);
+                assert_eq!(cap_set(&shrunk, "CapBnd"), nbs);
+                assert_eq!(cap_set(&shrunk, "CapAmb"), nbs);
+                // The bounding set limits execs only: what the shim may do is intact.
+                for key in ["CapPrm", "CapEff"] {
+                    assert_eq!(cap_set(&shrunk, key), cap_set(&before, key), "{key}");
+                }
+                // What each worker's process still drops.
+                let prepared = |c: &WorkerCreds| {
+                    ChildCreds::prepare(c)
+                        .and_then(|c| c.for_bounding_set(bounding))
+                        .map(|c| c.drop_bounding)
+                };
+                assert_eq!(prepared(&nobody()), Ok(nbs));
+                assert_eq!(prepared(&root), Ok(0));
+                let more = WorkerCreds {
+                    keep_caps: vec![10, 12, 21],
+                    ..root.clone()
+                };
+                assert_eq!(
+                    prepared(&more),
+                    Err(CredsError::NotInBoundingSet(vec![12, 21]))
+                );
+                for (way, cg) in &cgroups.0 {
+                    let name = cg.dirs.first().map(|(_, d)| d.file_name().unwrap());
+                    // As an exec'd shim (reads its set) and as a forked one (told it).
+                    for told in [None, Some(bounding)] {
+                        let run = |creds: &WorkerCreds| {
+                            let spec = ShimSpec {
+                                netns: netns_path.clone(),
+                                ..worker_spec(cg, &report, Path::new("/"), Some(creds.clone()))
+                            };
+                            let (out, status) = run_spec(&spec, told)
+                                .unwrap_or_else(|e| panic!("{way}, told {told:?}: {e}"));
+                            assert_eq!(status, (Some(0), None), "{way}: {out}");
+                            assert!(out.lines().any(|l| l == net_link), "{way}: {out}");
+                            if let Some(name) = name {
+                                let name = format!("/{}", name.to_string_lossy());
+                                assert!(out.lines().any(|l| l.ends_with(&name)), "{way}: {out}");
+                            }
+                            out
+                        };
+                        let out = run(&nobody());
+                        for key in ["Uid", "Gid"] {
+                            assert_eq!(status_field(&out, key), ["65534"; 4], "{way}: {key}");
+                        }
+                        for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                            assert_eq!(cap_set(&out, key), 0, "{way}: {key}");
+                        }
+                        let out = run(&root);
+                        assert_eq!(status_field(&out, "Uid"), ["0"; 4], "{way}");
+                        for key in ["CapInh", "CapPrm", "CapEff", "CapBnd"] {
+                            assert_eq!(cap_set(&out, key), nbs, "{way}: {key}");
+                        }
+                        assert_eq!(cap_set(&out, "CapAmb"), 0, "{way}");
+                        assert_eq!(status_field(&out, "NoNewPrivs"), ["1"], "{way}");
+                    }
+                    eprintln!("{way}: a zygote's shim starts workers as nobody and as root");
+                }
+            });
+        });
+    }
+
+    /// Real kernel, root only: the workdir is entered as the worker's user, so one only root
+    /// may enter fails the start, at that stage.
+    #[test]
+    fn workdir_is_entered_as_the_user() {
+        if !is_root("switches users") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("workdir");
+        let private = tempfile::tempdir().unwrap();
+        fs::set_permissions(
+            private.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        for (way, cg) in &cgroups.0 {
+            let err = run_worker(cg, &["/bin/true"], private.path(), Some(nobody())).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "enter workdir {}: Permission denied (os error 13)",
+                    private.path().display()
+                ),
+                "{way}"
+            );
+            // Root still enters it.
+            assert!(run_worker(cg, &["/bin/true"], private.path(), None).is_ok());
+        }
+    }
+
+    /// Real kernel, root only: a spec without credentials runs its worker as the shim, root
+    /// with the shim's capabilities (what every worker got before credentials).
+    #[test]
+    fn without_creds_the_worker_keeps_the_shims_identity() {
+        if !is_root("compares with root") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("none");
+        let own = fs::read_to_string("/proc/self/status").unwrap();
+        for (way, cg) in &cgroups.0 {
+            let (out, status) = run_worker(cg, &SELF_REPORT, Path::new("/"), None).unwrap();
+            assert_eq!(status, (Some(0), None), "{way}");
+            assert_eq!(status_field(&out, "Uid"), ["0"; 4], "{way}");
+            for key in ["CapPrm", "CapEff", "CapBnd", "NoNewPrivs"] {
+                assert_eq!(
+                    status_field(&out, key),
+                    status_field(&own, key),
+                    "{way}: {key}"
+                );
+            }
+        }
+    }
+
+    /// Not a check: what credentials add to a worker's start, on each way a worker's process
+    /// starts, with the bounding set a zygote leaves (none kept). Medians of 200 starts of
+    /// /bin/true with and without credentials, interleaved. Run alone:
+    /// `cargo test --release -p berth-sys --lib time_worker_start_with_creds -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, not a check: run alone with --ignored --nocapture"]
+    fn time_worker_start_with_creds() {
+        if !is_root("switches users") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("timing");
+        let shim = ShimLike::set();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // This thread as a zygote's shim: its bounding set shrunk, and told it.
+                let bounding = super::super::creds::shrink_bounding_set(0);
+                let dir = tempfile::tempdir().unwrap();
+                for (way, cg) in &cgroups.0 {
+                    let mut spec = worker_spec(cg, &["/bin/true"], Path::new("/"), None);
+                    let mut times = [vec![], vec![]];
+                    for i in 0..440 {
+                        let with = i % 2;
+                        spec.creds = (with == 1).then(nobody);
+                        let t = Instant::now();
+                        let started = start_worker(dir.path(), &spec, Some(bounding)).unwrap();
+                        let took = t.elapsed();
+                        let mut status = 0;
+                        // SAFETY: the pid is our child; status is a valid out-pointer.
+                        unsafe { libc::waitpid(started.pid, &mut status, 0) };
+                        if i >= 40 {
+                            times[with].push(took.as_secs_f64() * 1e6);
+                        }
+                    }
+                    let median = |v: &mut Vec<f64>| {
+                        v.sort_by(f64::total_cmp);
+                        v[v.len() / 2]
+                    };
+                    let (without, with) = (median(&mut times[0]), median(&mut times[1]));
+                    eprintln!(
+                        "{way}: {without:.1} µs without creds, {with:.1} µs with: +{:.1} µs",
+                        with - without
+                    );
+                }
+            });
+        });
+        drop(shim);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! the daemon's fd table, which holds a pidfd per live worker: a posix_spawn from the daemon
 //! copies it into the child and closes it again at exec, one file at a time (1.6 ms per launch
 //! with 4000 workers alive here). A zygote that died is replaced at the next spawn; where none
-//! can be started, the shim is exec'd from the daemon (slower, same result).
+//! can be started, the shim is exec'd from the daemon (slower, same result, except that its
+//! worker's process drops the capabilities of the bounding set that a zygote drops once, see
+//! `super::creds`).
 
 use std::fs;
 use std::io;
@@ -60,15 +62,19 @@ pub trait Spawner: Send + Sync {
 #[derive(Debug)]
 pub struct ShimSpawner {
     pub shim: PathBuf,
+    /// What zygotes keep in their bounding set: every capability a root worker may keep.
+    keep_caps: Vec<u8>,
     /// One zygote per lane; `None` until one could be started (again).
     lanes: Vec<Mutex<Option<Zygote>>>,
     next: AtomicUsize,
 }
 
 impl ShimSpawner {
-    /// The `berth-shim` beside the running executable, or the given path. Starts the zygotes;
-    /// one that cannot start is tried again at the next spawn on its lane.
-    pub fn new(shim: Option<PathBuf>) -> Self {
+    /// The `berth-shim` beside the running executable, or the given path. Starts the zygotes,
+    /// which drop from their bounding set every capability but `keep_caps` (numbers: all that
+    /// any root worker may keep; a root worker that asks for another is refused); one that
+    /// cannot start is tried again at the next spawn on its lane.
+    pub fn new(shim: Option<PathBuf>, keep_caps: &[u8]) -> Self {
         let shim = shim.unwrap_or_else(|| {
             std::env::current_exe()
                 .ok()
@@ -76,10 +82,11 @@ impl ShimSpawner {
                 .unwrap_or_else(|| PathBuf::from("berth-shim"))
         });
         let lanes = (0..crate::host::online_cpus().clamp(1, 4))
-            .map(|_| Mutex::new(start_zygote(&shim)))
+            .map(|_| Mutex::new(start_zygote(&shim, keep_caps)))
             .collect();
         Self {
             shim,
+            keep_caps: keep_caps.to_vec(),
             lanes,
             next: AtomicUsize::new(0),
         }
@@ -92,7 +99,7 @@ impl ShimSpawner {
         let mut lane = self.lanes[i].lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..2 {
             if lane.is_none() {
-                *lane = start_zygote(&self.shim);
+                *lane = start_zygote(&self.shim, &self.keep_caps);
             }
             let Some(z) = lane.as_ref() else {
                 break;
@@ -126,8 +133,8 @@ impl ShimSpawner {
     }
 }
 
-fn start_zygote(shim: &Path) -> Option<Zygote> {
-    Zygote::start(shim)
+fn start_zygote(shim: &Path, keep_caps: &[u8]) -> Option<Zygote> {
+    Zygote::start(shim, keep_caps)
         .inspect_err(|e| {
             tracing::warn!(shim = %shim.display(), error = %e, "no shim zygote: shims are exec'd");
         })

@@ -7,6 +7,11 @@
 //! mappings are shared, not copied. So the daemon keeps one zygote per spawn lane and asks it
 //! for each shim.
 //!
+//! A zygote is started as `berth-shim --zygote --keep-caps=10,12` (the capabilities root workers
+//! may keep, by number, maybe none) and first drops every other capability from its bounding set,
+//! once for all the shims it forks (see `super::creds`): their workers' processes have none left
+//! to drop. Without `--keep-caps` it drops nothing.
+//!
 //! Protocol, on a `SOCK_SEQPACKET` socket pair whose other end is the zygote's stdin:
 //! - request: the worker directory's path, with the handshake pipe's write end attached
 //!   (`SCM_RIGHTS`); it becomes the shim's stdout, as with an exec'd shim;
@@ -37,6 +42,9 @@ use nix::sys::socket::{
 
 /// The argument that makes `berth-shim` a zygote.
 pub const ZYGOTE_ARG: &str = "--zygote";
+
+/// The argument after [`ZYGOTE_ARG`] that names what the zygote keeps in its bounding set.
+const KEEP_CAPS_ARG: &str = "--keep-caps=";
 
 /// Longest request: a worker directory path.
 const MAX_REQUEST: usize = 8192;
@@ -77,8 +85,9 @@ pub struct Zygote {
 }
 
 impl Zygote {
-    /// Starts `shim --zygote` with the new socket pair's other end as its stdin.
-    pub fn start(shim: &Path) -> io::Result<Self> {
+    /// Starts `shim --zygote --keep-caps=...` with the new socket pair's other end as its stdin;
+    /// it keeps `keep_caps` (numbers) in its bounding set, and drops the rest.
+    pub fn start(shim: &Path, keep_caps: &[u8]) -> io::Result<Self> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -88,6 +97,7 @@ impl Zygote {
         .map_err(io::Error::from)?;
         let child = Command::new(shim)
             .arg(ZYGOTE_ARG)
+            .arg(keep_caps_arg(keep_caps))
             .env_clear()
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
@@ -186,15 +196,43 @@ fn received_fd(msg: &nix::sys::socket::RecvMsg<'_, '_, ()>) -> Option<OwnedFd> {
     first
 }
 
+/// `--keep-caps=` and the capabilities, comma-separated.
+fn keep_caps_arg(caps: &[u8]) -> String {
+    let numbers: Vec<String> = caps.iter().map(u8::to_string).collect();
+    format!("{KEEP_CAPS_ARG}{}", numbers.join(","))
+}
+
+/// The capabilities `--keep-caps=` names among a zygote's arguments (after `--zygote`), a bit
+/// per number; `None` without it (a zygote started by an older daemon) or when it does not
+/// parse: that zygote drops nothing, and each worker's process drops all it must itself.
+fn parse_keep_caps(args: &[OsString]) -> Option<u64> {
+    let list = args
+        .iter()
+        .find_map(|a| a.to_str()?.strip_prefix(KEEP_CAPS_ARG))?;
+    let caps: Vec<u8> = list
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    super::creds::cap_bits(&caps)
+}
+
 /// Entry point of `berth-shim --zygote`: serves fork requests on stdin until it closes, then
 /// returns the exit code. Forked children never return from here: each runs its shim and exits.
 pub fn serve() -> i32 {
     // SAFETY: fd 0 is the daemon's socket (see `Zygote::start`); nothing else in this process
     // owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };
-    let argv0 = std::env::args_os()
-        .next()
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let argv0 = args
+        .first()
+        .cloned()
         .unwrap_or_else(|| OsString::from("berth-shim"));
+    // Once for every shim it will fork, whose workers then have nothing left to drop. Its own
+    // permitted and effective sets, and so its shims', stay whole.
+    let bounding =
+        parse_keep_caps(args.get(2..).unwrap_or_default()).map(super::creds::shrink_bounding_set);
     // Whatever the daemon's own parent left open without close-on-exec would reach every shim
     // and worker: the zygote keeps its stdio only.
     // SAFETY: close_range closes fds of this single-threaded process that nothing here uses.
@@ -246,7 +284,7 @@ pub fn serve() -> i32 {
         };
         let dir = PathBuf::from(OsString::from_vec(buf[..n].to_vec()));
         let close_in_child = [sigchld.as_ref().map_or(-1, |f| f.as_raw_fd())];
-        match fork_shim(&dir, handshake, &close_in_child, &argv0, &comm) {
+        match fork_shim(&dir, handshake, &close_in_child, &argv0, &comm, bounding) {
             Ok((pid, pidfd)) => {
                 let st = crate::host::process_starttime(pid as u32).unwrap_or(u64::MAX);
                 let mut msg = [0u8; REPLY_LEN];
@@ -278,13 +316,14 @@ fn reply_err(sock: &OwnedFd, errno: i32) {
 
 /// Forks the shim for `dir`; returns its pid and a pidfd. The child closes `close` (the
 /// zygote's own fds besides its socket on fd 0), takes `handshake` as stdout, renames itself
-/// and runs the shim.
+/// and runs the shim, told the zygote's `bounding` set where the zygote shrank it.
 fn fork_shim(
     dir: &Path,
     handshake: OwnedFd,
     close: &[RawFd],
     argv0: &OsString,
     comm: &[u8],
+    bounding: Option<u64>,
 ) -> io::Result<(i32, OwnedFd)> {
     // SAFETY: the zygote is single-threaded, so the child is a complete copy of it and may do
     // anything the zygote could (allocate, take locks): no other thread held one at the fork.
@@ -321,7 +360,10 @@ fn fork_shim(
         // For `ps` only (it needs CAP_SYS_RESOURCE): a daemon finds its shims by their working
         // directory, which every shim sets to its worker's.
         let _ = set_cmdline(cmdline);
-        std::process::exit(super::shim::run_dir(dir));
+        std::process::exit(match bounding {
+            Some(b) => super::shim::run_forked(dir, b),
+            None => super::shim::run_dir(dir),
+        });
     }
     drop(handshake);
     match super::proc::pidfd_open(pid) {
@@ -396,4 +438,29 @@ fn set_cmdline(args: Vec<u8>) -> io::Result<()> {
         .or_else(|_| {
             set(libc::PR_SET_MM_ARG_END, end).and_then(|()| set(libc::PR_SET_MM_ARG_START, start))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_caps_travel_in_the_zygotes_arguments() {
+        let parsed = |caps: &[u8]| parse_keep_caps(&[OsString::from(keep_caps_arg(caps))]);
+        assert_eq!(keep_caps_arg(&[10, 12]), "--keep-caps=10,12");
+        assert_eq!(keep_caps_arg(&[]), "--keep-caps=");
+        assert_eq!(parsed(&[10, 12]), Some(1 << 10 | 1 << 12));
+        assert_eq!(parsed(&[40, 0]), Some(1 << 40 | 1));
+        // Keep nothing: drop every capability.
+        assert_eq!(parsed(&[]), Some(0));
+        // Without the argument (an older daemon), or with one that does not parse: drop nothing.
+        let args = |a: &[&str]| parse_keep_caps(&a.iter().map(OsString::from).collect::<Vec<_>>());
+        assert_eq!(args(&[]), None);
+        assert_eq!(args(&["--other"]), None);
+        assert_eq!(args(&["--keep-caps"]), None);
+        assert_eq!(args(&["--keep-caps=10,x"]), None);
+        assert_eq!(args(&["--keep-caps=64"]), None);
+        assert_eq!(args(&["--keep-caps=-1"]), None);
+        assert_eq!(args(&["--other", "--keep-caps=21"]), Some(1 << 21));
+    }
 }
