@@ -293,7 +293,16 @@ impl DeviceNodes {
                 p.display(),
                 std::io::Error::last_os_error()
             );
+            // As /dev/nvidia* are (mknod's mode is cut by the umask): workers run as `nobody`,
+            // and only the device cgroup may stand between them and a node.
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                .unwrap();
         }
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         Self { dir }
     }
 

@@ -646,3 +646,69 @@ async fn through_the_scheduler_a_worker_runs_as_its_caller() {
     assert!(!ok, "{out:?}");
     assert_eq!(error_code(&v), "PERMISSION_DENIED", "{out:?}");
 }
+
+/// The `openssl` commands of README's "Security model", run as written: the certificates they
+/// make serve a daemon and let a user in as the account `[users]` maps their name to.
+#[tokio::test]
+async fn the_readme_certificates_work() {
+    require_root!();
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: openssl is not installed");
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find("# A CA, once")
+        .expect("README's openssl commands");
+    let script = &readme[start..start + readme[start..].find("```").unwrap()];
+    let pki = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(pki.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let f = |n: &str| pki.path().join(n).to_str().unwrap().to_owned();
+
+    let group = TestGroup::create().unwrap();
+    let alice = TestUser::create(&[&group]).unwrap();
+    let d = daemon_for(
+        &group,
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n[users]\nalice = \"{}\"\n",
+            f("gpu-07.pem"),
+            f("gpu-07.key"),
+            f("ca.pem"),
+            alice.name
+        ),
+    )
+    .await;
+    let out = std::process::Command::new(bin("berth"))
+        .args(["--addr", d.tcp.as_deref().unwrap(), "--json"])
+        .args(["--tls-ca", &f("ca.pem"), "--tls-cert", &f("alice.pem")])
+        .args([
+            "--tls-key",
+            &f("alice.key"),
+            "launch",
+            "--wait",
+            "--",
+            "id",
+            "-u",
+        ])
+        .env_remove("BERTH_ADDR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["workers"][0]["owner"], alice.name.as_str(), "{v}");
+    let id = ids(&v).remove(0);
+    let c = d.client().await.unwrap();
+    let uid = output_of(&c, &id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&uid).trim(), alice.uid.to_string());
+}

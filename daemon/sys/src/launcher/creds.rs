@@ -13,7 +13,8 @@
 //! only what is left there and not its to keep ([`ChildCreds::for_bounding_set`]): normally
 //! nothing. The bounding set only limits what an exec may give; the zygote's permitted and
 //! effective sets stay whole, so its shims still join namespaces and cgroups and switch users. A
-//! shim exec'd by the daemon (no zygote) reads its own, full, set and its worker drops the lot.
+//! shim exec'd by the daemon (where no zygote could start) has the daemon's whole set, and its
+//! worker's process drops everything it does not keep, as before.
 //!
 //! # Order in the child
 //!
@@ -357,8 +358,9 @@ pub(super) fn cap_bits(caps: &[u8]) -> Option<u64> {
 }
 
 /// The calling thread's bounding set, a bit per capability: `PR_CAPBSET_READ` up to the last
-/// one this kernel knows (0.17 µs each here, against 15 µs to open and parse CapBnd of
-/// /proc/thread-self/status).
+/// one this kernel knows. 42 calls, 7 µs here (10–15 µs in a shim's start), against 15 µs to
+/// open and parse CapBnd of /proc/thread-self/status; a zygote reads it once and tells its
+/// shims.
 pub(super) fn bounding_set() -> u64 {
     let mut set = 0;
     for cap in 0..64u64 {
@@ -546,7 +548,7 @@ mod tests {
                 .map(|c| c.drop_bounding)
         };
         for (creds, present, drop) in [
-            // A shim exec'd by the daemon: its whole set, less what is kept.
+            // A shim with the whole set: all of it, less what is kept.
             (&nobody(), full, Ok(full)),
             (&root, full, Ok(full & !kept)),
             // A zygote's shim: the zygote kept what root workers may keep, nothing else.

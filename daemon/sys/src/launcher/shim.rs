@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup::WorkerCgroup;
 use crate::output::{Rotation, SegmentWriter, StreamKind};
 
-use super::creds::{bounding_set, current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
+use super::creds::{current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
 use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
 
 /// Everything the shim needs to start one worker.
@@ -243,7 +243,7 @@ pub(super) fn run_forked(dir: &Path, bounding: u64) -> i32 {
     run_dir_with(dir, Some(bounding))
 }
 
-/// [`run_dir`], with the shim's bounding set when it is known already (else it is read).
+/// [`run_dir`], with the shim's bounding set where its zygote told it.
 fn run_dir_with(dir: &Path, bounding: Option<u64>) -> i32 {
     // The shim works in its worker's directory: that is how a daemon that lost its state store
     // recognises it among the processes (`scan_shims` in berth-host's `supervisor::recovery`).
@@ -331,9 +331,11 @@ struct Started {
     writers: [SegmentWriter; 2],
 }
 
-/// Starts the worker of `spec`; `bounding` is the shim's bounding set where the shim knows it
-/// already (from its zygote), else it is read here, so that the worker's process drops only what
-/// is left of it.
+/// Starts the worker of `spec`. `bounding` is the shim's bounding set where its zygote told it:
+/// the worker's process then drops only what is left there and not its to keep (normally
+/// nothing). Without it (an exec'd shim, whose set is the daemon's, whole) it drops every
+/// capability it does not keep: reading the set first (42 `PR_CAPBSET_READ`, 10–15 µs) would
+/// spare none of those drops.
 fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<Started, String> {
     let setup = |e: io::Error| e.to_string();
     let writers = [
@@ -359,7 +361,10 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
     let creds = match &spec.creds {
         Some(c) => Some(
             ChildCreds::prepare(c)
-                .and_then(|c| c.for_bounding_set(bounding.unwrap_or_else(bounding_set)))
+                .and_then(|c| match bounding {
+                    Some(present) => c.for_bounding_set(present),
+                    None => Ok(c),
+                })
                 .map_err(|e| format!("credentials: {e}"))?
                 .without_inherited_limits(current_rlimit),
         ),
@@ -720,8 +725,8 @@ unsafe fn apply_creds(c: &ChildCreds) -> Result<(), Stage> {
         // What the shim has and the worker may not keep: under a zygote, nothing.
         for cap in Caps(c.drop_bounding) {
             if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0 {
-                // Past the last capability this kernel knows (cap_last_cap), where the shim's
-                // set was not read.
+                // Past the last capability this kernel knows (cap_last_cap), where the shim was
+                // not told its set.
                 if errno() == libc::EINVAL {
                     break;
                 }
@@ -1315,8 +1320,8 @@ mod tests {
         }
     }
 
-    /// [`run_worker`] of a whole spec, by a shim whose bounding set is `bounding` when it knows
-    /// it (else it reads it).
+    /// [`run_worker`] of a whole spec, by a shim whose zygote told it its bounding set is
+    /// `bounding` (`None`: as an exec'd shim).
     fn run_spec(spec: &ShimSpec, bounding: Option<u64>) -> Result<(String, ExitOf), String> {
         let dir = tempfile::tempdir().unwrap();
         let started = start_worker(dir.path(), spec, bounding)?;
@@ -1527,12 +1532,13 @@ mod tests {
     }
 
     /// Real kernel, root only: a shim whose bounding set its zygote shrank to what root workers
-    /// may keep (here CAP_NET_BIND_SERVICE), which reads that set or is told it, still starts
+    /// may keep (here CAP_NET_BIND_SERVICE), told that set or not (as an exec'd shim), still starts
     /// a worker in its cgroup and network namespace as another user, with no capability left in
-    /// any set; a root worker keeps exactly its own in each. The worker's process drops only what
-    /// is left (nothing, or for nobody CAP_NET_BIND_SERVICE), and no ambient capability of the
-    /// shim's reaches either. Capabilities are a thread's: the thread that shrinks its bounding
-    /// set stands for the zygote and its shim.
+    /// any set; a root worker keeps exactly its own in each, and one that asks for more is
+    /// refused before the clone. Told the set, the worker's process drops only what is left
+    /// (nothing, or for nobody CAP_NET_BIND_SERVICE). No ambient capability of the shim's
+    /// reaches either. Capabilities are a thread's: the thread that shrinks its bounding set
+    /// stands for the zygote and its shim.
     #[test]
     fn a_zygotes_shim_drops_only_what_is_left() {
         use super::super::creds::{shrink_bounding_set, ChildCreds, CredsError};
@@ -1604,8 +1610,8 @@ mod tests {
                 );
                 for (way, cg) in &cgroups.0 {
                     let name = cg.dirs.first().map(|(_, d)| d.file_name().unwrap());
-                    // As an exec'd shim (reads its set) and as a forked one (told it).
-                    for told in [None, Some(bounding)] {
+                    // As a forked shim (told its set) and as an exec'd one (not told).
+                    for told in [Some(bounding), None] {
                         let run = |creds: &WorkerCreds| {
                             let spec = ShimSpec {
                                 netns: netns_path.clone(),
@@ -1636,6 +1642,12 @@ mod tests {
                         assert_eq!(cap_set(&out, "CapAmb"), 0, "{way}");
                         assert_eq!(status_field(&out, "NoNewPrivs"), ["1"], "{way}");
                     }
+                    let spec = worker_spec(cg, &["/bin/true"], Path::new("/"), Some(more.clone()));
+                    assert_eq!(
+                        run_spec(&spec, Some(bounding)).unwrap_err(),
+                        "credentials: capabilities [12, 21] to keep are not in the shim's \
+                         bounding set"
+                    );
                     eprintln!("{way}: a zygote's shim starts workers as nobody and as root");
                 }
             });
@@ -1696,10 +1708,12 @@ mod tests {
         }
     }
 
-    /// Not a check: what credentials add to a worker's start, on each way a worker's process
-    /// starts, with the bounding set a zygote leaves (none kept). Medians of 200 starts of
-    /// /bin/true with and without credentials, interleaved. Run alone:
-    /// `cargo test --release -p berth-sys --lib time_worker_start_with_creds -- --ignored --nocapture`
+    /// Not a check: what credentials add to a worker's start (to its exec), on each way a
+    /// worker's process starts, by a zygote's shim (the bounding set shrunk to nothing, and told
+    /// it) and by an exec'd one (the whole set, not told). Medians of 200 starts of /bin/true with
+    /// and 200 without credentials, interleaved, after 20 of each to warm up. Run alone:
+    /// `cargo test --release -p berth-sys --lib time_worker_start_with_creds -- --ignored
+    /// --nocapture`
     #[test]
     #[ignore = "timing, not a check: run alone with --ignored --nocapture"]
     fn time_worker_start_with_creds() {
@@ -1709,39 +1723,47 @@ mod tests {
         let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let cgroups = TestCgroups::new("timing");
         let shim = ShimLike::set();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // This thread as a zygote's shim: its bounding set shrunk, and told it.
-                let bounding = super::super::creds::shrink_bounding_set(0);
-                let dir = tempfile::tempdir().unwrap();
-                for (way, cg) in &cgroups.0 {
-                    let mut spec = worker_spec(cg, &["/bin/true"], Path::new("/"), None);
-                    let mut times = [vec![], vec![]];
-                    for i in 0..440 {
-                        let with = i % 2;
-                        spec.creds = (with == 1).then(nobody);
-                        let t = Instant::now();
-                        let started = start_worker(dir.path(), &spec, Some(bounding)).unwrap();
-                        let took = t.elapsed();
-                        let mut status = 0;
-                        // SAFETY: the pid is our child; status is a valid out-pointer.
-                        unsafe { libc::waitpid(started.pid, &mut status, 0) };
-                        if i >= 40 {
-                            times[with].push(took.as_secs_f64() * 1e6);
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        for zygote in [true, false] {
+            // Capabilities are a thread's: a fresh one for each kind of shim.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let bounding = zygote.then(|| super::super::creds::shrink_bounding_set(0));
+                    let dir = tempfile::tempdir().unwrap();
+                    for (way, cg) in &cgroups.0 {
+                        let mut spec = worker_spec(cg, &["/bin/true"], Path::new("/"), None);
+                        let mut times = [vec![], vec![]];
+                        for i in 0..440 {
+                            let with = i % 2;
+                            spec.creds = (with == 1).then(nobody);
+                            let t = Instant::now();
+                            let started = start_worker(dir.path(), &spec, bounding).unwrap();
+                            let took = t.elapsed();
+                            let mut status = 0;
+                            // SAFETY: the pid is our child; status is a valid out-pointer.
+                            unsafe { libc::waitpid(started.pid, &mut status, 0) };
+                            if i >= 40 {
+                                times[with].push(took.as_secs_f64() * 1e6);
+                            }
                         }
+                        let (without, with) = (median(&mut times[0]), median(&mut times[1]));
+                        eprintln!(
+                            "{}, {way}: {without:.1} µs without creds, {with:.1} µs with: \
+                             +{:.1} µs",
+                            if zygote {
+                                "zygote's shim"
+                            } else {
+                                "exec'd shim"
+                            },
+                            with - without
+                        );
                     }
-                    let median = |v: &mut Vec<f64>| {
-                        v.sort_by(f64::total_cmp);
-                        v[v.len() / 2]
-                    };
-                    let (without, with) = (median(&mut times[0]), median(&mut times[1]));
-                    eprintln!(
-                        "{way}: {without:.1} µs without creds, {with:.1} µs with: +{:.1} µs",
-                        with - without
-                    );
-                }
+                });
             });
-        });
+        }
         drop(shim);
     }
 

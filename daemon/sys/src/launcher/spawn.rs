@@ -9,8 +9,8 @@
 //! the daemon's fd table, which holds a pidfd per live worker: a posix_spawn from the daemon
 //! copies it into the child and closes it again at exec, one file at a time (1.6 ms per launch
 //! with 4000 workers alive here). A zygote that died is replaced at the next spawn; where none
-//! can be started, the shim is exec'd from the daemon (slower, same result, except that its
-//! worker's process drops the capabilities of the bounding set that a zygote drops once, see
+//! can be started, the shim is exec'd from the daemon (slower; same result: its worker's process
+//! drops itself the capabilities that a zygote drops from its bounding set once, see
 //! `super::creds`).
 
 use std::fs;

@@ -9,8 +9,8 @@
 //!
 //! A zygote is started as `berth-shim --zygote --keep-caps=10,12` (the capabilities root workers
 //! may keep, by number, maybe none) and first drops every other capability from its bounding set,
-//! once for all the shims it forks (see `super::creds`): their workers' processes have none left
-//! to drop. Without `--keep-caps` it drops nothing.
+//! once for all the shims it forks, and tells them the set left (see `super::creds`): their
+//! workers' processes drop at most what it kept. Without `--keep-caps` it drops nothing.
 //!
 //! Protocol, on a `SOCK_SEQPACKET` socket pair whose other end is the zygote's stdin:
 //! - request: the worker directory's path, with the handshake pipe's write end attached
