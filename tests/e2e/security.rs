@@ -11,7 +11,7 @@ use std::time::Duration;
 use berth_tests::cluster::SchedulerNode;
 use berth_tests::users::{cli_in, TestGroup, TestUser};
 use berth_tests::{
-    await_all, bin, command_request, free_port, is_root, launch, output_of, pb, scaled,
+    await_all, bin, command_request, free_port, ids_of, is_root, launch, output_of, pb, scaled,
     worker_nofile_hard, Daemon, DaemonOptions,
 };
 use serde_json::Value;
@@ -81,7 +81,7 @@ fn ids(v: &Value) -> Vec<String> {
 }
 
 /// The value of `key:` in a /proc/self/status report (whitespace collapsed).
-fn field<'a>(report: &'a str, key: &str) -> String {
+fn field(report: &str, key: &str) -> String {
     report
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{key}:")))
@@ -371,6 +371,19 @@ async fn the_socket_and_the_state_dir_are_private() {
     let m = std::fs::metadata(d.state_dir()).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o700);
     assert_eq!(m.uid(), 0);
+    // A worker's spec record holds its environment: root's alone, inside the private dir too.
+    let c = d.client().await.unwrap();
+    let mut req = command_request(1, &["true"]);
+    req.env.insert("TOKEN".into(), "secret".into());
+    let w = launch(&c, req).await;
+    let spec = d
+        .state_dir()
+        .join("workers")
+        .join(&w[0].id)
+        .join("spec.json");
+    let m = std::fs::metadata(&spec).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", spec.display());
+    await_all(&c, &ids_of(&w)).await.unwrap();
     // A user outside the socket's group cannot connect at all.
     let outsider = TestUser::create(&[]).unwrap();
     let cli = cli_in(&d.dir).unwrap();

@@ -123,7 +123,7 @@ pub fn worker_nofile_hard() -> u64 {
     };
     // SAFETY: getrlimit writes into the struct it is given.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    (lim.rlim_max as u64).min(524_288)
+    lim.rlim_max.min(524_288)
 }
 
 /// What systemd gives berthd (`OOMScoreAdjust=-900`, `LimitNOFILE=1048576`), given to a daemon

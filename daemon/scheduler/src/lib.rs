@@ -834,17 +834,16 @@ impl Scheduler {
         if let Some(s) = self.sessions().get(id) {
             return Some(s.session.owner.clone());
         }
-        let view = self.view();
-        let owner = view
+        let first = self
+            .view()
             .select(&Filter {
                 session_id: Some(id.to_owned()),
                 ..Default::default()
             })
             .ok()?
             .into_iter()
-            .next()
-            .map(|t| t.worker.owner);
-        owner
+            .next();
+        first.map(|t| t.worker.owner)
     }
 
     /// The owner of each of `ids` the view holds (unknown ones are left out).

@@ -170,7 +170,17 @@ pub fn write_spec(dir: &Path, spec: &ShimSpec) -> Result<(), SpawnError> {
     };
     fs::create_dir_all(dir).map_err(spec_err)?;
     let json = serde_json::to_vec(spec).map_err(|e| spec_err(io::Error::other(e)))?;
-    fs::write(&spec_path, json).map_err(spec_err)
+    // Root's alone: the spec holds the worker's environment, which often holds secrets.
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&spec_path)
+        .and_then(|mut f| f.write_all(&json))
+        .map_err(spec_err)
 }
 
 /// posix_spawn of the shim (no pre_exec hook, so std takes the posix_spawn path: a clone with
