@@ -36,7 +36,10 @@ const SELF_REPORT: &str =
 async fn daemon_for(group: &TestGroup, extra: &str) -> Daemon {
     Daemon::start_with(DaemonOptions {
         tcp: true,
-        config: format!("socket_group = \"{}\"\n{extra}", group.name),
+        config: format!(
+            "socket_group = \"{}\"\nworker_user = \"nobody\"\n{extra}",
+            group.name
+        ),
         ..Default::default()
     })
     .await
@@ -48,6 +51,8 @@ async fn daemon_for(group: &TestGroup, extra: &str) -> Daemon {
 fn berth_as(user: &TestUser, cli: &Path, addr: &str, args: &[&str]) -> (bool, Value, Output) {
     let out = user
         .command(cli)
+        // The user's workers start here (clients send their directory as the workdir).
+        .current_dir("/tmp")
         .arg("--addr")
         .arg(addr)
         .arg("--json")
@@ -526,6 +531,7 @@ async fn mtls_requires_a_certificate_and_maps_its_name_to_a_user() {
     let cli = bin("berth");
     let run = |extra: &[&str], args: &[&str]| {
         std::process::Command::new(&cli)
+            .current_dir("/tmp")
             .arg("--addr")
             .arg(&addr)
             .arg("--json")
@@ -703,6 +709,7 @@ async fn the_readme_certificates_work() {
     )
     .await;
     let out = std::process::Command::new(bin("berth"))
+        .current_dir("/tmp")
         .args(["--addr", d.tcp.as_deref().unwrap(), "--json"])
         .args(["--tls-ca", &f("ca.pem"), "--tls-cert", &f("alice.pem")])
         .args([
