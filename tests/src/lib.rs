@@ -209,6 +209,8 @@ pub struct DaemonOptions {
     pub args: Vec<String>,
     /// Network namespaces the daemon keeps ready (`netns_pool`); default 4.
     pub netns_pool: Option<usize>,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 /// The worker network of one test daemon: a bridge name and a /19 of 10.224.0.0/11 of its own,
@@ -318,6 +320,8 @@ pub struct Daemon {
     pub log_path: PathBuf,
     /// The daemon's own bridge and subnet.
     pub net: TestNet,
+    /// Extra environment of the daemon process (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 /// A free TCP port on loopback (bound then released).
@@ -378,6 +382,7 @@ impl Daemon {
             config_path,
             log_path: dir.join("berthd.log"),
             net,
+            env: opts.env.clone(),
         };
         d.spawn(&opts.args).await?;
         Ok(d)
@@ -394,6 +399,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "BERTH_LOG",
                 "info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug",

@@ -336,14 +336,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             ),
         )
     });
-    sd_notify(sd_notify::NotifyState::Ready);
+    let serving = host.view();
+    berth_server::notify::ready(&format!(
+        "serving: {} workers, {} cpu of {} allocated",
+        serving.allocated.workers, serving.allocated.cpu, serving.capacity.cpu
+    ));
+    berth_server::notify::install_wedge_hook();
+    {
+        let host = host.clone();
+        berth_server::notify::spawn_watchdog(
+            move || {
+                let host = host.clone();
+                async move {
+                    // The supervisor's state, read on a blocking thread: a wedged supervisor or an
+                    // exhausted blocking pool withholds the ping.
+                    tokio::task::spawn_blocking(move || host.status_counts())
+                        .await
+                        .is_ok()
+                }
+            },
+            shutdown.clone(),
+        );
+    }
 
     shutdown.cancelled().await;
     if let Some(b) = beats {
         let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
     }
     tracing::info!("shutting down; workers keep running under their shims");
-    sd_notify(sd_notify::NotifyState::Stopping);
+    berth_server::notify::stopping();
     host.shutdown();
     let result = front.drain().await.map_err(DaemonError::from);
     let h = host.clone();
@@ -381,12 +402,5 @@ async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
         Ok(Ok(n)) => Arc::new(n),
         Ok(Err(e)) => unavailable(e.to_string()),
         Err(e) => unavailable(format!("start: {e}")),
-    }
-}
-
-/// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.
-fn sd_notify(state: sd_notify::NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        tracing::debug!(error = %e, "sd_notify");
     }
 }

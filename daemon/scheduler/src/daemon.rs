@@ -79,9 +79,27 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     )
     .await?;
     tracing::info!("scheduler ready");
+    berth_server::notify::ready("serving");
+    berth_server::notify::install_wedge_hook();
+    {
+        let scheduler = scheduler.clone();
+        berth_server::notify::spawn_watchdog(
+            move || {
+                let scheduler = scheduler.clone();
+                // The scheduler's view, read on a blocking thread.
+                async move {
+                    tokio::task::spawn_blocking(move || scheduler.list_hosts().len())
+                        .await
+                        .is_ok()
+                }
+            },
+            shutdown.clone(),
+        );
+    }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; hosts and their workers keep running");
+    berth_server::notify::stopping();
     scheduler.shutdown();
     Ok(front.drain().await?)
 }

@@ -9,6 +9,7 @@ pub mod convert;
 pub mod front;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod workers;
 
 pub use front::ServeError;
