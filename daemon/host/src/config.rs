@@ -49,6 +49,8 @@ pub struct Config {
     pub output: OutputConfig,
     pub cgroup: CgroupConfig,
     pub retention: RetentionConfig,
+    /// Caps on one launch request, checked before anything is allocated for it.
+    pub limits: berth_core::limits::LaunchLimits,
     /// Interpreters by kernel name. `python3` and `r` are always defined.
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
@@ -239,6 +241,7 @@ impl Default for Config {
             output: OutputConfig::default(),
             cgroup: CgroupConfig::default(),
             retention: RetentionConfig::default(),
+            limits: Default::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
             socket_group: "berth".into(),
@@ -377,6 +380,9 @@ impl DaemonConfig for Config {
                     ),
                 });
             }
+        }
+        if let Some(key) = self.limits.zero_cap() {
+            return bad(key, "must be at least 1");
         }
         berth_server::identity::check_tls_config(&self.tls)?;
         if self.worker_user.is_empty() {
@@ -570,6 +576,13 @@ mod tests {
                 "{bad}"
             );
         }
+        assert!(matches!(
+            Config::from_toml("[limits]\nmax_env_vars = 0"),
+            Err(ConfigError::Invalid {
+                key: "limits.max_env_vars",
+                ..
+            })
+        ));
         assert_eq!(
             Config::from_toml("gpus = \"fake:4\"").unwrap().gpus,
             "fake:4"

@@ -13,6 +13,7 @@ use crate::config::Config;
 use berth_core::admission::Capacity;
 use berth_core::ipam::Subnet;
 use berth_core::launch::{KernelInvocation, GIB};
+use berth_core::limits::ExecLimits;
 use berth_sys::cgroup::{CgroupFs, Cgroups};
 use berth_sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use berth_sys::host as hostfs;
@@ -140,6 +141,25 @@ pub fn host_options(cfg: &Config) -> HostOptions {
                     })
                 })
                 .collect(),
+        },
+        limits: cfg.limits,
+        exec: exec_limits(cfg),
+    }
+}
+
+/// The exec limits of the workers: this process's (`sysconf(_SC_ARG_MAX)`, which workers
+/// inherit), or what the stack limit `worker.rlimits` gives them says.
+fn exec_limits(cfg: &Config) -> ExecLimits {
+    let stack = cfg
+        .worker
+        .rlimits
+        .iter()
+        .find(|(name, _)| crate::config::rlimit_resource(name) == Some(libc::RLIMIT_STACK as i32))
+        .map(|(_, [soft, _])| u64::try_from(*soft).unwrap_or(u64::MAX));
+    match stack {
+        Some(soft) => ExecLimits::for_stack(soft),
+        None => ExecLimits {
+            arg_max: hostfs::arg_max().min(berth_core::limits::ARG_MAX_CEILING),
         },
     }
 }

@@ -42,6 +42,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             host_down_after: cfg.host_down_after(),
             launch_attempts: cfg.launch_attempts,
             state_dir: Some(cfg.state_dir.clone()),
+            limits: cfg.limits,
             ..Default::default()
         },
         Arc::new(GrpcConnector {

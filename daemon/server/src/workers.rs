@@ -116,17 +116,21 @@ impl<B> WorkersService<B> {
     }
 }
 
-/// Worker ids named in `field` are well formed (an id this server could have made).
-pub(crate) fn check_ids(ids: &[String], field: &str) -> Result<()> {
-    for (i, id) in ids.iter().enumerate() {
-        if !berth_core::is_valid_id(id) {
-            return Err(Error::invalid(
-                format!("{field}[{i}]"),
-                format!("{id:?} is not a worker id"),
-            ));
-        }
+/// Worker ids named in `field`: at most [`berth_core::limits::MAX_IDS`], each well formed (an
+/// id this server could have made); returned each once, in the order first named.
+pub(crate) fn check_ids(ids: Vec<String>, field: &str) -> Result<Vec<String>> {
+    if let Some((i, id)) = ids
+        .iter()
+        .take(berth_core::limits::MAX_IDS + 1)
+        .enumerate()
+        .find(|(_, id)| !berth_core::is_valid_id(id))
+    {
+        return Err(Error::invalid(
+            format!("{field}[{i}]"),
+            format!("{id:?} is not a worker id"),
+        ));
     }
-    Ok(())
+    berth_core::limits::dedup_ids(ids, field)
 }
 
 /// A required `session_id`.
@@ -163,19 +167,19 @@ fn await_timeout(seconds: Option<u32>) -> Option<Duration> {
 }
 
 /// What a `StopWorkersRequest` selects: exactly one of ids, session_id and all.
-fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector> {
-    check_ids(&r.ids, "ids")?;
+fn stop_selector(r: pb::StopWorkersRequest) -> Result<Selector> {
+    let ids = check_ids(r.ids, "ids")?;
     optional_session_id(r.session_id.clone())?;
     let selectors =
-        usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
+        usize::from(!ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
     match selectors {
         0 => Err(Error::invalid(
             "ids",
             "name the workers to stop: ids, session_id, or all = true",
         )),
         1 if r.all => Ok(Selector::All),
-        1 if !r.ids.is_empty() => Ok(Selector::Ids(r.ids.clone())),
-        1 => Ok(Selector::Session(r.session_id.clone())),
+        1 if !ids.is_empty() => Ok(Selector::Ids(ids)),
+        1 => Ok(Selector::Session(r.session_id)),
         _ => Err(Error::invalid(
             "all",
             "set only one of ids, session_id and all",
@@ -185,13 +189,16 @@ fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector> {
 
 /// A `ListWorkers`/`WatchWorkers` filter.
 fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Result<Filter> {
-    check_ids(&ids, "ids")?;
+    let ids = check_ids(ids, "ids")?;
     let session_id = optional_session_id(session_id)?;
-    let statuses = statuses
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| status_from_pb(s, &format!("statuses[{i}]")))
-        .collect::<Result<Vec<_>>>()?;
+    let mut unique = Vec::new();
+    for (i, s) in statuses.into_iter().enumerate() {
+        let s = status_from_pb(s, &format!("statuses[{i}]"))?;
+        if !unique.contains(&s) {
+            unique.push(s);
+        }
+    }
+    let statuses = unique;
     Ok(Filter {
         session_id,
         ids,
@@ -285,9 +292,8 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
         let req = AwaitRequest {
-            ids: r.ids,
+            ids: check_ids(r.ids, "ids").map_err(to_status)?,
             session_id: optional_session_id(r.session_id).map_err(to_status)?,
             completion: r.wait_for_completion.unwrap_or(true),
             timeout: await_timeout(r.timeout_seconds),
@@ -309,10 +315,11 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        let sel = stop_selector(&r).map_err(to_status)?;
+        let grace_seconds = r.grace_seconds;
+        let sel = stop_selector(r).map_err(to_status)?;
         let workers = self
             .backend
-            .stop(&caller, sel, r.grace_seconds)
+            .stop(&caller, sel, grace_seconds)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::StopWorkersResponse { workers }))
@@ -325,10 +332,14 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::StreamOutputRequest>,
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
+        let mut r = request.into_inner();
+        r.ids = check_ids(std::mem::take(&mut r.ids), "ids").map_err(to_status)?;
         optional_session_id(r.session_id.clone()).map_err(to_status)?;
-        streams_from_pb(&r.streams).map_err(to_status)?;
+        r.streams = streams_from_pb(&r.streams)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|s| s as i32)
+            .collect();
         let stream = self.backend.output(&caller, r).await.map_err(to_status)?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             stream,
@@ -421,16 +432,13 @@ mod tests {
 
     #[test]
     fn stop_takes_exactly_one_selector() {
-        assert_eq!(field(stop_selector(&stop(&[], "", false))), "ids");
-        assert_eq!(field(stop_selector(&stop(&["abc123"], "", true))), "all");
-        assert_eq!(field(stop_selector(&stop(&["no/pe"], "", false))), "ids[0]");
+        assert_eq!(field(stop_selector(stop(&[], "", false))), "ids");
+        assert_eq!(field(stop_selector(stop(&["abc123"], "", true))), "all");
+        assert_eq!(field(stop_selector(stop(&["no/pe"], "", false))), "ids[0]");
+        assert_eq!(field(stop_selector(stop(&[], "../x", false))), "session_id");
+        assert_eq!(stop_selector(stop(&[], "", true)).unwrap(), Selector::All);
         assert_eq!(
-            field(stop_selector(&stop(&[], "../x", false))),
-            "session_id"
-        );
-        assert_eq!(stop_selector(&stop(&[], "", true)).unwrap(), Selector::All);
-        assert_eq!(
-            stop_selector(&stop(&[], "s1234", false)).unwrap(),
+            stop_selector(stop(&[], "s1234", false)).unwrap(),
             Selector::Session("s1234".into())
         );
     }
@@ -457,6 +465,24 @@ mod tests {
             Some(berth_core::worker::WorkerStatus::Running)
         ));
         assert!(!f.selects("w1", None, Some(berth_core::worker::WorkerStatus::Running)));
+    }
+
+    #[test]
+    fn ids_are_listed_once_and_capped() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            stop_selector(stop(&["w1", "w2", "w1"], "", false)).unwrap(),
+            Selector::Ids(ids(&["w1", "w2"]))
+        );
+        let f = filter_from("".into(), ids(&["w2", "w1", "w2"]), vec![3, 3, 4, 3]).unwrap();
+        assert_eq!(f.ids, ids(&["w2", "w1"]));
+        assert_eq!(f.statuses.len(), 2);
+        let many = vec!["w1".to_string(); berth_core::limits::MAX_IDS + 1];
+        assert_eq!(field(filter_from("".into(), many, vec![])), "ids");
+        // A malformed id is named before the count.
+        let mut bad = vec!["w1".to_string(); berth_core::limits::MAX_IDS + 1];
+        bad[3] = "../x".into();
+        assert_eq!(field(check_ids(bad, "ids")), "ids[3]");
     }
 
     #[test]

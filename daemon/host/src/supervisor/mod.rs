@@ -22,6 +22,7 @@ use berth_core::admission::{Capacity, Ledger};
 use berth_core::gpus::GpuLedger;
 use berth_core::ipam::Ipam;
 use berth_core::launch::KernelInvocation;
+use berth_core::limits::{ExecLimits, LaunchLimits};
 use berth_core::session::Session;
 use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::{CgroupVersion, Cgroups};
@@ -83,6 +84,10 @@ pub struct HostOptions {
     pub retention_sweep: Duration,
     /// What the workers of a launch keep and may ask for.
     pub privileges: WorkerPrivileges,
+    /// Caps on one launch request (`[limits]`).
+    pub limits: LaunchLimits,
+    /// The kernel's exec limits for the workers.
+    pub exec: ExecLimits,
 }
 
 impl HostOptions {
@@ -109,6 +114,10 @@ impl HostOptions {
             retain_finished_max: 10_000,
             retention_sweep: Duration::from_secs(30),
             privileges: WorkerPrivileges::default(),
+            limits: LaunchLimits::default(),
+            exec: ExecLimits {
+                arg_max: berth_sys::host::arg_max().min(berth_core::limits::ARG_MAX_CEILING),
+            },
         }
     }
 }
@@ -357,6 +366,11 @@ impl Host {
     /// Directory of worker `id`'s spec, exit record and output.
     pub fn worker_dir(&self, id: &str) -> PathBuf {
         self.inner.worker_dir(id)
+    }
+
+    /// The caps on one launch request.
+    pub fn limits(&self) -> &LaunchLimits {
+        &self.inner.opts.limits
     }
 
     /// Whether the host's kernel table has `name` (installed or not).
