@@ -196,7 +196,7 @@ pub(super) fn exit_of(r: launcher::ExitRecord) -> (Exit, RunTimes) {
             exit_code: r.exit_code,
             signal: r.signal,
             spawn_error: r.spawn_error,
-            oom_killed: false,
+            ..Default::default()
         },
         times,
     )
@@ -276,30 +276,19 @@ async fn watch_orphan(inner: &Arc<Inner>, id: &str) -> Next {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let stop = inner
-        .lock()
-        .workers
-        .get(id)
-        .and_then(|e| e.rec.stop_reason.clone());
-    let reason = "ended unsupervised; exit status unknown".to_owned();
-    let next = inner
+    // LOST in the one final record, so that nobody (an await, a watch) sees another end first.
+    inner
         .clone()
         .finish(
             id,
             Exit {
                 spawn_error: None,
+                unseen: Some("ended unsupervised; exit status unknown".to_owned()),
                 ..Default::default()
             },
             RunTimes::default(),
         )
-        .await;
-    if stop.is_none() {
-        inner.update(id, |w| {
-            w.status = WorkerStatus::Lost;
-            w.reason = reason;
-        });
-    }
-    next
+        .await
 }
 
 /// Starts worker `id` again after `delay` (ON_FAILURE), in a fresh cgroup, same output streams;
