@@ -49,6 +49,8 @@ pub struct Config {
     pub output: OutputConfig,
     pub cgroup: CgroupConfig,
     pub retention: RetentionConfig,
+    /// Load limits of the gRPC listeners: calls in flight, their time, streams per connection.
+    pub limits: berth_server::limits::RequestLimits,
     /// Interpreters by kernel name. `python3` and `r` are always defined.
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
@@ -239,6 +241,7 @@ impl Default for Config {
             output: OutputConfig::default(),
             cgroup: CgroupConfig::default(),
             retention: RetentionConfig::default(),
+            limits: Default::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
             socket_group: "berth".into(),
@@ -352,6 +355,9 @@ impl DaemonConfig for Config {
         }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
+        }
+        if let Some(key) = self.limits.zero_limit() {
+            return bad(key, "must be at least 1");
         }
         for c in &self.root_worker_capabilities {
             if berth_sys::launcher::cap_number(c).is_none() {
@@ -574,6 +580,17 @@ mod tests {
             Config::from_toml("gpus = \"fake:4\"").unwrap().gpus,
             "fake:4"
         );
+        assert!(matches!(
+            Config::from_toml("[limits]\nmax_concurrent_requests = 0"),
+            Err(ConfigError::Invalid {
+                key: "limits.max_concurrent_requests",
+                ..
+            })
+        ));
+        let l = Config::from_toml("[limits]\nrequest_timeout_seconds = 0")
+            .unwrap()
+            .limits;
+        assert_eq!(l.timeout(), None, "0 is no time limit");
     }
 
     #[test]

@@ -307,6 +307,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let front = GrpcFront::serve(
         listeners,
         &security,
+        &cfg.limits,
         host.clone(),
         &["berth.v1.Host"],
         |router| router.add_service(hostsvc.clone()),

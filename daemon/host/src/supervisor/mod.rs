@@ -354,6 +354,11 @@ impl Host {
         self.inner.shutdown.clone()
     }
 
+    /// The grace period of a stop that names none.
+    pub fn stop_grace(&self) -> Duration {
+        self.inner.opts.stop_grace
+    }
+
     /// Directory of worker `id`'s spec, exit record and output.
     pub fn worker_dir(&self, id: &str) -> PathBuf {
         self.inner.worker_dir(id)
