@@ -6,13 +6,13 @@
 //! reads it whole (`view`, counts); each duty has a module of its own: `start` (admission and
 //! spawns), `life` (a worker from spawn to its final record, and restarts), `stop`, `query`
 //! (list, await), `events` (every change to the store and to watchers), `streams` (output),
-//! `sessions`, `retention`, `recovery` (start-up).
+//! `follow` (waking output followers), `sessions`, `retention`, `recovery` (start-up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, watch};
@@ -34,6 +34,7 @@ use berth_sys::store::StoreWriter;
 
 mod access;
 mod events;
+mod follow;
 mod life;
 mod query;
 mod recovery;
@@ -233,6 +234,8 @@ struct Inner {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
+    /// Wakes output followers; started by the first (see `follow`).
+    output_watch: OnceLock<Option<follow::OutputWatch>>,
     started_at: SystemTime,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -322,6 +325,7 @@ impl Host {
                 }),
                 changed,
                 events,
+                output_watch: OnceLock::new(),
                 started_at: SystemTime::now(),
                 metrics: Metrics::default(),
                 shutdown: CancellationToken::new(),
