@@ -174,6 +174,10 @@ impl WorkersBackend for Host {
         )))
     }
 
+    fn default_stop_grace(&self) -> Duration {
+        Host::stop_grace(self)
+    }
+
     async fn watch(&self, caller: &Caller, filter: Filter, initial: bool) -> Result<WatchStream> {
         let filter = own(caller, self, &filter)?;
         // Subscribe before the snapshot, so no change falls between them.

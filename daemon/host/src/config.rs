@@ -51,6 +51,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// Caps on one launch request, checked before anything is allocated for it.
     pub limits: berth_core::limits::LaunchLimits,
+    /// Load limits of the gRPC listeners: calls in flight, their time, streams per connection.
+    pub load: berth_server::limits::RequestLimits,
     /// Interpreters by kernel name. `python3` and `r` are always defined.
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
@@ -242,6 +244,7 @@ impl Default for Config {
             cgroup: CgroupConfig::default(),
             retention: RetentionConfig::default(),
             limits: Default::default(),
+            load: Default::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
             socket_group: "berth".into(),
@@ -355,6 +358,9 @@ impl DaemonConfig for Config {
         }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
+        }
+        if let Some(key) = self.load.zero_limit() {
+            return bad(key, "must be at least 1");
         }
         for c in &self.root_worker_capabilities {
             if berth_sys::launcher::cap_number(c).is_none() {
@@ -587,6 +593,17 @@ mod tests {
             Config::from_toml("gpus = \"fake:4\"").unwrap().gpus,
             "fake:4"
         );
+        assert!(matches!(
+            Config::from_toml("[load]\nmax_concurrent_requests = 0"),
+            Err(ConfigError::Invalid {
+                key: "load.max_concurrent_requests",
+                ..
+            })
+        ));
+        let l = Config::from_toml("[load]\nrequest_timeout_seconds = 0")
+            .unwrap()
+            .load;
+        assert_eq!(l.timeout(), None, "0 is no time limit");
     }
 
     #[test]

@@ -327,6 +327,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let front = GrpcFront::serve(
         listeners,
         &security,
+        &cfg.load,
         host.clone(),
         &["berth.v1.Host"],
         |router| router.add_service(hostsvc.clone()),

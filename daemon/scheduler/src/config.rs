@@ -43,6 +43,8 @@ pub struct SchedulerConfig {
     pub users: std::collections::BTreeMap<String, String>,
     /// Caps on one launch request, checked before it is placed.
     pub limits: berth_core::limits::LaunchLimits,
+    /// Load limits of the gRPC listeners: calls in flight, their time, streams per connection.
+    pub load: berth_server::limits::RequestLimits,
 }
 
 impl Default for SchedulerConfig {
@@ -62,6 +64,7 @@ impl Default for SchedulerConfig {
             tls: Default::default(),
             users: Default::default(),
             limits: Default::default(),
+            load: Default::default(),
         }
     }
 }
@@ -100,6 +103,9 @@ impl DaemonConfig for SchedulerConfig {
             return bad("log_format", "must be text or json");
         }
         if let Some(key) = self.limits.zero_cap() {
+            return bad(key, "must be at least 1");
+        }
+        if let Some(key) = self.load.zero_limit() {
             return bad(key, "must be at least 1");
         }
         berth_server::identity::check_tls_config(&self.tls)

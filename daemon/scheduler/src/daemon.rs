@@ -62,6 +62,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let front = GrpcFront::serve(
         listeners,
         &security,
+        &cfg.load,
         scheduler.clone(),
         &["berth.v1.Cluster", "berth.v1.Membership"],
         |router| {

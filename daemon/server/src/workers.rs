@@ -21,6 +21,7 @@ use berth_core::worker::{Filter, Selector};
 use crate::convert::{status_from_pb, streams_from_pb, to_status};
 pub use crate::identity::Caller;
 use crate::identity::Policy;
+use crate::limits::CallBudget;
 
 /// A stream of items a backend answers with; its errors become statuses at the edge.
 pub type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send + 'static>>;
@@ -96,6 +97,12 @@ pub trait WorkersBackend: Send + Sync + 'static {
 
     /// The workers `filter` selects, as they change (and as they are first, with `initial`).
     async fn watch(&self, caller: &Caller, filter: Filter, initial: bool) -> Result<WatchStream>;
+
+    /// The grace period of a stop that names none: a stop or a session's close may take that
+    /// long beyond the server's request timeout.
+    fn default_stop_grace(&self) -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 /// `berth.v1.Workers` over `B`.
@@ -113,6 +120,20 @@ impl<B> WorkersService<B> {
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         self.policy.caller(request).await.map_err(to_status)
+    }
+}
+
+impl<B: WorkersBackend> WorkersService<B> {
+    /// A stop waits for its workers to end, SIGKILL coming after the grace period: the call's
+    /// time limit (see [`crate::limits`]) grows by that period.
+    fn allow_grace<T>(&self, request: &Request<T>, grace_seconds: Option<u32>) {
+        if let Some(budget) = request.extensions().get::<Arc<CallBudget>>() {
+            let grace = grace_seconds.map_or_else(
+                || self.backend.default_stop_grace(),
+                |s| Duration::from_secs(u64::from(s)),
+            );
+            budget.allow_extra(grace);
+        }
     }
 }
 
@@ -250,6 +271,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let caller = self.caller(&request).await?;
+        self.allow_grace(&request, request.get_ref().grace_seconds);
         let r = request.into_inner();
         check_session_id(&r.session_id).map_err(to_status)?;
         let stopped = self
@@ -314,6 +336,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let caller = self.caller(&request).await?;
+        self.allow_grace(&request, request.get_ref().grace_seconds);
         let r = request.into_inner();
         let grace_seconds = r.grace_seconds;
         let sel = stop_selector(r).map_err(to_status)?;

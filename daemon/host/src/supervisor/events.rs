@@ -22,6 +22,9 @@ impl Inner {
         if let Some(store) = &self.store {
             store.submit(vec![Op::put(Table::Workers, &rec.id, &rec)]);
         }
+        if rec.status.is_terminal() {
+            self.wake_followers(&rec.id);
+        }
         let _ = self.events.send(rec);
         self.changed.send_modify(|v| *v += 1);
     }

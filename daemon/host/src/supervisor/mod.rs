@@ -6,13 +6,13 @@
 //! reads it whole (`view`, counts); each duty has a module of its own: `start` (admission and
 //! spawns), `life` (a worker from spawn to its final record, and restarts), `stop`, `query`
 //! (list, await), `events` (every change to the store and to watchers), `streams` (output),
-//! `sessions`, `retention`, `recovery` (start-up).
+//! `follow` (waking output followers), `sessions`, `retention`, `recovery` (start-up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, watch};
@@ -35,6 +35,7 @@ use berth_sys::store::StoreWriter;
 
 mod access;
 mod events;
+mod follow;
 mod life;
 mod query;
 mod recovery;
@@ -242,6 +243,8 @@ struct Inner {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
+    /// Wakes output followers; started by the first (see `follow`).
+    output_watch: OnceLock<Option<follow::OutputWatch>>,
     started_at: SystemTime,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -331,6 +334,7 @@ impl Host {
                 }),
                 changed,
                 events,
+                output_watch: OnceLock::new(),
                 started_at: SystemTime::now(),
                 metrics: Metrics::default(),
                 shutdown: CancellationToken::new(),
@@ -361,6 +365,11 @@ impl Host {
     /// Cancelled when the daemon shuts down; long streams end with it.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.inner.shutdown.clone()
+    }
+
+    /// The grace period of a stop that names none.
+    pub fn stop_grace(&self) -> Duration {
+        self.inner.opts.stop_grace
     }
 
     /// Directory of worker `id`'s spec, exit record and output.
