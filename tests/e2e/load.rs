@@ -268,8 +268,10 @@ async fn a_busy_daemon_refuses_short_calls_at_once_and_leases_renew() {
             Err(e) if e.code() == Code::ResourceExhausted => break t1.elapsed(),
             _ => {}
         }
+        // The stop holds the slot for its 4 s grace (scaled on a slow tier, where the stop
+        // itself may take a while to arrive).
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < scaled(Duration::from_secs(3)),
             "no call refused while the stop held the only slot"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
