@@ -182,12 +182,8 @@ pub fn security(cfg: &Config) -> Security {
 
 /// The TLS material berthd presents to its scheduler (its certificate names the host).
 fn client_tls(cfg: &Config) -> berth_client::TlsFiles {
-    let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
-    berth_client::TlsFiles {
-        ca: some(cfg.tls.server_ca()),
-        cert: some(&cfg.tls.cert),
-        key: some(&cfg.tls.key),
-    }
+    let [ca, cert, key] = cfg.tls.client_files();
+    berth_client::TlsFiles { ca, cert, key }
 }
 
 /// The state dir, private to root: spec records hold the workers' environments (which often

@@ -133,12 +133,8 @@ impl SchedulerConfig {
 
     /// The TLS material the scheduler presents to hosts.
     pub fn client_tls(&self) -> berth_client::TlsFiles {
-        let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
-        berth_client::TlsFiles {
-            ca: some(self.tls.server_ca()),
-            cert: some(&self.tls.cert),
-            key: some(&self.tls.key),
-        }
+        let [ca, cert, key] = self.tls.client_files();
+        berth_client::TlsFiles { ca, cert, key }
     }
 }
 

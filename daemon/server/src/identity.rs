@@ -77,6 +77,13 @@ impl TlsConfig {
         !self.cert.as_os_str().is_empty()
     }
 
+    /// What this daemon presents when it calls another daemon, each file only where it is set:
+    /// the CA of the server's certificate ([`Self::server_ca`]), its own certificate and key.
+    pub fn client_files(&self) -> [Option<PathBuf>; 3] {
+        let some = |p: &std::path::Path| (!p.as_os_str().is_empty()).then(|| p.to_path_buf());
+        [some(self.server_ca()), some(&self.cert), some(&self.key)]
+    }
+
     /// The CA that signs the servers this daemon calls.
     pub fn server_ca(&self) -> &std::path::Path {
         if self.ca.as_os_str().is_empty() {
