@@ -206,7 +206,7 @@ async fn an_argument_past_the_limits_is_refused_naming_it() {
 }
 
 /// 1 MiB of Python code, past what one argument may hold, runs: the interpreter reads it from
-/// /dev/fd/3 (a memfd the worker's user, nobody here, can read), prints its own length, and
+/// /proc/self/fd/3 (a memfd the worker's user, nobody here, can read), prints its own length, and
 /// the worker's record holds that path, not the megabyte. Code that fits keeps `-c`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_past_the_command_line_reaches_the_interpreter_by_fd() {
@@ -222,12 +222,12 @@ async fn code_past_the_command_line_reaches_the_interpreter_by_fd() {
     for w in &done {
         assert_eq!(w.status, pb::WorkerStatus::Succeeded as i32, "{w:?}");
         assert_eq!(w.user, "nobody");
-        assert_eq!(w.command.last().map(String::as_str), Some("/dev/fd/3"));
+        assert_eq!(w.command.last().map(String::as_str), Some("/proc/self/fd/3"));
         assert!(w.command.iter().all(|a| a.len() < 4096), "{:?}", w.command);
         let out = output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out),
-            format!("{} ['/dev/fd/3']\n", 1 << 20)
+            format!("{} ['/proc/self/fd/3']\n", 1 << 20)
         );
     }
     let done = await_all(&c, &ids_of(&small)).await.unwrap();

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
     await_running, command_request, launch, open_session, pb, python_request, require_root, scaled,
+    timeout_scale,
     Client, Daemon, DaemonOptions,
 };
 use tokio::sync::Mutex;
@@ -92,9 +93,13 @@ async fn a_follower_sees_a_line_within_milliseconds() {
     steady.sort_by(f64::total_cmp);
     let (median, p90) = (percentile(&steady, 0.5), percentile(&steady, 0.9));
     eprintln!("line delay: median {median:.2} ms, p90 {p90:.2} ms, all {steady:.2?}");
+    // Polling woke every 10-100 ms, a timer: its median was ~50 ms on any machine. Under
+    // emulation (the v2 tier's guest runs ~6x slower) a woken follower takes ~20 ms, so there
+    // the bound is 40 ms, still below what polling gave.
+    let bound = if timeout_scale() > 1.0 { 40.0 } else { 10.0 };
     assert!(
-        median < 10.0,
-        "median line delay {median:.2} ms (polling gave ~50 ms): {steady:.2?}"
+        median < bound,
+        "median line delay {median:.2} ms, over {bound} ms (polling gave ~50 ms): {steady:.2?}"
     );
 }
 

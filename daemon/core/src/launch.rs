@@ -319,7 +319,7 @@ pub fn kernel_argv(inv: &KernelInvocation, program: &Program) -> Vec<String> {
 pub const SOURCE_FD: i32 = 3;
 
 /// The path by which the interpreter reads that code.
-pub const SOURCE_PATH: &str = "/dev/fd/3";
+pub const SOURCE_PATH: &str = "/proc/self/fd/3";
 
 /// The argv of a kernel whose code reaches it through [`SOURCE_FD`]: the interpreter runs
 /// [`SOURCE_PATH`] as a script, as it would a file.
@@ -549,7 +549,7 @@ mod tests {
         );
         assert_eq!(
             kernel_argv_from_fd(&inv),
-            ["/usr/bin/python3", "-u", "/dev/fd/3"]
+            ["/usr/bin/python3", "-u", "/proc/self/fd/3"]
         );
     }
 

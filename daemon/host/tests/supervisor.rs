@@ -514,11 +514,11 @@ async fn code_too_long_for_the_command_line_goes_by_fd_and_the_rest_stays() {
     assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "-c", "print(1)"]);
     assert_eq!(spec.source, None);
 
-    // Past 64 KiB: the interpreter reads /dev/fd/3, and the record does not hold the code.
+    // Past 64 KiB: the interpreter reads /proc/self/fd/3, and the record does not hold the code.
     let long = format!("#{}\n", "x".repeat(64 << 10));
     let big = f.launch(code_req(&long)).await.unwrap();
     let spec = f.spec_of(&big[0]);
-    assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "/dev/fd/3"]);
+    assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "/proc/self/fd/3"]);
     assert_eq!(spec.source.as_deref(), Some(long.as_str()));
     let rec = f.host.snapshot(&Default::default()).unwrap();
     let rec = rec.iter().find(|w| w.id == big[0]).unwrap();
@@ -531,7 +531,7 @@ async fn code_too_long_for_the_command_line_goes_by_fd_and_the_rest_stays() {
         .map(|i| (format!("V{i}"), "v".repeat(60 << 10)))
         .collect();
     let ids = f.launch(req.clone()).await.unwrap();
-    assert_eq!(f.spec_of(&ids[0]).argv.last().unwrap(), "/dev/fd/3");
+    assert_eq!(f.spec_of(&ids[0]).argv.last().unwrap(), "/proc/self/fd/3");
     // An env that does not fit even so is refused, naming it, and nothing is made.
     req.env.insert("V3".into(), "v".repeat(60 << 10));
     let events = f.world.events().len();

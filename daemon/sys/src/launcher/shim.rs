@@ -63,7 +63,7 @@ pub struct ShimSpec {
     #[serde(default)]
     pub creds: Option<WorkerCreds>,
     /// Code too long for the command line, which the worker's interpreter reads from
-    /// `/dev/fd/3` (its argv names that path): the shim puts it in a memfd that the worker's
+    /// `/proc/self/fd/3` (its argv names that path): the shim puts it in a memfd that the worker's
     /// process finds open on [`SOURCE_FD`] after its exec. A memfd is readable by the worker's
     /// user, as no file of the daemon's private state dir is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -448,7 +448,7 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
 }
 
 /// A sealed memfd (close-on-exec) holding `code`. Its inode is mode 0777 as every memfd's, so
-/// the worker's user can open it again through `/dev/fd/3`.
+/// the worker's user can open it again through `/proc/self/fd/3`.
 fn source_memfd(code: &str) -> io::Result<OwnedFd> {
     // SAFETY: memfd_create reads the NUL-terminated name and takes integer flags.
     let fd = unsafe {
@@ -1785,7 +1785,7 @@ mod tests {
     }
 
     /// Real kernel, root only: code too long for a command line reaches the worker on fd 3,
-    /// open across its exec, readable by its user (nobody) through /dev/fd/3, and sealed.
+    /// open across its exec, readable by its user (nobody) through /proc/self/fd/3, and sealed.
     #[test]
     fn code_on_fd_3_is_read_by_the_workers_user() {
         if !is_root("switches users") {
@@ -1795,11 +1795,11 @@ mod tests {
         let cgroups = TestCgroups::new("source");
         // 1 MiB of shell: a comment line, then what it prints.
         let code = format!(
-            "#{}\necho \"$(id -u) $(wc -c < /dev/fd/3)\"\n(echo x >> /dev/fd/3) 2>/dev/null || echo sealed\n",
+            "#{}\necho \"$(id -u) $(wc -c < /proc/self/fd/3)\"\n(echo x >> /proc/self/fd/3) 2>/dev/null || echo sealed\n",
             "x".repeat(1 << 20)
         );
         for (way, cg) in &cgroups.0 {
-            let argv = ["/bin/sh", "/dev/fd/3"];
+            let argv = ["/bin/sh", "/proc/self/fd/3"];
             let spec = ShimSpec {
                 source: Some(code.clone()),
                 ..worker_spec(cg, &argv, Path::new("/"), Some(nobody()))
