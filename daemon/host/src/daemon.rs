@@ -237,12 +237,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         cfg.advertise.clone()
     };
     let state_dir = cfg.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || crate::supervisor::open_store(&state_dir))
-        .await
-        .map_err(|e| DaemonError::StateDir {
-            path: cfg.state_dir.clone(),
-            source: std::io::Error::other(e),
-        })??;
+    let (store, origin) =
+        tokio::task::spawn_blocking(move || crate::supervisor::open_store(&state_dir, false))
+            .await
+            .map_err(|e| DaemonError::StateDir {
+                path: cfg.state_dir.clone(),
+                source: std::io::Error::other(e),
+            })??;
     let store = Arc::new(store);
     let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
     // NVML is loaded (dlopen) and queried off the async threads, and sampled on its own thread.
@@ -278,7 +279,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         net,
     );
     let started = std::time::Instant::now();
-    match host.recover(&store).await {
+    match host.recover(&store, &origin).await {
         Ok(r) => tracing::info!(
             adopted = r.adopted,
             ended_while_down = r.ended_while_down,
