@@ -10,5 +10,6 @@ pub mod launcher;
 pub mod netns;
 pub mod output;
 pub mod peer;
+pub mod state_lock;
 pub mod store;
 pub mod users;
