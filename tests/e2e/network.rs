@@ -100,9 +100,15 @@ fn in_subnet(ip: &str, subnet: &str) -> bool {
 
 /// A daemon that also serves `/metrics` on a free loopback port.
 async fn daemon_with_metrics() -> (Daemon, u16) {
+    daemon_with_metrics_and("").await
+}
+
+/// [`daemon_with_metrics`] with `config` added to its configuration.
+async fn daemon_with_metrics_and(config: &str) -> (Daemon, u16) {
     let port = free_port();
     let d = Daemon::start_with(DaemonOptions {
         args: vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        config: config.into(),
         ..Default::default()
     })
     .await
@@ -383,7 +389,11 @@ async fn host_and_none_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_off_and_addresses_run_out() {
     require_root!();
-    let (d, mport) = daemon_with_metrics().await;
+    // More worker slots, and more in one launch, than the subnet has addresses.
+    let (d, mport) = daemon_with_metrics_and(
+        "[resources]\nmax_workers = 10000\n[limits]\nmax_workers_per_launch = 10000\n",
+    )
+    .await;
     let c = d.client().await.unwrap();
     let w = launch(&c, py("import time; time.sleep(60)"))
         .await

@@ -36,7 +36,10 @@ const SELF_REPORT: &str =
 async fn daemon_for(group: &TestGroup, extra: &str) -> Daemon {
     Daemon::start_with(DaemonOptions {
         tcp: true,
-        config: format!("socket_group = \"{}\"\n{extra}", group.name),
+        config: format!(
+            "socket_group = \"{}\"\nworker_user = \"nobody\"\n{extra}",
+            group.name
+        ),
         ..Default::default()
     })
     .await
@@ -48,6 +51,8 @@ async fn daemon_for(group: &TestGroup, extra: &str) -> Daemon {
 fn berth_as(user: &TestUser, cli: &Path, addr: &str, args: &[&str]) -> (bool, Value, Output) {
     let out = user
         .command(cli)
+        // The user's workers start here (clients send their directory as the workdir).
+        .current_dir("/tmp")
         .arg("--addr")
         .arg(addr)
         .arg("--json")
@@ -175,7 +180,8 @@ async fn nobody_sees_or_stops_another_users_workers_and_root_sees_all() {
     let cli = cli_in(&d.dir).unwrap();
     let addr = d.addr();
 
-    let (ok, v, out) = berth_as(&alice, &cli, &addr, &["session", "open"]);
+    // A long lease: a slow tier must not end the session while bob tries his commands.
+    let (ok, v, out) = berth_as(&alice, &cli, &addr, &["session", "open", "--ttl", "600"]);
     assert!(ok, "{out:?}");
     let session = v["id"].as_str().unwrap().to_owned();
     let (ok, v, out) = berth_as(
@@ -526,6 +532,7 @@ async fn mtls_requires_a_certificate_and_maps_its_name_to_a_user() {
     let cli = bin("berth");
     let run = |extra: &[&str], args: &[&str]| {
         std::process::Command::new(&cli)
+            .current_dir("/tmp")
             .arg("--addr")
             .arg(&addr)
             .arg("--json")
@@ -682,7 +689,7 @@ async fn the_readme_certificates_work() {
     let script = &readme[start..start + readme[start..].find("```").unwrap()];
     let pki = tempfile::tempdir().unwrap();
     let out = std::process::Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
+        .args(["-eu", "-c", script])
         .current_dir(pki.path())
         .output()
         .unwrap();
@@ -703,6 +710,7 @@ async fn the_readme_certificates_work() {
     )
     .await;
     let out = std::process::Command::new(bin("berth"))
+        .current_dir("/tmp")
         .args(["--addr", d.tcp.as_deref().unwrap(), "--json"])
         .args(["--tls-ca", &f("ca.pem"), "--tls-cert", &f("alice.pem")])
         .args([

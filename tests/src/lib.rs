@@ -102,6 +102,40 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
+/// Whether `nobody` can enter the workspace: clients send their current directory as the
+/// workers' workdir, and the tests run in the workspace.
+fn workspace_reachable_by_nobody() -> bool {
+    static REACHABLE: OnceLock<bool> = OnceLock::new();
+    *REACHABLE.get_or_init(|| {
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let Ok(Some(nobody)) = berth_sys::users::by_name("nobody") else {
+            return true;
+        };
+        berth_sys::users::as_user(&nobody, || {
+            berth_sys::users::eaccess(ws, libc::X_OK)
+                && berth_sys::users::eaccess(&ws.join("../client"), libc::X_OK)
+        })
+        .unwrap_or(true)
+    })
+}
+
+/// `worker_user = "root"` where root's workers could not enter the workspace as `nobody` (a
+/// checkout under a private directory): they still run without capabilities and with
+/// no_new_privs. Tests that configure `worker_user` themselves (the security tests) keep theirs.
+fn root_worker_user_if_needed(config: &str) -> &'static str {
+    if config.contains("worker_user") || workspace_reachable_by_nobody() {
+        return "";
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "note: `nobody` cannot enter this checkout; test daemons run root's workers as root \
+             (without capabilities) instead of as worker_user"
+        )
+    });
+    "worker_user = \"root\"\n"
+}
+
 /// The hard `RLIMIT_NOFILE` a worker gets by default: systemd's 524288, or less where this
 /// process's own hard limit is lower (the daemon cannot raise it then either).
 pub fn worker_nofile_hard() -> u64 {
@@ -178,6 +212,8 @@ pub struct DaemonOptions {
     /// Put the daemon's state dir on a tmpfs of this many bytes of its own (root only), to
     /// see what the daemon does when its filesystem is full. Unmounted when the daemon drops.
     pub state_tmpfs: Option<u64>,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 /// The worker network of one test daemon: a bridge name and a /19 of 10.224.0.0/11 of its own,
@@ -289,6 +325,8 @@ pub struct Daemon {
     pub net: TestNet,
     /// The state dir is a tmpfs this harness mounted.
     state_mounted: bool,
+    /// Extra environment of the daemon process (kept for restarts).
+    env: Vec<(String, String)>,
 }
 
 /// A free TCP port on loopback (bound then released).
@@ -328,12 +366,13 @@ impl Daemon {
         let net = TestNet::claim()?;
         let config = format!(
             "name = \"{name}\"\nstate_dir = \"{}\"\nlisten = [{}]\nmetrics_listen = \"\"\n\
-             bridge = \"{}\"\nsubnet = \"{}\"\nnetns_pool = {}\n{}\n",
+             bridge = \"{}\"\nsubnet = \"{}\"\nnetns_pool = {}\n{}{}\n",
             dir.join("state").display(),
             listen.join(", "),
             net.bridge,
             net.subnet,
             opts.netns_pool.unwrap_or(4),
+            root_worker_user_if_needed(&opts.config),
             opts.config
         );
         let config_path = dir.join("berthd.toml");
@@ -352,6 +391,7 @@ impl Daemon {
             log_path: dir.join("berthd.log"),
             net,
             state_mounted: opts.state_tmpfs.is_some(),
+            env: opts.env.clone(),
         };
         d.spawn(&opts.args).await?;
         Ok(d)
@@ -368,6 +408,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "BERTH_LOG",
                 "info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug",

@@ -314,6 +314,22 @@ pub fn kernel_argv(inv: &KernelInvocation, program: &Program) -> Vec<String> {
     argv
 }
 
+/// The descriptor on which a worker whose code is too long for its command line finds that
+/// code: the shim puts it in a memfd there, open across the exec.
+pub const SOURCE_FD: i32 = 3;
+
+/// The path by which the interpreter reads that code.
+pub const SOURCE_PATH: &str = "/dev/fd/3";
+
+/// The argv of a kernel whose code reaches it through [`SOURCE_FD`]: the interpreter runs
+/// [`SOURCE_PATH`] as a script, as it would a file.
+pub fn kernel_argv_from_fd(inv: &KernelInvocation) -> Vec<String> {
+    let mut argv = vec![inv.interpreter.to_string_lossy().into_owned()];
+    argv.extend(inv.args.iter().cloned());
+    argv.push(SOURCE_PATH.into());
+    argv
+}
+
 /// Variables that describe the worker to itself; user `env` cannot override them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerIdentity<'a> {
@@ -530,6 +546,10 @@ mod tests {
         assert_eq!(
             kernel_argv(&inv, &script),
             ["/usr/bin/python3", "-u", "/p/a.py"]
+        );
+        assert_eq!(
+            kernel_argv_from_fd(&inv),
+            ["/usr/bin/python3", "-u", "/dev/fd/3"]
         );
     }
 

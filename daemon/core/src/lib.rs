@@ -7,6 +7,7 @@ pub mod error;
 pub mod gpus;
 pub mod ipam;
 pub mod launch;
+pub mod limits;
 pub mod placement;
 pub mod session;
 pub mod worker;

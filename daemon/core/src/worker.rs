@@ -199,6 +199,9 @@ pub struct Exit {
     pub spawn_error: Option<String>,
     /// The kernel's OOM killer killed a process of the worker's cgroup.
     pub oom_killed: bool,
+    /// Nobody saw the end (the worker ran on after its shim died): the worker is LOST with this
+    /// reason, unless a stop was asked for.
+    pub unseen: Option<String>,
 }
 
 /// Name of a signal for people (`SIGKILL`), or its number.
@@ -232,6 +235,9 @@ pub fn final_state(exit: &Exit, stop_reason: Option<&str>) -> (WorkerStatus, Str
     if let Some(r) = stop_reason {
         return (WorkerStatus::Stopped, r.to_owned());
     }
+    if let Some(r) = &exit.unseen {
+        return (WorkerStatus::Lost, r.clone());
+    }
     if exit.oom_killed {
         return (WorkerStatus::Failed, "OOMKilled".to_owned());
     }
@@ -259,6 +265,7 @@ mod tests {
             signal: sig,
             spawn_error: None,
             oom_killed: oom,
+            unseen: None,
         }
     }
 
@@ -296,6 +303,24 @@ mod tests {
                 Some("session ended"),
                 Stopped,
                 "session ended",
+            ),
+            (
+                Exit {
+                    unseen: Some("ended unsupervised".into()),
+                    ..Default::default()
+                },
+                None,
+                Lost,
+                "ended unsupervised",
+            ),
+            (
+                Exit {
+                    unseen: Some("ended unsupervised".into()),
+                    ..Default::default()
+                },
+                Some("stopped"),
+                Stopped,
+                "stopped",
             ),
             (
                 Exit {

@@ -74,6 +74,7 @@ impl WorkersBackend for Host {
     ) -> Result<Vec<pb::Worker>> {
         let run_as_root = request.run_as_root;
         let req = launch_from_pb(request)?;
+        berth_core::limits::check_sizes(&req, self.limits())?;
         let spec = berth_core::launch::validate(&req, |k| self.knows_kernel(k))?;
         self.authorize(caller, &[], spec.session_id.as_deref())?;
         let who = self.run_as(caller, run_as_root)?;
@@ -171,6 +172,10 @@ impl WorkersBackend for Host {
                 })
             },
         )))
+    }
+
+    fn default_stop_grace(&self) -> Duration {
+        Host::stop_grace(self)
     }
 
     async fn watch(&self, caller: &Caller, filter: Filter, initial: bool) -> Result<WatchStream> {

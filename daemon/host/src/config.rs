@@ -49,6 +49,10 @@ pub struct Config {
     pub output: OutputConfig,
     pub cgroup: CgroupConfig,
     pub retention: RetentionConfig,
+    /// Caps on one launch request, checked before anything is allocated for it.
+    pub limits: berth_core::limits::LaunchLimits,
+    /// Load limits of the gRPC listeners: calls in flight, their time, streams per connection.
+    pub load: berth_server::limits::RequestLimits,
     /// Interpreters by kernel name. `python3` and `r` are always defined.
     pub kernels: BTreeMap<String, KernelConfig>,
     /// Path of the `berth-shim` binary; empty means beside `berthd`.
@@ -243,6 +247,8 @@ impl Default for Config {
             output: OutputConfig::default(),
             cgroup: CgroupConfig::default(),
             retention: RetentionConfig::default(),
+            limits: Default::default(),
+            load: Default::default(),
             kernels: default_kernels(),
             shim: PathBuf::new(),
             socket_group: "berth".into(),
@@ -358,6 +364,9 @@ impl DaemonConfig for Config {
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
         }
+        if let Some(key) = self.load.zero_limit() {
+            return bad(key, "must be at least 1");
+        }
         for c in &self.root_worker_capabilities {
             if berth_sys::launcher::cap_number(c).is_none() {
                 return Err(ConfigError::Invalid {
@@ -382,6 +391,9 @@ impl DaemonConfig for Config {
                     ),
                 });
             }
+        }
+        if let Some(key) = self.limits.zero_cap() {
+            return bad(key, "must be at least 1");
         }
         berth_server::identity::check_tls_config(&self.tls)?;
         if self.worker_user.is_empty() {
@@ -583,10 +595,28 @@ mod tests {
                 "{bad}"
             );
         }
+        assert!(matches!(
+            Config::from_toml("[limits]\nmax_env_vars = 0"),
+            Err(ConfigError::Invalid {
+                key: "limits.max_env_vars",
+                ..
+            })
+        ));
         assert_eq!(
             Config::from_toml("gpus = \"fake:4\"").unwrap().gpus,
             "fake:4"
         );
+        assert!(matches!(
+            Config::from_toml("[load]\nmax_concurrent_requests = 0"),
+            Err(ConfigError::Invalid {
+                key: "load.max_concurrent_requests",
+                ..
+            })
+        ));
+        let l = Config::from_toml("[load]\nrequest_timeout_seconds = 0")
+            .unwrap()
+            .load;
+        assert_eq!(l.timeout(), None, "0 is no time limit");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::config::Config;
 use berth_core::admission::Capacity;
 use berth_core::ipam::Subnet;
 use berth_core::launch::{KernelInvocation, GIB};
+use berth_core::limits::ExecLimits;
 use berth_sys::cgroup::{CgroupFs, Cgroups};
 use berth_sys::gpu::{self, GpuBackendSpec, GpuMonitor};
 use berth_sys::host as hostfs;
@@ -148,6 +149,25 @@ pub fn host_options(cfg: &Config) -> HostOptions {
                     })
                 })
                 .collect(),
+        },
+        limits: cfg.limits,
+        exec: exec_limits(cfg),
+    }
+}
+
+/// The exec limits of the workers: this process's (`sysconf(_SC_ARG_MAX)`, which workers
+/// inherit), or what the stack limit `worker.rlimits` gives them says.
+fn exec_limits(cfg: &Config) -> ExecLimits {
+    let stack = cfg
+        .worker
+        .rlimits
+        .iter()
+        .find(|(name, _)| crate::config::rlimit_resource(name) == Some(libc::RLIMIT_STACK as i32))
+        .map(|(_, [soft, _])| u64::try_from(*soft).unwrap_or(u64::MAX));
+    match stack {
+        Some(soft) => ExecLimits::for_stack(soft),
+        None => ExecLimits {
+            arg_max: hostfs::arg_max().min(berth_core::limits::ARG_MAX_CEILING),
         },
     }
 }
@@ -350,6 +370,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     let front = GrpcFront::serve(
         listeners,
         &security,
+        &cfg.load,
         host.clone(),
         &["berth.v1.Host"],
         |router| router.add_service(hostsvc.clone()),
@@ -379,14 +400,35 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
             ),
         )
     });
-    sd_notify(sd_notify::NotifyState::Ready);
+    let serving = host.view();
+    berth_server::notify::ready(&format!(
+        "serving: {} workers, {} cpu of {} allocated",
+        serving.allocated.workers, serving.allocated.cpu, serving.capacity.cpu
+    ));
+    berth_server::notify::install_wedge_hook();
+    {
+        let host = host.clone();
+        berth_server::notify::spawn_watchdog(
+            move || {
+                let host = host.clone();
+                async move {
+                    // The supervisor's state, read on a blocking thread: a wedged supervisor or an
+                    // exhausted blocking pool withholds the ping.
+                    tokio::task::spawn_blocking(move || host.status_counts())
+                        .await
+                        .is_ok()
+                }
+            },
+            shutdown.clone(),
+        );
+    }
 
     shutdown.cancelled().await;
     if let Some(b) = beats {
         let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
     }
     tracing::info!("shutting down; workers keep running under their shims");
-    sd_notify(sd_notify::NotifyState::Stopping);
+    berth_server::notify::stopping();
     host.shutdown();
     let result = front.drain().await.map_err(DaemonError::from);
     let h = host.clone();
@@ -424,12 +466,5 @@ async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
         Ok(Ok(n)) => Arc::new(n),
         Ok(Err(e)) => unavailable(e.to_string()),
         Err(e) => unavailable(format!("start: {e}")),
-    }
-}
-
-/// Tells systemd (Type=notify) about the daemon's state; does nothing outside systemd.
-fn sd_notify(state: sd_notify::NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        tracing::debug!(error = %e, "sd_notify");
     }
 }

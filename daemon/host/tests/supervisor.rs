@@ -5,6 +5,7 @@
 //! kills and frees, which status and reason it records, when it restarts.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,10 +13,12 @@ use berth_core::admission::Capacity;
 use berth_core::error::Error;
 use berth_core::ipam::Subnet;
 use berth_core::launch::{self, LaunchRequest, NetworkMode, RestartPolicy};
+use berth_core::limits::ExecLimits;
 use berth_core::worker::{Selector, WorkerRecord, WorkerStatus};
-use berth_host::supervisor::{Host, HostOptions, LaunchAs};
+use berth_host::supervisor::{Host, HostOptions, KernelEntry, LaunchAs};
 use berth_sys::fake::{Behaviour, FakeEvent, FakeWorld};
 use berth_sys::gpu::{FakeGpus, GpuMonitor};
+use berth_sys::launcher::{ShimSpec, SPEC_FILE};
 use berth_sys::netns::FakeNetns;
 
 const GIB: u64 = 1 << 30;
@@ -91,7 +94,7 @@ fn request(n: u32) -> LaunchRequest {
 
 impl Fixture {
     async fn launch(&self, req: LaunchRequest) -> Result<Vec<String>, Error> {
-        let spec = launch::validate(&req, |_| false)?;
+        let spec = launch::validate(&req, |k| self.host.knows_kernel(k))?;
         let ws = self.host.launch(spec, LaunchAs::default()).await?;
         Ok(ws.into_iter().map(|w| w.id).collect())
     }
@@ -426,6 +429,124 @@ async fn a_worker_whose_shim_cannot_start_it_fails_and_frees_what_it_held() {
         assert!(w.reason.starts_with("spawn failed"), "{}", w.reason);
     }
     assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_launch_of_more_workers_than_the_host_holds_makes_nothing() {
+    let f = fixture();
+    // 2^32 - 1: once an id and a record per worker were made before admission looked at n.
+    match f.launch(request(u32::MAX)).await {
+        Err(Error::ResourceExhausted(m)) => {
+            assert!(m.contains("limits.max_workers_per_launch"), "{m}")
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    // Within the cap of one launch, past the slots.
+    match f.launch(request(11)).await {
+        Err(Error::ResourceExhausted(m)) => {
+            assert_eq!(m, "workers: 11 requested, 10 of 10 slots free")
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
+    assert!(f.world.events().is_empty(), "nothing asked of the host");
+    assert_eq!(f.host.metrics().launch_refusals.load(Ordering::Relaxed), 2);
+}
+
+/// A fixture whose host runs the `python3` kernel as `/usr/bin/python3 -u`, with an exec limit
+/// of `arg_max` bytes.
+fn kernel_fixture(arg_max: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::new();
+    let net = fake_net();
+    let mut opts = HostOptions::with_defaults(
+        "fake",
+        dir.path(),
+        Capacity {
+            cpu: 4.0,
+            memory_bytes: 8 * GIB,
+            workers: 10,
+        },
+    );
+    opts.kernels = vec![KernelEntry {
+        name: "python3".into(),
+        invocation: Some(launch::KernelInvocation {
+            interpreter: "/usr/bin/python3".into(),
+            args: vec!["-u".into()],
+            code_flag: "-c".into(),
+        }),
+        candidates: vec!["/usr/bin/python3".into()],
+    }];
+    opts.exec = ExecLimits { arg_max };
+    let host = Host::with_network(
+        opts,
+        world.cgroups(),
+        world.spawner(),
+        None,
+        Arc::new(FakeGpus::new("fake", 0)),
+        GpuMonitor::idle(),
+        net.clone(),
+    );
+    Fixture {
+        host,
+        world,
+        net,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// The spec the shim of worker `id` was given.
+    fn spec_of(&self, id: &str) -> ShimSpec {
+        let bytes = std::fs::read(self.host.worker_dir(id).join(SPEC_FILE)).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn code_too_long_for_the_command_line_goes_by_fd_and_the_rest_stays() {
+    let f = kernel_fixture(2 << 20);
+    let code_req = |code: &str| LaunchRequest {
+        command: vec![],
+        code: code.into(),
+        network: NetworkMode::Host,
+        ..request(1)
+    };
+    let small = f.launch(code_req("print(1)")).await.unwrap();
+    let spec = f.spec_of(&small[0]);
+    assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "-c", "print(1)"]);
+    assert_eq!(spec.source, None);
+
+    // Past 64 KiB: the interpreter reads /dev/fd/3, and the record does not hold the code.
+    let long = format!("#{}\n", "x".repeat(64 << 10));
+    let big = f.launch(code_req(&long)).await.unwrap();
+    let spec = f.spec_of(&big[0]);
+    assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "/dev/fd/3"]);
+    assert_eq!(spec.source.as_deref(), Some(long.as_str()));
+    let rec = f.host.snapshot(&Default::default()).unwrap();
+    let rec = rec.iter().find(|w| w.id == big[0]).unwrap();
+    assert_eq!(rec.command, spec.argv);
+
+    // Within 64 KiB, but the command line with the env would not fit the exec limit: by fd.
+    let f = kernel_fixture(200 << 10);
+    let mut req = code_req(&"#".repeat(60 << 10));
+    req.env = (0..3)
+        .map(|i| (format!("V{i}"), "v".repeat(60 << 10)))
+        .collect();
+    let ids = f.launch(req.clone()).await.unwrap();
+    assert_eq!(f.spec_of(&ids[0]).argv.last().unwrap(), "/dev/fd/3");
+    // An env that does not fit even so is refused, naming it, and nothing is made.
+    req.env.insert("V3".into(), "v".repeat(60 << 10));
+    let events = f.world.events().len();
+    match f.launch(req).await {
+        Err(Error::InvalidArgument { field, message }) => {
+            assert_eq!(field, "env");
+            assert!(message.contains("ARG_MAX"), "{message}");
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+    assert_eq!(f.world.events().len(), events, "nothing asked of the host");
+    assert_eq!(f.held().2, 1, "only the first launch's worker");
 }
 
 /// A daemon that dies leaves its workers to the next: one that ended meanwhile gets its real

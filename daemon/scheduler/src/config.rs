@@ -41,6 +41,10 @@ pub struct SchedulerConfig {
     pub tls: berth_server::identity::TlsConfig,
     /// Certificate name → local user name.
     pub users: std::collections::BTreeMap<String, String>,
+    /// Caps on one launch request, checked before it is placed.
+    pub limits: berth_core::limits::LaunchLimits,
+    /// Load limits of the gRPC listeners: calls in flight, their time, streams per connection.
+    pub load: berth_server::limits::RequestLimits,
 }
 
 impl Default for SchedulerConfig {
@@ -59,6 +63,8 @@ impl Default for SchedulerConfig {
             insecure_plaintext: false,
             tls: Default::default(),
             users: Default::default(),
+            limits: Default::default(),
+            load: Default::default(),
         }
     }
 }
@@ -95,6 +101,12 @@ impl DaemonConfig for SchedulerConfig {
         }
         if self.log_format != "text" && self.log_format != "json" {
             return bad("log_format", "must be text or json");
+        }
+        if let Some(key) = self.limits.zero_cap() {
+            return bad(key, "must be at least 1");
+        }
+        if let Some(key) = self.load.zero_limit() {
+            return bad(key, "must be at least 1");
         }
         berth_server::identity::check_tls_config(&self.tls)
     }

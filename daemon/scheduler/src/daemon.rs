@@ -42,6 +42,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
             host_down_after: cfg.host_down_after(),
             launch_attempts: cfg.launch_attempts,
             state_dir: Some(cfg.state_dir.clone()),
+            limits: cfg.limits,
             ..Default::default()
         },
         Arc::new(GrpcConnector {
@@ -61,6 +62,7 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     let front = GrpcFront::serve(
         listeners,
         &security,
+        &cfg.load,
         scheduler.clone(),
         &["berth.v1.Cluster", "berth.v1.Membership"],
         |router| {
@@ -79,9 +81,27 @@ pub async fn run(cfg: SchedulerConfig, shutdown: CancellationToken) -> Result<()
     )
     .await?;
     tracing::info!("scheduler ready");
+    berth_server::notify::ready("serving");
+    berth_server::notify::install_wedge_hook();
+    {
+        let scheduler = scheduler.clone();
+        berth_server::notify::spawn_watchdog(
+            move || {
+                let scheduler = scheduler.clone();
+                // The scheduler's view, read on a blocking thread.
+                async move {
+                    tokio::task::spawn_blocking(move || scheduler.list_hosts().len())
+                        .await
+                        .is_ok()
+                }
+            },
+            shutdown.clone(),
+        );
+    }
 
     shutdown.cancelled().await;
     tracing::info!("shutting down; hosts and their workers keep running");
+    berth_server::notify::stopping();
     scheduler.shutdown();
     Ok(front.drain().await?)
 }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use berth_core::error::{Error, Result};
 use berth_core::launch::Program;
+use berth_core::limits::{self, LaunchLimits};
 use berth_core::placement::{Amount, Ask, Placer, Strategy};
 use berth_core::session::Session;
 
@@ -55,6 +56,8 @@ pub struct SchedulerOptions {
     pub host_call_timeout: Duration,
     /// Where `hosts.json` is kept; `None` keeps nothing.
     pub state_dir: Option<PathBuf>,
+    /// Caps on one launch request (`[limits]`).
+    pub limits: LaunchLimits,
 }
 
 impl Default for SchedulerOptions {
@@ -65,6 +68,7 @@ impl Default for SchedulerOptions {
             launch_attempts: 3,
             host_call_timeout: Duration::from_secs(60),
             state_dir: None,
+            limits: LaunchLimits::default(),
         }
     }
 }
@@ -896,7 +900,27 @@ impl Scheduler {
         caller: Option<IpAddr>,
     ) -> Result<Vec<pb::Worker>> {
         let parsed = berth_server::convert::launch_from_pb(req.clone())?;
+        let lim = &self.inner.opts.limits;
+        limits::check_sizes(&parsed, lim)?;
         let spec = berth_core::launch::validate(&parsed, |k| self.knows_kernel(k))?;
+        {
+            // Bounds before work: a launch no placement could ever hold goes no further. (Where
+            // no host has joined, placement says so.)
+            let st = self.state();
+            if !st.hosts.is_empty() {
+                let slots = st
+                    .hosts
+                    .values()
+                    .map(|e| u64::from(e.info.capacity.as_ref().map_or(0, |c| c.workers)))
+                    .sum();
+                limits::check_cluster_workers(
+                    spec.n,
+                    lim.max_workers_per_launch,
+                    st.hosts.len(),
+                    slots,
+                )?;
+            }
+        }
         let session = match &spec.session_id {
             Some(id) => {
                 let s = self.sessions().get(id).map(|s| s.session.clone());

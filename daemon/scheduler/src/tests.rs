@@ -26,6 +26,11 @@ fn opts() -> SchedulerOptions {
     SchedulerOptions {
         heartbeat: Duration::from_millis(100),
         host_down_after: Duration::from_millis(400),
+        // Launches of thousands of workers over the simulated hosts.
+        limits: LaunchLimits {
+            max_workers_per_launch: 10_000,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -493,4 +498,38 @@ async fn constraints_and_gpus_choose_the_host() {
         matches!(err, Error::InvalidArgument { ref field, .. } if field == "kernel"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounds_come_before_placement() {
+    // Hosts that claim room for any number of workers: only the bounds stand in the way.
+    let (s, fakes) = cluster(2, res(1e9, 1e9, 0, u32::MAX));
+    let err = s.launch(launch(u32::MAX, 0.001), None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::ResourceExhausted(m) if m.contains("max_workers_per_launch")),
+        "{err}"
+    );
+    // An env past the cap is refused naming it, before any host hears of it.
+    let mut big_env = launch(1, 0.1);
+    big_env.env = (0..200_000)
+        .map(|i| (format!("V{i}"), "x".into()))
+        .collect();
+    let err = s.launch(big_env, None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { field, message } if field == "env" && message.contains("max_env_vars")),
+        "{err}"
+    );
+    assert!(union_of_hosts(&fakes).is_empty(), "nothing launched");
+
+    // Past the slots of every host together, however the cluster is used.
+    let (s, fakes) = cluster(2, res(4.0, 8.0, 0, 16));
+    let err = s.launch(launch(33, 0.1), None).await.unwrap_err();
+    assert_eq!(
+        err,
+        Error::ResourceExhausted(
+            "workers: 33 requested, more than the 32 slots of all 2 hosts together".into()
+        )
+    );
+    assert!(union_of_hosts(&fakes).is_empty(), "nothing launched");
+    assert_eq!(s.launch(launch(32, 0.1), None).await.unwrap().len(), 32);
 }

@@ -154,19 +154,25 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
     })
 }
 
-/// `StreamOutputRequest.streams`, each a known stream.
+/// `StreamOutputRequest.streams`, each a known stream, each once (in the order first named).
 pub fn streams_from_pb(streams: &[i32]) -> Result<Vec<pb::Stream>, Error> {
-    streams
-        .iter()
-        .enumerate()
-        .map(|(i, s)| match pb::Stream::try_from(*s) {
-            Ok(s @ (pb::Stream::Stdout | pb::Stream::Stderr)) => Ok(s),
-            _ => Err(Error::invalid(
-                format!("streams[{i}]"),
-                format!("unknown stream {s}"),
-            )),
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (i, s) in streams.iter().enumerate() {
+        match pb::Stream::try_from(*s) {
+            Ok(s @ (pb::Stream::Stdout | pb::Stream::Stderr)) => {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+            _ => {
+                return Err(Error::invalid(
+                    format!("streams[{i}]"),
+                    format!("unknown stream {s}"),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The protobuf view of a session.

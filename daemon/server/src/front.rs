@@ -16,6 +16,7 @@ use tonic::transport::server::Router;
 use tonic_health::ServingStatus;
 
 use crate::identity::{IdentifiedTcp, Policy, TlsConfig};
+use crate::limits::{self, LoadLimitLayer, RequestLimits};
 use crate::metrics::MetricsSource;
 use crate::workers::{WorkersBackend, WorkersService};
 
@@ -86,6 +87,10 @@ pub enum ServeError {
 /// Largest request a server decodes: a launch carries code and environment.
 const MAX_REQUEST_BYTES: usize = 64 << 20;
 
+/// The router of a daemon's listeners: every service under the [`LoadLimitLayer`].
+pub type FrontRouter =
+    Router<tower::layer::util::Stack<LoadLimitLayer, tower::layer::util::Identity>>;
+
 /// The gRPC servers of a daemon, one per listen address, and their health.
 pub struct GrpcFront {
     health: tonic_health::server::HealthReporter,
@@ -104,10 +109,12 @@ impl std::fmt::Debug for GrpcFront {
 
 impl GrpcFront {
     /// Serves `berth.v1.Workers` over `backend` and the services `add` puts on a router (named
-    /// in `more`, for health and reflection) on every listener, until `shutdown`.
+    /// in `more`, for health and reflection) on every listener, until `shutdown`, under
+    /// `limits` (one count of calls in flight for all the listeners).
     pub async fn serve<B, F>(
         listeners: Vec<(String, BoundListener)>,
         security: &Security,
+        limits: &RequestLimits,
         backend: B,
         more: &[&'static str],
         add: F,
@@ -115,7 +122,7 @@ impl GrpcFront {
     ) -> Result<Self, ServeError>
     where
         B: WorkersBackend + Clone,
-        F: Fn(Router) -> Router,
+        F: Fn(FrontRouter) -> FrontRouter,
     {
         let mut services = vec!["berth.v1.Workers"];
         services.extend_from_slice(more);
@@ -130,9 +137,14 @@ impl GrpcFront {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let tls = security.server_tls()?;
+        let short = limits::short_calls(berth_proto::FILE_DESCRIPTOR_SET)
+            .map_err(|e| ServeError::Reflection(format!("berth.v1 descriptors: {e}")))?;
+        let load = LoadLimitLayer::new(limits, short);
         let mut servers = Vec::new();
         for (addr, l) in listeners {
-            let mut builder = tonic::transport::Server::builder();
+            let mut builder = tonic::transport::Server::builder()
+                .max_concurrent_streams(limits.max_streams_per_connection)
+                .layer(load.clone());
             if let (Some(t), true) = (&tls, l.is_tcp()) {
                 builder = builder
                     .tls_config(t.clone())
@@ -355,7 +367,7 @@ pub fn reflection(
 pub fn spawn_serve(
     addr: String,
     l: BoundListener,
-    router: tonic::transport::server::Router,
+    router: FrontRouter,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), ServeError>> {
     tracing::info!(listen = %l.display(), "serving gRPC");

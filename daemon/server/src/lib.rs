@@ -1,14 +1,16 @@
 //! The gRPC edge that berthd (berth-host) and berth-scheduler both serve through, so that it
 //! exists once: one `berth.v1.Workers` service over a [`workers::WorkersBackend`] (requests
 //! checked here), protobuf ↔ domain conversions ([`convert`], errors → statuses in one place),
-//! listeners, health and reflection ([`front`]), `/metrics` ([`metrics`]), the configuration
-//! path ([`config`]) and the daemons' `main` ([`daemon_main`]).
+//! listeners, health and reflection ([`front`]), load limits ([`limits`]), `/metrics`
+//! ([`metrics`]), the configuration path ([`config`]) and the daemons' `main` ([`daemon_main`]).
 
 pub mod config;
 pub mod convert;
 pub mod front;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
+pub mod notify;
 pub mod workers;
 
 pub use front::ServeError;

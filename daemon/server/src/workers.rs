@@ -21,6 +21,7 @@ use berth_core::worker::{Filter, Selector};
 use crate::convert::{status_from_pb, streams_from_pb, to_status};
 pub use crate::identity::Caller;
 use crate::identity::Policy;
+use crate::limits::CallBudget;
 
 /// A stream of items a backend answers with; its errors become statuses at the edge.
 pub type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send + 'static>>;
@@ -96,6 +97,12 @@ pub trait WorkersBackend: Send + Sync + 'static {
 
     /// The workers `filter` selects, as they change (and as they are first, with `initial`).
     async fn watch(&self, caller: &Caller, filter: Filter, initial: bool) -> Result<WatchStream>;
+
+    /// The grace period of a stop that names none: a stop or a session's close may take that
+    /// long beyond the server's request timeout.
+    fn default_stop_grace(&self) -> Duration {
+        Duration::from_secs(10)
+    }
 }
 
 /// `berth.v1.Workers` over `B`.
@@ -116,17 +123,35 @@ impl<B> WorkersService<B> {
     }
 }
 
-/// Worker ids named in `field` are well formed (an id this server could have made).
-pub(crate) fn check_ids(ids: &[String], field: &str) -> Result<()> {
-    for (i, id) in ids.iter().enumerate() {
-        if !berth_core::is_valid_id(id) {
-            return Err(Error::invalid(
-                format!("{field}[{i}]"),
-                format!("{id:?} is not a worker id"),
-            ));
+impl<B: WorkersBackend> WorkersService<B> {
+    /// A stop waits for its workers to end, SIGKILL coming after the grace period: the call's
+    /// time limit (see [`crate::limits`]) grows by that period.
+    fn allow_grace<T>(&self, request: &Request<T>, grace_seconds: Option<u32>) {
+        if let Some(budget) = request.extensions().get::<Arc<CallBudget>>() {
+            let grace = grace_seconds.map_or_else(
+                || self.backend.default_stop_grace(),
+                |s| Duration::from_secs(u64::from(s)),
+            );
+            budget.allow_extra(grace);
         }
     }
-    Ok(())
+}
+
+/// Worker ids named in `field`: at most [`berth_core::limits::MAX_IDS`], each well formed (an
+/// id this server could have made); returned each once, in the order first named.
+pub(crate) fn check_ids(ids: Vec<String>, field: &str) -> Result<Vec<String>> {
+    if let Some((i, id)) = ids
+        .iter()
+        .take(berth_core::limits::MAX_IDS + 1)
+        .enumerate()
+        .find(|(_, id)| !berth_core::is_valid_id(id))
+    {
+        return Err(Error::invalid(
+            format!("{field}[{i}]"),
+            format!("{id:?} is not a worker id"),
+        ));
+    }
+    berth_core::limits::dedup_ids(ids, field)
 }
 
 /// A required `session_id`.
@@ -163,19 +188,19 @@ fn await_timeout(seconds: Option<u32>) -> Option<Duration> {
 }
 
 /// What a `StopWorkersRequest` selects: exactly one of ids, session_id and all.
-fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector> {
-    check_ids(&r.ids, "ids")?;
+fn stop_selector(r: pb::StopWorkersRequest) -> Result<Selector> {
+    let ids = check_ids(r.ids, "ids")?;
     optional_session_id(r.session_id.clone())?;
     let selectors =
-        usize::from(!r.ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
+        usize::from(!ids.is_empty()) + usize::from(!r.session_id.is_empty()) + usize::from(r.all);
     match selectors {
         0 => Err(Error::invalid(
             "ids",
             "name the workers to stop: ids, session_id, or all = true",
         )),
         1 if r.all => Ok(Selector::All),
-        1 if !r.ids.is_empty() => Ok(Selector::Ids(r.ids.clone())),
-        1 => Ok(Selector::Session(r.session_id.clone())),
+        1 if !ids.is_empty() => Ok(Selector::Ids(ids)),
+        1 => Ok(Selector::Session(r.session_id)),
         _ => Err(Error::invalid(
             "all",
             "set only one of ids, session_id and all",
@@ -185,13 +210,16 @@ fn stop_selector(r: &pb::StopWorkersRequest) -> Result<Selector> {
 
 /// A `ListWorkers`/`WatchWorkers` filter.
 fn filter_from(session_id: String, ids: Vec<String>, statuses: Vec<i32>) -> Result<Filter> {
-    check_ids(&ids, "ids")?;
+    let ids = check_ids(ids, "ids")?;
     let session_id = optional_session_id(session_id)?;
-    let statuses = statuses
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| status_from_pb(s, &format!("statuses[{i}]")))
-        .collect::<Result<Vec<_>>>()?;
+    let mut unique = Vec::new();
+    for (i, s) in statuses.into_iter().enumerate() {
+        let s = status_from_pb(s, &format!("statuses[{i}]"))?;
+        if !unique.contains(&s) {
+            unique.push(s);
+        }
+    }
+    let statuses = unique;
     Ok(Filter {
         session_id,
         ids,
@@ -243,6 +271,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let caller = self.caller(&request).await?;
+        self.allow_grace(&request, request.get_ref().grace_seconds);
         let r = request.into_inner();
         check_session_id(&r.session_id).map_err(to_status)?;
         let stopped = self
@@ -285,9 +314,8 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
     ) -> Result<Response<pb::AwaitWorkersResponse>, Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
         let req = AwaitRequest {
-            ids: r.ids,
+            ids: check_ids(r.ids, "ids").map_err(to_status)?,
             session_id: optional_session_id(r.session_id).map_err(to_status)?,
             completion: r.wait_for_completion.unwrap_or(true),
             timeout: await_timeout(r.timeout_seconds),
@@ -308,11 +336,13 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let caller = self.caller(&request).await?;
+        self.allow_grace(&request, request.get_ref().grace_seconds);
         let r = request.into_inner();
-        let sel = stop_selector(&r).map_err(to_status)?;
+        let grace_seconds = r.grace_seconds;
+        let sel = stop_selector(r).map_err(to_status)?;
         let workers = self
             .backend
-            .stop(&caller, sel, r.grace_seconds)
+            .stop(&caller, sel, grace_seconds)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::StopWorkersResponse { workers }))
@@ -325,10 +355,14 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         request: Request<pb::StreamOutputRequest>,
     ) -> Result<Response<Self::StreamOutputStream>, Status> {
         let caller = self.caller(&request).await?;
-        let r = request.into_inner();
-        check_ids(&r.ids, "ids").map_err(to_status)?;
+        let mut r = request.into_inner();
+        r.ids = check_ids(std::mem::take(&mut r.ids), "ids").map_err(to_status)?;
         optional_session_id(r.session_id.clone()).map_err(to_status)?;
-        streams_from_pb(&r.streams).map_err(to_status)?;
+        r.streams = streams_from_pb(&r.streams)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|s| s as i32)
+            .collect();
         let stream = self.backend.output(&caller, r).await.map_err(to_status)?;
         Ok(Response::new(Box::pin(futures::StreamExt::map(
             stream,
@@ -421,16 +455,13 @@ mod tests {
 
     #[test]
     fn stop_takes_exactly_one_selector() {
-        assert_eq!(field(stop_selector(&stop(&[], "", false))), "ids");
-        assert_eq!(field(stop_selector(&stop(&["abc123"], "", true))), "all");
-        assert_eq!(field(stop_selector(&stop(&["no/pe"], "", false))), "ids[0]");
+        assert_eq!(field(stop_selector(stop(&[], "", false))), "ids");
+        assert_eq!(field(stop_selector(stop(&["abc123"], "", true))), "all");
+        assert_eq!(field(stop_selector(stop(&["no/pe"], "", false))), "ids[0]");
+        assert_eq!(field(stop_selector(stop(&[], "../x", false))), "session_id");
+        assert_eq!(stop_selector(stop(&[], "", true)).unwrap(), Selector::All);
         assert_eq!(
-            field(stop_selector(&stop(&[], "../x", false))),
-            "session_id"
-        );
-        assert_eq!(stop_selector(&stop(&[], "", true)).unwrap(), Selector::All);
-        assert_eq!(
-            stop_selector(&stop(&[], "s1234", false)).unwrap(),
+            stop_selector(stop(&[], "s1234", false)).unwrap(),
             Selector::Session("s1234".into())
         );
     }
@@ -457,6 +488,24 @@ mod tests {
             Some(berth_core::worker::WorkerStatus::Running)
         ));
         assert!(!f.selects("w1", None, Some(berth_core::worker::WorkerStatus::Running)));
+    }
+
+    #[test]
+    fn ids_are_listed_once_and_capped() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            stop_selector(stop(&["w1", "w2", "w1"], "", false)).unwrap(),
+            Selector::Ids(ids(&["w1", "w2"]))
+        );
+        let f = filter_from("".into(), ids(&["w2", "w1", "w2"]), vec![3, 3, 4, 3]).unwrap();
+        assert_eq!(f.ids, ids(&["w2", "w1"]));
+        assert_eq!(f.statuses.len(), 2);
+        let many = vec!["w1".to_string(); berth_core::limits::MAX_IDS + 1];
+        assert_eq!(field(filter_from("".into(), many, vec![])), "ids");
+        // A malformed id is named before the count.
+        let mut bad = vec!["w1".to_string(); berth_core::limits::MAX_IDS + 1];
+        bad[3] = "../x".into();
+        assert_eq!(field(check_ids(bad, "ids")), "ids[3]");
     }
 
     #[test]

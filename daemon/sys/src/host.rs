@@ -27,6 +27,17 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// The kernel's limit on argv and environment together for a program this process execs
+/// (`sysconf(_SC_ARG_MAX)`: a quarter of its stack limit); 128 KiB where it says nothing.
+pub fn arg_max() -> usize {
+    // SAFETY: sysconf takes an integer and reads process limits; it has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_ARG_MAX) };
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(128 * 1024)
+}
+
 /// Whether `path` is a regular file this thread may execute.
 pub fn is_executable(path: &Path) -> bool {
     // Checked with this thread's identity: inside `users::as_user`, as the worker's user would.

@@ -77,6 +77,9 @@ impl Inner {
     /// Tells watchers and waiters about `rec`, whose record is in the store already (or is
     /// forgotten).
     pub(super) fn announce(&self, rec: WorkerRecord) {
+        if rec.status.is_terminal() {
+            self.wake_followers(&rec.id);
+        }
         let _ = self.events.send(rec);
         self.changed.send_modify(|v| *v += 1);
     }

@@ -198,7 +198,7 @@ pub(super) fn exit_of(r: launcher::ExitRecord) -> (Exit, RunTimes) {
             exit_code: r.exit_code,
             signal: r.signal,
             spawn_error: r.spawn_error,
-            oom_killed: false,
+            ..Default::default()
         },
         times,
     )

@@ -6,13 +6,13 @@
 //! reads it whole (`view`, counts); each duty has a module of its own: `start` (admission and
 //! spawns), `life` (a worker from spawn to its final record, and restarts), `stop`, `query`
 //! (list, await), `events` (every change to the store and to watchers), `streams` (output),
-//! `sessions`, `retention`, `recovery` (start-up).
+//! `follow` (waking output followers), `sessions`, `retention`, `recovery` (start-up).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, watch};
@@ -22,6 +22,7 @@ use berth_core::admission::{Capacity, Ledger};
 use berth_core::gpus::GpuLedger;
 use berth_core::ipam::Ipam;
 use berth_core::launch::KernelInvocation;
+use berth_core::limits::{ExecLimits, LaunchLimits};
 use berth_core::session::Session;
 use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::{CgroupVersion, Cgroups};
@@ -34,6 +35,7 @@ use berth_sys::store::StoreWriter;
 
 mod access;
 mod events;
+mod follow;
 mod life;
 mod query;
 mod recovery;
@@ -83,6 +85,10 @@ pub struct HostOptions {
     pub retention_sweep: Duration,
     /// What the workers of a launch keep and may ask for.
     pub privileges: WorkerPrivileges,
+    /// Caps on one launch request (`[limits]`).
+    pub limits: LaunchLimits,
+    /// The kernel's exec limits for the workers.
+    pub exec: ExecLimits,
 }
 
 impl HostOptions {
@@ -109,6 +115,10 @@ impl HostOptions {
             retain_finished_max: 10_000,
             retention_sweep: Duration::from_secs(30),
             privileges: WorkerPrivileges::default(),
+            limits: LaunchLimits::default(),
+            exec: ExecLimits {
+                arg_max: berth_sys::host::arg_max().min(berth_core::limits::ARG_MAX_CEILING),
+            },
         }
     }
 }
@@ -233,6 +243,8 @@ struct Inner {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
+    /// Wakes output followers; started by the first (see `follow`).
+    output_watch: OnceLock<Option<follow::OutputWatch>>,
     started_at: SystemTime,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -322,6 +334,7 @@ impl Host {
                 }),
                 changed,
                 events,
+                output_watch: OnceLock::new(),
                 started_at: SystemTime::now(),
                 metrics: Metrics::default(),
                 shutdown: CancellationToken::new(),
@@ -354,9 +367,19 @@ impl Host {
         self.inner.shutdown.clone()
     }
 
+    /// The grace period of a stop that names none.
+    pub fn stop_grace(&self) -> Duration {
+        self.inner.opts.stop_grace
+    }
+
     /// Directory of worker `id`'s spec, exit record and output.
     pub fn worker_dir(&self, id: &str) -> PathBuf {
         self.inner.worker_dir(id)
+    }
+
+    /// The caps on one launch request.
+    pub fn limits(&self) -> &LaunchLimits {
+        &self.inner.opts.limits
     }
 
     /// Whether the host's kernel table has `name` (installed or not).

@@ -1,6 +1,6 @@
 //! What clients ask of the workers without changing them: list, await, watch subscriptions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use berth_core::error::{Error, Result};
@@ -131,12 +131,30 @@ impl Inner {
         }
         let st = self.lock();
         check_ids(&st, &filter.ids)?;
-        let mut v: Vec<(&Entry, WorkerRecord)> = st
-            .workers
-            .values()
-            .filter(|e| filter.matches(&e.rec))
-            .map(|e| (e, e.rec.clone()))
-            .collect();
+        let mut v: Vec<(&Entry, WorkerRecord)> = if filter.ids.is_empty() {
+            st.workers
+                .values()
+                .filter(|e| filter.matches(&e.rec))
+                .map(|e| (e, e.rec.clone()))
+                .collect()
+        } else {
+            // A lookup per named id, rather than every worker against every id.
+            let rest = Filter {
+                session_id: filter.session_id.clone(),
+                ids: Vec::new(),
+                statuses: filter.statuses.clone(),
+                owner: filter.owner.clone(),
+            };
+            let mut seen = HashSet::new();
+            filter
+                .ids
+                .iter()
+                .filter(|id| seen.insert(id.as_str()))
+                .filter_map(|id| st.workers.get(id))
+                .filter(|e| rest.matches(&e.rec))
+                .map(|e| (e, e.rec.clone()))
+                .collect()
+        };
         v.sort_by_key(|(e, _)| e.seq);
         Ok(v.into_iter().map(|(_, r)| r).collect())
     }

@@ -11,6 +11,7 @@ use berth_core::admission::Claim;
 use berth_core::batch;
 use berth_core::error::{Error, Result};
 use berth_core::launch::{self, LaunchSpec, Program, WorkerIdentity};
+use berth_core::limits;
 use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::Limits;
 use berth_sys::host as hostfs;
@@ -26,6 +27,8 @@ use super::{Entry, Host, Inner, LaunchAs};
 pub(super) struct Prepared {
     pub(super) program: PathBuf,
     pub(super) argv: Vec<String>,
+    /// Code the interpreter reads from [`launch::SOURCE_PATH`] rather than its command line.
+    pub(super) source: Option<String>,
     pub(super) workdir: PathBuf,
     pub(super) base_env: BTreeMap<String, String>,
 }
@@ -41,6 +44,36 @@ pub(super) struct SpawnJob {
     pub(super) pending: Option<PendingNet>,
 }
 
+/// What is left to find on the filesystem once a launch's argv is known.
+enum Target {
+    /// `command[0]`, to look up in `PATH`.
+    Command(String),
+    /// A kernel's interpreter, and its script to check.
+    Kernel {
+        interpreter: PathBuf,
+        script: Option<PathBuf>,
+    },
+}
+
+/// A script must be a regular file the worker's user can read.
+fn check_script(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && access(path, libc::R_OK) => Ok(()),
+        Ok(m) if !m.is_file() => Err(Error::FailedPrecondition(format!(
+            "script {}: is not a regular file",
+            path.display()
+        ))),
+        Ok(_) => Err(Error::FailedPrecondition(format!(
+            "script {}: cannot be read",
+            path.display()
+        ))),
+        Err(e) => Err(Error::FailedPrecondition(format!(
+            "script {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// Whether this thread's identity (inside `users::as_user`, the worker's user) may access
 /// `path` with `mode`.
 pub(super) fn access(path: &Path, mode: i32) -> bool {
@@ -52,6 +85,24 @@ impl Host {
     /// STARTING); they turn RUNNING as their shims report.
     pub async fn launch(&self, spec: LaunchSpec, who: LaunchAs) -> Result<Vec<WorkerRecord>> {
         let inner = self.inner.clone();
+        // Bounds before work: nothing is made per worker for a launch the host cannot hold.
+        let fits = {
+            let st = inner.lock();
+            let (capacity, used) = (st.ledger.capacity(), st.ledger.allocated());
+            limits::check_workers(
+                spec.n,
+                inner.opts.limits.max_workers_per_launch,
+                capacity.workers.saturating_sub(used.workers),
+                capacity.workers,
+            )
+        };
+        if let Err(e) = fits {
+            inner
+                .metrics
+                .launch_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
         if let Some(s) = &spec.session_id {
             inner.check_session(s)?;
         }
@@ -200,6 +251,7 @@ impl Host {
                     worker_id: id.clone(),
                     program: prepared.program.clone(),
                     argv: prepared.argv.clone(),
+                    source: prepared.source.clone(),
                     env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
                     workdir: prepared.workdir.clone(),
                     cgroup: inner.cgroups.worker(id),
@@ -334,12 +386,18 @@ impl Inner {
         }
     }
 
-    /// Resolves the program and checks the host can run it (FAILED_PRECONDITION otherwise).
+    /// Resolves the program and checks the host can run it: what it execs must fit the kernel's
+    /// exec limits (INVALID_ARGUMENT naming the field otherwise), checked before the filesystem
+    /// is looked at; the interpreter, `script`, `command[0]` and `workdir` must be there
+    /// (FAILED_PRECONDITION otherwise).
     pub(super) fn prepare(&self, spec: &LaunchSpec) -> Result<Prepared> {
         let workdir = spec
             .workdir
             .clone()
             .unwrap_or_else(|| self.opts.default_workdir.clone());
+        let mut base_env = self.opts.base_env.clone();
+        base_env.insert("PATH".into(), self.opts.worker_path.clone());
+        let (argv, source, target) = self.exec_of(spec, &workdir, &base_env)?;
         match std::fs::metadata(&workdir) {
             Ok(m) if m.is_dir() => {
                 if !access(&workdir, libc::X_OK) {
@@ -362,85 +420,106 @@ impl Inner {
                 )))
             }
         }
-        let mut base_env = self.opts.base_env.clone();
-        base_env.insert("PATH".into(), self.opts.worker_path.clone());
-        let (program, argv) = match &spec.program {
-            Program::Command(cmd) => {
+        let program = match target {
+            Target::Command(name) => {
                 let path_var = spec
                     .env
                     .get("PATH")
                     .cloned()
                     .unwrap_or_else(|| self.opts.worker_path.clone());
-                let resolved =
-                    hostfs::resolve_program(&cmd[0], &path_var, &workdir).ok_or_else(|| {
-                        let why = if cmd[0].contains('/') {
-                            "does not exist or is not executable"
-                        } else {
-                            "not found in PATH"
-                        };
-                        Error::FailedPrecondition(format!("command[0] {}: {why}", cmd[0]))
-                    })?;
-                (resolved, cmd.clone())
+                hostfs::resolve_program(&name, &path_var, &workdir).ok_or_else(|| {
+                    let why = if name.contains('/') {
+                        "does not exist or is not executable"
+                    } else {
+                        "not found in PATH"
+                    };
+                    Error::FailedPrecondition(format!("command[0] {name}: {why}"))
+                })?
             }
-            Program::Code { kernel, .. } | Program::Script { kernel, .. } => {
-                let entry = self
-                    .opts
-                    .kernels
-                    .iter()
-                    .find(|k| &k.name == kernel)
-                    .ok_or_else(|| {
-                        Error::invalid("kernel", format!("unknown kernel {kernel:?}"))
-                    })?;
-                let inv = entry.invocation.as_ref().ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "kernel {kernel}: interpreter not installed on this host (looked for {})",
-                        entry.candidates.join(", ")
-                    ))
-                })?;
-                let program = match &spec.program {
-                    Program::Script { kernel, path } => {
-                        let path = if path.is_absolute() {
-                            path.clone()
-                        } else {
-                            workdir.join(path)
-                        };
-                        match std::fs::metadata(&path) {
-                            Ok(m) if m.is_file() && access(&path, libc::R_OK) => {}
-                            Ok(m) if !m.is_file() => {
-                                return Err(Error::FailedPrecondition(format!(
-                                    "script {}: is not a regular file",
-                                    path.display()
-                                )))
-                            }
-                            Ok(_) => {
-                                return Err(Error::FailedPrecondition(format!(
-                                    "script {}: cannot be read",
-                                    path.display()
-                                )))
-                            }
-                            Err(e) => {
-                                return Err(Error::FailedPrecondition(format!(
-                                    "script {}: {e}",
-                                    path.display()
-                                )))
-                            }
-                        }
-                        Program::Script {
-                            kernel: kernel.clone(),
-                            path,
-                        }
-                    }
-                    other => other.clone(),
-                };
-                (inv.interpreter.clone(), launch::kernel_argv(inv, &program))
+            Target::Kernel {
+                interpreter,
+                script,
+            } => {
+                if let Some(path) = script {
+                    check_script(&path)?;
+                }
+                interpreter
             }
         };
         Ok(Prepared {
             program,
             argv,
+            source,
             workdir,
             base_env,
         })
+    }
+
+    /// The argv of `spec`'s workers, the code they read from [`launch::SOURCE_PATH`] (where it
+    /// is too long for the command line), and what is left to find on the filesystem; checked
+    /// against the kernel's exec limits with the environment `base` and `spec.env` give.
+    fn exec_of(
+        &self,
+        spec: &LaunchSpec,
+        workdir: &Path,
+        base: &BTreeMap<String, String>,
+    ) -> Result<(Vec<String>, Option<String>, Target)> {
+        let exec = |argv: &[String], field: &dyn Fn(usize) -> String| {
+            limits::check_exec(argv, field, base, &spec.env, self.opts.exec)
+        };
+        let kernel = match &spec.program {
+            Program::Command(cmd) => {
+                exec(cmd, &|i| format!("command[{i}]"))?;
+                return Ok((cmd.clone(), None, Target::Command(cmd[0].clone())));
+            }
+            Program::Code { kernel, .. } | Program::Script { kernel, .. } => kernel,
+        };
+        let entry = self
+            .opts
+            .kernels
+            .iter()
+            .find(|k| &k.name == kernel)
+            .ok_or_else(|| Error::invalid("kernel", format!("unknown kernel {kernel:?}")))?;
+        let inv = entry.invocation.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "kernel {kernel}: interpreter not installed on this host (looked for {})",
+                entry.candidates.join(", ")
+            ))
+        })?;
+        let program = match &spec.program {
+            Program::Script { kernel, path } if !path.is_absolute() => Program::Script {
+                kernel: kernel.clone(),
+                path: workdir.join(path),
+            },
+            other => other.clone(),
+        };
+        let argv = launch::kernel_argv(inv, &program);
+        // The source is the last argument; the rest is the kernel's.
+        let last = argv.len() - 1;
+        let (source_field, script) = match &program {
+            Program::Script { path, .. } => ("script", Some(path.clone())),
+            _ => ("code", None),
+        };
+        let field = |i: usize| if i == last { source_field } else { "kernel" }.to_owned();
+        let target = Target::Kernel {
+            interpreter: inv.interpreter.clone(),
+            script,
+        };
+        match &program {
+            // Code too long for the command line goes by a file descriptor; what fits stays
+            // there, where `sys.argv` and `commandArgs()` are what users expect.
+            Program::Code { code, .. }
+                if code.len() > limits::INLINE_CODE_MAX || exec(&argv, &field).is_err() =>
+            {
+                let argv = launch::kernel_argv_from_fd(inv);
+                exec(&argv, &field)?;
+                Ok((argv, Some(code.clone()), target))
+            }
+            _ => {
+                exec(&argv, &field)?;
+                Ok((argv, None, target))
+            }
+        }
     }
 
     /// Creates cgroups and starts shims for one chunk of a batch (blocking thread).

@@ -1,9 +1,8 @@
 //! Output of workers as clients read it: from the files their shims write, from an offset,
-//! following them until they end.
+//! following them until they end (woken by `follow` when there is something to read).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -11,12 +10,14 @@ use berth_core::error::{Error, Result};
 use berth_core::worker::Filter;
 use berth_sys::output::{self, StreamKind};
 
-use super::{Host, Inner, OutputPiece, OutputRequest};
+use super::{follow, Host, Inner, OutputPiece, OutputRequest};
 
 /// Largest piece of output sent in one chunk.
 pub(super) const CHUNK: usize = 64 * 1024;
 
-/// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended.
+/// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended. A follower
+/// reads when the output watcher (see `follow`) says that a worker's files changed or that it
+/// ended, and only that worker's: an idle follower does nothing at all.
 pub(super) async fn pump_output(
     inner: Arc<Inner>,
     ids: Vec<String>,
@@ -27,6 +28,8 @@ pub(super) async fn pump_output(
 ) {
     struct Cursor {
         id: String,
+        /// Index of the worker in `ids`.
+        worker: usize,
         stream: StreamKind,
         dir: PathBuf,
         offset: u64,
@@ -34,16 +37,24 @@ pub(super) async fn pump_output(
     }
     let mut cursors: Vec<Cursor> = ids
         .iter()
-        .flat_map(|id| {
-            streams.iter().map(|s| Cursor {
-                id: id.clone(),
-                stream: *s,
-                dir: inner.worker_dir(id).join(s.dir_name()),
-                offset: 0,
-                done: false,
-            })
+        .enumerate()
+        .flat_map(|(worker, id)| streams.iter().map(move |s| (worker, id, *s)))
+        .map(|(worker, id, stream)| Cursor {
+            id: id.clone(),
+            worker,
+            stream,
+            dir: inner.worker_dir(id).join(stream.dir_name()),
+            offset: 0,
+            done: false,
         })
         .collect();
+    // Watched before the first read, so that nothing written after it goes unnoticed.
+    let following = match follow.then(|| inner.output_watch()).flatten() {
+        Some(w) => Some(w.follow(ids.clone()).await),
+        None => None,
+    };
+    // Without a watcher a follower looks every POLL, as polling did.
+    let polls = follow && following.as_ref().is_none_or(|f| f.unwatched);
     if !from_start {
         let dirs: Vec<PathBuf> = cursors.iter().map(|c| c.dir.clone()).collect();
         let ends = tokio::task::spawn_blocking(move || {
@@ -57,80 +68,99 @@ pub(super) async fn pump_output(
             c.offset = e;
         }
     }
-    let mut idle = Duration::from_millis(10);
+    // Workers whose cursors are to be read: all at first, then those with news.
+    let mut news = vec![true; ids.len()];
     loop {
-        // Status first, then read: a worker seen ended has written its last byte already.
-        let ended: Vec<bool> = cursors
-            .iter()
-            .map(|c| inner.status(&c.id).is_none_or(|s| s.is_terminal()))
+        let todo: Vec<usize> = (0..cursors.len())
+            .filter(|&i| !cursors[i].done && news[cursors[i].worker])
             .collect();
-        let reads: Vec<(PathBuf, u64)> =
-            cursors.iter().map(|c| (c.dir.clone(), c.offset)).collect();
-        let results = match tokio::task::spawn_blocking(move || {
-            reads
-                .into_iter()
-                .map(|(d, o)| output::read_stream(&d, o, CHUNK))
-                .collect::<Vec<_>>()
-        })
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tx
-                    .send(Err(Error::Internal(format!("read output: {e}"))))
-                    .await;
-                return;
-            }
-        };
-        let mut progressed = false;
-        for (i, res) in results.into_iter().enumerate() {
-            let c = &mut cursors[i];
-            if c.done {
-                continue;
-            }
-            match res {
-                Ok(r) if !r.data.is_empty() => {
-                    progressed = true;
-                    c.offset = r.offset + r.data.len() as u64;
-                    let piece = OutputPiece {
-                        worker_id: c.id.clone(),
-                        stream: c.stream,
-                        offset: r.offset,
-                        data: r.data,
-                    };
-                    if tx.send(Ok(piece)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {
-                    if !follow || ended[i] {
-                        c.done = true;
-                    }
-                }
+        news.fill(false);
+        // Nothing to do when woken with nothing new (news that came while it was reading).
+        if !todo.is_empty() {
+            // Status first, then read: a worker seen ended has written its last byte already.
+            let ended: Vec<bool> = todo
+                .iter()
+                .map(|&i| inner.status(&cursors[i].id).is_none_or(|s| s.is_terminal()))
+                .collect();
+            let reads: Vec<(PathBuf, u64)> = todo
+                .iter()
+                .map(|&i| (cursors[i].dir.clone(), cursors[i].offset))
+                .collect();
+            let results = match tokio::task::spawn_blocking(move || {
+                reads
+                    .into_iter()
+                    .map(|(d, o)| output::read_stream(&d, o, CHUNK))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            {
+                Ok(r) => r,
                 Err(e) => {
                     let _ = tx
-                        .send(Err(Error::Internal(format!(
-                            "read output of worker {}: {e}",
-                            c.id
-                        ))))
+                        .send(Err(Error::Internal(format!("read output: {e}"))))
                         .await;
                     return;
+                }
+            };
+            for ((&i, res), ended) in todo.iter().zip(results).zip(ended) {
+                let c = &mut cursors[i];
+                match res {
+                    Ok(r) if !r.data.is_empty() => {
+                        // There may be more: read this worker again before waiting.
+                        news[c.worker] = true;
+                        c.offset = r.offset + r.data.len() as u64;
+                        let piece = OutputPiece {
+                            worker_id: c.id.clone(),
+                            stream: c.stream,
+                            offset: r.offset,
+                            data: r.data,
+                        };
+                        if tx.send(Ok(piece)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {
+                        if !follow || ended {
+                            c.done = true;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Error::Internal(format!(
+                                "read output of worker {}: {e}",
+                                c.id
+                            ))))
+                            .await;
+                        return;
+                    }
                 }
             }
         }
         if cursors.iter().all(|c| c.done) {
             return;
         }
-        if progressed {
-            idle = Duration::from_millis(10);
+        if news.iter().any(|n| *n) {
             continue;
         }
+        let woken = async {
+            match &following {
+                Some(f) if !f.unwatched => {
+                    f.wake.notified().await;
+                    f.wake.take()
+                }
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(idle) => {}
+            got = woken => {
+                for w in got {
+                    news[w] = true;
+                }
+            }
+            _ = tokio::time::sleep(follow::POLL), if polls => news.fill(true),
             _ = tx.closed() => return,
             _ = inner.shutdown.cancelled() => return,
         }
-        idle = (idle * 2).min(Duration::from_millis(100));
     }
 }
 

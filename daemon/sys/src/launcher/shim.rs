@@ -37,6 +37,8 @@ use crate::output::{Rotation, SegmentWriter, StreamKind};
 use super::creds::{current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
 use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
 
+use berth_core::launch::SOURCE_FD;
+
 /// Everything the shim needs to start one worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShimSpec {
@@ -60,6 +62,12 @@ pub struct ShimSpec {
     /// with every capability.
     #[serde(default)]
     pub creds: Option<WorkerCreds>,
+    /// Code too long for the command line, which the worker's interpreter reads from
+    /// `/dev/fd/3` (its argv names that path): the shim puts it in a memfd that the worker's
+    /// process finds open on [`SOURCE_FD`] after its exec. A memfd is readable by the worker's
+    /// user, as no file of the daemon's private state dir is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// How a worker ended, as the shim recorded it.
@@ -214,6 +222,7 @@ enum Stage {
     Capabilities = 8,
     Identity = 9,
     NoNewPrivs = 10,
+    Source = 11,
 }
 
 fn stage_name(b: u8) -> &'static str {
@@ -227,6 +236,7 @@ fn stage_name(b: u8) -> &'static str {
         8 => "drop capabilities",
         9 => "switch user",
         10 => "set no_new_privs",
+        11 => "put the code on fd 3",
         _ => "prepare",
     }
 }
@@ -379,10 +389,19 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
         Some(p) => Some(open_cloexec(p, libc::O_RDONLY).map_err(setup)?),
         None => None,
     };
+    let source = match &spec.source {
+        Some(code) => Some(source_memfd(code).map_err(|e| format!("code on fd 3: {e}"))?),
+        None => None,
+    };
     let devnull = open_cloexec(Path::new("/dev/null"), libc::O_RDWR).map_err(setup)?;
     let (out_r, out_w) = pipe_cloexec().map_err(setup)?;
     let (err_r, err_w) = pipe_cloexec().map_err(setup)?;
-    let (ee_r, ee_w) = pipe_cloexec().map_err(setup)?;
+    let (ee_r, mut ee_w) = pipe_cloexec().map_err(setup)?;
+    if source.is_some() && ee_w.as_raw_fd() == SOURCE_FD {
+        // The child puts the code on that fd just before its exec, where a failed exec still
+        // has to be reported.
+        ee_w = fd_above(&ee_w, SOURCE_FD).map_err(setup)?;
+    }
     let child = ChildArgs {
         procs: &[],
         netns: netns.as_ref().map(|f| f.as_raw_fd()),
@@ -395,9 +414,10 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
         argv: argv_p.as_ptr(),
         envp: envp_p.as_ptr(),
         creds: creds.as_ref(),
+        source: source.as_ref().map(|f| f.as_raw_fd()),
     };
     let pid = spawn_in_cgroup(&spec.cgroup, child)?;
-    drop((out_w, err_w, ee_w, netns));
+    drop((out_w, err_w, ee_w, netns, source));
     let mut buf = [0u8; 5];
     let n = read_full(ee_r.as_raw_fd(), &mut buf);
     if n >= 5 {
@@ -425,6 +445,42 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
         stderr: err_r,
         writers,
     })
+}
+
+/// A sealed memfd (close-on-exec) holding `code`. Its inode is mode 0777 as every memfd's, so
+/// the worker's user can open it again through `/dev/fd/3`.
+fn source_memfd(code: &str) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create reads the NUL-terminated name and takes integer flags.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"berth-code".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create succeeded; the fd is ours alone.
+    let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(code.as_bytes())?;
+    // The code stays as launched: neither the worker nor anyone else can change it.
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on an open fd with integer arguments.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// A close-on-exec duplicate of `fd` on a descriptor above `above`.
+fn fd_above(fd: &OwnedFd, above: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on an open fd with integer arguments; the new fd is ours.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above + 1) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_DUPFD_CLOEXEC succeeded; the fd is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 fn read_full(fd: RawFd, buf: &mut [u8]) -> usize {
@@ -461,6 +517,9 @@ struct ChildArgs<'a> {
     envp: *const *const libc::c_char,
     /// Who the worker becomes before exec; `None`: the shim's identity.
     creds: Option<&'a ChildCreds>,
+    /// The memfd holding the worker's code, to put on [`SOURCE_FD`] (the shim's copy is
+    /// close-on-exec, the worker's not).
+    source: Option<RawFd>,
 }
 
 /// Set once the kernel refused clone3 into a cgroup (see [`clone3_refused`]): later starts in
@@ -684,6 +743,19 @@ unsafe fn child_exec(a: &ChildArgs<'_>) -> ! {
         // As the worker's user, when it has one.
         if libc::chdir(a.workdir) != 0 {
             fail(Stage::Workdir);
+        }
+        // Last, as nothing after it may use that fd: the exec-error pipe is never on it (see
+        // start_worker). dup2 leaves the copy without FD_CLOEXEC, but does nothing where the
+        // memfd is on that fd already.
+        if let Some(fd) = a.source {
+            let placed = if fd == SOURCE_FD {
+                libc::fcntl(fd, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, SOURCE_FD) == SOURCE_FD
+            };
+            if !placed {
+                fail(Stage::Source);
+            }
         }
         libc::execve(a.program, a.argv, a.envp);
         fail(Stage::Exec)
@@ -1051,6 +1123,7 @@ mod tests {
             argv: argv.as_ptr(),
             envp: envp.as_ptr(),
             creds: None,
+            source: None,
         };
         let pid = spawn_in_cgroup(cgroup, child).unwrap();
         drop((out_w, ee_w));
@@ -1116,6 +1189,7 @@ mod tests {
                 argv: none.as_ptr(),
                 envp: none.as_ptr(),
                 creds: None,
+                source: None,
             };
             let into_removed = clone_into_cgroup(dir_fd.as_raw_fd(), &gone);
             assert!(seen.lines().any(|l| l == want), "v2: {seen:?}, want {want}");
@@ -1185,6 +1259,7 @@ mod tests {
             },
             meta: serde_json::Value::Null,
             creds: None,
+            source: None,
         };
         // What an older daemon wrote: no `creds` key at all.
         let mut old = serde_json::to_value(&spec).unwrap();
@@ -1317,6 +1392,7 @@ mod tests {
             },
             meta: serde_json::Value::Null,
             creds,
+            source: None,
         }
     }
 
@@ -1705,6 +1781,32 @@ mod tests {
                     "{way}: {key}"
                 );
             }
+        }
+    }
+
+    /// Real kernel, root only: code too long for a command line reaches the worker on fd 3,
+    /// open across its exec, readable by its user (nobody) through /dev/fd/3, and sealed.
+    #[test]
+    fn code_on_fd_3_is_read_by_the_workers_user() {
+        if !is_root("switches users") {
+            return;
+        }
+        let _one = CREDS_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let cgroups = TestCgroups::new("source");
+        // 1 MiB of shell: a comment line, then what it prints.
+        let code = format!(
+            "#{}\necho \"$(id -u) $(wc -c < /dev/fd/3)\"\n(echo x >> /dev/fd/3) 2>/dev/null || echo sealed\n",
+            "x".repeat(1 << 20)
+        );
+        for (way, cg) in &cgroups.0 {
+            let argv = ["/bin/sh", "/dev/fd/3"];
+            let spec = ShimSpec {
+                source: Some(code.clone()),
+                ..worker_spec(cg, &argv, Path::new("/"), Some(nobody()))
+            };
+            let (out, status) = run_spec(&spec, None).unwrap_or_else(|e| panic!("{way}: {e}"));
+            assert_eq!(status, (Some(0), None), "{way}: {out}");
+            assert_eq!(out, format!("65534 {}\nsealed\n", code.len()), "{way}");
         }
     }
 
