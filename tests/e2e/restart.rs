@@ -601,33 +601,318 @@ async fn survives_store_damage(
     (d, c, w.id, pid)
 }
 
+/// Whether process `pid` is alive.
+fn alive(pid: u32) -> bool {
+    // SAFETY: kill(pid, 0) only checks existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_store_neither_kills_nor_forgets_live_workers() {
+async fn a_second_berthd_on_the_same_state_dir_refuses_and_the_first_serves_on() {
     require_root!();
-    let (d, c, id, pid) = survives_store_damage(|p| {
-        std::fs::write(p, vec![0xa5u8; 64 * 1024]).unwrap();
-    })
-    .await;
-    assert!(
-        d.log().contains("state store unreadable"),
-        "the daemon says what it found"
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let w = launch(&c, command_request(1, &["/bin/sleep", "600"]))
+        .await
+        .remove(0);
+    await_running(&c, &[w.id.clone()]).await;
+    let pid = list(&c).await[&w.id].pid;
+    let cgroups = d.worker_cgroups();
+    let store = std::fs::read(d.state_dir().join("state.redb")).unwrap();
+
+    // Same config: same state dir, same socket, same cgroup subtree.
+    let (code, out) = d.run_another(&[]).await.unwrap();
+    assert_eq!(code, Some(1), "refused at once:\n{out}");
+    let said = format!(
+        "state dir {} is in use by berthd pid {}",
+        d.state_dir().display(),
+        d.pid().unwrap()
     );
-    let now = list(&c).await;
+    assert!(out.contains(&said), "says whose it is: {said:?}\n{out}");
+    // It stopped before cgroups, the store or sockets: it touched nothing of the first's.
+    for later in [
+        "cgroups ready",
+        "state store",
+        "listening",
+        "recovered state",
+    ] {
+        assert!(!out.contains(later), "went as far as {later:?}:\n{out}");
+    }
+    // --recover too is refused: it must never move a store that another daemon has open.
+    let (code, out) = d.run_another(&["--recover"]).await.unwrap();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&said), "{out}");
     assert_eq!(
-        status(&now[&id]),
-        pb::WorkerStatus::Running,
-        "{:?}",
-        now.get(&id)
+        std::fs::read(d.state_dir().join("state.redb")).unwrap(),
+        store,
+        "the store is the first's, untouched"
     );
-    assert_eq!(now[&id].pid, pid);
-    let done = berth_tests::await_all(&c, &[id.clone()]).await.unwrap();
+
+    // The first serves on: its socket, its worker, new launches.
+    let c = d.client().await.unwrap();
+    let now = list(&c).await;
+    assert_eq!(status(&now[&w.id]), pb::WorkerStatus::Running);
+    assert_eq!(now[&w.id].pid, pid);
+    assert!(alive(pid));
+    assert_eq!(d.worker_cgroups(), cgroups);
+    let more = launch(&c, command_request(1, &["/bin/true"])).await;
+    let done = berth_tests::await_all(&c, &berth_tests::ids_of(&more))
+        .await
+        .unwrap();
+    assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_store_stops_start_up_until_recover_takes_the_workers_over() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    // One that prints across the downtime, one in a session, one whose spec will be lost too.
+    let plain = launch(&c, printer(60, 100)).await.remove(0);
+    let s = open_session(&c, ttl_secs(60)).await;
+    let sessioned = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: s.id.clone(),
+            ..command_request(1, &["/bin/sleep", "600"])
+        },
+    )
+    .await
+    .remove(0);
+    let nameless = launch(&c, command_request(1, &["/bin/sleep", "600"]))
+        .await
+        .remove(0);
+    let ids = [plain.id.clone(), sessioned.id.clone(), nameless.id.clone()];
+    await_running(&c, &ids).await;
+    let before = list(&c).await;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    let store = d.state_dir().join("state.redb");
+    let garbage = vec![0xa5u8; 64 * 1024];
+    std::fs::write(&store, &garbage).unwrap();
+    std::fs::remove_file(
+        d.state_dir()
+            .join("workers")
+            .join(&nameless.id)
+            .join("spec.json"),
+    )
+    .unwrap();
+
+    // Start-up stops, says why and what to do, and touches nothing.
+    let err = d.restart(&[]).await.unwrap_err().to_string();
+    assert!(err.contains("is corrupt"), "{err}");
+    assert!(err.contains("berthd --recover"), "{err}");
+    assert_eq!(std::fs::read(&store).unwrap(), garbage, "left as it was");
+    for id in &ids {
+        assert!(
+            alive(before[id].pid),
+            "worker {id} killed by a refused start"
+        );
+    }
+
+    d.restart(&["--recover".into()]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let moved: Vec<String> = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("state.corrupt-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "the damaged store is kept aside");
+    let now = list(&c).await;
+    for w in [&plain, &sessioned] {
+        assert_eq!(
+            status(&now[&w.id]),
+            pb::WorkerStatus::Running,
+            "{:?}",
+            now[&w.id]
+        );
+        assert_eq!(
+            now[&w.id].pid, before[&w.id].pid,
+            "the same process, adopted"
+        );
+        assert_eq!(now[&w.id].owner, before[&w.id].owner);
+    }
+    assert_eq!(now[&sessioned.id].session_id, s.id);
+    let log = d.log();
+    assert!(
+        log.contains("--recover: worker adopted from its spec"),
+        "each is logged"
+    );
+    // The session is back, with a lease its client renews, and ends as sessions do.
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap();
+    let closed = c
+        .workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.stopped.len(), 1);
+    assert_eq!(status(&closed.stopped[0]), pb::WorkerStatus::Stopped);
+    // The worker nothing accounts for (no record, no spec: no owner, no session) is stopped.
+    let gone = berth_tests::await_all(&c, &[nameless.id.clone()])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(status(&gone), pb::WorkerStatus::Stopped, "{gone:?}");
+    assert!(gone.reason.starts_with("unaccounted for"), "{gone:?}");
+    assert!(!alive(before[&nameless.id].pid));
+    // Nothing of the plain worker's output was lost.
+    let done = berth_tests::await_all(&c, &[plain.id.clone()])
+        .await
+        .unwrap();
     assert_eq!(status(&done[0]), pb::WorkerStatus::Succeeded);
     assert_eq!(
-        berth_tests::output_of(&c, &id, pb::Stream::Stdout)
+        berth_tests::output_of(&c, &plain.id, pb::Stream::Stdout)
             .await
             .unwrap(),
-        expected_lines(30)
+        expected_lines(60)
     );
+    // And the new store is the store from now on: a plain restart opens it.
+    drop(c);
+    d.stop_daemon(libc::SIGTERM);
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let now = list(&c).await;
+    assert_eq!(status(&now[&plain.id]), pb::WorkerStatus::Succeeded);
+}
+
+/// One launch into a full state dir, as the client heard of it.
+#[derive(Debug)]
+enum Told {
+    Launched(Vec<pb::Worker>),
+    Refused(tonic::Status),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_dir_refuses_launches_clearly_and_keeps_what_it_told() {
+    require_root!();
+    let mut d = Daemon::start_with(DaemonOptions {
+        state_tmpfs: Some(2 << 20),
+        netns_pool: Some(0),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let tiny = |i: usize| pb::LaunchWorkersRequest {
+        cpu: 0.01,
+        memory_gb: 0.01,
+        labels: [("try".to_string(), i.to_string())].into(),
+        ..command_request(1, &["/bin/sleep", "600"])
+    };
+    let first = launch(&c, tiny(0)).await;
+    let filler = d.state_dir().join("filler");
+    let filled = berth_tests::fill_filesystem(&filler).unwrap();
+    assert!(filled > 0);
+
+    let mut told = Vec::new();
+    for i in 1..=40 {
+        let t = match c.workers().launch_workers(tiny(i)).await {
+            Ok(r) => Told::Launched(r.into_inner().workers),
+            Err(st) => {
+                assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+                assert!(
+                    st.message().contains("not recorded in the state store")
+                        && st.message().contains("No space left on device"),
+                    "says why: {}",
+                    st.message()
+                );
+                Told::Refused(st)
+            }
+        };
+        told.push((i, t));
+    }
+    let refused = told
+        .iter()
+        .filter(|(_, t)| matches!(t, Told::Refused(_)))
+        .count();
+    assert!(refused > 0, "a full state dir refused nothing: {told:?}");
+    let failed_to_start = told
+        .iter()
+        .filter_map(|(_, t)| match t {
+            Told::Launched(ws) => Some(ws),
+            Told::Refused(_) => None,
+        })
+        .flatten()
+        .filter(|w| status(w) == pb::WorkerStatus::Failed)
+        .count();
+    eprintln!(
+        "full state dir: {refused} launches refused, {} launched ({failed_to_start} workers did \
+         not start)",
+        told.len() - refused
+    );
+    // The daemon serves on while full.
+    assert!(!list(&c).await.is_empty());
+
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    // A restart on the still full filesystem either comes up or says why it cannot.
+    if let Err(e) = d.restart(&[]).await {
+        let e = e.to_string();
+        assert!(e.contains("No space left on device"), "{e}");
+        eprintln!("full state dir: the restart stopped, saying why");
+        std::fs::remove_file(&filler).unwrap();
+        d.restart(&[]).await.unwrap();
+    } else {
+        std::fs::remove_file(&filler).unwrap();
+    }
+    let c = d.client().await.unwrap();
+    let now = list(&c).await;
+    let mut expected = 1;
+    assert!(now.contains_key(&first[0].id));
+    for (i, t) in &told {
+        let with_label: Vec<&pb::Worker> = now
+            .values()
+            .filter(|w| w.labels.get("try") == Some(&i.to_string()))
+            .collect();
+        match t {
+            Told::Refused(st) => {
+                assert!(
+                    with_label.is_empty(),
+                    "launch {i} was refused ({st:?}) yet exists"
+                )
+            }
+            Told::Launched(ws) => {
+                expected += ws.len();
+                for w in ws {
+                    let after = now
+                        .get(&w.id)
+                        .unwrap_or_else(|| panic!("launch {i} was told {w:?}: lost"));
+                    if status(w) != pb::WorkerStatus::Pending
+                        && status(w) != pb::WorkerStatus::Starting
+                        && status(w) != pb::WorkerStatus::Running
+                    {
+                        assert!(
+                            !matches!(
+                                status(after),
+                                pb::WorkerStatus::Pending
+                                    | pb::WorkerStatus::Starting
+                                    | pb::WorkerStatus::Running
+                            ),
+                            "told ended, now {after:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        now.len(),
+        expected,
+        "nothing more than what was told: {now:?}"
+    );
+    // With room again, launches are recorded again.
+    let more = launch(&c, tiny(99)).await;
+    await_running(&c, &berth_tests::ids_of(&more)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,6 +209,9 @@ pub struct DaemonOptions {
     pub args: Vec<String>,
     /// Network namespaces the daemon keeps ready (`netns_pool`); default 4.
     pub netns_pool: Option<usize>,
+    /// Put the daemon's state dir on a tmpfs of this many bytes of its own (root only), to
+    /// see what the daemon does when its filesystem is full. Unmounted when the daemon drops.
+    pub state_tmpfs: Option<u64>,
     /// Extra environment of the daemon process.
     pub env: Vec<(String, String)>,
 }
@@ -320,6 +323,8 @@ pub struct Daemon {
     pub log_path: PathBuf,
     /// The daemon's own bridge and subnet.
     pub net: TestNet,
+    /// The state dir is a tmpfs this harness mounted.
+    state_mounted: bool,
     /// Extra environment of the daemon process (kept for restarts).
     env: Vec<(String, String)>,
 }
@@ -372,6 +377,9 @@ impl Daemon {
         );
         let config_path = dir.join("berthd.toml");
         std::fs::write(&config_path, config)?;
+        if let Some(bytes) = opts.state_tmpfs {
+            mount_tmpfs(&dir.join("state"), bytes)?;
+        }
         let mut d = Self {
             child: None,
             name,
@@ -382,6 +390,7 @@ impl Daemon {
             config_path,
             log_path: dir.join("berthd.log"),
             net,
+            state_mounted: opts.state_tmpfs.is_some(),
             env: opts.env.clone(),
         };
         d.spawn(&opts.args).await?;
@@ -482,6 +491,36 @@ impl Daemon {
     /// Starts the daemon again on the same config and state.
     pub async fn restart(&mut self, args: &[String]) -> Result<()> {
         self.spawn(args).await
+    }
+
+    /// Runs another `berthd` on this daemon's config (and so its state dir and sockets) with
+    /// `args`, for at most 20 s (scaled); returns its exit code (`None`: it was still running
+    /// and was killed) and everything it wrote.
+    pub async fn run_another(&self, args: &[&str]) -> Result<(Option<i32>, String)> {
+        let out_path = self.dir.join(format!("another-{}.log", unique_name()));
+        let out = std::fs::File::create(&out_path)?;
+        let mut child = Command::new(bin("berthd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("start another berthd")?;
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
+        let code = loop {
+            if let Some(st) = child.try_wait()? {
+                break st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok((code, std::fs::read_to_string(&out_path).unwrap_or_default()))
     }
 
     /// Cgroup directories of this daemon's subtree (one per hierarchy).
@@ -610,7 +649,65 @@ impl Drop for Daemon {
         self.remove_worker_networks();
         // Give shims a moment to write their exit records and leave.
         std::thread::sleep(Duration::from_millis(50));
+        if self.state_mounted {
+            unmount(&self.state_dir());
+        }
     }
+}
+
+/// Mounts a tmpfs of `bytes` (mode 0700) on `dir`, made if needed.
+pub fn mount_tmpfs(dir: &Path, bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    let data = std::ffi::CString::new(format!("size={bytes},mode=0700"))?;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mount a tmpfs on {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Detaches whatever is mounted on `dir` (test clean-up).
+pub fn unmount(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Writes `path` until its filesystem has not one byte left for it; returns how many bytes
+/// it took.
+pub fn fill_filesystem(path: &Path) -> Result<u64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let mut total = 0u64;
+    let mut chunk = 64 << 10;
+    while chunk > 0 {
+        match f.write(&vec![0u8; chunk]) {
+            Ok(n) => {
+                total += n as u64;
+                if n < chunk {
+                    chunk /= 2;
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => chunk /= 2,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(total)
 }
 
 fn procs_under(dir: &Path) -> Vec<i32> {

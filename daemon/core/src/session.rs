@@ -13,6 +13,10 @@ use crate::error::{Error, Result};
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// Longest lease a client may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Lease of a session reinstated at start-up for live workers whose session record was lost (a
+/// store moved aside by `berthd --recover`): long enough for a client that renews at any usual
+/// pace to find its session again, short enough that the workers of a client that is gone end.
+pub const REINSTATED_TTL: Duration = Duration::from_secs(600);
 
 /// A session and its lease. Times are wall-clock, so a lease keeps counting across a restart of
 /// the daemon.
@@ -60,6 +64,20 @@ impl Session {
             owner: String::new(),
             ended_at: None,
         })
+    }
+
+    /// Session `id` of `owner` again, open from `now` with a lease of [`REINSTATED_TTL`]: its
+    /// record was lost, its workers live on. Its labels and its own TTL went with the record.
+    pub fn reinstated(id: String, owner: String, now: SystemTime) -> Self {
+        Self {
+            id,
+            ttl: REINSTATED_TTL,
+            created_at: now,
+            expires_at: now + REINSTATED_TTL,
+            labels: BTreeMap::new(),
+            owner,
+            ended_at: None,
+        }
     }
 
     /// Whether the lease has lapsed at `now`.

@@ -53,7 +53,7 @@ impl WorkersBackend for Host {
 
     async fn keep_alive(&self, caller: &Caller, session_id: &str) -> Result<pb::Session> {
         self.authorize(caller, &[], Some(session_id))?;
-        Ok(session_to_pb(&Host::keep_alive(self, session_id)?))
+        Ok(session_to_pb(&Host::keep_alive(self, session_id).await?))
     }
 
     async fn close_session(

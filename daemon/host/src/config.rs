@@ -78,6 +78,10 @@ pub struct Config {
     pub tls: berth_server::identity::TlsConfig,
     /// Certificate name → local user name (unmapped names run workers as `worker_user`).
     pub users: BTreeMap<String, String>,
+    /// `--recover` only, never in a file: a state store that cannot be opened is moved aside
+    /// and the live workers are taken over from their own files (see `berthd --help`).
+    #[serde(skip)]
+    pub recover: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +260,7 @@ impl Default for Config {
             trusted_schedulers: vec!["uid:0".into()],
             tls: Default::default(),
             users: BTreeMap::new(),
+            recover: false,
         }
     }
 }
@@ -468,6 +473,13 @@ pub struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Start although the state store cannot be opened (it is damaged): move it aside, start
+    /// with an empty one, and take over every live worker from its own files. Workers with a
+    /// readable spec are adopted (owner, session, claims; a session without a record gets a new
+    /// lease of 10 minutes that its client renews), live workers without one are stopped; each
+    /// is logged. Refused while another process has the store open.
+    #[arg(long)]
+    pub recover: bool,
 }
 
 impl DaemonArgs for Args {
@@ -513,6 +525,7 @@ impl DaemonArgs for Args {
             cfg.log_format = v.clone();
         }
         self.security.apply(&mut cfg.socket_group, &mut cfg.tls);
+        cfg.recover = self.recover;
     }
 }
 

@@ -20,7 +20,8 @@ use berth_sys::host as hostfs;
 use berth_sys::launcher::{Rlimit, ShimSpawner};
 use berth_sys::netns::{HostNetwork, NetConfig, Netns, NoNetwork};
 use berth_sys::output::Rotation;
-use berth_sys::store::StoreWriter;
+use berth_sys::state_lock::{LockError, StateDirLock};
+use berth_sys::store::{StoreError, StoreWriter};
 
 use crate::info::HostService;
 use crate::supervisor::{Host, HostOptions, KernelEntry, WorkerPrivileges};
@@ -46,7 +47,14 @@ pub enum DaemonError {
     #[error("start GPU telemetry: {0}")]
     GpuTelemetry(std::io::Error),
     #[error(transparent)]
-    Store(#[from] berth_sys::store::StoreError),
+    StateDirInUse(#[from] LockError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{0}; start `berthd --recover` to move it aside and take over the live workers from \
+         their own files (the sessions and records in it are lost)"
+    )]
+    StoreUnreadable(#[source] StoreError),
     #[error(transparent)]
     Serve(#[from] ServeError),
 }
@@ -186,6 +194,21 @@ fn client_tls(cfg: &Config) -> berth_client::TlsFiles {
     berth_client::TlsFiles { ca, cert, key }
 }
 
+/// Takes the state dir for this daemon (made, private, if it does not exist): nothing else in
+/// it is touched before.
+fn lock_state_dir(dir: &std::path::Path) -> Result<StateDirLock, DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| DaemonError::StateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    Ok(StateDirLock::acquire(dir)?)
+}
+
 /// The state dir, private to root: spec records hold the workers' environments (which often
 /// hold secrets), and output is served only through the API, to its owner.
 fn private_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
@@ -201,11 +224,36 @@ fn private_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
 /// under their shims, not under the daemon.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let mut opts = host_options(&cfg);
+    let joined = |e: tokio::task::JoinError| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source: std::io::Error::other(e),
+    };
+    // One daemon per state dir, before anything else: a second one stops here and touches
+    // nothing of the first's (its cgroups, sockets, store and files). Held until `run` returns.
+    let dir = cfg.state_dir.clone();
+    let _state_dir_lock = tokio::task::spawn_blocking(move || lock_state_dir(&dir))
+        .await
+        .map_err(joined)??;
     let state_err = |source| DaemonError::StateDir {
         path: cfg.state_dir.clone(),
         source,
     };
     private_state_dir(&cfg.state_dir).map_err(state_err)?;
+    // The store next: one that cannot be opened stops start-up before any cgroup or socket is
+    // touched (with `--recover`, a damaged one is moved aside instead).
+    let state_dir = cfg.state_dir.clone();
+    let recover = cfg.recover;
+    let (store, origin) =
+        tokio::task::spawn_blocking(move || crate::supervisor::open_store(&state_dir, recover))
+            .await
+            .map_err(joined)?
+            .map_err(|e| match e {
+                e @ StoreError::InUse { .. } => DaemonError::Store(e),
+                e @ (StoreError::Corrupt { .. } | StoreError::Db { .. }) => {
+                    DaemonError::StoreUnreadable(e)
+                }
+                e => DaemonError::Store(e),
+            })?;
     let security = security(&cfg);
     opts.privileges.worker_user = security.policy.account_by_name(&cfg.worker_user).await;
     if opts.privileges.worker_user.is_none() {
@@ -252,13 +300,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     } else {
         cfg.advertise.clone()
     };
-    let state_dir = cfg.state_dir.clone();
-    let store = tokio::task::spawn_blocking(move || crate::supervisor::open_store(&state_dir))
-        .await
-        .map_err(|e| DaemonError::StateDir {
-            path: cfg.state_dir.clone(),
-            source: std::io::Error::other(e),
-        })??;
     let store = Arc::new(store);
     let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
     // NVML is loaded (dlopen) and queried off the async threads, and sampled on its own thread.
@@ -294,14 +335,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         net,
     );
     let started = std::time::Instant::now();
-    match host.recover(&store).await {
+    match host.recover(&store, &origin).await {
         Ok(r) => tracing::info!(
             adopted = r.adopted,
             ended_while_down = r.ended_while_down,
             lost = r.lost,
             unaccounted = r.unaccounted,
+            stopped_unaccounted = r.stopped_unaccounted,
             kept = r.kept,
             sessions = r.sessions,
+            sessions_reinstated = r.sessions_reinstated,
             bad_records = r.bad_records.len(),
             took_ms = started.elapsed().as_millis() as u64,
             "recovered state"

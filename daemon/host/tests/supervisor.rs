@@ -358,7 +358,10 @@ async fn a_lapsed_session_stops_its_workers_and_only_those() {
         .iter()
         .all(|w| w.status == WorkerStatus::Stopped && w.reason == "session ended"));
     assert_eq!(f.world.running(), outside, "the other worker runs on");
-    assert!(matches!(f.host.keep_alive(&s.id), Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.host.keep_alive(&s.id).await,
+        Err(Error::NotFound(_))
+    ));
     // An ended session takes no new workers.
     let mut req = request(1);
     req.session_id = s.id;
@@ -381,7 +384,7 @@ async fn keep_alive_holds_a_session_past_its_ttl() {
     f.running(&ids).await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        f.host.keep_alive(&s.id).unwrap();
+        f.host.keep_alive(&s.id).await.unwrap();
     }
     assert_eq!(f.world.running(), ids, "renewed: still running after 1.8 s");
     let stopped = f
@@ -557,7 +560,8 @@ fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
     let dir = tempfile::tempdir().unwrap();
     let world = FakeWorld::new();
     let net = fake_net();
-    let store = Arc::new(open_store(dir.path()).unwrap());
+    let (store, origin) = open_store(dir.path(), false).unwrap();
+    let store = Arc::new(store);
     let (writer, writer_thread) = StoreWriter::start_shared(store.clone());
     let host = |rt: &tokio::runtime::Runtime| {
         let _enter = rt.enter();
@@ -592,7 +596,7 @@ fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
     let second = tokio::runtime::Runtime::new().unwrap();
     let h2 = host(&second);
     second.block_on(async {
-        let report = h2.recover(&store).await.unwrap();
+        let report = h2.recover(&store, &origin).await.unwrap();
         assert_eq!(
             (
                 report.ended_while_down,
@@ -650,4 +654,172 @@ fn a_restarted_daemon_picks_up_each_worker_the_right_way() {
     writer.stop();
     writer_thread.join().unwrap();
     assert!(world.cgroup_ids().is_empty(), "{:?}", world.cgroup_ids());
+}
+
+/// The fixture's host over a state store that fails on demand.
+fn fixture_with_store() -> (Fixture, Arc<berth_sys::fake::FakeStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let world = FakeWorld::new();
+    let net = fake_net();
+    let store = Arc::new(berth_sys::fake::FakeStore::open(
+        &dir.path().join("state.redb"),
+    ));
+    // The writer ends with the host (its last sender).
+    let (writer, _) = berth_sys::store::StoreWriter::start_shared(store.clone());
+    let host = fake_host(dir.path(), &world, &net, Some(writer));
+    host.start_background();
+    let f = Fixture {
+        host,
+        world,
+        net,
+        _dir: dir,
+    };
+    (f, store)
+}
+
+/// Worker records in the store, by id.
+fn stored_workers(store: &berth_sys::fake::FakeStore) -> BTreeMap<String, WorkerRecord> {
+    let (all, bad) = store
+        .store()
+        .load::<WorkerRecord>(berth_sys::store::Table::Workers)
+        .unwrap();
+    assert!(bad.is_empty());
+    all.into_iter().collect()
+}
+
+fn unavailable(r: Result<impl std::fmt::Debug, Error>, what: &str) -> String {
+    match r {
+        Err(Error::Unavailable(m)) => {
+            assert!(m.contains("no room"), "{what}: says why: {m}");
+            m
+        }
+        other => panic!("{what}: expected UNAVAILABLE, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_launch_the_store_refuses_is_unavailable_and_leaves_nothing_behind() {
+    let (f, store) = fixture_with_store();
+    store.fail(Some("no room"));
+    let mut req = request(2);
+    req.nvidia_gpu = 1;
+    unavailable(f.launch(req).await, "launch");
+    assert_eq!(
+        f.held(),
+        (0.0, 0, 0, 0, 0, 0, 0),
+        "the admission is given back"
+    );
+    assert!(f.world.events().is_empty(), "no process of it ever ran");
+    assert!(f.host.list(&Default::default()).await.unwrap().is_empty());
+    // Once the store takes writes, launches go on; only they are recorded.
+    store.fail(None);
+    let ids = f.launch(request(1)).await.unwrap();
+    f.running(&ids).await;
+    assert_eq!(
+        stored_workers(&store).into_keys().collect::<Vec<_>>(),
+        ids,
+        "the refused launch left no record"
+    );
+    f.world.exit(&ids[0], 0);
+    f.ended(&ids).await;
+}
+
+#[tokio::test]
+async fn a_stop_or_close_the_store_refuses_signals_nothing() {
+    let (f, store) = fixture_with_store();
+    let s = f
+        .host
+        .open_session(60, BTreeMap::new(), None, "")
+        .await
+        .unwrap();
+    let mut req = request(1);
+    req.session_id = s.id.clone();
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    store.fail(Some("no room"));
+    unavailable(
+        f.host
+            .stop(Selector::Ids(ids.clone()), Some(Duration::ZERO), "stopped")
+            .await,
+        "stop",
+    );
+    unavailable(
+        f.host.close_session(&s.id, Some(Duration::ZERO)).await,
+        "close",
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(f.world.running(), ids, "still running");
+    assert!(signals_of(&f.world.events(), &ids[0]).is_empty());
+    let w = &f.host.list(&Default::default()).await.unwrap()[0];
+    assert_eq!((w.status, &w.stop_reason), (WorkerStatus::Running, &None));
+    // The session is still open: it takes renewals once the store does.
+    store.fail(None);
+    f.host.keep_alive(&s.id).await.unwrap();
+    let stopped = f
+        .host
+        .close_session(&s.id, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(stopped[0].status, WorkerStatus::Stopped);
+    // The stop and the end are durable.
+    let rec = &stored_workers(&store)[&ids[0]];
+    assert_eq!(
+        (rec.status, rec.stop_reason.as_deref()),
+        (WorkerStatus::Stopped, Some("session ended"))
+    );
+}
+
+#[tokio::test]
+async fn renewals_the_store_refuses_do_not_hold_a_lease() {
+    let (f, store) = fixture_with_store();
+    let s = f
+        .host
+        .open_session(1, BTreeMap::new(), None, "")
+        .await
+        .unwrap();
+    let mut req = request(1);
+    req.session_id = s.id.clone();
+    let ids = f.launch(req).await.unwrap();
+    f.running(&ids).await;
+    store.fail(Some("no room"));
+    unavailable(
+        f.host.open_session(60, BTreeMap::new(), None, "").await,
+        "open",
+    );
+    // Every renewal is refused: the lease lapses at its time, as if none had come.
+    let t = Instant::now();
+    while f.world.running() == ids && t.elapsed() < Duration::from_secs(4) {
+        unavailable(f.host.keep_alive(&s.id).await, "keep-alive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = f.ended(&ids).await.remove(0);
+    assert_eq!(
+        (w.status, w.reason.as_str()),
+        (WorkerStatus::Stopped, "session ended")
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn facts_the_store_refuses_are_written_once_it_takes_them() {
+    let (f, store) = fixture_with_store();
+    let ids = f.launch(request(1)).await.unwrap();
+    f.running(&ids).await;
+    store.fail(Some("no room"));
+    // The worker ends while the store refuses: memory follows the fact at once...
+    f.world.exit(&ids[0], 3);
+    let w = f.ended(&ids).await.remove(0);
+    assert_eq!(w.exit_code, Some(3));
+    assert!(!stored_workers(&store)[&ids[0]].status.is_terminal());
+    // ...and the store once it can, without anyone asking.
+    store.fail(None);
+    let t = Instant::now();
+    while !stored_workers(&store)[&ids[0]].status.is_terminal() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the end never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored_workers(&store)[&ids[0]], w);
 }

@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cgroup::{CgroupError, CgroupStats, CgroupVersion, Cgroups, Limits, WorkerCgroup};
 use crate::launcher::{
     write_spec, ExitRecord, ShimHandle, ShimSpec, SpawnError, Spawner, EXIT_FILE,
 };
+use crate::store::{Op, RecordStore, Store, StoreError};
 
 type Result<T> = std::result::Result<T, CgroupError>;
 
@@ -343,5 +344,76 @@ impl Spawner for FakeSpawner {
             self.world.end(&id, code, signal);
         }
         Ok(handle(pid))
+    }
+}
+
+/// A state store that fails or stalls on demand, over a real [`Store`] (whose records a test
+/// reads back): what the store's writer and the supervisor do when a commit fails.
+#[derive(Debug)]
+pub struct FakeStore {
+    store: Store,
+    /// The error every group commit fails with, while set.
+    failure: Mutex<Option<String>>,
+    /// While held, group commits wait (the writer is stuck in a slow fsync).
+    held: Mutex<bool>,
+    released: Condvar,
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+impl FakeStore {
+    /// Over a real store at `path`.
+    pub fn open(path: &Path) -> Self {
+        let (store, _) = Store::open(path).expect("open the fake's store");
+        Self {
+            store,
+            failure: Mutex::new(None),
+            held: Mutex::new(false),
+            released: Condvar::new(),
+            attempts: Default::default(),
+        }
+    }
+
+    /// Makes every group commit fail with `why` (from the next one on), or succeed again.
+    pub fn fail(&self, why: Option<&str>) {
+        *self.failure.lock().unwrap() = why.map(str::to_owned);
+    }
+
+    /// Makes group commits wait until [`FakeStore::release`].
+    pub fn hold(&self) {
+        *self.held.lock().unwrap() = true;
+    }
+
+    pub fn release(&self) {
+        *self.held.lock().unwrap() = false;
+        self.released.notify_all();
+    }
+
+    /// Group commits the writer has begun (counted before one waits or fails).
+    pub fn attempts(&self) -> usize {
+        self.attempts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The real store underneath.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl RecordStore for FakeStore {
+    fn apply(&self, ops: &[Op]) -> std::result::Result<(), StoreError> {
+        self.attempts
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut held = self.held.lock().unwrap();
+        while *held {
+            held = self.released.wait(held).unwrap();
+        }
+        drop(held);
+        if let Some(why) = self.failure.lock().unwrap().clone() {
+            return Err(StoreError::Db {
+                path: self.store.path().to_path_buf(),
+                source: Box::new(redb::Error::Io(std::io::Error::other(why))),
+            });
+        }
+        self.store.apply(ops)
     }
 }

@@ -110,6 +110,32 @@ pub fn current_user_name() -> String {
     }
 }
 
+/// Processes that hold `path` open, as (pid, command name), from `/proc/<pid>/fd`: who has a
+/// file that refuses to be opened twice.
+pub fn processes_with_open(path: &Path) -> Vec<(u32, String)> {
+    let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|t| t == want))
+        {
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            out.push((pid, comm.trim().to_owned()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

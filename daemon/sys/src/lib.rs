@@ -11,5 +11,6 @@ pub mod netns;
 pub mod notify;
 pub mod output;
 pub mod peer;
+pub mod state_lock;
 pub mod store;
 pub mod users;

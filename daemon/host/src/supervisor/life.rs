@@ -134,11 +134,13 @@ async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> (Exi
                 .metrics
                 .workers_started
                 .fetch_add(1, Ordering::Relaxed);
-            inner.update(id, |w| {
-                w.status = WorkerStatus::Running;
-                w.pid = Some(hs.pid);
-                w.started_at = Some(hs.started_at.unwrap_or_else(SystemTime::now));
-            });
+            inner
+                .update(id, |w| {
+                    w.status = WorkerStatus::Running;
+                    w.pid = Some(hs.pid);
+                    w.started_at = Some(hs.started_at.unwrap_or_else(SystemTime::now));
+                })
+                .await;
         }
         Err(msg) => {
             inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
@@ -276,17 +278,14 @@ async fn watch_orphan(inner: &Arc<Inner>, id: &str) -> Next {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // LOST in the one final record, so that nobody (an await, a watch) sees another end first.
+    // One final record, LOST (unless it was stopped): no watcher ever sees another end first.
     inner
         .clone()
-        .finish(
+        .finish_as(
             id,
-            Exit {
-                spawn_error: None,
-                unseen: Some("ended unsupervised; exit status unknown".to_owned()),
-                ..Default::default()
-            },
+            Exit::default(),
             RunTimes::default(),
+            Some("ended unsupervised; exit status unknown".to_owned()),
         )
         .await
 }
@@ -327,13 +326,15 @@ async fn restart(inner: &Arc<Inner>, id: &str, delay: Duration) -> Option<ShimHa
     .unwrap_or_else(|e| Err(format!("restart task: {e}")));
     match res {
         Ok(handle) => {
-            inner.update(id, |w| {
-                w.status = WorkerStatus::Starting;
-                w.shim_pid = Some(handle.pid);
-                w.shim_starttime = handle.starttime;
-                w.exit_code = None;
-                w.signal = None;
-            });
+            inner
+                .update(id, |w| {
+                    w.status = WorkerStatus::Starting;
+                    w.shim_pid = Some(handle.pid);
+                    w.shim_starttime = handle.starttime;
+                    w.exit_code = None;
+                    w.signal = None;
+                })
+                .await;
             Some(handle)
         }
         Err(msg) => {
@@ -370,7 +371,19 @@ impl Inner {
 
     /// Ends worker `id`'s run: reads its usage, removes its cgroup, and either records its end
     /// and frees what it held, or (ON_FAILURE) keeps both for the restart it returns.
-    pub(super) async fn finish(self: Arc<Self>, id: &str, mut exit: Exit, times: RunTimes) -> Next {
+    pub(super) async fn finish(self: Arc<Self>, id: &str, exit: Exit, times: RunTimes) -> Next {
+        self.finish_as(id, exit, times, None).await
+    }
+
+    /// [`Inner::finish`]; `lost`: the end is not known (no exit record), the worker is LOST for
+    /// this reason unless it was stopped, and never restarted.
+    pub(super) async fn finish_as(
+        self: Arc<Self>,
+        id: &str,
+        mut exit: Exit,
+        times: RunTimes,
+        lost: Option<String>,
+    ) -> Next {
         let inner = self.clone();
         let cid = id.to_owned();
         let stats = tokio::task::spawn_blocking(move || {
@@ -397,7 +410,7 @@ impl Inner {
             return Next::Done;
         }
         // Restart (the worker keeps its claim, namespace and address) or end.
-        let network = {
+        let restart_or_end = {
             let mut guard = self.lock();
             let st = &mut *guard;
             let Some(e) = st.workers.get_mut(id) else {
@@ -406,6 +419,7 @@ impl Inner {
             };
             let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
             if status == WorkerStatus::Failed
+                && lost.is_none()
                 && exit.spawn_error.is_none()
                 && e.rec.restart.should_restart(e.rec.restarts)
                 && !self.shutdown.is_cancelled()
@@ -425,13 +439,18 @@ impl Inner {
                 e.rec.pid = None;
                 e.rec.cpu_seconds += stats.cpu_seconds;
                 e.rec.memory_peak_bytes = e.rec.memory_peak_bytes.max(stats.memory_peak_bytes);
-                let rec = e.rec.clone();
-                drop(guard);
-                tracing::info!(worker = %id, reason = %rec.reason, "worker failed; restarting");
-                self.publish(rec);
+                Err((delay, e.rec.reason.clone()))
+            } else {
+                Ok(e.rec.network)
+            }
+        };
+        let network = match restart_or_end {
+            Ok(network) => network,
+            Err((delay, reason)) => {
+                tracing::info!(worker = %id, reason = %reason, "worker failed; restarting");
+                self.publish(id).await;
                 return Next::Restart(delay);
             }
-            e.rec.network
         };
         // Everything is given back before the worker is seen to have ended, so whoever sees the
         // end (an await, a watch) can count on its namespace, address and claim being free.
@@ -446,12 +465,20 @@ impl Inner {
                 return Next::Done;
             };
             // Read again: a stop may have come while the network went.
-            let (status, reason) = final_state(&exit, e.rec.stop_reason.as_deref());
+            let (status, reason) = match (final_state(&exit, e.rec.stop_reason.as_deref()), lost) {
+                ((WorkerStatus::Stopped, r), _) => (WorkerStatus::Stopped, r),
+                (_, Some(why)) => (WorkerStatus::Lost, why),
+                (end, None) => end,
+            };
             finalize_record(&mut e.rec, status, reason, &exit, times, stats);
             e.rec.clone()
         };
         tracing::info!(worker = %id, status = rec.status.as_str(), reason = %rec.reason, "worker ended");
-        self.publish(rec);
+        if self.publish(id).await.is_none() {
+            // Forgotten by retention meanwhile (its record's delete is queued): watchers still
+            // hear of the end, and nothing writes the record back.
+            self.announce(rec);
+        }
         Next::Done
     }
 }

@@ -46,7 +46,7 @@ mod stop;
 mod streams;
 
 pub use access::{LaunchAs, WorkerPrivileges};
-pub use recovery::{open_store, RecoveryReport, UNACCOUNTED};
+pub use recovery::{open_store, RecoveryReport, StoreOrigin, UNACCOUNTED};
 
 /// A kernel of the host's table and what it resolved to at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use berth_core::admission::Claim;
 use berth_core::error::{Error, Result};
-use berth_core::session::Session;
+use berth_core::session::{Session, REINSTATED_TTL};
 use berth_core::worker::{Exit, WorkerRecord, WorkerStatus};
 use berth_sys::host as hostfs;
 use berth_sys::launcher::{self, ShimSpec};
 use berth_sys::store::Table;
-use berth_sys::store::{BadRecord, OpenReport, Store};
+use berth_sys::store::{BadRecord, Op, OpenReport, Store, StoreError};
 
 use super::life::{exit_of, is_zombie, spawn_life, Next, Run, RunTimes};
 use super::{Entry, Host, Inner};
@@ -33,6 +33,10 @@ pub struct RecoveryReport {
     /// Ended workers kept from before.
     pub kept: usize,
     pub sessions: usize,
+    /// Sessions whose record was missing, reinstated for their live workers.
+    pub sessions_reinstated: usize,
+    /// Live workers that nothing accounts for, stopped because the store was lost.
+    pub stopped_unaccounted: usize,
     pub bad_records: Vec<BadRecord>,
 }
 
@@ -49,19 +53,54 @@ pub(super) enum Pickup {
 /// Reason prefix of workers found without any record.
 pub const UNACCOUNTED: &str = "unaccounted for";
 
-/// Opens the state store under `state_dir`, logging what it found.
-pub fn open_store(state_dir: &Path) -> std::result::Result<Store, berth_sys::store::StoreError> {
-    let (store, report) = Store::open(&state_dir.join("state.redb"))?;
-    match report {
-        OpenReport::Created => tracing::info!("state store created"),
-        OpenReport::Opened => tracing::info!("state store opened"),
-        OpenReport::Replaced { moved_to, error } => tracing::error!(
-            moved_to = %moved_to.display(),
-            error = %error,
-            "state store unreadable: moved aside; recovering workers from their own files"
-        ),
+/// Where the records recovery starts from came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOrigin {
+    /// No store existed; a new one was made.
+    Created,
+    /// The store of the last run.
+    Opened,
+    /// The store could not be opened and `--recover` moved it aside: every record comes from
+    /// the workers' own files.
+    Replaced { moved_to: PathBuf },
+}
+
+/// Opens the state store under `state_dir`, logging what it found. A store that cannot be
+/// opened is an error, never silently replaced: the sessions and records in it would be lost.
+/// With `recover` (`berthd --recover`), one that cannot be opened for any reason but another
+/// holder is moved aside and a new one made.
+pub fn open_store(
+    state_dir: &Path,
+    recover: bool,
+) -> std::result::Result<(Store, StoreOrigin), StoreError> {
+    let path = state_dir.join("state.redb");
+    let opened = Store::open(&path);
+    let (store, origin) = match opened {
+        Ok((store, OpenReport::Created)) => (store, StoreOrigin::Created),
+        Ok((store, OpenReport::Opened)) => (store, StoreOrigin::Opened),
+        Err(e @ StoreError::InUse { .. }) => return Err(e),
+        Err(e) if recover && path.exists() => {
+            let moved_to = Store::move_aside(&path)?;
+            tracing::warn!(
+                error = %e,
+                moved_to = %moved_to.display(),
+                "--recover: the state store could not be opened and was moved aside; \
+                 the workers are taken over from their own files"
+            );
+            let (store, _) = Store::open(&path)?;
+            (store, StoreOrigin::Replaced { moved_to })
+        }
+        Err(e) => return Err(e),
+    };
+    match &origin {
+        StoreOrigin::Created => tracing::info!(path = %path.display(), "state store created"),
+        StoreOrigin::Opened => tracing::info!(path = %path.display(), "state store opened"),
+        StoreOrigin::Replaced { .. } => {}
     }
-    Ok(store)
+    if recover && !matches!(origin, StoreOrigin::Replaced { .. }) {
+        tracing::info!("--recover: the state store opened; nothing to move aside");
+    }
+    Ok((store, origin))
 }
 
 /// Live `berth-shim` processes serving worker dirs under `workers_dir`, by worker id. A shim
@@ -107,7 +146,16 @@ impl Host {
     /// (spec and exit records), the live shims and the cgroups: live workers are re-adopted
     /// (their shims kept capturing output all along), workers that ended meanwhile get their
     /// real exit status, and nothing alive is killed or forgotten silently.
-    pub async fn recover(&self, store: &Store) -> Result<RecoveryReport> {
+    ///
+    /// No live worker is left without a session or an owner to end it: a worker whose session
+    /// has no record gets that session back, reinstated with a lease of
+    /// [`REINSTATED_TTL`](berth_core::session::REINSTATED_TTL) that its client renews or lets
+    /// lapse; a worker whose stop was recorded is stopped again. Where the store was lost
+    /// (`origin` is [`StoreOrigin::Replaced`]), workers with a readable spec are adopted from it
+    /// (owner, user, session, claims) and each is logged; a live worker without one (nothing
+    /// says whose it is) is stopped and listed.
+    pub async fn recover(&self, store: &Store, origin: &StoreOrigin) -> Result<RecoveryReport> {
+        let store_lost = matches!(origin, StoreOrigin::Replaced { .. });
         let (records, bad) = store
             .load::<WorkerRecord>(Table::Workers)
             .map_err(|e| Error::Internal(e.to_string()))?;
@@ -115,7 +163,7 @@ impl Host {
             .load::<Session>(Table::Sessions)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let inner = self.inner.clone();
-        let plan = tokio::task::spawn_blocking(move || inner.plan_recovery(records))
+        let plan = tokio::task::spawn_blocking(move || inner.plan_recovery(records, store_lost))
             .await
             .map_err(|e| Error::Internal(format!("recovery: {e}")))?;
         let mut report = RecoveryReport {
@@ -139,6 +187,9 @@ impl Host {
         }
         let mut plan = plan;
         plan.sort_by_key(|(r, _)| r.created_at);
+        let reinstated = self.reinstate_sessions(&plan).await;
+        report.sessions_reinstated = reinstated;
+        report.sessions += reinstated;
         // Restore every record and claim first, then start following.
         {
             let mut st = self.inner.lock();
@@ -192,14 +243,24 @@ impl Host {
                 Pickup::Keep => report.kept += 1,
                 Pickup::Adopt { shim_pid } => {
                     report.adopted += 1;
+                    if store_lost && !rec.reason.starts_with(UNACCOUNTED) {
+                        tracing::info!(
+                            worker = %id,
+                            session = rec.session_id.as_deref().unwrap_or(""),
+                            owner = %rec.owner,
+                            shim_pid,
+                            "--recover: worker adopted from its spec"
+                        );
+                    }
                     let session = rec.session_id.clone();
-                    self.inner.publish(rec);
+                    self.inner.publish(&id).await;
                     let run = match launcher::pidfd_open(shim_pid as i32) {
                         Ok(pidfd) => Run::Adopted { shim_pid, pidfd },
                         // It ended between the scan and now: its exit record is there.
                         Err(_) => Run::Ended,
                     };
-                    spawn_life(&self.inner, id, session.as_deref(), run);
+                    spawn_life(&self.inner, id.clone(), session.as_deref(), run);
+                    self.stop_again(&rec, store_lost, &mut report);
                 }
                 Pickup::Finish(exit, at) => {
                     report.ended_while_down += 1;
@@ -210,12 +271,13 @@ impl Host {
                 }
                 Pickup::Orphan => {
                     let session = rec.session_id.clone();
-                    self.inner.publish(rec);
-                    spawn_life(&self.inner, id, session.as_deref(), Run::Orphan);
+                    self.inner.publish(&id).await;
+                    spawn_life(&self.inner, id.clone(), session.as_deref(), Run::Orphan);
+                    self.stop_again(&rec, store_lost, &mut report);
                 }
                 Pickup::Respawn => {
                     let session = rec.session_id.clone();
-                    self.inner.publish(rec);
+                    self.inner.publish(&id).await;
                     spawn_life(
                         &self.inner,
                         id,
@@ -232,11 +294,13 @@ impl Host {
                         let _ = inner.cgroups.remove(&wid);
                     })
                     .await;
-                    self.inner.update(&id, |w| {
-                        w.status = WorkerStatus::Lost;
-                        w.reason = reason;
-                        w.finished_at.get_or_insert_with(SystemTime::now);
-                    });
+                    self.inner
+                        .update(&id, |w| {
+                            w.status = WorkerStatus::Lost;
+                            w.reason = reason;
+                            w.finished_at.get_or_insert_with(SystemTime::now);
+                        })
+                        .await;
                 }
             }
         }
@@ -257,6 +321,75 @@ impl Host {
             }
         }
         Ok(report)
+    }
+
+    /// Gives every live worker of `plan` whose session has no record that session back, open
+    /// with a lease of [`REINSTATED_TTL`] and the worker's owner, so that it ends when its
+    /// client is gone, as any session does. Returns how many were reinstated.
+    async fn reinstate_sessions(&self, plan: &[(WorkerRecord, Pickup)]) -> usize {
+        let now = SystemTime::now();
+        let mut reinstated = Vec::new();
+        {
+            let mut sessions = self.inner.sessions();
+            for (rec, pickup) in plan {
+                let live =
+                    !rec.status.is_terminal() && !matches!(pickup, Pickup::Keep | Pickup::Lost(_));
+                let Some(sid) = rec.session_id.as_ref().filter(|_| live) else {
+                    continue;
+                };
+                if sessions.contains_key(sid) {
+                    continue;
+                }
+                let s = Session::reinstated(sid.clone(), rec.owner.clone(), now);
+                tracing::warn!(
+                    session = %sid,
+                    worker = %rec.id,
+                    owner = %rec.owner,
+                    lease_s = REINSTATED_TTL.as_secs(),
+                    "session without a record reinstated for its live workers: they end unless \
+                     its client renews it"
+                );
+                sessions.insert(sid.clone(), s.clone());
+                reinstated.push(s);
+            }
+        }
+        let n = reinstated.len();
+        if n > 0 {
+            let ops = reinstated
+                .iter()
+                .map(|s| Op::put(Table::Sessions, &s.id, s))
+                .collect();
+            // A fact of start-up, like every other record recovery writes.
+            self.inner.submit(ops).await;
+        }
+        n
+    }
+
+    /// Stops again a live worker whose stop was recorded (the daemon died before it ended), and,
+    /// with the store lost, one that nothing accounts for (`plan_recovery` gave it its stop).
+    fn stop_again(&self, rec: &WorkerRecord, store_lost: bool, report: &mut RecoveryReport) {
+        let Some(reason) = &rec.stop_reason else {
+            return;
+        };
+        if store_lost && rec.reason.starts_with(UNACCOUNTED) {
+            report.stopped_unaccounted += 1;
+            tracing::warn!(
+                worker = %rec.id,
+                pid = rec.pid.unwrap_or(0),
+                "--recover: stopping a live worker that nothing accounts for (no record, no \
+                 readable spec: no owner or session would ever end it)"
+            );
+        } else {
+            tracing::info!(worker = %rec.id, reason = %reason, "stopping a worker whose stop was recorded");
+        }
+        berth_server::spawn_in(
+            berth_server::worker_span(&rec.id, rec.session_id.as_deref()),
+            super::stop::stop_worker(
+                self.inner.clone(),
+                rec.id.clone(),
+                self.inner.opts.stop_grace,
+            ),
+        );
     }
 
     /// Removes every worker network namespace that belongs to no live worker: what a crashed
@@ -303,6 +436,7 @@ impl Inner {
     pub(super) fn plan_recovery(
         &self,
         records: Vec<(String, WorkerRecord)>,
+        store_lost: bool,
     ) -> Vec<(WorkerRecord, Pickup)> {
         let workers_dir = self.opts.state_dir.join("workers");
         let shims = scan_shims(&workers_dir);
@@ -363,6 +497,16 @@ impl Inner {
                 }
             };
             let mut rec = rec;
+            // With the store lost, a live worker whose spec is gone too has no owner and no
+            // session that would ever end it: it is stopped.
+            if store_lost
+                && rec.reason.starts_with(UNACCOUNTED)
+                && matches!(pickup, Pickup::Adopt { .. } | Pickup::Orphan)
+            {
+                rec.stop_reason = Some(format!(
+                    "{UNACCOUNTED}: no record and no readable spec after --recover"
+                ));
+            }
             match &pickup {
                 Pickup::Adopt { shim_pid } => {
                     rec.shim_pid = Some(*shim_pid);

@@ -51,19 +51,17 @@ impl Host {
             doomed
         };
         let forgotten_sessions = self.forget_ended_sessions(now);
-        if let Some(store) = &self.inner.store {
-            let ops: Vec<Op> = doomed
-                .iter()
-                .map(|id| Op::delete(Table::Workers, id))
-                .chain(
-                    forgotten_sessions
-                        .iter()
-                        .map(|id| Op::delete(Table::Sessions, id)),
-                )
-                .collect();
-            if !ops.is_empty() {
-                store.submit(ops);
-            }
+        let ops: Vec<Op> = doomed
+            .iter()
+            .map(|id| Op::delete(Table::Workers, id))
+            .chain(
+                forgotten_sessions
+                    .iter()
+                    .map(|id| Op::delete(Table::Sessions, id)),
+            )
+            .collect();
+        if !ops.is_empty() {
+            self.inner.submit(ops).await;
         }
         if doomed.is_empty() {
             return 0;

@@ -10,12 +10,13 @@ use berth_core::session::Session;
 use berth_core::worker::{Selector, WorkerRecord};
 use berth_sys::store::{Op, Table};
 
+use super::events::unavailable;
 use super::{Host, Inner};
 
 impl Host {
     /// Opens a session whose lease lasts `ttl_seconds` (0: the default 30 s), under `id` when
     /// given (a scheduler opens one session id on every host it places on). A session of that id
-    /// that is still open is renewed instead.
+    /// that is still open is renewed instead. The session exists once its record is durable.
     pub async fn open_session(
         &self,
         ttl_seconds: u32,
@@ -31,7 +32,7 @@ impl Host {
                         "session {id} belongs to another user"
                     )));
                 }
-                return self.keep_alive(id);
+                return self.keep_alive(id).await;
             }
         }
         let mut s = Session::open(
@@ -45,62 +46,104 @@ impl Host {
             store
                 .commit(vec![Op::put(Table::Sessions, &s.id, &s)])
                 .await
-                .map_err(|e| Error::Internal(format!("state store: {e}")))?;
+                .map_err(unavailable)?;
         }
         self.inner.sessions().insert(s.id.clone(), s.clone());
         tracing::info!(session = %s.id, ttl_s = s.ttl.as_secs(), "session opened");
         Ok(s)
     }
 
-    /// Renews a session's lease; NOT_FOUND once it has ended.
-    pub fn keep_alive(&self, id: &str) -> Result<Session> {
+    /// Renews a session's lease; NOT_FOUND once it has ended. The lease is longer only once the
+    /// renewal is durable: a renewal the store refuses is UNAVAILABLE and changes nothing.
+    pub async fn keep_alive(&self, id: &str) -> Result<Session> {
+        let slot = self.inner.slot().await;
         let now = SystemTime::now();
-        let s = {
-            let mut sessions = self.inner.sessions();
-            let s = sessions
-                .get_mut(id)
+        let gone = || Error::NotFound(format!("session {id} not found or ended"));
+        let (renewed, committed) = {
+            let sessions = self.inner.sessions();
+            let mut s = sessions
+                .get(id)
                 .filter(|s| s.is_open(now))
-                .ok_or_else(|| Error::NotFound(format!("session {id} not found or ended")))?;
+                .cloned()
+                .ok_or_else(gone)?;
             s.renew(now);
-            s.clone()
+            // Queued under the sessions lock: the session's end, if it comes, is queued after.
+            let committed = slot.map(|sl| sl.commit(vec![Op::put(Table::Sessions, &s.id, &s)]));
+            (s, committed)
         };
-        if let Some(store) = &self.inner.store {
-            store.submit(vec![Op::put(Table::Sessions, &s.id, &s)]);
+        if let Some(c) = committed {
+            c.durable().await.map_err(unavailable)?;
         }
-        Ok(s)
+        let mut sessions = self.inner.sessions();
+        match sessions.get_mut(id) {
+            Some(s) if s.ended_at.is_none() => {
+                s.expires_at = s.expires_at.max(renewed.expires_at);
+                Ok(s.clone())
+            }
+            // It ended while the renewal was written; the end's record follows it.
+            _ => Err(gone()),
+        }
     }
 
-    /// Ends a session and stops all its workers (reason `session ended`).
+    /// Ends a session and stops all its workers (reason `session ended`). The end is durable
+    /// before any worker is signalled; an end the store refuses is UNAVAILABLE and the session
+    /// stays open.
     pub async fn close_session(
         &self,
         id: &str,
         grace: Option<Duration>,
     ) -> Result<Vec<WorkerRecord>> {
+        let slot = self.inner.slot().await;
+        let now = SystemTime::now();
         // A lease that lapsed a moment ago, before the expiry task saw it, still ends here.
-        let ended = self
-            .inner
-            .sessions()
-            .get_mut(id)
-            .and_then(|s| s.end(SystemTime::now()).then(|| s.clone()));
-        let Some(s) = ended else {
-            return Err(Error::NotFound(format!("session {id} not found or ended")));
+        let (ended, committed) = {
+            let sessions = self.inner.sessions();
+            let Some(mut s) = sessions.get(id).filter(|s| s.ended_at.is_none()).cloned() else {
+                return Err(Error::NotFound(format!("session {id} not found or ended")));
+            };
+            s.end(now);
+            let committed = slot.map(|sl| sl.commit(vec![Op::put(Table::Sessions, &s.id, &s)]));
+            (s, committed)
         };
-        self.end_session(&s, grace).await
+        if let Some(c) = committed {
+            c.durable().await.map_err(unavailable)?;
+        }
+        // Ended here, unless its lease lapsed meanwhile and the expiry task ended it: then that
+        // end stands, and stopping again is harmless.
+        if let Some(s) = self.inner.sessions().get_mut(id) {
+            if s.ended_at.is_none() {
+                s.ended_at = ended.ended_at;
+            }
+        }
+        tracing::info!(session = %id, "session closed");
+        self.stop_workers(
+            Selector::Session(id.to_owned()),
+            grace,
+            "session ended",
+            false,
+        )
+        .await
     }
 
-    /// Records the end of session `s` (ended already in memory) and stops its workers. The
-    /// ended session stays known, in memory and in the store, while its workers are kept.
+    /// Records the end of session `s` (ended already in memory: its lease lapsed) and stops its
+    /// workers. The ended session stays known, in memory and in the store, while its workers are
+    /// kept.
     pub(super) async fn end_session(
         &self,
         s: &Session,
         grace: Option<Duration>,
     ) -> Result<Vec<WorkerRecord>> {
-        if let Some(store) = &self.inner.store {
-            store.submit(vec![Op::put(Table::Sessions, &s.id, s)]);
-        }
+        self.inner
+            .submit(vec![Op::put(Table::Sessions, &s.id, s)])
+            .await;
         tracing::info!(session = %s.id, "session ended");
-        self.stop(Selector::Session(s.id.clone()), grace, "session ended")
-            .await
+        self.stop_workers(
+            Selector::Session(s.id.clone()),
+            grace,
+            "session ended",
+            false,
+        )
+        .await
     }
 
     pub(super) async fn expire_sessions(&self) {

@@ -5,19 +5,21 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use berth_core::admission::Claim;
 use berth_core::batch;
 use berth_core::error::{Error, Result};
 use berth_core::launch::{self, LaunchSpec, Program, WorkerIdentity};
 use berth_core::limits;
-use berth_core::worker::{Selector, WorkerRecord, WorkerStatus};
+use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::Limits;
 use berth_sys::host as hostfs;
 use berth_sys::launcher::{ShimHandle, ShimSpec};
 use berth_sys::netns::{PendingNet, WorkerNet};
+use berth_sys::store::{Op, Table};
 
+use super::events::unavailable;
 use super::life::{spawn_life, Run};
 use super::{Entry, Host, Inner, LaunchAs};
 
@@ -155,7 +157,9 @@ impl Host {
         };
         let ids: Vec<String> = (0..spec.n).map(|_| berth_core::new_id()).collect();
         let now = SystemTime::now();
-        let records: Vec<WorkerRecord> = {
+        // Room for the launch's records in the store's queue, taken before any lock.
+        let slot = inner.slot().await;
+        let (records, committed) = {
             // The session stays open until the workers are in the table: a close either comes
             // first (the launch is refused) or finds them (and stops them).
             let _session = match &spec.session_id {
@@ -212,11 +216,24 @@ impl Host {
                 );
                 out.push(rec);
             }
-            out
+            let ops = out
+                .iter()
+                .map(|r| Op::put(Table::Workers, &r.id, r))
+                .collect();
+            (out, slot.map(|s| s.commit(ops)))
         };
+        // The records are durable before any worker starts: a launch the store refuses has
+        // nothing to undo but its admission, and no process of it ever runs.
+        if let Some(committed) = committed {
+            if let Err(e) = committed.durable().await {
+                inner.withdraw(&ids).await;
+                tracing::warn!(error = %e, workers = ids.len(), "launch refused: not recorded");
+                return Err(unavailable(e));
+            }
+        }
         inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
         for r in &records {
-            inner.publish(r.clone());
+            inner.announce(r.clone());
         }
 
         let jobs: Vec<SpawnJob> = records
@@ -262,6 +279,7 @@ impl Host {
             chunks[i % lanes].push(j);
         }
         let mut tasks = Vec::new();
+        let mut not_started = 0usize;
         for chunk in chunks {
             let inner = inner.clone();
             tasks.push(tokio::task::spawn_blocking(move || {
@@ -275,38 +293,34 @@ impl Host {
             for (id, res) in results {
                 match res {
                     Ok(handle) => {
-                        inner.update(&id, |w| {
-                            if w.status == WorkerStatus::Pending {
-                                w.status = WorkerStatus::Starting;
-                            }
-                            w.shim_pid = Some(handle.pid);
-                            w.shim_starttime = handle.starttime;
-                        });
+                        inner
+                            .update(&id, |w| {
+                                if w.status == WorkerStatus::Pending {
+                                    w.status = WorkerStatus::Starting;
+                                }
+                                w.shim_pid = Some(handle.pid);
+                                w.shim_starttime = handle.starttime;
+                            })
+                            .await;
                         let session = spec.session_id.as_deref();
                         spawn_life(&inner, id, session, Run::Spawned(handle));
                     }
                     Err(msg) => {
                         inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
                         inner.clone().not_started(&id, msg).await;
+                        not_started += 1;
                     }
                 }
             }
         }
-        // The client hears of its workers only once their records are durable.
-        if let Some(store) = &inner.store {
-            if let Err(e) = store.commit(Vec::new()).await {
-                tracing::error!(error = %e, "launch not recorded; stopping its workers");
-                let this = Host {
-                    inner: inner.clone(),
-                };
-                let _ = this
-                    .stop(
-                        Selector::Ids(ids.clone()),
-                        Some(Duration::ZERO),
-                        "launch not recorded",
-                    )
-                    .await;
-                return Err(Error::Internal(format!("state store: {e}")));
+        // A worker that did not start is told FAILED once that is durable where the store
+        // allows; the launch itself stands either way (its records are durable), and the writer
+        // goes on writing the end until it is.
+        if not_started > 0 {
+            if let Some(store) = &inner.store {
+                if let Err(e) = store.commit(Vec::new()).await {
+                    tracing::warn!(error = %e, "ends of workers that did not start not yet durable");
+                }
             }
         }
         let st = inner.lock();
@@ -318,6 +332,31 @@ impl Host {
 }
 
 impl Inner {
+    /// Takes back the admission of a launch whose records did not become durable: its workers
+    /// leave the table and give back what they were granted, as if it had never come.
+    async fn withdraw(&self, ids: &[String]) {
+        let slot = self.slot().await;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for id in ids {
+            st.workers.remove(id);
+            st.ledger.release(id);
+            st.gpus.release(id);
+            st.ips.release(id);
+        }
+        // A request that named them meanwhile (a stop by id) may have queued their records
+        // after the failed commit: the deletes come after it.
+        if let Some(slot) = slot {
+            slot.submit(
+                ids.iter()
+                    .map(|id| Op::delete(Table::Workers, id))
+                    .collect(),
+            );
+        }
+        drop(guard);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
     /// The spawn of worker `rec` running `shim`: built here alone, for a launch and for a
     /// restart. `net_exists`: the worker's namespace is there already (a restart keeps it, unless
     /// a reboot took it), so none is made.
