@@ -222,7 +222,10 @@ async fn code_past_the_command_line_reaches_the_interpreter_by_fd() {
     for w in &done {
         assert_eq!(w.status, pb::WorkerStatus::Succeeded as i32, "{w:?}");
         assert_eq!(w.user, "nobody");
-        assert_eq!(w.command.last().map(String::as_str), Some("/proc/self/fd/3"));
+        assert_eq!(
+            w.command.last().map(String::as_str),
+            Some("/proc/self/fd/3")
+        );
         assert!(w.command.iter().all(|a| a.len() < 4096), "{:?}", w.command);
         let out = output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
         assert_eq!(

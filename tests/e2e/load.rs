@@ -12,8 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
     await_running, command_request, launch, open_session, pb, python_request, require_root, scaled,
-    timeout_scale,
-    Client, Daemon, DaemonOptions,
+    timeout_scale, Client, Daemon, DaemonOptions,
 };
 use tokio::sync::Mutex;
 use tonic::Code;

@@ -551,8 +551,55 @@ impl Daemon {
         ids
     }
 
+    /// The directories of worker `id`'s cgroup that exist now (one per v1 hierarchy, one on v2).
+    pub fn worker_cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.cgroup_subtrees()
+            .into_iter()
+            .map(|s| s.join(id))
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
+    /// The first of worker `id`'s cgroup directories that has `file` (v1 and v2 alike).
+    pub fn worker_cgroup_file(&self, id: &str, file: &str) -> Option<PathBuf> {
+        self.worker_cgroup_dirs(id)
+            .into_iter()
+            .map(|p| p.join(file))
+            .find(|p| p.exists())
+    }
+
+    /// Processes in worker `id`'s cgroup now, across hierarchies.
+    pub fn worker_cgroup_procs(&self, id: &str) -> Vec<u32> {
+        let mut all: Vec<u32> = self
+            .worker_cgroup_dirs(id)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| {
+                t.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// Kills every process in this daemon's worker cgroups and removes them (test clean-up).
     pub fn kill_all_workers(&self) {
+        // A frozen or throttled task does not die of SIGKILL (a test may fail at any point).
+        for id in self.worker_cgroups() {
+            for (file, value) in [
+                ("freezer.state", "THAWED"),
+                ("cgroup.freeze", "0"),
+                ("cpu.cfs_quota_us", "-1"),
+                ("cpu.max", "max"),
+            ] {
+                if let Some(f) = self.worker_cgroup_file(&id, file) {
+                    let _ = std::fs::write(f, value);
+                }
+            }
+        }
         for sub in self.cgroup_subtrees() {
             for _ in 0..100 {
                 let procs = procs_under(&sub);
@@ -824,6 +871,18 @@ fn process_table() -> Vec<(u32, char, u32)> {
             Some((pid, state, f.next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// CPU time (user and system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) in clock ticks; `rest` starts at field 3.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
 }
 
 /// Zombie processes whose parent is `ppid`.

@@ -13,6 +13,7 @@
 #      V2_TIER_BIN_TIMEOUT (1500 s per test binary)   GUEST_TIMEOUT (3600 s per pass)
 #      V2_TIER_LEAKS=report only report berth cgroups or processes the tests left (default: fail)
 #      V2_TIER_TEST_ARGS    more arguments for every test binary, e.g. a name filter or --nocapture
+#      V2_TIER_BINS         only these e2e test binaries (names of tests/e2e/*.rs, e.g. "containment")
 #      GUEST_MEM (4096 MiB: the daemon's allocatable memory is the guest's less 0.5 GiB)
 #      GUEST_CPUS (this machine's CPUs, 2 to 4)
 #      and run-in-guest.sh's: QEMU_ACCEL, BERTH_VM_CACHE, VERBOSE
@@ -57,9 +58,9 @@ cargo build --bins -p berth-host -p berth-scheduler -p berth-client --message-fo
 cargo test --workspace --no-run --message-format=json >"$work/tests.json"
 # berthd's directory (target/debug, wherever CARGO_TARGET_DIR puts it) and the executables of
 # the test targets whose source is tests/e2e/*.rs.
-python3 - "$ROOT" "$work" <<'EOF'
+python3 - "$ROOT" "$work" "${V2_TIER_BINS:-}" <<'EOF'
 import json, os, sys
-root, work = sys.argv[1], sys.argv[2]
+root, work, only = sys.argv[1], sys.argv[2], sys.argv[3].split()
 def artifacts(name):
     for line in open(os.path.join(work, name)):
         try:
@@ -73,7 +74,8 @@ bin_dir = next(os.path.dirname(m["executable"]) for m in artifacts("bins.json")
 e2e = os.path.join(root, "tests", "e2e") + os.sep
 tests = [m for m in artifacts("tests.json") if m["profile"]["test"]]
 exes = sorted({m["executable"] for m in tests
-               if "test" in m["target"]["kind"] and m["target"]["src_path"].startswith(e2e)})
+               if "test" in m["target"]["kind"] and m["target"]["src_path"].startswith(e2e)
+               and (not only or m["target"]["name"] in only)})
 open(os.path.join(work, "bin_dir"), "w").write(bin_dir + "\n")
 open(os.path.join(work, "exes"), "w").write("".join(e + "\n" for e in exes))
 # every test executable of the workspace: what the v1 tier (cargo test --workspace) runs

@@ -121,6 +121,7 @@ pub fn host_options(cfg: &Config) -> HostOptions {
             segments: cfg.output.segments,
         },
         stop_grace: Duration::from_secs(u64::from(cfg.worker.stop_grace_seconds)),
+        kill_limit: crate::supervisor::DEFAULT_KILL_LIMIT,
         host_from_worker: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         subnet: cfg.subnet.clone(),
         labels: cfg.labels.clone(),

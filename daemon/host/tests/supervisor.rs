@@ -56,6 +56,7 @@ fn fake_host(
         },
     );
     opts.stop_grace = Duration::from_millis(200);
+    opts.kill_limit = Duration::from_secs(1);
     Host::with_network(
         opts,
         world.cgroups(),
@@ -270,6 +271,77 @@ async fn stop_sends_sigterm_and_kills_the_cgroup_only_after_the_grace() {
         .unwrap();
     assert_eq!(again[0].status, WorkerStatus::Stopped);
     assert_eq!(signals_of(&f.world.events(), &obeys[0]).len(), 1);
+}
+
+/// A worker whose processes survive SIGKILL (uninterruptible sleep) makes the stop an error that
+/// names it, after the kill limit and not before; the others of the same stop are stopped. The
+/// kills in between are paced, not a busy loop, and a later stop tries again.
+#[tokio::test]
+async fn a_worker_that_survives_its_kill_fails_the_stop() {
+    let f = fixture();
+    let obeys = f.launch(request(1)).await.unwrap();
+    f.running(&obeys).await;
+    f.world.set_default(Behaviour {
+        unkillable: true,
+        ..Default::default()
+    });
+    let stuck = f.launch(request(1)).await.unwrap();
+    f.running(&stuck).await;
+    let both = Selector::Ids(vec![obeys[0].clone(), stuck[0].clone()]);
+    let kills = |f: &Fixture| {
+        f.world
+            .events()
+            .iter()
+            .filter(|e| **e == FakeEvent::Killed(stuck[0].clone()))
+            .count()
+    };
+
+    let t = Instant::now();
+    let err = f
+        .host
+        .stop(both.clone(), Some(Duration::from_millis(100)), "stopped")
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    let Error::Internal(msg) = &err else {
+        panic!("not INTERNAL: {err:?}");
+    };
+    assert!(
+        msg.contains(&stuck[0]) && msg.contains("could not be ended") && msg.contains("1 process"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&obeys[0]), "{msg}");
+    // Grace (0.1 s) and kill limit (1 s), and not much more.
+    assert!(
+        took >= Duration::from_millis(1100),
+        "gave up early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let killed = kills(&f);
+    assert!(
+        (1..=6).contains(&killed),
+        "{killed} kills in 1 s: paced, not a busy loop"
+    );
+    let ws = f.host.list(&Default::default()).await.unwrap();
+    let status = |id: &str| ws.iter().find(|w| w.id == id).unwrap().status;
+    assert_eq!(status(&obeys[0]), WorkerStatus::Stopped);
+    assert_eq!(status(&stuck[0]), WorkerStatus::Running);
+
+    // Stopped again: killed again, and again an error.
+    let again = f
+        .host
+        .stop(both.clone(), Some(Duration::ZERO), "stopped")
+        .await;
+    assert!(matches!(again, Err(Error::Internal(_))), "{again:?}");
+    assert!(kills(&f) > killed);
+
+    // Once it ends, a stop is a success.
+    f.world.exit(&stuck[0], 0);
+    let ended = f.ended(&stuck).await;
+    assert_eq!(ended[0].status, WorkerStatus::Stopped, "{ended:?}");
+    let done = f.host.stop(both, None, "stopped").await.unwrap();
+    assert!(done.iter().all(|w| w.status == WorkerStatus::Stopped));
+    assert_eq!(f.held(), (0.0, 0, 0, 0, 0, 0, 0));
 }
 
 #[tokio::test]

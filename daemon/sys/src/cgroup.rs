@@ -32,9 +32,13 @@ pub enum CgroupError {
     /// The host has no usable cgroup hierarchy for a controller berth needs.
     #[error("no usable cgroup hierarchy: {0}")]
     Unsupported(String),
-    /// Processes were still in the cgroup after it was killed.
-    #[error("cgroup {path} still holds processes after kill")]
-    Busy { path: PathBuf },
+    /// Processes were still in the cgroup after it was killed for `waited`.
+    #[error("cgroup {path} still holds {left} process(es) after {waited:?} of SIGKILL")]
+    Busy {
+        path: PathBuf,
+        left: usize,
+        waited: Duration,
+    },
     /// The device filter of a v2 cgroup could not be built, loaded or attached.
     #[error("device filter of cgroup {path}: {op}: {message}")]
     DeviceFilter {
@@ -319,15 +323,14 @@ impl WorkerCgroup {
     /// Pids of every process in the cgroup; empty when the cgroup is gone.
     pub fn pids(&self) -> Vec<i32> {
         let mut all = Vec::new();
-        for (_, d) in &self.dirs {
+        for d in distinct(self.dirs.iter().map(|(_, d)| d.clone())) {
             if let Ok(t) = fs::read_to_string(d.join("cgroup.procs")) {
-                for p in parse_pids(&t) {
-                    if !all.contains(&p) {
-                        all.push(p);
-                    }
-                }
+                all.extend(parse_pids(&t));
             }
         }
+        // A fork bomb puts thousands in every hierarchy: sort, not a quadratic search.
+        all.sort_unstable();
+        all.dedup();
         all
     }
 
@@ -340,81 +343,150 @@ impl WorkerCgroup {
     }
 
     /// Kills every process of the cgroup, including ones forked while killing, and waits until
-    /// the cgroup is empty (bounded by `timeout`). v2 uses `cgroup.kill`; v1, and v2 on kernels
-    /// without `cgroup.kill`, freeze the cgroup, kill every member and thaw it, so a fork bomb
-    /// cannot outrun the kill.
+    /// the cgroup is empty, at most `timeout`. Each round sends every member SIGKILL: through
+    /// `cgroup.kill` where the kernel has it (v2, Linux ≥ 5.14), which also catches forks in
+    /// flight; elsewhere (v1, older v2) by freezing the cgroup, killing every member and thawing
+    /// it again. Between rounds it sleeps ([`kill_pause`]); on v2 it wakes as soon as
+    /// `cgroup.events` says the cgroup is empty. Fails with [`CgroupError::Busy`], saying how
+    /// many processes are left, when the cgroup is not empty by then.
+    ///
+    /// Two things keep a fork bomb from outliving it:
+    ///
+    /// - **Thaw after every round**, frozen or not: a v1 task with a pending SIGKILL does not die
+    ///   while its cgroup is `FREEZING` or `FROZEN` (it enters the refrigerator first), and the
+    ///   freeze of thousands of throttled tasks may not complete for seconds, so a round never
+    ///   waits long for it ([`FREEZE_WAIT`]): it only keeps most of them from forking meanwhile.
+    /// - **The CPU quota is lifted** once every member has its SIGKILL: dying tasks still need
+    ///   CPU time to exit, and 2,000 of them sharing a quota of half a core were throttled in
+    ///   nearly every period and took seconds to go (all at once without the quota). It is not
+    ///   lifted before the first SIGKILL, which would give live tasks the whole machine; it is
+    ///   put back when the kill fails, so what is left stays held to it.
     // cgroups-rs: kill() is v2 only (cgroup.kill); nothing of it freezes, kills and thaws on v1.
     pub fn kill_all(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let v2_kill = self.version == CgroupVersion::V2
-            && self
-                .dir(Controller::Unified)
-                .is_some_and(|d| write_file(&d.join("cgroup.kill"), "1").is_ok());
+        if self.pids().is_empty() {
+            return Ok(());
+        }
+        let mut lifted: Option<(PathBuf, String)> = None;
+        let mut round = 0;
         loop {
-            let pids = self.pids();
-            if pids.is_empty() {
-                return Ok(());
-            }
-            if !v2_kill {
-                let frozen = self.freeze(true);
+            if !self.write_cgroup_kill() {
+                let freezing = self.freeze(FREEZE_WAIT.min(remaining(deadline)));
                 for pid in self.pids() {
                     // SAFETY: kill(2) takes plain integers and has no memory effects.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
-                if frozen {
-                    self.freeze(false);
+                if freezing.is_some() {
+                    self.thaw();
                 }
             }
+            if round == 0 {
+                lifted = self.lift_cpu_quota();
+            }
+            self.wait_empty(kill_pause(round).min(remaining(deadline)));
+            let left = self.pids().len();
+            if left == 0 {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
+                if let Some((file, value)) = lifted {
+                    let _ = write_file(&file, &value);
+                }
                 return Err(CgroupError::Busy {
                     path: self.main_dir().to_path_buf(),
+                    left,
+                    waited: timeout,
                 });
             }
-            std::thread::sleep(Duration::from_millis(2));
+            round += 1;
         }
     }
 
-    /// Freezes (or thaws) the cgroup: v1 through `freezer.state`, v2 through `cgroup.freeze`
-    /// (kernels older than 5.14 lack `cgroup.kill`; a frozen v2 task still dies of SIGKILL).
-    /// Returns whether it is frozen.
-    fn freeze(&self, frozen: bool) -> bool {
+    /// Writes `cgroup.kill` (v2, Linux ≥ 5.14); false where there is none to write.
+    fn write_cgroup_kill(&self) -> bool {
+        self.version == CgroupVersion::V2
+            && self
+                .dir(Controller::Unified)
+                .is_some_and(|d| write_file(&d.join("cgroup.kill"), "1").is_ok())
+    }
+
+    /// Removes the cgroup's CPU quota (v1 `cpu.cfs_quota_us` = -1, v2 `cpu.max` = max); returns
+    /// the file and the value it had, to put back, or `None` where there was no quota (or no
+    /// CPU controller). Every write of a quota walks the host's CPU cgroups under a global mutex
+    /// (see [`write_cpu_quota`]), so an unlimited cgroup is left as it is.
+    fn lift_cpu_quota(&self) -> Option<(PathBuf, String)> {
+        let (file, unlimited) = match self.version {
+            CgroupVersion::V1 => (self.dir(Controller::Cpu)?.join("cpu.cfs_quota_us"), "-1"),
+            CgroupVersion::V2 => (self.dir(Controller::Unified)?.join("cpu.max"), "max"),
+        };
+        let had = fs::read_to_string(&file).ok()?;
+        if !has_cpu_quota(&had) {
+            return None;
+        }
+        write_file(&file, unlimited).ok()?;
+        Some((file, had.trim().to_owned()))
+    }
+
+    /// Waits up to `wait` for the cgroup to be empty. v2 sleeps in `poll` on `cgroup.events`,
+    /// which the kernel signals when `populated` changes; v1 has no such file and just sleeps.
+    fn wait_empty(&self, wait: Duration) {
+        if wait.is_zero() {
+            return;
+        }
+        if self.version == CgroupVersion::V2 {
+            if let Some(d) = self.dir(Controller::Unified) {
+                if wait_unpopulated(&d.join("cgroup.events"), wait) {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(wait);
+    }
+
+    /// Asks the kernel to freeze the cgroup (v1 `freezer.state`, v2 `cgroup.freeze`) and waits
+    /// up to `wait` for it to be frozen. Returns `None` where nothing was asked (no freezer),
+    /// else whether it froze in time; either way a [`thaw`](Self::thaw) must follow.
+    fn freeze(&self, wait: Duration) -> Option<bool> {
         let (control, value, state, is_frozen): (PathBuf, &str, PathBuf, fn(&str) -> bool) =
             match self.version {
                 CgroupVersion::V1 => {
-                    let Some(dir) = self.dir(Controller::Freezer) else {
-                        return false;
-                    };
-                    let state = dir.join("freezer.state");
-                    let value = if frozen { "FROZEN" } else { "THAWED" };
-                    (state.clone(), value, state, |s| s.trim() == "FROZEN")
+                    let state = self.dir(Controller::Freezer)?.join("freezer.state");
+                    (state.clone(), "FROZEN", state, |s| s.trim() == "FROZEN")
                 }
                 CgroupVersion::V2 => {
-                    let Some(dir) = self.dir(Controller::Unified) else {
-                        return false;
-                    };
-                    let value = if frozen { "1" } else { "0" };
+                    let dir = self.dir(Controller::Unified)?;
                     (
                         dir.join("cgroup.freeze"),
-                        value,
+                        "1",
                         dir.join("cgroup.events"),
                         |s| parse_flat_keyed(s, "frozen") == Some(1),
                     )
                 }
             };
-        if write_file(&control, value).is_err() {
-            return false;
-        }
-        if !frozen {
-            return false;
-        }
-        for _ in 0..500 {
+        write_file(&control, value).ok()?;
+        let until = Instant::now() + wait;
+        loop {
             match fs::read_to_string(&state) {
-                Ok(s) if is_frozen(&s) => return true,
-                Ok(_) => std::thread::sleep(Duration::from_micros(200)),
-                Err(_) => return false,
+                Ok(s) if is_frozen(&s) => return Some(true),
+                Ok(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(1)),
+                _ => return Some(false),
             }
         }
-        false
+    }
+
+    /// Thaws the cgroup, whatever state the freezer reached.
+    fn thaw(&self) {
+        let control = match self.version {
+            CgroupVersion::V1 => self
+                .dir(Controller::Freezer)
+                .map(|d| (d.join("freezer.state"), "THAWED")),
+            CgroupVersion::V2 => self
+                .dir(Controller::Unified)
+                .map(|d| (d.join("cgroup.freeze"), "0")),
+        };
+        if let Some((file, value)) = control {
+            let _ = write_file(&file, value);
+        }
     }
 
     /// Reads usage counters. Missing files read as zero (older kernels lack `memory.peak`).
@@ -472,6 +544,70 @@ fn remove_dir_retry(d: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How long one kill round waits for the freezer (v1, v2 before `cgroup.kill`) before it kills
+/// anyway: the tasks that froze cannot fork meanwhile, and the rest are caught next round.
+pub const FREEZE_WAIT: Duration = Duration::from_millis(20);
+
+/// Pause after kill round `round` (from 0) before the next: 1, 2, 4 … ms, then 50 ms at most, so
+/// a cgroup that empties at once is seen to within a few milliseconds and one that takes long
+/// to die costs at most 20 rounds a second, nothing like a busy loop.
+pub fn kill_pause(round: u32) -> Duration {
+    Duration::from_millis((1u64 << round.min(6)).min(50))
+}
+
+/// Whether a CPU controller's quota file (v1 `cpu.cfs_quota_us`, v2 `cpu.max`) sets a quota.
+pub fn has_cpu_quota(text: &str) -> bool {
+    match text.split_whitespace().next() {
+        Some("max") | Some("-1") | None => false,
+        Some(_) => true,
+    }
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Sleeps in `poll` on the v2 `cgroup.events` file `events` until it reads `populated 0`, at
+/// most `wait`; false when the file cannot be read (the caller sleeps instead).
+fn wait_unpopulated(events: &Path, wait: Duration) -> bool {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let Ok(mut f) = fs::File::open(events) else {
+        return false;
+    };
+    let until = Instant::now() + wait;
+    let mut text = String::new();
+    loop {
+        text.clear();
+        if f.rewind()
+            .and_then(|()| f.read_to_string(&mut text))
+            .is_err()
+        {
+            return false;
+        }
+        if parse_flat_keyed(&text, "populated") == Some(0) {
+            return true;
+        }
+        let left = remaining(until);
+        if left.is_zero() {
+            return true;
+        }
+        // The kernel marks the file with POLLPRI (and POLLERR) whenever its content changes.
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLPRI,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: pfd is one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } < 0
+            && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted
+        {
+            return false;
+        }
+    }
 }
 
 fn write_file(path: &Path, value: &str) -> Result<()> {
@@ -1591,6 +1727,55 @@ mod tests {
     }
 
     #[test]
+    fn kill_rounds_back_off_to_50_ms() {
+        let pauses: Vec<u64> = (0..10).map(|r| kill_pause(r).as_millis() as u64).collect();
+        assert_eq!(pauses, [1, 2, 4, 8, 16, 32, 50, 50, 50, 50]);
+        assert_eq!(kill_pause(u32::MAX), Duration::from_millis(50));
+        // 10 s of a cgroup that will not die: a few hundred rounds, not a busy loop.
+        let mut spent = Duration::ZERO;
+        let mut rounds = 0;
+        while spent < Duration::from_secs(10) {
+            spent += kill_pause(rounds) + FREEZE_WAIT;
+            rounds += 1;
+        }
+        assert!(rounds < 200, "{rounds} rounds in 10 s");
+    }
+
+    #[test]
+    fn cpu_quota_files() {
+        for (text, quota) in [
+            ("50000\n", true),
+            ("-1\n", false),
+            ("50000 100000\n", true),
+            ("max 100000\n", false),
+            ("max\n", false),
+            ("", false),
+        ] {
+            assert_eq!(has_cpu_quota(text), quota, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn pids_of_every_hierarchy_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("pids"), dir.path().join("memory"));
+        for (d, procs) in [(&a, "30\n10\n20\n"), (&b, "20\n30\n40\n")] {
+            fs::create_dir(d).unwrap();
+            fs::write(d.join("cgroup.procs"), procs).unwrap();
+        }
+        let cg = WorkerCgroup {
+            version: CgroupVersion::V1,
+            dirs: vec![
+                (Controller::Pids, a.clone()),
+                (Controller::Memory, b),
+                (Controller::Cpu, dir.path().join("gone")),
+                (Controller::Cpuacct, a),
+            ],
+        };
+        assert_eq!(cg.pids(), vec![10, 20, 30, 40]);
+    }
+
+    #[test]
     fn hierarchy_join_strips_mount_root() {
         let m = CgroupMount {
             mount_point: "/sys/fs/cgroup".into(),
@@ -1750,6 +1935,134 @@ mod tests {
         CgroupFs::discover(&format!("{subtree}-{}", std::process::id()), None)
             .inspect_err(|e| eprintln!("skipped: {e}"))
             .ok()
+    }
+
+    /// Starts `sh -c script` as `nobody` inside `cg` (joined before exec, as the shim does).
+    fn spawn_in(cg: &WorkerCgroup, script: &str) -> std::process::Child {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let joins: Vec<fs::File> = cg
+            .join_files()
+            .iter()
+            .map(|f| fs::OpenOptions::new().write(true).open(f).unwrap())
+            .collect();
+        let fds: Vec<i32> = joins.iter().map(|f| f.as_raw_fd()).collect();
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: the hook only makes raw syscalls (write, setgroups, setresgid, setresuid) on
+        // values prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(65534, 65534, 65534) != 0
+                    || libc::setresuid(65534, 65534, 65534) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().unwrap();
+        drop(joins);
+        child
+    }
+
+    /// Real kernel, root only: a fork bomb of busy shells, throttled by its quota, dies within
+    /// a second of `kill_all`, leaving its cgroup empty and thawed. Before the thaw after every
+    /// round and the lifted quota, the freeze of thousands of throttled tasks did not complete,
+    /// tasks with a pending SIGKILL stayed frozen, and the cgroup never emptied.
+    #[test]
+    fn kill_all_ends_a_throttled_fork_bomb() {
+        let Some(cgs) = test_cgroups("berth-killtest") else {
+            return;
+        };
+        let limits = Limits {
+            cpu: 0.5,
+            memory_bytes: 512 << 20,
+            pids_max: 2048,
+            denied_devices: Vec::new(),
+        };
+        let cg = cgs.create("bomb", &limits).unwrap();
+        let mut sh = spawn_in(&cg, "bomb() { bomb | bomb & while :; do :; done; }; bomb");
+        let t = Instant::now();
+        while cg.pids().len() < 1000 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Held to 1 % of a core, a task gets the CPU once in many periods: the freeze of all of
+        // them takes minutes.
+        let (file, quota) = match cg.version {
+            CgroupVersion::V1 => (
+                cg.dir(Controller::Cpu).unwrap().join("cpu.cfs_quota_us"),
+                "1000",
+            ),
+            CgroupVersion::V2 => (
+                cg.dir(Controller::Unified).unwrap().join("cpu.max"),
+                "1000 100000",
+            ),
+        };
+        write_file(&file, quota).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        let before = cg.pids().len();
+        let t = Instant::now();
+        let killed = cg.kill_all(Duration::from_secs(20));
+        let took = t.elapsed();
+        let left = cg.pids();
+        let frozen = match cg.version {
+            CgroupVersion::V1 => cg.dir(Controller::Freezer).map(|d| {
+                fs::read_to_string(d.join("freezer.state"))
+                    .unwrap()
+                    .trim()
+                    .to_owned()
+            }),
+            CgroupVersion::V2 => None,
+        };
+        if !left.is_empty() {
+            thaw_and_kill(&cg);
+        }
+        let _ = sh.wait();
+        cg.remove().unwrap();
+        cgs.remove_subtree().unwrap();
+        eprintln!("fork bomb of {before} tasks killed in {took:?}: {killed:?}");
+        killed.unwrap();
+        assert!(left.is_empty(), "{} left", left.len());
+        assert!(before >= 1000, "the bomb never got going: {before} tasks");
+        // Several times slower in the emulated cgroup-v2 guest (tests/vm), which says how much.
+        let scale = std::env::var("BERTH_TEST_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 1.0)
+            .unwrap_or(1.0);
+        let limit = Duration::from_secs(2).mul_f64(scale);
+        assert!(took < limit, "kill_all took {took:?}, more than {limit:?}");
+        assert!(
+            frozen.as_deref().is_none_or(|f| f == "THAWED"),
+            "freezer {frozen:?}"
+        );
+    }
+
+    /// Test clean-up that does not rely on `kill_all`.
+    fn thaw_and_kill(cg: &WorkerCgroup) {
+        cg.thaw();
+        let _ = cg.lift_cpu_quota();
+        for _ in 0..500 {
+            let pids = cg.pids();
+            if pids.is_empty() {
+                return;
+            }
+            for p in pids {
+                // SAFETY: kill(2) with integers.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Real kernel, root, v1 only: a launch takes a ready cgroup with its own quota (renamed to

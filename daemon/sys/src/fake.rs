@@ -51,6 +51,9 @@ pub struct Behaviour {
     pub exit_at_once: Option<i32>,
     /// Does not end on SIGTERM (only a kill of its cgroup ends it).
     pub ignores_sigterm: bool,
+    /// Nothing ends it, not even a kill of its cgroup (a process in uninterruptible sleep);
+    /// only [`FakeWorld::exit`] does.
+    pub unkillable: bool,
     /// The kernel's OOM killer killed it: it ends by SIGKILL and its cgroup counts one OOM kill.
     pub oom: bool,
     /// Its shim fails to start it (`err <message>` on the handshake, no exit record).
@@ -239,29 +242,38 @@ impl Cgroups for FakeCgroups {
     }
 
     fn signal_all(&self, id: &str, signal: i32) {
-        let ignores = {
+        let behaviour = {
             let mut w = self.world.lock();
             w.events.push(FakeEvent::Signalled(id.to_owned(), signal));
-            w.running.get(id).map(|r| r.behaviour.ignores_sigterm)
+            w.running.get(id).map(|r| r.behaviour.clone())
         };
-        if ignores == Some(false) || (ignores == Some(true) && signal == libc::SIGKILL) {
+        let Some(b) = behaviour else { return };
+        if !b.unkillable && (!b.ignores_sigterm || signal == libc::SIGKILL) {
             self.world.end(id, None, Some(signal));
         }
     }
 
-    fn kill_all(&self, id: &str, _timeout: Duration) -> Result<()> {
-        let live = {
+    fn kill_all(&self, id: &str, timeout: Duration) -> Result<()> {
+        let unkillable = {
             let mut w = self.world.lock();
-            let live = w.running.contains_key(id);
-            if live {
+            let live = w.running.get(id).map(|r| r.behaviour.unkillable);
+            if live.is_some() {
                 w.events.push(FakeEvent::Killed(id.to_owned()));
             }
             live
         };
-        if live {
-            self.world.end(id, None, Some(libc::SIGKILL));
+        match unkillable {
+            Some(false) => {
+                self.world.end(id, None, Some(libc::SIGKILL));
+                Ok(())
+            }
+            Some(true) => Err(CgroupError::Busy {
+                path: self.worker(id).dirs[0].1.clone(),
+                left: 1,
+                waited: timeout,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn stats(&self, id: &str) -> CgroupStats {

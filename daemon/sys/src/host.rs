@@ -75,6 +75,47 @@ pub fn parse_stat_starttime(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Command name and state letter (`R`, `S`, `D`, `Z`, …) of a process, from its
+/// `/proc/<pid>/stat`.
+pub fn parse_stat_state(stat: &str) -> Option<(String, char)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_owned();
+    let state = stat[close + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()?;
+    Some((comm, state))
+}
+
+/// How many processes `pids` are, and the first few of them with their command names and
+/// states (`D`: uninterruptible sleep, which not even SIGKILL ends): what an error about
+/// processes that would not die tells.
+pub fn describe_processes(pids: &[i32]) -> String {
+    const SHOWN: usize = 5;
+    let shown: Vec<String> = pids
+        .iter()
+        .take(SHOWN)
+        .map(|pid| {
+            match fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parse_stat_state(&s))
+            {
+                Some((comm, state)) => format!("{pid} {comm} ({state})"),
+                None => format!("{pid} (gone)"),
+            }
+        })
+        .collect();
+    let more = if pids.len() > SHOWN { ", …" } else { "" };
+    let noun = if pids.len() == 1 {
+        "process"
+    } else {
+        "processes"
+    };
+    format!("{} {noun}: {}{more}", pids.len(), shown.join(", "))
+}
+
 /// Start time of a live process, see [`parse_stat_starttime`].
 pub fn process_starttime(pid: u32) -> Option<u64> {
     fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -151,6 +192,16 @@ mod tests {
     fn stat_starttime_with_odd_comm() {
         let stat = "1234 (my (odd) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_stat_starttime(stat), Some(987654));
+        assert_eq!(
+            parse_stat_state(stat),
+            Some(("my (odd) prog".to_owned(), 'S'))
+        );
+        assert_eq!(
+            parse_stat_state("77 (sh) D 1 77 77 0 -1"),
+            Some(("sh".to_owned(), 'D'))
+        );
+        assert_eq!(parse_stat_state("77 (sh"), None);
+        assert_eq!(parse_stat_state(""), None);
         assert_eq!(parse_stat_starttime("garbage"), None);
     }
 

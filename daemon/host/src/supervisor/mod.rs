@@ -57,6 +57,11 @@ pub struct KernelEntry {
     pub candidates: Vec<String>,
 }
 
+/// How long a stop kills a worker's cgroup before it gives up on it: a cgroup empties within
+/// a second once its CPU quota is lifted and its freezer thawed (2,000 tasks of a fork bomb: about
+/// 0.2 s here); what outlives 10 s of SIGKILL is stuck in the kernel.
+pub const DEFAULT_KILL_LIMIT: Duration = Duration::from_secs(10);
+
 /// Everything the supervisor needs to know about its host, resolved at start-up.
 #[derive(Debug, Clone)]
 pub struct HostOptions {
@@ -72,6 +77,9 @@ pub struct HostOptions {
     pub kernels: Vec<KernelEntry>,
     pub rotation: Rotation,
     pub stop_grace: Duration,
+    /// How long a stop goes on killing a worker's cgroup after the grace period before it gives
+    /// up and reports the worker as not ended ([`DEFAULT_KILL_LIMIT`]).
+    pub kill_limit: Duration,
     /// Address at which a worker reaches the host (the default `BERTH_MASTER_IP` for a caller on
     /// loopback).
     pub host_from_worker: IpAddr,
@@ -108,6 +116,7 @@ impl HostOptions {
                 segments: 4,
             },
             stop_grace: Duration::from_secs(10),
+            kill_limit: DEFAULT_KILL_LIMIT,
             host_from_worker: IpAddr::V4(Ipv4Addr::LOCALHOST),
             subnet: String::new(),
             labels: BTreeMap::new(),
