@@ -48,6 +48,7 @@ pub struct LaunchRequest {
     pub network: NetworkMode,
     pub restart: RestartPolicy,
     pub labels: BTreeMap<String, String>,
+    pub request_id: String,
 }
 
 /// What a worker runs.
@@ -87,7 +88,16 @@ pub struct LaunchSpec {
     pub network: NetworkMode,
     pub restart: RestartPolicy,
     pub labels: BTreeMap<String, String>,
+    /// A retry of the same caller's launch with this id, within [`RETRY_WINDOW`], gets the
+    /// first launch's workers back.
+    pub request_id: Option<String>,
 }
+
+/// How long a launch's `request_id` makes a retry of it return the same workers.
+pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The longest `request_id`, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -247,6 +257,22 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
             "must be at least 1 with ON_FAILURE",
         ));
     }
+    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::invalid(
+            "request_id",
+            format!(
+                "{} bytes, past the limit of {MAX_REQUEST_ID_BYTES}",
+                req.request_id.len()
+            ),
+        ));
+    }
+    if req.request_id.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "request_id",
+            "must not contain control characters",
+        ));
+    }
+    let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
     Ok(LaunchSpec {
         n: req.n,
         cpu: req.cpu,
@@ -260,6 +286,7 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
         network: req.network,
         restart: req.restart,
         labels: req.labels.clone(),
+        request_id,
     })
 }
 
@@ -449,6 +476,8 @@ mod tests {
             ("memory_gb", Box::new(|r| r.memory_gb = 0.0)),
             ("memory_gb", Box::new(|r| r.memory_gb = f64::NAN)),
             ("memory_gb", Box::new(|r| r.memory_gb = 1e30)),
+            ("request_id", Box::new(|r| r.request_id = "x".repeat(129))),
+            ("request_id", Box::new(|r| r.request_id = "a\nb".into())),
             (
                 "env",
                 Box::new(|r| {

@@ -149,6 +149,9 @@ pub struct WorkerRecord {
     /// The user the worker runs as.
     #[serde(default)]
     pub user: String,
+    /// The launch's `request_id`: a retry of it by the same owner gets this worker back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl WorkerRecord {
@@ -187,6 +190,7 @@ impl WorkerRecord {
             gpu_memory_used_bytes: 0,
             owner: String::new(),
             user: String::new(),
+            request_id: None,
         }
     }
 }

@@ -895,3 +895,69 @@ async fn facts_the_store_refuses_are_written_once_it_takes_them() {
     }
     assert_eq!(stored_workers(&store)[&ids[0]], w);
 }
+
+/// A launch retried with its `request_id` by the same owner gets the first launch's workers,
+/// also when the retries race it, and nothing more is made; another owner's id is its own; a
+/// retry asking for another count is refused naming `request_id`, changing nothing.
+#[tokio::test]
+async fn a_retried_launch_gets_its_first_workers_and_makes_nothing() {
+    let f = fixture();
+    let as_owner = |owner: &str| LaunchAs {
+        owner: owner.into(),
+        ..Default::default()
+    };
+    let launch = |n: u32, id: &str, owner: &str| {
+        let spec = launch::validate(
+            &LaunchRequest {
+                request_id: id.into(),
+                cpu: 0.5,
+                command: vec!["/bin/sleep".into(), "30".into()],
+                ..request(n)
+            },
+            |k| f.host.knows_kernel(k),
+        )
+        .unwrap();
+        let host = f.host.clone();
+        let who = as_owner(owner);
+        async move {
+            host.launch(spec, who)
+                .await
+                .map(|ws| ws.into_iter().map(|w| w.id).collect::<Vec<_>>())
+        }
+    };
+    let first = launch(2, "r1", "alice").await.unwrap();
+    let held = f.held();
+    let (a, b, c) = tokio::join!(
+        launch(2, "r1", "alice"),
+        launch(2, "r1", "alice"),
+        launch(2, "r1", "alice")
+    );
+    for again in [a, b, c] {
+        assert_eq!(again.unwrap(), first, "the same workers, in launch order");
+    }
+    assert_eq!(f.held(), held, "nothing more held or made");
+    let e = launch(3, "r1", "alice").await.unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument { field, .. } if field == "request_id"),
+        "{e:?}"
+    );
+    assert_eq!(f.held(), held);
+    // Bob's r1 is not alice's; a launch without an id is always new.
+    let bobs = launch(2, "r1", "bob").await.unwrap();
+    assert!(bobs.iter().all(|id| !first.contains(id)));
+    let anon1 = launch(1, "", "alice").await.unwrap();
+    let anon2 = launch(1, "", "alice").await.unwrap();
+    assert_ne!(anon1, anon2);
+    assert_eq!(f.held().2, 2 + 2 + 1 + 1);
+    // The id is kept with the workers: a restarted daemon answers retries the same way (the
+    // e2e tier restarts a real one).
+    let recs = f
+        .host
+        .list(&berth_core::worker::Filter {
+            ids: first.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(recs.iter().all(|r| r.request_id.as_deref() == Some("r1")));
+}

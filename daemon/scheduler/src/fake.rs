@@ -36,6 +36,8 @@ pub struct FakeHost {
     /// Every call answers UNAVAILABLE (a host that died).
     pub unreachable: AtomicBool,
     pub launch_calls: AtomicU64,
+    /// Launches that carried a `request_id`.
+    pub launches_with_request_id: AtomicU64,
     next_id: AtomicU64,
 }
 
@@ -51,6 +53,7 @@ impl FakeHost {
             refuse_launches: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
             launch_calls: AtomicU64::new(0),
+            launches_with_request_id: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         }
     }
@@ -157,6 +160,10 @@ impl HostApi for FakeHost {
     async fn launch(&self, req: pb::LaunchWorkersRequest) -> Result<Vec<pb::Worker>> {
         self.reachable()?;
         self.launch_calls.fetch_add(1, Ordering::Relaxed);
+        if !req.request_id.is_empty() {
+            self.launches_with_request_id
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if self.refuse_launches.load(Ordering::Relaxed) {
             return Err(Error::ResourceExhausted(format!(
                 "host {}: cpu: told to refuse",

@@ -28,6 +28,11 @@ pub async fn as_caller<F: std::future::Future>(caller: &Caller, f: F) -> F::Outp
     CALLER.scope(caller.forward(), f).await
 }
 
+/// The caller the current request serves, as forwarded to hosts; empty outside a request.
+pub fn current_caller() -> String {
+    CALLER.try_with(Clone::clone).unwrap_or_default()
+}
+
 /// A request to a host, with the caller it serves (if any).
 fn forwarded<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);

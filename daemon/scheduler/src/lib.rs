@@ -138,6 +138,10 @@ struct Inner {
     changed: watch::Sender<u64>,
     sessions: Mutex<HashMap<String, SchedSession>>,
     next_pending: AtomicU64,
+    /// One launch at a time per (caller, `request_id`).
+    retries: berth_server::gates::Gates<(String, String)>,
+    /// The workers of each (caller, `request_id`) launched within the retry window, by when.
+    launched: Mutex<HashMap<(String, String), (Instant, Vec<String>)>>,
     /// Serialises writers of `hosts.json`.
     save_lock: Mutex<()>,
     metrics: SchedulerMetrics,
@@ -217,6 +221,8 @@ impl Scheduler {
                 changed,
                 sessions: Mutex::new(HashMap::new()),
                 next_pending: AtomicU64::new(1),
+                retries: Default::default(),
+                launched: Mutex::new(HashMap::new()),
                 save_lock: Mutex::new(()),
                 metrics: SchedulerMetrics::default(),
                 shutdown: CancellationToken::new(),
@@ -875,8 +881,28 @@ impl Scheduler {
         mut req: pb::LaunchWorkersRequest,
         caller: Option<IpAddr>,
     ) -> Result<Vec<pb::Worker>> {
+        // A retry (the same caller, the same request id) waits for the first launch and gets its
+        // workers. The hosts are not given the id: a launch rolled back on one host must not
+        // stop another's workers that a retry was given. (Replicas do not share what they
+        // launched: a retry through another replica launches again.)
+        let request_id = std::mem::take(&mut req.request_id);
+        let _gate = if request_id.is_empty() {
+            None
+        } else {
+            let key = (hosts::current_caller(), request_id.clone());
+            let gate = self.inner.retries.enter(key.clone()).await;
+            if let Some(first) = self.launched_as(&key, req.n)? {
+                tracing::info!(%request_id, workers = first.len(), "a retried launch gets its first launch's workers");
+                return Ok(first);
+            }
+            Some((gate, key))
+        };
         self.inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
         let res = self.launch_inner(&mut req, caller).await;
+        if let (Ok(ws), Some((_, key))) = (&res, &_gate) {
+            let ids = ws.iter().map(|w| w.id.clone()).collect();
+            lock(&self.inner.launched).insert(key.clone(), (Instant::now(), ids));
+        }
         match &res {
             Ok(ws) => {
                 self.inner
@@ -892,6 +918,41 @@ impl Scheduler {
             }
         }
         res
+    }
+
+    /// The workers that the caller launched with this request id within the retry window, as
+    /// the view has them now; `None` when there are none.
+    fn launched_as(&self, key: &(String, String), n: u32) -> Result<Option<Vec<pb::Worker>>> {
+        let ids = {
+            let mut launched = lock(&self.inner.launched);
+            launched.retain(|_, (at, _)| at.elapsed() < berth_core::launch::RETRY_WINDOW);
+            match launched.get(key) {
+                Some((_, ids)) => ids.clone(),
+                None => return Ok(None),
+            }
+        };
+        if ids.len() != n as usize {
+            return Err(Error::invalid(
+                "request_id",
+                format!(
+                    "{:?} was used within the last {} minutes by a launch of {} workers; this one \
+                     asks for {n}",
+                    key.1,
+                    berth_core::launch::RETRY_WINDOW.as_secs() / 60,
+                    ids.len()
+                ),
+            ));
+        }
+        let known = self.view().select(&Filter {
+            ids: ids.clone(),
+            ..Default::default()
+        })?;
+        // In launch order.
+        let mut known: HashMap<String, pb::Worker> = known
+            .into_iter()
+            .map(|t| (t.worker.id.clone(), t.worker))
+            .collect();
+        Ok(Some(ids.iter().filter_map(|id| known.remove(id)).collect()))
     }
 
     async fn launch_inner(

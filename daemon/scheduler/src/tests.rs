@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use berth_proto::v1 as pb;
 
+use berth_server::identity::Caller;
+
 use super::fake::{FakeCluster, FakeConnector, FakeHost};
 use super::view::{Filter, HOST_LOST};
 use super::*;
@@ -532,4 +534,71 @@ async fn bounds_come_before_placement() {
     );
     assert!(union_of_hosts(&fakes).is_empty(), "nothing launched");
     assert_eq!(s.launch(launch(32, 0.1), None).await.unwrap().len(), 32);
+}
+
+/// A retried launch (the same caller, the same `request_id`) gets the first launch's workers
+/// and launches nothing, also when the retries come together; another caller's same id, or no
+/// id, launches anew; a retry asking for another count is refused naming `request_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_launch_gets_its_first_workers_and_launches_nothing() {
+    let (s, fakes) = cluster(3, res(4.0, 8.0, 0, 16));
+    synced(&s).await;
+    let with_id = |n: u32, id: &str| pb::LaunchWorkersRequest {
+        request_id: id.into(),
+        ..launch(n, 0.5)
+    };
+    let alice = Caller {
+        owner: "alice".into(),
+        principal: berth_server::identity::Principal::User("alice".into()),
+        ..Caller::daemon()
+    };
+    let first = hosts::as_caller(&alice, s.launch(with_id(4, "r1"), None))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 4);
+    let calls = |fakes: &FakeCluster| -> u64 {
+        fakes
+            .all()
+            .iter()
+            .map(|h| h.launch_calls.load(Ordering::Relaxed))
+            .sum()
+    };
+    let after_first = calls(&fakes);
+    // Together: one waits for the other; both get the first launch's workers.
+    let (a, b) = tokio::join!(
+        hosts::as_caller(&alice, s.launch(with_id(4, "r1"), None)),
+        hosts::as_caller(&alice, s.launch(with_id(4, "r1"), None)),
+    );
+    let order = |ws: &[pb::Worker]| ws.iter().map(|w| w.id.clone()).collect::<Vec<_>>();
+    assert_eq!(order(&a.unwrap()), order(&first), "in launch order");
+    assert_eq!(order(&b.unwrap()), order(&first));
+    assert_eq!(union_of_hosts(&fakes), ids(&first), "nothing else launched");
+    assert_eq!(calls(&fakes), after_first, "no host was asked again");
+    // No host is given the id: a host's own retry handling never meets the scheduler's.
+    assert!(fakes
+        .all()
+        .iter()
+        .all(|h| h.launches_with_request_id.load(Ordering::Relaxed) == 0));
+
+    let err = hosts::as_caller(&alice, s.launch(with_id(2, "r1"), None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { field, .. } if field == "request_id"),
+        "{err:?}"
+    );
+    // Another caller's id is its own; a launch without an id is always new.
+    let bob = Caller {
+        owner: "bob".into(),
+        principal: berth_server::identity::Principal::User("bob".into()),
+        ..Caller::daemon()
+    };
+    let theirs = hosts::as_caller(&bob, s.launch(with_id(4, "r1"), None))
+        .await
+        .unwrap();
+    assert!(ids(&theirs).is_disjoint(&ids(&first)));
+    s.launch(launch(1, 0.5), None).await.unwrap();
+    s.launch(launch(1, 0.5), None).await.unwrap();
+    assert_eq!(union_of_hosts(&fakes).len(), 4 + 4 + 2);
+    assert!(s.inner.retries.is_empty(), "no gate is kept");
 }

@@ -151,6 +151,7 @@ pub fn launch_from_pb(r: pb::LaunchWorkersRequest) -> Result<LaunchRequest, Erro
         network,
         restart,
         labels: r.labels.into_iter().collect(),
+        request_id: r.request_id,
     })
 }
 

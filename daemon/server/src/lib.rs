@@ -7,6 +7,7 @@
 pub mod config;
 pub mod convert;
 pub mod front;
+pub mod gates;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -249,6 +249,9 @@ struct Inner {
     /// Durable records; `None` only in tests of the supervisor without a state store.
     store: Option<StoreWriter>,
     sessions: Mutex<HashMap<String, Session>>,
+    /// One launch at a time per (owner, `request_id`), so that a retry that comes while the
+    /// first is still being admitted waits for it and gets its workers.
+    retries: berth_server::gates::Gates<(String, String)>,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
@@ -334,6 +337,7 @@ impl Host {
                 net,
                 store,
                 sessions: Mutex::new(HashMap::new()),
+                retries: Default::default(),
                 state: Mutex::new(State {
                     workers: HashMap::new(),
                     ledger,

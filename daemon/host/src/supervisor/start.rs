@@ -83,7 +83,32 @@ pub(super) fn access(path: &Path, mode: i32) -> bool {
 impl Host {
     /// Admits and starts the workers of `spec`, all or none. Returns them as admitted (PENDING or
     /// STARTING); they turn RUNNING as their shims report.
+    ///
+    /// A launch with a `request_id` that the same owner launched within
+    /// [`launch::RETRY_WINDOW`] returns that launch's workers as they are now and starts
+    /// nothing: a client that retries after a lost answer or a failover launches once.
     pub async fn launch(&self, spec: LaunchSpec, who: LaunchAs) -> Result<Vec<WorkerRecord>> {
+        let Some(request_id) = spec.request_id.clone() else {
+            return self.launch_new(spec, who).await;
+        };
+        // A retry that comes while the first is still being admitted waits for it.
+        let gate = self
+            .inner
+            .retries
+            .enter((who.owner.clone(), request_id))
+            .await;
+        if let Some(first) = self.inner.launched_as(gate.key(), spec.n)? {
+            tracing::info!(
+                request_id = %gate.key().1,
+                workers = first.len(),
+                "a retried launch gets its first launch's workers"
+            );
+            return Ok(first);
+        }
+        self.launch_new(spec, who).await
+    }
+
+    async fn launch_new(&self, spec: LaunchSpec, who: LaunchAs) -> Result<Vec<WorkerRecord>> {
         let inner = self.inner.clone();
         // Bounds before work: nothing is made per worker for a launch the host cannot hold.
         let fits = {
@@ -155,7 +180,9 @@ impl Host {
             cpu: spec.cpu,
             memory_bytes: spec.memory_bytes,
         };
-        let ids: Vec<String> = (0..spec.n).map(|_| berth_core::new_id()).collect();
+        // In id order, so that launch order outlives a restart (a retry answers in it).
+        let mut ids: Vec<String> = (0..spec.n).map(|_| berth_core::new_id()).collect();
+        ids.sort_unstable();
         let now = SystemTime::now();
         // Room for the launch's records in the store's queue, taken before any lock.
         let slot = inner.slot().await;
@@ -203,6 +230,7 @@ impl Host {
                     labels: spec.labels.clone(),
                     owner: who.owner.clone(),
                     user: user.clone(),
+                    request_id: spec.request_id.clone(),
                     ..WorkerRecord::pending(id.clone(), inner.opts.name.clone(), now)
                 };
                 let seq = st.seq;
@@ -332,6 +360,42 @@ impl Host {
 }
 
 impl Inner {
+    /// The workers that `key.0` launched with request id `key.1` within the retry window, in
+    /// launch order; `None` when there are none. A retry must ask for as many workers as the
+    /// first launch did.
+    fn launched_as(&self, key: &(String, String), n: u32) -> Result<Option<Vec<WorkerRecord>>> {
+        let now = SystemTime::now();
+        let st = self.lock();
+        let mut first: Vec<&Entry> = st
+            .workers
+            .values()
+            .filter(|e| {
+                e.rec.owner == key.0
+                    && e.rec.request_id.as_deref() == Some(key.1.as_str())
+                    && now
+                        .duration_since(e.rec.created_at)
+                        .is_ok_and(|age| age < launch::RETRY_WINDOW)
+            })
+            .collect();
+        if first.is_empty() {
+            return Ok(None);
+        }
+        if first.len() != n as usize {
+            return Err(Error::invalid(
+                "request_id",
+                format!(
+                    "{:?} was used within the last {} minutes by a launch of {} workers; this one \
+                     asks for {n}",
+                    key.1,
+                    launch::RETRY_WINDOW.as_secs() / 60,
+                    first.len()
+                ),
+            ));
+        }
+        first.sort_by(|a, b| (a.rec.created_at, &a.rec.id).cmp(&(b.rec.created_at, &b.rec.id)));
+        Ok(Some(first.into_iter().map(|e| e.rec.clone()).collect()))
+    }
+
     /// Takes back the admission of a launch whose records did not become durable: its workers
     /// leave the table and give back what they were granted, as if it had never come.
     async fn withdraw(&self, ids: &[String]) {
