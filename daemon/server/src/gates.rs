@@ -7,11 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
 
+/// A key's gate, and how many passages (holding or waiting) there are for it.
+type Gate = (Arc<tokio::sync::Mutex<()>>, usize);
+
 /// A gate per key, made when first entered and forgotten when its last holder or waiter goes.
 #[derive(Debug)]
 pub struct Gates<K> {
-    /// Each key's gate and how many passages (holding or waiting) there are for it.
-    map: Mutex<HashMap<K, (Arc<tokio::sync::Mutex<()>>, usize)>>,
+    map: Mutex<HashMap<K, Gate>>,
 }
 
 impl<K> Default for Gates<K> {
