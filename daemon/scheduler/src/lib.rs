@@ -129,6 +129,9 @@ pub struct SchedulerMetrics {
     pub hosts_lost: AtomicU64,
 }
 
+/// A caller (as forwarded to hosts) and a launch's `request_id`.
+type RetryKey = (String, String);
+
 struct Inner {
     opts: SchedulerOptions,
     connector: Arc<dyn Connector>,
@@ -139,9 +142,9 @@ struct Inner {
     sessions: Mutex<HashMap<String, SchedSession>>,
     next_pending: AtomicU64,
     /// One launch at a time per (caller, `request_id`).
-    retries: berth_server::gates::Gates<(String, String)>,
+    retries: berth_server::gates::Gates<RetryKey>,
     /// The workers of each (caller, `request_id`) launched within the retry window, by when.
-    launched: Mutex<HashMap<(String, String), (Instant, Vec<String>)>>,
+    launched: Mutex<HashMap<RetryKey, (Instant, Vec<String>)>>,
     /// Serialises writers of `hosts.json`.
     save_lock: Mutex<()>,
     metrics: SchedulerMetrics,
@@ -922,7 +925,7 @@ impl Scheduler {
 
     /// The workers that the caller launched with this request id within the retry window, as
     /// the view has them now; `None` when there are none.
-    fn launched_as(&self, key: &(String, String), n: u32) -> Result<Option<Vec<pb::Worker>>> {
+    fn launched_as(&self, key: &RetryKey, n: u32) -> Result<Option<Vec<pb::Worker>>> {
         let ids = {
             let mut launched = lock(&self.inner.launched);
             launched.retain(|_, (at, _)| at.elapsed() < berth_core::launch::RETRY_WINDOW);
