@@ -74,8 +74,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Show what the host daemon has and holds.
     Info,
-    /// List the hosts behind a scheduler.
-    Hosts,
+    /// List the hosts behind a scheduler; `hosts remove NAME` forgets one gone for good.
+    Hosts(HostsArgs),
     /// Stop placing new workers on a host of a scheduler (its workers keep running).
     Drain(HostArg),
     /// Place new workers on a drained host again.
@@ -163,6 +163,23 @@ pub struct HoldArgs {
     pub output: Option<PathBuf>,
     #[arg(long, value_name = "PATH", requires = "output")]
     pub output_stderr: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HostsArgs {
+    #[command(subcommand)]
+    pub action: Option<HostsCommand>,
+}
+
+/// `berth hosts …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum HostsCommand {
+    /// Forget a DOWN host that is gone for good (its workers are LOST); root or an admin.
+    Remove(HostArg),
+    /// As `berth drain`.
+    Drain(HostArg),
+    /// As `berth undrain`.
+    Undrain(HostArg),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -655,6 +672,22 @@ mod tests {
         // An empty value is unset.
         let cli = parse(&["--tls-ca=", "list"]).unwrap();
         assert!(cli.server().tls.is_empty(), "{:?}", cli.server());
+    }
+
+    #[test]
+    fn hosts_lists_and_hosts_remove_names_a_host() {
+        let Command::Hosts(a) = parse(&["hosts"]).unwrap().command else {
+            panic!("not hosts")
+        };
+        assert!(a.action.is_none());
+        let Command::Hosts(HostsArgs {
+            action: Some(HostsCommand::Remove(h)),
+        }) = parse(&["hosts", "remove", "gpu-7"]).unwrap().command
+        else {
+            panic!("not hosts remove")
+        };
+        assert_eq!(h.name, "gpu-7");
+        assert!(parse(&["hosts", "remove"]).is_err(), "a name is required");
     }
 
     #[test]

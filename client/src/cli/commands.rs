@@ -9,8 +9,8 @@ use serde::Serialize;
 use tonic::Streaming;
 
 use super::args::{
-    AwaitArgs, Cli, Command, LaunchArgs, ListArgs, LogsArgs, SessionCloseArgs, SessionCommand,
-    SessionOpenArgs, StopArgs,
+    AwaitArgs, Cli, Command, HostsArgs, HostsCommand, LaunchArgs, ListArgs, LogsArgs,
+    SessionCloseArgs, SessionCommand, SessionOpenArgs, StopArgs,
 };
 use super::holder::{self, HolderSpec};
 use super::lease::{Lease, Signal, Signals};
@@ -56,7 +56,16 @@ pub async fn run(cli: Cli, term: &mut Terminal<'_>) -> Result<Outcome, CliError>
         Command::Stop(a) => v.stop(&a, term).await,
         Command::Logs(a) => v.logs(&a, term).await,
         Command::Info => v.info(term).await,
-        Command::Hosts => v.hosts(term).await,
+        Command::Hosts(HostsArgs { action: None }) => v.hosts(term).await,
+        Command::Hosts(HostsArgs {
+            action: Some(HostsCommand::Remove(a)),
+        }) => v.remove_host(&a.name, term).await,
+        Command::Hosts(HostsArgs {
+            action: Some(HostsCommand::Drain(a)),
+        }) => v.drain(&a.name, true, term).await,
+        Command::Hosts(HostsArgs {
+            action: Some(HostsCommand::Undrain(a)),
+        }) => v.drain(&a.name, false, term).await,
         Command::Drain(a) => v.drain(&a.name, true, term).await,
         Command::Undrain(a) => v.drain(&a.name, false, term).await,
         Command::Session(SessionCommand::Open(a)) => v.session_open(&a, term).await,
@@ -602,6 +611,40 @@ impl Verb<'_> {
             print_json(term, &json::hosts(&r))?;
         } else {
             print_text(term, &view::hosts_table(&r.hosts, SystemTime::now()))?;
+        }
+        Ok(Outcome::Success)
+    }
+
+    /// `berth hosts remove NAME`: prints the host as it was, and how many workers are LOST.
+    async fn remove_host(&self, name: &str, term: &mut Terminal<'_>) -> Result<Outcome, CliError> {
+        let r = call(
+            "berth.v1.Cluster/RemoveHost",
+            self.client
+                .cluster()
+                .remove_host(pb::RemoveHostRequest {
+                    name: name.to_owned(),
+                })
+                .await,
+        )
+        .map_err(|e| self.needs_cluster(e, "hosts remove"))?;
+        let host = r.host.unwrap_or_default();
+        if self.json {
+            print_json(
+                term,
+                &serde_json::json!({
+                    "removed": json::cluster_host(&host),
+                    "workers_lost": r.workers_lost,
+                }),
+            )?;
+        } else {
+            print_text(
+                term,
+                &format!(
+                    "{}removed {name}: {} of its workers LOST\n",
+                    view::hosts_table(&[host], SystemTime::now()),
+                    r.workers_lost
+                ),
+            )?;
         }
         Ok(Outcome::Success)
     }

@@ -198,7 +198,7 @@ pub struct SchedulerCluster {
 }
 
 impl SchedulerCluster {
-    /// Changing the cluster (drain, undrain) is for root and admins.
+    /// Changing the cluster (drain, undrain, remove) is for root and admins.
     async fn check_admin<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
         let c = self.policy.caller(request).await.map_err(to_status)?;
         if c.admin {
@@ -234,6 +234,19 @@ impl pb::cluster_server::Cluster for SchedulerCluster {
                 .await
                 .map_err(to_status)?,
         ))
+    }
+
+    async fn remove_host(
+        &self,
+        request: Request<pb::RemoveHostRequest>,
+    ) -> Result<Response<pb::RemoveHostResponse>, Status> {
+        self.check_admin(&request, "RemoveHost").await?;
+        let name = request.into_inner().name;
+        let (host, workers_lost) = self.scheduler.remove_host(&name).await.map_err(to_status)?;
+        Ok(Response::new(pb::RemoveHostResponse {
+            host: Some(host),
+            workers_lost,
+        }))
     }
 
     async fn undrain_host(

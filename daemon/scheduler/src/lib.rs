@@ -642,6 +642,41 @@ impl Scheduler {
         Ok(Self::cluster_host(e))
     }
 
+    /// Forgets `name`, a DOWN host gone for good: no placement, no follow, not remembered in
+    /// `hosts.json`. Its workers stay listed as LOST. Returns the host as it was and how many
+    /// workers it had. A host that beats again joins again.
+    pub async fn remove_host(&self, name: &str) -> Result<(pb::ClusterHost, u32)> {
+        if name.is_empty() {
+            return Err(Error::invalid("name", "is required"));
+        }
+        let removed = {
+            let mut guard = self.state();
+            let st = &mut *guard;
+            let e = st
+                .hosts
+                .get(name)
+                .ok_or_else(|| Error::NotFound(format!("host {name} not found")))?;
+            if e.state != pb::HostState::Down {
+                return Err(Error::FailedPrecondition(format!(
+                    "host {name} is {} (beat {:.0?} ago): only a DOWN host can be removed; stop \
+                     its berthd (or drain it first to move work away)",
+                    e.state.as_str_name(),
+                    e.seen_at.elapsed()
+                )));
+            }
+            let e = st.hosts.remove(name).expect("looked up above");
+            st.placer.remove(name);
+            e.follower.cancel();
+            Self::cluster_host(&e)
+        };
+        let lost = self.view().mark_host_lost(name, SystemTime::now());
+        self.publish(lost);
+        let workers = self.view().count_on(name);
+        let _ = self.save_hosts().await;
+        tracing::info!(host = %name, workers, "host removed");
+        Ok((removed, workers as u32))
+    }
+
     fn api_of(&self, host: &str) -> Option<(Arc<dyn HostApi>, pb::HostState)> {
         self.state()
             .hosts

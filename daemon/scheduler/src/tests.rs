@@ -602,3 +602,93 @@ async fn a_retried_launch_gets_its_first_workers_and_launches_nothing() {
     assert_eq!(union_of_hosts(&fakes).len(), 4 + 4 + 2);
     assert!(s.inner.retries.is_empty(), "no gate is kept");
 }
+
+/// `RemoveHost` forgets a DOWN host for good: it is no longer listed, placed on, followed or
+/// remembered in `hosts.json`, and its workers stay listed as LOST; a host that is up, an
+/// unknown name and an empty one are refused and change nothing. A removed host that beats
+/// again joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_host_is_removed_for_good_and_an_up_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let fakes = FakeCluster::new();
+    for name in ["h00000", "h00001"] {
+        fakes.add(name, res(4.0, 8.0, 0, 16), BTreeMap::new());
+    }
+    let s = Scheduler::new(
+        SchedulerOptions {
+            state_dir: Some(dir.path().to_owned()),
+            ..opts()
+        },
+        Arc::new(FakeConnector(fakes.clone())),
+    );
+    s.start();
+    for h in fakes.all() {
+        s.heartbeat(h.beat(1)).unwrap();
+    }
+    synced(&s).await;
+    let gone = s.launch(launch(1, 4.0), None).await.unwrap().remove(0);
+    let (quiet, other) = if gone.host == "h00000" {
+        ("h00000", "h00001")
+    } else {
+        ("h00001", "h00000")
+    };
+    let beating = {
+        let s = s.clone();
+        let h = fakes.get(other).unwrap();
+        tokio::spawn(async move {
+            for seq in 2.. {
+                s.heartbeat(h.beat(seq)).unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let state_of = |name: &str| {
+        s.list_hosts()
+            .into_iter()
+            .find(|h| h.info.as_ref().unwrap().name == name)
+            .map(|h| h.state)
+    };
+    // Up, unknown or unnamed: refused.
+    let e = s.remove_host(other).await.unwrap_err();
+    assert!(matches!(e, Error::FailedPrecondition(_)), "{e:?}");
+    assert!(matches!(
+        s.remove_host("nope").await.unwrap_err(),
+        Error::NotFound(_)
+    ));
+    assert!(matches!(
+        s.remove_host("").await.unwrap_err(),
+        Error::InvalidArgument { .. }
+    ));
+    for _ in 0..100 {
+        if state_of(quiet) == Some(pb::HostState::Down as i32) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state_of(quiet), Some(pb::HostState::Down as i32));
+    let (removed, lost) = s.remove_host(quiet).await.unwrap();
+    assert_eq!(removed.info.unwrap().name, quiet);
+    assert_eq!(lost, 1);
+    assert_eq!(state_of(quiet), None, "no longer listed");
+    assert_eq!(state_of(other), Some(pb::HostState::Ready as i32));
+    let remembered = std::fs::read_to_string(dir.path().join("hosts.json")).unwrap();
+    assert!(!remembered.contains(quiet), "{remembered}");
+    assert!(remembered.contains(other), "{remembered}");
+    let w = s
+        .list(&Filter {
+            ids: vec![gone.id.clone()],
+            ..Default::default()
+        })
+        .unwrap()
+        .remove(0);
+    assert_eq!(w.status, pb::WorkerStatus::Lost as i32);
+    // Placement knows only the other host now.
+    for _ in 0..3 {
+        let w = s.launch(launch(1, 1.0), None).await.unwrap().remove(0);
+        assert_eq!(w.host, other);
+    }
+    // It comes back: it joins again, as any new host.
+    s.heartbeat(fakes.get(quiet).unwrap().beat(60)).unwrap();
+    assert_eq!(state_of(quiet), Some(pb::HostState::Ready as i32));
+    beating.abort();
+}

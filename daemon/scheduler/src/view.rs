@@ -185,6 +185,11 @@ impl View {
         out
     }
 
+    /// How many workers the view holds of `host`.
+    pub fn count_on(&self, host: &str) -> usize {
+        self.by_host.get(host).map_or(0, |ids| ids.len())
+    }
+
     /// The workers `filter` selects, oldest first. A named id the view does not hold is
     /// NOT_FOUND, as on a host.
     pub fn select(&self, filter: &Filter) -> Result<Vec<Tracked>> {
