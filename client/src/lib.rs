@@ -84,8 +84,34 @@ impl Client {
     /// Connects over TLS when `tls` is not empty (a `HOST:PORT` address then means https;
     /// `unix:` addresses never use TLS, an explicit `http://` neither), plaintext otherwise.
     /// `https://` is TLS in any case, and needs `tls.ca`.
+    ///
+    /// `addr` may be a comma-separated list (scheduler replicas): each is tried in turn and the
+    /// first that answers is used; an address or TLS file that is wrong fails at once.
     pub async fn connect_with(addr: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
         tls.check()?;
+        let list: Vec<&str> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        if list.is_empty() {
+            return Err(ClientError::Address {
+                addr: addr.to_owned(),
+                message: "no address given".into(),
+            });
+        }
+        let mut last = None;
+        for a in list {
+            match Self::connect_one(a, tls).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_misconfigured() => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one address was tried"))
+    }
+
+    async fn connect_one(addr: &str, tls: &TlsFiles) -> Result<Self, ClientError> {
         let channel = match Target::parse(addr, !tls.is_empty())? {
             Target::Unix(path) => {
                 // The URI is required by the HTTP/2 layer but never dialled.
@@ -235,6 +261,36 @@ mod tests {
                 "the server sees alice's certificate"
             );
         }
+    }
+
+    /// A list of addresses (replicas): the first that answers is used, in order; a wrong
+    /// address in it fails at once; none answering names the last tried.
+    #[tokio::test]
+    async fn a_list_of_addresses_fails_over_to_the_first_that_answers() {
+        let pki = Pki::new();
+        let (addr, seen) = serve(&pki).await;
+        // A port nobody listens on: bound, then closed.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+        };
+        assert_eq!(
+            call(&format!("{dead}, {addr}"), &pki.client()).await,
+            Ok(ServingStatus::Serving)
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        let e = Client::connect_with(&format!("{dead},{dead}"), &pki.client())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Connect { addr, .. } if *addr == dead),
+            "{e:?}"
+        );
+        let e = Client::connect_with(&format!("http://bad host:1,{addr}"), &pki.client())
+            .await
+            .unwrap_err();
+        assert!(e.is_misconfigured(), "{e:?}");
+        assert!(Client::connect_with(" , ", &pki.client()).await.is_err());
     }
 
     #[tokio::test]

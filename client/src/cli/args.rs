@@ -17,7 +17,8 @@ use crate::{pb, TlsFiles, DEFAULT_ADDR};
     args_override_self = true
 )]
 pub struct Cli {
-    /// Server address: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:PATH.
+    /// Server address: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:PATH; a
+    /// comma-separated list (scheduler replicas) is tried in turn.
     #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
     pub addr: String,
     /// PEM file of the CA that signs the server's certificate. With any --tls-* a HOST:PORT
