@@ -302,9 +302,19 @@ async fn an_ended_session_stays_known_with_its_workers() {
     )
     .await;
     await_running(&c, &[ws[0].id.clone()]).await;
-    // One that ended without ever having workers, and one whose lease lapsed.
+    // One that ended without ever having workers, and one whose lease lapsed (with a worker,
+    // whose stop says when the daemon saw the lease lapse).
     let empty = open_session(&c, 60).await;
-    let lapsed = open_session(&c, 1).await;
+    let lapsed = open_session(&c, 3).await;
+    let lapsed_worker = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: lapsed.id.clone(),
+            ..command_request(1, &["sleep", "600"])
+        },
+    )
+    .await
+    .remove(0);
     c.workers()
         .close_session(pb::CloseSessionRequest {
             session_id: empty.id.clone(),
@@ -319,8 +329,19 @@ async fn an_ended_session_stays_known_with_its_workers() {
         })
         .await
         .unwrap();
-    // Past the lapsed lease, and past the expiry task's next look at it.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Until the daemon has seen the lease lapse: its worker is stopped for it.
+    let deadline = Instant::now() + berth_tests::scaled(Duration::from_secs(15));
+    loop {
+        let w = session_workers(&c, &lapsed.id).await;
+        assert_eq!(w.len(), 1, "{w:?}");
+        if status(&w[0]) == pb::WorkerStatus::Stopped {
+            assert_eq!(w[0].id, lapsed_worker.id);
+            assert_eq!(w[0].reason, "session ended", "{w:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never lapsed: {w:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for round in ["before a restart", "after a restart"] {
         for id in [&s.id, &empty.id, &lapsed.id] {
             for (call, code) in session_calls(&c, id).await {
@@ -458,16 +479,27 @@ async fn restart_loses_nothing(signal: i32) {
     drop(c);
     let zygotes = berth_tests::children_named(d.pid().unwrap(), "berth-zygote");
     assert!(!zygotes.is_empty());
+    let seven_shim = berth_tests::parent_of(before[&seven.id].pid).expect("shim of `seven`");
     d.stop_daemon(signal);
-    tokio::time::sleep(Duration::from_millis(1800)).await;
     // The daemon's zygotes end with it; the shims they forked go on (the long worker below).
-    for z in &zygotes {
-        let state = std::fs::read_to_string(format!("/proc/{z}/stat")).unwrap_or_default();
+    // `seven` ends while the daemon is down: its shim records the exit and leaves.
+    let gone = |p: u32| {
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        state.is_empty() || state.contains(") Z ")
+    };
+    let deadline = Instant::now() + berth_tests::scaled(Duration::from_secs(10));
+    while !(zygotes.iter().all(|z| gone(*z)) && gone(seven_shim)) {
         assert!(
-            state.is_empty() || state.contains(") Z "),
-            "zygote {z} outlived its daemon"
+            Instant::now() < deadline,
+            "zygotes {zygotes:?} outlived their daemon, or the shim {seven_shim} of `seven` \
+             never ended"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        !gone(before[&long.id].pid),
+        "the long worker ended during the downtime"
+    );
     d.restart(&[]).await.unwrap();
     let c = d.client().await.unwrap();
     let after = list(&c).await;

@@ -270,14 +270,15 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
     let c = s.client().await.unwrap();
     let ws = launch(&c, sleepers(5)).await;
     await_running(&c, &ids_of(&ws)).await;
-    // Drain a full host, so the one free core left is on another.
-    let full = hosts
+    // Drain the host that has a core left (two hosts are full): the drain is then the only
+    // thing that keeps the next worker off it.
+    let roomy = hosts
         .iter()
-        .position(|h| ws.iter().filter(|w| w.host == h.name).count() == 2)
-        .expect("a host with two workers");
+        .position(|h| ws.iter().filter(|w| w.host == h.name).count() == 1)
+        .expect("a host with one worker");
     let hosts: Vec<Daemon> = {
         let mut hosts = hosts;
-        hosts.swap(0, full);
+        hosts.swap(0, roomy);
         hosts
     };
     c.cluster()
@@ -298,9 +299,23 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
         .unwrap();
     let after = until_union(&c, &hosts).await;
     assert_eq!(after, before);
-    // The drained host takes nothing new; the one free core left elsewhere does.
+    // The drain outlived the restart: the one free core is on the drained host, so a one-core
+    // worker fits nowhere.
+    let err = c.workers().launch_workers(sleepers(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(union_of(&hosts).await, after, "nothing started anywhere");
+    // Undrained, the host takes it.
+    c.cluster()
+        .undrain_host(pb::UndrainHostRequest {
+            name: hosts[0].name.clone(),
+        })
+        .await
+        .unwrap();
+    s.wait_hosts(&[&hosts[0].name], pb::HostState::Ready)
+        .await
+        .unwrap();
     let w = launch(&c, sleepers(1)).await.remove(0);
-    assert_ne!(w.host, hosts[0].name);
+    assert_eq!(w.host, hosts[0].name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,8 +365,21 @@ async fn berth_hosts_drain_and_undrain_show_the_cluster() {
         states.contains(&(hosts[1].name.clone(), "HOST_STATE_DRAINING".into())),
         "{states:?}"
     );
+    // The drain is what the placement sees, not only what `hosts` shows: four one-core workers
+    // fill the two other hosts, and a fifth fits nowhere.
+    let c = s.client().await.unwrap();
+    let ws = launch(&c, sleepers(4)).await;
+    assert!(ws.iter().all(|w| w.host != hosts[1].name), "{ws:#?}");
+    let err = c.workers().launch_workers(sleepers(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     let out = berth(&["undrain", &hosts[1].name]);
     assert!(out.status.success(), "{out:?}");
+    assert!(
+        line_of(&String::from_utf8_lossy(&out.stdout), &hosts[1].name).contains("ready"),
+        "{out:?}"
+    );
+    let ws = launch(&c, sleepers(2)).await;
+    assert!(ws.iter().all(|w| w.host == hosts[1].name), "{ws:#?}");
     let out = berth(&["drain", "no-such-host"]);
     assert!(!out.status.success());
     assert!(

@@ -515,7 +515,10 @@ async fn fork_bomb_is_held_by_pids_limit() {
     bomb.cpu = 0.5;
     bomb.memory_gb = 1.0;
     let bomb = launch_one(&c, bomb).await;
-    await_running(&c, std::slice::from_ref(&bomb.id)).await;
+    let running = await_running(&c, std::slice::from_ref(&bomb.id)).await;
+    // Its shim is one `shims_of` finds, so "no shim left" below can fail.
+    let shim = berth_tests::parent_of(running.workers[0].pid).expect("the bomb's shim");
+    assert!(shims_of(&d).contains(&shim), "shim {shim} not found");
     let pids_file = worker_cgroup_file(&d, &bomb.id, "pids.current").expect("pids.current");
     let mut seen: Vec<u32> = Vec::new();
     let mut max_current = 0;
@@ -1801,6 +1804,14 @@ async fn fifty_workers_leave_nothing_behind() {
         let s = berth_tests::parent_of(w.pid).unwrap();
         let comm = std::fs::read_to_string(format!("/proc/{s}/comm")).unwrap();
         assert_eq!(comm.trim(), "berth-shim", "the parent of {w:?}");
+        // What `shims_of` (and every "no shim left" check) relies on: a shim works in its
+        // worker's directory under the state dir.
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{s}/cwd")).unwrap(),
+            d.state_dir().join("workers").join(&w.id),
+            "the working directory of shim {s}"
+        );
+        assert!(shims_of(&d).contains(&s), "shim {s} not found by shims_of");
         let parent = berth_tests::parent_of(s).unwrap();
         assert!(zygotes.contains(&parent), "shim {s} is a child of {parent}");
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{s}/fd"))
@@ -1918,11 +1929,20 @@ async fn environment_script_and_record_fields() {
         // A worker in the host's network namespace reaches the host on loopback.
         assert_eq!(ip.to_string(), "127.0.0.1");
     } else {
-        assert!(
-            !ip.is_loopback(),
-            "a worker with its own network cannot use loopback"
-        );
+        // A worker with its own network cannot use loopback: the gateway reaches the host.
+        assert_eq!(ip.to_string(), d.net.gateway());
     }
+
+    // In a session: BERTH_SESSION_ID is the session's id.
+    let session = berth_tests::open_session(&c, 60).await;
+    let mut req = python_request(1, env_code);
+    req.session_id = session.id.clone();
+    let w3 = launch_one(&c, req).await;
+    let w3 = await_one(&c, &w3.id).await;
+    assert_eq!(w3.status(), pb::WorkerStatus::Succeeded, "{w3:?}");
+    let env: BTreeMap<String, String> = serde_json::from_str(&stdout_of(&c, &w3.id).await).unwrap();
+    assert_eq!(env.get("BERTH_SESSION_ID"), Some(&session.id), "{env:?}");
+    assert_eq!(env["BERTH_WORKER_ID"], w3.id);
 
     // script is resolved against workdir and wins over code.
     let dir = tempfile::tempdir().unwrap();
@@ -2023,4 +2043,95 @@ async fn environment_script_and_record_fields() {
     assert_eq!((k.exit_code, k.signal), (None, Some(11)));
     assert_eq!(k.reason, "killed by SIGSEGV");
     assert!(k.finished_at.is_some() && k.started_at.is_some());
+}
+
+/// `WatchWorkers`: an event per change of a selected worker, each the whole `Worker` as List
+/// shows it then, in lifecycle order, ending with its final state; `initial` sends the current
+/// state first; `statuses` selects events by the worker's new status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_workers_events_carry_the_whole_worker() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let session = berth_tests::open_session(&c, 120).await;
+    let watch = |statuses: Vec<i32>, initial: bool| {
+        let c = c.clone();
+        let session_id = session.id.clone();
+        async move {
+            c.workers()
+                .watch_workers(pb::WatchWorkersRequest {
+                    session_id,
+                    statuses,
+                    initial,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut all = watch(vec![], false).await;
+    let mut failed_only = watch(vec![pb::WorkerStatus::Failed as i32], false).await;
+    let mut req = command_request(1, &["/bin/sh", "-c", "echo hi; sleep 0.2; exit 3"]);
+    req.session_id = session.id.clone();
+    let w = launch_one(&c, req).await;
+    let mut seen: Vec<pb::Worker> = Vec::new();
+    while seen.last().is_none_or(|w| w.finished_at.is_none()) {
+        let ev = tokio::time::timeout(within(30.0), all.message())
+            .await
+            .expect("no event within 30 s")
+            .unwrap()
+            .expect("the stream ended");
+        let got = ev.worker.expect("an event carries its worker");
+        assert_eq!(
+            got.id, w.id,
+            "another worker in this session's watch: {got:?}"
+        );
+        seen.push(got);
+    }
+    let order = |s: pb::WorkerStatus| match s {
+        pb::WorkerStatus::Pending => 0,
+        pb::WorkerStatus::Starting => 1,
+        pb::WorkerStatus::Running => 2,
+        _ => 3,
+    };
+    let statuses: Vec<pb::WorkerStatus> = seen.iter().map(|w| w.status()).collect();
+    assert!(
+        statuses.windows(2).all(|p| order(p[0]) <= order(p[1])),
+        "out of lifecycle order: {statuses:?}"
+    );
+    let running = seen
+        .iter()
+        .find(|w| w.status() == pb::WorkerStatus::Running)
+        .unwrap_or_else(|| panic!("no RUNNING event: {statuses:?}"));
+    assert!(
+        running.pid > 0 && running.started_at.is_some(),
+        "{running:?}"
+    );
+    assert_eq!(running.session_id, session.id);
+    assert!(!running.ip_address.is_empty(), "{running:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last.status(), pb::WorkerStatus::Failed, "{last:?}");
+    assert_eq!(
+        (last.exit_code, last.reason.as_str()),
+        (Some(3), "exited with code 3")
+    );
+    assert_eq!(last.started_at, running.started_at);
+    // The final event is the worker as List shows it.
+    assert_eq!(*last, get(&c, &w.id).await);
+    // Selected by status: only the end.
+    let ev = tokio::time::timeout(within(10.0), failed_only.message())
+        .await
+        .expect("no FAILED event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.worker.as_ref(), Some(last));
+    // `initial`: the current state first, at once.
+    let mut again = watch(vec![], true).await;
+    let ev = tokio::time::timeout(within(10.0), again.message())
+        .await
+        .expect("no initial event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.worker.as_ref(), Some(last));
 }
