@@ -699,7 +699,7 @@ async fn master_ip_is_the_tcp_callers_address_and_the_gateway_for_loopback() {
         );
         req.workdir = "/".into();
         let w = launch(&c, req).await.remove(0);
-        let done = await_all(&c, &[w.id.clone()]).await.unwrap();
+        let done = await_all(&c, std::slice::from_ref(&w.id)).await.unwrap();
         assert_eq!(done[0].status(), pb::WorkerStatus::Succeeded, "{done:?}");
         stdout_of(&c, &w.id).await
     };
@@ -713,4 +713,83 @@ async fn master_ip_is_the_tcp_callers_address_and_the_gateway_for_loopback() {
     let lo = Client::connect(d.tcp.as_deref().unwrap()).await.unwrap();
     let gw = d.net.gateway();
     assert_eq!(master_seen_by(lo).await, format!("{gw} {gw}\n"));
+}
+
+/// `egress = true`: the daemon masquerades its subnet with one nft table of its own
+/// (`ip berth_<bridge>`), sets `net.ipv4.ip_forward`, and drops the rules that keep worker
+/// traffic in: a worker's packets to the outside are routed as the host's are. Checked with the
+/// ruleset and route queries, never with packets. The table and `ip_forward` are put back after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_on_masquerades_the_subnet() {
+    require_root!();
+    if !berth_tests::have("nft") {
+        return;
+    }
+    const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+    /// Puts back what the daemon changes on the host (by design it leaves both).
+    struct Restore(String, String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", &self.0])
+                .status();
+            let _ = std::fs::write(FORWARD, &self.1);
+        }
+    }
+    let forward_before = std::fs::read_to_string(FORWARD).unwrap();
+    let d = Daemon::start_with(DaemonOptions {
+        config: "egress = true\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = format!("berth_{}", d.net.bridge);
+    let _restore = Restore(table.clone(), forward_before);
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", &table])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "no table {table}: {out:?}\n{}",
+        d.log()
+    );
+    let subnet = &d.net.subnet;
+    assert!(
+        rules.contains(&format!(
+            "ip saddr {subnet} ip daddr != {subnet} masquerade"
+        )),
+        "{rules}"
+    );
+    assert_eq!(std::fs::read_to_string(FORWARD).unwrap().trim(), "1");
+    let c = d.client().await.unwrap();
+    let w = launch(&c, command_request(1, &["sleep", "600"])).await;
+    let w = await_running(&c, &ids_of(&w)).await.remove(0);
+    let host_end = veth_of(&w.id).expect("the worker's veth");
+    let route = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-4", "route", "get", "203.0.113.9"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (host_routed, host_route) = route(&[]);
+    let (_, worker_route) = route(&["from", &w.ip_address, "iif", &host_end]);
+    if host_routed {
+        assert!(
+            !worker_route.contains("unreachable"),
+            "the host routes 203.0.113.9 ({host_route}) but not a worker's traffic: \
+             {worker_route}"
+        );
+    }
+    stop_all(&c, std::slice::from_ref(&w.id)).await;
 }
