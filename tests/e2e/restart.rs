@@ -1086,3 +1086,78 @@ async fn ended_workers_are_forgotten_past_retention() {
     }
     assert_eq!(dirs(), 2, "files of forgotten workers are removed");
 }
+
+/// README: records are written before the client hears success. A daemon killed (SIGKILL) the
+/// moment an `OpenSession`, a launch or a stop has answered knows each of them after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_answered_survives_a_crash_right_after_the_answer() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let session = open_session(&c, ttl_secs(60)).await;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    c.workers()
+        .keep_alive(pb::KeepAliveRequest {
+            session_id: session.id.clone(),
+        })
+        .await
+        .expect("the session opened just before the crash");
+
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: session.id.clone(),
+            ..command_request(3, &["sleep", "600"])
+        },
+    )
+    .await;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let ids: Vec<String> = ws.iter().map(|w| w.id.clone()).collect();
+    let known = c
+        .workers()
+        .list_workers(pb::ListWorkersRequest {
+            ids: ids.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the workers launched just before the crash")
+        .into_inner()
+        .workers;
+    assert_eq!(known.len(), 3, "{known:?}");
+    assert!(
+        known.iter().all(|w| w.session_id == session.id),
+        "{known:?}"
+    );
+
+    let stopped = c
+        .workers()
+        .stop_workers(pb::StopWorkersRequest {
+            ids: ids.clone(),
+            grace_seconds: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let after = list(&c).await;
+    for w in &stopped {
+        assert_eq!(after[&w.id].status, w.status, "{:?}", after[&w.id]);
+        assert_eq!(after[&w.id].reason, w.reason, "{:?}", after[&w.id]);
+        assert_eq!(
+            after[&w.id].finished_at, w.finished_at,
+            "{:?}",
+            after[&w.id]
+        );
+    }
+}

@@ -287,6 +287,9 @@ def read(p):
     with open(p) as f:
         return f.read().strip()
 
+def read_if(p):
+    return read(p) if os.path.exists(p) else None
+
 def cgroup_limits():
     d = cgroup_dirs()
     if 'memory' in d:
@@ -294,13 +297,15 @@ def cgroup_limits():
                     quota=int(read(d['cpu'] + '/cpu.cfs_quota_us')),
                     period=int(read(d['cpu'] + '/cpu.cfs_period_us')),
                     memory=read(d['memory'] + '/memory.limit_in_bytes'),
+                    swap=read_if(d['memory'] + '/memory.memsw.limit_in_bytes'),
                     pids=read(d['pids'] + '/pids.max'),
                     procs=read(d['pids'] + '/cgroup.procs').split(),
                     dirs=[d['cpu'], d['memory'], d['pids']])
     u = d['']
     q, p = read(u + '/cpu.max').split()
     return dict(version=2, quota=-1 if q == 'max' else int(q), period=int(p),
-                memory=read(u + '/memory.max'), pids=read(u + '/pids.max'),
+                memory=read(u + '/memory.max'), swap=read_if(u + '/memory.swap.max'),
+                pids=read(u + '/pids.max'),
                 procs=read(u + '/cgroup.procs').split(), dirs=[u])
 "#;
 
@@ -352,6 +357,14 @@ async fn workers_see_their_cgroup_limits() {
     assert_eq!(v["quota"], 50_000, "cpu = 0.5 → 50 ms per 100 ms: {v}");
     assert_eq!(v["period"], 100_000, "{v}");
     assert_eq!(v["memory"], "268435456", "memory_gb = 0.25: {v}");
+    // No swap on top of the limit, where the kernel accounts swap (v1: memory+swap = memory).
+    match (&v["version"], &v["swap"]) {
+        (_, serde_json::Value::Null) => eprintln!("no swap accounting on this kernel"),
+        (serde_json::Value::Number(n), swap) if n.as_u64() == Some(1) => {
+            assert_eq!(swap, "268435456", "memory.memsw.limit_in_bytes: {v}")
+        }
+        (_, swap) => assert_eq!(swap, "0", "memory.swap.max: {v}"),
+    }
     assert_eq!(v["pids"], "100", "[worker] pids_max = 100: {v}");
     // The worker is in its own cgroup, under this daemon's subtree, named by its id.
     let suffix = format!("/berth-{}/{}", d.name, w.id);
