@@ -379,3 +379,47 @@ async fn the_r_kernel_runs_code_with_rscript() {
     );
     assert_eq!(String::from_utf8_lossy(&out), format!("R {} \n", w.id));
 }
+
+/// README: a delegated cgroup that lacks `cpu`, `memory` or `pids` makes berthd refuse to start,
+/// naming the controller. On v1 a berthd started in a mount namespace where the `pids`
+/// hierarchy is not mounted shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_controller_berthd_refuses_to_start_and_names_it() {
+    require_root!();
+    if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        eprintln!("cgroup v2 here: the v1 check does not apply (check_controllers covers v2)");
+        return;
+    }
+    if !berth_tests::have("unshare") {
+        return;
+    }
+    let mut d = Daemon::start().await.unwrap();
+    let st = d.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "{st}");
+    let before = d.cgroup_subtrees();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("umount -l /sys/fs/cgroup/pids && exec \"$0\" --config \"$1\"")
+        .arg(berth_tests::bin("berthd"))
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "berthd started without pids:\n{text}"
+    );
+    assert!(
+        text.contains("pids"),
+        "the controller is not named:\n{text}"
+    );
+    assert_eq!(
+        d.cgroup_subtrees(),
+        before,
+        "the refused start made cgroups"
+    );
+}

@@ -933,7 +933,9 @@ impl CgroupFs {
         subtree: &str,
         parent: Option<&str>,
     ) -> Result<Self> {
-        let mut bases = Vec::new();
+        // Every hierarchy is looked up before any directory is made: a refused start leaves
+        // no subtree behind in the hierarchies it did find.
+        let mut found = Vec::new();
         for c in Controller::V1 {
             let name = c.v1_name();
             let Some(m) = mounts.iter().find(|m| {
@@ -946,6 +948,10 @@ impl CgroupFs {
                 }
                 continue;
             };
+            found.push((c, name, m));
+        }
+        let mut bases = Vec::new();
+        for (c, name, m) in found {
             let own_path = own
                 .iter()
                 .find(|(cs, _)| cs.iter().any(|x| x == name))
