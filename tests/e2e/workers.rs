@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
-    await_all, command_request, output_of, pb, processes_named, processes_with_env, python_request,
-    require_root, scaled, timeout_scale, zombies_under, Client, Daemon, DaemonOptions,
+    await_all, command_request, output_of, pb, processes_with_env, python_request, require_root,
+    scaled, timeout_scale, zombies_under, Client, Daemon, DaemonOptions,
 };
 use berth_tests::{host_info, ids_of, launch};
 use tokio::sync::RwLock;
@@ -139,13 +139,7 @@ async fn wait_gone(pids: &[u32], limit: Duration) -> Vec<u32> {
 
 /// `berth-shim` processes of daemon `d` (each works in a worker dir under its state dir).
 fn shims_of(d: &Daemon) -> Vec<u32> {
-    let state = d.state_dir();
-    processes_named("berth-shim")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&state))
-        })
-        .collect()
+    d.shims()
 }
 
 /// Zombies under the daemon `pid` and its zygotes, once they have had a moment to reap (a

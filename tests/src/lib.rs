@@ -652,6 +652,18 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// This daemon's `berth-shim` processes: each works in its worker's directory under the
+    /// daemon's state dir (`ls -l /proc/<pid>/cwd` in README).
+    pub fn shims(&self) -> Vec<u32> {
+        let state = self.state_dir();
+        processes_named("berth-shim")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&state))
+            })
+            .collect()
+    }
+
     /// Worker network namespace files of this daemon (`<state>/netns/<id>`).
     pub fn netns_files(&self) -> Vec<String> {
         std::fs::read_dir(self.state_dir().join("netns"))
