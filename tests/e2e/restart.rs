@@ -1161,3 +1161,62 @@ async fn what_was_answered_survives_a_crash_right_after_the_answer() {
         );
     }
 }
+
+/// README: at start-up a shim is recognised by its pid *and* its start time. A worker whose shim
+/// and process were killed while berthd was down, and whose shim's pid another process took
+/// meanwhile (pid reuse), is LOST with "exit status unknown", not adopted through the stranger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_took_a_dead_shims_pid_is_not_taken_for_it() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let w = launch(&c, command_request(1, &["sleep", "600"]))
+        .await
+        .remove(0);
+    let w = await_running(&c, std::slice::from_ref(&w.id))
+        .await
+        .remove(0);
+    let shim = berth_tests::parent_of(w.pid).expect("the worker's shim");
+    drop(c);
+    d.stop_daemon(libc::SIGKILL);
+    for p in [w.pid, shim] {
+        // SAFETY: kill(2) with integers.
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + scaled(Duration::from_secs(10));
+    while std::path::Path::new(&format!("/proc/{shim}")).exists() {
+        if Instant::now() > deadline {
+            berth_tests::cannot_run(&format!("shim {shim} was never reaped (no reaping init)"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Take the shim's pid: the next pid the kernel gives is ns_last_pid + 1 (other processes
+    // of the machine may race for it: try again).
+    let mut impostor = None;
+    for _ in 0..200 {
+        let _ = std::fs::write("/proc/sys/kernel/ns_last_pid", (shim - 1).to_string());
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        if child.id() == shim {
+            impostor = Some(child);
+            break;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let Some(mut impostor) = impostor else {
+        berth_tests::cannot_run(&format!("pid {shim} could not be taken again"));
+        return;
+    };
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let after = list(&c).await;
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    let w = &after[&w.id];
+    assert_eq!(status(w), pb::WorkerStatus::Lost, "{w:?}");
+    assert!(w.reason.contains("exit status unknown"), "{w:?}");
+}
