@@ -725,6 +725,14 @@ async fn egress_on_masquerades_the_subnet() {
     if !berth_tests::have("nft") {
         return;
     }
+    if !Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        berth_tests::cannot_run("nft cannot reach this kernel's nf_tables");
+        return;
+    }
     const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
     /// Puts back what the daemon changes on the host (by design it leaves both).
     struct Restore(String, String);
