@@ -553,3 +553,48 @@ async fn a_host_that_never_returns_after_a_scheduler_restart_is_down() {
         .await
         .unwrap();
 }
+
+/// `advertise`: the address a host gives the scheduler (`HostInfo.address`, where the scheduler
+/// calls it) instead of its first TCP listen address; here a second listener of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_is_reached_at_its_advertised_address() {
+    require_root!();
+    let s = SchedulerNode::start().await.unwrap();
+    let advertised = format!("127.0.0.1:{}", berth_tests::free_port());
+    let host = Daemon::start_with(berth_tests::DaemonOptions {
+        tcp: true,
+        listen: vec![advertised.clone()],
+        config: format!(
+            "scheduler = \"{}\"\nadvertise = \"{advertised}\"\n[resources]\ncpu = 2.0\nmemory_gb = 2.0\n",
+            s.addr
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.wait_hosts(&[&host.name], pb::HostState::Ready)
+        .await
+        .unwrap();
+    let listed = s.hosts().await.unwrap();
+    let info = listed
+        .iter()
+        .filter_map(|h| h.info.as_ref())
+        .find(|i| i.name == host.name)
+        .expect("the host is listed");
+    assert_eq!(info.address, advertised, "{info:?}");
+    assert_ne!(Some(&info.address), host.tcp.as_ref());
+    // The scheduler reaches it there: a launch, its listing and its output go through.
+    let c = s.client().await.unwrap();
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            cpu: 0.5,
+            ..command_request(1, &["sh", "-c", "echo advertised"])
+        },
+    )
+    .await
+    .remove(0);
+    assert_eq!(w.host, host.name);
+    let out = output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(out, b"advertised\n");
+}
