@@ -578,7 +578,12 @@ async fn run(o: Opts) -> Result<()> {
         let (_, cg_floor) = tokio::task::spawn_blocking(|| floor_cgroup(PROBES as usize)).await??;
         probes.push((*m, alive.len(), median(&mut v), cg_floor));
     }
-    let host_veths = berth_tests::worker_veths().len();
+    // This daemon's workers' veths only (another daemon's on the machine are not its count).
+    let mine: std::collections::HashSet<&String> = alive.iter().collect();
+    let host_veths = berth_tests::worker_veths()
+        .iter()
+        .filter(|(_, w)| mine.contains(w))
+        .count();
     let t = Instant::now();
     client
         .workers()
@@ -599,7 +604,11 @@ async fn run(o: Opts) -> Result<()> {
     // The kernel frees the daemon's namespaces in the background; then the primitive alone at
     // the same scale.
     let deadline = Instant::now() + Duration::from_secs(180);
-    while Instant::now() < deadline && !berth_tests::worker_veths().is_empty() {
+    while Instant::now() < deadline
+        && berth_tests::worker_veths()
+            .iter()
+            .any(|(_, w)| mine.contains(w))
+    {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (_, _, prim_marks) = berth_primitive(&own, 0, &marks)?;
@@ -700,7 +709,7 @@ async fn run(o: Opts) -> Result<()> {
         ms(gone)
     );
     println!();
-    println!("worker veths on the host at the peak: {host_veths}");
+    println!("this daemon's worker veths on the host at the peak: {host_veths}");
     if let Ok((crun_single, crun_batch)) = crun {
         println!(
             "ratio berth batch per-worker / crun per container = {:.3} (/bin/true), {:.3} (sleepers)  (target ≤ 0.25)",

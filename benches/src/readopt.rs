@@ -61,7 +61,8 @@ async fn main() -> Result<()> {
     if !r.failures.is_empty() {
         bail!("{} workers did not start", r.failures.len());
     }
-    let shims = berth_tests::processes_named("berth-shim");
+    // This daemon's shims only (each works in a worker dir under its state dir).
+    let shims = d.shims();
     let (rss, pss): (Vec<u64>, Vec<u64>) = shims.iter().map(|p| rss_pss_kib(*p)).unzip();
     let daemon_rss = berth_benches::rss_kib(d.pid().context("pid")?);
     drop(c);

@@ -796,7 +796,15 @@ async fn ctrl_c_of_wait_leaves_workers_running() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     berth_tests::await_running(&c, std::slice::from_ref(&id)).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // berth catches SIGINT once the launch has answered (until then Ctrl-C kills it outright).
+    let deadline = std::time::Instant::now() + scaled(Duration::from_secs(20));
+    while !berth_tests::catches_signal(child.id(), libc::SIGINT) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "berth never caught SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = tokio::task::spawn_blocking(move || {

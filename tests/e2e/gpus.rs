@@ -341,7 +341,7 @@ fn parse_probe(out: &str) -> BTreeMap<u32, String> {
 async fn device_cgroup_allows_only_the_held_gpus() {
     require_root!();
     if !Path::new("/usr/bin/python3").exists() && !Path::new("/usr/local/bin/python3").exists() {
-        eprintln!("skipped: needs python3 for the device probe");
+        berth_tests::cannot_run("needs python3 for the device probe");
         return;
     }
     let nodes = DeviceNodes::new(&[0, 1, 2, 3, 255]);

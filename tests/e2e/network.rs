@@ -627,3 +627,177 @@ async fn restart_readopts_networks_and_removes_stale_ones() {
     assert!(eventually(Duration::from_secs(10), || d.netns_files().is_empty()).await);
     assert!(eventually(Duration::from_secs(10), || leases(port) == Some(0.0)).await);
 }
+
+/// README: the namespace files live on a tmpfs of the daemon's own, which a daemon stopped with
+/// worker networks left keeps (with their files), and which is unmounted when the daemon stops
+/// with none left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_netns_tmpfs_goes_when_the_daemon_stops_with_no_worker_network_left() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let nsdir = d.state_dir().join("netns");
+    assert!(d.netns_mounted(), "no tmpfs on {}", nsdir.display());
+    let c = d.client().await.unwrap();
+    let ws = launch(&c, command_request(1, &["sleep", "600"])).await;
+    await_running(&c, &ids_of(&ws)).await;
+    drop(c);
+    let st = d.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "berthd exited with {st}:\n{}", d.log());
+    assert!(
+        d.netns_mounted(),
+        "unmounted under a live worker's namespace"
+    );
+    assert_eq!(d.netns_files(), ids_of(&ws));
+
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    stop_all(&c, &ids_of(&ws)).await;
+    assert!(eventually(Duration::from_secs(10), || d.netns_files().is_empty()).await);
+    drop(c);
+    let st = d.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "berthd exited with {st}:\n{}", d.log());
+    assert!(
+        !d.netns_mounted(),
+        "berthd left its tmpfs on {}",
+        nsdir.display()
+    );
+}
+
+/// README: `BERTH_MASTER_IP` = `CDSW_MASTER_IP` is the caller's address over TCP, and the
+/// gateway for a caller on loopback (a master listening on the host is reached there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_ip_is_the_tcp_callers_address_and_the_gateway_for_loopback() {
+    require_root!();
+    let port = free_port();
+    let d = Daemon::start_with(DaemonOptions {
+        tcp: true,
+        listen: vec![format!("0.0.0.0:{port}")],
+        // Callers beyond loopback without a certificate (anonymous, run as worker_user).
+        config: "insecure_plaintext = true\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // An address of this host that is neither loopback nor the gateway, on the daemon's own
+    // bridge (it goes with the bridge): a connection to it comes from it.
+    let caller_ip = format!("203.0.113.{}", 1 + d.net.slot % 250);
+    let st = Command::new("ip")
+        .args([
+            "addr",
+            "add",
+            &format!("{caller_ip}/32"),
+            "dev",
+            &d.net.bridge,
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip addr add {caller_ip}");
+    let master_seen_by = |c: Client| async move {
+        let mut req = command_request(
+            1,
+            &["/bin/sh", "-c", "echo $BERTH_MASTER_IP $CDSW_MASTER_IP"],
+        );
+        req.workdir = "/".into();
+        let w = launch(&c, req).await.remove(0);
+        let done = await_all(&c, std::slice::from_ref(&w.id)).await.unwrap();
+        assert_eq!(done[0].status(), pb::WorkerStatus::Succeeded, "{done:?}");
+        stdout_of(&c, &w.id).await
+    };
+    let remote = Client::connect(&format!("{caller_ip}:{port}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        master_seen_by(remote).await,
+        format!("{caller_ip} {caller_ip}\n")
+    );
+    let lo = Client::connect(d.tcp.as_deref().unwrap()).await.unwrap();
+    let gw = d.net.gateway();
+    assert_eq!(master_seen_by(lo).await, format!("{gw} {gw}\n"));
+}
+
+/// `egress = true`: the daemon masquerades its subnet with one nft table of its own
+/// (`ip berth_<bridge>`), sets `net.ipv4.ip_forward`, and drops the rules that keep worker
+/// traffic in: a worker's packets to the outside are routed as the host's are. Checked with the
+/// ruleset and route queries, never with packets. The table and `ip_forward` are put back after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_on_masquerades_the_subnet() {
+    require_root!();
+    if !berth_tests::have("nft") {
+        return;
+    }
+    if !Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        berth_tests::cannot_run("nft cannot reach this kernel's nf_tables");
+        return;
+    }
+    const FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+    /// Puts back what the daemon changes on the host (by design it leaves both).
+    struct Restore(String, String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", &self.0])
+                .status();
+            let _ = std::fs::write(FORWARD, &self.1);
+        }
+    }
+    let forward_before = std::fs::read_to_string(FORWARD).unwrap();
+    let d = Daemon::start_with(DaemonOptions {
+        config: "egress = true\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let table = format!("berth_{}", d.net.bridge);
+    let _restore = Restore(table.clone(), forward_before);
+    let out = Command::new("nft")
+        .args(["list", "table", "ip", &table])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "no table {table}: {out:?}\n{}",
+        d.log()
+    );
+    let subnet = &d.net.subnet;
+    assert!(
+        rules.contains(&format!(
+            "ip saddr {subnet} ip daddr != {subnet} masquerade"
+        )),
+        "{rules}"
+    );
+    assert_eq!(std::fs::read_to_string(FORWARD).unwrap().trim(), "1");
+    let c = d.client().await.unwrap();
+    let w = launch(&c, command_request(1, &["sleep", "600"])).await;
+    let w = await_running(&c, &ids_of(&w)).await.remove(0);
+    let host_end = veth_of(&w.id).expect("the worker's veth");
+    let route = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-4", "route", "get", "203.0.113.9"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (host_routed, host_route) = route(&[]);
+    let (_, worker_route) = route(&["from", &w.ip_address, "iif", &host_end]);
+    if host_routed {
+        assert!(
+            !worker_route.contains("unreachable"),
+            "the host routes 203.0.113.9 ({host_route}) but not a worker's traffic: \
+             {worker_route}"
+        );
+    }
+    stop_all(&c, std::slice::from_ref(&w.id)).await;
+}

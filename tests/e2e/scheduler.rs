@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use berth_tests::cluster::{start_host, SchedulerNode};
+use berth_tests::cluster::{start_host, start_host_with, SchedulerNode};
 use berth_tests::{
     await_running, command_request, ids_of, launch, output_of, pb, require_root, scaled, Client,
     Daemon,
@@ -270,14 +270,15 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
     let c = s.client().await.unwrap();
     let ws = launch(&c, sleepers(5)).await;
     await_running(&c, &ids_of(&ws)).await;
-    // Drain a full host, so the one free core left is on another.
-    let full = hosts
+    // Drain the host that has a core left (two hosts are full): the drain is then the only
+    // thing that keeps the next worker off it.
+    let roomy = hosts
         .iter()
-        .position(|h| ws.iter().filter(|w| w.host == h.name).count() == 2)
-        .expect("a host with two workers");
+        .position(|h| ws.iter().filter(|w| w.host == h.name).count() == 1)
+        .expect("a host with one worker");
     let hosts: Vec<Daemon> = {
         let mut hosts = hosts;
-        hosts.swap(0, full);
+        hosts.swap(0, roomy);
         hosts
     };
     c.cluster()
@@ -298,9 +299,23 @@ async fn a_restarted_scheduler_rebuilds_the_same_view() {
         .unwrap();
     let after = until_union(&c, &hosts).await;
     assert_eq!(after, before);
-    // The drained host takes nothing new; the one free core left elsewhere does.
+    // The drain outlived the restart: the one free core is on the drained host, so a one-core
+    // worker fits nowhere.
+    let err = c.workers().launch_workers(sleepers(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(union_of(&hosts).await, after, "nothing started anywhere");
+    // Undrained, the host takes it.
+    c.cluster()
+        .undrain_host(pb::UndrainHostRequest {
+            name: hosts[0].name.clone(),
+        })
+        .await
+        .unwrap();
+    s.wait_hosts(&[&hosts[0].name], pb::HostState::Ready)
+        .await
+        .unwrap();
     let w = launch(&c, sleepers(1)).await.remove(0);
-    assert_ne!(w.host, hosts[0].name);
+    assert_eq!(w.host, hosts[0].name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,8 +365,21 @@ async fn berth_hosts_drain_and_undrain_show_the_cluster() {
         states.contains(&(hosts[1].name.clone(), "HOST_STATE_DRAINING".into())),
         "{states:?}"
     );
+    // The drain is what the placement sees, not only what `hosts` shows: four one-core workers
+    // fill the two other hosts, and a fifth fits nowhere.
+    let c = s.client().await.unwrap();
+    let ws = launch(&c, sleepers(4)).await;
+    assert!(ws.iter().all(|w| w.host != hosts[1].name), "{ws:#?}");
+    let err = c.workers().launch_workers(sleepers(1)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     let out = berth(&["undrain", &hosts[1].name]);
     assert!(out.status.success(), "{out:?}");
+    assert!(
+        line_of(&String::from_utf8_lossy(&out.stdout), &hosts[1].name).contains("ready"),
+        "{out:?}"
+    );
+    let ws = launch(&c, sleepers(2)).await;
+    assert!(ws.iter().all(|w| w.host == hosts[1].name), "{ws:#?}");
     let out = berth(&["drain", "no-such-host"]);
     assert!(!out.status.success());
     assert!(
@@ -368,4 +396,205 @@ async fn berth_hosts_drain_and_undrain_show_the_cluster() {
         String::from_utf8_lossy(&out.stderr).contains("berth-scheduler"),
         "{out:?}"
     );
+}
+
+/// Spread placement end to end (one worker per host where bin-packing would fill one), and a
+/// scheduler session's lease: `KeepAlive` through the scheduler renews it on every host, and
+/// once nobody renews it, it lapses on every host and their workers end with `session ended`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_and_a_scheduler_session_lease_on_every_host() {
+    require_root!();
+    let s = SchedulerNode::start().await.unwrap();
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        hosts.push(start_host(&s, 2.0, 2.0).await.unwrap());
+    }
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    s.wait_hosts(&names, pb::HostState::Ready).await.unwrap();
+    let c = s.client().await.unwrap();
+    let ttl = scaled(Duration::from_secs(3)).as_secs().max(3) as u32;
+    let session = berth_tests::open_session(&c, ttl).await;
+    let ws = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            session_id: session.id.clone(),
+            placement: pb::Placement::Spread as i32,
+            ..sleepers(2)
+        },
+    )
+    .await;
+    let used: BTreeSet<String> = ws.iter().map(|w| w.host.clone()).collect();
+    assert_eq!(used.len(), 2, "spread: one per host: {ws:#?}");
+    await_running(&c, &ids_of(&ws)).await;
+    // Renewed through the scheduler for three leases: every host keeps its workers.
+    let until = Instant::now() + Duration::from_secs(3 * u64::from(ttl));
+    while Instant::now() < until {
+        c.workers()
+            .keep_alive(pb::KeepAliveRequest {
+                session_id: session.id.clone(),
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for h in &hosts {
+        for (id, (_, status)) in listing(&h.client().await.unwrap()).await {
+            assert_eq!(
+                status,
+                pb::WorkerStatus::Running as i32,
+                "{id} on {}",
+                h.name
+            );
+        }
+    }
+    // Nobody renews it: it lapses on every host.
+    let deadline =
+        Instant::now() + scaled(Duration::from_secs(20)) + Duration::from_secs(ttl.into());
+    for h in &hosts {
+        let hc = h.client().await.unwrap();
+        loop {
+            let l = hc
+                .workers()
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .workers;
+            if l.iter().all(|w| {
+                w.status == pb::WorkerStatus::Stopped as i32 && w.reason == "session ended"
+            }) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "not ended on {}: {l:#?}", h.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A host that lacks the launch's interpreter is skipped, even where it is the one bin-packing
+/// would fill first; a command needs no interpreter and may go there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_the_kernel_is_skipped() {
+    require_root!();
+    let s = SchedulerNode::start().await.unwrap();
+    let bare = start_host_with(
+        &s,
+        2.0,
+        2.0,
+        "[labels]\nrole = \"bare\"\n[kernels.python3]\ncandidates = [\"/nonexistent/python3\"]\n",
+    )
+    .await
+    .unwrap();
+    let full = start_host(&s, 2.0, 2.0).await.unwrap();
+    s.wait_hosts(&[&bare.name, &full.name], pb::HostState::Ready)
+        .await
+        .unwrap();
+    let bare_name = bare.name.clone();
+    let hosts = [bare, full];
+    let c = s.client().await.unwrap();
+    // A command (no interpreter needed) pinned to the bare host makes it the fuller one:
+    // bin-packing would choose it first.
+    let mut pinned = pb::LaunchWorkersRequest {
+        cpu: 0.5,
+        ..sleepers(1)
+    };
+    pinned.constraints.insert("role".into(), "bare".into());
+    let first = launch(&c, pinned).await.remove(0);
+    assert_eq!(first.host, bare_name, "{first:?}");
+    until_union(&c, &hosts).await;
+    let py = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            n: 1,
+            cpu: 0.25,
+            memory_gb: 0.125,
+            code: "import time; time.sleep(600)".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .remove(0);
+    assert_ne!(py.host, first.host, "python3 placed on a host without it");
+    // Without the kernel check it would have gone there: a command does.
+    let cmd = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            cpu: 0.5,
+            ..sleepers(1)
+        },
+    )
+    .await
+    .remove(0);
+    assert_eq!(cmd.host, first.host, "bin-packing fills the fuller host");
+}
+
+/// `hosts.json`: a scheduler restarted while a host is gone lists that host at once, and sees
+/// it DOWN when it never beats again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_never_returns_after_a_scheduler_restart_is_down() {
+    require_root!();
+    let mut s = SchedulerNode::start().await.unwrap();
+    let mut host = start_host(&s, 2.0, 2.0).await.unwrap();
+    s.wait_hosts(&[&host.name], pb::HostState::Ready)
+        .await
+        .unwrap();
+    host.stop_daemon(libc::SIGKILL);
+    s.stop(libc::SIGKILL);
+    s.restart().await.unwrap();
+    let listed = s.hosts().await.unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|h| h.info.as_ref().is_some_and(|i| i.name == host.name)),
+        "the restarted scheduler forgot {}: {listed:#?}",
+        host.name
+    );
+    s.wait_hosts(&[&host.name], pb::HostState::Down)
+        .await
+        .unwrap();
+}
+
+/// `advertise`: the address a host gives the scheduler (`HostInfo.address`, where the scheduler
+/// calls it) instead of its first TCP listen address; here a second listener of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_is_reached_at_its_advertised_address() {
+    require_root!();
+    let s = SchedulerNode::start().await.unwrap();
+    let advertised = format!("127.0.0.1:{}", berth_tests::free_port());
+    let host = Daemon::start_with(berth_tests::DaemonOptions {
+        tcp: true,
+        listen: vec![advertised.clone()],
+        config: format!(
+            "scheduler = \"{}\"\nadvertise = \"{advertised}\"\n[resources]\ncpu = 2.0\nmemory_gb = 2.0\n",
+            s.addr
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    s.wait_hosts(&[&host.name], pb::HostState::Ready)
+        .await
+        .unwrap();
+    let listed = s.hosts().await.unwrap();
+    let info = listed
+        .iter()
+        .filter_map(|h| h.info.as_ref())
+        .find(|i| i.name == host.name)
+        .expect("the host is listed");
+    assert_eq!(info.address, advertised, "{info:?}");
+    assert_ne!(Some(&info.address), host.tcp.as_ref());
+    // The scheduler reaches it there: a launch, its listing and its output go through.
+    let c = s.client().await.unwrap();
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            cpu: 0.5,
+            ..command_request(1, &["sh", "-c", "echo advertised"])
+        },
+    )
+    .await
+    .remove(0);
+    assert_eq!(w.host, host.name);
+    let out = output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
+    assert_eq!(out, b"advertised\n");
 }

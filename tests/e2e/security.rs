@@ -694,7 +694,7 @@ async fn the_readme_certificates_work() {
         .output()
         .is_err()
     {
-        eprintln!("skipped: openssl is not installed");
+        berth_tests::cannot_run("openssl is not installed");
         return;
     }
     let readme =

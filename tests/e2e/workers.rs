@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
-    await_all, command_request, output_of, pb, processes_named, processes_with_env, python_request,
-    require_root, scaled, timeout_scale, zombies_under, Client, Daemon, DaemonOptions,
+    await_all, command_request, output_of, pb, processes_with_env, python_request, require_root,
+    scaled, timeout_scale, zombies_under, Client, Daemon, DaemonOptions,
 };
 use berth_tests::{host_info, ids_of, launch};
 use tokio::sync::RwLock;
@@ -139,13 +139,7 @@ async fn wait_gone(pids: &[u32], limit: Duration) -> Vec<u32> {
 
 /// `berth-shim` processes of daemon `d` (each works in a worker dir under its state dir).
 fn shims_of(d: &Daemon) -> Vec<u32> {
-    let state = d.state_dir();
-    processes_named("berth-shim")
-        .into_iter()
-        .filter(|p| {
-            std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&state))
-        })
-        .collect()
+    d.shims()
 }
 
 /// Zombies under the daemon `pid` and its zygotes, once they have had a moment to reap (a
@@ -287,6 +281,9 @@ def read(p):
     with open(p) as f:
         return f.read().strip()
 
+def read_if(p):
+    return read(p) if os.path.exists(p) else None
+
 def cgroup_limits():
     d = cgroup_dirs()
     if 'memory' in d:
@@ -294,13 +291,15 @@ def cgroup_limits():
                     quota=int(read(d['cpu'] + '/cpu.cfs_quota_us')),
                     period=int(read(d['cpu'] + '/cpu.cfs_period_us')),
                     memory=read(d['memory'] + '/memory.limit_in_bytes'),
+                    swap=read_if(d['memory'] + '/memory.memsw.limit_in_bytes'),
                     pids=read(d['pids'] + '/pids.max'),
                     procs=read(d['pids'] + '/cgroup.procs').split(),
                     dirs=[d['cpu'], d['memory'], d['pids']])
     u = d['']
     q, p = read(u + '/cpu.max').split()
     return dict(version=2, quota=-1 if q == 'max' else int(q), period=int(p),
-                memory=read(u + '/memory.max'), pids=read(u + '/pids.max'),
+                memory=read(u + '/memory.max'), swap=read_if(u + '/memory.swap.max'),
+                pids=read(u + '/pids.max'),
                 procs=read(u + '/cgroup.procs').split(), dirs=[u])
 "#;
 
@@ -352,6 +351,14 @@ async fn workers_see_their_cgroup_limits() {
     assert_eq!(v["quota"], 50_000, "cpu = 0.5 → 50 ms per 100 ms: {v}");
     assert_eq!(v["period"], 100_000, "{v}");
     assert_eq!(v["memory"], "268435456", "memory_gb = 0.25: {v}");
+    // No swap on top of the limit, where the kernel accounts swap (v1: memory+swap = memory).
+    match (&v["version"], &v["swap"]) {
+        (_, serde_json::Value::Null) => eprintln!("no swap accounting on this kernel"),
+        (serde_json::Value::Number(n), swap) if n.as_u64() == Some(1) => {
+            assert_eq!(swap, "268435456", "memory.memsw.limit_in_bytes: {v}")
+        }
+        (_, swap) => assert_eq!(swap, "0", "memory.swap.max: {v}"),
+    }
     assert_eq!(v["pids"], "100", "[worker] pids_max = 100: {v}");
     // The worker is in its own cgroup, under this daemon's subtree, named by its id.
     let suffix = format!("/berth-{}/{}", d.name, w.id);
@@ -515,7 +522,10 @@ async fn fork_bomb_is_held_by_pids_limit() {
     bomb.cpu = 0.5;
     bomb.memory_gb = 1.0;
     let bomb = launch_one(&c, bomb).await;
-    await_running(&c, std::slice::from_ref(&bomb.id)).await;
+    let running = await_running(&c, std::slice::from_ref(&bomb.id)).await;
+    // Its shim is one `shims_of` finds, so "no shim left" below can fail.
+    let shim = berth_tests::parent_of(running.workers[0].pid).expect("the bomb's shim");
+    assert!(shims_of(&d).contains(&shim), "shim {shim} not found");
     let pids_file = worker_cgroup_file(&d, &bomb.id, "pids.current").expect("pids.current");
     let mut seen: Vec<u32> = Vec::new();
     let mut max_current = 0;
@@ -1801,6 +1811,14 @@ async fn fifty_workers_leave_nothing_behind() {
         let s = berth_tests::parent_of(w.pid).unwrap();
         let comm = std::fs::read_to_string(format!("/proc/{s}/comm")).unwrap();
         assert_eq!(comm.trim(), "berth-shim", "the parent of {w:?}");
+        // What `shims_of` (and every "no shim left" check) relies on: a shim works in its
+        // worker's directory under the state dir.
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{s}/cwd")).unwrap(),
+            d.state_dir().join("workers").join(&w.id),
+            "the working directory of shim {s}"
+        );
+        assert!(shims_of(&d).contains(&s), "shim {s} not found by shims_of");
         let parent = berth_tests::parent_of(s).unwrap();
         assert!(zygotes.contains(&parent), "shim {s} is a child of {parent}");
         let fds: Vec<String> = std::fs::read_dir(format!("/proc/{s}/fd"))
@@ -1918,11 +1936,20 @@ async fn environment_script_and_record_fields() {
         // A worker in the host's network namespace reaches the host on loopback.
         assert_eq!(ip.to_string(), "127.0.0.1");
     } else {
-        assert!(
-            !ip.is_loopback(),
-            "a worker with its own network cannot use loopback"
-        );
+        // A worker with its own network cannot use loopback: the gateway reaches the host.
+        assert_eq!(ip.to_string(), d.net.gateway());
     }
+
+    // In a session: BERTH_SESSION_ID is the session's id.
+    let session = berth_tests::open_session(&c, 60).await;
+    let mut req = python_request(1, env_code);
+    req.session_id = session.id.clone();
+    let w3 = launch_one(&c, req).await;
+    let w3 = await_one(&c, &w3.id).await;
+    assert_eq!(w3.status(), pb::WorkerStatus::Succeeded, "{w3:?}");
+    let env: BTreeMap<String, String> = serde_json::from_str(&stdout_of(&c, &w3.id).await).unwrap();
+    assert_eq!(env.get("BERTH_SESSION_ID"), Some(&session.id), "{env:?}");
+    assert_eq!(env["BERTH_WORKER_ID"], w3.id);
 
     // script is resolved against workdir and wins over code.
     let dir = tempfile::tempdir().unwrap();
@@ -2023,4 +2050,95 @@ async fn environment_script_and_record_fields() {
     assert_eq!((k.exit_code, k.signal), (None, Some(11)));
     assert_eq!(k.reason, "killed by SIGSEGV");
     assert!(k.finished_at.is_some() && k.started_at.is_some());
+}
+
+/// `WatchWorkers`: an event per change of a selected worker, each the whole `Worker` as List
+/// shows it then, in lifecycle order, ending with its final state; `initial` sends the current
+/// state first; `statuses` selects events by the worker's new status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_workers_events_carry_the_whole_worker() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let session = berth_tests::open_session(&c, 120).await;
+    let watch = |statuses: Vec<i32>, initial: bool| {
+        let c = c.clone();
+        let session_id = session.id.clone();
+        async move {
+            c.workers()
+                .watch_workers(pb::WatchWorkersRequest {
+                    session_id,
+                    statuses,
+                    initial,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mut all = watch(vec![], false).await;
+    let mut failed_only = watch(vec![pb::WorkerStatus::Failed as i32], false).await;
+    let mut req = command_request(1, &["/bin/sh", "-c", "echo hi; sleep 0.2; exit 3"]);
+    req.session_id = session.id.clone();
+    let w = launch_one(&c, req).await;
+    let mut seen: Vec<pb::Worker> = Vec::new();
+    while seen.last().is_none_or(|w| w.finished_at.is_none()) {
+        let ev = tokio::time::timeout(within(30.0), all.message())
+            .await
+            .expect("no event within 30 s")
+            .unwrap()
+            .expect("the stream ended");
+        let got = ev.worker.expect("an event carries its worker");
+        assert_eq!(
+            got.id, w.id,
+            "another worker in this session's watch: {got:?}"
+        );
+        seen.push(got);
+    }
+    let order = |s: pb::WorkerStatus| match s {
+        pb::WorkerStatus::Pending => 0,
+        pb::WorkerStatus::Starting => 1,
+        pb::WorkerStatus::Running => 2,
+        _ => 3,
+    };
+    let statuses: Vec<pb::WorkerStatus> = seen.iter().map(|w| w.status()).collect();
+    assert!(
+        statuses.windows(2).all(|p| order(p[0]) <= order(p[1])),
+        "out of lifecycle order: {statuses:?}"
+    );
+    let running = seen
+        .iter()
+        .find(|w| w.status() == pb::WorkerStatus::Running)
+        .unwrap_or_else(|| panic!("no RUNNING event: {statuses:?}"));
+    assert!(
+        running.pid > 0 && running.started_at.is_some(),
+        "{running:?}"
+    );
+    assert_eq!(running.session_id, session.id);
+    assert!(!running.ip_address.is_empty(), "{running:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last.status(), pb::WorkerStatus::Failed, "{last:?}");
+    assert_eq!(
+        (last.exit_code, last.reason.as_str()),
+        (Some(3), "exited with code 3")
+    );
+    assert_eq!(last.started_at, running.started_at);
+    // The final event is the worker as List shows it.
+    assert_eq!(*last, get(&c, &w.id).await);
+    // Selected by status: only the end.
+    let ev = tokio::time::timeout(within(10.0), failed_only.message())
+        .await
+        .expect("no FAILED event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.worker.as_ref(), Some(last));
+    // `initial`: the current state first, at once.
+    let mut again = watch(vec![], true).await;
+    let ev = tokio::time::timeout(within(10.0), again.message())
+        .await
+        .expect("no initial event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.worker.as_ref(), Some(last));
 }

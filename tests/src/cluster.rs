@@ -166,10 +166,20 @@ impl Drop for SchedulerNode {
 
 /// A host daemon of `cpu` cores and `memory_gb` GiB joined to `scheduler`.
 pub async fn start_host(scheduler: &SchedulerNode, cpu: f64, memory_gb: f64) -> Result<Daemon> {
+    start_host_with(scheduler, cpu, memory_gb, "").await
+}
+
+/// [`start_host`] with `tables` (TOML tables, after `[resources]`) in its config.
+pub async fn start_host_with(
+    scheduler: &SchedulerNode,
+    cpu: f64,
+    memory_gb: f64,
+    tables: &str,
+) -> Result<Daemon> {
     Daemon::start_with(DaemonOptions {
         tcp: true,
         config: format!(
-            "scheduler = \"{}\"\n[resources]\ncpu = {cpu:.1}\nmemory_gb = {memory_gb:.1}\n",
+            "scheduler = \"{}\"\n[resources]\ncpu = {cpu:.1}\nmemory_gb = {memory_gb:.1}\n{tables}",
             scheduler.addr
         ),
         ..Default::default()

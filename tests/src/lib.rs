@@ -51,6 +51,28 @@ macro_rules! require_root {
     };
 }
 
+/// A test that finds something it needs missing (a tool, a kernel feature): it is skipped with
+/// `reason`, except under CI as root (`CI=true`), where the machine is meant to have it and a
+/// skip would pass a test that never ran.
+pub fn cannot_run(reason: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !(ci && is_root()),
+        "CI (root, CI=true) cannot run this test: {reason}"
+    );
+    eprintln!("skipped: {reason}");
+}
+
+/// Whether `program` is on `PATH`; if not, [`cannot_run`] says so.
+pub fn have(program: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()));
+    if !found {
+        cannot_run(&format!("{program} is not installed"));
+    }
+    found
+}
+
 /// Directory holding `berthd`, `berth-shim` and `berth`, built if needed.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -205,6 +227,8 @@ pub struct DaemonOptions {
     pub config: String,
     /// Also listen on TCP (a free loopback port).
     pub tcp: bool,
+    /// Further listen addresses (as `listen` in the config takes them).
+    pub listen: Vec<String>,
     /// Extra command-line flags.
     pub args: Vec<String>,
     /// Network namespaces the daemon keeps ready (`netns_pool`); default 4.
@@ -363,6 +387,7 @@ impl Daemon {
         if let Some(t) = &tcp {
             listen.push(format!("\"{t}\""));
         }
+        listen.extend(opts.listen.iter().map(|l| format!("\"{l}\"")));
         let net = TestNet::claim()?;
         let config = format!(
             "name = \"{name}\"\nstate_dir = \"{}\"\nlisten = [{}]\nmetrics_listen = \"\"\n\
@@ -627,6 +652,18 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// This daemon's `berth-shim` processes: each works in its worker's directory under the
+    /// daemon's state dir (`ls -l /proc/<pid>/cwd` in README).
+    pub fn shims(&self) -> Vec<u32> {
+        let state = self.state_dir();
+        processes_named("berth-shim")
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|c| c.starts_with(&state))
+            })
+            .collect()
+    }
+
     /// Worker network namespace files of this daemon (`<state>/netns/<id>`).
     pub fn netns_files(&self) -> Vec<String> {
         std::fs::read_dir(self.state_dir().join("netns"))
@@ -650,12 +687,26 @@ impl Daemon {
             }
             let _ = std::fs::remove_file(&p);
         }
-        // The daemon keeps the files on a tmpfs of its own, which outlives it.
-        if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-            // SAFETY: c is a valid NUL-terminated path.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        // The daemon keeps the files on a tmpfs of its own, which outlives it while worker
+        // networks are left (the daemon unmounts it itself otherwise: see `Drop`).
+        if self.netns_mounted() {
+            unmount(&dir);
         }
     }
+
+    /// Whether `<state>/netns` is a mount point (the daemon's tmpfs for namespace files).
+    pub fn netns_mounted(&self) -> bool {
+        is_mount_point(&self.state_dir().join("netns"))
+    }
+}
+
+/// Whether `dir` is a mount point: on another device than its parent.
+pub fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(d), Some(Ok(p))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    d.dev() != p.dev()
 }
 
 /// Host ends of worker veths that exist now, as (link name, worker id): the daemon labels each
@@ -690,7 +741,13 @@ pub fn veth_of(id: &str) -> Option<String> {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.stop_daemon(libc::SIGTERM);
+        let stopped = self.stop_daemon(libc::SIGTERM);
+        // README: the netns tmpfs "is unmounted when the daemon stops with no worker network
+        // left". The harness unmounts it only where worker networks are left, so a daemon that
+        // forgets fails the test that dropped it.
+        let mount_left = stopped.is_some_and(|s| s.success())
+            && self.netns_files().is_empty()
+            && self.netns_mounted();
         // Shims (which outlive the daemon by design) end once their workers are killed.
         self.kill_all_workers();
         self.remove_worker_networks();
@@ -698,6 +755,13 @@ impl Drop for Daemon {
         std::thread::sleep(Duration::from_millis(50));
         if self.state_mounted {
             unmount(&self.state_dir());
+        }
+        if mount_left && !std::thread::panicking() {
+            panic!(
+                "berthd stopped with no worker network left but left its netns tmpfs mounted on \
+                 {}/netns",
+                self.state_dir().display()
+            );
         }
     }
 }
@@ -920,6 +984,18 @@ pub fn children_named(ppid: u32, comm: &str) -> Vec<u32> {
         })
         .map(|(pid, _, _)| pid)
         .collect()
+}
+
+/// Whether process `pid` has a handler for `signal` (`SigCgt` of `/proc/<pid>/status`).
+pub fn catches_signal(pid: u32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
 }
 
 /// The parent of `pid`.

@@ -166,6 +166,100 @@ async fn a_refusal_rolls_back_the_part_that_started() {
     assert_eq!(s.launch(launch(4, 1.0), None).await.unwrap().len(), 4);
 }
 
+/// README: a host that cannot be reached makes the scheduler roll back the parts that started
+/// and place again without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_host_is_rolled_back_and_replaced() {
+    let (s, fakes) = cluster(3, res(2.0, 8.0, 0, 16));
+    // Bin-packing fills the host that already runs a worker first: the next launch of three
+    // takes its free core and two of another host's.
+    let first = s.launch(launch(1, 1.0), None).await.unwrap();
+    let dead = fakes.get(&first[0].host).unwrap();
+    dead.unreachable.store(true, Ordering::Relaxed);
+    let ws = s.launch(launch(3, 1.0), None).await.unwrap();
+    assert_eq!(ws.len(), 3);
+    assert!(ws.iter().all(|w| w.host != first[0].host), "{ws:#?}");
+    assert!(s.metrics().placement_retries.load(Ordering::Relaxed) >= 1);
+    // The part that started on the reachable host in the first placement was stopped: what runs
+    // is the first worker and the three the client got, nothing more.
+    let placed = ids(&ws);
+    let mut running = BTreeSet::new();
+    for h in fakes.all() {
+        for w in h.workers() {
+            if w.status == pb::WorkerStatus::Running as i32 {
+                running.insert(w.id);
+            } else {
+                assert!(!placed.contains(&w.id), "{w:?}");
+                assert_eq!(w.status, pb::WorkerStatus::Stopped as i32, "{w:?}");
+            }
+        }
+    }
+    let want: BTreeSet<String> = placed
+        .iter()
+        .cloned()
+        .chain([first[0].id.clone()])
+        .collect();
+    assert_eq!(running, want);
+    let stopped: usize = fakes
+        .all()
+        .iter()
+        .map(|h| h.workers().len() - running_on(h))
+        .sum();
+    assert!(
+        stopped >= 1,
+        "the first placement never reached a second host"
+    );
+}
+
+/// README: at most `launch_attempts` placements, then the launch is refused whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_attempts_bounds_the_placements_tried() {
+    let fakes = FakeCluster::new();
+    for i in 0..5 {
+        fakes.add(&format!("h{i:05}"), res(1.0, 8.0, 0, 16), BTreeMap::new());
+    }
+    let s = Scheduler::new(
+        SchedulerOptions {
+            launch_attempts: 3,
+            ..opts()
+        },
+        Arc::new(FakeConnector(fakes.clone())),
+    );
+    s.start();
+    for h in fakes.all() {
+        s.heartbeat(h.beat(1)).unwrap();
+        h.refuse_launches.store(true, Ordering::Relaxed);
+    }
+    let err = s.launch(launch(1, 1.0), None).await.unwrap_err();
+    assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
+    let calls = |fakes: &FakeCluster| -> u64 {
+        fakes
+            .all()
+            .iter()
+            .map(|h| h.launch_calls.load(Ordering::Relaxed))
+            .sum()
+    };
+    assert_eq!(
+        calls(&fakes),
+        3,
+        "one host asked per attempt, three attempts"
+    );
+    // Every host unreachable: refused as UNAVAILABLE, after as many attempts.
+    for h in fakes.all() {
+        h.refuse_launches.store(false, Ordering::Relaxed);
+        h.unreachable.store(true, Ordering::Relaxed);
+    }
+    let retries = s.metrics().placement_retries.load(Ordering::Relaxed);
+    let err = s.launch(launch(1, 1.0), None).await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert_eq!(
+        s.metrics().placement_retries.load(Ordering::Relaxed) - retries,
+        2,
+        "three placements: two retries"
+    );
+    assert!(fakes.all().iter().all(|h| running_on(h) == 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_launches_never_overcommit_a_host() {
     let (s, fakes) = cluster(20, res(64.0, 64.0, 0, 4));

@@ -933,7 +933,9 @@ impl CgroupFs {
         subtree: &str,
         parent: Option<&str>,
     ) -> Result<Self> {
-        let mut bases = Vec::new();
+        // Every hierarchy is looked up before any directory is made: a refused start leaves
+        // no subtree behind in the hierarchies it did find.
+        let mut found = Vec::new();
         for c in Controller::V1 {
             let name = c.v1_name();
             let Some(m) = mounts.iter().find(|m| {
@@ -946,6 +948,10 @@ impl CgroupFs {
                 }
                 continue;
             };
+            found.push((c, name, m));
+        }
+        let mut bases = Vec::new();
+        for (c, name, m) in found {
             let own_path = own
                 .iter()
                 .find(|(cs, _)| cs.iter().any(|x| x == name))
@@ -1918,14 +1924,15 @@ mod tests {
             tried += 1;
         }
         if tried == 0 {
-            eprintln!("skipped: neither cgroup2 nor the v1 devices controller is mounted");
+            crate::cannot_run("neither cgroup2 nor the v1 devices controller is mounted");
         } else {
             eprintln!("device rules enforced by {tried} cgroup interface(s)");
         }
     }
 
     /// The real cgroup file system with a subtree of its own for a test, or `None` (with the
-    /// reason printed) where the test cannot run: not root, or no usable hierarchy.
+    /// reason printed) where the test cannot run: not root, or no usable hierarchy (a failure
+    /// under CI, see [`crate::cannot_run`]).
     fn test_cgroups(subtree: &str) -> Option<CgroupFs> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -1933,7 +1940,7 @@ mod tests {
             return None;
         }
         CgroupFs::discover(&format!("{subtree}-{}", std::process::id()), None)
-            .inspect_err(|e| eprintln!("skipped: {e}"))
+            .inspect_err(|e| crate::cannot_run(&e.to_string()))
             .ok()
     }
 

@@ -677,24 +677,52 @@ mod tests {
         assert_eq!(w, vec![("w".to_string(), 1)]);
     }
 
+    /// What queues while a group commit is under way goes into the next one together (a
+    /// hundred submits and a commit: one write), and a commit is answered only once its group
+    /// is in the store: not while the store is still writing, and readable when it is.
     #[tokio::test]
     async fn writer_groups_and_acks() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("s.redb");
-        let (s, _) = Store::open(&path).unwrap();
-        let (w, h) = StoreWriter::start(s);
+        let f = Arc::new(FakeStore::open(&path));
+        let (w, h) = StoreWriter::start_shared(f.clone());
+        f.hold();
+        let commit = |key: &'static str, value: u32| {
+            let w = w.clone();
+            tokio::spawn(async move { w.commit(vec![Op::put(Table::Workers, key, &value)]).await })
+        };
+        let first = commit("first", 0);
+        until_applied(&f, 1).await;
         for i in 0..100u32 {
             w.submit(vec![Op::put(Table::Workers, &format!("k{i}"), &i)])
                 .await;
         }
-        w.commit(vec![Op::put(Table::Workers, "last", &100u32)])
-            .await
-            .unwrap();
+        let last = commit("last", 100);
+        // The store is still writing the first group: nobody has an answer, nothing is there.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished(), "acknowledged before the store wrote");
+        assert!(!last.is_finished(), "acknowledged before the store wrote");
+        assert!(keys(f.store()).is_empty());
+        f.release();
+        first.await.unwrap().unwrap();
+        assert!(keys(f.store()).contains(&"first".to_string()));
+        last.await.unwrap().unwrap();
+        assert_eq!(
+            keys(f.store()).len(),
+            102,
+            "acknowledged but not in the store"
+        );
+        assert_eq!(
+            f.attempts(),
+            2,
+            "the submits and the last commit were one group commit"
+        );
         w.stop();
         h.join().unwrap();
+        drop(f);
         let (s, _) = Store::open(&path).unwrap();
         let (all, _): (Vec<(String, u32)>, _) = s.load(Table::Workers).unwrap();
-        assert_eq!(all.len(), 101);
+        assert_eq!(all.len(), 102);
     }
 
     fn keys(s: &Store) -> Vec<String> {

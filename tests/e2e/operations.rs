@@ -1,0 +1,425 @@
+//! End-to-end tests of what operators use: README's grpcurl and CLI commands run as written,
+//! health and reflection, `--print-config`, JSON logs, shutdown on SIGINT, the ready cgroups a
+//! crashed daemon left, several daemons side by side, and the `r` kernel.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use berth_tests::{
+    await_all, await_running, command_request, ids_of, launch, output_of, pb, require_root, scaled,
+    veth_of, Daemon, DaemonOptions,
+};
+
+/// The workspace root (README.md is there).
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
+
+/// The fenced blocks of `markdown` whose info string is `sh runnable`, in order.
+fn runnable_blocks(markdown: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match current.as_mut() {
+            None if line.trim_end() == "```sh runnable" => current = Some(String::new()),
+            None => {}
+            Some(_) if line.trim_end() == "```" => blocks.extend(current.take()),
+            Some(b) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+        }
+    }
+    blocks
+}
+
+/// Runs `script` with bash (`-e`, `pipefail`) in the workspace, README's addresses and paths
+/// replaced by the test daemon's (its TCP port for `127.0.0.1:7300`, which is also the CLI's
+/// `BERTH_ADDR`, its socket for `/run/berth/berthd.sock`, this build's binaries for
+/// `target/release/`).
+fn run_as_written(d: &Daemon, script: &str) -> std::process::Output {
+    let bins = format!("{}/", berth_tests::bin_dir().display());
+    let script = script
+        .replace("127.0.0.1:7300", d.tcp.as_deref().unwrap())
+        .replace("/run/berth/berthd.sock", &d.socket.to_string_lossy())
+        .replace("target/release/", &bins);
+    Command::new("bash")
+        .args(["-e", "-o", "pipefail", "-c", &script])
+        .current_dir(workspace())
+        .env("BERTH_ADDR", d.tcp.as_deref().unwrap())
+        .output()
+        .expect("run bash")
+}
+
+/// README's runnable blocks (CLI and grpcurl) run as written against a daemon: a command that
+/// no longer exists, a flag renamed or a method gone fails this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_commands_run_as_written() {
+    require_root!();
+    if !berth_tests::have("grpcurl") {
+        return;
+    }
+    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
+    let blocks = runnable_blocks(&readme);
+    let all = blocks.concat();
+    for (what, needle) in [
+        ("the CLI", "$B launch"),
+        ("grpcurl over TCP", "grpcurl -plaintext 127.0.0.1:7300"),
+        ("grpcurl over the Unix socket", "-unix"),
+    ] {
+        assert!(all.contains(needle), "no runnable block runs {what}");
+    }
+    let d = Daemon::start_with(DaemonOptions {
+        tcp: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for block in &blocks {
+        let out = run_as_written(&d, block);
+        assert!(
+            out.status.success(),
+            "README block failed ({}):\n{block}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // What they did is what README says they do: workers were launched, and none failed.
+    let c = d.client().await.unwrap();
+    let ws = c
+        .workers()
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert!(ws.len() >= 6, "the blocks launched too little: {ws:#?}");
+    for w in await_all(&c, &ids_of(&ws)).await.unwrap() {
+        assert!(
+            matches!(
+                w.status(),
+                pb::WorkerStatus::Succeeded | pb::WorkerStatus::Stopped
+            ),
+            "{w:?}"
+        );
+    }
+}
+
+/// `grpc.health.v1` says SERVING, and reflection lets grpcurl list and describe every service
+/// without proto files, over TCP and over the Unix socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_through_grpcurl() {
+    require_root!();
+    if !berth_tests::have("grpcurl") {
+        return;
+    }
+    let d = Daemon::start_with(DaemonOptions {
+        tcp: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let tcp = d.tcp.clone().unwrap();
+    let grpcurl = |args: &[&str]| {
+        let out = Command::new("grpcurl").args(args).output().unwrap();
+        assert!(out.status.success(), "grpcurl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed: BTreeSet<String> = grpcurl(&["-plaintext", &tcp, "list"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for service in ["berth.v1.Workers", "berth.v1.Host", "grpc.health.v1.Health"] {
+        assert!(listed.contains(service), "{service} not in {listed:?}");
+    }
+    let health = grpcurl(&["-plaintext", &tcp, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("\"SERVING\""), "{health}");
+    let methods = grpcurl(&["-plaintext", &tcp, "describe", "berth.v1.Workers"]);
+    assert!(methods.contains("rpc WatchWorkers"), "{methods}");
+    let sock = d.socket.to_string_lossy().into_owned();
+    let info = grpcurl(&[
+        "-plaintext",
+        "-unix",
+        "-authority",
+        "localhost",
+        &sock,
+        "berth.v1.Host/GetHostInfo",
+    ]);
+    assert!(
+        info.contains(&format!("\"name\": \"{}\"", d.name)),
+        "{info}"
+    );
+}
+
+/// `berthd --print-config` prints the effective configuration: the file's values, flags over
+/// them, defaults for the rest; it starts nothing (a daemon already runs on this state dir).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_config_shows_the_effective_configuration() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let (code, out) = d
+        .run_another(&["--print-config", "--log-format", "json"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    let has = |line: &str| out.lines().any(|l| l.trim() == line);
+    assert!(
+        has(&format!("name = \"{}\"", d.name)),
+        "the file's name:\n{out}"
+    );
+    assert!(has(&format!("bridge = \"{}\"", d.net.bridge)), "{out}");
+    assert!(has("log_format = \"json\""), "the flag wins:\n{out}");
+    // Keys the file does not set are there with their defaults.
+    for table in [
+        "[limits]",
+        "[retention]",
+        "[kernels.python3]",
+        "[kernels.r]",
+    ] {
+        assert!(has(table), "{table} missing:\n{out}");
+    }
+    assert!(!out.contains("in use by berthd"), "{out}");
+}
+
+/// `log_format = "json"`: every line of the log is a JSON object with a level and a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_json_lines() {
+    require_root!();
+    let d = Daemon::start_with(DaemonOptions {
+        args: vec!["--log-format".into(), "json".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let ws = launch(&c, command_request(1, &["/bin/true"])).await;
+    await_all(&c, &ids_of(&ws)).await.unwrap();
+    let log = d.log();
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\nlog:\n{log}"));
+        assert!(v["level"].is_string(), "{line}");
+        messages.push(v["fields"]["message"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m.contains("cgroups ready")),
+        "{messages:#?}"
+    );
+}
+
+/// SIGINT is a graceful shutdown as SIGTERM is: berthd exits 0, its workers keep running, and
+/// the next start re-adopts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_shuts_down_gracefully_and_workers_keep_running() {
+    require_root!();
+    let mut d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let ws = launch(&c, command_request(1, &["sleep", "600"])).await;
+    let before = await_running(&c, &ids_of(&ws)).await;
+    drop(c);
+    let st = d.stop_daemon(libc::SIGINT).expect("daemon running");
+    assert!(st.success(), "berthd exited with {st}:\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("SIGINT") && log.contains("shutting down"),
+        "{log}"
+    );
+    let pid = before[0].pid;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the worker died with the daemon"
+    );
+    d.restart(&[]).await.unwrap();
+    let c = d.client().await.unwrap();
+    let after = await_running(&c, &ids_of(&ws)).await;
+    assert_eq!(after[0].pid, pid, "re-adopted");
+}
+
+/// v1: the ready cgroups (`_ready_<random>`) go with the daemon, and those of a crashed one are
+/// removed by the next start. (v2 keeps no ready cgroups.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_cgroups_of_a_crashed_daemon_are_removed_at_the_next_start() {
+    require_root!();
+    let mut d = Daemon::start_with(DaemonOptions {
+        config: "[cgroup]\npool = 4\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = d.client().await.unwrap();
+    if berth_tests::host_info(&c).await.cgroup_version != 1 {
+        eprintln!("cgroup v2: no ready cgroups to leave behind");
+        return;
+    }
+    // The pool keeps cgroups with the latest launch's quota: one launch gives it one.
+    let ws = launch(&c, command_request(1, &["/bin/true"])).await;
+    await_all(&c, &ids_of(&ws)).await.unwrap();
+    drop(c);
+    let ready = |d: &Daemon| -> BTreeSet<String> {
+        d.cgroup_subtrees()
+            .iter()
+            .filter_map(|s| std::fs::read_dir(s).ok())
+            .flat_map(|rd| rd.flatten())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("_ready_"))
+            .collect()
+    };
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    while ready(&d).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "no ready cgroups made: {:?}",
+            ready(&d)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ready(&d);
+    d.stop_daemon(libc::SIGKILL);
+    assert_eq!(ready(&d), left, "a crash removes nothing");
+    d.restart(&[]).await.unwrap();
+    let still: Vec<String> = ready(&d).intersection(&left).cloned().collect();
+    assert!(
+        still.is_empty(),
+        "ready cgroups of the crashed daemon left: {still:?}"
+    );
+    // And the graceful stop takes its own along.
+    let c = d.client().await.unwrap();
+    let ws = launch(&c, command_request(1, &["/bin/true"])).await;
+    await_all(&c, &ids_of(&ws)).await.unwrap();
+    drop(c);
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    while ready(&d).is_empty() {
+        assert!(Instant::now() < deadline, "no ready cgroups made again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = d.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "{st}");
+    assert!(
+        ready(&d).is_empty(),
+        "left by a graceful stop: {:?}",
+        ready(&d)
+    );
+}
+
+/// Several daemons with distinct bridges and subnets never touch each other's links: a second
+/// daemon's start-up clean-up and its stop leave the first one's bridge and worker veths alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_side_by_side_leave_each_others_links_alone() {
+    require_root!();
+    let a = Daemon::start().await.unwrap();
+    let ca = a.client().await.unwrap();
+    let wa = launch(&ca, command_request(1, &["sleep", "600"])).await;
+    await_running(&ca, &ids_of(&wa)).await;
+    let veth = veth_of(&wa[0].id).expect("the worker's veth");
+    let link = |name: &str| Path::new("/sys/class/net").join(name).exists();
+    assert!(link(&a.net.bridge));
+
+    let mut b = Daemon::start().await.unwrap();
+    let cb = b.client().await.unwrap();
+    let wb = launch(&cb, command_request(1, &["/bin/true"])).await;
+    await_all(&cb, &ids_of(&wb)).await.unwrap();
+    assert!(link(&veth), "{veth} of the first daemon's worker went");
+    drop(cb);
+    let st = b.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "{st}");
+    assert!(link(&veth), "{veth} went with the second daemon");
+    assert!(link(&a.net.bridge), "{} went", a.net.bridge);
+    // And the first daemon's worker is as it was.
+    let w = &ca
+        .workers()
+        .list_workers(pb::ListWorkersRequest {
+            ids: ids_of(&wa),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers[0];
+    assert_eq!(w.status(), pb::WorkerStatus::Running, "{w:?}");
+}
+
+/// The `r` kernel runs `code` with Rscript, with berth's variables in the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_r_kernel_runs_code_with_rscript() {
+    require_root!();
+    if !berth_tests::have("Rscript") {
+        return;
+    }
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let w = launch(
+        &c,
+        pb::LaunchWorkersRequest {
+            n: 1,
+            cpu: 0.5,
+            memory_gb: 0.5,
+            kernel: "r".into(),
+            code: "cat(R.version$language, Sys.getenv('BERTH_WORKER_ID'), '\\n')".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .remove(0);
+    assert_eq!(w.kernel, "r");
+    let done = await_all(&c, std::slice::from_ref(&w.id)).await.unwrap();
+    let out = output_of(&c, &w.id, pb::Stream::Stdout).await.unwrap();
+    let err = output_of(&c, &w.id, pb::Stream::Stderr).await.unwrap();
+    assert_eq!(
+        done[0].status(),
+        pb::WorkerStatus::Succeeded,
+        "{:?}\n{}",
+        done[0],
+        String::from_utf8_lossy(&err)
+    );
+    assert_eq!(String::from_utf8_lossy(&out), format!("R {} \n", w.id));
+}
+
+/// README: a delegated cgroup that lacks `cpu`, `memory` or `pids` makes berthd refuse to start,
+/// naming the controller. On v1 a berthd started in a mount namespace where the `pids`
+/// hierarchy is not mounted shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_controller_berthd_refuses_to_start_and_names_it() {
+    require_root!();
+    if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        eprintln!("cgroup v2 here: the v1 check does not apply (check_controllers covers v2)");
+        return;
+    }
+    if !berth_tests::have("unshare") {
+        return;
+    }
+    let mut d = Daemon::start().await.unwrap();
+    let st = d.stop_daemon(libc::SIGTERM).expect("daemon running");
+    assert!(st.success(), "{st}");
+    let before = d.cgroup_subtrees();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("umount -l /sys/fs/cgroup/pids && exec \"$0\" --config \"$1\"")
+        .arg(berth_tests::bin("berthd"))
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "berthd started without pids:\n{text}"
+    );
+    assert!(
+        text.contains("pids"),
+        "the controller is not named:\n{text}"
+    );
+    assert_eq!(
+        d.cgroup_subtrees(),
+        before,
+        "the refused start made cgroups"
+    );
+}
