@@ -149,6 +149,10 @@ pub struct WorkerRecord {
     /// The user the worker runs as.
     #[serde(default)]
     pub user: String,
+    /// Bytes of the worker's output that could not be kept (a full disk, an I/O error); the
+    /// stream's offsets jump over them.
+    #[serde(default)]
+    pub output_dropped_bytes: u64,
 }
 
 impl WorkerRecord {
@@ -187,6 +191,7 @@ impl WorkerRecord {
             gpu_memory_used_bytes: 0,
             owner: String::new(),
             user: String::new(),
+            output_dropped_bytes: 0,
         }
     }
 }

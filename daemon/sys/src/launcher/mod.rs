@@ -20,7 +20,7 @@ mod zygote;
 use std::path::Path;
 
 pub use creds::{cap_number, default_rlimits, CredsError, Rlimit, WorkerCreds};
-pub use proc::{pidfd_open, reap};
+pub use proc::{exit_status, pidfd_exit, pidfd_kill, pidfd_open, reap, PidfdExit};
 pub use shim::{
     decode_status, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec, EXIT_FILE,
     SPEC_FILE,

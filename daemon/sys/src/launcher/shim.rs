@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::WorkerCgroup;
-use crate::output::{Rotation, SegmentWriter, StreamKind};
+use crate::output::{dropped_bytes, record_dropped, Rotation, SegmentWriter, StreamKind};
 
 use super::creds::{current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
 use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
@@ -898,6 +898,8 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let mut main_status: Option<i32> = None;
     let mut drain_deadline: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
+    // Counted over all runs of the worker (a restart starts a new shim in the same directory).
+    let mut dropped = dropped_bytes(dir);
     loop {
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
         for (i, fd) in fds.iter().enumerate() {
@@ -931,8 +933,12 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
                 // SAFETY: buf is valid for buf.len() bytes.
                 let n = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
                 if n > 0 {
-                    // A full disk must not kill the worker: drop output rather than block.
-                    let _ = s.writers[i].write(&buf[..n as usize]);
+                    // A full disk must not kill the worker: drop output rather than block, and
+                    // say how much in the worker's directory, where the daemon reads it.
+                    if let Err(e) = s.writers[i].write(&buf[..n as usize]) {
+                        dropped += e.bytes;
+                        let _ = record_dropped(dir, dropped);
+                    }
                     continue;
                 }
                 if n == 0 {
