@@ -327,7 +327,7 @@ impl Host {
     /// with a lease of [`REINSTATED_TTL`] and the worker's owner, so that it ends when its
     /// client is gone, as any session does. Returns how many were reinstated.
     async fn reinstate_sessions(&self, plan: &[(WorkerRecord, Pickup)]) -> usize {
-        let now = SystemTime::now();
+        let now = self.inner.opts.clock.now();
         let mut reinstated = Vec::new();
         {
             let mut sessions = self.inner.sessions();
@@ -340,7 +340,7 @@ impl Host {
                 if sessions.contains_key(sid) {
                     continue;
                 }
-                let s = Session::reinstated(sid.clone(), rec.owner.clone(), now);
+                let s = Session::reinstated(sid.clone(), rec.owner.clone(), &now);
                 tracing::warn!(
                     session = %sid,
                     worker = %rec.id,
