@@ -167,6 +167,8 @@ mod tests {
     use std::process::{Command, Stdio};
 
     #[test]
+    // The child is reaped by `exit_status`, the function under test.
+    #[allow(clippy::zombie_processes)]
     fn the_end_of_our_own_child_is_reaped_here() {
         let child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
