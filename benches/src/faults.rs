@@ -6,7 +6,9 @@
 //!   `sleep`) or ended with the status its exit code gives (`sh -c 'exit K'`: SUCCEEDED for 0,
 //!   FAILED with exit code K otherwise);
 //! - a launch whose answer the kill cut off exists whole or not at all (all-or-nothing), and
-//!   where it exists, its workers are as above;
+//!   where it exists, its workers are as above, or FAILED as never started where berthd died
+//!   after the launch's records were durable but before it wrote that worker's spec (counted
+//!   apart: the client was never told of them);
 //! - nothing else exists: no worker of a launch never made, no worker cgroup without its worker;
 //! - once the round's workers are stopped, no cgroup, network namespace, veth or process of any
 //!   of them is left.
@@ -148,6 +150,7 @@ struct Tally {
     acked_workers: usize,
     cut_found_whole: usize,
     cut_absent: usize,
+    cut_never_started: usize,
     workers_checked: usize,
     lost: usize,
     problems: Vec<String>,
@@ -160,6 +163,13 @@ impl Tally {
             self.problems.push(what);
         }
     }
+}
+
+/// Whether worker `w` is FAILED because berthd died before it started it.
+fn never_started(w: &pb::Worker) -> bool {
+    w.status == pb::WorkerStatus::Failed as i32
+        && w.reason
+            .contains("berthd stopped before it started the worker")
 }
 
 /// Whether worker `w` of a launch of `kind` is where it should be.
@@ -263,7 +273,7 @@ async fn main() -> Result<()> {
                 other => t.lose(format!("worker {} of no launch made ({other:?})", w.id)),
             }
         }
-        let mut to_await: Vec<(Kind, Vec<String>)> = Vec::new();
+        let mut to_await: Vec<(Kind, bool, Vec<String>)> = Vec::new();
         for a in &attempts {
             t.attempts += 1;
             let found = by_label.get(&a.label).cloned().unwrap_or_default();
@@ -298,14 +308,16 @@ async fn main() -> Result<()> {
                     a.n
                 )),
             }
-            to_await.push((a.kind, found_ids.into_iter().collect()));
+            to_await.push((a.kind, a.acked.is_some(), found_ids.into_iter().collect()));
         }
         // Each where it should be: sleepers running, the others ended with their code.
-        for (kind, ids) in &to_await {
+        for (kind, acked, ids) in &to_await {
             let ws = await_ids(&c, ids, *kind != Kind::Sleep).await?;
             for w in &ws {
                 t.workers_checked += 1;
-                if !right_end(*kind, w) {
+                if !acked && never_started(w) {
+                    t.cut_never_started += 1;
+                } else if !right_end(*kind, w) {
                     t.lose(format!(
                         "worker {} ({kind:?}): status {:?}, exit code {:?}, reason {:?}",
                         w.id,
@@ -346,34 +358,47 @@ async fn main() -> Result<()> {
                 ..Default::default()
             })
             .await?;
-        for id in d.worker_cgroups() {
-            t.lose(format!("cgroup {id} left after the stop"));
-        }
-        for ns in d.netns_files() {
-            t.lose(format!("network namespace {ns} left after the stop"));
-        }
-        let veths: Vec<(String, String)> = berth_tests::worker_veths()
-            .into_iter()
-            .filter(|(_, w)| known.contains(w))
-            .collect();
-        for (veth, w) in veths {
-            t.lose(format!("veth {veth} of {w} left after the stop"));
-        }
-        for id in &live {
-            let procs = d.worker_cgroup_procs(id);
-            if !procs.is_empty() {
-                t.lose(format!("processes {procs:?} of {id} left after the stop"));
+        // The kernel tears network namespaces (and their veths) down on its own time: what is
+        // still there after 10 s is left over.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let leftovers = loop {
+            let mut left = Vec::new();
+            for id in d.worker_cgroups() {
+                left.push(format!("cgroup {id} left after the stop"));
             }
+            for ns in d.netns_files() {
+                left.push(format!("network namespace {ns} left after the stop"));
+            }
+            for (veth, w) in berth_tests::worker_veths() {
+                if known.contains(&w) {
+                    left.push(format!("veth {veth} of {w} left after the stop"));
+                }
+            }
+            for id in &live {
+                let procs = d.worker_cgroup_procs(id);
+                if !procs.is_empty() {
+                    left.push(format!("processes {procs:?} of {id} left after the stop"));
+                }
+            }
+            if left.is_empty() || Instant::now() >= deadline {
+                break left;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for l in leftovers {
+            t.lose(l);
         }
         println!(
             "round {round:2}: kill after {:5} ms; launches {:2} ({:2} acknowledged, {} cut off: \
-             {} whole, {} absent); {:3} workers checked; restart {restart_ms} ms; lost {}",
+             {} whole, {} absent; {} of their workers never started); {:3} workers checked; \
+             restart {restart_ms} ms; lost {}",
             delay.as_millis(),
             t.attempts,
             t.acked_launches,
             t.attempts - t.acked_launches,
             t.cut_found_whole,
             t.cut_absent,
+            t.cut_never_started,
             t.workers_checked,
             t.lost
         );
@@ -385,12 +410,14 @@ async fn main() -> Result<()> {
         total.acked_workers += t.acked_workers;
         total.cut_found_whole += t.cut_found_whole;
         total.cut_absent += t.cut_absent;
+        total.cut_never_started += t.cut_never_started;
         total.workers_checked += t.workers_checked;
         total.lost += t.lost;
     }
     println!(
         "{rounds} rounds in {:.0} s: {} launches ({} acknowledged with {} workers; {} cut off by \
-         the kill: {} found whole, {} absent), {} workers checked, {} workers ever listed; lost {}",
+         the kill: {} found whole, {} absent, {} of their workers never started), {} workers \
+         checked, {} workers ever listed; lost {}",
         run.elapsed().as_secs_f64(),
         total.attempts,
         total.acked_launches,
@@ -398,6 +425,7 @@ async fn main() -> Result<()> {
         total.attempts - total.acked_launches,
         total.cut_found_whole,
         total.cut_absent,
+        total.cut_never_started,
         total.workers_checked,
         ever.len(),
         total.lost
