@@ -244,3 +244,37 @@ async fn a_shim_killed_leaves_its_worker_lost_and_killed() {
     let end = await_all(&c, &ids_of(&ws)).await.unwrap();
     assert_eq!(end[0].status, pb::WorkerStatus::Succeeded as i32);
 }
+
+/// Code past the command line is written once for a launch, not once per worker: every
+/// worker's directory holds a hard link to one file, their specs do not hold the code, and each
+/// worker runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_s_long_code_is_stored_once_for_all_its_workers() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let head = "import sys; print(len(open(sys.argv[0]).read()))\n";
+    let code = format!("{head}#{}\n", "x".repeat((256 << 10) - head.len() - 2));
+    let ws = launch(&c, python_request(3, &code)).await;
+    let ids = ids_of(&ws);
+    for w in await_all(&c, &ids).await.unwrap() {
+        assert_eq!(w.status, pb::WorkerStatus::Succeeded as i32, "{w:?}");
+        let out = berth_tests::output_of(&c, &w.id, pb::Stream::Stdout)
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), format!("{}\n", 256 << 10));
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    let files: Vec<std::fs::Metadata> = ids
+        .iter()
+        .map(|id| std::fs::metadata(d.state_dir().join("workers").join(id).join("source")).unwrap())
+        .collect();
+    assert!(files.iter().all(|m| m.ino() == files[0].ino()), "one file");
+    assert_eq!(files[0].nlink(), 3);
+    assert_eq!(files[0].len(), 256 << 10);
+    for id in &ids {
+        let spec = d.state_dir().join("workers").join(id).join("spec.json");
+        let len = std::fs::metadata(&spec).unwrap().len();
+        assert!(len < 64 << 10, "{} holds {len} bytes", spec.display());
+    }
+}

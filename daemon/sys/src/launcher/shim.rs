@@ -68,7 +68,15 @@ pub struct ShimSpec {
     /// user, as no file of the daemon's private state dir is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The code is in the worker directory's [`SOURCE_FILE`] instead (`source` is `None`): a
+    /// hard link to the one copy every worker of the launch shares, so that a launch of `n`
+    /// workers writes its code once, not `n` times.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_file: bool,
 }
+
+/// Where a worker's directory holds its launch's code when the spec says `source_file`.
+pub const SOURCE_FILE: &str = "source";
 
 /// How a worker ended, as the shim recorded it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,7 +397,18 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
         Some(p) => Some(open_cloexec(p, libc::O_RDONLY).map_err(setup)?),
         None => None,
     };
-    let source = match &spec.source {
+    let shared;
+    let code = match &spec.source {
+        Some(code) => Some(code),
+        None if spec.source_file => {
+            let path = dir.join(SOURCE_FILE);
+            shared = fs::read_to_string(&path)
+                .map_err(|e| format!("code on fd 3: read {}: {e}", path.display()))?;
+            Some(&shared)
+        }
+        None => None,
+    };
+    let source = match code {
         Some(code) => Some(source_memfd(code).map_err(|e| format!("code on fd 3: {e}"))?),
         None => None,
     };
@@ -1266,6 +1285,7 @@ mod tests {
             meta: serde_json::Value::Null,
             creds: None,
             source: None,
+            source_file: false,
         };
         // What an older daemon wrote: no `creds` key at all.
         let mut old = serde_json::to_value(&spec).unwrap();
@@ -1399,6 +1419,7 @@ mod tests {
             meta: serde_json::Value::Null,
             creds,
             source: None,
+            source_file: false,
         }
     }
 
