@@ -18,14 +18,50 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// pace to find its session again, short enough that the workers of a client that is gone end.
 pub const REINSTATED_TTL: Duration = Duration::from_secs(600);
 
-/// A session and its lease. Times are wall-clock, so a lease keeps counting across a restart of
-/// the daemon.
+/// A reading of the kernel's `CLOCK_BOOTTIME`: time since the boot `boot_id` (the kernel's
+/// random boot id), suspend included. Unlike the wall clock it never steps; it means nothing
+/// on another boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTime {
+    pub boot_id: String,
+    pub since_boot: Duration,
+}
+
+/// Now, on the clocks a lease is measured on: the wall clock, and the boot clock where the host
+/// has one (`None`: leases fall back to the wall clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseNow {
+    pub wall: SystemTime,
+    pub boot: Option<BootTime>,
+}
+
+impl From<SystemTime> for LeaseNow {
+    fn from(wall: SystemTime) -> Self {
+        Self { wall, boot: None }
+    }
+}
+
+impl From<&LeaseNow> for LeaseNow {
+    fn from(now: &LeaseNow) -> Self {
+        now.clone()
+    }
+}
+
+/// A session and its lease. The lease is measured on the boot clock ([`BootTime`]), so that a
+/// step of the wall clock changes nothing and the lease keeps counting across a restart of the
+/// daemon (down longer than the lease: it ends at start-up); after a reboot, when the boot clock
+/// of the record means nothing, on the wall clock (`expires_at`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
     pub ttl: Duration,
     pub created_at: SystemTime,
+    /// The lease's end by the wall clock, as clients are told it.
     pub expires_at: SystemTime,
+    /// The lease's end on `CLOCK_BOOTTIME` of the boot it names: what decides on that boot.
+    /// `None` in records of older daemons and where the host has no boot clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<BootTime>,
     pub labels: BTreeMap<String, String>,
     /// The user name of the caller that opened it: who may keep it alive, close it and launch
     /// into it.
@@ -42,8 +78,9 @@ impl Session {
         id: String,
         ttl_seconds: u32,
         labels: BTreeMap<String, String>,
-        now: SystemTime,
+        now: impl Into<LeaseNow>,
     ) -> Result<Self> {
+        let now = now.into();
         let ttl = if ttl_seconds == 0 {
             DEFAULT_TTL
         } else {
@@ -58,8 +95,9 @@ impl Session {
         Ok(Self {
             id,
             ttl,
-            created_at: now,
-            expires_at: now + ttl,
+            created_at: now.wall,
+            expires_at: now.wall + ttl,
+            deadline: deadline_after(&now, ttl),
             labels,
             owner: String::new(),
             ended_at: None,
@@ -68,26 +106,40 @@ impl Session {
 
     /// Session `id` of `owner` again, open from `now` with a lease of [`REINSTATED_TTL`]: its
     /// record was lost, its workers live on. Its labels and its own TTL went with the record.
-    pub fn reinstated(id: String, owner: String, now: SystemTime) -> Self {
+    pub fn reinstated(id: String, owner: String, now: impl Into<LeaseNow>) -> Self {
+        let now = now.into();
         Self {
             id,
             ttl: REINSTATED_TTL,
-            created_at: now,
-            expires_at: now + REINSTATED_TTL,
+            created_at: now.wall,
+            expires_at: now.wall + REINSTATED_TTL,
+            deadline: deadline_after(&now, REINSTATED_TTL),
             labels: BTreeMap::new(),
             owner,
             ended_at: None,
         }
     }
 
+    /// How long the lease has left at `now`: on the boot clock where the deadline is of the
+    /// boot `now` reads, else on the wall clock.
+    pub fn remaining(&self, now: impl Into<LeaseNow>) -> Duration {
+        let now = now.into();
+        match (&self.deadline, &now.boot) {
+            (Some(d), Some(b)) if d.boot_id == b.boot_id => {
+                d.since_boot.saturating_sub(b.since_boot)
+            }
+            _ => self.expires_at.duration_since(now.wall).unwrap_or_default(),
+        }
+    }
+
     /// Whether the lease has lapsed at `now`.
-    pub fn expired(&self, now: SystemTime) -> bool {
-        now >= self.expires_at
+    pub fn expired(&self, now: impl Into<LeaseNow>) -> bool {
+        self.remaining(now).is_zero()
     }
 
     /// Whether the session is open at `now`: not ended, and its lease has not lapsed. Only an
     /// open session takes workers and renewals.
-    pub fn is_open(&self, now: SystemTime) -> bool {
+    pub fn is_open(&self, now: impl Into<LeaseNow>) -> bool {
         self.ended_at.is_none() && !self.expired(now)
     }
 
@@ -108,9 +160,31 @@ impl Session {
     }
 
     /// Renews the lease from `now`.
-    pub fn renew(&mut self, now: SystemTime) {
-        self.expires_at = now + self.ttl;
+    pub fn renew(&mut self, now: impl Into<LeaseNow>) {
+        let now = now.into();
+        self.expires_at = now.wall + self.ttl;
+        self.deadline = deadline_after(&now, self.ttl);
     }
+
+    /// Takes the lease of `other` (the same session, renewed elsewhere) where it ends later.
+    pub fn keep_later_lease(&mut self, other: &Session) {
+        let later = match (&self.deadline, &other.deadline) {
+            (Some(a), Some(b)) if a.boot_id == b.boot_id => b.since_boot > a.since_boot,
+            _ => other.expires_at > self.expires_at,
+        };
+        if later {
+            self.expires_at = other.expires_at;
+            self.deadline = other.deadline.clone();
+        }
+    }
+}
+
+/// The boot-clock deadline `ttl` after `now`, where `now` has a boot clock.
+fn deadline_after(now: &LeaseNow, ttl: Duration) -> Option<BootTime> {
+    now.boot.as_ref().map(|b| BootTime {
+        boot_id: b.boot_id.clone(),
+        since_boot: b.since_boot + ttl,
+    })
 }
 
 #[cfg(test)]
@@ -154,6 +228,61 @@ mod tests {
         assert!(!s.is_open(secs(2)));
         assert!(!s.forgettable(secs(5), Duration::from_secs(5)));
         assert!(s.forgettable(secs(7), Duration::from_secs(5)));
+    }
+
+    fn at(wall_s: u64, boot: &str, boot_s: u64) -> LeaseNow {
+        LeaseNow {
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(wall_s),
+            boot: Some(BootTime {
+                boot_id: boot.into(),
+                since_boot: Duration::from_secs(boot_s),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_measured_on_the_boot_clock_of_its_boot() {
+        const DAY: u64 = 24 * 3600;
+        // Opened at wall 1000 s, 50 s after boot "a", for 30 s.
+        let mut s = Session::open("s".into(), 30, BTreeMap::new(), at(1000, "a", 50)).unwrap();
+        // (now, expired, remaining s): steps of the wall clock change nothing on boot "a".
+        let cases: &[(LeaseNow, bool, u64)] = &[
+            (at(1010, "a", 60), false, 20),
+            (at(1010 + DAY, "a", 60), false, 20),
+            (at(1010 - 900, "a", 60), false, 20),
+            (at(1000 + DAY, "a", 80), true, 0),
+            (at(1000, "a", 80), true, 0),
+            (at(1000, "a", 90), true, 0),
+            // Another boot (a reboot): the wall clock decides.
+            (at(1010, "b", 5), false, 20),
+            (at(1030, "b", 5), true, 0),
+            (at(1100, "b", 5), true, 0),
+            // A daemon without a boot clock: the wall clock too.
+            (
+                LeaseNow::from(SystemTime::UNIX_EPOCH + Duration::from_secs(1029)),
+                false,
+                1,
+            ),
+        ];
+        for (now, expired, left) in cases {
+            assert_eq!(s.expired(now), *expired, "{now:?}");
+            assert_eq!(s.remaining(now), Duration::from_secs(*left), "{now:?}");
+        }
+        // A renewal a day later by the wall clock, 10 s later by the boot clock.
+        s.renew(at(1000 + DAY, "a", 60));
+        assert_eq!(s.remaining(at(0, "a", 70)), Duration::from_secs(20));
+        assert_eq!(
+            s.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1030 + DAY)
+        );
+        // The later of two leases of one boot is the boot clock's, whatever the wall said.
+        let mut older = Session::open("s".into(), 30, BTreeMap::new(), at(5000, "a", 55)).unwrap();
+        older.keep_later_lease(&s);
+        assert_eq!(older.deadline, s.deadline);
+        let mut newer = s.clone();
+        newer.renew(at(0, "a", 65));
+        s.keep_later_lease(&newer);
+        assert_eq!(s.deadline, newer.deadline);
     }
 
     #[test]

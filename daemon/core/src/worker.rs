@@ -152,6 +152,10 @@ pub struct WorkerRecord {
     /// The launch's `request_id`: a retry of it by the same owner gets this worker back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Bytes of the worker's output that could not be kept (a full disk, an I/O error); the
+    /// stream's offsets jump over them.
+    #[serde(default)]
+    pub output_dropped_bytes: u64,
 }
 
 impl WorkerRecord {
@@ -191,6 +195,7 @@ impl WorkerRecord {
             owner: String::new(),
             user: String::new(),
             request_id: None,
+            output_dropped_bytes: 0,
         }
     }
 }

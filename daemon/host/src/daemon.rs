@@ -153,6 +153,7 @@ pub fn host_options(cfg: &Config) -> HostOptions {
         },
         limits: cfg.limits,
         exec: exec_limits(cfg),
+        clock: Arc::new(berth_sys::clock::SystemClock::new()),
     }
 }
 

@@ -94,7 +94,7 @@ pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
         owner: w.owner.clone(),
         user: w.user.clone(),
         pooled: false,
-        output_dropped_bytes: 0,
+        output_dropped_bytes: w.output_dropped_bytes,
     }
 }
 

@@ -2,6 +2,7 @@
 //! cgroups, spawning shims, worker output files and their change notifications, host facts.
 
 pub mod cgroup;
+pub mod clock;
 pub mod devbpf;
 pub mod fake;
 pub mod gpu;

@@ -61,6 +61,11 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
 
 /// Appends to one stream with rotation. Used by the shim only (single writer per stream). The
 /// directory and first segment are created on the first write, so a silent worker costs no files.
+///
+/// A write that fails (a full disk, an I/O error) drops what it could not write and never blocks
+/// the worker: the current segment ends where its last byte landed and the next one starts after
+/// the dropped bytes, so the stream's offsets jump over them and a reader sees the gap (a read
+/// from inside it starts at the next kept byte, as after a rotation).
 #[derive(Debug)]
 pub struct SegmentWriter {
     dir: PathBuf,
@@ -70,6 +75,15 @@ pub struct SegmentWriter {
     base: u64,
     /// Bytes in the current segment.
     len: u64,
+}
+
+/// Output that could not be written: how much, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{bytes} bytes of output dropped: {source}")]
+pub struct OutputDropped {
+    pub bytes: u64,
+    #[source]
+    pub source: io::Error,
 }
 
 impl SegmentWriter {
@@ -96,41 +110,71 @@ impl SegmentWriter {
         self.base + self.len
     }
 
-    /// Appends `data`, starting a new segment first when the current one is full.
-    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+    /// Appends `data`, starting a new segment first when the current one is full. On a failure,
+    /// what was not written is dropped and the offsets move past it (see the type's docs).
+    pub fn write(&mut self, data: &[u8]) -> Result<(), OutputDropped> {
+        let mut written = 0;
+        let Err(source) = self.append(data, &mut written) else {
+            return Ok(());
+        };
+        // A failed write may still have put some bytes in the file: those are kept, and the
+        // segment's length on disk stays what its offsets say.
+        if let Some(on_disk) = self.file.as_ref().and_then(|f| f.metadata().ok()) {
+            let extra = on_disk.len().saturating_sub(self.len);
+            let extra = extra.min((data.len() - written) as u64);
+            self.len += extra;
+            written += extra as usize;
+        }
+        let bytes = (data.len() - written) as u64;
+        // The next byte kept starts a segment of its own after the gap. Made now where it can
+        // be (an empty file needs no data block), so readers see the gap at once; else with
+        // the next write.
+        let next = self.end() + bytes;
+        self.file = None;
+        self.base = next;
+        self.len = 0;
+        let _ = self.start_segment(next);
+        Err(OutputDropped { bytes, source })
+    }
+
+    fn append(&mut self, mut data: &[u8], written: &mut usize) -> io::Result<()> {
         while !data.is_empty() {
+            if self.file.is_none() {
+                self.start_segment(self.base)?;
+            }
             if self.len >= self.rotation.segment_bytes {
-                self.rotate()?;
+                self.start_segment(self.end())?;
             }
             let room = (self.rotation.segment_bytes - self.len) as usize;
             let n = room.min(data.len());
-            let file = match &mut self.file {
-                Some(f) => f,
-                None => {
-                    fs::create_dir_all(&self.dir)?;
-                    let f = OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(self.dir.join(segment_name(self.base)))?;
-                    self.file.insert(f)
-                }
+            let Some(file) = self.file.as_mut() else {
+                return Err(io::Error::other("no segment open"));
             };
-            file.write_all(&data[..n])?;
-            self.len += n as u64;
-            data = &data[n..];
+            let done = match file.write(&data[..n]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(done) => done,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.len += done as u64;
+            *written += done;
+            data = &data[done..];
         }
         Ok(())
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
-        let base = self.end();
+    /// Opens (or makes) the segment that starts at `base` as the current one, and deletes the
+    /// oldest segments past the cap.
+    fn start_segment(&mut self, base: u64) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join(segment_name(base)))?;
+        let len = file.metadata()?.len();
         self.file = Some(file);
         self.base = base;
-        self.len = 0;
+        self.len = len;
         let segs = list_segments(&self.dir)?;
         let keep = self.rotation.segments.max(1) as usize;
         if segs.len() > keep {
@@ -140,6 +184,25 @@ impl SegmentWriter {
         }
         Ok(())
     }
+}
+
+/// The file in a worker's directory whose size is how many bytes of the worker's output (all
+/// runs, both streams) were dropped: a sparse file, so that it can grow on a full disk.
+pub const DROPPED_FILE: &str = "output.dropped";
+
+/// Records that `total` bytes of the output of the worker in `dir` were dropped so far.
+pub fn record_dropped(dir: &Path, total: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(dir.join(DROPPED_FILE))?;
+    f.set_len(total)
+}
+
+/// How many bytes of the output of the worker in `dir` were dropped (0 when none was).
+pub fn dropped_bytes(dir: &Path) -> u64 {
+    fs::metadata(dir.join(DROPPED_FILE)).map_or(0, |m| m.len())
 }
 
 /// What a read of a stream found.
@@ -263,6 +326,46 @@ mod tests {
         assert_eq!(w.end(), 10);
         w.write(b"ab").unwrap();
         assert_eq!(read_stream(d.path(), 0, 100).unwrap().data, b"0123456789ab");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_a_gap_in_the_offsets() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path()).unwrap();
+        // The first segment is /dev/full: every write to it fails with ENOSPC.
+        std::os::unix::fs::symlink("/dev/full", d.path().join(segment_name(0))).unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(100, 4)).unwrap();
+        let e = w.write(b"lost line\n").unwrap_err();
+        assert_eq!(e.bytes, 10);
+        assert_eq!(e.source.raw_os_error(), Some(libc::ENOSPC));
+        // The offsets went on after the drop, and the next segment already marks the gap.
+        assert_eq!(w.end(), 10);
+        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 10]);
+        // As on a real full disk, the failed segment holds nothing (/dev/full reads zeros).
+        fs::remove_file(d.path().join(segment_name(0))).unwrap();
+        File::create(d.path().join(segment_name(0))).unwrap();
+        w.write(b"kept\n").unwrap();
+        assert_eq!(w.end(), 15);
+        assert_eq!(stream_end(d.path()).unwrap(), 15);
+        let r = read_stream(d.path(), 0, 100).unwrap();
+        assert_eq!((r.offset, r.data.as_slice()), (10, &b"kept\n"[..]));
+        // A reader inside the gap skips to the next kept byte.
+        let r = read_stream(d.path(), 3, 100).unwrap();
+        assert_eq!((r.offset, r.data.as_slice()), (10, &b"kept\n"[..]));
+        // A shim that starts again (a restart) goes on after the gap too.
+        drop(w);
+        let w = SegmentWriter::open(d.path(), rot(100, 4)).unwrap();
+        assert_eq!(w.end(), 15);
+    }
+
+    #[test]
+    fn dropped_bytes_are_the_size_of_a_sparse_file() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(dropped_bytes(d.path()), 0);
+        record_dropped(d.path(), 1 << 40).unwrap();
+        assert_eq!(dropped_bytes(d.path()), 1 << 40);
+        record_dropped(d.path(), (1 << 40) + 5).unwrap();
+        assert_eq!(dropped_bytes(d.path()), (1 << 40) + 5);
     }
 
     #[test]

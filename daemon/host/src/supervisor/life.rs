@@ -1,7 +1,7 @@
 //! A worker's life after its spawn: following its shim to the end, the final record, what it
 //! held given back, and ON_FAILURE restarts.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,6 +13,7 @@ use berth_core::error::Result;
 use berth_core::launch;
 use berth_core::worker::{final_state, Exit, WorkerRecord, WorkerStatus};
 use berth_sys::launcher::{self, ShimHandle, ShimSpec};
+use berth_sys::output;
 
 use super::Inner;
 
@@ -93,12 +94,18 @@ async fn life(inner: Arc<Inner>, id: String, mut run: Run) {
     loop {
         let next = match run {
             Run::Spawned(handle) => {
-                let (exit, times) = follow_worker(&inner, &id, handle).await;
-                inner.clone().finish(&id, exit, times).await
+                let end = follow_worker(&inner, &id, handle).await;
+                inner
+                    .clone()
+                    .finish_as(&id, end.exit, end.times, end.lost)
+                    .await
             }
             Run::Adopted { shim_pid, pidfd } => {
-                let (exit, times) = await_shim(&inner, &id, shim_pid, pidfd, None).await;
-                inner.clone().finish(&id, exit, times).await
+                let end = await_shim(&inner, &id, shim_pid, pidfd, None).await;
+                inner
+                    .clone()
+                    .finish_as(&id, end.exit, end.times, end.lost)
+                    .await
             }
             Run::Ended => {
                 let (exit, times) = exit_from_files(&inner, &id).await;
@@ -120,10 +127,46 @@ async fn life(inner: Arc<Inner>, id: String, mut run: Run) {
     }
 }
 
+/// How a run of a worker ended, as its shim told or, where the shim died, as its death tells.
+struct RunEnd {
+    exit: Exit,
+    times: RunTimes,
+    /// The shim died without an exit record: the worker's end is unknown (LOST, for this
+    /// reason).
+    lost: Option<String>,
+}
+
+/// How long a shim may take to say whether its worker started. A start takes milliseconds; a
+/// shim stuck before its handshake (in the kernel, on a cgroup write) is killed after this, and
+/// its worker did not start.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Follows one run of a worker from its shim's handshake to its end; returns how it ended.
-async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> (Exit, RunTimes) {
+async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> RunEnd {
     let shim_pid = handle.pid;
-    let hs = read_handshake(handle.handshake).await;
+    let Ok(hs) = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_handshake(handle.handshake)).await
+    else {
+        let why = format!(
+            "no handshake from the shim within {} s",
+            HANDSHAKE_TIMEOUT.as_secs()
+        );
+        inner.metrics.spawn_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(worker = %id, shim = shim_pid, "{why}; killing the shim");
+        if let Err(e) = launcher::pidfd_kill(handle.pidfd.as_fd(), libc::SIGKILL) {
+            tracing::warn!(worker = %id, shim = shim_pid, error = %e, "shim not killed");
+        }
+        // Its end is awaited (and its worker's cgroup killed by `finish_as`); the worker never
+        // ran as far as this daemon knows.
+        let _ = await_shim(inner, id, shim_pid, handle.pidfd, Some(why.clone())).await;
+        return RunEnd {
+            exit: Exit {
+                spawn_error: Some(why),
+                ..Default::default()
+            },
+            times: RunTimes::default(),
+            lost: None,
+        };
+    };
     match &hs {
         Ok(hs) => {
             let admitted = inner.lock().workers.get(id).map(|e| e.admitted);
@@ -150,22 +193,29 @@ async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> (Exi
     await_shim(inner, id, shim_pid, handle.pidfd, hs.err()).await
 }
 
+/// How long the daemon waits, after a shim ended without an exit record, for its parent (a
+/// zygote) to reap it so that the kernel can tell how it ended.
+const SHIM_REAP_WAIT: Duration = Duration::from_secs(1);
+
 /// Waits for the shim of worker `id` to exit; returns the end its exit record tells. Used for
-/// shims this daemon started and for shims it re-adopted after a restart.
+/// shims this daemon started and for shims it re-adopted after a restart. A shim that left no
+/// record (killed, crashed) died: the worker, which may still run, is LOST with how the shim
+/// ended (its cgroup is killed by `finish_as` before that end is recorded).
 async fn await_shim(
     inner: &Arc<Inner>,
     id: &str,
     shim_pid: u32,
     pidfd: OwnedFd,
     handshake_error: Option<String>,
-) -> (Exit, RunTimes) {
+) -> RunEnd {
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the fd
     // stays open and refers to the same pidfd for the AsyncFd's whole life.
     let registered =
         unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
-    match registered {
+    let pidfd = match registered {
         Ok(fd) => {
             let _ = fd.readable().await;
+            Some(fd.into_inner())
         }
         Err(e) => {
             // Without a pollable pidfd, poll the pid.
@@ -175,16 +225,59 @@ async fn await_shim(
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            None
         }
-    }
+    };
     let dir = inner.worker_dir(id);
-    let rec = tokio::task::spawn_blocking(move || {
-        launcher::reap(shim_pid);
-        launcher::read_exit(&dir)
+    let read = tokio::task::spawn_blocking(move || {
+        let reaped = launcher::reap(shim_pid);
+        let rec = launcher::read_exit(&dir);
+        let status = match rec {
+            Ok(Some(_)) => None,
+            _ => reaped.or_else(|| {
+                launcher::exit_status(shim_pid, pidfd.as_ref().map(|f| f.as_fd()), SHIM_REAP_WAIT)
+            }),
+        };
+        (rec, status)
     })
     .await;
+    let (rec, status) = match read {
+        Ok((rec, status)) => (Ok(rec), status),
+        Err(e) => (Err(e), None),
+    };
+    if matches!(rec, Ok(Ok(None))) {
+        let signalled = status.is_some_and(|s| libc::WIFSIGNALED(s));
+        // A shim that said why its worker did not start ended as it should; any other end
+        // without a record is a death.
+        if handshake_error.is_none() || signalled {
+            let why = shim_death(status);
+            tracing::warn!(worker = %id, shim = shim_pid, reason = %why, "shim died without an exit record; its worker is lost");
+            return RunEnd {
+                exit: Exit::default(),
+                times: RunTimes::default(),
+                lost: Some(why),
+            };
+        }
+    }
     let missing = handshake_error.unwrap_or_else(|| "shim exited without an exit record".into());
-    outcome_of(rec, missing)
+    let (exit, times) = outcome_of(rec, missing);
+    RunEnd {
+        exit,
+        times,
+        lost: None,
+    }
+}
+
+/// The reason of a worker whose shim ended with wait status `status` (`None`: not known) and
+/// left no exit record.
+fn shim_death(status: Option<i32>) -> String {
+    match status {
+        Some(s) if libc::WIFSIGNALED(s) => format!("shim died (signal {})", libc::WTERMSIG(s)),
+        Some(s) if libc::WIFEXITED(s) => {
+            format!("shim died (exit code {})", libc::WEXITSTATUS(s))
+        }
+        _ => "shim died (exit status unknown)".to_owned(),
+    }
 }
 
 /// How a worker ended, from its shim's exit record.
@@ -386,7 +479,7 @@ impl Inner {
     ) -> Next {
         let inner = self.clone();
         let cid = id.to_owned();
-        let stats = tokio::task::spawn_blocking(move || {
+        let (stats, dropped) = tokio::task::spawn_blocking(move || {
             let stats = inner.cgroups.stats(&cid);
             if let Err(e) = inner.cgroups.kill_all(&cid, Duration::from_secs(10)) {
                 tracing::warn!(worker = %cid, error = %e, "worker processes survived the kill");
@@ -394,10 +487,11 @@ impl Inner {
             if let Err(e) = inner.cgroups.remove(&cid) {
                 tracing::warn!(worker = %cid, error = %e, "cgroup not removed");
             }
-            stats
+            (stats, output::dropped_bytes(&inner.worker_dir(&cid)))
         })
         .await
         .unwrap_or_default();
+        self.note_dropped_output(id, dropped);
         exit.oom_killed = stats.oom_kills > 0;
         let known = self.lock().workers.contains_key(id);
         if !known {
@@ -489,6 +583,13 @@ mod tests {
 
     fn at(ms: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_shims_death_is_told_by_its_wait_status() {
+        assert_eq!(shim_death(Some(libc::SIGKILL)), "shim died (signal 9)");
+        assert_eq!(shim_death(Some(3 << 8)), "shim died (exit code 3)");
+        assert_eq!(shim_death(None), "shim died (exit status unknown)");
     }
 
     #[test]

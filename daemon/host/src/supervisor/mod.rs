@@ -26,6 +26,7 @@ use berth_core::limits::{ExecLimits, LaunchLimits};
 use berth_core::session::Session;
 use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::{CgroupVersion, Cgroups};
+use berth_sys::clock::{Clock, SystemClock};
 use berth_sys::devbpf::DeviceNode;
 use berth_sys::gpu::{self, GpuDevice, GpuMonitor, GpuSample, Gpus, NoGpus};
 use berth_sys::launcher::Spawner;
@@ -97,6 +98,8 @@ pub struct HostOptions {
     pub limits: LaunchLimits,
     /// The kernel's exec limits for the workers.
     pub exec: ExecLimits,
+    /// The clocks session leases are measured on.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl HostOptions {
@@ -128,6 +131,7 @@ impl HostOptions {
             exec: ExecLimits {
                 arg_max: berth_sys::host::arg_max().min(berth_core::limits::ARG_MAX_CEILING),
             },
+            clock: Arc::new(SystemClock::new()),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use berth_core::error::{Error, Result};
 use berth_core::worker::{Filter, WorkerRecord, WorkerStatus};
+use berth_sys::output;
 
 use super::{AwaitOutcome, Entry, Host, Inner, State};
 
@@ -32,7 +33,9 @@ impl Host {
                     .into_iter()
                     .map(|id| {
                         let s = inner.cgroups.stats(&id);
-                        (id, s)
+                        // A stat of one sparse file: how much output the shim had to drop.
+                        let dropped = output::dropped_bytes(&inner.worker_dir(&id));
+                        (id, (s, dropped))
                     })
                     .collect::<HashMap<_, _>>()
             })
@@ -40,10 +43,14 @@ impl Host {
             .map_err(|e| Error::Internal(format!("read usage: {e}")))?;
             let gpu_memory = self.inner.gpu_memory_by_worker();
             for r in &mut recs {
-                if let Some(s) = usage.get(&r.id) {
+                if let Some((s, dropped)) = usage.get(&r.id) {
                     r.cpu_seconds = s.cpu_seconds;
                     r.memory_peak_bytes = s.memory_peak_bytes;
                     r.gpu_memory_used_bytes = gpu_memory.get(&r.id).copied().unwrap_or(0);
+                    if *dropped > r.output_dropped_bytes {
+                        r.output_dropped_bytes = *dropped;
+                        self.inner.note_dropped_output(&r.id, *dropped);
+                    }
                 }
             }
         }
@@ -172,6 +179,21 @@ impl Inner {
         ids.iter()
             .filter_map(|id| st.workers.get(id).map(|e| e.rec.clone()))
             .collect()
+    }
+
+    /// Keeps a running worker's count of dropped output (a live figure, like its usage: not
+    /// written to the store until the worker ends) and logs each rise of it.
+    pub(super) fn note_dropped_output(&self, id: &str, dropped: u64) {
+        let mut st = self.lock();
+        let Some(e) = st.workers.get_mut(id) else {
+            return;
+        };
+        if dropped > e.rec.output_dropped_bytes {
+            let before = e.rec.output_dropped_bytes;
+            e.rec.output_dropped_bytes = dropped;
+            drop(st);
+            tracing::warn!(worker = %id, dropped_bytes = dropped, new = dropped - before, "worker output dropped (full disk or I/O error)");
+        }
     }
 
     pub(super) fn status(&self, id: &str) -> Option<WorkerStatus> {

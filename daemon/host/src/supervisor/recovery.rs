@@ -327,7 +327,7 @@ impl Host {
     /// with a lease of [`REINSTATED_TTL`] and the worker's owner, so that it ends when its
     /// client is gone, as any session does. Returns how many were reinstated.
     async fn reinstate_sessions(&self, plan: &[(WorkerRecord, Pickup)]) -> usize {
-        let now = SystemTime::now();
+        let now = self.inner.opts.clock.now();
         let mut reinstated = Vec::new();
         {
             let mut sessions = self.inner.sessions();
@@ -340,7 +340,7 @@ impl Host {
                 if sessions.contains_key(sid) {
                     continue;
                 }
-                let s = Session::reinstated(sid.clone(), rec.owner.clone(), now);
+                let s = Session::reinstated(sid.clone(), rec.owner.clone(), &now);
                 tracing::warn!(
                     session = %sid,
                     worker = %rec.id,
@@ -489,9 +489,25 @@ impl Inner {
                     Pickup::Finish(exit, at)
                 }
                 (None, None) if !self.cgroups.pids(&id).is_empty() => Pickup::Orphan,
-                (None, None) if rec.status == WorkerStatus::Pending && rec.restarts > 0 => {
+                // PENDING with nothing of it anywhere: a restart that was due, or a launch whose
+                // records were durable when berthd died before it forked this worker's shim.
+                // Either is started now, from its spec; one whose spec was not even written
+                // cannot be, and did not start.
+                (None, None)
+                    if rec.status == WorkerStatus::Pending
+                        && (rec.restarts > 0 || dir.join(launcher::SPEC_FILE).exists()) =>
+                {
                     Pickup::Respawn
                 }
+                (None, None) if rec.status == WorkerStatus::Pending => Pickup::Finish(
+                    Exit {
+                        spawn_error: Some(
+                            "berthd stopped before it started the worker (no spec written)".into(),
+                        ),
+                        ..Default::default()
+                    },
+                    RunTimes::default(),
+                ),
                 (None, None) => {
                     Pickup::Lost("ended while berthd was down; exit status unknown".into())
                 }

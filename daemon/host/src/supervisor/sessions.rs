@@ -39,7 +39,7 @@ impl Host {
             id.unwrap_or_else(berth_core::new_id),
             ttl_seconds,
             labels,
-            SystemTime::now(),
+            self.inner.opts.clock.now(),
         )?;
         s.owner = owner.to_owned();
         if let Some(store) = &self.inner.store {
@@ -57,13 +57,13 @@ impl Host {
     /// renewal is durable: a renewal the store refuses is UNAVAILABLE and changes nothing.
     pub async fn keep_alive(&self, id: &str) -> Result<Session> {
         let slot = self.inner.slot().await;
-        let now = SystemTime::now();
+        let now = self.inner.opts.clock.now();
         let gone = || Error::NotFound(format!("session {id} not found or ended"));
         let (renewed, committed) = {
             let sessions = self.inner.sessions();
             let mut s = sessions
                 .get(id)
-                .filter(|s| s.is_open(now))
+                .filter(|s| s.is_open(&now))
                 .cloned()
                 .ok_or_else(gone)?;
             s.renew(now);
@@ -77,7 +77,7 @@ impl Host {
         let mut sessions = self.inner.sessions();
         match sessions.get_mut(id) {
             Some(s) if s.ended_at.is_none() => {
-                s.expires_at = s.expires_at.max(renewed.expires_at);
+                s.keep_later_lease(&renewed);
                 Ok(s.clone())
             }
             // It ended while the renewal was written; the end's record follows it.
@@ -94,7 +94,7 @@ impl Host {
         grace: Option<Duration>,
     ) -> Result<Vec<WorkerRecord>> {
         let slot = self.inner.slot().await;
-        let now = SystemTime::now();
+        let now = self.inner.opts.clock.now().wall;
         // A lease that lapsed a moment ago, before the expiry task saw it, still ends here.
         let (ended, committed) = {
             let sessions = self.inner.sessions();
@@ -148,13 +148,13 @@ impl Host {
 
     pub(super) async fn expire_sessions(&self) {
         loop {
-            let now = SystemTime::now();
+            let now = self.inner.opts.clock.now();
             let expired: Vec<Session> = {
                 let mut sessions = self.inner.sessions();
                 sessions
                     .values_mut()
-                    .filter(|s| s.ended_at.is_none() && s.expired(now))
-                    .filter_map(|s| s.end(now).then(|| s.clone()))
+                    .filter(|s| s.ended_at.is_none() && s.expired(&now))
+                    .filter_map(|s| s.end(now.wall).then(|| s.clone()))
                     .collect()
             };
             for s in expired {
@@ -170,7 +170,7 @@ impl Host {
                 sessions
                     .values()
                     .filter(|s| s.ended_at.is_none())
-                    .map(|s| s.expires_at.duration_since(now).unwrap_or_default())
+                    .map(|s| s.remaining(&now))
                     .min()
                     .unwrap_or(Duration::from_secs(1))
                     .clamp(Duration::from_millis(50), Duration::from_secs(1))
@@ -234,7 +234,7 @@ impl Inner {
     ) -> Result<MutexGuard<'_, HashMap<String, Session>>> {
         let sessions = self.sessions();
         match sessions.get(id) {
-            Some(s) if s.is_open(SystemTime::now()) => Ok(sessions),
+            Some(s) if s.is_open(self.opts.clock.now()) => Ok(sessions),
             _ => Err(Error::NotFound(format!("session {id} not found or ended"))),
         }
     }

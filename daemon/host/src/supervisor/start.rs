@@ -15,7 +15,7 @@ use berth_core::limits;
 use berth_core::worker::{WorkerRecord, WorkerStatus};
 use berth_sys::cgroup::Limits;
 use berth_sys::host as hostfs;
-use berth_sys::launcher::{ShimHandle, ShimSpec};
+use berth_sys::launcher::{self, ShimHandle, ShimSpec};
 use berth_sys::netns::{PendingNet, WorkerNet};
 use berth_sys::store::{Op, Table};
 
@@ -264,6 +264,22 @@ impl Host {
             inner.announce(r.clone());
         }
 
+        // Code too long for the command line is written once for the whole launch and hard
+        // linked into every worker's directory; where that fails, each spec carries it.
+        let shared_source = match &prepared.source {
+            Some(code) => {
+                let dirs: Vec<PathBuf> = ids.iter().map(|id| inner.worker_dir(id)).collect();
+                let code = code.clone();
+                let written = tokio::task::spawn_blocking(move || share_source(&dirs, &code))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                if let Err(e) = &written {
+                    tracing::warn!(error = %e, "code not shared: each worker's spec holds it");
+                }
+                written.is_ok()
+            }
+            None => false,
+        };
         let jobs: Vec<SpawnJob> = records
             .iter()
             .map(|rec| {
@@ -279,7 +295,12 @@ impl Host {
                     worker_id: id.clone(),
                     program: prepared.program.clone(),
                     argv: prepared.argv.clone(),
-                    source: prepared.source.clone(),
+                    source: if shared_source {
+                        None
+                    } else {
+                        prepared.source.clone()
+                    },
+                    source_file: shared_source,
                     env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
                     workdir: prepared.workdir.clone(),
                     cgroup: inner.cgroups.worker(id),
@@ -651,4 +672,36 @@ impl Inner {
             }
         }
     }
+}
+
+/// Writes `code` once into the first of `dirs` (worker directories, made here) as its
+/// [`launcher::SOURCE_FILE`] and hard links it into the others: one copy on disk for a launch.
+fn share_source(dirs: &[PathBuf], code: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let Some((first, rest)) = dirs.split_first() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(first)?;
+    let original = first.join(launcher::SOURCE_FILE);
+    // Root's alone, as the spec is: the worker reads it through the shim's memfd.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&original)?
+        .write_all(code.as_bytes())?;
+    for d in rest {
+        std::fs::create_dir_all(d)?;
+        let link = d.join(launcher::SOURCE_FILE);
+        match std::fs::hard_link(&original, &link) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&link)?;
+                std::fs::hard_link(&original, &link)?;
+            }
+            r => r?,
+        }
+    }
+    Ok(())
 }

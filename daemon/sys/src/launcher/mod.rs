@@ -20,10 +20,10 @@ mod zygote;
 use std::path::Path;
 
 pub use creds::{cap_number, default_rlimits, CredsError, Rlimit, WorkerCreds};
-pub use proc::{pidfd_open, reap};
+pub use proc::{exit_status, pidfd_exit, pidfd_kill, pidfd_open, reap, PidfdExit};
 pub use shim::{
     decode_status, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec, EXIT_FILE,
-    SPEC_FILE,
+    SOURCE_FILE, SPEC_FILE,
 };
 pub use spawn::{write_spec, ShimHandle, ShimSpawner, SpawnError, Spawner};
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::WorkerCgroup;
-use crate::output::{Rotation, SegmentWriter, StreamKind};
+use crate::output::{dropped_bytes, record_dropped, Rotation, SegmentWriter, StreamKind};
 
 use super::creds::{current_rlimit, Caps, ChildCreds, KernelRlimit, WorkerCreds};
 use super::proc::{child_signals, drain_signals, pidfd_open, pipe_cloexec, poll_in};
@@ -68,7 +68,15 @@ pub struct ShimSpec {
     /// user, as no file of the daemon's private state dir is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The code is in the worker directory's [`SOURCE_FILE`] instead (`source` is `None`): a
+    /// hard link to the one copy every worker of the launch shares, so that a launch of `n`
+    /// workers writes its code once, not `n` times.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_file: bool,
 }
+
+/// Where a worker's directory holds its launch's code when the spec says `source_file`.
+pub const SOURCE_FILE: &str = "source";
 
 /// How a worker ended, as the shim recorded it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,7 +397,18 @@ fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<St
         Some(p) => Some(open_cloexec(p, libc::O_RDONLY).map_err(setup)?),
         None => None,
     };
-    let source = match &spec.source {
+    let shared;
+    let code = match &spec.source {
+        Some(code) => Some(code),
+        None if spec.source_file => {
+            let path = dir.join(SOURCE_FILE);
+            shared = fs::read_to_string(&path)
+                .map_err(|e| format!("code on fd 3: read {}: {e}", path.display()))?;
+            Some(&shared)
+        }
+        None => None,
+    };
+    let source = match code {
         Some(code) => Some(source_memfd(code).map_err(|e| format!("code on fd 3: {e}"))?),
         None => None,
     };
@@ -898,6 +917,8 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
     let mut main_status: Option<i32> = None;
     let mut drain_deadline: Option<Instant> = None;
     let mut buf = vec![0u8; 64 * 1024];
+    // Counted over all runs of the worker (a restart starts a new shim in the same directory).
+    let mut dropped = dropped_bytes(dir);
     loop {
         let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
         for (i, fd) in fds.iter().enumerate() {
@@ -931,8 +952,12 @@ fn supervise(dir: &Path, spec: &ShimSpec, mut s: Started) -> io::Result<()> {
                 // SAFETY: buf is valid for buf.len() bytes.
                 let n = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
                 if n > 0 {
-                    // A full disk must not kill the worker: drop output rather than block.
-                    let _ = s.writers[i].write(&buf[..n as usize]);
+                    // A full disk must not kill the worker: drop output rather than block, and
+                    // say how much in the worker's directory, where the daemon reads it.
+                    if let Err(e) = s.writers[i].write(&buf[..n as usize]) {
+                        dropped += e.bytes;
+                        let _ = record_dropped(dir, dropped);
+                    }
                     continue;
                 }
                 if n == 0 {
@@ -1263,6 +1288,7 @@ mod tests {
             meta: serde_json::Value::Null,
             creds: None,
             source: None,
+            source_file: false,
         };
         // What an older daemon wrote: no `creds` key at all.
         let mut old = serde_json::to_value(&spec).unwrap();
@@ -1396,6 +1422,7 @@ mod tests {
             meta: serde_json::Value::Null,
             creds,
             source: None,
+            source_file: false,
         }
     }
 

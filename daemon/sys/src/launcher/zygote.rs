@@ -51,6 +51,11 @@ const MAX_REQUEST: usize = 8192;
 /// `0`, pid, start time.
 const REPLY_LEN: usize = 1 + 4 + 8;
 
+/// How long the daemon waits for a zygote's answer (a fork: well under a millisecond, seconds on
+/// a host thrashing under load) before it takes the zygote for lost: a stopped or wedged zygote
+/// must not hold a spawn thread, and its lane, for ever.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A shim the zygote forked.
 #[derive(Debug)]
 pub struct Forked {
@@ -88,6 +93,11 @@ impl Zygote {
     /// Starts `shim --zygote --keep-caps=...` with the new socket pair's other end as its stdin;
     /// it keeps `keep_caps` (numbers) in its bounding set, and drops the rest.
     pub fn start(shim: &Path, keep_caps: &[u8]) -> io::Result<Self> {
+        Self::start_with(shim, keep_caps, ANSWER_TIMEOUT)
+    }
+
+    /// [`Zygote::start`], waiting at most `answer_timeout` for each answer of the zygote.
+    pub fn start_with(shim: &Path, keep_caps: &[u8], answer_timeout: Duration) -> io::Result<Self> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -95,6 +105,24 @@ impl Zygote {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(io::Error::from)?;
+        // Every receive from the zygote is bounded (`spawn` reads EAGAIN at the timeout).
+        let tv = libc::timeval {
+            tv_sec: answer_timeout.as_secs() as libc::time_t,
+            tv_usec: answer_timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: tv is a valid timeval of the size passed; `ours` is an open socket.
+        let r = unsafe {
+            libc::setsockopt(
+                ours.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let child = Command::new(shim)
             .arg(ZYGOTE_ARG)
             .arg(keep_caps_arg(keep_caps))
@@ -114,7 +142,7 @@ impl Zygote {
 
     /// Forks the shim for `dir`, with `handshake` as its stdout (the caller closes its own copy
     /// before it reads the other end). Blocks until the zygote answers (a fork: well under a
-    /// millisecond).
+    /// millisecond), at most the answer timeout: then the zygote is [`ZygoteError::Lost`].
     pub fn spawn(&self, dir: &Path, handshake: BorrowedFd<'_>) -> Result<Forked, ZygoteError> {
         let gone = |e: nix::errno::Errno| ZygoteError::Gone(io::Error::from(e));
         let lost = |e: io::Error| ZygoteError::Lost(e);
@@ -138,6 +166,12 @@ impl Zygote {
                 MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    return Err(lost(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer from the zygote (pid {})", self.pid()),
+                    )))
+                }
                 Err(e) => return Err(lost(io::Error::from(e))),
                 Ok(msg) => break (msg.bytes, received_fd(&msg)),
             }
@@ -462,5 +496,31 @@ mod tests {
         assert_eq!(args(&["--keep-caps=64"]), None);
         assert_eq!(args(&["--keep-caps=-1"]), None);
         assert_eq!(args(&["--other", "--keep-caps=21"]), Some(1 << 21));
+    }
+
+    #[test]
+    fn a_zygote_that_never_answers_is_lost_at_the_timeout() {
+        use std::os::fd::AsFd as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        // Takes requests (its stdin is the socket) and never answers one.
+        let mute = d.path().join("mute-zygote");
+        std::fs::write(&mute, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&mute, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let z = Zygote::start_with(&mute, &[], Duration::from_millis(200)).unwrap();
+        let (_r, w) = super::super::proc::pipe_cloexec().unwrap();
+        let start = Instant::now();
+        let err = z.spawn(d.path(), w.as_fd()).unwrap_err();
+        let waited = start.elapsed();
+        assert!(
+            matches!(&err, ZygoteError::Lost(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err:?}"
+        );
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        let started = Instant::now();
+        drop(z);
+        // Dropping it ends the mute zygote (killed after its second of grace).
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 }
