@@ -13,4 +13,5 @@ pub mod output;
 pub mod peer;
 pub mod state_lock;
 pub mod store;
+pub mod systemd;
 pub mod users;
