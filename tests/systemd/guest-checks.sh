@@ -109,6 +109,11 @@ for i in $(seq "$TRIES"); do
 done
 output_intact
 ok "kill -9 x$TRIES: restarted and re-adopted after${kills} s (RestartSec=1 included); output intact"
+# The zygotes of a killed daemon end with it (their socket closes): only the new one's remain.
+lanes=$(nproc); [ "$lanes" -gt 4 ] && lanes=4
+zygotes=$(for p in $(cat "$SCOPE/supervisor/cgroup.procs"); do cat "/proc/$p/comm"; done | grep -c '^berth-zygote$')
+[ "$zygotes" = "$lanes" ] || fail "$zygotes zygotes in the scope after $TRIES kills, want $lanes"
+ok "no zygote left behind by a killed daemon ($zygotes, one per lane)"
 
 echo "== a hung berthd (SIGSTOP) is restarted by the watchdog"
 wd=$(systemctl show -p WatchdogUSec --value berthd.service)
@@ -161,6 +166,10 @@ systemd/install.sh --uninstall || fail "uninstall"
 systemctl is-active --quiet berthd.service && fail "berthd still active after uninstall"
 ok "uninstalled"
 
+echo "== where a start's time goes (journal, monotonic seconds)"
+journalctl -o short-monotonic --no-pager -u berthd -u berth-workers.scope \
+  | grep -E 'Main process exited|Scheduled restart|Watchdog timeout|Starting berthd|cgroups ready|recovered state|host ready|Started berthd' \
+  | sed -e 's/capacity=.*//' | cut -c1-170
 echo "figure: systemctl start -> serving: first ${start_first}s; after stop (workers re-adopted): median $(echo "$starts" | median)s of:${starts}"
 echo "figure: kill -9 -> restarted and workers re-adopted: median $(echo "$kills" | median)s of:${kills}"
 echo "figure: SIGSTOP -> watchdog restart and re-adoption: ${hung}s (WatchdogSec=$wd)"

@@ -100,7 +100,12 @@ impl ShimSpawner {
     pub fn zygote_pids(&self) -> Vec<u32> {
         self.lanes
             .iter()
-            .filter_map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(Zygote::pid))
+            .filter_map(|l| {
+                l.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(Zygote::pid)
+            })
             .collect()
     }
 
