@@ -123,22 +123,42 @@ pub async fn ensure_scope(
         ("TasksMax", Value::from(u64::MAX)),
     ];
     let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
-    let started = conn
-        .call_method(
+    let body = (unit.as_str(), "fail", props, aux);
+    let start = || {
+        conn.call_method(
             Some("org.freedesktop.systemd1"),
             "/org/freedesktop/systemd1",
             Some("org.freedesktop.systemd1.Manager"),
             "StartTransientUnit",
-            &(unit.as_str(), "fail", props, aux),
+            &body,
         )
-        .await;
-    match started {
+    };
+    let exists = |e: &zbus::Error| {
+        matches!(e, zbus::Error::MethodError(name, _, _)
+            if name.as_str() == "org.freedesktop.systemd1.UnitExists")
+    };
+    match start().await {
         Ok(_) => {}
-        // Another daemon started it meanwhile, or it is still there without processes.
-        Err(zbus::Error::MethodError(name, _, _))
-            if name.as_str() == "org.freedesktop.systemd1.UnitExists" =>
-        {
-            tracing::info!(unit = %unit, "workers' scope exists already");
+        // Still loaded without processes: failed (a worker's OOM kill can fail it), or not yet
+        // collected. A failed unit stays until reset; then the name is free again.
+        Err(e) if exists(&e) => {
+            tracing::info!(unit = %unit, "workers' scope loaded but empty: reset and started anew");
+            let _ = conn
+                .call_method(
+                    Some("org.freedesktop.systemd1"),
+                    "/org/freedesktop/systemd1",
+                    Some("org.freedesktop.systemd1.Manager"),
+                    "ResetFailedUnit",
+                    &(unit.as_str(),),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            start()
+                .await
+                .map_err(|source| ScopeError::Start {
+                    unit: unit.clone(),
+                    source,
+                })?;
         }
         Err(source) => return Err(ScopeError::Start { unit, source }),
     }
