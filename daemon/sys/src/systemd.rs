@@ -153,12 +153,10 @@ pub async fn ensure_scope(
                 )
                 .await;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            start()
-                .await
-                .map_err(|source| ScopeError::Start {
-                    unit: unit.clone(),
-                    source,
-                })?;
+            start().await.map_err(|source| ScopeError::Start {
+                unit: unit.clone(),
+                source,
+            })?;
         }
         Err(source) => return Err(ScopeError::Start { unit, source }),
     }
