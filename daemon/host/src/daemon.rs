@@ -222,6 +222,56 @@ fn private_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Finds or makes this daemon's cgroup subtree. Under systemd on cgroup v2 (berthd run as a
+/// service, no `[cgroup] parent`) that is in berth's transient `Delegate=yes` scope beside the
+/// service (`sys::systemd`), where the zygotes, and so the shims, move too: the service's own
+/// cgroup then never has children, and systemd can start a new daemon in it at every restart.
+/// Elsewhere, or when the scope cannot be had (logged), it is below the daemon's own cgroup.
+async fn place_cgroups(
+    subtree: String,
+    parent: Option<String>,
+    pool: usize,
+    spawner: &Arc<ShimSpawner>,
+) -> Result<Result<CgroupFs, berth_sys::cgroup::CgroupError>, tokio::task::JoinError> {
+    use berth_sys::systemd;
+    let own = if parent.is_none() && systemd::booted() {
+        tokio::task::spawn_blocking(CgroupFs::unified_own_path)
+            .await?
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let scope = own.as_deref().and_then(systemd::scope_for);
+    if let (Some((cgroup, slice)), Some(mount)) = (scope, systemd::unified_mount()) {
+        match systemd::ensure_scope(&mount, &cgroup, &slice, &spawner.zygote_pids()).await {
+            Ok(scope) => {
+                let spawner = spawner.clone();
+                return tokio::task::spawn_blocking(move || {
+                    let made = CgroupFs::in_delegated(&subtree, &scope)?;
+                    if let Some(leaf) = made.shim_leaf() {
+                        if let Err(e) = spawner.place_in(leaf) {
+                            tracing::warn!(cgroup = %leaf.display(), error = %e, "zygotes not moved into the workers' scope");
+                        }
+                    }
+                    tracing::info!(scope = %scope, "workers and shims in systemd scope {}", systemd::WORKERS_SCOPE);
+                    Ok(made.with_pool(pool))
+                })
+                .await;
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "workers stay below berthd's own cgroup: a restart of the service fails on \
+                 systemd before 254 (status=219/CGROUP) while they live"
+            ),
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        CgroupFs::discover(&subtree, parent.as_deref()).map(|c| c.with_pool(pool))
+    })
+    .await
+}
+
 /// Runs a host daemon until `shutdown` is cancelled. Workers keep running afterwards: they live
 /// under their shims, not under the daemon.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonError> {
@@ -265,17 +315,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
              account are refused until it does"
         );
     }
+    // The zygotes first: under systemd they are what the workers' scope is started with.
+    let spawner = Arc::new(ShimSpawner::new(
+        (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
+        &opts.privileges.root_caps,
+    ));
     let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
     let subtree = format!("berth-{}", opts.name);
-    let cgroup_pool = cfg.cgroup.pool;
-    let cgroups = tokio::task::spawn_blocking(move || {
-        CgroupFs::discover(&subtree, parent.as_deref()).map(|c| c.with_pool(cgroup_pool))
-    })
-    .await
-    .map_err(|e| DaemonError::StateDir {
-        path: cfg.state_dir.clone(),
-        source: std::io::Error::other(e),
-    })??;
+    let cgroups = place_cgroups(subtree, parent, cfg.cgroup.pool, &spawner)
+        .await
+        .map_err(|e| DaemonError::StateDir {
+            path: cfg.state_dir.clone(),
+            source: std::io::Error::other(e),
+        })??;
     tracing::info!(cgroups = %cgroups.describe(), "cgroups ready");
     for k in &opts.kernels {
         match &k.invocation {
@@ -288,10 +340,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         }
     }
     let cgroups: Arc<dyn Cgroups> = Arc::new(cgroups);
-    let spawner = Arc::new(ShimSpawner::new(
-        (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
-        &opts.privileges.root_caps,
-    ));
     let listeners = bind_all(&cfg.listen, &security).await?;
     let address = if cfg.advertise.is_empty() {
         listeners

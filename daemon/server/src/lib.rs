@@ -65,11 +65,32 @@ pub fn init_tracing(format: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    // journald stamps every line itself: a second time in the line would only repeat it.
+    match (format == "json", stderr_is_journal()) {
+        (true, false) => builder.json().init(),
+        (true, true) => builder.json().without_time().init(),
+        (false, false) => builder.init(),
+        (false, true) => builder.without_time().init(),
     }
+}
+
+/// Whether stderr is the journal's stream: systemd sets `JOURNAL_STREAM` to its `DEV:INO`
+/// (systemd.exec(5)), which a redirected stderr no longer matches.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    parse_journal_stream(&stream.to_string_lossy()) == Some((meta.dev(), meta.ino()))
+}
+
+/// `DEV:INO` of `JOURNAL_STREAM`, both decimal.
+fn parse_journal_stream(text: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = text.split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
 /// The whole `main` of berthd and berth-scheduler: parse the command line, load the
@@ -132,4 +153,17 @@ where
     // Blocking tasks (a cgroup kill in progress) get a bounded moment, never forever.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     std::process::ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_journal_stream;
+
+    #[test]
+    fn journal_stream_is_dev_colon_ino() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("8:"), None);
+        assert_eq!(parse_journal_stream("12345"), None);
+        assert_eq!(parse_journal_stream("a:1"), None);
+    }
 }

@@ -666,6 +666,9 @@ pub struct CgroupFs {
     bases: Vec<(Controller, PathBuf)>,
     /// Cgroups made ahead of need (v1 only); `None` makes every one on demand.
     pool: Option<Arc<ReadyPool>>,
+    /// Where shims (and the zygotes that fork them) belong when that is not the daemon's own
+    /// cgroup: the leaf of a delegated cgroup outside the daemon's (see [`CgroupFs::in_delegated`]).
+    shim_leaf: Option<PathBuf>,
 }
 
 /// Prefix of the name of a cgroup made ahead of need: `_ready_` + 12 random characters. No
@@ -966,7 +969,54 @@ impl CgroupFs {
             version: CgroupVersion::V1,
             bases,
             pool: None,
+            shim_leaf: None,
         })
+    }
+
+    /// The v2 cgroup of this process (as /proc/self/cgroup names it) where [`Self::discover`]
+    /// would use the unified hierarchy; `None` on a host that mounts the v1 memory controller.
+    pub fn unified_own_path() -> Result<Option<String>> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(io_err("read", Path::new("/proc/self/cgroup")))?;
+        let mounts = parse_mountinfo(&mountinfo);
+        let v1_memory = mounts
+            .iter()
+            .any(|m| m.version == CgroupVersion::V1 && m.controllers.iter().any(|c| c == "memory"));
+        if v1_memory || !mounts.iter().any(|m| m.version == CgroupVersion::V2) {
+            return Ok(None);
+        }
+        Ok(Some(
+            parse_proc_cgroup(&own)
+                .into_iter()
+                .find(|(c, _)| c.is_empty())
+                .map_or_else(|| "/".into(), |(_, p)| p),
+        ))
+    }
+
+    /// Prepares `<delegated>/<subtree>` on v2, where `delegated` (a path inside the hierarchy)
+    /// is a cgroup handed to berth that is not the daemon's own: under systemd, the transient
+    /// `Delegate=yes` scope that holds shims and workers (`sys::systemd`), so that the
+    /// service's own cgroup never gets children with controllers. Its processes move into its
+    /// leaf [`V2_LEAF`], which [`Self::shim_leaf`] then names for the shims.
+    pub fn in_delegated(subtree: &str, delegated: &str) -> Result<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(io_err("read", Path::new("/proc/self/mountinfo")))?;
+        let mounts = parse_mountinfo(&mountinfo);
+        let m = mounts
+            .iter()
+            .find(|m| m.version == CgroupVersion::V2)
+            .ok_or_else(|| CgroupError::Unsupported("cgroup2 is not mounted".into()))?;
+        let mut fs = Self::setup_v2(m, delegated, subtree, None)?;
+        let leaf = V2Layout::of(delegated, subtree, None).leaf;
+        fs.shim_leaf = leaf.map(|l| join_in_hierarchy(m, &l));
+        Ok(fs)
+    }
+
+    /// The cgroup that shims and zygotes must be moved into, when it is not the daemon's own.
+    pub fn shim_leaf(&self) -> Option<&Path> {
+        self.shim_leaf.as_deref()
     }
 
     fn setup_v2(
@@ -993,6 +1043,7 @@ impl CgroupFs {
             version: CgroupVersion::V2,
             bases: vec![(Controller::Unified, base)],
             pool: None,
+            shim_leaf: None,
         })
     }
 

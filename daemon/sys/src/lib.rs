@@ -14,6 +14,7 @@ pub mod output;
 pub mod peer;
 pub mod state_lock;
 pub mod store;
+pub mod systemd;
 pub mod users;
 
 /// A real-kernel test that finds what it needs missing: skipped with `reason`, except under CI

@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use super::proc::{pidfd_open, pipe_cloexec};
 use super::shim::{ShimSpec, SPEC_FILE};
@@ -67,6 +67,9 @@ pub struct ShimSpawner {
     /// One zygote per lane; `None` until one could be started (again).
     lanes: Vec<Mutex<Option<Zygote>>>,
     next: AtomicUsize,
+    /// Where zygotes and exec'd shims are moved once started, when that is not the daemon's own
+    /// cgroup (under systemd: the leaf of berth's workers scope, see `sys::systemd`).
+    cgroup: OnceLock<PathBuf>,
 }
 
 impl ShimSpawner {
@@ -89,6 +92,40 @@ impl ShimSpawner {
             keep_caps: keep_caps.to_vec(),
             lanes,
             next: AtomicUsize::new(0),
+            cgroup: OnceLock::new(),
+        }
+    }
+
+    /// The pids of the zygotes running now.
+    pub fn zygote_pids(&self) -> Vec<u32> {
+        self.lanes
+            .iter()
+            .filter_map(|l| {
+                l.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(Zygote::pid)
+            })
+            .collect()
+    }
+
+    /// From now on keeps the zygotes, and the shims they fork, in the v2 cgroup `dir` instead
+    /// of the daemon's: moves the running ones there, and every one started later as it starts
+    /// (before it forks anything). Set once; later calls change nothing.
+    pub fn place_in(&self, dir: &Path) -> io::Result<()> {
+        let dir = self.cgroup.get_or_init(|| dir.to_path_buf());
+        for pid in self.zygote_pids() {
+            move_to_cgroup(dir, pid)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a zygote or shim just started into [`Self::place_in`]'s cgroup, if one is set.
+    fn place(&self, pid: u32) {
+        if let Some(dir) = self.cgroup.get() {
+            if let Err(e) = move_to_cgroup(dir, pid) {
+                tracing::warn!(pid, cgroup = %dir.display(), error = %e, "shim process left in the daemon's cgroup");
+            }
         }
     }
 
@@ -100,6 +137,9 @@ impl ShimSpawner {
         for _ in 0..2 {
             if lane.is_none() {
                 *lane = start_zygote(&self.shim, &self.keep_caps);
+                if let Some(z) = lane.as_ref() {
+                    self.place(z.pid());
+                }
             }
             let Some(z) = lane.as_ref() else {
                 break;
@@ -122,6 +162,7 @@ impl ShimSpawner {
         }
         drop(lane);
         let pid = exec_shim(&self.shim, dir, handshake)?;
+        self.place(pid);
         // The child is ours and not yet reaped (nobody waits on it), so its pid cannot be reused
         // before we hold the pidfd.
         let pidfd = pidfd_open(pid as i32)?;
@@ -131,6 +172,11 @@ impl ShimSpawner {
             pidfd,
         })
     }
+}
+
+/// Writes `pid` into the `cgroup.procs` of the v2 cgroup `dir`.
+fn move_to_cgroup(dir: &Path, pid: u32) -> io::Result<()> {
+    fs::write(dir.join("cgroup.procs"), pid.to_string())
 }
 
 fn start_zygote(shim: &Path, keep_caps: &[u8]) -> Option<Zygote> {
