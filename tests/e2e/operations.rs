@@ -423,3 +423,58 @@ async fn without_a_controller_berthd_refuses_to_start_and_names_it() {
         "the refused start made cgroups"
     );
 }
+
+/// Reflection is served in both versions grpcurl and other tools ask for: `grpc.reflection.v1`
+/// and `grpc.reflection.v1alpha` each list berth's services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_and_v1alpha_list_the_services() {
+    require_root!();
+    use tonic_reflection::pb::{v1, v1alpha};
+    let d = Daemon::start().await.unwrap();
+    let channel = d.client().await.unwrap().channel();
+    let want = ["berth.v1.Workers", "berth.v1.Host", "grpc.health.v1.Health"];
+
+    let req = v1::ServerReflectionRequest {
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ..Default::default()
+    };
+    let mut stream = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .expect("grpc.reflection.v1")
+        .into_inner();
+    let answer = stream.message().await.unwrap().expect("an answer");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        answer.message_response
+    else {
+        panic!("v1: {answer:?}");
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    for s in want {
+        assert!(names.iter().any(|n| n == s), "v1 lists {names:?}");
+    }
+
+    let req = v1alpha::ServerReflectionRequest {
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+        ..Default::default()
+    };
+    let mut stream = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .expect("grpc.reflection.v1alpha")
+        .into_inner();
+    let answer = stream.message().await.unwrap().expect("an answer");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) =
+        answer.message_response
+    else {
+        panic!("v1alpha: {answer:?}");
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    for s in want {
+        assert!(names.iter().any(|n| n == s), "v1alpha lists {names:?}");
+    }
+}
