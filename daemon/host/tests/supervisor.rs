@@ -594,7 +594,13 @@ async fn code_too_long_for_the_command_line_goes_by_fd_and_the_rest_stays() {
     let big = f.launch(code_req(&long)).await.unwrap();
     let spec = f.spec_of(&big[0]);
     assert_eq!(spec.argv, ["/usr/bin/python3", "-u", "/proc/self/fd/3"]);
-    assert_eq!(spec.source.as_deref(), Some(long.as_str()));
+    // Written once for the launch, linked into the worker's directory, not in the spec.
+    assert_eq!((spec.source.as_deref(), spec.source_file), (None, true));
+    let shared = f
+        .host
+        .worker_dir(&big[0])
+        .join(berth_sys::launcher::SOURCE_FILE);
+    assert_eq!(std::fs::read_to_string(shared).unwrap(), long);
     let rec = f.host.snapshot(&Default::default()).unwrap();
     let rec = rec.iter().find(|w| w.id == big[0]).unwrap();
     assert_eq!(rec.command, spec.argv);

@@ -1,6 +1,7 @@
 //! A launch whose records were durable when berthd died, before it forked every shim: the next
 //! daemon starts each worker whose spec was written, and fails (never leaves LOST, never
-//! forgets) each whose spec was not. A real `Host` over the recording fakes, no root.
+//! forgets) each whose spec was not; one whose shim did start (it marked so) and vanished
+//! without a trace is LOST, never run twice. A real `Host` over the recording fakes, no root.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use berth_core::launch::{self, LaunchRequest, NetworkMode};
 use berth_core::worker::WorkerStatus;
 use berth_host::supervisor::{open_store, Host, HostOptions, LaunchAs};
 use berth_sys::fake::FakeWorld;
-use berth_sys::launcher::SPEC_FILE;
+use berth_sys::launcher::{SPEC_FILE, STARTED_FILE};
 use berth_sys::store::{Op, StoreWriter, Table};
 
 #[test]
@@ -39,7 +40,7 @@ fn a_durable_launch_cut_off_before_its_spawns_is_finished_at_start_up() {
     let h1 = daemon(&first);
     let recs = first.block_on(async {
         let req = LaunchRequest {
-            n: 2,
+            n: 3,
             cpu: 1.0,
             memory_gb: 1.0,
             command: vec!["/bin/true".into()],
@@ -58,25 +59,24 @@ fn a_durable_launch_cut_off_before_its_spawns_is_finished_at_start_up() {
             .await_workers(ids, None, false, Some(Duration::from_secs(5)))
             .await
             .unwrap();
-        assert_eq!(out.reached.len(), 2);
+        assert_eq!(out.reached.len(), 3);
         writer.commit(Vec::new()).await.unwrap();
         out.reached
     });
     drop(h1);
     first.shutdown_background();
     // As if it had died between the launch's commit and these spawns: no shim, no process, no
-    // exit record; the records say PENDING. The first has its spec, the second none.
-    let (spawned, unwritten) = (&recs[0], &recs[1]);
+    // exit record; the records say PENDING (the updates after the commit were not durable yet).
+    // The first has its spec, the second none, the third's shim had started (and vanished).
+    let (spawned, unwritten, vanished) = (&recs[0], &recs[1], &recs[2]);
     for r in &recs {
         assert!(world.vanish(&r.id));
     }
-    std::fs::remove_file(
-        dir.path()
-            .join("workers")
-            .join(&unwritten.id)
-            .join(SPEC_FILE),
-    )
-    .unwrap();
+    let wdir = |id: &str| dir.path().join("workers").join(id);
+    for r in [spawned, unwritten] {
+        std::fs::remove_file(wdir(&r.id).join(STARTED_FILE)).unwrap();
+    }
+    std::fs::remove_file(wdir(&unwritten.id).join(SPEC_FILE)).unwrap();
     let pending: Vec<Op> = recs
         .iter()
         .map(|r| {
@@ -125,6 +125,17 @@ fn a_durable_launch_cut_off_before_its_spawns_is_finished_at_start_up() {
             w.reason
         );
         assert_eq!(world.starts(&unwritten.id).len(), 1, "never started again");
+        let out = h2
+            .await_workers(
+                vec![vanished.id.clone()],
+                None,
+                true,
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.failures[0].status, WorkerStatus::Lost, "{out:?}");
+        assert_eq!(world.starts(&vanished.id).len(), 1, "never run twice");
     });
     second.shutdown_background();
 }

@@ -303,6 +303,8 @@ pub struct FakeSpawner {
 impl Spawner for FakeSpawner {
     fn spawn(&self, dir: &Path, spec: &ShimSpec) -> std::result::Result<ShimHandle, SpawnError> {
         write_spec(dir, spec)?;
+        // As a real shim does first.
+        let _ = crate::launcher::mark_started(dir);
         let io = |source| SpawnError::Shim {
             shim: PathBuf::from("fake"),
             source,

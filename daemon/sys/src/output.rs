@@ -126,10 +126,20 @@ impl SegmentWriter {
             written += extra as usize;
         }
         let bytes = (data.len() - written) as u64;
+        let next = self.end() + bytes;
+        // A segment that holds nothing yet (the one after an earlier gap, on a disk still
+        // full) moves past this gap too: a new empty segment for every failed write would push
+        // kept ones out of the cap.
+        if self.len == 0 && self.file.is_some() {
+            let from = self.dir.join(segment_name(self.base));
+            if fs::rename(from, self.dir.join(segment_name(next))).is_ok() {
+                self.base = next;
+                return Err(OutputDropped { bytes, source });
+            }
+        }
         // The next byte kept starts a segment of its own after the gap. Made now where it can
         // be (an empty file needs no data block), so readers see the gap at once; else with
         // the next write.
-        let next = self.end() + bytes;
         self.file = None;
         self.base = next;
         self.len = 0;
@@ -332,30 +342,44 @@ mod tests {
     fn a_failed_write_leaves_a_gap_in_the_offsets() {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path()).unwrap();
-        // The first segment is /dev/full: every write to it fails with ENOSPC.
-        std::os::unix::fs::symlink("/dev/full", d.path().join(segment_name(0))).unwrap();
-        let mut w = SegmentWriter::open(d.path(), rot(100, 4)).unwrap();
+        // A first segment that was written, then one that is /dev/full: every write to it
+        // fails with ENOSPC.
+        fs::write(d.path().join(segment_name(0)), "old\n").unwrap();
+        std::os::unix::fs::symlink("/dev/full", d.path().join(segment_name(4))).unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(100, 2)).unwrap();
+        assert_eq!(w.end(), 4);
         let e = w.write(b"lost line\n").unwrap_err();
         assert_eq!(e.bytes, 10);
         assert_eq!(e.source.raw_os_error(), Some(libc::ENOSPC));
         // The offsets went on after the drop, and the next segment already marks the gap.
-        assert_eq!(w.end(), 10);
-        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 10]);
+        assert_eq!(w.end(), 14);
+        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 14]);
+        // More failed writes move that empty segment on; they never push the kept one out of
+        // the cap of two segments.
+        for _ in 0..5 {
+            assert_eq!(w.write(b"0123456789").unwrap_err().bytes, 10);
+        }
+        assert_eq!(w.end(), 64);
+        assert_eq!(list_segments(d.path()).unwrap(), vec![0, 64]);
         // As on a real full disk, the failed segment holds nothing (/dev/full reads zeros).
-        fs::remove_file(d.path().join(segment_name(0))).unwrap();
-        File::create(d.path().join(segment_name(0))).unwrap();
+        fs::remove_file(d.path().join(segment_name(64))).unwrap();
+        File::create(d.path().join(segment_name(64))).unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(100, 2)).unwrap();
+        assert_eq!(w.end(), 64);
         w.write(b"kept\n").unwrap();
-        assert_eq!(w.end(), 15);
-        assert_eq!(stream_end(d.path()).unwrap(), 15);
+        assert_eq!(w.end(), 69);
+        assert_eq!(stream_end(d.path()).unwrap(), 69);
         let r = read_stream(d.path(), 0, 100).unwrap();
-        assert_eq!((r.offset, r.data.as_slice()), (10, &b"kept\n"[..]));
-        // A reader inside the gap skips to the next kept byte.
-        let r = read_stream(d.path(), 3, 100).unwrap();
-        assert_eq!((r.offset, r.data.as_slice()), (10, &b"kept\n"[..]));
+        assert_eq!((r.offset, r.data.as_slice()), (0, &b"old\n"[..]));
+        // A reader at the gap, or inside it, skips to the next kept byte.
+        for from in [4, 30] {
+            let r = read_stream(d.path(), from, 100).unwrap();
+            assert_eq!((r.offset, r.data.as_slice()), (64, &b"kept\n"[..]));
+        }
         // A shim that starts again (a restart) goes on after the gap too.
         drop(w);
-        let w = SegmentWriter::open(d.path(), rot(100, 4)).unwrap();
-        assert_eq!(w.end(), 15);
+        let w = SegmentWriter::open(d.path(), rot(100, 2)).unwrap();
+        assert_eq!(w.end(), 69);
     }
 
     #[test]

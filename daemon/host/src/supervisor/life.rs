@@ -409,6 +409,7 @@ async fn restart(inner: &Arc<Inner>, id: &str, delay: Duration) -> Option<ShimHa
         let spec: ShimSpec =
             serde_json::from_slice(&bytes).map_err(|e| format!("read spec: {e}"))?;
         let _ = std::fs::remove_file(dir.join(launcher::EXIT_FILE));
+        let _ = std::fs::remove_file(dir.join(launcher::STARTED_FILE));
         // The namespace outlives a restart; after a reboot or a crash of an earlier daemon it
         // may be gone, and is made again with the worker's address.
         let net_exists = spec.netns.is_some() && job_inner.net.exists(&jid);

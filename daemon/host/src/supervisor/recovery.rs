@@ -277,6 +277,11 @@ impl Host {
                 }
                 Pickup::Respawn => {
                     let session = rec.session_id.clone();
+                    // The daemon that died may have made the worker's cgroup (empty: nothing of
+                    // the worker runs) before it forked the shim: it is made again.
+                    let inner = self.inner.clone();
+                    let wid = id.clone();
+                    let _ = tokio::task::spawn_blocking(move || inner.cgroups.remove(&wid)).await;
                     self.inner.publish(&id).await;
                     spawn_life(
                         &self.inner,
@@ -490,24 +495,34 @@ impl Inner {
                 }
                 (None, None) if !self.cgroups.pids(&id).is_empty() => Pickup::Orphan,
                 // PENDING with nothing of it anywhere: a restart that was due, or a launch whose
-                // records were durable when berthd died before it forked this worker's shim.
-                // Either is started now, from its spec; one whose spec was not even written
-                // cannot be, and did not start.
+                // records were durable when berthd died before it forked this worker's shim (no
+                // shim ever marked it started). Either is started now, from its spec; one whose
+                // spec was not even written cannot be, and did not start. A worker whose shim
+                // did start and vanished without a trace is LOST, below.
                 (None, None)
                     if rec.status == WorkerStatus::Pending
-                        && (rec.restarts > 0 || dir.join(launcher::SPEC_FILE).exists()) =>
+                        && (rec.restarts > 0
+                            || (dir.join(launcher::SPEC_FILE).exists()
+                                && !dir.join(launcher::STARTED_FILE).exists())) =>
                 {
                     Pickup::Respawn
                 }
-                (None, None) if rec.status == WorkerStatus::Pending => Pickup::Finish(
-                    Exit {
-                        spawn_error: Some(
-                            "berthd stopped before it started the worker (no spec written)".into(),
-                        ),
-                        ..Default::default()
-                    },
-                    RunTimes::default(),
-                ),
+                (None, None)
+                    if rec.status == WorkerStatus::Pending
+                        && rec.restarts == 0
+                        && !dir.join(launcher::STARTED_FILE).exists() =>
+                {
+                    Pickup::Finish(
+                        Exit {
+                            spawn_error: Some(
+                                "berthd stopped before it started the worker (no spec written)"
+                                    .into(),
+                            ),
+                            ..Default::default()
+                        },
+                        RunTimes::default(),
+                    )
+                }
                 (None, None) => {
                     Pickup::Lost("ended while berthd was down; exit status unknown".into())
                 }

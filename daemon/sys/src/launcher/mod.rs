@@ -22,8 +22,8 @@ use std::path::Path;
 pub use creds::{cap_number, default_rlimits, CredsError, Rlimit, WorkerCreds};
 pub use proc::{exit_status, pidfd_exit, pidfd_kill, pidfd_open, reap, PidfdExit};
 pub use shim::{
-    decode_status, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec, EXIT_FILE,
-    SOURCE_FILE, SPEC_FILE,
+    decode_status, mark_started, parse_handshake, read_exit, ExitRecord, Handshake, ShimSpec,
+    EXIT_FILE, SOURCE_FILE, SPEC_FILE, STARTED_FILE,
 };
 pub use spawn::{write_spec, ShimHandle, ShimSpawner, SpawnError, Spawner};
 

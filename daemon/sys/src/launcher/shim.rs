@@ -140,6 +140,19 @@ fn time_of_us(us: u64) -> SystemTime {
 
 pub const SPEC_FILE: &str = "spec.json";
 pub const EXIT_FILE: &str = "exit.json";
+/// Made (empty) by a shim as it starts: a daemon that died before it heard of the shim tells by
+/// it a worker whose shim ran, and vanished, from one whose shim was never forked.
+pub const STARTED_FILE: &str = "shim.started";
+
+/// Marks the worker in `dir` as taken up by its shim (see [`STARTED_FILE`]).
+pub fn mark_started(dir: &Path) -> io::Result<()> {
+    fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(dir.join(STARTED_FILE))
+        .map(drop)
+}
 
 /// Reads the exit record the shim left in `dir`, if it wrote one.
 pub fn read_exit(dir: &Path) -> io::Result<Option<ExitRecord>> {
@@ -300,6 +313,8 @@ fn run(dir: &Path, bounding: Option<u64>) -> io::Result<()> {
             return never_started(dir, msg, None);
         }
     };
+    // Needs an inode, no data block: a full disk does not stop it.
+    let _ = mark_started(dir);
     // SAFETY: setsid and prctl take plain integers; the shim is single-threaded here.
     unsafe {
         libc::setsid();
