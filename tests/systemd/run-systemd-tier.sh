@@ -25,6 +25,10 @@ if [ -z "$bb" ] || ldd "$bb" >/dev/null 2>&1; then # ldd fails on a static binar
   missing+=(busybox-static)
 fi
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+# The guest boots this machine's own systemd and D-Bus (berthd asks systemd for its workers' scope
+# over the system bus).
+[ -x /lib/systemd/systemd ] || missing+=(systemd)
+command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt-get update -qq
