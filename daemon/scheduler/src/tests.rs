@@ -75,6 +75,31 @@ fn keep_beating(s: &Scheduler, fakes: &Arc<FakeCluster>) -> tokio::task::JoinHan
     })
 }
 
+/// Of the two hosts `h00000` and `h00001`: `host`, and the other one.
+fn quiet_and_other(host: &str) -> (&'static str, &'static str) {
+    if host == "h00000" {
+        ("h00000", "h00001")
+    } else {
+        ("h00001", "h00000")
+    }
+}
+
+/// Host `name` of `fakes` alone beats every 100 ms until the handle is aborted.
+fn keep_beating_one(
+    s: &Scheduler,
+    fakes: &Arc<FakeCluster>,
+    name: &str,
+) -> tokio::task::JoinHandle<()> {
+    let s = s.clone();
+    let h = fakes.get(name).unwrap();
+    tokio::spawn(async move {
+        for seq in 2.. {
+            s.heartbeat(h.beat(seq)).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 async fn synced(s: &Scheduler) {
     for _ in 0..500 {
         if s.synced() {
@@ -295,22 +320,9 @@ async fn a_silent_host_goes_down_and_its_workers_come_back_with_it() {
     let mut req = launch(1, 4.0);
     req.constraints.clear();
     let w = s.launch(req, None).await.unwrap().remove(0);
-    let (quiet, other) = if w.host == "h00000" {
-        ("h00000", "h00001")
-    } else {
-        ("h00001", "h00000")
-    };
+    let (quiet, other) = quiet_and_other(&w.host);
     // Only the other host keeps beating.
-    let beating = {
-        let s = s.clone();
-        let h = fakes.get(other).unwrap();
-        tokio::spawn(async move {
-            for seq in 2.. {
-                s.heartbeat(h.beat(seq)).unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let beating = keep_beating_one(&s, &fakes, other);
     let mut lost = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -721,21 +733,8 @@ async fn a_down_host_is_removed_for_good_and_an_up_one_is_not() {
     }
     synced(&s).await;
     let gone = s.launch(launch(1, 4.0), None).await.unwrap().remove(0);
-    let (quiet, other) = if gone.host == "h00000" {
-        ("h00000", "h00001")
-    } else {
-        ("h00001", "h00000")
-    };
-    let beating = {
-        let s = s.clone();
-        let h = fakes.get(other).unwrap();
-        tokio::spawn(async move {
-            for seq in 2.. {
-                s.heartbeat(h.beat(seq)).unwrap();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let (quiet, other) = quiet_and_other(&gone.host);
+    let beating = keep_beating_one(&s, &fakes, other);
     let state_of = |name: &str| {
         s.list_hosts()
             .into_iter()
