@@ -213,8 +213,19 @@ async fn a_shim_killed_leaves_its_worker_lost_and_killed() {
     let shim = parent_of(worker_pid).expect("the worker's parent");
     let comm = std::fs::read_to_string(format!("/proc/{shim}/comm")).unwrap();
     assert_eq!(comm.trim(), "berth-shim", "parent of the worker: {shim}");
-    let procs = d.worker_cgroup_procs(&id);
-    assert!(procs.len() >= 2, "worker processes: {procs:?}");
+    // The shell and its `sleep` (forked a moment after the worker runs: wait for it).
+    let t = Instant::now();
+    let procs = loop {
+        let procs = d.worker_cgroup_procs(&id);
+        if procs.len() >= 2 {
+            break procs;
+        }
+        assert!(
+            t.elapsed() < scaled(Duration::from_secs(5)),
+            "worker processes: {procs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // SAFETY: kill(2) of the shim found above.
     assert_eq!(unsafe { libc::kill(shim as i32, libc::SIGKILL) }, 0);
