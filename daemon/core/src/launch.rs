@@ -96,6 +96,19 @@ pub struct LaunchSpec {
 /// How long a launch's `request_id` makes a retry of it return the same workers.
 pub const RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// The refusal of a retry (`request_id`) that asks for `n` workers where the first launch of
+/// that id, within [`RETRY_WINDOW`], had `first`.
+pub fn retry_of_another_size(request_id: &str, first: usize, n: u32) -> Error {
+    Error::invalid(
+        "request_id",
+        format!(
+            "{request_id:?} was used within the last {} minutes by a launch of {first} workers; \
+             this one asks for {n}",
+            RETRY_WINDOW.as_secs() / 60
+        ),
+    )
+}
+
 /// The longest `request_id`, in bytes.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 

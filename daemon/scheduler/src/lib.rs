@@ -970,15 +970,10 @@ impl Scheduler {
             }
         };
         if ids.len() != n as usize {
-            return Err(Error::invalid(
-                "request_id",
-                format!(
-                    "{:?} was used within the last {} minutes by a launch of {} workers; this one \
-                     asks for {n}",
-                    key.1,
-                    berth_core::launch::RETRY_WINDOW.as_secs() / 60,
-                    ids.len()
-                ),
+            return Err(berth_core::launch::retry_of_another_size(
+                &key.1,
+                ids.len(),
+                n,
             ));
         }
         let known = self.view().select(&Filter {

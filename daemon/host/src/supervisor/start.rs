@@ -402,16 +402,7 @@ impl Inner {
             return Ok(None);
         }
         if first.len() != n as usize {
-            return Err(Error::invalid(
-                "request_id",
-                format!(
-                    "{:?} was used within the last {} minutes by a launch of {} workers; this one \
-                     asks for {n}",
-                    key.1,
-                    launch::RETRY_WINDOW.as_secs() / 60,
-                    first.len()
-                ),
-            ));
+            return Err(launch::retry_of_another_size(&key.1, first.len(), n));
         }
         first.sort_by(|a, b| (a.rec.created_at, &a.rec.id).cmp(&(b.rec.created_at, &b.rec.id)));
         Ok(Some(first.into_iter().map(|e| e.rec.clone()).collect()))
