@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use berth_tests::{
     await_all, cpu_time_of, ids_of, launch, pb, processes_with_env, require_root, scaled,
-    timeout_scale, Client, Daemon, DaemonOptions,
+    timeout_scale, worker_now as get, Client, Daemon, DaemonOptions,
 };
 use tokio::sync::Mutex;
 
@@ -79,19 +79,6 @@ async fn launch_one(c: &Client, req: pb::LaunchWorkersRequest) -> pb::Worker {
         .into_inner();
     assert!(r.failures.is_empty(), "not running: {:?}", r.failures);
     get(c, &ids[0]).await
-}
-
-async fn get(c: &Client, id: &str) -> pb::Worker {
-    c.workers()
-        .list_workers(pb::ListWorkersRequest {
-            ids: vec![id.to_owned()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .remove(0)
 }
 
 /// Reads a number from worker `id`'s cgroup file `file`, or a `key` of it (flat-keyed files).

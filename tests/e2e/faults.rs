@@ -11,22 +11,8 @@ use std::time::{Duration, Instant};
 
 use berth_tests::{
     await_all, await_running, ids_of, launch, parent_of, pb, python_request, require_root, scaled,
-    Client, Daemon,
+    worker_now as get, Client, Daemon,
 };
-
-/// One worker's record as List shows it now.
-async fn get(c: &Client, id: &str) -> pb::Worker {
-    c.workers()
-        .list_workers(pb::ListWorkersRequest {
-            ids: vec![id.to_owned()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .workers
-        .remove(0)
-}
 
 /// Polls worker `id` until `done` holds of it (within `limit`, scaled); returns it then.
 async fn wait_for(

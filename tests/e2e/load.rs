@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::{
     await_running, command_request, launch, open_session, pb, python_request, require_root, scaled,
-    timeout_scale, Client, Daemon, DaemonOptions,
+    timeout_scale, Daemon, DaemonOptions,
 };
 use tokio::sync::Mutex;
 use tonic::Code;
@@ -187,26 +187,6 @@ async fn a_thousand_idle_followers_cost_no_cpu() {
     eprintln!("1000 follows ended {:?} after the stop", t.elapsed());
 }
 
-/// What worker `id` has written to stdout so far.
-async fn stdout_so_far(c: &Client, id: &str) -> Vec<u8> {
-    let mut s = c
-        .workers()
-        .stream_output(pb::StreamOutputRequest {
-            ids: vec![id.to_owned()],
-            from_start: true,
-            streams: vec![pb::Stream::Stdout as i32],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(ch) = s.message().await.unwrap() {
-        out.extend(ch.data);
-    }
-    out
-}
-
 /// `[load]` on a real daemon: with one short call allowed at a time, a stop that waits out
 /// its grace period holds the slot; meanwhile short calls are refused at once, and the session's
 /// lease still renews on the same connection beside an await without a timeout.
@@ -235,7 +215,7 @@ async fn a_busy_daemon_refuses_short_calls_at_once_and_leases_renew() {
     await_running(&c, std::slice::from_ref(&w.id)).await;
     // Wait for the trap to be set (the first line comes after it).
     let t = Instant::now();
-    while stdout_so_far(&c, &w.id).await.is_empty() {
+    while berth_tests::stdout_now(&c, &w.id).await.is_empty() {
         assert!(t.elapsed() < scaled(Duration::from_secs(10)), "no output");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -264,7 +244,7 @@ async fn a_busy_daemon_refuses_short_calls_at_once_and_leases_renew() {
     // The worker says when the stop's SIGTERM reached it: from then until its grace ends, the
     // stop holds the only slot. (Probing earlier could take the slot from the stop itself.)
     let t = Instant::now();
-    while !String::from_utf8_lossy(&stdout_so_far(&c, &w.id).await).contains("term") {
+    while !String::from_utf8_lossy(&berth_tests::stdout_now(&c, &w.id).await).contains("term") {
         assert!(
             t.elapsed() < scaled(Duration::from_secs(3)),
             "the stop's SIGTERM did not reach the worker"

@@ -40,23 +40,7 @@ async fn stderr_of(c: &Client, id: &str) -> String {
 
 /// Stdout of a worker so far (no follow).
 async fn output_now(c: &Client, id: &str) -> String {
-    let mut s = c
-        .workers()
-        .stream_output(pb::StreamOutputRequest {
-            ids: vec![id.to_owned()],
-            follow: false,
-            from_start: true,
-            streams: vec![pb::Stream::Stdout as i32],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = s.message().await.unwrap() {
-        out.extend_from_slice(&chunk.data);
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&berth_tests::stdout_now(c, id).await).into_owned()
 }
 
 /// Waits until a worker's stdout starts with `prefix`; returns it.

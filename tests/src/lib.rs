@@ -904,6 +904,42 @@ pub async fn output_of(client: &Client, id: &str, stream: pb::Stream) -> Result<
     Ok(out)
 }
 
+/// What worker `id` has written to stdout so far (no follow).
+pub async fn stdout_now(client: &Client, id: &str) -> Vec<u8> {
+    let mut s = client
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            ids: vec![id.to_owned()],
+            follow: false,
+            from_start: true,
+            streams: vec![pb::Stream::Stdout as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = s.message().await.unwrap() {
+        out.extend_from_slice(&chunk.data);
+    }
+    out
+}
+
+/// One worker's record as List shows it now.
+pub async fn worker_now(client: &Client, id: &str) -> pb::Worker {
+    client
+        .workers()
+        .list_workers(pb::ListWorkersRequest {
+            ids: vec![id.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+        .remove(0)
+}
+
 /// Awaits completion of `ids` (60 s, [`scaled`]) and returns every worker, reached or failed, by id order.
 pub async fn await_all(client: &Client, ids: &[String]) -> Result<Vec<pb::Worker>> {
     let r = client
