@@ -21,12 +21,8 @@ fn status(w: &pb::Worker) -> pb::WorkerStatus {
 }
 
 async fn list(c: &Client) -> HashMap<String, pb::Worker> {
-    c.workers()
-        .list_workers(pb::ListWorkersRequest::default())
+    berth_tests::list_all(c)
         .await
-        .unwrap()
-        .into_inner()
-        .workers
         .into_iter()
         .map(|w| (w.id.clone(), w))
         .collect()

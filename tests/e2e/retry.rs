@@ -9,12 +9,8 @@ use berth_tests::{command_request, ids_of, launch, pb, require_root, Client, Dae
 use tonic::Code;
 
 async fn all_ids(c: &Client) -> BTreeSet<String> {
-    c.workers()
-        .list_workers(pb::ListWorkersRequest::default())
+    berth_tests::list_all(c)
         .await
-        .unwrap()
-        .into_inner()
-        .workers
         .into_iter()
         .map(|w| w.id)
         .collect()

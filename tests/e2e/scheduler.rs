@@ -33,12 +33,8 @@ fn sleepers(n: u32) -> pb::LaunchWorkersRequest {
 
 /// (id → (host, status)) of what `c` lists.
 async fn listing(c: &Client) -> BTreeMap<String, (String, i32)> {
-    c.workers()
-        .list_workers(pb::ListWorkersRequest::default())
+    berth_tests::list_all(c)
         .await
-        .unwrap()
-        .into_inner()
-        .workers
         .into_iter()
         .map(|w| (w.id, (w.host, w.status)))
         .collect()

@@ -925,6 +925,17 @@ pub async fn stdout_now(client: &Client, id: &str) -> Vec<u8> {
     out
 }
 
+/// Every worker `client` lists (an empty ListWorkers).
+pub async fn list_all(client: &Client) -> Vec<pb::Worker> {
+    client
+        .workers()
+        .list_workers(pb::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .workers
+}
+
 /// One worker's record as List shows it now.
 pub async fn worker_now(client: &Client, id: &str) -> pb::Worker {
     client
