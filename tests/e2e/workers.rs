@@ -621,27 +621,9 @@ async fn cpu_hog_is_held_to_its_quota() {
     let w = launch_one(&c, req).await;
     await_running(&c, std::slice::from_ref(&w.id)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // The daemon reads the counter somewhere between a call's start and its end, so a window
-    // lies between the shortest (end of one call to start of the next) and the longest (start
-    // to end) span. On a busy machine a call can take a large part of a second: the ceiling is
-    // checked on the longest span and the floor on the shortest, so the calls' own time never
-    // counts for or against the worker.
-    let sample = || async {
-        let t0 = Instant::now();
-        let w = get(&c, &w.id).await;
-        assert_eq!(w.status(), pb::WorkerStatus::Running, "{w:?}");
-        (w.cpu_seconds, t0, Instant::now())
-    };
-    let mut prev = sample().await;
-    let (mut low, mut high) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let now = sample().await;
-        let used = now.0 - prev.0;
-        low.push(used / (now.2 - prev.1).as_secs_f64());
-        high.push(used / (now.1 - prev.2).as_secs_f64());
-        prev = now;
-    }
+    // The ceiling on the longest span between two reads of the counter, the floor on the
+    // shortest (`cpu_windows`).
+    let (low, high) = berth_tests::cpu_windows(&c, &w.id, 3).await;
     eprintln!("cpu hog: {low:.3?} to {high:.3?} cores in 1 s windows");
     let most = low.iter().copied().fold(0.0, f64::max);
     assert!(

@@ -925,6 +925,32 @@ pub async fn stdout_now(client: &Client, id: &str) -> Vec<u8> {
     out
 }
 
+/// The CPU worker `id` used in `windows` windows of 1 s, in cores: (floor, ceiling) of each.
+/// The daemon reads the counter somewhere between a call's start and its end, so a window lies
+/// between the shortest span (end of one call to start of the next) and the longest (start to
+/// end). On a busy machine a call can take a large part of a second: check a ceiling on the
+/// first list (used over the longest span) and a floor on the second (over the shortest), so
+/// the calls' own time never counts for or against the worker. The worker must stay RUNNING.
+pub async fn cpu_windows(client: &Client, id: &str, windows: usize) -> (Vec<f64>, Vec<f64>) {
+    let sample = || async {
+        let t0 = Instant::now();
+        let w = worker_now(client, id).await;
+        assert_eq!(w.status(), pb::WorkerStatus::Running, "{w:?}");
+        (w.cpu_seconds, t0, Instant::now())
+    };
+    let mut prev = sample().await;
+    let (mut low, mut high) = (Vec::new(), Vec::new());
+    for _ in 0..windows {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = sample().await;
+        let used = now.0 - prev.0;
+        low.push(used / (now.2 - prev.1).as_secs_f64());
+        high.push(used / (now.1 - prev.2).as_secs_f64());
+        prev = now;
+    }
+    (low, high)
+}
+
 /// Every worker `client` lists (an empty ListWorkers).
 pub async fn list_all(client: &Client) -> Vec<pb::Worker> {
     client
