@@ -11,9 +11,11 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use berth_proto::v1 as pb;
+pub use failover::Failover;
 pub use tls::{Target, TlsFiles};
 
 pub mod cli;
+pub mod failover;
 #[cfg(test)]
 mod pki;
 mod tls;

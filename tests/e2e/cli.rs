@@ -879,6 +879,7 @@ fn assert_worker_document(w: &Value) {
         ("user", "string", false),
         ("pooled", "boolean", false),
         ("output_dropped_bytes", "number", false),
+        ("request_id", "string", false),
     ];
     let obj = w.as_object().unwrap_or_else(|| panic!("no object: {w}"));
     for (name, ty, nullable) in fields {

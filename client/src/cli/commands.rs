@@ -193,15 +193,29 @@ impl Verb<'_> {
         }
     }
 
+    /// `LaunchWorkers`, always with a `request_id` (one is made when `--request-id` is not
+    /// given): when the server goes away during the call and `--addr` lists replicas, the launch
+    /// runs again on the next one, which answers with the first launch's workers if it was made.
     async fn launch_workers(
         &self,
-        req: pb::LaunchWorkersRequest,
+        mut req: pb::LaunchWorkersRequest,
     ) -> Result<Vec<pb::Worker>, CliError> {
-        Ok(call(
-            "berth.v1.Workers/LaunchWorkers",
-            self.client.workers().launch_workers(req).await,
-        )?
-        .workers)
+        const METHOD: &str = "berth.v1.Workers/LaunchWorkers";
+        if req.request_id.is_empty() {
+            req.request_id = crate::failover::new_request_id();
+        }
+        match self.client.workers().launch_workers(req.clone()).await {
+            Err(s) if crate::failover::is_unreachable(&s) && self.server.addr.contains(',') => {
+                let replicas = crate::Failover::new(&self.server.addr, self.server.tls.clone())
+                    .map_err(CliError::Connect)?;
+                replicas.launch(req).await.map_err(|status| CliError::Call {
+                    method: METHOD,
+                    status,
+                    hint: None,
+                })
+            }
+            r => Ok(call(METHOD, r)?.workers),
+        }
     }
 
     /// `launch --attach`: launches into a session held for as long as this runs (the one of

@@ -58,6 +58,7 @@ pub struct Worker<'a> {
     pid: u32,
     pooled: bool,
     reason: &'a str,
+    request_id: &'a str,
     restarts: u32,
     session_id: &'a str,
     signal: Option<i32>,
@@ -100,6 +101,7 @@ impl<'a> From<&'a pb::Worker> for Worker<'a> {
             user,
             pooled,
             output_dropped_bytes,
+            request_id,
         } = w;
         Self {
             command,
@@ -124,6 +126,7 @@ impl<'a> From<&'a pb::Worker> for Worker<'a> {
             pid: *pid,
             pooled: *pooled,
             reason,
+            request_id,
             restarts: *restarts,
             session_id,
             signal: *signal,

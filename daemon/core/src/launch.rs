@@ -109,8 +109,80 @@ pub fn retry_of_another_size(request_id: &str, first: usize, n: u32) -> Error {
     )
 }
 
-/// The longest `request_id`, in bytes.
+/// The longest `request_id`, in bytes (not counting a scheduler's attempt suffix).
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// One placement attempt of a launch through a scheduler, as the suffix the scheduler adds to
+/// the caller's `request_id` for the hosts says it: `~N.TTTTTTTT`, the launch's worker count and
+/// a random token of 8 hex digits. A retry through another replica finds the attempts in the
+/// hosts' records: one with all `n` of its workers is the launch the caller was not told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// The workers of the whole launch (on every host of the attempt).
+    pub n: u32,
+    pub token: u32,
+}
+
+impl Attempt {
+    /// A fresh attempt of a launch of `n` workers.
+    pub fn new(n: u32) -> Self {
+        Self {
+            n,
+            token: rand::random(),
+        }
+    }
+}
+
+/// Splits a scheduler's attempt suffix off a `request_id`: the caller's id, and the attempt
+/// when the id carries one.
+pub fn split_attempt(id: &str) -> (&str, Option<Attempt>) {
+    let parsed = id.rsplit_once('~').and_then(|(base, suffix)| {
+        let (n, token) = suffix.split_once('.')?;
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || token.len() != 8 {
+            return None;
+        }
+        let attempt = Attempt {
+            n: n.parse().ok()?,
+            token: u32::from_str_radix(token, 16).ok()?,
+        };
+        Some((base, attempt))
+    });
+    match parsed {
+        Some((base, a)) => (base, Some(a)),
+        None => (id, None),
+    }
+}
+
+/// The `request_id` a scheduler gives the hosts for one placement attempt of a launch.
+pub fn with_attempt(id: &str, attempt: Attempt) -> String {
+    format!("{id}~{}.{:08x}", attempt.n, attempt.token)
+}
+
+/// Checks a `request_id`: at most [`MAX_REQUEST_ID_BYTES`] (a scheduler's attempt suffix not
+/// counted where `attempt_allowed`), no control characters.
+pub fn check_request_id(id: &str, attempt_allowed: bool) -> Result<(), Error> {
+    let base = if attempt_allowed {
+        split_attempt(id).0
+    } else {
+        id
+    };
+    if base.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Error::invalid(
+            "request_id",
+            format!(
+                "{} bytes, past the limit of {MAX_REQUEST_ID_BYTES}",
+                base.len()
+            ),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "request_id",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
 
 pub const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -270,21 +342,7 @@ pub fn validate(req: &LaunchRequest, known_kernel: impl Fn(&str) -> bool) -> Res
             "must be at least 1 with ON_FAILURE",
         ));
     }
-    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(Error::invalid(
-            "request_id",
-            format!(
-                "{} bytes, past the limit of {MAX_REQUEST_ID_BYTES}",
-                req.request_id.len()
-            ),
-        ));
-    }
-    if req.request_id.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "request_id",
-            "must not contain control characters",
-        ));
-    }
+    check_request_id(&req.request_id, true)?;
     let request_id = (!req.request_id.is_empty()).then(|| req.request_id.clone());
     Ok(LaunchSpec {
         n: req.n,
@@ -672,5 +730,31 @@ mod tests {
             master_ip(None, Some("::ffff:198.51.100.3".parse().unwrap()), gw),
             peer
         );
+    }
+
+    #[test]
+    fn attempts_round_trip_and_leave_other_ids_whole() {
+        let a = Attempt {
+            n: 12,
+            token: 0xdead_beef,
+        };
+        let id = with_attempt("job-7~x", a);
+        assert_eq!(id, "job-7~x~12.deadbeef");
+        assert_eq!(split_attempt(&id), ("job-7~x", Some(a)));
+        for plain in [
+            "job",
+            "a~b",
+            "a~1.dead",
+            "a~.deadbeef",
+            "a~x.deadbeef",
+            "a~1.deadbeefa",
+        ] {
+            assert_eq!(split_attempt(plain), (plain, None), "{plain}");
+        }
+        // The caller's 128 bytes are allowed with an attempt after them, not past them.
+        let long = "x".repeat(MAX_REQUEST_ID_BYTES);
+        assert!(check_request_id(&with_attempt(&long, a), true).is_ok());
+        assert!(check_request_id(&with_attempt(&long, a), false).is_err());
+        assert!(check_request_id(&format!("{long}y"), true).is_err());
     }
 }

@@ -432,20 +432,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     .await?;
     let membership = Arc::new(crate::member::Membership::default());
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
-    let beats = (!cfg.scheduler.is_empty()).then(|| {
-        tracing::info!(scheduler = %cfg.scheduler, advertise = %address, "joining a scheduler");
-        berth_server::spawn_in(
-            tracing::info_span!("membership"),
-            crate::member::run(
-                host.clone(),
-                address.clone(),
-                cfg.scheduler.clone(),
-                client_tls(&cfg),
-                membership.clone(),
-                shutdown.clone(),
-            ),
-        )
-    });
+    let beats: Vec<_> = crate::member::replicas(&cfg.scheduler)
+        .into_iter()
+        .map(|scheduler| {
+            tracing::info!(scheduler = %scheduler, advertise = %address, "joining a scheduler");
+            berth_server::spawn_in(
+                tracing::info_span!("membership", scheduler = %scheduler),
+                crate::member::run(
+                    host.clone(),
+                    address.clone(),
+                    scheduler,
+                    client_tls(&cfg),
+                    membership.clone(),
+                    shutdown.clone(),
+                ),
+            )
+        })
+        .collect();
     let serving = host.view();
     berth_server::notify::ready(&format!(
         "serving: {} workers, {} cpu of {} allocated",
@@ -470,8 +473,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     }
 
     shutdown.cancelled().await;
-    if let Some(b) = beats {
-        let _ = tokio::time::timeout(Duration::from_secs(2), b).await;
+    if !beats.is_empty() {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(beats)).await;
     }
     tracing::info!("shutting down; workers keep running under their shims");
     berth_server::notify::stopping();

@@ -1,11 +1,12 @@
-//! A host daemon's membership in a scheduler (`berthd --scheduler ADDR`): one heartbeat every
-//! interval the scheduler asks for, each carrying the host's whole `HostInfo`. The protocol is
-//! described in proto/berth/v1/internal.proto. Beats never stop the daemon: a scheduler that
-//! cannot be reached is retried, and said once in the log, not at every beat.
+//! A host daemon's membership in a scheduler (`berthd --scheduler ADDR[,ADDR…]`): one heartbeat
+//! every interval the scheduler asks for, each carrying the host's whole `HostInfo`, to every
+//! replica of the list, each on its own. The protocol is described in
+//! proto/berth/v1/internal.proto. Beats never stop the daemon: a scheduler that cannot be
+//! reached is retried, and said once in the log, not at every beat.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -17,21 +18,104 @@ use crate::supervisor::Host;
 const FIRST_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one beat may take before it counts as missed.
 const BEAT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a removal of another host is told on to the replicas.
+const REMOVAL_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// The most removals kept (the newest).
+const MAX_REMOVALS: usize = 1024;
 
-/// What the scheduler last said of this host; reported back on every beat so that a scheduler
-/// that restarted learns it again.
+/// What the schedulers last said of this host and the cluster: reported back on every beat to
+/// every replica, so that a scheduler that restarted learns it again and what one replica was
+/// told reaches the others.
 #[derive(Debug, Default)]
 pub struct Membership {
-    draining: AtomicBool,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    draining: bool,
+    /// When `draining` was last changed (the changing replica's clock, ms): the newer wins.
+    drain_version: u64,
+    /// Hosts removed from the cluster, by when (ms since the epoch).
+    removed: BTreeMap<String, u64>,
 }
 
 impl Membership {
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.held().draining
+    }
+
+    /// A beat carrying what this host holds.
+    fn beat(&self, info: pb::HostInfo, leaving: bool, sequence: u64) -> pb::HeartbeatRequest {
+        let held = self.held();
+        pb::HeartbeatRequest {
+            info: Some(info),
+            draining: held.draining,
+            leaving,
+            sequence,
+            drain_version: held.drain_version,
+            removed: held
+                .removed
+                .iter()
+                .map(|(name, at)| pb::RemovedHost {
+                    name: name.clone(),
+                    at_ms: *at,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes a replica's answer: its drain where it is newer than the one held, its removals.
+    /// Returns the drain when it changed.
+    fn take(&self, r: &pb::HeartbeatResponse) -> Option<bool> {
+        let mut held = self.held();
+        let draining = r.state == pb::HostState::Draining as i32;
+        let mut changed = None;
+        if r.drain_version > held.drain_version || (r.drain_version == 0 && held.drain_version == 0)
+        {
+            // A scheduler that predates drain versions (0) is taken at its word, as before.
+            if held.draining != draining {
+                changed = Some(draining);
+            }
+            held.draining = draining;
+            held.drain_version = r.drain_version;
+        }
+        for h in r.removed.iter().take(MAX_REMOVALS) {
+            let at = held.removed.entry(h.name.clone()).or_insert(h.at_ms);
+            *at = (*at).max(h.at_ms);
+        }
+        let oldest = SystemTime::now()
+            .checked_sub(REMOVAL_MEMORY)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        held.removed.retain(|_, at| *at >= oldest);
+        while held.removed.len() > MAX_REMOVALS {
+            let first = held
+                .removed
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(n, _)| n.clone())
+                .expect("not empty");
+            held.removed.remove(&first);
+        }
+        changed
     }
 }
 
-/// Beats until `shutdown`, then sends a last beat with `leaving` set.
+/// The replicas of a `--scheduler` list.
+pub fn replicas(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Beats to one replica until `shutdown`, then sends a last beat with `leaving` set.
 pub async fn run(
     host: Host,
     address: String,
@@ -59,12 +143,7 @@ pub async fn run(
         }
         if let Some(c) = client.as_mut() {
             sequence += 1;
-            let req = pb::HeartbeatRequest {
-                info: Some(host_info(&host, &address)),
-                draining: state.draining(),
-                leaving: false,
-                sequence,
-            };
+            let req = state.beat(host_info(&host, &address), false, sequence);
             match tokio::time::timeout(BEAT_TIMEOUT, c.heartbeat(req)).await {
                 Ok(Ok(r)) => {
                     let r = r.into_inner();
@@ -72,9 +151,8 @@ pub async fn run(
                         tracing::info!(scheduler = %scheduler, "registered with the scheduler");
                         failing = false;
                     }
-                    let draining = r.state == pb::HostState::Draining as i32;
-                    if state.draining.swap(draining, Ordering::Relaxed) != draining {
-                        tracing::info!(draining, "scheduler changed this host's state");
+                    if let Some(draining) = state.take(&r) {
+                        tracing::info!(draining, scheduler = %scheduler, "scheduler changed this host's state");
                     }
                     interval = Duration::from_millis(u64::from(r.interval_ms.clamp(100, 60_000)));
                 }
@@ -106,12 +184,7 @@ pub async fn run(
         }
     }
     if let Some(mut c) = client {
-        let req = pb::HeartbeatRequest {
-            info: Some(host_info(&host, &address)),
-            draining: state.draining(),
-            leaving: true,
-            sequence: sequence + 1,
-        };
+        let req = state.beat(host_info(&host, &address), true, sequence + 1);
         let _ = tokio::time::timeout(Duration::from_secs(1), c.heartbeat(req)).await;
     }
 }

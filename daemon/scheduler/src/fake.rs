@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::v1 as pb;
 use tokio::sync::broadcast;
@@ -20,7 +20,12 @@ use berth_core::error::{Error, Result};
 #[derive(Debug, Default)]
 struct FakeState {
     workers: BTreeMap<String, pb::Worker>,
-    sessions: HashMap<String, pb::Session>,
+    /// Each session and when its lease lapses (renewed by every keep-alive, as on a host).
+    sessions: HashMap<String, (pb::Session, Instant)>,
+    /// What the schedulers told this host, kept and told back as a real host does.
+    draining: bool,
+    drain_version: u64,
+    removed: BTreeMap<String, u64>,
 }
 
 /// One simulated host daemon.
@@ -102,18 +107,72 @@ impl FakeHost {
         }
     }
 
-    /// A beat of this host.
+    /// A beat of this host, with what the schedulers told it so far.
     pub fn beat(&self, sequence: u64) -> pb::HeartbeatRequest {
+        self.lapse();
+        let info = self.host_info();
+        let st = self.state();
         pb::HeartbeatRequest {
-            info: Some(self.host_info()),
-            draining: false,
+            info: Some(info),
+            draining: st.draining,
             leaving: false,
             sequence,
+            drain_version: st.drain_version,
+            removed: st
+                .removed
+                .iter()
+                .map(|(name, at)| pb::RemovedHost {
+                    name: name.clone(),
+                    at_ms: *at,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes a scheduler's answer to a beat as a real host does: the newer drain, every removal.
+    pub fn take_answer(&self, r: &pb::HeartbeatResponse) {
+        let mut st = self.state();
+        if r.drain_version > st.drain_version {
+            st.drain_version = r.drain_version;
+            st.draining = r.state == pb::HostState::Draining as i32;
+        }
+        for h in &r.removed {
+            let at = st.removed.entry(h.name.clone()).or_insert(h.at_ms);
+            *at = (*at).max(h.at_ms);
+        }
+    }
+
+    /// Beats to `scheduler` and takes its answer.
+    pub fn beat_to(&self, scheduler: &crate::Scheduler, sequence: u64) -> Result<()> {
+        let r = scheduler.heartbeat(self.beat(sequence))?;
+        self.take_answer(&r);
+        Ok(())
+    }
+
+    /// Ends the sessions whose lease lapsed, and stops their workers, as a host does.
+    pub fn lapse(&self) {
+        let now = Instant::now();
+        let lapsed: Vec<String> = {
+            let mut st = self.state();
+            let ids: Vec<String> = st
+                .sessions
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &ids {
+                st.sessions.remove(id);
+            }
+            ids
+        };
+        for id in lapsed {
+            self.stop_where(|w| w.session_id == id, "session lease expired");
         }
     }
 
     /// Every worker the host holds.
     pub fn workers(&self) -> Vec<pb::Worker> {
+        self.lapse();
         self.state().workers.values().cloned().collect()
     }
 
@@ -206,6 +265,8 @@ impl HostApi for FakeHost {
                     nvidia_gpu: req.nvidia_gpu,
                     command: req.command.clone(),
                     labels: req.labels.clone(),
+                    request_id: req.request_id.clone(),
+                    owner: crate::hosts::current_owner(),
                     created_at: now,
                     started_at: now,
                     ..Default::default()
@@ -247,23 +308,47 @@ impl HostApi for FakeHost {
 
     async fn open_session(&self, req: pb::OpenSessionRequest) -> Result<pb::Session> {
         self.reachable()?;
+        self.lapse();
+        let owner = crate::hosts::current_owner();
+        let mut st = self.state();
+        if let Some((held, until)) = st.sessions.get_mut(&req.id) {
+            if !owner.is_empty() && held.owner != owner {
+                return Err(Error::PermissionDenied(format!(
+                    "session {} belongs to another user",
+                    req.id
+                )));
+            }
+            *until = Instant::now() + Duration::from_secs(u64::from(held.ttl_seconds));
+            return Ok(held.clone());
+        }
         let s = pb::Session {
             id: req.id.clone(),
             ttl_seconds: req.ttl_seconds,
             labels: req.labels,
+            owner,
             ..Default::default()
         };
-        self.state().sessions.insert(req.id, s.clone());
+        let until = Instant::now() + Duration::from_secs(u64::from(req.ttl_seconds));
+        st.sessions.insert(req.id, (s.clone(), until));
         Ok(s)
     }
 
     async fn keep_alive(&self, session_id: &str) -> Result<pb::Session> {
         self.reachable()?;
-        self.state()
+        self.lapse();
+        let owner = crate::hosts::current_owner();
+        let mut st = self.state();
+        let (held, until) = st
             .sessions
-            .get(session_id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("session {session_id} not found or ended")))
+            .get_mut(session_id)
+            .ok_or_else(|| Error::NotFound(format!("session {session_id} not found or ended")))?;
+        if !owner.is_empty() && held.owner != owner {
+            return Err(Error::PermissionDenied(format!(
+                "session {session_id} belongs to another user"
+            )));
+        }
+        *until = Instant::now() + Duration::from_secs(u64::from(held.ttl_seconds));
+        Ok(held.clone())
     }
 
     async fn close_session(&self, req: pb::CloseSessionRequest) -> Result<Vec<pb::Worker>> {

@@ -68,7 +68,11 @@ impl WorkersBackend for Scheduler {
         ttl_seconds: u32,
         labels: BTreeMap<String, String>,
     ) -> Result<pb::Session> {
-        Scheduler::open_session(self, id, ttl_seconds, labels, &caller.owner)
+        as_caller(
+            caller,
+            Scheduler::open_session(self, id, ttl_seconds, labels, &caller.owner),
+        )
+        .await
     }
 
     async fn keep_alive(&self, caller: &Caller, session_id: &str) -> Result<pb::Session> {

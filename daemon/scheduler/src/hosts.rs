@@ -14,9 +14,16 @@ use berth_server::identity::{Caller, CALLER_HEADER};
 
 pub use berth_server::workers::ItemStream;
 
+/// The caller a scheduler request serves: as [`CALLER_HEADER`] says it to hosts, and the owner
+/// name the hosts record for it.
+#[derive(Debug, Clone)]
+struct Forwarded {
+    header: String,
+    owner: String,
+}
+
 tokio::task_local! {
-    /// The caller a scheduler request serves, as [`CALLER_HEADER`] says it to hosts.
-    static CALLER: String;
+    static CALLER: Forwarded;
 }
 
 /// Runs `f` (a request's work, in the request's task) with every call it makes to a host
@@ -25,18 +32,29 @@ tokio::task_local! {
 /// renewals) speak for the scheduler itself, which hosts trust with everything
 /// (`trusted_schedulers`).
 pub async fn as_caller<F: std::future::Future>(caller: &Caller, f: F) -> F::Output {
-    CALLER.scope(caller.forward(), f).await
+    let fwd = Forwarded {
+        header: caller.forward(),
+        owner: caller.owner.clone(),
+    };
+    CALLER.scope(fwd, f).await
 }
 
 /// The caller the current request serves, as forwarded to hosts; empty outside a request.
 pub fn current_caller() -> String {
-    CALLER.try_with(Clone::clone).unwrap_or_default()
+    CALLER.try_with(|c| c.header.clone()).unwrap_or_default()
+}
+
+/// The owner name of the caller the current request serves; empty outside a request.
+pub fn current_owner() -> String {
+    CALLER.try_with(|c| c.owner.clone()).unwrap_or_default()
 }
 
 /// A request to a host, with the caller it serves (if any).
 fn forwarded<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    if let Ok(Ok(v)) = CALLER.try_with(|c| tonic::metadata::MetadataValue::try_from(c.as_str())) {
+    if let Ok(Ok(v)) =
+        CALLER.try_with(|c| tonic::metadata::MetadataValue::try_from(c.header.as_str()))
+    {
         r.metadata_mut().insert(CALLER_HEADER, v);
     }
     r

@@ -87,6 +87,9 @@ struct HostEntry {
     state: pb::HostState,
     /// The operator's intent, kept while the host is down.
     drained: bool,
+    /// When `drained` was last changed (ms since the epoch, see `Membership` 6.): the higher of
+    /// the host's and this replica's wins.
+    drain_version: u64,
     last_seen: SystemTime,
     seen_at: Instant,
     /// Its unfinished workers were marked LOST for this outage.
@@ -104,6 +107,29 @@ struct HostEntry {
 struct State {
     hosts: BTreeMap<String, HostEntry>,
     placer: Placer,
+    /// Hosts removed from the cluster (through this replica or another, as the hosts told it),
+    /// by when (ms since the epoch); told to every host for [`REMOVAL_MEMORY`].
+    removed: BTreeMap<String, u64>,
+}
+
+/// Up hosts a session is opened on when it opens, so that every replica can find it.
+const SESSION_HOMES: usize = 2;
+
+/// How long a removal is told to the hosts (and by them to every replica).
+const REMOVAL_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// The most removals told at once (the newest).
+const MAX_REMOVALS: usize = 1024;
+
+/// Now, in ms since the epoch.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ms_of(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A host as `hosts.json` remembers it.
@@ -111,6 +137,8 @@ struct State {
 struct RememberedHost {
     address: String,
     draining: bool,
+    #[serde(default)]
+    drain_version: u64,
 }
 
 struct SchedSession {
@@ -218,6 +246,7 @@ impl Scheduler {
                 state: Mutex::new(State {
                     hosts: BTreeMap::new(),
                     placer: Placer::new(),
+                    removed: BTreeMap::new(),
                 }),
                 view: Mutex::new(View::default()),
                 events,
@@ -290,9 +319,10 @@ impl Scheduler {
         }
         let name = info.name.clone();
         let mut remember = false;
-        let state = {
+        let (state, drain_version, removed, forgotten) = {
             let mut guard = self.state();
             let st = &mut *guard;
+            let forgotten = self.take_removals(st, &name, &req.removed);
             let e = match st.hosts.get_mut(&name) {
                 Some(e) => e,
                 None => {
@@ -302,6 +332,15 @@ impl Scheduler {
                     st.hosts.entry(name.clone()).or_insert(e)
                 }
             };
+            if req.drain_version > e.drain_version {
+                // Another replica (or this one before a restart) changed it later.
+                if e.drained != req.draining {
+                    tracing::info!(host = %name, draining = req.draining, "host drain changed through another replica");
+                    remember = true;
+                }
+                e.drained = req.draining;
+                e.drain_version = req.drain_version;
+            }
             if e.info.address != info.address && !e.info.address.is_empty() {
                 tracing::info!(host = %name, address = %info.address, "host moved");
                 e.follower.cancel();
@@ -341,8 +380,22 @@ impl Scheduler {
                 e.sequence_seen = true;
             }
             sync_placer(&mut st.placer, &name, e);
-            e.state
+            let out = (e.state, e.drain_version);
+            // A host that beats again after its removal has joined again.
+            st.removed.remove(&name);
+            let removed = st
+                .removed
+                .iter()
+                .map(|(name, at)| pb::RemovedHost {
+                    name: name.clone(),
+                    at_ms: *at,
+                })
+                .collect();
+            (out.0, out.1, removed, forgotten)
         };
+        for name in forgotten {
+            self.forget_host(&name);
+        }
         if remember {
             drop(self.save_hosts());
         }
@@ -352,7 +405,54 @@ impl Scheduler {
                 pb::HostState::Draining => pb::HostState::Draining,
                 _ => pb::HostState::Ready,
             } as i32,
+            drain_version,
+            removed,
         })
+    }
+
+    /// Takes the removals a host (`from`) tells of: each of a host this replica holds as DOWN
+    /// whose last beat came before the removal forgets it (returned, to be forgotten in the
+    /// view too); the rest are remembered and told on. Drops removals past [`REMOVAL_MEMORY`].
+    fn take_removals(&self, st: &mut State, from: &str, told: &[pb::RemovedHost]) -> Vec<String> {
+        let now = now_ms();
+        let oldest = now.saturating_sub(REMOVAL_MEMORY.as_millis() as u64);
+        let mut forgotten = Vec::new();
+        for r in told.iter().take(MAX_REMOVALS) {
+            if r.at_ms < oldest || r.name == from || !valid_host_name(&r.name) {
+                continue;
+            }
+            if let Some(e) = st.hosts.get(&r.name) {
+                if e.state != pb::HostState::Down || ms_of(e.last_seen) >= r.at_ms {
+                    // It beat here after that removal: it has joined again.
+                    continue;
+                }
+                let e = st.hosts.remove(&r.name).expect("looked up above");
+                st.placer.remove(&r.name);
+                e.follower.cancel();
+                tracing::info!(host = %r.name, "host removed through another replica");
+                forgotten.push(r.name.clone());
+            }
+            let at = st.removed.entry(r.name.clone()).or_insert(r.at_ms);
+            *at = (*at).max(r.at_ms);
+        }
+        st.removed.retain(|_, at| *at >= oldest);
+        while st.removed.len() > MAX_REMOVALS {
+            let oldest = st
+                .removed
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(n, _)| n.clone())
+                .expect("not empty");
+            st.removed.remove(&oldest);
+        }
+        forgotten
+    }
+
+    /// The view's side of forgetting a removed host: its unfinished workers are LOST.
+    fn forget_host(&self, name: &str) {
+        let lost = self.view().mark_host_lost(name, SystemTime::now());
+        self.publish(lost);
+        drop(self.save_hosts());
     }
 
     fn new_entry(&self, name: &str, address: &str, drained: bool) -> HostEntry {
@@ -365,6 +465,7 @@ impl Scheduler {
             },
             state: pb::HostState::Down,
             drained,
+            drain_version: 0,
             last_seen: SystemTime::UNIX_EPOCH,
             seen_at: Instant::now(),
             lost_marked: false,
@@ -406,6 +507,7 @@ impl Scheduler {
                         RememberedHost {
                             address: e.info.address.clone(),
                             draining: e.drained,
+                            drain_version: e.drain_version,
                         },
                     )
                 })
@@ -438,7 +540,8 @@ impl Scheduler {
         let mut st = self.state();
         for (name, h) in map {
             if valid_host_name(&name) && !st.hosts.contains_key(&name) {
-                let e = self.new_entry(&name, &h.address, h.draining);
+                let mut e = self.new_entry(&name, &h.address, h.draining);
+                e.drain_version = h.drain_version;
                 st.hosts.insert(name, e);
             }
         }
@@ -630,6 +733,7 @@ impl Scheduler {
             .get_mut(name)
             .ok_or_else(|| Error::NotFound(format!("host {name} not found")))?;
         e.drained = drain;
+        e.drain_version = (e.drain_version + 1).max(now_ms());
         if e.state != pb::HostState::Down {
             e.state = if drain {
                 pb::HostState::Draining
@@ -667,6 +771,9 @@ impl Scheduler {
             let e = st.hosts.remove(name).expect("looked up above");
             st.placer.remove(name);
             e.follower.cancel();
+            // Told to every host, which tell the other replicas.
+            st.removed
+                .insert(name.to_owned(), now_ms().max(ms_of(e.last_seen) + 1));
             Self::cluster_host(&e)
         };
         let lost = self.view().mark_host_lost(name, SystemTime::now());
@@ -695,8 +802,10 @@ impl Scheduler {
 
     // ---- sessions ----
 
-    /// Opens a session on the scheduler; it is opened on each host when workers land there.
-    pub fn open_session(
+    /// Opens a session on the scheduler and on its home hosts ([`SESSION_HOMES`] up hosts,
+    /// chosen by the id), where any replica finds it; it is opened on each host where workers
+    /// land too. Calls to the hosts carry the caller, who owns the session there.
+    pub async fn open_session(
         &self,
         id: Option<String>,
         ttl_seconds: u32,
@@ -704,28 +813,79 @@ impl Scheduler {
         owner: &str,
     ) -> Result<pb::Session> {
         let id = id.unwrap_or_else(berth_core::new_id);
-        let mut sessions = self.sessions();
-        if let Some(s) = sessions.get_mut(&id) {
-            if s.session.owner != owner {
-                return Err(Error::PermissionDenied(format!(
-                    "session {id} belongs to another user"
-                )));
+        let (out, request) = {
+            let mut sessions = self.sessions();
+            if let Some(s) = sessions.get_mut(&id) {
+                if s.session.owner != owner {
+                    return Err(Error::PermissionDenied(format!(
+                        "session {id} belongs to another user"
+                    )));
+                }
+                s.session.renew(SystemTime::now());
+                return Ok(session_to_pb(&s.session));
             }
-            s.session.renew(SystemTime::now());
-            return Ok(session_to_pb(&s.session));
+            let mut session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
+            session.owner = owner.to_owned();
+            let out = session_to_pb(&session);
+            let request = pb::OpenSessionRequest {
+                ttl_seconds: session.ttl.as_secs() as u32,
+                labels: session.labels.clone().into_iter().collect(),
+                id: id.clone(),
+            };
+            sessions.insert(
+                id.clone(),
+                SchedSession {
+                    session,
+                    hosts: BTreeSet::new(),
+                },
+            );
+            (out, request)
+        };
+        let homes = self.session_homes(&id);
+        let opened = futures::future::join_all(homes.iter().map(|(h, api)| {
+            let request = request.clone();
+            async move { (h.clone(), api.open_session(request).await) }
+        }))
+        .await;
+        let mut at = BTreeSet::new();
+        for (h, r) in opened {
+            match r {
+                Ok(_) => {
+                    at.insert(h);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %id, host = %h, error = %e, "cannot open a session on its home host")
+                }
+            }
         }
-        let mut session = Session::open(id.clone(), ttl_seconds, labels, SystemTime::now())?;
-        session.owner = owner.to_owned();
-        let out = session_to_pb(&session);
-        sessions.insert(
-            id.clone(),
-            SchedSession {
-                session,
-                hosts: BTreeSet::new(),
-            },
-        );
+        if let Some(s) = self.sessions().get_mut(&id) {
+            s.hosts.extend(at);
+        }
         tracing::info!(session = %id, "session opened");
         Ok(out)
+    }
+
+    /// The home hosts of a session: the [`SESSION_HOMES`] up hosts that rank first for its id
+    /// (rendezvous hashing, so that the set moves little as hosts come and go).
+    fn session_homes(&self, id: &str) -> Vec<(String, Arc<dyn HostApi>)> {
+        use std::hash::{Hash, Hasher};
+        let rank = |host: &str| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (id, host).hash(&mut h);
+            h.finish()
+        };
+        let st = self.state();
+        let mut up: Vec<(u64, &String, &HostEntry)> = st
+            .hosts
+            .iter()
+            .filter(|(_, e)| e.state != pb::HostState::Down)
+            .map(|(n, e)| (rank(n), n, e))
+            .collect();
+        up.sort_by(|a, b| b.0.cmp(&a.0));
+        up.into_iter()
+            .take(SESSION_HOMES)
+            .map(|(_, n, e)| (n.clone(), e.api.clone()))
+            .collect()
     }
 
     /// Renews a session here and on every host it reached. A session this scheduler does not
@@ -743,7 +903,15 @@ impl Scheduler {
         };
         let hosts: BTreeSet<String> = match &known {
             Some((_, h)) => h.clone(),
-            None => self.view().session_hosts(id),
+            None => {
+                // Opened through another replica: its workers' hosts hold it, or its homes; a
+                // session whose homes have changed since is looked for on every up host.
+                let mut h = self.view().session_hosts(id);
+                if h.is_empty() {
+                    h = self.up_hosts();
+                }
+                h
+            }
         };
         let renewed = futures::future::join_all(hosts.iter().map(|h| async move {
             let Some((api, state)) = self.api_of(h) else {
@@ -785,8 +953,22 @@ impl Scheduler {
         Ok(out)
     }
 
+    /// Every host not DOWN.
+    fn up_hosts(&self) -> BTreeSet<String> {
+        self.state()
+            .hosts
+            .iter()
+            .filter(|(_, e)| e.state != pb::HostState::Down)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Ends a session and stops its workers on every host.
     pub async fn close_session(&self, id: &str, grace: Option<u32>) -> Result<Vec<pb::Worker>> {
+        if !self.sessions().contains_key(id) && self.view().session_hosts(id).is_empty() {
+            // Opened through another replica and without workers yet: held by its homes.
+            self.keep_alive(id).await?;
+        }
         let held = self.sessions().remove(id);
         let mut hosts = self.view().session_hosts(id);
         if held.is_none() && hosts.is_empty() {
@@ -848,28 +1030,19 @@ impl Scheduler {
             .collect())
     }
 
+    /// Forgets the sessions whose lease lapsed here. Their hosts end them by their own leases,
+    /// which this replica renewed with its own; a session renewed through another replica
+    /// lives on there, and is adopted again if a keep-alive comes here.
     async fn expire_sessions(&self) {
         let now = SystemTime::now();
-        let expired: Vec<(String, BTreeSet<String>)> = {
-            let mut sessions = self.sessions();
-            let ids: Vec<String> = sessions
-                .values()
-                .filter(|s| s.session.expired(now))
-                .map(|s| s.session.id.clone())
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|s| (id, s.hosts)))
-                .collect()
-        };
-        for (id, mut hosts) in expired {
-            hosts.extend(self.view().session_hosts(&id));
-            tracing::info!(session = %id, "session lease lapsed");
-            let s = self.clone();
-            let span = tracing::info_span!("session_end", session = %id);
-            berth_server::spawn_in(span, async move {
-                let _ = s.end_session_on(&id, &hosts, None).await;
-            });
-        }
+        let mut sessions = self.sessions();
+        sessions.retain(|id, s| {
+            let live = !s.session.expired(now);
+            if !live {
+                tracing::info!(session = %id, "session lease lapsed");
+            }
+            live
+        });
     }
 
     /// Whether a session id is one this scheduler holds or whose workers it sees.
@@ -920,23 +1093,31 @@ impl Scheduler {
         caller: Option<IpAddr>,
     ) -> Result<Vec<pb::Worker>> {
         // A retry (the same caller, the same request id) waits for the first launch and gets its
-        // workers. The hosts are not given the id: a launch rolled back on one host must not
-        // stop another's workers that a retry was given. (Replicas do not share what they
-        // launched: a retry through another replica launches again.)
+        // workers: from what this replica launched, else from the hosts' records of them as the
+        // view holds them (another replica launched it, and the caller failed over before the
+        // answer). The hosts are given the id with a suffix per placement attempt, so that an
+        // attempt rolled back on one host never answers a retry.
         let request_id = std::mem::take(&mut req.request_id);
         let _gate = if request_id.is_empty() {
             None
         } else {
+            berth_core::launch::check_request_id(&request_id, false)?;
             let key = (hosts::current_caller(), request_id.clone());
             let gate = self.inner.retries.enter(key.clone()).await;
             if let Some(first) = self.launched_as(&key, req.n)? {
                 tracing::info!(%request_id, workers = first.len(), "a retried launch gets its first launch's workers");
                 return Ok(first);
             }
+            if let Some(first) = self.launched_elsewhere(&request_id, req.n).await? {
+                tracing::info!(%request_id, workers = first.len(), "a retried launch gets the workers another replica launched");
+                let ids = first.iter().map(|w| w.id.clone()).collect();
+                lock(&self.inner.launched).insert(key.clone(), (Instant::now(), ids));
+                return Ok(first);
+            }
             Some((gate, key))
         };
         self.inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
-        let res = self.launch_inner(&mut req, caller).await;
+        let res = self.launch_inner(&mut req, caller, &request_id).await;
         if let (Ok(ws), Some((_, key))) = (&res, &_gate) {
             let ids = ws.iter().map(|w| w.id.clone()).collect();
             lock(&self.inner.launched).insert(key.clone(), (Instant::now(), ids));
@@ -988,10 +1169,74 @@ impl Scheduler {
         Ok(Some(ids.iter().filter_map(|id| known.remove(id)).collect()))
     }
 
+    /// A launch of `request_id` by the current caller that the hosts' records show whole (all
+    /// the workers of one placement attempt, made within the retry window): what another replica
+    /// launched before the caller failed over, or this one before it restarted. Attempts that
+    /// never became whole (a replica died mid-launch, or rolled them back) are stopped where
+    /// anything of them still runs: nobody was told of them.
+    async fn launched_elsewhere(
+        &self,
+        request_id: &str,
+        n: u32,
+    ) -> Result<Option<Vec<pb::Worker>>> {
+        let owner = hosts::current_owner();
+        let now = SystemTime::now();
+        let mut attempts: BTreeMap<u32, (u32, Vec<Tracked>)> = BTreeMap::new();
+        for t in self.view().launched_with(&owner, request_id) {
+            let (_, Some(a)) = berth_core::launch::split_attempt(&t.worker.request_id) else {
+                continue;
+            };
+            let made = t
+                .worker
+                .created_at
+                .as_ref()
+                .and_then(|c| SystemTime::try_from(c.clone()).ok())
+                .unwrap_or(now);
+            if now.duration_since(made).unwrap_or_default() >= berth_core::launch::RETRY_WINDOW {
+                continue;
+            }
+            attempts
+                .entry(a.token)
+                .or_insert((a.n, Vec::new()))
+                .1
+                .push(t);
+        }
+        let mut whole = None;
+        let mut partial: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (want, ts) in attempts.into_values() {
+            if ts.len() == want as usize && whole.is_none() {
+                whole = Some((want, ts));
+                continue;
+            }
+            for t in ts {
+                if !is_terminal(t.worker.status) {
+                    partial.entry(t.host).or_default().push(t.worker.id);
+                }
+            }
+        }
+        for (host, ids) in partial {
+            tracing::info!(%request_id, host = %host, workers = ids.len(), "stopping a launch attempt that never became whole");
+            self.rollback(&host, ids).await;
+        }
+        let Some((want, mut ts)) = whole else {
+            return Ok(None);
+        };
+        if want != n {
+            return Err(berth_core::launch::retry_of_another_size(
+                request_id,
+                want as usize,
+                n,
+            ));
+        }
+        ts.sort_by(|a, b| a.worker.id.cmp(&b.worker.id));
+        Ok(Some(ts.into_iter().map(|t| t.worker).collect()))
+    }
+
     async fn launch_inner(
         &self,
         req: &mut pb::LaunchWorkersRequest,
         caller: Option<IpAddr>,
+        request_id: &str,
     ) -> Result<Vec<pb::Worker>> {
         let parsed = berth_server::convert::launch_from_pb(req.clone())?;
         let lim = &self.inner.opts.limits;
@@ -1017,6 +1262,10 @@ impl Scheduler {
         }
         let session = match &spec.session_id {
             Some(id) => {
+                if !self.sessions().contains_key(id) {
+                    // Opened through another replica: adopted from its hosts, or NOT_FOUND.
+                    self.keep_alive(id).await?;
+                }
                 let s = self.sessions().get(id).map(|s| s.session.clone());
                 match s {
                     Some(s) if !s.expired(SystemTime::now()) => Some(s),
@@ -1066,6 +1315,12 @@ impl Scheduler {
                 strategy,
             };
             let plan = self.reserve(&ask, &refused)?;
+            if !request_id.is_empty() {
+                req.request_id = berth_core::launch::with_attempt(
+                    request_id,
+                    berth_core::launch::Attempt::new(spec.n),
+                );
+            }
             let results = futures::future::join_all(
                 plan.iter()
                     .map(|(host, k, _)| self.launch_on(host, *k, req, session.as_ref())),

@@ -430,6 +430,7 @@ async fn a_session_ends_its_workers_on_every_host() {
     let (s, fakes) = cluster(2, res(1.0, 8.0, 0, 16));
     let session = s
         .open_session(None, 60, Default::default(), "alice")
+        .await
         .unwrap();
     let mut req = launch(2, 1.0);
     req.session_id = session.id.clone();
@@ -459,6 +460,7 @@ async fn a_lapsed_session_ends_its_workers() {
     let (s, fakes) = cluster(1, res(4.0, 8.0, 0, 16));
     let session = s
         .open_session(None, 1, Default::default(), "alice")
+        .await
         .unwrap();
     let beating = keep_beating(&s, &fakes);
     let mut req = launch(2, 1.0);
@@ -680,11 +682,20 @@ async fn a_retried_launch_gets_its_first_workers_and_launches_nothing() {
     assert_eq!(order(&b.unwrap()), order(&first));
     assert_eq!(union_of_hosts(&fakes), ids(&first), "nothing else launched");
     assert_eq!(calls(&fakes), after_first, "no host was asked again");
-    // No host is given the id: a host's own retry handling never meets the scheduler's.
-    assert!(fakes
-        .all()
-        .iter()
-        .all(|h| h.launches_with_request_id.load(Ordering::Relaxed) == 0));
+    // The hosts are given the id with the attempt: a host's own retry handling never answers
+    // another attempt, and another replica finds the launch in their records.
+    assert_eq!(
+        fakes
+            .all()
+            .iter()
+            .map(|h| h.launches_with_request_id.load(Ordering::Relaxed))
+            .sum::<u64>(),
+        after_first
+    );
+    for w in &first {
+        let (base, attempt) = berth_core::launch::split_attempt(&w.request_id);
+        assert_eq!((base, attempt.map(|a| a.n)), ("r1", Some(4)), "{w:?}");
+    }
 
     let err = hosts::as_caller(&alice, s.launch(with_id(2, "r1"), None))
         .await
@@ -784,4 +795,207 @@ async fn a_down_host_is_removed_for_good_and_an_up_one_is_not() {
     s.heartbeat(fakes.get(quiet).unwrap().beat(60)).unwrap();
     assert_eq!(state_of(quiet), Some(pb::HostState::Ready as i32));
     beating.abort();
+}
+
+/// Two replicas over the same hosts, as `berthd --scheduler a,b` beats to both: a launch made
+/// through one and retried through the other (the caller failed over before the answer) gets the
+/// same workers and launches nothing; an attempt that never became whole (the first replica died
+/// mid-launch) is stopped and the retry launches anew; a drain and a removal made through one
+/// replica reach the other through the hosts' beats; a removed host that beats again joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_retries_drains_and_removals_through_the_hosts() {
+    let fakes = FakeCluster::new();
+    for i in 0..3 {
+        fakes.add(&format!("h{i:05}"), res(4.0, 8.0, 0, 16), BTreeMap::new());
+    }
+    let a = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    let b = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    a.start();
+    b.start();
+    let beat_all = |seq: u64, skip: &[&str]| {
+        for h in fakes.all() {
+            if skip.contains(&h.host_info().name.as_str()) {
+                continue;
+            }
+            h.beat_to(&a, seq).unwrap();
+            h.beat_to(&b, seq).unwrap();
+        }
+    };
+    beat_all(1, &[]);
+    synced(&a).await;
+    synced(&b).await;
+    let alice = Caller {
+        owner: "alice".into(),
+        principal: berth_server::identity::Principal::User("alice".into()),
+        ..Caller::daemon()
+    };
+    let with_id = |n: u32, id: &str| pb::LaunchWorkersRequest {
+        request_id: id.into(),
+        placement: pb::Placement::Spread as i32,
+        ..launch(n, 0.5)
+    };
+    let calls = || -> u64 {
+        fakes
+            .all()
+            .iter()
+            .map(|h| h.launch_calls.load(Ordering::Relaxed))
+            .sum()
+    };
+
+    // Through a, retried through b once b's view has the workers (the hosts' events).
+    let first = hosts::as_caller(&alice, a.launch(with_id(3, "job-1"), None))
+        .await
+        .unwrap();
+    let on_b = |ids: &BTreeSet<String>| {
+        b.list(&Filter::default())
+            .unwrap()
+            .iter()
+            .filter(|w| ids.contains(&w.id))
+            .count()
+    };
+    let want = ids(&first);
+    for _ in 0..500 {
+        if on_b(&want) == want.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = calls();
+    let again = hosts::as_caller(&alice, b.launch(with_id(3, "job-1"), None))
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), want, "the same workers");
+    assert_eq!(calls(), before, "no host asked to launch again");
+    // Bob's same id is his own; another count is refused naming the field.
+    let bob = Caller {
+        owner: "bob".into(),
+        principal: berth_server::identity::Principal::User("bob".into()),
+        ..Caller::daemon()
+    };
+    let bobs = hosts::as_caller(&bob, b.launch(with_id(3, "job-1"), None))
+        .await
+        .unwrap();
+    assert!(ids(&bobs).is_disjoint(&want));
+    let err = hosts::as_caller(&alice, b.launch(with_id(2, "job-1"), None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { field, .. } if field == "request_id"),
+        "{err:?}"
+    );
+
+    // A replica died after one host of a 3-host attempt launched: simulated by launching one
+    // worker of an attempt of 3 straight on a host, as that replica would have.
+    let partial_id =
+        berth_core::launch::with_attempt("job-2", berth_core::launch::Attempt { n: 3, token: 7 });
+    let orphan = hosts::as_caller(&alice, async {
+        fakes
+            .get("h00000")
+            .unwrap()
+            .launch(pb::LaunchWorkersRequest {
+                request_id: partial_id.clone(),
+                ..launch(1, 0.5)
+            })
+            .await
+    })
+    .await
+    .unwrap();
+    let orphan_id = orphan[0].id.clone();
+    for _ in 0..500 {
+        if b.list(&Filter::default())
+            .unwrap()
+            .iter()
+            .any(|w| w.id == orphan_id)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fresh = hosts::as_caller(&alice, b.launch(with_id(3, "job-2"), None))
+        .await
+        .unwrap();
+    assert_eq!(fresh.len(), 3);
+    assert!(!ids(&fresh).contains(&orphan_id));
+    let orphan_now = fakes
+        .get("h00000")
+        .unwrap()
+        .workers()
+        .into_iter()
+        .find(|w| w.id == orphan_id)
+        .unwrap();
+    assert_eq!(
+        orphan_now.status,
+        pb::WorkerStatus::Stopped as i32,
+        "the attempt nobody was told of is stopped"
+    );
+
+    // A drain through a reaches b through the host's next beats (and is not undone by b).
+    a.set_draining("h00001", true).await.unwrap();
+    beat_all(2, &[]);
+    beat_all(3, &[]);
+    let state_on = |s: &Scheduler, name: &str| {
+        s.list_hosts()
+            .into_iter()
+            .find(|h| h.info.as_ref().is_some_and(|i| i.name == name))
+            .map(|h| h.state)
+    };
+    assert_eq!(state_on(&a, "h00001"), Some(pb::HostState::Draining as i32));
+    assert_eq!(state_on(&b, "h00001"), Some(pb::HostState::Draining as i32));
+    // Undrained through b, later: the newer change wins on both.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.set_draining("h00001", false).await.unwrap();
+    beat_all(4, &[]);
+    beat_all(5, &[]);
+    assert_eq!(state_on(&a, "h00001"), Some(pb::HostState::Ready as i32));
+    assert_eq!(state_on(&b, "h00001"), Some(pb::HostState::Ready as i32));
+
+    // h00002 stops beating: DOWN on both; removed through a, b forgets it too.
+    let mut seq = 6;
+    for _ in 0..100 {
+        if state_on(&a, "h00002") == Some(pb::HostState::Down as i32)
+            && state_on(&b, "h00002") == Some(pb::HostState::Down as i32)
+        {
+            break;
+        }
+        beat_all(seq, &["h00002"]);
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.remove_host("h00002").await.unwrap();
+    assert_eq!(state_on(&a, "h00002"), None);
+    assert!(state_on(&b, "h00002").is_some(), "b has not heard yet");
+    beat_all(seq, &["h00002"]);
+    beat_all(seq + 1, &["h00002"]);
+    assert_eq!(state_on(&b, "h00002"), None, "told by the hosts");
+    // It comes back: it joins both again, and the removal told on no longer forgets it.
+    beat_all(seq + 2, &[]);
+    beat_all(seq + 3, &[]);
+    assert!(state_on(&a, "h00002").is_some());
+    assert!(state_on(&b, "h00002").is_some());
+
+    // A session opened through a, with no worker yet, is known to b: renewed, launched into
+    // and closed through it; another user cannot adopt it.
+    let session = hosts::as_caller(
+        &alice,
+        a.open_session(None, 60, Default::default(), "alice"),
+    )
+    .await
+    .unwrap();
+    let err = hosts::as_caller(&bob, b.keep_alive(&session.id))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+    let renewed = hosts::as_caller(&alice, b.keep_alive(&session.id))
+        .await
+        .unwrap();
+    assert_eq!(renewed.owner, "alice");
+    let mut req = launch(2, 0.5);
+    req.session_id = session.id.clone();
+    let in_session = hosts::as_caller(&alice, b.launch(req, None)).await.unwrap();
+    let closed = hosts::as_caller(&alice, b.close_session(&session.id, Some(0)))
+        .await
+        .unwrap();
+    assert_eq!(ids(&closed), ids(&in_session));
+    a.shutdown();
+    b.shutdown();
 }

@@ -72,6 +72,17 @@ pub struct Tracked {
 pub struct View {
     workers: HashMap<String, Tracked>,
     by_host: HashMap<String, HashSet<String>>,
+    /// The workers of each (owner, caller's `request_id`), whatever attempt made them.
+    by_request: HashMap<(String, String), HashSet<String>>,
+}
+
+/// The (owner, caller's `request_id`) a worker was launched under, if any.
+fn request_key(w: &pb::Worker) -> Option<(String, String)> {
+    if w.request_id.is_empty() {
+        return None;
+    }
+    let (base, _) = berth_core::launch::split_attempt(&w.request_id);
+    Some((w.owner.clone(), base.to_owned()))
 }
 
 impl View {
@@ -116,6 +127,9 @@ impl View {
             .entry(host.to_owned())
             .or_default()
             .insert(w.id.clone());
+        if let Some(key) = request_key(&w) {
+            self.by_request.entry(key).or_default().insert(w.id.clone());
+        }
         self.workers.insert(
             w.id.clone(),
             Tracked {
@@ -162,7 +176,25 @@ impl View {
             if let Some(ids) = self.by_host.get_mut(&t.host) {
                 ids.remove(id);
             }
+            if let Some(key) = request_key(&t.worker) {
+                if let Some(ids) = self.by_request.get_mut(&key) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.by_request.remove(&key);
+                    }
+                }
+            }
         }
+    }
+
+    /// The workers `owner` launched with `request_id` (the caller's id, any attempt).
+    pub fn launched_with(&self, owner: &str, request_id: &str) -> Vec<Tracked> {
+        self.by_request
+            .get(&(owner.to_owned(), request_id.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.workers.get(id).cloned())
+            .collect()
     }
 
     /// Every unfinished worker of `host` becomes LOST (`host lost`); returns them.

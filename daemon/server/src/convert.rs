@@ -95,6 +95,7 @@ pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
         user: w.user.clone(),
         pooled: false,
         output_dropped_bytes: w.output_dropped_bytes,
+        request_id: w.request_id.clone().unwrap_or_default(),
     }
 }
 
