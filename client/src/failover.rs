@@ -29,6 +29,12 @@ pub struct Failover {
 /// Whether a failed call says that the replica could not be reached or has gone, rather than
 /// answering: the call can run again on another replica.
 pub fn is_unreachable(s: &tonic::Status) -> bool {
+    // The connection itself failed (a status made from a transport error carries it).
+    let from_transport = std::error::Error::source(s)
+        .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+    if from_transport {
+        return true;
+    }
     match s.code() {
         tonic::Code::Unavailable => true,
         // A connection that broke in the middle of a call (the server was killed).

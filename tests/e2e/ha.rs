@@ -74,7 +74,14 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_launches_nothing_twice() 
     let mut first_keepalive_after = None;
     for i in 0..total {
         if i == kill_after {
-            a.stop(libc::SIGKILL);
+            // Killed while this launch is on its way: it may or may not have been carried out
+            // on a host before the replica died.
+            let pid = a.pid().unwrap() as i32;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(3));
+                // SAFETY: kill(2) of the scheduler this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            });
             killed_at = Some(Instant::now());
         }
         let rid = format!("ha-{i}");
@@ -111,10 +118,16 @@ async fn a_replica_killed_mid_stream_loses_nothing_and_launches_nothing_twice() 
             first_keepalive_after = Some(k.elapsed());
         }
     }
+    a.stop(libc::SIGKILL);
     assert_eq!(
         client.current_addr().await.as_deref(),
         Some(b.addr.as_str())
     );
+    let answered_by_b = b
+        .log()
+        .matches("a retried launch gets the workers another replica launched")
+        .count();
+    eprintln!("FIGURE ha: launches b answered from a's records: {answered_by_b}");
     let launch_gap = first_launch_after.unwrap();
     let keepalive_gap = first_keepalive_after.unwrap();
     eprintln!(

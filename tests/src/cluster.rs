@@ -120,6 +120,11 @@ impl SchedulerNode {
         }
     }
 
+    /// The scheduler's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts it again on the same config and state dir.
     pub async fn restart(&mut self) -> Result<()> {
         self.spawn().await
