@@ -170,7 +170,7 @@ impl Failover {
             if Instant::now() >= deadline {
                 return Err(failed);
             }
-            if tried % self.addrs.len() == 0 {
+            if tried.is_multiple_of(self.addrs.len()) {
                 // Every replica failed once: wait a little before the next round.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

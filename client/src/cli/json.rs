@@ -480,6 +480,7 @@ mod tests {
             user: "nobody".into(),
             pooled: true,
             output_dropped_bytes: 4096,
+            request_id: "job-1~2.0000abcd".into(),
         }
     }
 
@@ -517,6 +518,7 @@ mod tests {
   "pid": 4242,
   "pooled": true,
   "reason": "exited with code 1",
+  "request_id": "job-1~2.0000abcd",
   "restarts": 3,
   "session_id": "s1",
   "signal": 9,
@@ -527,7 +529,7 @@ mod tests {
 }"#;
 
     /// A worker with nothing set: zeros and empty strings are themselves, unset is `null`.
-    const EMPTY_WORKER: &str = r#"{"command":[],"cpu":0.0,"cpu_seconds":0.0,"created_at":null,"exit_code":null,"finished_at":null,"gpu_memory_used_bytes":0,"gpu_uuids":[],"host":"","id":"","ip_address":"","kernel":"","labels":{},"memory_gb":0.0,"memory_peak_bytes":0,"network":"NETWORK_MODE_BRIDGE","nvidia_gpu":0,"output_dropped_bytes":0,"owner":"","pid":0,"pooled":false,"reason":"","restarts":0,"session_id":"","signal":null,"started_at":null,"status":"WORKER_STATUS_UNSPECIFIED","user":"","workdir":""}"#;
+    const EMPTY_WORKER: &str = r#"{"command":[],"cpu":0.0,"cpu_seconds":0.0,"created_at":null,"exit_code":null,"finished_at":null,"gpu_memory_used_bytes":0,"gpu_uuids":[],"host":"","id":"","ip_address":"","kernel":"","labels":{},"memory_gb":0.0,"memory_peak_bytes":0,"network":"NETWORK_MODE_BRIDGE","nvidia_gpu":0,"output_dropped_bytes":0,"owner":"","pid":0,"pooled":false,"reason":"","request_id":"","restarts":0,"session_id":"","signal":null,"started_at":null,"status":"WORKER_STATUS_UNSPECIFIED","user":"","workdir":""}"#;
 
     fn full_host() -> pb::HostInfo {
         pb::HostInfo {

@@ -188,3 +188,56 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(1), c.heartbeat(req)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(draining: bool, version: u64, removed: &[(&str, u64)]) -> pb::HeartbeatResponse {
+        pb::HeartbeatResponse {
+            interval_ms: 1000,
+            state: if draining {
+                pb::HostState::Draining
+            } else {
+                pb::HostState::Ready
+            } as i32,
+            drain_version: version,
+            removed: removed
+                .iter()
+                .map(|(n, at)| pb::RemovedHost {
+                    name: (*n).into(),
+                    at_ms: *at,
+                })
+                .collect(),
+        }
+    }
+
+    /// The newer drain wins whichever replica tells it; an older answer (a replica that has not
+    /// heard yet) changes nothing; removals are kept and told back on every beat.
+    #[test]
+    fn the_newer_drain_wins_and_removals_are_told_on() {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let m = Membership::default();
+        assert_eq!(m.take(&answer(true, now, &[("gone", now)])), Some(true));
+        assert_eq!(m.take(&answer(false, now - 5, &[])), None, "stale");
+        assert!(m.draining());
+        let beat = m.beat(pb::HostInfo::default(), false, 7);
+        assert!(beat.draining);
+        assert_eq!(beat.drain_version, now);
+        assert_eq!(beat.removed.len(), 1);
+        assert_eq!(beat.removed[0].name, "gone");
+        assert_eq!(m.take(&answer(false, now + 1, &[])), Some(false));
+        // A removal past a day is forgotten.
+        m.take(&answer(false, now + 1, &[("old", now - 25 * 3600 * 1000)]));
+        let names: Vec<String> = m
+            .beat(pb::HostInfo::default(), false, 8)
+            .removed
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["gone"]);
+    }
+}

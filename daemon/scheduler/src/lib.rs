@@ -881,7 +881,7 @@ impl Scheduler {
             .filter(|(_, e)| e.state != pb::HostState::Down)
             .map(|(n, e)| (rank(n), n, e))
             .collect();
-        up.sort_by(|a, b| b.0.cmp(&a.0));
+        up.sort_by_key(|u| std::cmp::Reverse(u.0));
         up.into_iter()
             .take(SESSION_HOMES)
             .map(|(_, n, e)| (n.clone(), e.api.clone()))
@@ -1190,7 +1190,7 @@ impl Scheduler {
                 .worker
                 .created_at
                 .as_ref()
-                .and_then(|c| SystemTime::try_from(c.clone()).ok())
+                .and_then(|c| SystemTime::try_from(*c).ok())
                 .unwrap_or(now);
             if now.duration_since(made).unwrap_or_default() >= berth_core::launch::RETRY_WINDOW {
                 continue;
