@@ -92,7 +92,9 @@ fn ready_pooled(d: &Daemon) -> Vec<(u32, String)> {
         let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| !c.starts_with("python3")) {
+        if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_or(true, |c| !c.starts_with("python3"))
+        {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -100,7 +102,8 @@ fn ready_pooled(d: &Daemon) -> Vec<(u32, String)> {
         };
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path()) {
-                if target.starts_with(&workers) && target.file_name().is_some_and(|n| n == "claim") {
+                if target.starts_with(&workers) && target.file_name().is_some_and(|n| n == "claim")
+                {
                     let id = target
                         .parent()
                         .and_then(Path::file_name)
@@ -179,16 +182,27 @@ async fn run_probe(d: &Daemon, req: pb::LaunchWorkersRequest) -> (pb::Worker, Va
         String::from_utf8_lossy(&err)
     );
     let v: Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
-        panic!("{e}: {}\nstderr: {}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err))
+        panic!(
+            "{e}: {}\nstderr: {}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        )
     });
     (done[0].clone(), v)
 }
 
 /// The variables that name the worker itself or its host's bridge (another daemon's here).
-const OWN: [&str; 4] = ["BERTH_WORKER_ID", "BERTH_WORKER_IP", "BERTH_MASTER_IP", "CDSW_MASTER_IP"];
+const OWN: [&str; 4] = [
+    "BERTH_WORKER_ID",
+    "BERTH_WORKER_IP",
+    "BERTH_MASTER_IP",
+    "CDSW_MASTER_IP",
+];
 
 fn same_but_own(pooled: &Value, cold: &Value) {
-    for key in ["argv", "name", "main", "cwd", "ids", "umask", "cg", "path", "flags", "limits", "oom"] {
+    for key in [
+        "argv", "name", "main", "cwd", "ids", "umask", "cg", "path", "flags", "limits", "oom",
+    ] {
         assert_eq!(pooled[key], cold[key], "{key} differs");
     }
     let env = |v: &Value| -> BTreeMap<String, String> {
@@ -220,6 +234,11 @@ fn same_but_own(pooled: &Value, cold: &Value) {
         }
     }
     assert_eq!(pooled["threads"][0], cold["threads"][0]);
+    assert_eq!(
+        pooled["threads"].as_array().map(Vec::len),
+        cold["threads"].as_array().map(Vec::len),
+        "thread counts differ"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -240,8 +259,15 @@ async fn a_pooled_worker_is_what_a_cold_one_is() {
     assert_eq!(pw.ip_address.is_empty(), false);
     same_but_own(&pv, &cv);
     // A script.
-    let dir = tempfile::Builder::new().prefix("berth-pool-").tempdir_in("/tmp").unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("berth-pool-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let script = dir.path().join("probe.py");
     std::fs::write(&script, PROBE).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -259,7 +285,7 @@ async fn a_pooled_worker_is_what_a_cold_one_is() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn threads_started_at_preload_end_with_the_user_s_credentials() {
+async fn a_numpy_preload_waits_with_one_thread_and_runs_as_cold() {
     require_root!();
     if std::process::Command::new("/usr/bin/python3")
         .args(["-c", "import numpy"])
@@ -269,19 +295,26 @@ async fn threads_started_at_preload_end_with_the_user_s_credentials() {
         berth_tests::cannot_run("python3-numpy is not installed (apt-get install python3-numpy)");
         return;
     }
-    let pooled = Daemon::start_with(pool_config(1, &["numpy"])).await.unwrap();
+    let pooled = Daemon::start_with(pool_config(1, &["numpy"]))
+        .await
+        .unwrap();
     let cold = Daemon::start_with(pool_config(0, &[])).await.unwrap();
     let ready = wait_ready(&pooled, 1).await;
-    // OpenBLAS started its threads at the preload (where this host has more than one CPU).
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", ready[0].0)).unwrap().count();
-    let code = format!("import numpy\n{PROBE}");
+    // The preload ran with BLAS and OpenMP threads capped at 1: the interpreter waits with its
+    // one thread, whose bounding set and capabilities the claim empties.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", ready[0].0))
+        .unwrap()
+        .count();
+    assert_eq!(tasks, 1);
+    let code = format!("import numpy\nnumpy.ones((200, 200)) @ numpy.ones((200, 200))\n{PROBE}");
     let (pw, pv) = run_probe(&pooled, probe_request(&code)).await;
     let (_, cv) = run_probe(&cold, probe_request(&code)).await;
     assert!(pw.pooled);
-    assert_eq!(
-        pv["threads"].as_array().unwrap().len(),
-        tasks,
-        "the preload's threads are the worker's"
+    // What the preload set for itself is gone again.
+    assert!(
+        pv["env"].get("OPENBLAS_NUM_THREADS").is_none(),
+        "{}",
+        pv["env"]
     );
     same_but_own(&pv, &cv);
 }
@@ -329,7 +362,12 @@ async fn a_pool_of_four_refills() {
             let ws = launch(&c, berth_tests::python_request(1, &format!("print({i})"))).await;
             assert!(ws[0].pooled, "round {round}, launch {i}: {:?}", ws[0]);
             let done = await_all(&c, &ids_of(&ws)).await.unwrap();
-            assert_eq!(done[0].status(), pb::WorkerStatus::Succeeded, "{:?}", done[0]);
+            assert_eq!(
+                done[0].status(),
+                pb::WorkerStatus::Succeeded,
+                "{:?}",
+                done[0]
+            );
             let out = output_of(&c, &ws[0].id, pb::Stream::Stdout).await.unwrap();
             assert_eq!(out, format!("{i}\n").as_bytes());
             taken.push(ws[0].id.clone());
@@ -427,7 +465,14 @@ async fn nothing_of_the_pool_outlives_the_daemon() {
     // A daemon killed outright leaves its pool; the next one removes it and builds a new one.
     let ids: Vec<String> = again.iter().map(|(_, id)| id.clone()).collect();
     d.stop_daemon(libc::SIGKILL);
-    assert_eq!(pool_processes(&d).len(), 2, "the pool outlives a kill -9");
+    // Their claim FIFOs lost their writer: the idle interpreters end by themselves; their
+    // cgroups, namespaces and directories are left for the next daemon.
+    wait_for("the idle interpreters end", || {
+        pool_processes(&d).is_empty()
+    })
+    .await;
+    assert_eq!(pool_dirs(&d).len(), 2);
+    assert_eq!(d.netns_files().len(), 2);
     d.restart(&[]).await.unwrap();
     let third = wait_ready(&d, 2).await;
     assert!(third.iter().all(|(_, id)| !ids.contains(id)));
@@ -443,7 +488,11 @@ async fn nothing_of_the_pool_outlives_the_daemon() {
     assert!(list_all(&c).await.is_empty(), "no pooled worker is listed");
     d.stop_daemon(libc::SIGTERM);
     assert_eq!(
-        (d.worker_cgroups().len(), d.netns_files().len(), pool_processes(&d).len()),
+        (
+            d.worker_cgroups().len(),
+            d.netns_files().len(),
+            pool_processes(&d).len()
+        ),
         (0, 0, 0)
     );
 }

@@ -160,7 +160,14 @@ mod tests {
         ] {
             assert!(start_time_var(v), "{v}");
         }
-        for v in ["PATH", "USER", "BERTH_WORKER_ID", "CDSW_MASTER_IP", "MY_VAR", "LCX"] {
+        for v in [
+            "PATH",
+            "USER",
+            "BERTH_WORKER_ID",
+            "CDSW_MASTER_IP",
+            "MY_VAR",
+            "LCX",
+        ] {
             assert!(!start_time_var(v), "{v}");
         }
     }
@@ -242,7 +249,13 @@ mod tests {
                 },
                 "root",
             ),
-            (Ask { uid: None, ..ok.clone() }, "root"),
+            (
+                Ask {
+                    uid: None,
+                    ..ok.clone()
+                },
+                "root",
+            ),
             (
                 Ask {
                     memory_bytes: 12 << 20,

@@ -602,8 +602,10 @@ mod tests {
 
     #[test]
     fn the_pool_keys() {
-        let c = Config::from_toml("[kernels.python3]\npool_size = 4\npreload = [\"numpy\", \"os.path\"]\n")
-            .unwrap();
+        let c = Config::from_toml(
+            "[kernels.python3]\npool_size = 4\npreload = [\"numpy\", \"os.path\"]\n",
+        )
+        .unwrap();
         let p = &c.kernels["python3"];
         assert_eq!((p.pool_size, p.preload.len()), (4, 2));
         // The interpreter settings stay the built-in ones.
@@ -611,13 +613,36 @@ mod tests {
         assert!(p.candidates.iter().any(|c| c == "/usr/bin/python3"));
         assert_eq!(Config::default().kernels["python3"].pool_size, 0);
         let shown = c.to_toml();
-        assert!(shown.contains("pool_size = 4") && shown.contains("preload = ["), "{shown}");
+        assert!(
+            shown.contains("pool_size = 4") && shown.contains("preload = ["),
+            "{shown}"
+        );
         for (text, key, says) in [
-            ("[kernels.r]\npool_size = 2\n", "kernels.*.pool_size", "only the python3"),
-            ("[kernels.python3]\npool_size = 100000\n", "kernels.python3.pool_size", "more than"),
-            ("[kernels.python3]\npreload = [\"numpy; import os\"]\n", "kernels.python3.preload", "not a module name"),
-            ("[kernels.python3]\npreload = [\"\"]\n", "kernels.python3.preload", "not a module name"),
-            ("[kernels.python3]\npreload = [\"1abc\"]\n", "kernels.python3.preload", "not a module name"),
+            (
+                "[kernels.r]\npool_size = 2\n",
+                "kernels.*.pool_size",
+                "only the python3",
+            ),
+            (
+                "[kernels.python3]\npool_size = 100000\n",
+                "kernels.python3.pool_size",
+                "more than",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"numpy; import os\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"1abc\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
         ] {
             match Config::from_toml(text) {
                 Err(ConfigError::Invalid { key: k, message }) => {

@@ -318,7 +318,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         );
     }
     // The zygotes first: under systemd they are what the workers' scope is started with.
-    // A pooled interpreter keeps CAP_SETUID and CAP_SETGID until its claim, so with a pool the
+    // A pooled interpreter keeps CAP_SETUID, CAP_SETGID and CAP_SETPCAP until its claim, so with a pool the
     // zygotes keep them in their bounding set too (each cold worker drops them from its own).
     let mut zygote_caps = opts.privileges.root_caps.clone();
     if opts.kernels.iter().any(|k| k.pool_size > 0) {

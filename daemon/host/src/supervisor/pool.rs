@@ -160,8 +160,9 @@ impl Pool {
             return Vec::new();
         }
         let mut out = Vec::new();
-        while out.len() < n {
-            let Some(slot) = s.ready.pop() else { break };
+        // The longest ready first.
+        while out.len() < n && !s.ready.is_empty() {
+            let slot = s.ready.remove(0);
             if slot.is_dead() {
                 s.dead.push(slot);
                 continue;
@@ -221,9 +222,10 @@ impl Host {
             return;
         }
         let inner = self.inner.clone();
-        berth_server::spawn_in(tracing::info_span!("pool"), async move {
-            refill(inner).await
-        });
+        berth_server::spawn_in(
+            tracing::info_span!("pool"),
+            async move { refill(inner).await },
+        );
     }
 
     /// Ends every idle pooled worker and what it holds (at shutdown: they are no user's
@@ -287,7 +289,10 @@ async fn refill(inner: Arc<Inner>) {
             dead
         };
         if !dead.is_empty() {
-            tracing::warn!(count = dead.len(), "pooled workers ended before a launch took them");
+            tracing::warn!(
+                count = dead.len(),
+                "pooled workers ended before a launch took them"
+            );
             let i = inner.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 for s in dead {
@@ -505,10 +510,17 @@ fn stderr_tail(inner: &Inner, id: &str) -> String {
         let mut files: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
         files.sort();
         for f in files {
-            text.push_str(&String::from_utf8_lossy(&std::fs::read(f).unwrap_or_default()));
+            text.push_str(&String::from_utf8_lossy(
+                &std::fs::read(f).unwrap_or_default(),
+            ));
         }
     }
-    text.lines().last().unwrap_or("").chars().take(300).collect()
+    text.lines()
+        .last()
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect()
 }
 
 impl Inner {
@@ -677,7 +689,10 @@ impl Inner {
             gone.insert(id);
         }
         if !gone.is_empty() {
-            tracing::info!(count = gone.len(), "removed idle pooled workers of a previous run");
+            tracing::info!(
+                count = gone.len(),
+                "removed idle pooled workers of a previous run"
+            );
         }
         gone
     }

@@ -189,8 +189,7 @@ impl Host {
             Program::Script { kernel, .. } => (Some(kernel.as_str()), 1),
             Program::Command(_) => (None, 0),
         };
-        let interpreter_args =
-            &prepared.argv[..prepared.argv.len().saturating_sub(source_args)];
+        let interpreter_args = &prepared.argv[..prepared.argv.len().saturating_sub(source_args)];
         let pool = inner.pool.get().filter(|_| pool_kernel.is_some());
         let pool_env = match pool {
             Some(_) => launch::worker_env(
@@ -306,7 +305,10 @@ impl Host {
         // nothing to undo but its admission, and no process of it ever runs.
         if let Some(committed) = committed {
             if let Err(e) = committed.durable().await {
-                inner.clone().discard_slots(std::mem::take(&mut slots)).await;
+                inner
+                    .clone()
+                    .discard_slots(std::mem::take(&mut slots))
+                    .await;
                 inner.withdraw(&ids).await;
                 tracing::warn!(error = %e, workers = ids.len(), "launch refused: not recorded");
                 return Err(unavailable(e));

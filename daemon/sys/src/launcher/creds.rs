@@ -431,13 +431,16 @@ mod tests {
             uid: 0,
             gid: 0,
             groups: vec![],
-            keep_caps: vec![6, 7],
+            keep_caps: vec![6, 7, 8],
             pooled: true,
             ..nobody()
         })
         .unwrap();
         let [low, high] = c.cap_data();
-        assert_eq!((low.effective, low.permitted, low.inheritable), (0xc0, 0xc0, 0));
+        assert_eq!(
+            (low.effective, low.permitted, low.inheritable),
+            (0x1c0, 0x1c0, 0)
+        );
         assert_eq!(high.inheritable, 0);
     }
 

@@ -11,10 +11,22 @@
 //! [`CLAIM_FIFO`] of its worker directory for reading. The daemon's open of the write end
 //! returns at that moment: the worker is ready. At the claim the daemon writes a [`PoolClaim`]
 //! and closes; the bootstrap switches groups, gid and uid with `os.setgroups`/`os.setresgid`/
-//! `os.setresuid`, which in glibc change the credentials of every thread of the process (its
-//! `setxid` broadcast; the kernel clears each thread's permitted and effective capabilities as
-//! its uids leave 0), then takes the request's umask, environment, working directory, `sys.argv`
-//! and a fresh `__main__`, gets its stdout and stderr back and runs the code.
+//! `os.setresuid` (the kernel clears the permitted and effective capabilities as the uids leave
+//! 0), having emptied its bounding set first (`PR_CAPBSET_DROP` of the three, the last needing
+//! CAP_SETPCAP), then takes the request's umask, environment, working directory, `sys.argv` and
+//! a fresh `__main__`, gets its stdout and stderr back and runs the code.
+//!
+//! # Every thread
+//!
+//! Bounding sets and capabilities are per thread, so the claim must find the interpreter with
+//! one thread: the preload runs with `OPENBLAS_NUM_THREADS`, `OMP_NUM_THREADS`, `MKL_NUM_THREADS`
+//! and their kin at 1 where the pool's environment does not set them (BLAS libraries read them
+//! once, when they load), and they are unset again after it; an interpreter that has more than
+//! one thread after its preload ends itself (exit 4) and the pool is not made: launches start
+//! cold, and the daemon logs why. After the switch, a loaded OpenBLAS is given back the thread
+//! count a cold start would have (`openblas_set_num_threads(openblas_get_num_procs())`); its
+//! threads start then, from the one thread, with the user's credentials. (glibc's `setxid`
+//! broadcast would carry the uid and gid switch to other threads, but not the bounding set.)
 
 use std::ffi::CString;
 use std::io::{self, Write};
@@ -33,8 +45,9 @@ pub const CLAIM_FIFO: &str = "claim";
 /// starts finds by it what a predecessor's pool left (and removes it).
 pub const POOL_MARKER: &str = "pool";
 
-/// CAP_SETGID and CAP_SETUID: what a pooled interpreter keeps until its claim.
-pub const POOL_CAPS: [u8; 2] = [6, 7];
+/// CAP_SETGID, CAP_SETUID and CAP_SETPCAP: what a pooled interpreter keeps until its claim, to
+/// switch to its user and to empty its bounding set then.
+pub const POOL_CAPS: [u8; 3] = [6, 7, 8];
 
 /// The Python a pooled interpreter runs: `python3 [args] -c BOOTSTRAP FIFO PRELOAD GIVEN`, where
 /// PRELOAD is a comma-separated module list and GIVEN the comma-separated names of the
@@ -51,6 +64,11 @@ def _berth_pool():
     os.dup2(null, 2)
     os.close(null)
     sys.dont_write_bytecode = True
+    threads = ('OPENBLAS_NUM_THREADS', 'GOTO_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS',
+               'BLIS_NUM_THREADS', 'NUMEXPR_NUM_THREADS', 'VECLIB_MAXIMUM_THREADS')
+    capped = [k for k in threads if k not in os.environ]
+    for k in capped:
+        os.environ[k] = '1'
     import importlib
     for m in filter(None, preload.split(',')):
         try:
@@ -58,7 +76,13 @@ def _berth_pool():
         except BaseException as e:
             os.write(err, ('berth pool: preload %s: %r\n' % (m, e)).encode())
             os._exit(3)
-    import json
+    for k in capped:
+        del os.environ[k]
+    if len(os.listdir('/proc/self/task')) != 1:
+        os.write(err, b'berth pool: the preload started threads; it cannot be pooled\n')
+        os._exit(4)
+    import json, ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(fifo, os.O_RDONLY)
     data = b''
     while True:
@@ -75,6 +99,9 @@ def _berth_pool():
     def fail(what, e):
         os.write(err, ('berth: %s: %s\n' % (what, e)).encode())
         os._exit(127)
+    for cap in (6, 7, 8):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            fail('drop capability %d from the bounding set' % cap, os.strerror(ctypes.get_errno()))
     try:
         os.setgroups(c['groups'])
         os.setresgid(c['gid'], c['gid'], c['gid'])
@@ -82,6 +109,13 @@ def _berth_pool():
     except OSError as e:
         fail('switch to uid %d gid %d groups %r' % (c['uid'], c['gid'], c['groups']), e)
     os.umask(c['umask'])
+    if 'OPENBLAS_NUM_THREADS' in capped and 'OMP_NUM_THREADS' in capped:
+        for lib in sorted(set(l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l)):
+            try:
+                b = ctypes.CDLL(lib)
+                b.openblas_set_num_threads(b.openblas_get_num_procs())
+            except (OSError, AttributeError):
+                pass
     os.environ.clear()
     for k, v in c['env']:
         os.environ[k] = v
@@ -162,7 +196,7 @@ pub struct PoolClaim {
     pub script: Option<String>,
 }
 
-/// The credentials a pooled interpreter waits with: uid 0, CAP_SETUID and CAP_SETGID alone in
+/// The credentials a pooled interpreter waits with: uid 0, [`POOL_CAPS`] alone in
 /// its bounding, permitted and effective sets (none inheritable), `no_new_privs`, and the
 /// workers' resource limits and umask.
 pub fn pool_creds(rlimits: Vec<Rlimit>) -> WorkerCreds {
@@ -217,7 +251,10 @@ pub fn release_opener(dir: &Path) {
         // SAFETY: c is a valid NUL-terminated path; a non-blocking read open of a FIFO returns
         // at once, and the fd is closed right away.
         unsafe {
-            let fd = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC);
+            let fd = libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            );
             if fd >= 0 {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 libc::close(fd);
@@ -247,7 +284,12 @@ mod tests {
             env: vec![("PATH".into(), "/usr/bin".into())],
             cwd: "/tmp".into(),
             argv: vec!["-c".into()],
-            orig_argv: vec!["/usr/bin/python3".into(), "-u".into(), "-c".into(), "print(1)".into()],
+            orig_argv: vec![
+                "/usr/bin/python3".into(),
+                "-u".into(),
+                "-c".into(),
+                "print(1)".into(),
+            ],
             code: Some("print(1)".into()),
             script: None,
         };
@@ -256,7 +298,10 @@ mod tests {
         assert_eq!(v["groups"][1], 27);
         assert!(v.get("script").is_none());
         let p = pool_creds(vec![]);
-        assert_eq!((p.uid, p.keep_caps.as_slice(), p.pooled), (0, &[6u8, 7][..], true));
+        assert_eq!(
+            (p.uid, p.keep_caps.as_slice(), p.pooled),
+            (0, &[6u8, 7, 8][..], true)
+        );
         p.validate().unwrap();
     }
 
