@@ -256,7 +256,7 @@ async fn a_pooled_worker_is_what_a_cold_one_is() {
     assert_eq!(pv["name"], "__main__");
     assert_eq!(pv["cwd"], "/tmp");
     assert_eq!(pv["ids"][0][0], 65534, "runs as nobody: {}", pv["ids"]);
-    assert_eq!(pw.ip_address.is_empty(), false);
+    assert!(!pw.ip_address.is_empty(), "a pooled worker has its address");
     same_but_own(&pv, &cv);
     // A script.
     let dir = tempfile::Builder::new()

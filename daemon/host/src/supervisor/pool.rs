@@ -312,7 +312,7 @@ async fn refill(inner: Arc<Inner>) {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, failures, "pooled worker not made");
                     }
                     let backoff = Duration::from_millis((100u64 << failures.min(9)).min(30_000));
@@ -618,7 +618,7 @@ impl Inner {
             return Err(e);
         }
         let (r, mut w) = std::io::pipe().map_err(|e| e.to_string())?;
-        let _ = write!(w, "ok {} {}\n", slot.pid, now_us());
+        let _ = writeln!(w, "ok {} {}", slot.pid, now_us());
         drop(w);
         if let Err(e) = interp::send_claim(slot.fifo, claim) {
             let _ = launcher::pidfd_kill(slot.shim_pidfd.as_fd(), libc::SIGKILL);
