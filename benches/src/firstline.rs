@@ -99,12 +99,13 @@ async fn wait_ready(d: &Daemon, n: usize) -> Result<Vec<u32>> {
     }
 }
 
-/// One launch of `code`: the time to its first line, and whether it came from the pool.
-async fn first_line(c: &Client, code: &str) -> Result<(Duration, bool)> {
+/// One launch of `code`: the time to its first line, the time to the answer of LaunchWorkers,
+/// and whether it came from the pool.
+async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)> {
     let req = pb::LaunchWorkersRequest {
         n: 1,
-        cpu: 0.5,
-        memory_gb: 0.5,
+        cpu: 1.0,
+        memory_gb: 0.25,
         code: code.into(),
         ..Default::default()
     };
@@ -117,6 +118,7 @@ async fn first_line(c: &Client, code: &str) -> Result<(Duration, bool)> {
         .workers
         .pop()
         .context("no worker")?;
+    let answered = t0.elapsed();
     let mut s = c
         .workers()
         .stream_output(pb::StreamOutputRequest {
@@ -130,7 +132,12 @@ async fn first_line(c: &Client, code: &str) -> Result<(Duration, bool)> {
         .into_inner();
     while let Some(chunk) = s.message().await? {
         if chunk.data.contains(&b'\n') {
-            return Ok((t0.elapsed(), w.pooled));
+            let first = t0.elapsed();
+            // Untimed: the next launch comes once this one has ended (a whole CPU each, so
+            // neither a quota nor the host's capacity shapes the figure).
+            drop(s);
+            berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
+            return Ok((first, answered, w.pooled));
         }
     }
     bail!("worker {} ended without a line", w.id)
@@ -143,21 +150,22 @@ async fn series(
     code: &str,
     n: usize,
     full: Option<usize>,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
+) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
     let c = d.client().await?;
-    let (mut pooled, mut cold) = (Vec::new(), Vec::new());
+    let (mut pooled, mut cold, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         if let Some(k) = full {
             wait_ready(d, k).await?;
         }
-        let (t, p) = first_line(&c, code).await?;
+        let (t, a, p) = first_line(&c, code).await?;
         if p {
             pooled.push(t);
+            answers.push(a);
         } else {
             cold.push(t);
         }
     }
-    Ok((pooled, cold))
+    Ok((pooled, cold, answers))
 }
 
 fn daemon_options(pool: usize, preload: &str) -> DaemonOptions {
@@ -235,7 +243,7 @@ async fn main() -> Result<()> {
         let d = Daemon::start_with(daemon_options(pool, preload)).await?;
         let pids = wait_ready(&d, pool).await?;
         let (cg, rss, pss) = idle_memory(&d, &pids);
-        let (pooled, cold) = series(&d, code, launches, None).await?;
+        let (pooled, cold, _) = series(&d, code, launches, None).await?;
         let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
         let n_pooled = pooled.len();
         summary(
@@ -249,8 +257,9 @@ async fn main() -> Result<()> {
         if !cold.is_empty() {
             summary("   of which cold (pool empty)", cold, "");
         }
-        let (full, _) = series(&d, code, launches, Some(pool)).await?;
+        let (full, _, answers) = series(&d, code, launches, Some(pool)).await?;
         summary("   each with the pool refilled", full, "");
+        summary("     its LaunchWorkers answer", answers, "");
         println!(
             "  idle pooled worker (preload [{preload}]): cgroup {:.1} MiB, RSS {:.1} MiB, PSS {:.1} MiB",
             cg as f64 / 1024.0,
@@ -260,7 +269,7 @@ async fn main() -> Result<()> {
     }
     let d = Daemon::start_with(daemon_options(0, "")).await?;
     for code in [PRINT, NUMPY] {
-        let (pooled, cold) = series(&d, code, launches, None).await?;
+        let (pooled, cold, _) = series(&d, code, launches, None).await?;
         anyhow::ensure!(pooled.is_empty(), "pool_size = 0 starts cold");
         summary(&format!("cold  {code}"), cold, "");
     }
