@@ -9,6 +9,7 @@ pub mod ipam;
 pub mod launch;
 pub mod limits;
 pub mod placement;
+pub mod pool;
 pub mod session;
 pub mod worker;
 

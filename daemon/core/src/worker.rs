@@ -156,6 +156,9 @@ pub struct WorkerRecord {
     /// stream's offsets jump over them.
     #[serde(default)]
     pub output_dropped_bytes: u64,
+    /// Started from a warm interpreter pool rather than cold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 impl WorkerRecord {
@@ -196,6 +199,7 @@ impl WorkerRecord {
             user: String::new(),
             request_id: None,
             output_dropped_bytes: 0,
+            pooled: false,
         }
     }
 }

@@ -180,6 +180,11 @@ pub struct KernelConfig {
     pub args: Vec<String>,
     /// Flag that introduces inline code.
     pub code_flag: String,
+    /// Interpreters kept started ahead of need, each in its own cgroup and network namespace
+    /// (`python3` only; see README, "The warm interpreter pool"). 0: every worker starts cold.
+    pub pool_size: usize,
+    /// Modules the pooled interpreters import before they wait (e.g. `["numpy"]`).
+    pub preload: Vec<String>,
 }
 
 impl Default for KernelConfig {
@@ -188,8 +193,24 @@ impl Default for KernelConfig {
             candidates: Vec::new(),
             args: Vec::new(),
             code_flag: "-c".into(),
+            pool_size: 0,
+            preload: Vec::new(),
         }
     }
+}
+
+/// Most pooled interpreters one kernel may keep.
+pub const MAX_POOL_SIZE: usize = 256;
+
+/// Whether `name` is a dotted Python module name (`numpy`, `os.path`).
+fn module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            let mut c = part.chars();
+            c.next()
+                .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+        })
 }
 
 fn default_kernels() -> BTreeMap<String, KernelConfig> {
@@ -205,6 +226,7 @@ fn default_kernels() -> BTreeMap<String, KernelConfig> {
                 ],
                 args: vec!["-u".into()],
                 code_flag: "-c".into(),
+                ..KernelConfig::default()
             },
         ),
         (
@@ -217,6 +239,7 @@ fn default_kernels() -> BTreeMap<String, KernelConfig> {
                 ],
                 args: vec![],
                 code_flag: "-e".into(),
+                ..KernelConfig::default()
             },
         ),
     ])
@@ -301,7 +324,13 @@ impl Default for OutputConfig {
 impl DaemonConfig for Config {
     fn complete(&mut self) {
         for (k, v) in default_kernels() {
-            self.kernels.entry(k).or_insert(v);
+            let entry = self.kernels.entry(k).or_insert_with(|| v.clone());
+            // `[kernels.python3]` with only `pool_size`/`preload`: the built-in interpreter.
+            if entry.candidates.is_empty() {
+                entry.candidates = v.candidates;
+                entry.args = v.args;
+                entry.code_flag = v.code_flag;
+            }
         }
     }
 
@@ -398,6 +427,34 @@ impl DaemonConfig for Config {
         berth_server::identity::check_tls_config(&self.tls)?;
         if self.worker_user.is_empty() {
             return bad("worker_user", "must name a user");
+        }
+        for (name, k) in &self.kernels {
+            if k.pool_size > 0 && name != "python3" {
+                return Err(ConfigError::Invalid {
+                    key: "kernels.*.pool_size",
+                    message: format!(
+                        "kernel {name:?}: only the python3 kernel has a pool (pool_size must be 0)"
+                    ),
+                });
+            }
+            if k.pool_size > MAX_POOL_SIZE {
+                return Err(ConfigError::Invalid {
+                    key: "kernels.python3.pool_size",
+                    message: format!("{} is more than {MAX_POOL_SIZE}", k.pool_size),
+                });
+            }
+            if let Some(m) = k.preload.iter().find(|m| !module_name(m)) {
+                return Err(ConfigError::Invalid {
+                    key: "kernels.python3.preload",
+                    message: format!("{m:?} is not a module name (such as numpy or os.path)"),
+                });
+            }
+            if !k.preload.is_empty() && name != "python3" {
+                return Err(ConfigError::Invalid {
+                    key: "kernels.*.preload",
+                    message: format!("kernel {name:?}: only the python3 kernel preloads modules"),
+                });
+            }
         }
         Ok(())
     }
@@ -541,6 +598,64 @@ mod tests {
     fn defaults_roundtrip_through_toml() {
         let text = Config::default().to_toml();
         assert_eq!(Config::from_toml(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_pool_keys() {
+        let c = Config::from_toml(
+            "[kernels.python3]\npool_size = 4\npreload = [\"numpy\", \"os.path\"]\n",
+        )
+        .unwrap();
+        let p = &c.kernels["python3"];
+        assert_eq!((p.pool_size, p.preload.len()), (4, 2));
+        // The interpreter settings stay the built-in ones.
+        assert_eq!(p.args, ["-u"]);
+        assert!(p.candidates.iter().any(|c| c == "/usr/bin/python3"));
+        assert_eq!(Config::default().kernels["python3"].pool_size, 0);
+        let shown = c.to_toml();
+        assert!(
+            shown.contains("pool_size = 4") && shown.contains("preload = ["),
+            "{shown}"
+        );
+        for (text, key, says) in [
+            (
+                "[kernels.r]\npool_size = 2\n",
+                "kernels.*.pool_size",
+                "only the python3",
+            ),
+            (
+                "[kernels.python3]\npool_size = 100000\n",
+                "kernels.python3.pool_size",
+                "more than",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"numpy; import os\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
+            (
+                "[kernels.python3]\npreload = [\"1abc\"]\n",
+                "kernels.python3.preload",
+                "not a module name",
+            ),
+        ] {
+            match Config::from_toml(text) {
+                Err(ConfigError::Invalid { key: k, message }) => {
+                    assert_eq!(k, key, "{text}");
+                    assert!(message.contains(says), "{text}: {message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Config::from_toml("[kernels.python3]\npool_size = -1\n"),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

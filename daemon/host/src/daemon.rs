@@ -75,6 +75,8 @@ pub fn resolve_kernels(cfg: &Config) -> Vec<KernelEntry> {
                     code_flag: k.code_flag.clone(),
                 }),
                 candidates: k.candidates.clone(),
+                pool_size: k.pool_size,
+                preload: k.preload.clone(),
             }
         })
         .collect()
@@ -316,9 +318,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         );
     }
     // The zygotes first: under systemd they are what the workers' scope is started with.
+    // A pooled interpreter keeps CAP_SETUID, CAP_SETGID and CAP_SETPCAP until its claim, so with a pool the
+    // zygotes keep them in their bounding set too (each cold worker drops them from its own).
+    let mut zygote_caps = opts.privileges.root_caps.clone();
+    if opts.kernels.iter().any(|k| k.pool_size > 0) {
+        zygote_caps.extend(berth_sys::launcher::pool::POOL_CAPS);
+    }
     let spawner = Arc::new(ShimSpawner::new(
         (!cfg.shim.as_os_str().is_empty()).then(|| cfg.shim.clone()),
-        &opts.privileges.root_caps,
+        &zygote_caps,
     ));
     let parent = (!cfg.cgroup.parent.is_empty()).then(|| cfg.cgroup.parent.clone());
     let subtree = format!("berth-{}", opts.name);
@@ -480,6 +488,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     tracing::info!("shutting down; workers keep running under their shims");
     berth_server::notify::stopping();
     host.shutdown();
+    // Idle pooled workers are no user's: they end with the daemon.
+    host.stop_pool().await;
     let result = front.drain().await.map_err(DaemonError::from);
     let h = host.clone();
     let _ = tokio::task::spawn_blocking(move || h.cleanup_subtree()).await;

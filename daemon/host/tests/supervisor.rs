@@ -548,6 +548,8 @@ fn kernel_fixture(arg_max: usize) -> Fixture {
             code_flag: "-c".into(),
         }),
         candidates: vec!["/usr/bin/python3".into()],
+        pool_size: 0,
+        preload: Vec::new(),
     }];
     opts.exec = ExecLimits { arg_max };
     let host = Host::with_network(

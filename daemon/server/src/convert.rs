@@ -93,7 +93,7 @@ pub fn worker_to_pb(w: &WorkerRecord) -> pb::Worker {
         gpu_memory_used_bytes: w.gpu_memory_used_bytes,
         owner: w.owner.clone(),
         user: w.user.clone(),
-        pooled: false,
+        pooled: w.pooled,
         output_dropped_bytes: w.output_dropped_bytes,
         request_id: w.request_id.clone().unwrap_or_default(),
     }

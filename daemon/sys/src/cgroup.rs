@@ -263,6 +263,49 @@ pub struct WorkerCgroup {
 }
 
 impl WorkerCgroup {
+    /// See [`Cgroups::update_limits`]. On v1 the swap-inclusive limit must never be below the
+    /// memory limit: it goes first when the limit rises, after it when it falls.
+    pub fn update_limits(&self, cpu: f64, memory_bytes: u64) -> Result<()> {
+        let l = Limits {
+            cpu,
+            memory_bytes,
+            pids_max: 0,
+            denied_devices: Vec::new(),
+        };
+        match self.version {
+            CgroupVersion::V1 => {
+                if let Some(d) = self.dir(Controller::Cpu) {
+                    write_cpu_quota(d, l.cpu_quota_us())?;
+                }
+                if let Some(d) = self.dir(Controller::Memory) {
+                    let limit = d.join("memory.limit_in_bytes");
+                    let sw = d.join("memory.memsw.limit_in_bytes");
+                    let v = memory_bytes.to_string();
+                    if sw.exists() {
+                        if write_file(&sw, &v).is_ok() {
+                            write_file(&limit, &v)?;
+                        } else {
+                            write_file(&limit, &v)?;
+                            write_file(&sw, &v)?;
+                        }
+                    } else {
+                        write_file(&limit, &v)?;
+                    }
+                }
+            }
+            CgroupVersion::V2 => {
+                if let Some(d) = self.dir(Controller::Unified) {
+                    write_file(
+                        &d.join("cpu.max"),
+                        &format!("{} {}", l.cpu_quota_us(), CPU_PERIOD_US),
+                    )?;
+                    write_file(&d.join("memory.max"), &memory_bytes.to_string())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn dir(&self, c: Controller) -> Option<&Path> {
         self.dirs
             .iter()
@@ -655,6 +698,12 @@ pub trait Cgroups: Send + Sync {
     /// Removes worker `id`'s (empty) cgroup; nothing to do when it is gone.
     fn remove(&self, id: &str) -> Result<()> {
         self.worker(id).remove()
+    }
+    /// Sets the CPU quota and memory limit of worker `id`'s existing cgroup (a pooled worker
+    /// taken by a launch). Raising or lowering the memory limit both work; lowering it below
+    /// what the cgroup uses makes the kernel reclaim, then OOM-kill.
+    fn update_limits(&self, id: &str, cpu: f64, memory_bytes: u64) -> Result<()> {
+        self.worker(id).update_limits(cpu, memory_bytes)
     }
 }
 

@@ -54,6 +54,7 @@ impl WorkerPrivileges {
             rlimits: self.rlimits.clone(),
             umask: 0o022,
             oom_score_adj: 0,
+            pooled: false,
         }
     }
 }

@@ -38,6 +38,7 @@ mod access;
 mod events;
 mod follow;
 mod life;
+mod pool;
 mod query;
 mod recovery;
 mod retention;
@@ -56,6 +57,10 @@ pub struct KernelEntry {
     pub invocation: Option<KernelInvocation>,
     /// What was looked for, for the error when it is missing.
     pub candidates: Vec<String>,
+    /// Interpreters kept started ahead of need (`[kernels.python3] pool_size`); 0: none.
+    pub pool_size: usize,
+    /// Modules they import before they wait.
+    pub preload: Vec<String>,
 }
 
 /// How long a stop kills a worker's cgroup before it gives up on it: a cgroup empties within
@@ -264,6 +269,8 @@ struct Inner {
     started_at: SystemTime,
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// The warm interpreter pool, once started (see `pool`).
+    pool: OnceLock<pool::Pool>,
 }
 
 /// The host supervisor. Cheap to clone; all clones share one state.
@@ -355,12 +362,15 @@ impl Host {
                 started_at: SystemTime::now(),
                 metrics: Metrics::default(),
                 shutdown: CancellationToken::new(),
+                pool: OnceLock::new(),
             }),
         }
     }
 
-    /// Starts the background duties: session expiry and retention of ended workers.
+    /// Starts the background duties: session expiry, retention of ended workers, and the warm
+    /// interpreter pool where one is configured.
     pub fn start_background(&self) {
+        self.start_pool();
         let host = self.clone();
         berth_server::spawn_in(tracing::info_span!("session_expiry"), async move {
             host.expire_sessions().await

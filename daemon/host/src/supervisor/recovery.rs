@@ -446,6 +446,8 @@ impl Inner {
         let workers_dir = self.opts.state_dir.join("workers");
         let shims = scan_shims(&workers_dir);
         let mut known: HashMap<String, WorkerRecord> = records.into_iter().collect();
+        // What a predecessor's pool left idle goes first: those are no user's workers.
+        let pool_gone = self.collect_pool_leftovers(&known, &shims);
         let mut ids: Vec<String> = known.keys().cloned().collect();
         let mut seen: HashSet<String> = ids.iter().cloned().collect();
         let on_disk = std::fs::read_dir(&workers_dir)
@@ -460,7 +462,7 @@ impl Inner {
             .chain(self.cgroups.list())
             .chain(shims.keys().cloned())
         {
-            if berth_core::is_valid_id(&id) && seen.insert(id.clone()) {
+            if berth_core::is_valid_id(&id) && !pool_gone.contains(&id) && seen.insert(id.clone()) {
                 ids.push(id);
             }
         }

@@ -21,6 +21,7 @@ use berth_sys::store::{Op, Table};
 
 use super::events::unavailable;
 use super::life::{spawn_life, Run};
+use super::pool::{self, Slot};
 use super::{Entry, Host, Inner, LaunchAs};
 
 /// What a launch resolved to on this host.
@@ -180,9 +181,42 @@ impl Host {
             cpu: spec.cpu,
             memory_bytes: spec.memory_bytes,
         };
-        // In id order, so that launch order outlives a restart (a retry answers in it).
-        let mut ids: Vec<String> = (0..spec.n).map(|_| berth_core::new_id()).collect();
-        ids.sort_unstable();
+        // What the warm interpreter pool sees of this launch (see `pool`): the interpreter and
+        // its arguments, and the environment a cold start would get (but for the worker's own
+        // id and address, which no start-time variable depends on).
+        let (pool_kernel, source_args) = match &spec.program {
+            Program::Code { kernel, .. } => (Some(kernel.as_str()), 2),
+            Program::Script { kernel, .. } => (Some(kernel.as_str()), 1),
+            Program::Command(_) => (None, 0),
+        };
+        let interpreter_args = &prepared.argv[..prepared.argv.len().saturating_sub(source_args)];
+        let pool = inner.pool.get().filter(|_| pool_kernel.is_some());
+        let pool_env = match pool {
+            Some(_) => launch::worker_env(
+                &prepared.base_env,
+                &spec.env,
+                &WorkerIdentity {
+                    worker_id: "-",
+                    session_id: spec.session_id.as_deref(),
+                    master_ip,
+                    worker_ip: None,
+                    gpu_uuids: &[],
+                },
+            ),
+            None => Vec::new(),
+        };
+        let pool_ask = berth_core::pool::Ask {
+            kernel: pool_kernel.unwrap_or_default(),
+            network: spec.network,
+            nvidia_gpu: spec.nvidia_gpu,
+            code_by_fd: prepared.source.is_some(),
+            uid: creds.as_ref().map(|c| c.uid),
+            env: &pool_env,
+            memory_bytes: spec.memory_bytes,
+            interpreter_args,
+        };
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut ids: Vec<String>;
         let now = SystemTime::now();
         // Room for the launch's records in the store's queue, taken before any lock.
         let slot = inner.slot().await;
@@ -195,6 +229,18 @@ impl Host {
             };
             let mut guard = inner.lock();
             let st = &mut *guard;
+            if let Some(pool) = pool {
+                slots = pool.take(spec.n as usize, &pool_ask);
+            }
+            // In id order, so that launch order outlives a restart (a retry answers in it). A
+            // pooled worker has had its id since it was made.
+            ids = slots
+                .iter()
+                .map(|s| s.id.clone())
+                .chain((slots.len()..spec.n as usize).map(|_| berth_core::new_id()))
+                .collect();
+            ids.sort_unstable();
+            Inner::release_slot_reserves(st, &slots);
             let books = batch::Books {
                 ledger: &mut st.ledger,
                 gpus: &mut st.gpus,
@@ -204,6 +250,10 @@ impl Host {
             let grant = match batch::admit(books, &ids, claim, spec.nvidia_gpu, own_address) {
                 Ok(g) => g,
                 Err(e) => {
+                    Inner::restore_slot_reserves(st, &slots);
+                    if let Some(pool) = pool {
+                        pool.put_back(std::mem::take(&mut slots));
+                    }
                     inner
                         .metrics
                         .launch_refusals
@@ -231,6 +281,7 @@ impl Host {
                     owner: who.owner.clone(),
                     user: user.clone(),
                     request_id: spec.request_id.clone(),
+                    pooled: slots.iter().any(|s| &s.id == id),
                     ..WorkerRecord::pending(id.clone(), inner.opts.name.clone(), now)
                 };
                 let seq = st.seq;
@@ -254,6 +305,10 @@ impl Host {
         // nothing to undo but its admission, and no process of it ever runs.
         if let Some(committed) = committed {
             if let Err(e) = committed.durable().await {
+                inner
+                    .clone()
+                    .discard_slots(std::mem::take(&mut slots))
+                    .await;
                 inner.withdraw(&ids).await;
                 tracing::warn!(error = %e, workers = ids.len(), "launch refused: not recorded");
                 return Err(unavailable(e));
@@ -280,9 +335,12 @@ impl Host {
             }
             None => false,
         };
+        let mut slot_of: std::collections::HashMap<String, Slot> =
+            slots.into_iter().map(|s| (s.id.clone(), s)).collect();
+        let mut claims = Vec::new();
         let jobs: Vec<SpawnJob> = records
             .iter()
-            .map(|rec| {
+            .filter_map(|rec| {
                 let id = &rec.id;
                 let identity = WorkerIdentity {
                     worker_id: id,
@@ -309,7 +367,26 @@ impl Host {
                     meta: serde_json::to_value(rec).unwrap_or_default(),
                     creds: creds.clone(),
                 };
-                inner.spawn_job(rec, shim, false)
+                if let (Some(slot), Some(c)) = (slot_of.remove(id), &creds) {
+                    let claim = pool::claim_of(
+                        c,
+                        shim.env.clone(),
+                        &prepared.workdir,
+                        &prepared.argv,
+                        interpreter_args.len(),
+                        match &spec.program {
+                            Program::Code { code, .. } => Some(code.as_str()),
+                            _ => None,
+                        },
+                        match &spec.program {
+                            Program::Script { .. } => prepared.argv.last().map(Path::new),
+                            _ => None,
+                        },
+                    );
+                    claims.push((slot, shim, rec.clone(), claim));
+                    return None;
+                }
+                Some(inner.spawn_job(rec, shim, false))
             })
             .collect();
         // The namespace threads start on every network of the batch at once; each spawn waits
@@ -329,6 +406,18 @@ impl Host {
         }
         let mut tasks = Vec::new();
         let mut not_started = 0usize;
+        if !claims.is_empty() {
+            let inner = inner.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                claims
+                    .into_iter()
+                    .map(|(slot, shim, rec, claim)| {
+                        let id = rec.id.clone();
+                        (id, inner.claim_slot(slot, &shim, &rec, &claim))
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
         for chunk in chunks {
             let inner = inner.clone();
             tasks.push(tokio::task::spawn_blocking(move || {

@@ -62,6 +62,11 @@ pub struct WorkerCreds {
     pub umask: u32,
     /// Written to /proc/self/oom_score_adj (the daemon and its shims run at -900; workers at 0).
     pub oom_score_adj: i32,
+    /// A pooled interpreter (uid 0, keeping CAP_SETUID and CAP_SETGID for its switch at claim):
+    /// what it keeps stays out of its inheritable set, so that the `setresuid` to the user at
+    /// its claim clears every set of every thread.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 impl WorkerCreds {
@@ -217,6 +222,8 @@ pub(super) struct ChildCreds {
     /// ([`Self::for_bounding_set`]); until that is known, every one not kept (the child stops at
     /// the first the kernel does not know).
     pub(super) drop_bounding: u64,
+    /// Whether what is kept goes into the inheritable set too (not for a pooled interpreter).
+    pub(super) inheritable: bool,
     /// `oom_score_adj` as the decimal text written to /proc.
     oom_text: [u8; 8],
     oom_len: usize,
@@ -279,6 +286,7 @@ impl ChildCreds {
             umask: c.umask as libc::mode_t,
             keep,
             drop_bounding: !keep,
+            inheritable: !c.pooled,
             oom_text,
             oom_len: text.len(),
         })
@@ -325,10 +333,11 @@ impl ChildCreds {
     /// The sets `capset` gets after the switch: effective = permitted = inheritable = what is
     /// kept, low word first.
     pub(super) fn cap_data(&self) -> [CapData; 2] {
+        let inheritable = self.inheritable;
         let word = |w: u32| CapData {
             effective: w,
             permitted: w,
-            inheritable: w,
+            inheritable: if inheritable { w } else { 0 },
         };
         [word(self.keep as u32), word((self.keep >> 32) as u32)]
     }
@@ -412,7 +421,27 @@ mod tests {
             rlimits: default_rlimits(),
             umask: 0o022,
             oom_score_adj: 0,
+            pooled: false,
         }
+    }
+
+    #[test]
+    fn a_pooled_interpreter_inherits_nothing() {
+        let c = ChildCreds::prepare(&WorkerCreds {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            keep_caps: vec![6, 7, 8],
+            pooled: true,
+            ..nobody()
+        })
+        .unwrap();
+        let [low, high] = c.cap_data();
+        assert_eq!(
+            (low.effective, low.permitted, low.inheritable),
+            (0x1c0, 0x1c0, 0)
+        );
+        assert_eq!(high.inheritable, 0);
     }
 
     #[test]

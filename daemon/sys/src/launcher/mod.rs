@@ -12,6 +12,7 @@
 //! the `berth-shim` binary.
 
 mod creds;
+pub mod pool;
 mod proc;
 mod shim;
 mod spawn;

@@ -1341,6 +1341,7 @@ mod tests {
             rlimits: crate::launcher::default_rlimits(),
             umask: 0o022,
             oom_score_adj: 0,
+            pooled: false,
         }
     }
 

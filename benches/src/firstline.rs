@@ -1,0 +1,277 @@
+//! Time to a Python worker's first line (issue 19: the warm interpreter pool).
+//!
+//! From `LaunchWorkers` to the first output line at a gRPC client that follows the worker's
+//! stdout (`StreamOutput`, follow, from the start), for `--launches` launches one after another
+//! (each right after the previous one's first line), of `print(1)` and of `import numpy;
+//! print(1)`: on a daemon with a pool of `--pool` (`[kernels.python3] pool_size`; preload none
+//! for `print(1)`, `numpy` for the other) and on one without (cold). Beside them, the floor:
+//! `/usr/bin/python3 -c CODE` spawned bare, to its first line on a pipe, as many times. Also
+//! what one idle pooled worker holds (its cgroup's memory and its interpreter's RSS/PSS), with
+//! and without numpy preloaded.
+//!
+//! Needs root and Debian's numpy (`apt-get install python3-numpy`). Run from a release build:
+//! `target/release/berth-bench-firstline [--launches 200] [--pool 4]`.
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use berth_benches::{ms, rss_pss_kib, Flags};
+use berth_tests::{pb, Client, Daemon, DaemonOptions};
+
+const PRINT: &str = "print(1)";
+const NUMPY: &str = "import numpy; print(1)";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn summary(name: &str, mut v: Vec<Duration>, extra: &str) {
+    v.sort();
+    println!(
+        "{name:<34} p50 {:>9}  p99 {:>9}  (n={}{extra})",
+        ms(percentile(&v, 0.5)),
+        ms(percentile(&v, 0.99)),
+        v.len()
+    );
+}
+
+/// `/usr/bin/python3 -u -c CODE` to its first stdout line, bare.
+fn bare(code: &str, n: usize) -> Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-u", "-c", code])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        out.push(t0.elapsed());
+        if line.trim() != "1" {
+            bail!("bare python printed {line:?}");
+        }
+        child.wait()?;
+    }
+    Ok(out)
+}
+
+/// Ready pooled interpreters of `d` (each holds its claim FIFO open), by pid.
+fn ready_pooled(d: &Daemon) -> Vec<u32> {
+    let workers = d.state_dir().join("workers");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.starts_with("python3"))
+        {
+            continue;
+        }
+        let holds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|t| t.starts_with(&workers) && t.file_name().is_some_and(|n| n == "claim"));
+        if holds {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn wait_ready(d: &Daemon, n: usize) -> Result<Vec<u32>> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = ready_pooled(d);
+        if r.len() >= n {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!("{} of {n} pooled workers ready:\n{}", r.len(), d.log());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One launch of `code`: the time to its first line, the time to the answer of LaunchWorkers,
+/// and whether it came from the pool.
+async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)> {
+    let req = pb::LaunchWorkersRequest {
+        n: 1,
+        cpu: 1.0,
+        memory_gb: 0.25,
+        code: code.into(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let w = c
+        .workers()
+        .launch_workers(req)
+        .await?
+        .into_inner()
+        .workers
+        .pop()
+        .context("no worker")?;
+    let answered = t0.elapsed();
+    let mut s = c
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            ids: vec![w.id.clone()],
+            follow: true,
+            from_start: true,
+            streams: vec![pb::Stream::Stdout as i32],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while let Some(chunk) = s.message().await? {
+        if chunk.data.contains(&b'\n') {
+            let first = t0.elapsed();
+            // Untimed: the next launch comes once this one has ended (a whole CPU each, so
+            // neither a quota nor the host's capacity shapes the figure).
+            drop(s);
+            berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
+            return Ok((first, answered, w.pooled));
+        }
+    }
+    bail!("worker {} ended without a line", w.id)
+}
+
+/// `n` launches of `code` one after another; with `full`, each waits until the pool holds `full`
+/// ready workers again. Returns the times of the launches served from the pool and of the others.
+async fn series(
+    d: &Daemon,
+    code: &str,
+    n: usize,
+    full: Option<usize>,
+) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
+    let c = d.client().await?;
+    let (mut pooled, mut cold, mut answers) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..n {
+        if let Some(k) = full {
+            wait_ready(d, k).await?;
+        }
+        let (t, a, p) = first_line(&c, code).await?;
+        if p {
+            pooled.push(t);
+            answers.push(a);
+        } else {
+            cold.push(t);
+        }
+    }
+    Ok((pooled, cold, answers))
+}
+
+fn daemon_options(pool: usize, preload: &str) -> DaemonOptions {
+    DaemonOptions {
+        config: format!(
+            "worker_user = \"nobody\"\n[resources]\nmax_workers = 8192\n[retention]\nmax_finished = 100000\n\
+             [kernels.python3]\npool_size = {pool}\npreload = [{preload}]\n"
+        ),
+        ..Default::default()
+    }
+}
+
+/// Memory one idle pooled worker holds: its cgroup's, and its interpreter's RSS and PSS (KiB).
+fn idle_memory(d: &Daemon, pids: &[u32]) -> (u64, u64, u64) {
+    let (mut cg, mut rss, mut pss) = (0, 0, 0);
+    for &pid in pids {
+        let (r, p) = rss_pss_kib(pid);
+        rss += r;
+        pss += p;
+        let id = cgroup_of(pid).unwrap_or_default();
+        for file in ["memory.usage_in_bytes", "memory.current"] {
+            if let Some(f) = d.worker_cgroup_file(&id, file) {
+                if let Ok(t) = std::fs::read_to_string(f) {
+                    cg += t.trim().parse::<u64>().unwrap_or(0) / 1024;
+                    break;
+                }
+            }
+        }
+    }
+    let n = pids.len().max(1) as u64;
+    (cg / n, rss / n, pss / n)
+}
+
+/// The worker id of process `pid`: the last part of its cgroup path.
+fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .filter_map(|l| l.rsplit(':').next())
+        .filter_map(|p| {
+            Path::new(p)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .find(|n| berth_core::is_valid_id(n) && n.len() == 12)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    if !berth_tests::is_root() {
+        bail!("needs root (cgroups, network namespaces)");
+    }
+    let (mut launches, mut pool): (usize, usize) = (200, 4);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flags = Flags::parse(
+        "usage: berth-bench-firstline [--launches N] [--pool N]",
+        &args,
+        &["--launches", "--pool"],
+        &[],
+    )?;
+    flags.set("--launches", &mut launches)?;
+    flags.set("--pool", &mut pool)?;
+    let numpy = Command::new("/usr/bin/python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !numpy {
+        bail!("numpy is missing: apt-get install -y python3-numpy");
+    }
+    println!("first line of a python3 worker, LaunchWorkers → first stdout line at a follower");
+    println!("{launches} launches one after another, pool of {pool}; bare = python3 -u -c CODE spawned here\n");
+    summary("bare  print(1)", bare(PRINT, launches)?, "");
+    summary("bare  import numpy; print(1)", bare(NUMPY, launches)?, "");
+
+    for (code, preload) in [(PRINT, ""), (NUMPY, "\"numpy\"")] {
+        let d = Daemon::start_with(daemon_options(pool, preload)).await?;
+        let pids = wait_ready(&d, pool).await?;
+        let (cg, rss, pss) = idle_memory(&d, &pids);
+        let (pooled, cold, _) = series(&d, code, launches, None).await?;
+        let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
+        let n_pooled = pooled.len();
+        summary(
+            &format!("pool  {code}"),
+            all,
+            &format!(", {n_pooled} from the pool"),
+        );
+        if !pooled.is_empty() {
+            summary("   of which from the pool", pooled, "");
+        }
+        if !cold.is_empty() {
+            summary("   of which cold (pool empty)", cold, "");
+        }
+        let (full, _, answers) = series(&d, code, launches, Some(pool)).await?;
+        summary("   each with the pool refilled", full, "");
+        summary("     its LaunchWorkers answer", answers, "");
+        println!(
+            "  idle pooled worker (preload [{preload}]): cgroup {:.1} MiB, RSS {:.1} MiB, PSS {:.1} MiB",
+            cg as f64 / 1024.0,
+            rss as f64 / 1024.0,
+            pss as f64 / 1024.0
+        );
+    }
+    let d = Daemon::start_with(daemon_options(0, "")).await?;
+    for code in [PRINT, NUMPY] {
+        let (pooled, cold, _) = series(&d, code, launches, None).await?;
+        anyhow::ensure!(pooled.is_empty(), "pool_size = 0 starts cold");
+        summary(&format!("cold  {code}"), cold, "");
+    }
+    Ok(())
+}
