@@ -23,11 +23,32 @@ const BEAT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Membership {
     draining: AtomicBool,
+    /// Routes to the cluster's other hosts, fed by every answer (`None`: no worker network).
+    peers: Option<Arc<crate::peers::Peers>>,
 }
 
 impl Membership {
+    pub fn with_peers(peers: Option<Arc<crate::peers::Peers>>) -> Self {
+        Self {
+            peers,
+            ..Default::default()
+        }
+    }
+
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The version of the peer list this host has applied.
+    pub fn peers_version(&self) -> u64 {
+        self.peers.as_ref().map_or(0, |p| p.version())
+    }
+
+    /// Hands an answer's peer list (if any) to the route manager.
+    pub async fn take_peers(&self, list: Option<&pb::PeerList>) {
+        if let Some(p) = &self.peers {
+            p.take(list).await;
+        }
     }
 }
 
@@ -64,6 +85,7 @@ pub async fn run(
                 draining: state.draining(),
                 leaving: false,
                 sequence,
+                peers_version: state.peers_version(),
             };
             match tokio::time::timeout(BEAT_TIMEOUT, c.heartbeat(req)).await {
                 Ok(Ok(r)) => {
@@ -77,6 +99,7 @@ pub async fn run(
                         tracing::info!(draining, "scheduler changed this host's state");
                     }
                     interval = Duration::from_millis(u64::from(r.interval_ms.clamp(100, 60_000)));
+                    state.take_peers(r.peers.as_ref()).await;
                 }
                 Ok(Err(status)) => {
                     if !failing {
@@ -111,6 +134,7 @@ pub async fn run(
             draining: state.draining(),
             leaving: true,
             sequence: sequence + 1,
+            peers_version: state.peers_version(),
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), c.heartbeat(req)).await;
     }

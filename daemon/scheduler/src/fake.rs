@@ -109,6 +109,7 @@ impl FakeHost {
             draining: false,
             leaving: false,
             sequence,
+            peers_version: 0,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod fake;
 pub mod grpc;
 pub mod hosts;
 pub mod metrics;
+pub mod peers;
 pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -104,6 +105,11 @@ struct HostEntry {
 struct State {
     hosts: BTreeMap<String, HostEntry>,
     placer: Placer,
+    /// Hosts whose beats are refused for an overlapping subnet (logged once each).
+    subnet_refused: BTreeSet<String>,
+    /// The peer list of the beats' answers, made again after any change of a host's address,
+    /// subnet or state, or of the hosts.
+    peer_list: Option<Arc<pb::PeerList>>,
 }
 
 /// A host as `hosts.json` remembers it.
@@ -218,6 +224,8 @@ impl Scheduler {
                 state: Mutex::new(State {
                     hosts: BTreeMap::new(),
                     placer: Placer::new(),
+                    subnet_refused: BTreeSet::new(),
+                    peer_list: None,
                 }),
                 view: Mutex::new(View::default()),
                 events,
@@ -290,9 +298,24 @@ impl Scheduler {
         }
         let name = info.name.clone();
         let mut remember = false;
-        let state = {
+        let (state, peers) = {
             let mut guard = self.state();
             let st = &mut *guard;
+            // A host whose workers' subnet overlaps another's is not registered: its routes
+            // would take the other's traffic.
+            let others = st
+                .hosts
+                .iter()
+                .map(|(n, e)| (n.as_str(), e.info.subnet.as_str()));
+            if let Err(e) = peers::check_subnet(&name, &info.subnet, others) {
+                if st.subnet_refused.insert(name.clone()) {
+                    tracing::warn!(host = %name, subnet = %info.subnet, error = %e, "host refused: its subnet overlaps another host's");
+                }
+                return Err(e);
+            }
+            if st.subnet_refused.remove(&name) {
+                tracing::info!(host = %name, subnet = %info.subnet, "host's subnet accepted");
+            }
             let e = match st.hosts.get_mut(&name) {
                 Some(e) => e,
                 None => {
@@ -317,6 +340,14 @@ impl Scheduler {
             e.sequence = req.sequence;
             e.pending
                 .retain(|p| p.settled_by.is_none_or(|s| s > req.sequence));
+            // Only hosts with a subnet are peers (hosts without, like simulated ones, change
+            // nothing: a join of thousands does not rebuild the list thousands of times).
+            let was_peer = !e.info.subnet.is_empty();
+            if (e.info.address != info.address || e.info.subnet != info.subnet)
+                && (was_peer || !info.subnet.is_empty())
+            {
+                st.peer_list = None;
+            }
             e.info = info;
             e.last_seen = SystemTime::now();
             e.seen_at = Instant::now();
@@ -340,8 +371,31 @@ impl Scheduler {
                 e.lost_marked = false;
                 e.sequence_seen = true;
             }
+            if e.state != was && !e.info.subnet.is_empty() {
+                st.peer_list = None;
+            }
             sync_placer(&mut st.placer, &name, e);
-            e.state
+            let state = e.state;
+            // Hosts with a worker subnet (the others need no route); the list goes out only when
+            // the host lacks this version of it.
+            let entries = st
+                .hosts
+                .iter()
+                .filter(|(_, e)| !e.info.subnet.is_empty())
+                .map(|(n, e)| {
+                    (
+                        n.as_str(),
+                        e.info.address.as_str(),
+                        e.info.subnet.as_str(),
+                        e.state as i32,
+                    )
+                });
+            let list = st
+                .peer_list
+                .get_or_insert_with(|| Arc::new(peers::list(entries)))
+                .clone();
+            let peers = (list.version != req.peers_version).then(|| (*list).clone());
+            (state, peers)
         };
         if remember {
             drop(self.save_hosts());
@@ -352,6 +406,7 @@ impl Scheduler {
                 pb::HostState::Draining => pb::HostState::Draining,
                 _ => pb::HostState::Ready,
             } as i32,
+            peers,
         })
     }
 
@@ -560,6 +615,9 @@ impl Scheduler {
                     if e.state != pb::HostState::Down {
                         tracing::warn!(host = %name, "host DOWN: heartbeats stopped");
                         e.state = pb::HostState::Down;
+                        if !e.info.subnet.is_empty() {
+                            st.peer_list = None;
+                        }
                         sync_placer(&mut st.placer, name, e);
                     }
                     if !e.lost_marked {
@@ -630,6 +688,9 @@ impl Scheduler {
             .get_mut(name)
             .ok_or_else(|| Error::NotFound(format!("host {name} not found")))?;
         e.drained = drain;
+        if !e.info.subnet.is_empty() {
+            st.peer_list = None;
+        }
         if e.state != pb::HostState::Down {
             e.state = if drain {
                 pb::HostState::Draining
@@ -665,6 +726,9 @@ impl Scheduler {
                 )));
             }
             let e = st.hosts.remove(name).expect("looked up above");
+            if !e.info.subnet.is_empty() {
+                st.peer_list = None;
+            }
             st.placer.remove(name);
             e.follower.cancel();
             Self::cluster_host(&e)
