@@ -386,6 +386,67 @@ mod tests {
         );
     }
 
+    /// In a network namespace of its own (a thread's): routes and rules made, changed and
+    /// removed on a real kernel, each apply idempotent.
+    #[test]
+    fn apply_makes_the_kernel_match_the_list() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::cannot_run("needs root (a network namespace)");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: unshare affects only this thread, which never returns to a pool.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let sh = |cmd: &str| {
+                let st = std::process::Command::new("sh").args(["-c", cmd]).status().unwrap();
+                assert!(st.success(), "{cmd}");
+            };
+            sh("ip link add lan0 type veth peer name lan1 && ip addr add 192.0.2.1/24 dev lan0 && ip link set lan0 up && ip link set lan1 up");
+            let net = ClusterNet {
+                bridge: "btest".into(),
+                subnet: Subnet::parse("10.40.0.0/16").unwrap(),
+                egress: false,
+            };
+            let t = std::time::Instant::now();
+            let a = net
+                .apply(&[r("10.50.0.0/16", "192.0.2.2"), r("10.60.0.0/16", "192.0.2.3")])
+                .unwrap();
+            assert!(a.failures.is_empty(), "{a:?}");
+            assert_eq!((a.put, a.rules_added), (2, 4), "{a:?}");
+            assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+            let routes = net.routes().unwrap();
+            assert_eq!(routes.len(), 2);
+            assert_eq!(routes[&d("10.50.0.0/16")], "192.0.2.2".parse::<Ipv4Addr>().unwrap());
+            // Again: nothing to do.
+            let a = net
+                .apply(&[r("10.50.0.0/16", "192.0.2.2"), r("10.60.0.0/16", "192.0.2.3")])
+                .unwrap();
+            assert_eq!((a.put, a.removed, a.rules_added, a.rules_removed), (0, 0, 0, 0));
+            // One moves, one leaves; a next hop off the segment fails alone.
+            let a = net
+                .apply(&[r("10.50.0.0/16", "192.0.2.9"), r("10.70.0.0/16", "198.51.100.1")])
+                .unwrap();
+            assert_eq!((a.put, a.removed), (1, 1), "{a:?}");
+            assert_eq!(a.failures.len(), 1, "{a:?}");
+            let routes = net.routes().unwrap();
+            assert_eq!(routes.len(), 1);
+            assert_eq!(routes[&d("10.50.0.0/16")], "192.0.2.9".parse::<Ipv4Addr>().unwrap());
+            let mut nl = Rtnl::open().unwrap();
+            let rules = current_rules(&mut nl, &net.subnet).unwrap();
+            assert_eq!(
+                rules.into_iter().collect::<Vec<_>>(),
+                [d("10.50.0.0/16"), d("192.0.2.9/32")]
+            );
+            // Empty: all gone.
+            net.apply(&[]).unwrap();
+            assert!(net.routes().unwrap().is_empty());
+            assert!(current_rules(&mut nl, &net.subnet).unwrap().is_empty());
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn rules_carry_the_protocol_and_both_prefixes() {
         let s = Subnet::parse("10.9.0.0/20").unwrap();
