@@ -78,7 +78,9 @@ fn on(at: &str, code: &str) -> pb::LaunchWorkersRequest {
     r
 }
 
-/// A worker's stdout so far, read on its host (root on the host's socket sees every worker).
+/// A worker's stdout so far, read on its host (root on the host's socket sees every worker;
+/// through a scheduler whose hosts see it as an anonymous peer, `insecure_plaintext`, the
+/// host refused the output of the test's own workers as another user's).
 async fn stdout_on(hosts: &[&Daemon], w: &pb::Worker) -> String {
     let h = hosts
         .iter()
@@ -99,8 +101,9 @@ async fn one_worker_done(
     (done, out)
 }
 
-/// Awaits a worker's end on its host (the scheduler's view of a worker that ends within
-/// milliseconds of its launch can lag: see the report).
+/// Awaits a worker's end on its host. (Through the scheduler, a worker that ended within
+/// milliseconds of its launch was seen to stay STARTING in the scheduler's view for the whole
+/// await; that is the scheduler's view, not networking, and is left to its own test.)
 async fn await_on(hosts: &[&Daemon], w: &pb::Worker) -> pb::Worker {
     let h = hosts
         .iter()
