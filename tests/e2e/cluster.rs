@@ -211,6 +211,8 @@ async fn hosts_in_their_own_namespaces_route_to_each_other() {
             \x20   c, a = l.accept(); c.settimeout(20)\n\
             \x20   g = c.recv(256).decode(); c.sendall(('welcome %s' % a[0]).encode()); c.close()\n\
             \x20   print('peer', a[0], g, flush=True)\n";
+        // Both READY now (spread places over READY hosts only).
+        sched.wait_hosts(&names, pb::HostState::Ready).await.unwrap();
         let m = Command::new("nsenter")
             .arg(format!("--net={}", Lan::path(&ns_a).display()))
             .args(["/usr/bin/python3", "-c", master])
@@ -245,7 +247,13 @@ async fn hosts_in_their_own_namespaces_route_to_each_other() {
         hosts.sort();
         let mut bc = vec![b.name.as_str(), c.name.as_str()];
         bc.sort();
-        assert_eq!(hosts, bc, "spread over B and C");
+        assert_eq!(
+            hosts,
+            bc,
+            "spread over B and C\nscheduler:\n{}\nC:\n{}",
+            sched.log(),
+            c.log()
+        );
         for w in &done {
             assert_eq!(w.status(), pb::WorkerStatus::Succeeded, "{w:?}");
             let own = if w.host == b.name { &b } else { &c };

@@ -44,10 +44,13 @@ impl Membership {
         self.peers.as_ref().map_or(0, |p| p.version())
     }
 
-    /// Hands an answer's peer list (if any) to the route manager.
-    pub async fn take_peers(&self, list: Option<&pb::PeerList>) {
-        if let Some(p) = &self.peers {
-            p.take(list).await;
+    /// Hands an answer's peer list (if any) to the route manager, on a task of its own: route
+    /// work never delays the next beat. Lists are applied in the order they came (the manager's
+    /// lock is fair), and the version reported is the one applied last.
+    pub fn take_peers(&self, list: Option<&pb::PeerList>) {
+        if let (Some(p), Some(list)) = (&self.peers, list) {
+            let (p, list) = (p.clone(), list.clone());
+            tokio::spawn(async move { p.take(Some(&list)).await });
         }
     }
 }
@@ -99,7 +102,7 @@ pub async fn run(
                         tracing::info!(draining, "scheduler changed this host's state");
                     }
                     interval = Duration::from_millis(u64::from(r.interval_ms.clamp(100, 60_000)));
-                    state.take_peers(r.peers.as_ref()).await;
+                    state.take_peers(r.peers.as_ref());
                 }
                 Ok(Err(status)) => {
                     if !failing {

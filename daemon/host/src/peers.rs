@@ -162,10 +162,12 @@ impl Peers {
         }
         let net = self.net.clone();
         let want = routes.clone();
+        let started = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || net.apply(&want)).await {
             Ok(Ok(a)) => {
                 tracing::info!(
                     peers = routes.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
                     put = a.put,
                     removed = a.removed,
                     rules_added = a.rules_added,
