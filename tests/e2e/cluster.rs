@@ -212,7 +212,10 @@ async fn hosts_in_their_own_namespaces_route_to_each_other() {
             \x20   g = c.recv(256).decode(); c.sendall(('welcome %s' % a[0]).encode()); c.close()\n\
             \x20   print('peer', a[0], g, flush=True)\n";
         // Both READY now (spread places over READY hosts only).
-        sched.wait_hosts(&names, pb::HostState::Ready).await.unwrap();
+        sched
+            .wait_hosts(&names, pb::HostState::Ready)
+            .await
+            .unwrap();
         let m = Command::new("nsenter")
             .arg(format!("--net={}", Lan::path(&ns_a).display()))
             .args(["/usr/bin/python3", "-c", master])
