@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{bin, free_port, pb, scaled, Client, Daemon, DaemonOptions};
+use crate::{bin, free_port, pb, scaled, Client, Daemon, DaemonOptions, TestNet};
 
 /// Beat interval of the test scheduler (fast, so tests do not wait).
 pub const HEARTBEAT_SECONDS: f64 = 0.2;
@@ -36,13 +36,27 @@ impl SchedulerNode {
 
     /// A scheduler with `extra` TOML in its config, reached with `tls` (its `[tls]` must match).
     pub async fn start_with(extra: &str, tls: berth_client::TlsFiles) -> Result<Self> {
+        Self::start_listening(&[], extra, tls).await
+    }
+
+    /// [`Self::start_with`], also listening on `more` (`HOST:PORT`); `addr` stays loopback.
+    pub async fn start_listening(
+        more: &[String],
+        extra: &str,
+        tls: berth_client::TlsFiles,
+    ) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("berth-sched-test-")
             .tempdir()?;
         let addr = format!("127.0.0.1:{}", free_port());
+        let listen: Vec<String> = std::iter::once(&addr)
+            .chain(more)
+            .map(|a| format!("\"{a}\""))
+            .collect();
         let config = format!(
-            "listen = [\"{addr}\"]\nstate_dir = \"{}\"\nmetrics_listen = \"\"\n\
+            "listen = [{}]\nstate_dir = \"{}\"\nmetrics_listen = \"\"\n\
              heartbeat_seconds = {HEARTBEAT_SECONDS}\nhost_down_seconds = {}\n{extra}\n",
+            listen.join(", "),
             tmp.path().join("state").display(),
             host_down_seconds(),
         );
@@ -190,4 +204,137 @@ pub async fn start_host_with(
         ..Default::default()
     })
     .await
+}
+
+/// A test "LAN": a bridge in the root network namespace with an address, and network
+/// namespaces plugged into it, one veth each (`eth0` inside, an address of the LAN, no default
+/// route: nothing leaves the machine). Names come from a claimed [`TestNet`] slot (`bt<slot>`
+/// for the bridge, `bt<slot>-<n>` for namespaces, `bt<slot>h<n>` for their veths' outer ends),
+/// and the LAN is that slot's subnet. Dropping it deletes the namespaces (and with them what is
+/// in them) and the bridge.
+#[derive(Debug)]
+pub struct Lan {
+    pub net: TestNet,
+    /// Namespaces made, by name.
+    pub namespaces: Vec<String>,
+}
+
+impl Lan {
+    pub fn new() -> Result<Self> {
+        let net = TestNet::claim()?;
+        let lan = Self {
+            net,
+            namespaces: Vec::new(),
+        };
+        // What a killed run left on this slot.
+        for ns in lan.leftover_namespaces() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        ip(&["link", "add", &lan.net.bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/{}", lan.address(1), lan.prefix()),
+            "dev",
+            &lan.net.bridge,
+        ])?;
+        ip(&["link", "set", &lan.net.bridge, "up"])?;
+        Ok(lan)
+    }
+
+    fn prefix(&self) -> &str {
+        self.net.subnet.rsplit_once('/').map_or("24", |(_, p)| p)
+    }
+
+    /// Address `n` of the LAN (1 is the root namespace's, on the bridge).
+    pub fn address(&self, n: u32) -> String {
+        let base: std::net::Ipv4Addr = self
+            .net
+            .subnet
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+        std::net::Ipv4Addr::from(u32::from(base) + n).to_string()
+    }
+
+    /// Namespaces named after this slot that exist now.
+    pub fn leftover_namespaces(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.net.bridge);
+        std::fs::read_dir("/run/netns")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Makes namespace `bt<slot>-<n>` on the LAN at address `n`; returns its name.
+    pub fn add_namespace(&mut self, n: u32) -> Result<String> {
+        let name = format!("{}-{n}", self.net.bridge);
+        let outer = format!("{}h{n}", self.net.bridge);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ])?;
+        ip(&["link", "set", &outer, "master", &self.net.bridge, "up"])?;
+        let inside = |args: &[&str]| -> Result<()> {
+            let mut full = vec!["-n", name.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        inside(&["link", "set", "lo", "up"])?;
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/{}", self.address(n), self.prefix()),
+            "dev",
+            "eth0",
+        ])?;
+        inside(&["link", "set", "eth0", "up"])?;
+        Ok(name)
+    }
+
+    /// The file of namespace `name` (for `DaemonOptions::netns` and `nsenter --net=`).
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(name)
+    }
+
+    /// Runs `args` in namespace `name` (`nsenter --net=`) and returns its stdout.
+    pub fn run_in(name: &str, args: &[&str]) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", Self::path(name).display()))
+            .args(args)
+            .output()
+            .context("nsenter")?;
+        if !out.status.success() {
+            bail!(
+                "{args:?} in {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.namespaces.drain(..) {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        // TestNet's drop deletes the bridge.
+    }
+}
+
+/// `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("ip")?;
+    if !out.status.success() {
+        bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
 }

@@ -238,6 +238,12 @@ pub struct DaemonOptions {
     pub state_tmpfs: Option<u64>,
     /// Extra environment of the daemon process.
     pub env: Vec<(String, String)>,
+    /// Run the daemon in this network namespace (a `/run/netns/NAME` file), entered with
+    /// setns before exec as `nsenter --net=` does (`ip netns exec` would also remount /sys and
+    /// hide the cgroup mounts).
+    pub netns: Option<PathBuf>,
+    /// The worker subnet instead of the claimed slot's.
+    pub subnet: Option<String>,
 }
 
 /// The worker network of one test daemon: a bridge name and a /19 of 10.224.0.0/11 of its own,
@@ -351,6 +357,8 @@ pub struct Daemon {
     state_mounted: bool,
     /// Extra environment of the daemon process (kept for restarts).
     env: Vec<(String, String)>,
+    /// The network namespace it runs in (kept for restarts).
+    pub netns: Option<PathBuf>,
 }
 
 /// A free TCP port on loopback (bound then released).
@@ -395,7 +403,7 @@ impl Daemon {
             dir.join("state").display(),
             listen.join(", "),
             net.bridge,
-            net.subnet,
+            opts.subnet.as_deref().unwrap_or(&net.subnet),
             opts.netns_pool.unwrap_or(4),
             root_worker_user_if_needed(&opts.config),
             opts.config
@@ -417,6 +425,7 @@ impl Daemon {
             net,
             state_mounted: opts.state_tmpfs.is_some(),
             env: opts.env.clone(),
+            netns: opts.netns.clone(),
         };
         d.spawn(&opts.args).await?;
         Ok(d)
@@ -429,6 +438,25 @@ impl Daemon {
             .open(&self.log_path)?;
         let mut cmd = Command::new(bin("berthd"));
         as_systemd_runs_it(&mut cmd);
+        // Open until the spawn is done: the child enters it between fork and exec.
+        let _ns = match &self.netns {
+            Some(path) => {
+                let f = std::fs::File::open(path)
+                    .with_context(|| format!("open network namespace {}", path.display()))?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+                // SAFETY: setns is async-signal-safe; fd stays open until after the spawn.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                        if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(f)
+            }
+            None => None,
+        };
         let child = cmd
             .arg("--config")
             .arg(&self.config_path)

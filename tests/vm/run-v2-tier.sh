@@ -15,7 +15,8 @@
 #      V2_TIER_TEST_ARGS    more arguments for every test binary, e.g. a name filter or --nocapture
 #      V2_TIER_BINS         only these e2e test binaries (names of tests/e2e/*.rs, e.g. "containment")
 #      V2_TIER_SKIP         e2e test binaries left out unless V2_TIER_BINS names them (default
-#                           "cli load operations retry scheduler": the CLI, load limits and
+#                           "cli cluster ha load operations retry scheduler": the CLI, cluster
+#                           networking, replicas, load limits and
 #                           followers, operations, retries and the scheduler touch no cgroup
 #                           code; the v1 tier runs them, and twice under emulation they cost
 #                           ~13 of CI's minutes)
@@ -63,7 +64,7 @@ cargo build --bins -p berth-host -p berth-scheduler -p berth-client --message-fo
 cargo test --workspace --no-run --message-format=json >"$work/tests.json"
 # berthd's directory (target/debug, wherever CARGO_TARGET_DIR puts it) and the executables of
 # the test targets whose source is tests/e2e/*.rs.
-python3 - "$ROOT" "$work" "${V2_TIER_BINS:-}" "${V2_TIER_SKIP-cli load operations retry scheduler}" <<'EOF'
+python3 - "$ROOT" "$work" "${V2_TIER_BINS:-}" "${V2_TIER_SKIP-cli cluster ha load operations retry scheduler}" <<'EOF'
 import json, os, sys
 root, work, only, skip = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
 def artifacts(name):

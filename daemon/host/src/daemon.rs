@@ -383,6 +383,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         opened.note
     );
     let net = start_network(&cfg).await;
+    let net_of_host = net.clone();
     let host = Host::with_network(
         opts,
         cgroups,
@@ -438,7 +439,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
         shutdown.clone(),
     )
     .await?;
-    let membership = Arc::new(crate::member::Membership::default());
+    let membership = Arc::new(crate::member::Membership::with_peers(
+        cluster_routes(&cfg, &net_of_host, &address, host.name()).await,
+    ));
     // Stops beating at shutdown, with a last `leaving` beat; awaited so that beat goes out.
     let beats: Vec<_> = crate::member::replicas(&cfg.scheduler)
         .into_iter()
@@ -496,6 +499,51 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), DaemonE
     writer.stop();
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     result
+}
+
+/// The route manager to the cluster's other hosts, where workers have a network of their own.
+/// A daemon without a scheduler removes the cluster routes a predecessor left.
+async fn cluster_routes(
+    cfg: &Config,
+    net: &Arc<dyn Netns>,
+    address: &str,
+    name: &str,
+) -> Option<Arc<crate::peers::Peers>> {
+    if net.unavailable().is_some() {
+        return None;
+    }
+    let subnet = net.subnet()?;
+    let cluster = berth_sys::routes::ClusterNet {
+        bridge: cfg.bridge.clone(),
+        subnet,
+        egress: cfg.egress,
+    };
+    if cfg.scheduler.is_empty() {
+        let c = cluster.clone();
+        match tokio::task::spawn_blocking(move || {
+            let stale = c.routes()?;
+            if stale.is_empty() {
+                return Ok(None);
+            }
+            c.apply(&[]).map(Some)
+        })
+        .await
+        {
+            Ok(Ok(Some(a))) => {
+                tracing::info!(
+                    removed = a.removed,
+                    "no scheduler: cluster routes of an earlier run removed"
+                )
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cluster routes of an earlier run not removed")
+            }
+            Err(e) => tracing::warn!(error = %e, "cluster routes of an earlier run not removed"),
+        }
+        return None;
+    }
+    Some(Arc::new(crate::peers::Peers::new(name, address, cluster)))
 }
 
 /// The host side of worker networks (bridge, gateway, rules, egress) and its namespace threads.

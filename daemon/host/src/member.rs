@@ -29,6 +29,8 @@ const MAX_REMOVALS: usize = 1024;
 #[derive(Debug, Default)]
 pub struct Membership {
     held: Mutex<Held>,
+    /// Routes to the cluster's other hosts, fed by every answer (`None`: no worker network).
+    peers: Option<Arc<crate::peers::Peers>>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +43,13 @@ struct Held {
 }
 
 impl Membership {
+    pub fn with_peers(peers: Option<Arc<crate::peers::Peers>>) -> Self {
+        Self {
+            peers,
+            ..Default::default()
+        }
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -58,6 +67,7 @@ impl Membership {
             leaving,
             sequence,
             drain_version: held.drain_version,
+            peers_version: self.peers_version(),
             removed: held
                 .removed
                 .iter()
@@ -103,6 +113,21 @@ impl Membership {
             held.removed.remove(&first);
         }
         changed
+    }
+
+    /// The version of the peer list this host has applied.
+    pub fn peers_version(&self) -> u64 {
+        self.peers.as_ref().map_or(0, |p| p.version())
+    }
+
+    /// Hands an answer's peer list (if any) to the route manager, on a task of its own: route
+    /// work never delays the next beat. Lists are applied in the order they came (the manager's
+    /// lock is fair), and the version reported is the one applied last.
+    pub fn take_peers(&self, list: Option<&pb::PeerList>) {
+        if let (Some(p), Some(list)) = (&self.peers, list) {
+            let (p, list) = (p.clone(), list.clone());
+            tokio::spawn(async move { p.take(Some(&list)).await });
+        }
     }
 }
 
@@ -155,6 +180,7 @@ pub async fn run(
                         tracing::info!(draining, scheduler = %scheduler, "scheduler changed this host's state");
                     }
                     interval = Duration::from_millis(u64::from(r.interval_ms.clamp(100, 60_000)));
+                    state.take_peers(r.peers.as_ref());
                 }
                 Ok(Err(status)) => {
                     if !failing {

@@ -118,6 +118,7 @@ impl FakeHost {
             leaving: false,
             sequence,
             drain_version: st.drain_version,
+            peers_version: 0,
             removed: st
                 .removed
                 .iter()

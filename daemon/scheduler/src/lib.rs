@@ -13,6 +13,7 @@ pub mod fake;
 pub mod grpc;
 pub mod hosts;
 pub mod metrics;
+pub mod peers;
 pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -110,6 +111,11 @@ struct State {
     /// Hosts removed from the cluster (through this replica or another, as the hosts told it),
     /// by when (ms since the epoch); told to every host for [`REMOVAL_MEMORY`].
     removed: BTreeMap<String, u64>,
+    /// Hosts whose beats are refused for an overlapping subnet (logged once each).
+    subnet_refused: BTreeSet<String>,
+    /// The peer list of the beats' answers, made again after any change of a host's address,
+    /// subnet or state, or of the hosts.
+    peer_list: Option<Arc<pb::PeerList>>,
 }
 
 /// Up hosts a session is opened on when it opens, so that every replica can find it.
@@ -247,6 +253,8 @@ impl Scheduler {
                     hosts: BTreeMap::new(),
                     placer: Placer::new(),
                     removed: BTreeMap::new(),
+                    subnet_refused: BTreeSet::new(),
+                    peer_list: None,
                 }),
                 view: Mutex::new(View::default()),
                 events,
@@ -319,10 +327,28 @@ impl Scheduler {
         }
         let name = info.name.clone();
         let mut remember = false;
-        let (state, drain_version, removed, forgotten) = {
+        let (state, drain_version, removed, forgotten, peers) = {
             let mut guard = self.state();
             let st = &mut *guard;
+            // A host whose workers' subnet overlaps another's is not registered: its routes
+            // would take the other's traffic.
+            let others = st
+                .hosts
+                .iter()
+                .map(|(n, e)| (n.as_str(), e.info.subnet.as_str()));
+            if let Err(e) = peers::check_subnet(&name, &info.subnet, others) {
+                if st.subnet_refused.insert(name.clone()) {
+                    tracing::warn!(host = %name, subnet = %info.subnet, error = %e, "host refused: its subnet overlaps another host's");
+                }
+                return Err(e);
+            }
+            if st.subnet_refused.remove(&name) {
+                tracing::info!(host = %name, subnet = %info.subnet, "host's subnet accepted");
+            }
             let forgotten = self.take_removals(st, &name, &req.removed);
+            if !forgotten.is_empty() {
+                st.peer_list = None;
+            }
             let e = match st.hosts.get_mut(&name) {
                 Some(e) => e,
                 None => {
@@ -356,6 +382,14 @@ impl Scheduler {
             e.sequence = req.sequence;
             e.pending
                 .retain(|p| p.settled_by.is_none_or(|s| s > req.sequence));
+            // Only hosts with a subnet are peers (hosts without, like simulated ones, change
+            // nothing: a join of thousands does not rebuild the list thousands of times).
+            let was_peer = !e.info.subnet.is_empty();
+            if (e.info.address != info.address || e.info.subnet != info.subnet)
+                && (was_peer || !info.subnet.is_empty())
+            {
+                st.peer_list = None;
+            }
             e.info = info;
             e.last_seen = SystemTime::now();
             e.seen_at = Instant::now();
@@ -379,6 +413,9 @@ impl Scheduler {
                 e.lost_marked = false;
                 e.sequence_seen = true;
             }
+            if e.state != was && !e.info.subnet.is_empty() {
+                st.peer_list = None;
+            }
             sync_placer(&mut st.placer, &name, e);
             let out = (e.state, e.drain_version);
             // A host that beats again after its removal has joined again.
@@ -391,7 +428,26 @@ impl Scheduler {
                     at_ms: *at,
                 })
                 .collect();
-            (out.0, out.1, removed, forgotten)
+            // Hosts with a worker subnet (the others need no route); the list goes out only when
+            // the host lacks this version of it.
+            let entries = st
+                .hosts
+                .iter()
+                .filter(|(_, e)| !e.info.subnet.is_empty())
+                .map(|(n, e)| {
+                    (
+                        n.as_str(),
+                        e.info.address.as_str(),
+                        e.info.subnet.as_str(),
+                        e.state as i32,
+                    )
+                });
+            let list = st
+                .peer_list
+                .get_or_insert_with(|| Arc::new(peers::list(entries)))
+                .clone();
+            let peers = (list.version != req.peers_version).then(|| (*list).clone());
+            (out.0, out.1, removed, forgotten, peers)
         };
         for name in forgotten {
             self.forget_host(&name);
@@ -407,6 +463,7 @@ impl Scheduler {
             } as i32,
             drain_version,
             removed,
+            peers,
         })
     }
 
@@ -663,6 +720,9 @@ impl Scheduler {
                     if e.state != pb::HostState::Down {
                         tracing::warn!(host = %name, "host DOWN: heartbeats stopped");
                         e.state = pb::HostState::Down;
+                        if !e.info.subnet.is_empty() {
+                            st.peer_list = None;
+                        }
                         sync_placer(&mut st.placer, name, e);
                     }
                     if !e.lost_marked {
@@ -734,6 +794,9 @@ impl Scheduler {
             .ok_or_else(|| Error::NotFound(format!("host {name} not found")))?;
         e.drained = drain;
         e.drain_version = (e.drain_version + 1).max(now_ms());
+        if !e.info.subnet.is_empty() {
+            st.peer_list = None;
+        }
         if e.state != pb::HostState::Down {
             e.state = if drain {
                 pb::HostState::Draining
@@ -769,6 +832,9 @@ impl Scheduler {
                 )));
             }
             let e = st.hosts.remove(name).expect("looked up above");
+            if !e.info.subnet.is_empty() {
+                st.peer_list = None;
+            }
             st.placer.remove(name);
             e.follower.cancel();
             // Told to every host, which tell the other replicas.

@@ -999,3 +999,109 @@ async fn replicas_share_retries_drains_and_removals_through_the_hosts() {
     a.shutdown();
     b.shutdown();
 }
+
+/// A beat of a simulated host with worker subnet `subnet`, telling the peer list it holds.
+fn beat_with_subnet(h: &FakeHost, sequence: u64, subnet: &str, known: u64) -> pb::HeartbeatRequest {
+    let mut b = h.beat(sequence);
+    let info = b.info.as_mut().unwrap();
+    info.subnet = subnet.into();
+    info.address = format!("192.0.2.{}:7300", info.name.as_bytes()[0]);
+    b.peers_version = known;
+    b
+}
+
+/// Cluster networking: an overlapping subnet is refused (INVALID_ARGUMENT naming
+/// `info.subnet` and the other host) and the host is never listed; the answer carries every
+/// host with a subnet, only when the host's version is stale, DOWN hosts stay listed, and
+/// RemoveHost takes a host out of the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_are_distinct_and_peers_follow_the_hosts() {
+    let fakes = FakeCluster::new();
+    for n in ["a", "b", "c", "nonet"] {
+        fakes.add(n, res(2.0, 2.0, 0, 8), BTreeMap::new());
+    }
+    let s = Scheduler::new(opts(), Arc::new(FakeConnector(fakes.clone())));
+    s.start();
+    let h = |n: &str| fakes.get(n).unwrap();
+    let r = s
+        .heartbeat(beat_with_subnet(&h("a"), 1, "10.1.0.0/16", 0))
+        .unwrap();
+    let first = r.peers.expect("a stale version gets the list");
+    assert_eq!(first.peers.len(), 1);
+    // Current: left out.
+    let r = s
+        .heartbeat(beat_with_subnet(&h("a"), 2, "10.1.0.0/16", first.version))
+        .unwrap();
+    assert!(r.peers.is_none());
+    // A host without a subnet is no peer and changes nothing.
+    s.heartbeat(h("nonet").beat(1)).unwrap();
+    let r = s
+        .heartbeat(beat_with_subnet(&h("a"), 3, "10.1.0.0/16", first.version))
+        .unwrap();
+    assert!(r.peers.is_none());
+    // b joins: a's next answer has both.
+    s.heartbeat(beat_with_subnet(&h("b"), 1, "10.2.0.0/16", 0))
+        .unwrap();
+    let two = s
+        .heartbeat(beat_with_subnet(&h("a"), 4, "10.1.0.0/16", first.version))
+        .unwrap()
+        .peers
+        .expect("the list changed");
+    let names: Vec<&str> = two.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(two.peers[1].subnet, "10.2.0.0/16");
+    // c overlaps a: refused, never listed.
+    let e = s
+        .heartbeat(beat_with_subnet(&h("c"), 1, "10.1.128.0/17", 0))
+        .unwrap_err();
+    let Error::InvalidArgument { field, message } = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(field, "info.subnet");
+    assert!(message.contains("host a"), "{message}");
+    assert!(s
+        .list_hosts()
+        .iter()
+        .all(|x| x.info.as_ref().unwrap().name != "c"));
+    // b goes DOWN: still a peer (state DOWN); removed: gone from the list.
+    let b_down = async {
+        for _ in 0..100 {
+            let st = s
+                .list_hosts()
+                .into_iter()
+                .find(|x| x.info.as_ref().unwrap().name == "b")
+                .map(|x| x.state);
+            if st == Some(pb::HostState::Down as i32) {
+                return true;
+            }
+            s.heartbeat(beat_with_subnet(&h("a"), 5, "10.1.0.0/16", 0))
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(b_down.await, "b never DOWN");
+    let down = s
+        .heartbeat(beat_with_subnet(&h("a"), 6, "10.1.0.0/16", two.version))
+        .unwrap()
+        .peers
+        .expect("b's state changed");
+    assert_eq!(down.peers.len(), 2);
+    assert_eq!(down.peers[1].state, pb::HostState::Down as i32);
+    s.remove_host("b").await.unwrap();
+    let after = s
+        .heartbeat(beat_with_subnet(&h("a"), 7, "10.1.0.0/16", down.version))
+        .unwrap()
+        .peers
+        .expect("b removed");
+    assert_eq!(after.peers.len(), 1);
+    assert_eq!(
+        after.version, first.version,
+        "the same list, the same version"
+    );
+    // Still overlapping a; with a subnet of its own, c joins.
+    s.heartbeat(beat_with_subnet(&h("c"), 2, "10.1.128.0/17", 0))
+        .unwrap_err();
+    s.heartbeat(beat_with_subnet(&h("c"), 3, "10.3.0.0/16", 0))
+        .unwrap();
+}

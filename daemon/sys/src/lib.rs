@@ -12,6 +12,7 @@ pub mod netns;
 pub mod notify;
 pub mod output;
 pub mod peer;
+pub mod routes;
 pub mod state_lock;
 pub mod store;
 pub mod systemd;

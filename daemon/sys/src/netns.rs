@@ -50,7 +50,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use rtnetlink::packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::link::{
@@ -232,18 +232,38 @@ pub fn valid_link_name(name: &str) -> bool {
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
 }
 
-/// The nft script that masquerades `subnet` leaving it (idempotent: replaces its own table).
-pub fn nft_egress_script(bridge: &str, subnet: &Subnet) -> String {
-    let table = format!(
+/// The nft table name of the daemon whose bridge is `bridge`.
+pub fn nft_table(bridge: &str) -> String {
+    format!(
         "berth_{}",
         bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
-    );
+    )
+}
+
+/// The nft script that masquerades `subnet` leaving it, except to the cluster's destinations
+/// (`cluster`: the other hosts' subnets and addresses, as network and prefix length), which
+/// see the workers' real addresses. Idempotent and atomic: it replaces its own table.
+pub fn nft_egress_script(bridge: &str, subnet: &Subnet, cluster: &[(Ipv4Addr, u8)]) -> String {
+    let table = nft_table(bridge);
+    let elements = if cluster.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = cluster.iter().map(|(n, p)| format!("{n}/{p}")).collect();
+        format!("\t\telements = {{ {} }}\n", list.join(", "))
+    };
     format!(
         "table ip {table} {{}}\n\
          delete table ip {table}\n\
          table ip {table} {{\n\
+         \tset cluster {{\n\
+         \t\ttype ipv4_addr\n\
+         \t\tflags interval\n\
+         \t\tauto-merge\n\
+         {elements}\
+         \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority 100; policy accept;\n\
+         \t\tip saddr {subnet} ip daddr @cluster accept\n\
          \t\tip saddr {subnet} ip daddr != {subnet} masquerade\n\
          \t}}\n\
          }}\n"
@@ -832,7 +852,7 @@ fn assign_ready(
     }
 }
 
-fn write_sysctl(path: &str, value: &str) -> io::Result<()> {
+pub(crate) fn write_sysctl(path: &str, value: &str) -> io::Result<()> {
     match fs::OpenOptions::new().write(true).open(path) {
         Ok(mut f) => f.write_all(value.as_bytes()),
         // No IPv6 in this kernel: nothing to turn off.
@@ -901,7 +921,13 @@ fn setup_host(nl: &mut Rtnl, cfg: &NetConfig) -> StepResult<()> {
                 Err(_) => break,
             }
         }
-        at("set up egress", setup_egress(cfg))?;
+        // The cluster's destinations a predecessor routed to stay unmasqueraded.
+        let cluster =
+            crate::routes::destinations(&crate::routes::current_routes(nl).unwrap_or_default());
+        at(
+            "set up egress",
+            setup_egress(&cfg.bridge, &cfg.subnet, &cluster),
+        )?;
     } else {
         add_ignoring_exists(nl, RouteNetlinkMessage::NewRule(refuse))
             .map_err(|e| ("add rule", e))?;
@@ -938,10 +964,15 @@ fn rule(subnet: &Subnet, priority: u32, within: bool) -> RuleMessage {
     r
 }
 
-/// Forwarding for replies, and masquerading of what leaves the subnet: one command, once.
-fn setup_egress(cfg: &NetConfig) -> io::Result<()> {
+/// Forwarding for replies, and masquerading of what leaves the subnet except to `cluster`: one
+/// command, at start-up and whenever the cluster's destinations change.
+pub(crate) fn setup_egress(
+    cfg_bridge: &str,
+    subnet: &Subnet,
+    cluster: &[(Ipv4Addr, u8)],
+) -> io::Result<()> {
     write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-    let script = nft_egress_script(&cfg.bridge, &cfg.subnet);
+    let script = nft_egress_script(cfg_bridge, subnet, cluster);
     let nft = std::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -965,7 +996,10 @@ fn setup_egress(cfg: &NetConfig) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io::Error::other(format!("nft: {e}"))),
     }
-    let s = cfg.subnet.to_string();
+    if !cluster.is_empty() {
+        tracing::warn!("no nft: traffic to the cluster's other hosts is masqueraded too (iptables exceptions are not made)");
+    }
+    let s = subnet.to_string();
     let rule = ["-s", &s, "!", "-d", &s, "-j", "MASQUERADE"];
     let ipt = |op: &str| {
         std::process::Command::new("iptables")
@@ -1262,10 +1296,10 @@ fn gateway_neighbour(eth0: u32, gw: Ipv4Addr) -> NeighbourMessage {
 }
 
 /// One result of a batch; `take` turns it into an io::Result once.
-struct Reply(Option<io::Error>);
+pub(crate) struct Reply(Option<io::Error>);
 
 impl Reply {
-    fn take(self) -> io::Result<()> {
+    pub(crate) fn take(self) -> io::Result<()> {
         match self.0 {
             None => Ok(()),
             Some(e) => Err(e),
@@ -1275,7 +1309,7 @@ impl Reply {
 
 /// A blocking rtnetlink socket that sends batches of requests in one `sendmsg` and collects
 /// their acknowledgements.
-struct Rtnl {
+pub(crate) struct Rtnl {
     fd: rtnetlink::sys::Socket,
     seq: u32,
     buf: Vec<u8>,
@@ -1283,7 +1317,7 @@ struct Rtnl {
 
 impl Rtnl {
     /// A socket in the calling thread's network namespace.
-    fn open() -> io::Result<Self> {
+    pub(crate) fn open() -> io::Result<Self> {
         let sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)?;
         // Every request is acknowledged at once; a reply that never comes must not hold a
         // namespace thread forever.
@@ -1311,7 +1345,7 @@ impl Rtnl {
         })
     }
 
-    fn one(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    pub(crate) fn one(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
         let mut r = self.batch(&[(msg, flags)]);
         r.pop()
             .map(Reply::take)
@@ -1321,7 +1355,7 @@ impl Rtnl {
     /// Sends every message at once (each with `NLM_F_REQUEST | NLM_F_ACK | flags`) and returns
     /// one result per message, in order. The kernel handles them in order and goes on after a
     /// failed one.
-    fn batch(&mut self, msgs: &[(RouteNetlinkMessage, u16)]) -> Vec<Reply> {
+    pub(crate) fn batch(&mut self, msgs: &[(RouteNetlinkMessage, u16)]) -> Vec<Reply> {
         let first = self.seq.wrapping_add(1);
         let mut out = Vec::new();
         for (m, flags) in msgs {
@@ -1386,6 +1420,49 @@ impl Rtnl {
             .into_iter()
             .map(|r| r.unwrap_or(Reply(None)))
             .collect()
+    }
+
+    /// Every object a dump request `msg` (`GetRoute`, `GetRule`, ...) returns.
+    pub(crate) fn dump(
+        &mut self,
+        msg: RouteNetlinkMessage,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        nl.finalize();
+        let mut out = vec![0; nl.buffer_len()];
+        nl.serialize(&mut out);
+        self.send_all(&out)?;
+        let mut found = Vec::new();
+        loop {
+            let n = self.recv()?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(self.buf[off..off + 4].try_into().unwrap_or_default())
+                    as usize;
+                if len < 16 || off + len > n {
+                    break;
+                }
+                let seq =
+                    u32::from_ne_bytes(self.buf[off + 8..off + 12].try_into().unwrap_or_default());
+                // One this crate cannot parse is passed over: not one of ours to manage.
+                if let (true, Ok(m)) = (
+                    seq == self.seq,
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..off + len]),
+                ) {
+                    match m.payload {
+                        NetlinkPayload::Done(_) => return Ok(found),
+                        NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                        NetlinkPayload::InnerMessage(inner) => found.push(inner),
+                        _ => {}
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
     }
 
     /// The index of link `name`.
@@ -1488,15 +1565,31 @@ mod tests {
 
     #[test]
     fn egress_script_names_subnet_and_table() {
-        let s = nft_egress_script("berth0", &Subnet::parse("10.213.0.0/16").unwrap());
+        let s = nft_egress_script("berth0", &Subnet::parse("10.213.0.0/16").unwrap(), &[]);
         assert!(s.contains("table ip berth_berth0 {"), "{s}");
         assert!(s.contains("delete table ip berth_berth0"), "{s}");
         assert!(
             s.contains("ip saddr 10.213.0.0/16 ip daddr != 10.213.0.0/16 masquerade"),
             "{s}"
         );
-        let s = nft_egress_script("bt-1.x", &Subnet::parse("10.9.0.0/24").unwrap());
+        assert!(!s.contains("elements"), "{s}");
+        let s = nft_egress_script(
+            "bt-1.x",
+            &Subnet::parse("10.9.0.0/24").unwrap(),
+            &[
+                ("10.10.0.0".parse().unwrap(), 24),
+                ("192.0.2.7".parse().unwrap(), 32),
+            ],
+        );
         assert!(s.contains("berth_bt_1_x"), "{s}");
+        assert!(
+            s.contains("elements = { 10.10.0.0/24, 192.0.2.7/32 }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip saddr 10.9.0.0/24 ip daddr @cluster accept"),
+            "{s}"
+        );
     }
 
     #[test]
