@@ -228,6 +228,7 @@ mod tests {
                 pb::HostState::Ready
             } as i32,
             drain_version: version,
+            peers: None,
             removed: removed
                 .iter()
                 .map(|(n, at)| pb::RemovedHost {
