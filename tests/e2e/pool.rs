@@ -458,7 +458,10 @@ async fn nothing_of_the_pool_outlives_the_daemon() {
     d.stop_daemon(libc::SIGTERM);
     // The kernel frees a namespace (and with it the veth pair) a moment after its last
     // reference goes.
-    wait_for("the pool's veths go with their namespaces", || held(&d).4 == 0).await;
+    wait_for("the pool's veths go with their namespaces", || {
+        held(&d).4 == 0
+    })
+    .await;
     assert_eq!(held(&d), (0, 0, 0, 0, 0));
     assert!(d.shims().is_empty(), "{:?}", d.shims());
     // A restart builds it again.
