@@ -10,6 +10,7 @@ pub mod launch;
 pub mod limits;
 pub mod placement;
 pub mod pool;
+pub mod removals;
 pub mod session;
 pub mod worker;
 

@@ -4,7 +4,7 @@
 //! proto/berth/v1/internal.proto. Beats never stop the daemon: a scheduler that cannot be
 //! reached is retried, and said once in the log, not at every beat.
 
-use std::collections::BTreeMap;
+use berth_core::removals;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -18,10 +18,6 @@ use crate::supervisor::Host;
 const FIRST_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one beat may take before it counts as missed.
 const BEAT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a removal of another host is told on to the replicas.
-const REMOVAL_MEMORY: Duration = Duration::from_secs(24 * 3600);
-/// The most removals kept (the newest).
-const MAX_REMOVALS: usize = 1024;
 
 /// What the schedulers last said of this host and the cluster: reported back on every beat to
 /// every replica, so that a scheduler that restarted learns it again and what one replica was
@@ -39,7 +35,7 @@ struct Held {
     /// When `draining` was last changed (the changing replica's clock, ms): the newer wins.
     drain_version: u64,
     /// Hosts removed from the cluster, by when (ms since the epoch).
-    removed: BTreeMap<String, u64>,
+    removed: removals::Removals,
 }
 
 impl Membership {
@@ -94,24 +90,13 @@ impl Membership {
             held.draining = draining;
             held.drain_version = r.drain_version;
         }
-        for h in r.removed.iter().take(MAX_REMOVALS) {
-            let at = held.removed.entry(h.name.clone()).or_insert(h.at_ms);
-            *at = (*at).max(h.at_ms);
+        for h in r.removed.iter().take(removals::MAX) {
+            removals::record(&mut held.removed, &h.name, h.at_ms);
         }
-        let oldest = SystemTime::now()
-            .checked_sub(REMOVAL_MEMORY)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        held.removed.retain(|_, at| *at >= oldest);
-        while held.removed.len() > MAX_REMOVALS {
-            let first = held
-                .removed
-                .iter()
-                .min_by_key(|(_, at)| **at)
-                .map(|(n, _)| n.clone())
-                .expect("not empty");
-            held.removed.remove(&first);
-        }
+        removals::prune(&mut held.removed, now);
         changed
     }
 

@@ -138,8 +138,7 @@ impl FakeHost {
             st.draining = r.state == pb::HostState::Draining as i32;
         }
         for h in &r.removed {
-            let at = st.removed.entry(h.name.clone()).or_insert(h.at_ms);
-            *at = (*at).max(h.at_ms);
+            berth_core::removals::record(&mut st.removed, &h.name, h.at_ms);
         }
     }
 

@@ -32,6 +32,7 @@ use berth_core::error::{Error, Result};
 use berth_core::launch::Program;
 use berth_core::limits::{self, LaunchLimits};
 use berth_core::placement::{Amount, Ask, Placer, Strategy};
+use berth_core::removals;
 use berth_core::session::Session;
 
 use berth_core::worker::Selector;
@@ -109,8 +110,8 @@ struct State {
     hosts: BTreeMap<String, HostEntry>,
     placer: Placer,
     /// Hosts removed from the cluster (through this replica or another, as the hosts told it),
-    /// by when (ms since the epoch); told to every host for [`REMOVAL_MEMORY`].
-    removed: BTreeMap<String, u64>,
+    /// by when (ms since the epoch); told to every host for [`removals::MEMORY`].
+    removed: removals::Removals,
     /// Hosts whose beats are refused for an overlapping subnet (logged once each).
     subnet_refused: BTreeSet<String>,
     /// The peer list of the beats' answers, made again after any change of a host's address,
@@ -120,11 +121,6 @@ struct State {
 
 /// Up hosts a session is opened on when it opens, so that every replica can find it.
 const SESSION_HOMES: usize = 2;
-
-/// How long a removal is told to the hosts (and by them to every replica).
-const REMOVAL_MEMORY: Duration = Duration::from_secs(24 * 3600);
-/// The most removals told at once (the newest).
-const MAX_REMOVALS: usize = 1024;
 
 /// Now, in ms since the epoch.
 fn now_ms() -> u64 {
@@ -469,12 +465,12 @@ impl Scheduler {
 
     /// Takes the removals a host (`from`) tells of: each of a host this replica holds as DOWN
     /// whose last beat came before the removal forgets it (returned, to be forgotten in the
-    /// view too); the rest are remembered and told on. Drops removals past [`REMOVAL_MEMORY`].
+    /// view too); the rest are remembered and told on. Drops removals past [`removals::MEMORY`].
     fn take_removals(&self, st: &mut State, from: &str, told: &[pb::RemovedHost]) -> Vec<String> {
         let now = now_ms();
-        let oldest = now.saturating_sub(REMOVAL_MEMORY.as_millis() as u64);
+        let oldest = removals::oldest(now);
         let mut forgotten = Vec::new();
-        for r in told.iter().take(MAX_REMOVALS) {
+        for r in told.iter().take(removals::MAX) {
             if r.at_ms < oldest || r.name == from || !valid_host_name(&r.name) {
                 continue;
             }
@@ -489,19 +485,9 @@ impl Scheduler {
                 tracing::info!(host = %r.name, "host removed through another replica");
                 forgotten.push(r.name.clone());
             }
-            let at = st.removed.entry(r.name.clone()).or_insert(r.at_ms);
-            *at = (*at).max(r.at_ms);
+            removals::record(&mut st.removed, &r.name, r.at_ms);
         }
-        st.removed.retain(|_, at| *at >= oldest);
-        while st.removed.len() > MAX_REMOVALS {
-            let oldest = st
-                .removed
-                .iter()
-                .min_by_key(|(_, at)| **at)
-                .map(|(n, _)| n.clone())
-                .expect("not empty");
-            st.removed.remove(&oldest);
-        }
+        removals::prune(&mut st.removed, now);
         forgotten
     }
 
