@@ -10,4 +10,5 @@ pub mod daemon;
 pub mod info;
 pub mod member;
 pub mod metrics;
+pub mod phase;
 pub mod supervisor;
