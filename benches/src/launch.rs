@@ -17,6 +17,11 @@
 //!   network floor;
 //! - daemon RSS idle and after `--finished` finished workers.
 //!
+//! These are the narrower figures: berth's stop at RUNNING (the shim's handshake after exec) and
+//! its bridge-mode workers take namespaces from the daemon's pool (4 here), while the floors run
+//! cold to the exit of /bin/true; so the ratios are not like for like. `berth-bench-e2e` has the
+//! client's figure (launch → every worker exited, beside crun and the floor over that span).
+//!
 //! Run as root from a release build: `cargo run --release -p berth-benches --bin berth-bench-launch`.
 
 use std::process::Command;
@@ -243,12 +248,14 @@ async fn main() -> Result<()> {
             "cgroup create+join+fork/exec + worker network"
         };
         println!(
-            "ratio {name}: batch per-worker / floor ({floor}) = {:.2}  (target ≤ 2; median over \
-             the rounds, each against the floor measured just before it)",
+            "ratio {name}: batch per-worker (launch → RUNNING) / floor ({floor}, cold, to exit) = \
+             {:.2}  (target ≤ 2; median over the rounds, each against the floor measured just \
+             before it)",
             ratio_m[i]
         );
         println!(
-            "ratio {name}: single launch / the same floor = {:.2} (right after), {:.2} (after quiet)",
+            "ratio {name}: single launch (→ RUNNING) / the same floor = {:.2} (right after), {:.2} \
+             (after quiet)",
             single_m[i][0].as_secs_f64() / floors[i].as_secs_f64(),
             single_m[i][1].as_secs_f64() / floors[i].as_secs_f64()
         );

@@ -1,4 +1,7 @@
-//! Shared pieces of the benchmark harnesses: statistics and process memory readings.
+//! Shared pieces of the benchmark harnesses: statistics, process memory readings, launches
+//! timed as a client sees them, the floors, and crun as the peer ([`crun`]).
+
+pub mod crun;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
@@ -107,6 +110,27 @@ pub fn median(v: &mut [Duration]) -> Duration {
     }
 }
 
+/// `CLOCK_MONOTONIC` now in microseconds: the clock of berthd's `berth_phase` marks.
+pub fn mono_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
+/// The load averages (`/proc/loadavg`'s first three fields), to print beside figures.
+pub fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Milliseconds with three decimals.
 pub fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
@@ -179,6 +203,28 @@ pub async fn launch_to_running(
     Ok((t.elapsed(), ids))
 }
 
+/// Launches `req` and, as soon as the launch answers, awaits all its workers' ends through
+/// `AwaitWorkers`: the time from the launch call to the await's answer (launch → every worker
+/// exited, as a client sees it). Fails if any worker did not succeed.
+pub async fn launch_to_exit(
+    client: &Client,
+    req: pb::LaunchWorkersRequest,
+    timeout_seconds: u32,
+) -> Result<(Duration, Vec<String>)> {
+    let t = Instant::now();
+    let ids: Vec<String> = client
+        .workers()
+        .launch_workers(req)
+        .await?
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    settle(client, &ids, timeout_seconds).await?;
+    Ok((t.elapsed(), ids))
+}
+
 /// Awaits `ids` to completion (at most `timeout_seconds`); fails if any of them failed.
 pub async fn settle(client: &Client, ids: &[String], timeout_seconds: u32) -> Result<()> {
     let r = client
@@ -198,6 +244,29 @@ pub async fn settle(client: &Client, ids: &[String], timeout_seconds: u32) -> Re
         );
     }
     Ok(())
+}
+
+/// Waits (up to 60 s) until the daemon whose metrics listen on `port` has `want` namespaces
+/// ready (`berth_netns_ready`).
+pub async fn wait_netns_ready(port: u16, want: usize) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut s| {
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+                let mut body = String::new();
+                s.read_to_string(&mut body).ok()?;
+                body.lines()
+                    .find_map(|l| l.strip_prefix("berth_netns_ready "))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            });
+        if ready.is_some_and(|r| r >= want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Address `offset` of `subnet`.

@@ -6,11 +6,16 @@
 //!   route), on a fresh thread per network;
 //! - berth's own primitive (`sys::netns::HostNetwork`: the same plus bind mount, IPv6 off,
 //!   forwarding, neighbour entry; batched requests) create + remove, without a daemon;
-//! - `crun run` of /bin/true in its own network, PID and mount namespaces and a cgroup, one at a
-//!   time and a batch over the CPUs (crun runs in a private mount namespace where the hybrid
-//!   host's cgroup2 controller list is hidden: crun refuses hybrid hosts otherwise);
-//! - berthd (release build): launch → RUNNING of one bridge-mode /bin/true worker, per-worker
-//!   time in a batch of 200 (bridge and host mode), and launch → RUNNING of worker 1, 1000, 2000
+//! - `crun run` of /bin/true in its own network, PID and mount namespaces and a cgroup with the
+//!   workers' limits, one at a time and a batch over the CPUs, each from the `crun run` call to
+//!   its exit, cold (crun runs in a private mount namespace where the hybrid host's cgroup2
+//!   controller list is hidden: crun refuses hybrid hosts otherwise; see `berth_benches::crun`);
+//! - berthd (release build): launch → RUNNING of one bridge-mode /bin/true worker; per-worker
+//!   time in a batch of 200 /bin/true workers (bridge and host mode) from the `LaunchWorkers`
+//!   call to the `AwaitWorkers` answer that all exited (the span of crun's figure; berth's
+//!   namespace pool, `--pool`, is full before each batch: pre-made namespaces, where crun's are
+//!   cold); per-worker launch → RUNNING of a batch of 200 sleepers (no crun figure over that
+//!   span: `crun run` returns at exit); and launch → RUNNING of worker 1, 1000, 2000
 //!   and 4000 with every earlier worker alive (sleeping), each beside the kernel's own floor at
 //!   that scale (cgroup create + CPU quota + join + /bin/true + rmdir: a quota write walks every
 //!   CPU cgroup of the host, so this floor grows with the workers alive whatever berth does).
@@ -21,14 +26,12 @@
 #![allow(clippy::type_complexity)]
 
 use std::fs;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use berth_benches::{
-    addr, floor_cgroup, floor_once, fs_type, launch_to_running, median, ms, settle, Flags,
+    addr, floor_cgroup, floor_once, fs_type, launch_to_exit, launch_to_running, median, ms, settle,
+    wait_netns_ready, Flags,
 };
 
 /// How long a launch may take to be all RUNNING, and to finish (thousands of live workers).
@@ -195,225 +198,15 @@ fn berth_primitive_ready(net: &TestNet, n: usize) -> Result<Duration> {
     Ok(median(&mut create))
 }
 
-/// Entry of the crun helper: a process of its own (so that it may enter a private mount
-/// namespace), started with `--crun-helper N LANES BUNDLES_DIR`. Prints `single_us batch_us`.
-fn crun_helper(args: &[String]) -> Result<()> {
-    let n: usize = args[0].parse()?;
-    let lanes: usize = args[1].parse()?;
-    let bundles = PathBuf::from(&args[2]);
-    let rootfs = bundles.join("rootfs");
-    let c = |s: &str| std::ffi::CString::new(s).unwrap();
-    // SAFETY: plain mount(2) calls with valid NUL-terminated strings, in this process's private
-    // mount namespace (entered before exec).
-    unsafe {
-        let none = std::ptr::null();
-        if libc::mount(
-            none,
-            c("/").as_ptr(),
-            none,
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            bail!("make / private: {}", std::io::Error::last_os_error());
-        }
-        let ctl = "/sys/fs/cgroup/unified/cgroup.controllers";
-        if Path::new(ctl).exists() {
-            let empty = bundles.join("empty");
-            fs::write(&empty, "")?;
-            let e = c(empty.to_str().unwrap());
-            if libc::mount(
-                e.as_ptr(),
-                c(ctl).as_ptr(),
-                none,
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                bail!("hide {ctl}: {}", std::io::Error::last_os_error());
-            }
-        }
-        let r = c(rootfs.to_str().unwrap());
-        if libc::mount(
-            c("/").as_ptr(),
-            r.as_ptr(),
-            none,
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-        {
-            bail!("bind / for the rootfs: {}", std::io::Error::last_os_error());
-        }
-    }
-    let run = |lane: usize, i: usize| -> Result<Duration> {
-        let t = Instant::now();
-        // crun's state beside berth's: both under TMPDIR, so that both pay the same
-        // filesystem (crun's default, /run/crun, is tmpfs on most hosts but not on all).
-        let st = Command::new("crun")
-            .arg("--root")
-            .arg(bundles.join("crun-state"))
-            .args(["run", "--bundle"])
-            .arg(bundles.join(format!("lane{lane}")))
-            .arg(format!("berth-bench-{}-{lane}-{i}", std::process::id()))
-            .stdin(Stdio::null())
-            .status()?;
-        if !st.success() {
-            bail!("crun run: {st}");
-        }
-        Ok(t.elapsed())
-    };
-    run(0, 999_999)?;
-    let mut single = Vec::new();
-    for i in 0..n.min(100) {
-        single.push(run(0, i)?);
-    }
-    let t = Instant::now();
-    std::thread::scope(|s| -> Result<()> {
-        let hs: Vec<_> = (0..lanes)
-            .map(|lane| {
-                let run = &run;
-                s.spawn(move || -> Result<()> {
-                    for i in (lane..n).step_by(lanes) {
-                        run(lane, 1000 + i)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().map_err(|_| anyhow::anyhow!("lane panicked"))??;
-        }
-        Ok(())
-    })?;
-    let batch = t.elapsed() / n as u32;
-    println!("{} {}", median(&mut single).as_micros(), batch.as_micros());
-    Ok(())
-}
-
-/// Writes one OCI bundle per lane (rootfs: the host's / bound read-only, /proc, a tmpfs /dev;
-/// network, PID, IPC, UTS and mount namespaces; a v1 cgroup with CPU, memory and pids limits).
-fn crun_bundles(dir: &Path, lanes: usize) -> Result<()> {
-    fs::create_dir_all(dir.join("rootfs"))?;
-    for lane in 0..lanes {
-        let b = dir.join(format!("lane{lane}"));
-        fs::create_dir_all(&b)?;
-        let config = serde_json::json!({
-            "ociVersion": "1.0.0",
-            "process": {
-                "terminal": false,
-                "user": {"uid": 0, "gid": 0},
-                "args": ["/bin/true"],
-                "env": ["PATH=/usr/bin:/bin"],
-                "cwd": "/",
-                "noNewPrivileges": true
-            },
-            "root": {"path": dir.join("rootfs"), "readonly": true},
-            "hostname": "w",
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
-            ],
-            "linux": {
-                "cgroupsPath": format!("/berth-crun-bench/lane{lane}"),
-                "resources": {
-                    "memory": {"limit": 134217728},
-                    "cpu": {"quota": 10000, "period": 100000},
-                    "pids": {"limit": 4096}
-                },
-                "namespaces": [
-                    {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                    {"type": "uts"}, {"type": "mount"}
-                ]
-            }
-        });
-        fs::write(b.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-    }
-    Ok(())
-}
-
-/// (single median, batch per-worker) of crun, or why it could not be measured.
-fn measure_crun(n: usize) -> Result<(Duration, Duration)> {
-    if Command::new("crun").arg("--version").output().is_err() {
-        bail!("crun is not installed (apt-get install -y crun)");
-    }
-    let lanes = std::thread::available_parallelism()?.get();
-    let dir = tempfile::tempdir()?;
-    crun_bundles(dir.path(), lanes)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("--crun-helper")
-        .arg(n.to_string())
-        .arg(lanes.to_string())
-        .arg(dir.path());
-    // SAFETY: between fork and exec the child only calls unshare(2).
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output()?;
-    // crun makes the cgroup in every hierarchy it finds (v1 controllers, name=systemd, the v2
-    // mount of a hybrid host, or the v2 root).
-    for ctrl in [
-        "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset", "systemd",
-        "unified", "",
-    ] {
-        let base = Path::new("/sys/fs/cgroup")
-            .join(ctrl)
-            .join("berth-crun-bench");
-        if let Ok(rd) = fs::read_dir(&base) {
-            for e in rd.flatten() {
-                let _ = fs::remove_dir(e.path());
-            }
-        }
-        let _ = fs::remove_dir(base);
-    }
-    if !out.status.success() {
-        bail!(
-            "crun helper: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Vec<u64> = text
-        .split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    if v.len() != 2 {
-        bail!("crun helper printed {text:?}");
-    }
-    Ok((Duration::from_micros(v[0]), Duration::from_micros(v[1])))
-}
-
-/// Waits (up to 60 s) until the daemon has `want` namespaces ready, as its metrics say.
-async fn wait_pool(port: u16, want: usize) {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let ready = std::net::TcpStream::connect(("127.0.0.1", port))
-            .ok()
-            .and_then(|mut s| {
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-                let mut body = String::new();
-                s.read_to_string(&mut body).ok()?;
-                body.lines()
-                    .find_map(|l| l.strip_prefix("berth_netns_ready "))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            });
-        if ready.is_some_and(|r| r >= want) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// Each worker's limits, and each crun container's.
+const CPU: f64 = 0.01;
+const MEMORY_GB: f64 = 0.01;
+const PIDS_MAX: u64 = 64;
 
 fn request(n: u32, mode: pb::NetworkMode, command: &[&str]) -> pb::LaunchWorkersRequest {
     pb::LaunchWorkersRequest {
-        cpu: 0.0005,
-        memory_gb: 0.004,
+        cpu: CPU,
+        memory_gb: MEMORY_GB,
         network: mode as i32,
         ..command_request(n, command)
     }
@@ -421,8 +214,8 @@ fn request(n: u32, mode: pb::NetworkMode, command: &[&str]) -> pb::LaunchWorkers
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--crun-helper") {
-        return crun_helper(&args[1..]);
+    if let Some(helper) = berth_benches::crun::helper_main(&args) {
+        return helper;
     }
     if !berth_tests::is_root() {
         bail!("needs root (namespaces, cgroups)");
@@ -464,7 +257,17 @@ async fn run(o: Opts) -> Result<()> {
         .collect();
     let (prim_create, prim_remove, _) = berth_primitive(&own, o.floor, &[])?;
     let prim_ready = berth_primitive_ready(&own, o.batch as usize)?;
-    let crun = measure_crun(o.batch as usize);
+    let crun = berth_benches::crun::measure(
+        (o.batch as usize).min(100),
+        o.batch as usize,
+        std::thread::available_parallelism()?.get(),
+        berth_benches::crun::Limits {
+            cpu: CPU,
+            memory_bytes: (MEMORY_GB * (1u64 << 30) as f64) as u64,
+            pids: PIDS_MAX,
+        },
+        &["/bin/true"],
+    );
     if let Err(e) = &crun {
         println!("crun not measured: {e:#}");
     }
@@ -472,7 +275,7 @@ async fn run(o: Opts) -> Result<()> {
     let mport = berth_tests::free_port();
     let d = Daemon::start_with(DaemonOptions {
         config: format!(
-            "[resources]\nmax_workers = {}\ncpu = 64.0\nmemory_gb = 64.0\n[worker]\npids_max = 64\n",
+            "[resources]\nmax_workers = {}\ncpu = 64.0\nmemory_gb = 64.0\n[worker]\npids_max = {PIDS_MAX}\n",
             o.workers + 1000
         ),
         netns_pool: Some(o.pool),
@@ -480,7 +283,7 @@ async fn run(o: Opts) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    let pool_full = || wait_pool(mport, o.pool);
+    let pool_full = || wait_netns_ready(mport, o.pool);
     let client = d.client().await?;
     let trueb = |n, mode| request(n, mode, &["/bin/true"]);
     let (_, ids) =
@@ -512,7 +315,12 @@ async fn run(o: Opts) -> Result<()> {
                     trueb(n, mode)
                 };
                 pool_full().await;
-                let (t, ids) = launch_to_running(&client, req, RUNNING_WITHIN).await?;
+                // Sleepers: launch → RUNNING; /bin/true: launch → AwaitWorkers says all exited.
+                let (t, ids) = if sleep {
+                    launch_to_running(&client, req, RUNNING_WITHIN).await?
+                } else {
+                    launch_to_exit(&client, req, SETTLE_WITHIN_S).await?
+                };
                 per.push(t / n);
                 if sleep {
                     client
@@ -529,8 +337,6 @@ async fn run(o: Opts) -> Result<()> {
                     }
                     // Let the kernel free the namespaces before the next round.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                } else {
-                    settle(&client, &ids, SETTLE_WITHIN_S).await?;
                 }
             }
             Ok::<_, anyhow::Error>(median(&mut per))
@@ -642,16 +448,17 @@ async fn run(o: Opts) -> Result<()> {
         );
     }
     match &crun {
-        Ok((s, b)) => {
+        Ok(c) => {
             println!(
-                "| crun run /bin/true, netns + pidns + mntns + cgroup, one at a time | {} |",
-                ms(*s)
+                "| crun run /bin/true, netns + pidns + mntns + cgroup, one at a time: call → exit, median / total ÷ runs | {} / {} |",
+                ms(c.serial_median),
+                ms(c.serial_mean)
             );
             println!(
-                "| crun run /bin/true, per container in a batch of {} over {} CPUs | {} |",
+                "| crun run /bin/true, per container in a batch of {} over {} CPUs: call → exit | {} |",
                 o.batch,
                 std::thread::available_parallelism()?.get(),
-                ms(*b)
+                ms(c.batch_per)
             );
         }
         Err(_) => println!("| crun | not measured |"),
@@ -662,22 +469,22 @@ async fn run(o: Opts) -> Result<()> {
         ms(single)
     );
     println!(
-        "| berth: per-worker time in a batch of {} (bridge: namespace + address) | {} |",
+        "| berth: per-worker time in a batch of {} /bin/true, launch → all exited (bridge: namespace + address) | {} |",
         o.batch,
         ms(batch_bridge)
     );
     println!(
-        "| berth: per-worker time in a batch of {} (host network, for reference) | {} |",
+        "| berth: per-worker time in a batch of {} /bin/true, launch → all exited (host network, for reference) | {} |",
         o.batch,
         ms(batch_host)
     );
     println!(
-        "| berth: per-worker launch time in a batch of {} sleepers (bridge) | {} |",
+        "| berth: per-worker time in a batch of {} sleepers, launch → all RUNNING (bridge) | {} |",
         o.batch,
         ms(sleepers_bridge)
     );
     println!(
-        "| berth: per-worker launch time in a batch of {} sleepers (host network) | {} |",
+        "| berth: per-worker time in a batch of {} sleepers, launch → all RUNNING (host network) | {} |",
         o.batch,
         ms(sleepers_host)
     );
@@ -710,19 +517,24 @@ async fn run(o: Opts) -> Result<()> {
     );
     println!();
     println!("this daemon's worker veths on the host at the peak: {host_veths}");
-    if let Ok((crun_single, crun_batch)) = crun {
+    if let Ok(c) = crun {
         println!(
-            "ratio berth batch per-worker / crun per container = {:.3} (/bin/true), {:.3} (sleepers)  (target ≤ 0.25)",
-            batch_bridge.as_secs_f64() / crun_single.as_secs_f64(),
-            sleepers_bridge.as_secs_f64() / crun_single.as_secs_f64()
+            "ratio berth per worker in a batch of {} (bridge) / crun one at a time (total ÷ runs), \
+             both /bin/true from the call to exit (berth: namespaces pre-made by its pool; crun: \
+             cold) = {:.3}  (target ≤ 0.25)",
+            o.batch,
+            batch_bridge.as_secs_f64() / c.serial_mean.as_secs_f64(),
         );
         println!(
-            "ratio berth batch per-worker / crun batch per-container = {:.3}",
-            batch_bridge.as_secs_f64() / crun_batch.as_secs_f64()
+            "ratio berth per worker in a batch of {} (bridge) / crun per container in a batch over \
+             the CPUs, both call → exit = {:.3}",
+            o.batch,
+            batch_bridge.as_secs_f64() / c.batch_per.as_secs_f64()
         );
     }
     println!(
-        "ratio berth single launch / floor = {:.2}",
+        "ratio berth single bridge launch → RUNNING (namespace from the pool) / the network floor \
+         (one network made cold, no process) = {:.2}",
         single.as_secs_f64() / floor.as_secs_f64()
     );
     if let (Some(first), Some(last)) = (probes.first(), probes.last()) {

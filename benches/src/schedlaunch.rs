@@ -5,13 +5,23 @@
 //! the scheduler, so both see the same noise; reported: median launch → RUNNING for single
 //! workers and per-worker time for batches, and the scheduler's overhead beside the direct path.
 //!
+//! Placements per second, end to end through gRPC beside the in-process placer (issue 20): the
+//! same batches' `LaunchWorkers` call → its answer (the scheduler has placed every worker, the
+//! host has admitted them, recorded them and started their shims), workers ÷ that time, through
+//! the scheduler and direct; and, measured in the same run, `berth_core::placement::Placer`
+//! alone (what the scheduler runs under its lock: place + reserve of a launch of the same size on
+//! one host of the same capacity, then release), in process, one thread, no gRPC, no host call.
+//! `berth-bench-placement` measures that placer on 1,000 and 10,000 simulated hosts.
+//!
 //! Run as root from a release build:
 //! `cargo run --release -p berth-benches --bin berth-bench-sched [-- --single N --batch N --rounds N]`.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use berth_benches::{launch_to_running, median, ms, settle, Flags};
+use berth_benches::{launch_to_running, loadavg, median, ms, settle, Flags};
+use berth_core::placement::{Amount, Ask, Placer, Strategy};
 use berth_tests::cluster::{start_host, SchedulerNode};
 use berth_tests::{command_request, pb, Client};
 
@@ -48,6 +58,56 @@ async fn once(c: &Client, n: u32) -> Result<Duration> {
     Ok(d)
 }
 
+/// A batch's `LaunchWorkers` call → answer (placed, admitted and started), then its end.
+async fn answered(c: &Client, n: u32) -> Result<Duration> {
+    let t = Instant::now();
+    let ids: Vec<String> = c
+        .workers()
+        .launch_workers(command_request(n, &["/bin/true"]))
+        .await?
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    let d = t.elapsed();
+    settle(c, &ids, 120).await?;
+    Ok(d)
+}
+
+/// Workers per second of the placer alone: launches of `n` workers as `command_request` asks
+/// them, placed and reserved on one host of `cpu` cores and `memory_gb`, then released.
+fn placer_rate(n: u32, cpu: f64, memory_gb: f64, launches: u32) -> f64 {
+    let req = command_request(n, &["/bin/true"]);
+    let per = Amount::from_units(req.cpu, req.memory_gb, 0, 1);
+    let mut p = Placer::new();
+    p.upsert(
+        "host",
+        Amount::from_units(cpu, memory_gb, 0, 100_000),
+        Amount::ZERO,
+        BTreeMap::new(),
+        true,
+    );
+    let none = BTreeMap::new();
+    let t = Instant::now();
+    let mut placed = 0u64;
+    for _ in 0..launches {
+        let ask = Ask {
+            n,
+            per_worker: per,
+            constraints: &none,
+            strategy: Strategy::BinPack,
+        };
+        if let Ok(picks) = p.reserve(&ask) {
+            placed += u64::from(n);
+            for (h, count) in picks {
+                p.release(&h, per, count);
+            }
+        }
+    }
+    placed as f64 / t.elapsed().as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     if !berth_tests::is_root() {
@@ -77,6 +137,13 @@ async fn main() -> Result<()> {
         db.push(once(&direct, o.batch).await? / o.batch);
         sb.push(once(&via, o.batch).await? / o.batch);
     }
+    let (mut da, mut sa) = (Vec::new(), Vec::new());
+    for _ in 0..o.rounds {
+        da.push(answered(&direct, o.batch).await?);
+        sa.push(answered(&via, o.batch).await?);
+    }
+    let (da, sa) = (median(&mut da), median(&mut sa));
+    let inproc = placer_rate(o.batch, 64.0, 64.0, 20_000);
     let (d1, s1, db, sb) = (
         median(&mut d1),
         median(&mut s1),
@@ -99,6 +166,25 @@ async fn main() -> Result<()> {
         ms(db),
         ms(sb),
         sb.as_secs_f64() / db.as_secs_f64()
+    );
+    let rate = |d: Duration| f64::from(o.batch) / d.as_secs_f64();
+    println!(
+        "placements/s, batches of {} ({} rounds, medians; load {}):",
+        o.batch,
+        o.rounds,
+        loadavg()
+    );
+    println!(
+        "  end to end through gRPC, LaunchWorkers call → answer (placed, admitted, shims started):  \
+         via scheduler {:.0}/s ({} per batch)  direct to the host {:.0}/s ({})",
+        rate(sa),
+        ms(sa),
+        rate(da),
+        ms(da)
+    );
+    println!(
+        "  in process, the scheduler's placer alone (place + reserve + release, one thread, one \
+         host): {inproc:.0}/s"
     );
     Ok(())
 }

@@ -461,11 +461,12 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "BERTH_LOG",
                 "info,berth_host=debug,berth_server=debug,berth_scheduler=debug,berth_sys=debug",
             )
+            // After the default: a daemon's own BERTH_LOG (a benchmark's) wins.
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

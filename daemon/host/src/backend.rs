@@ -72,6 +72,7 @@ impl WorkersBackend for Host {
         caller: &Caller,
         request: pb::LaunchWorkersRequest,
     ) -> Result<Vec<pb::Worker>> {
+        crate::phase!("received");
         let run_as_root = request.run_as_root;
         let req = launch_from_pb(request)?;
         berth_core::limits::check_sizes(&req, self.limits())?;
@@ -79,6 +80,7 @@ impl WorkersBackend for Host {
         self.authorize(caller, &[], spec.session_id.as_deref())?;
         let who = self.run_as(caller, run_as_root)?;
         let workers = Host::launch(self, spec, who).await?;
+        crate::phase!("answered");
         Ok(workers_to_pb(&workers))
     }
 
@@ -88,6 +90,7 @@ impl WorkersBackend for Host {
     }
 
     async fn await_workers(&self, caller: &Caller, r: AwaitRequest) -> Result<AwaitAnswer> {
+        crate::phase!("await_received");
         self.authorize(caller, &r.ids, r.session_id.as_deref())?;
         let ids = if r.ids.is_empty() && r.session_id.is_none() && !caller.admin {
             // "Every worker" is every worker of the caller's.
@@ -100,6 +103,7 @@ impl WorkersBackend for Host {
             r.ids
         };
         let out = Host::await_workers(self, ids, r.session_id, r.completion, r.timeout).await?;
+        crate::phase!("await_woken");
         Ok(AwaitAnswer {
             workers: workers_to_pb(&out.reached),
             failures: workers_to_pb(&out.failures),

@@ -11,4 +11,5 @@ pub mod info;
 pub mod member;
 pub mod metrics;
 pub mod peers;
+pub mod phase;
 pub mod supervisor;

@@ -169,6 +169,7 @@ async fn follow_worker(inner: &Arc<Inner>, id: &str, handle: ShimHandle) -> RunE
     };
     match &hs {
         Ok(hs) => {
+            crate::phase!("running", id);
             let admitted = inner.lock().workers.get(id).map(|e| e.admitted);
             if let Some(a) = admitted {
                 inner.metrics.observe_latency(a.elapsed());
@@ -215,6 +216,7 @@ async fn await_shim(
     let pidfd = match registered {
         Ok(fd) => {
             let _ = fd.readable().await;
+            crate::phase!("shim_exited", id);
             Some(fd.into_inner())
         }
         Err(e) => {
@@ -492,6 +494,7 @@ impl Inner {
         })
         .await
         .unwrap_or_default();
+        crate::phase!("cgroup_removed", id);
         self.note_dropped_output(id, dropped);
         exit.oom_killed = stats.oom_kills > 0;
         let known = self.lock().workers.contains_key(id);
@@ -551,6 +554,7 @@ impl Inner {
         // end (an await, a watch) can count on its namespace, address and claim being free.
         self.release_network(id, network != launch::NetworkMode::Host)
             .await;
+        crate::phase!("net_released", id);
         let rec = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -574,6 +578,7 @@ impl Inner {
             // hear of the end, and nothing writes the record back.
             self.announce(rec);
         }
+        crate::phase!("published", id);
         Next::Done
     }
 }

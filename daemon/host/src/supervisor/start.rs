@@ -149,6 +149,7 @@ impl Host {
             .await
             .map_err(|e| Error::Internal(format!("prepare launch: {e}")))??
         };
+        crate::phase!("prepared");
         if let Some(a) = &who.account {
             // As a login would: the request's env may still say otherwise.
             for (k, v) in [
@@ -301,6 +302,7 @@ impl Host {
                 .collect();
             (out, slot.map(|s| s.commit(ops)))
         };
+        crate::phase!("admitted");
         // The records are durable before any worker starts: a launch the store refuses has
         // nothing to undo but its admission, and no process of it ever runs.
         if let Some(committed) = committed {
@@ -314,6 +316,7 @@ impl Host {
                 return Err(unavailable(e));
             }
         }
+        crate::phase!("durable");
         inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
         for r in &records {
             inner.announce(r.clone());
@@ -727,6 +730,7 @@ impl Inner {
             }
             (None, None) => {}
         }
+        crate::phase!("net", job.id);
         // What this spawn made goes if it fails half-way (finish() removes it again, harmlessly).
         let undo_net = || {
             if job.net.is_some() {
@@ -740,11 +744,15 @@ impl Inner {
                 return Err(e.to_string());
             }
         };
+        crate::phase!("cgroup", job.id);
         // The shim joins the directories made, which need not be every hierarchy's.
         job.shim.cgroup = cg.clone();
         let dir = self.worker_dir(&job.id);
         match self.spawner.spawn(&dir, &job.shim) {
-            Ok(h) => Ok(h),
+            Ok(h) => {
+                crate::phase!("spawned", job.id);
+                Ok(h)
+            }
             Err(e) => {
                 let _ = self.cgroups.remove(&job.id);
                 undo_net();
