@@ -29,6 +29,7 @@ use berth_core::launch::KernelInvocation;
 use berth_core::pool::{self as rules, Ask, Offer};
 use berth_core::worker::WorkerRecord;
 use berth_sys::cgroup::Limits;
+use berth_sys::host as hostfs;
 use berth_sys::launcher::pool::{self as interp, PoolClaim};
 use berth_sys::launcher::{self, ShimHandle, ShimSpec};
 use berth_sys::netns::WorkerNet;
@@ -302,24 +303,31 @@ async fn refill(inner: Arc<Inner>) {
             .await;
         }
         if pool.ready() < pool.size {
-            pool.making.fetch_add(1, Ordering::SeqCst);
-            let made = make_slot(&inner, pool).await;
-            pool.making.fetch_sub(1, Ordering::SeqCst);
-            match made {
-                Ok(slot) => {
-                    failures = 0;
-                    pool.lock().ready.push(slot);
+            // Several at once, one per CPU (up to 4): an interpreter's start and its imports are
+            // CPU work, and back-to-back launches outran a refill of one at a time.
+            let want = (pool.size - pool.ready()).min(hostfs::online_cpus().clamp(1, 4));
+            pool.making.fetch_add(want, Ordering::SeqCst);
+            let made = futures::future::join_all((0..want).map(|_| make_slot(&inner, pool))).await;
+            pool.making.fetch_sub(want, Ordering::SeqCst);
+            for made in made {
+                match made {
+                    Ok(slot) => {
+                        failures = 0;
+                        pool.lock().ready.push(slot);
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures.is_multiple_of(20) {
+                            tracing::warn!(error = %e, failures, "pooled worker not made");
+                        }
+                    }
                 }
-                Err(e) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_multiple_of(20) {
-                        tracing::warn!(error = %e, failures, "pooled worker not made");
-                    }
-                    let backoff = Duration::from_millis((100u64 << failures.min(9)).min(30_000));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = inner.shutdown.cancelled() => return,
-                    }
+            }
+            if failures > 0 {
+                let backoff = Duration::from_millis((100u64 << failures.min(9)).min(30_000));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = inner.shutdown.cancelled() => return,
                 }
             }
             continue;
