@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use berth_benches::{
-    crun, floor_cgroup, fs_type, launch_to_exit, loadavg, median, mono_us, ms, network_floor,
-    settle, wait_netns_ready, Flags,
+    crun, floor_cgroup, fs_type, launch_ids, launch_to_exit, loadavg, median, mono_us, ms,
+    network_floor, settle, wait_netns_ready, Flags,
 };
 use berth_tests::{command_request, pb, Client, Daemon, DaemonOptions};
 
@@ -326,15 +326,7 @@ async fn phases(n: u32, rounds: usize) -> Result<()> {
         wait_netns_ready(mport, SHIPPED_POOL).await;
         let sent = mono_us();
         let t = Instant::now();
-        let ids: Vec<String> = c
-            .workers()
-            .launch_workers(request(n))
-            .await?
-            .into_inner()
-            .workers
-            .into_iter()
-            .map(|w| w.id)
-            .collect();
+        let ids = launch_ids(&c, request(n)).await?;
         let launch_answer = mono_us();
         settle(&c, &ids, SETTLE_WITHIN_S).await?;
         let cm = ClientMarks {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::Flags;
+use berth_benches::{launch_ids, Flags};
 use berth_tests::{command_request, pb, python_request, Client, Daemon, DaemonOptions};
 
 /// utime + stime of process `pid`, in seconds.
@@ -83,15 +83,7 @@ async fn main() -> Result<()> {
             &["/bin/sh", "-c", "echo ready; exec sleep 3600"],
         )
     };
-    let ids: Vec<String> = c
-        .workers()
-        .launch_workers(idle)
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
+    let ids = launch_ids(&c, idle).await?;
     let r = c
         .workers()
         .await_workers(pb::AwaitWorkersRequest {

@@ -174,15 +174,7 @@ pub async fn launch_to_running(
         .await?
         .into_inner();
     let t = Instant::now();
-    let ids: Vec<String> = client
-        .workers()
-        .launch_workers(req)
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
+    let ids = launch_ids(client, req).await?;
     let wanted: HashSet<&String> = ids.iter().collect();
     let mut running = HashSet::new();
     while running.len() < n {
@@ -203,6 +195,19 @@ pub async fn launch_to_running(
     Ok((t.elapsed(), ids))
 }
 
+/// Launches `req` and returns the ids of its workers, in the answer's order.
+pub async fn launch_ids(client: &Client, req: pb::LaunchWorkersRequest) -> Result<Vec<String>> {
+    Ok(client
+        .workers()
+        .launch_workers(req)
+        .await?
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|w| w.id)
+        .collect())
+}
+
 /// Launches `req` and, as soon as the launch answers, awaits all its workers' ends through
 /// `AwaitWorkers`: the time from the launch call to the await's answer (launch → every worker
 /// exited, as a client sees it). Fails if any worker did not succeed.
@@ -212,15 +217,7 @@ pub async fn launch_to_exit(
     timeout_seconds: u32,
 ) -> Result<(Duration, Vec<String>)> {
     let t = Instant::now();
-    let ids: Vec<String> = client
-        .workers()
-        .launch_workers(req)
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
+    let ids = launch_ids(client, req).await?;
     settle(client, &ids, timeout_seconds).await?;
     Ok((t.elapsed(), ids))
 }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use berth_benches::{launch_to_running, loadavg, median, ms, settle, Flags};
+use berth_benches::{launch_ids, launch_to_running, loadavg, median, ms, settle, Flags};
 use berth_core::placement::{Amount, Ask, Placer, Strategy};
 use berth_tests::cluster::{start_host, SchedulerNode};
 use berth_tests::{command_request, pb, Client};
@@ -61,15 +61,7 @@ async fn once(c: &Client, n: u32) -> Result<Duration> {
 /// A batch's `LaunchWorkers` call → answer (placed, admitted and started), then its end.
 async fn answered(c: &Client, n: u32) -> Result<Duration> {
     let t = Instant::now();
-    let ids: Vec<String> = c
-        .workers()
-        .launch_workers(command_request(n, &["/bin/true"]))
-        .await?
-        .into_inner()
-        .workers
-        .into_iter()
-        .map(|w| w.id)
-        .collect();
+    let ids = launch_ids(c, command_request(n, &["/bin/true"])).await?;
     let d = t.elapsed();
     settle(c, &ids, 120).await?;
     Ok(d)

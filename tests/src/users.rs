@@ -126,3 +126,18 @@ pub fn cli_in(dir: &Path) -> Result<PathBuf> {
     }
     Ok(p)
 }
+
+/// `run()`'s output, run again while it fails with ETXTBSY: a child forked by another test
+/// thread while a copied program was being written holds the write descriptor until its exec,
+/// which comes a moment later.
+pub fn output_past_etxtbsy(mut run: impl FnMut() -> std::process::Output) -> std::process::Output {
+    let mut out = run();
+    for _ in 0..20 {
+        if !String::from_utf8_lossy(&out.stderr).contains("Text file busy") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        out = run();
+    }
+    out
+}
