@@ -405,6 +405,14 @@ async fn phases(n: u32, rounds: usize) -> Result<()> {
             e.1.push(sum / f64::from(n));
         }
     }
+    // The gRPC floor under "received" and under the answer's way back: a trivial call's round
+    // trip on the same client and daemon.
+    let mut trivial = Vec::new();
+    for _ in 0..60 {
+        let t = Instant::now();
+        c.host().get_host_info(pb::GetHostInfoRequest {}).await?;
+        trivial.push(t.elapsed());
+    }
     drop(c);
     drop(d);
 
@@ -444,6 +452,11 @@ async fn phases(n: u32, rounds: usize) -> Result<()> {
         let name = label.get(m.as_str()).copied().unwrap_or(m.as_str());
         println!("| {name} | {:.3} |", med(&at[&m]));
     }
+    println!(
+        "(a trivial call's round trip on the same client and daemon, GetHostInfo, median of 60: \
+         {}: the gRPC part of \"received\" and of the answer's way back)",
+        ms(median(&mut trivial))
+    );
     println!();
     let what: HashMap<&str, &str> = [
         (

@@ -371,12 +371,25 @@ async fn hosts_in_their_own_namespaces_route_to_each_other() {
             })
             .await
             .unwrap();
-        for ns in [&ns_a, &ns_b] {
-            until(&format!("C's route gone from {ns}"), || {
+        for (d, ns) in [(&a, &ns_a), (&b, &ns_b)] {
+            let deadline = Instant::now() + scaled(Duration::from_secs(20));
+            loop {
                 let r = routes_in(ns);
-                !r.contains_key(&c.net.subnet) && r.len() == 1
-            })
-            .await;
+                if !r.contains_key(&c.net.subnet) && r.len() == 1 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let log = d.log();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    panic!(
+                        "C's route not gone from {ns} after RemoveHost: {r:?}\nthe scheduler's \
+                         hosts: {:?}\nits berthd's last lines:\n{}",
+                        sched.hosts().await,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
     drop(lan);
