@@ -160,7 +160,10 @@ impl WorkersBackend for Scheduler {
     ) -> Result<ItemStream<pb::OutputChunk>> {
         let session = (!request.session_id.is_empty()).then_some(request.session_id.as_str());
         authorize(self, caller, &request.ids, session)?;
-        Ok(Box::pin(Scheduler::output(self, request).await?))
+        // As the caller on the hosts too: each host checks again whose the workers are.
+        Ok(Box::pin(
+            as_caller(caller, Scheduler::output(self, request)).await?,
+        ))
     }
 
     async fn watch(&self, caller: &Caller, filter: Filter, initial: bool) -> Result<WatchStream> {

@@ -28,9 +28,9 @@ tokio::task_local! {
 
 /// Runs `f` (a request's work, in the request's task) with every call it makes to a host
 /// carrying `caller` in [`CALLER_HEADER`]: the host records it as the owner of what it makes and
-/// runs its workers as that user. Calls outside (the scheduler's own watches, beats and lease
-/// renewals) speak for the scheduler itself, which hosts trust with everything
-/// (`trusted_schedulers`).
+/// runs its workers as that user. Calls outside (the scheduler's own watches, listings and
+/// lease renewals) speak for the scheduler itself: for the whole cluster, as root
+/// ([`ITSELF`]), which a host accepts only from a scheduler it trusts (`trusted_schedulers`).
 pub async fn as_caller<F: std::future::Future>(caller: &Caller, f: F) -> F::Output {
     let fwd = Forwarded {
         header: caller.forward(),
@@ -49,12 +49,19 @@ pub fn current_owner() -> String {
     CALLER.try_with(|c| c.owner.clone()).unwrap_or_default()
 }
 
-/// A request to a host, with the caller it serves (if any).
+/// Who the scheduler's own calls speak for. Said outright rather than left out: a host that
+/// cannot prove who the scheduler is (`insecure_plaintext`, a peer beyond loopback without a
+/// certificate) would take a call without it for `worker_user`'s, and show the scheduler's
+/// follow none of the other callers' workers (they stayed STARTING in its view).
+pub const ITSELF: &str = "uid:0";
+
+/// A request to a host, with the caller it serves: the request's, or the scheduler itself.
 fn forwarded<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    if let Ok(Ok(v)) =
-        CALLER.try_with(|c| tonic::metadata::MetadataValue::try_from(c.header.as_str()))
-    {
+    let header = CALLER
+        .try_with(|c| c.header.clone())
+        .unwrap_or_else(|_| ITSELF.to_owned());
+    if let Ok(v) = tonic::metadata::MetadataValue::try_from(header.as_str()) {
         r.metadata_mut().insert(CALLER_HEADER, v);
     }
     r
