@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{median, ms, rss_kib, Flags};
+use berth_benches::{median, ms, rss_kib, running_count, Flags};
 use berth_client::Client;
 use berth_core::error::Error;
 use berth_proto::v1 as pb;
@@ -559,16 +559,7 @@ async fn main() -> Result<()> {
     // And until the scheduler's own view has them all ended.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let live = client
-            .workers()
-            .list_workers(pb::ListWorkersRequest {
-                statuses: vec![pb::WorkerStatus::Running as i32],
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .workers
-            .len();
+        let live = running_count(&client).await?;
         if live == 0 {
             break;
         }

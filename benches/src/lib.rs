@@ -195,6 +195,20 @@ pub async fn launch_to_running(
     Ok((t.elapsed(), ids))
 }
 
+/// How many workers `client` lists as RUNNING.
+pub async fn running_count(client: &Client) -> Result<usize> {
+    Ok(client
+        .workers()
+        .list_workers(pb::ListWorkersRequest {
+            statuses: vec![pb::WorkerStatus::Running as i32],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .workers
+        .len())
+}
+
 /// Launches `req` and returns the ids of its workers, in the answer's order.
 pub async fn launch_ids(client: &Client, req: pb::LaunchWorkersRequest) -> Result<Vec<String>> {
     Ok(client

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{rss_pss_kib, Flags};
+use berth_benches::{rss_pss_kib, running_count, Flags};
 use berth_tests::{command_request, pb, Daemon, DaemonOptions};
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -72,16 +72,7 @@ async fn main() -> Result<()> {
     d.restart(&[]).await?;
     let ready = t.elapsed();
     let c = d.client().await?;
-    let listed = c
-        .workers()
-        .list_workers(pb::ListWorkersRequest {
-            statuses: vec![pb::WorkerStatus::Running as i32],
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .workers
-        .len();
+    let listed = running_count(&c).await?;
     let log = d.log();
     let took_ms = log
         .lines()
