@@ -231,6 +231,12 @@ impl Lan {
             let _ = ip(&["netns", "del", &ns]);
         }
         ip(&["link", "add", &lan.net.bridge, "type", "bridge"])?;
+        // A bridge whose address was never set takes the lowest of its ports' as they join: a
+        // host plugged in later could change the scheduler's MAC under the others' ARP entries,
+        // and their beats went nowhere until the entries aged (a host DOWN for the rest of the
+        // test). Setting it, to what it is, keeps it.
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", lan.net.bridge))?;
+        ip(&["link", "set", &lan.net.bridge, "address", mac.trim()])?;
         ip(&[
             "addr",
             "add",
