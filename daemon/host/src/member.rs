@@ -141,11 +141,22 @@ pub async fn run(
     let mut failing = false;
     loop {
         if client.is_none() {
-            match berth_client::Client::connect_with(&scheduler, &tls).await {
-                Ok(c) => client = Some(pb::membership_client::MembershipClient::new(c.channel())),
-                Err(e) => {
+            // Bounded as a beat is: a connect whose SYNs go nowhere (an address gone, a stale
+            // neighbour entry) would otherwise wait out the kernel's retries, about two minutes.
+            let connect = berth_client::Client::connect_with(&scheduler, &tls);
+            match tokio::time::timeout(BEAT_TIMEOUT, connect).await {
+                Ok(Ok(c)) => {
+                    client = Some(pb::membership_client::MembershipClient::new(c.channel()))
+                }
+                Ok(Err(e)) => {
                     if !failing {
                         tracing::warn!(scheduler = %scheduler, error = %e, "scheduler unreachable; retrying");
+                        failing = true;
+                    }
+                }
+                Err(_) => {
+                    if !failing {
+                        tracing::warn!(scheduler = %scheduler, timeout = ?BEAT_TIMEOUT, "scheduler unreachable: no connection in time; retrying");
                         failing = true;
                     }
                 }
