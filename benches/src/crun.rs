@@ -6,7 +6,8 @@
 //! crun runs in a helper process of its own, the benchmark binary again started with
 //! [`HELPER_FLAG`] in a private mount namespace: there the hybrid host's cgroup2 controller list
 //! is hidden (crun refuses hybrid hosts otherwise) and the host's `/` is bound read-only as the
-//! containers' rootfs. Each benchmark's `main` hands its arguments to [`helper_main`] first.
+//! containers' rootfs. Each benchmark's `main` is [`bench_main`], which hands its arguments to
+//! [`helper_main`] first.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -46,6 +47,31 @@ pub struct Times {
 /// `None` when they do not (the benchmark goes on as itself).
 pub fn helper_main(args: &[String]) -> Option<Result<()>> {
     (args.first().map(String::as_str) == Some(HELPER_FLAG)).then(|| helper(&args[1..]))
+}
+
+/// The `main` of a benchmark that measures crun beside berth: the crun helper when the
+/// arguments ask for it ([`helper_main`]), else root checked, the options parsed and `run` on a
+/// runtime of two worker threads.
+pub fn bench_main<O, F>(
+    parse_opts: impl FnOnce(&[String]) -> Result<O>,
+    run: impl FnOnce(O) -> F,
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(helper) = helper_main(&args) {
+        return helper;
+    }
+    if !berth_tests::is_root() {
+        bail!("needs root (cgroups, namespaces)");
+    }
+    let o = parse_opts(&args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(o))
 }
 
 /// The helper: `SERIAL BATCH LANES BUNDLES_DIR`. Prints `median_us mean_us batch_us`.

@@ -121,19 +121,7 @@ fn ratio_median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(helper) = crun::helper_main(&args) {
-        return helper;
-    }
-    if !berth_tests::is_root() {
-        bail!("needs root (cgroups, namespaces)");
-    }
-    let o = parse_opts(&args)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run(o))
+    crun::bench_main(parse_opts, run)
 }
 
 async fn run(o: Opts) -> Result<()> {

@@ -28,7 +28,7 @@
 use std::fs;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use berth_benches::{
     addr, floor_cgroup, floor_once, fs_type, launch_to_exit, launch_to_running, median, ms, settle,
     wait_netns_ready, Flags,
@@ -213,19 +213,7 @@ fn request(n: u32, mode: pb::NetworkMode, command: &[&str]) -> pb::LaunchWorkers
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(helper) = berth_benches::crun::helper_main(&args) {
-        return helper;
-    }
-    if !berth_tests::is_root() {
-        bail!("needs root (namespaces, cgroups)");
-    }
-    let o = parse_opts(&args)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?
-        .block_on(run(o))
+    berth_benches::crun::bench_main(parse_opts, run)
 }
 
 async fn run(o: Opts) -> Result<()> {

@@ -4,10 +4,10 @@
 //! proto/berth/v1/internal.proto. Beats never stop the daemon: a scheduler that cannot be
 //! reached is retried, and said once in the log, not at every beat.
 
-use berth_core::removals;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use berth_core::removals;
 use berth_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -148,15 +148,13 @@ pub async fn run(
                 Ok(Ok(c)) => {
                     client = Some(pb::membership_client::MembershipClient::new(c.channel()))
                 }
-                Ok(Err(e)) => {
+                failed => {
                     if !failing {
-                        tracing::warn!(scheduler = %scheduler, error = %e, "scheduler unreachable; retrying");
-                        failing = true;
-                    }
-                }
-                Err(_) => {
-                    if !failing {
-                        tracing::warn!(scheduler = %scheduler, timeout = ?BEAT_TIMEOUT, "scheduler unreachable: no connection in time; retrying");
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no connection within {BEAT_TIMEOUT:?}"),
+                        };
+                        tracing::warn!(scheduler = %scheduler, error = %error, "scheduler unreachable; retrying");
                         failing = true;
                     }
                 }
