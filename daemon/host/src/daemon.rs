@@ -567,7 +567,7 @@ async fn start_network(cfg: &Config) -> Arc<dyn Netns> {
         bridge: cfg.bridge.clone(),
         subnet,
         egress: cfg.egress,
-        threads: hostfs::online_cpus().clamp(1, 4),
+        threads: hostfs::work_lanes(),
         pool: cfg.netns_pool,
     };
     match tokio::task::spawn_blocking(move || HostNetwork::start(ncfg)).await {

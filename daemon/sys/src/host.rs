@@ -27,6 +27,12 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// How many lanes the daemon's parallel work takes (spawn lanes and their zygotes, namespace
+/// threads, pool refills): one per CPU, at most 4.
+pub fn work_lanes() -> usize {
+    online_cpus().clamp(1, 4)
+}
+
 /// The kernel's limit on argv and environment together for a program this process execs
 /// (`sysconf(_SC_ARG_MAX)`: a quarter of its stack limit); 128 KiB where it says nothing.
 pub fn arg_max() -> usize {

@@ -305,7 +305,7 @@ async fn refill(inner: Arc<Inner>) {
         if pool.ready() < pool.size {
             // Several at once, one per CPU (up to 4): an interpreter's start and its imports are
             // CPU work, and back-to-back launches outran a refill of one at a time.
-            let want = (pool.size - pool.ready()).min(hostfs::online_cpus().clamp(1, 4));
+            let want = (pool.size - pool.ready()).min(hostfs::work_lanes());
             pool.making.fetch_add(want, Ordering::SeqCst);
             let made = futures::future::join_all((0..want).map(|_| make_slot(&inner, pool))).await;
             pool.making.fetch_sub(want, Ordering::SeqCst);

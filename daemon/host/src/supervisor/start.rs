@@ -402,7 +402,7 @@ impl Host {
             })
             .collect();
         // Spread the batch over the CPUs: each spawn is a few syscalls and one posix_spawn.
-        let lanes = hostfs::online_cpus().clamp(1, 4).min(jobs.len());
+        let lanes = hostfs::work_lanes().min(jobs.len());
         let mut chunks: Vec<Vec<SpawnJob>> = (0..lanes).map(|_| Vec::new()).collect();
         for (i, j) in jobs.into_iter().enumerate() {
             chunks[i % lanes].push(j);

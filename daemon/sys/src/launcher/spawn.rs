@@ -84,7 +84,7 @@ impl ShimSpawner {
                 .and_then(|p| p.parent().map(|d| d.join("berth-shim")))
                 .unwrap_or_else(|| PathBuf::from("berth-shim"))
         });
-        let lanes = (0..crate::host::online_cpus().clamp(1, 4))
+        let lanes = (0..crate::host::work_lanes())
             .map(|_| Mutex::new(start_zygote(&shim, keep_caps)))
             .collect();
         Self {
