@@ -281,24 +281,6 @@ const WORKER_MARKS: [&str; 8] = [
     "published",
 ];
 
-/// The `berth_phase` marks in a JSON log: (phase, worker or "", t_us), those after `since`.
-fn marks(log: &str, since: u64) -> Vec<(String, String, u64)> {
-    log.lines()
-        .filter(|l| l.contains("berth_phase"))
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "berth_phase")
-        .filter_map(|v| {
-            let f = &v["fields"];
-            Some((
-                f["phase"].as_str()?.to_owned(),
-                f["worker"].as_str().unwrap_or("").to_owned(),
-                f["t_us"].as_u64()?,
-            ))
-        })
-        .filter(|m| m.2 >= since)
-        .collect()
-}
-
 /// Per-phase breakdown of `rounds` launches of `n` on a daemon that logs the marks.
 async fn phases(n: u32, rounds: usize) -> Result<()> {
     let (d, mport) = daemon(SHIPPED_POOL, true).await?;
@@ -326,7 +308,7 @@ async fn phases(n: u32, rounds: usize) -> Result<()> {
         // The daemon writes its log lines before it answers; give the writer a moment anyway.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let ms_of = |t: u64| (t as f64 - cm.sent as f64) / 1e3;
-        let all = marks(&d.log(), cm.sent);
+        let all = berth_benches::phase_marks(&d.log(), cm.sent);
         let mine: std::collections::HashSet<&String> = ids.iter().collect();
         let mut per: HashMap<&str, HashMap<&str, u64>> = HashMap::new();
         let mut launch: HashMap<&str, u64> = HashMap::new();

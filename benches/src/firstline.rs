@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use berth_benches::{ms, rss_pss_kib, Flags};
+use berth_benches::{mono_us, ms, phase_marks, rss_pss_kib, Flags};
 use berth_tests::{pb, Client, Daemon, DaemonOptions};
 
 const PRINT: &str = "print(1)";
@@ -102,6 +102,13 @@ async fn wait_ready(d: &Daemon, n: usize) -> Result<Vec<u32>> {
 /// One launch of `code`: the time to its first line, the time to the answer of LaunchWorkers,
 /// and whether it came from the pool.
 async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)> {
+    let (first, answered, pooled, _) = first_line_marked(c, code).await?;
+    Ok((first, answered, pooled))
+}
+
+/// `first_line`, with the client's `CLOCK_MONOTONIC` at the call (µs, the clock of berthd's
+/// phase marks).
+async fn first_line_marked(c: &Client, code: &str) -> Result<(Duration, Duration, bool, u64)> {
     let req = pb::LaunchWorkersRequest {
         n: 1,
         cpu: 1.0,
@@ -109,6 +116,7 @@ async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)
         code: code.into(),
         ..Default::default()
     };
+    let sent = mono_us();
     let t0 = Instant::now();
     let w = c
         .workers()
@@ -137,7 +145,7 @@ async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)
             // neither a quota nor the host's capacity shapes the figure).
             drop(s);
             berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
-            return Ok((first, answered, w.pooled));
+            return Ok((first, answered, w.pooled, sent));
         }
     }
     bail!("worker {} ended without a line", w.id)
@@ -170,6 +178,8 @@ async fn series(
 
 fn daemon_options(pool: usize, preload: &str) -> DaemonOptions {
     DaemonOptions {
+        // As shipped: the test harness's default logs every launch at debug level.
+        env: vec![("BERTH_LOG".into(), "info".into())],
         config: format!(
             "worker_user = \"nobody\"\n[resources]\nmax_workers = 8192\n[retention]\nmax_finished = 100000\n\
              [kernels.python3]\npool_size = {pool}\npreload = [{preload}]\n"
@@ -217,16 +227,20 @@ async fn main() -> Result<()> {
     if !berth_tests::is_root() {
         bail!("needs root (cgroups, network namespaces)");
     }
-    let (mut launches, mut pool): (usize, usize) = (200, 4);
+    let (mut launches, mut pool, mut phases): (usize, usize, usize) = (200, 4, 0);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flags = Flags::parse(
-        "usage: berth-bench-firstline [--launches N] [--pool N]",
+        "usage: berth-bench-firstline [--launches N] [--pool N] [--phases N]",
         &args,
-        &["--launches", "--pool"],
+        &["--launches", "--pool", "--phases"],
         &[],
     )?;
     flags.set("--launches", &mut launches)?;
     flags.set("--pool", &mut pool)?;
+    flags.set("--phases", &mut phases)?;
+    if phases > 0 {
+        return phase_breakdown(pool, phases).await;
+    }
     let numpy = Command::new("/usr/bin/python3")
         .args(["-c", "import numpy"])
         .status()
@@ -272,6 +286,65 @@ async fn main() -> Result<()> {
         let (pooled, cold, _) = series(&d, code, launches, None).await?;
         anyhow::ensure!(pooled.is_empty(), "pool_size = 0 starts cold");
         summary(&format!("cold  {code}"), cold, "");
+    }
+    Ok(())
+}
+
+/// Where a pooled `print(1)` launch's time goes: `n` launches, each with the pool refilled, on a
+/// daemon that logs its `berth_phase` marks; the median time of each mark after the call.
+async fn phase_breakdown(pool: usize, n: usize) -> Result<()> {
+    let mut opts = daemon_options(pool, "");
+    opts.env = vec![("BERTH_LOG".into(), "info,berth_phase=debug".into())];
+    opts.args = vec!["--log-format".into(), "json".into()];
+    let d = Daemon::start_with(opts).await?;
+    let c = d.client().await?;
+    let mut at: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    let mut launches = 0;
+    for _ in 0..n {
+        wait_ready(&d, pool).await?;
+        let (first, answered, pooled, sent) = first_line_marked(&c, PRINT).await?;
+        if !pooled {
+            continue;
+        }
+        launches += 1;
+        let log = d.log();
+        let mut seen = std::collections::HashSet::new();
+        if std::env::var_os("BERTH_BENCH_MARKS").is_some() {
+            println!(
+                "launch at {sent} µs (CLOCK_MONOTONIC), first line +{} µs",
+                first.as_micros()
+            );
+            for (phase, w, t) in phase_marks(&log, sent)
+                .iter()
+                .filter(|m| m.2 < sent + 20_000)
+            {
+                println!("    +{:>6} µs {phase} {w}", t - sent);
+            }
+        }
+        for (phase, _, t) in phase_marks(&log, sent) {
+            // The first of each mark after the call (later ones belong to the refill).
+            if seen.insert(phase.clone()) && t < sent + 1_000_000 {
+                at.entry(phase).or_default().push(t - sent);
+            }
+        }
+        at.entry("~ client: answer".into())
+            .or_default()
+            .push(answered.as_micros() as u64);
+        at.entry("~ client: first line".into())
+            .or_default()
+            .push(first.as_micros() as u64);
+    }
+    println!("phase marks of {launches} pooled print(1) launches (median µs after the call)");
+    let mut rows: Vec<(u64, String, usize)> = at
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            (v[v.len() / 2], k, v.len())
+        })
+        .collect();
+    rows.sort();
+    for (t, k, count) in rows {
+        println!("  {t:>6} µs  {k} (n={count})");
     }
     Ok(())
 }

@@ -469,6 +469,24 @@ pub fn floor_cgroup(n: usize) -> Result<(Duration, Duration)> {
     Ok((median(&mut create), median(&mut whole)))
 }
 
+/// The `berth_phase` marks in a JSON log: (phase, worker or "", t_us), those after `since`.
+pub fn phase_marks(log: &str, since: u64) -> Vec<(String, String, u64)> {
+    log.lines()
+        .filter(|l| l.contains("berth_phase"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "berth_phase")
+        .filter_map(|v| {
+            let f = &v["fields"];
+            Some((
+                f["phase"].as_str()?.to_owned(),
+                f["worker"].as_str().unwrap_or("").to_owned(),
+                f["t_us"].as_u64()?,
+            ))
+        })
+        .filter(|m| m.2 >= since)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

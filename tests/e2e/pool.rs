@@ -55,6 +55,7 @@ print(json.dumps({
     'flags': str(sys.flags),
     'limits': open('/proc/self/limits').read(),
     'oom': open('/proc/self/oom_score_adj').read().strip(),
+    'nice': os.getpriority(os.PRIO_PROCESS, 0),
 }))
 "#;
 
@@ -202,6 +203,7 @@ const OWN: [&str; 4] = [
 fn same_but_own(pooled: &Value, cold: &Value) {
     for key in [
         "argv", "name", "main", "cwd", "ids", "umask", "cg", "path", "flags", "limits", "oom",
+        "nice",
     ] {
         assert_eq!(pooled[key], cold[key], "{key} differs");
     }
@@ -501,4 +503,99 @@ async fn nothing_of_the_pool_outlives_the_daemon() {
         ),
         (0, 0, 0)
     );
+}
+
+/// The nice value of process `pid` (field 19 of its stat line).
+fn nice_of(pid: u32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    // Fields from the state (3) on: nice is the 19th field, the 17th after the comm.
+    after_comm
+        .split_whitespace()
+        .nth(16)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(i64::MIN)
+}
+
+/// Idle pooled interpreters wait at the pool's low priority (a refill yields the CPUs to the
+/// workers running), and a launch whose records the store refuses (a full state dir) runs
+/// nothing of its code: its pooled worker is ended, not claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_workers_wait_at_low_priority_and_a_refused_launch_runs_nothing() {
+    require_root!();
+    let d = Daemon::start_with(DaemonOptions {
+        state_tmpfs: Some(8 << 20),
+        ..pool_config(4, &[])
+    })
+    .await
+    .unwrap();
+    let ready = wait_ready(&d, 4).await;
+    for (pid, _) in &ready {
+        assert_eq!(
+            nice_of(*pid),
+            19,
+            "an idle pooled interpreter waits at nice 19"
+        );
+    }
+    let c = d.client().await.unwrap();
+    let marks = tempfile::Builder::new()
+        .prefix("berth-pool-refused-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        marks.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let filler = d.state_dir().join("filler");
+    assert!(berth_tests::fill_filesystem(&filler).unwrap() > 0);
+    let mut answered = Vec::new();
+    let mut refused = 0;
+    // The first four take the pool's workers; the store refuses some (redb may find room
+    // in its file for the first), and the spec of a worker that is not refused may find none.
+    for i in 0..4 {
+        let mark = marks.path().join(i.to_string());
+        let req = pb::LaunchWorkersRequest {
+            code: format!("open({:?}, 'w').close()", mark.to_string_lossy()),
+            ..probe_request("")
+        };
+        match c.workers().launch_workers(req).await {
+            Ok(r) => answered.push((mark, r.into_inner().workers.remove(0))),
+            Err(st) => {
+                assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                assert!(!mark.exists(), "a refused launch ran its code");
+            }
+        }
+    }
+    eprintln!(
+        "full state dir: {refused} pooled launches refused, {} answered",
+        answered.len()
+    );
+    assert!(refused > 0, "the full state dir refused no launch");
+    for (mark, w) in &answered {
+        let done = await_all(&c, std::slice::from_ref(&w.id)).await.unwrap();
+        // One that ran may still end FAILED: its shim cannot record its end on the full disk.
+        let succeeded = done
+            .first()
+            .is_some_and(|w| w.status() == pb::WorkerStatus::Succeeded);
+        assert!(
+            !succeeded || mark.exists(),
+            "{w:?} succeeded without its code"
+        );
+    }
+    // The refused launches' pooled workers are gone, with everything they held; the pool
+    // refills once there is room again.
+    std::fs::remove_file(&filler).unwrap();
+    wait_ready(&d, 4).await;
+    wait_for(
+        "the pool's own cgroups, namespaces and interpreters alone are left",
+        || {
+            d.worker_cgroups().len() == 4
+                && d.netns_files().len() == 4
+                && pool_processes(&d).len() == 4
+        },
+    )
+    .await;
 }

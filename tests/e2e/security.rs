@@ -30,7 +30,7 @@ macro_rules! require_root {
 const SELF_REPORT: &str =
     "grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs):' \
      /proc/self/status; echo NOFILE $(ulimit -Sn) $(ulimit -Hn); echo UMASK $(umask); \
-     echo OOM $(cat /proc/self/oom_score_adj); echo HOME=$HOME USER=$USER";
+     echo OOM $(cat /proc/self/oom_score_adj); echo NICE $(nice); echo HOME=$HOME USER=$USER";
 
 /// A daemon that `group`'s members may reach on its Unix socket, with `extra` config.
 async fn daemon_for(group: &TestGroup, extra: &str) -> Daemon {
@@ -129,6 +129,8 @@ fn assert_unprivileged(report: &str, uid: u32, gid: u32) {
     );
     assert_eq!(line_after(report, "UMASK"), "0022", "{report}");
     assert_eq!(line_after(report, "OOM"), "0", "{report}");
+    // The harness runs the daemon at -5, as the unit does.
+    assert_eq!(line_after(report, "NICE"), "0", "{report}");
 }
 
 /// Launches SELF_REPORT as `user` and returns (worker id, its report).

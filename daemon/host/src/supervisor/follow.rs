@@ -176,7 +176,14 @@ impl OutputWatch {
 
     /// Registers a follower of `workers`; once this returns, every change to their output
     /// (and their end) marks it.
+    #[cfg(test)]
     pub(super) async fn follow(&self, workers: Vec<String>) -> Following {
+        self.begin(workers).registered().await
+    }
+
+    /// Starts the registration of a follower of `workers`, which [`Registering::registered`]
+    /// waits for: a follower reads what is there meanwhile, and again once registered.
+    pub(super) fn begin(&self, workers: Vec<String>) -> Registering {
         let wake = Arc::new(Wake::new(workers.len()));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, registered) = oneshot::channel();
@@ -187,16 +194,41 @@ impl OutputWatch {
             done,
         });
         self.bell.ring();
-        let unwatched = sent.is_err() || registered.await.is_err();
-        Following {
-            wake,
-            unwatched,
-            id,
-            commands: self.commands.clone(),
-            bell: self.bell.clone(),
+        Registering {
+            registered: sent.is_ok().then_some(registered),
+            following: Following {
+                wake,
+                unwatched: false,
+                id,
+                commands: self.commands.clone(),
+                bell: self.bell.clone(),
+            },
         }
     }
+}
 
+/// A follower's registration on its way to the watcher thread.
+pub(super) struct Registering {
+    registered: Option<oneshot::Receiver<()>>,
+    following: Following,
+}
+
+impl Registering {
+    /// The registration, once the watcher has it: from then on every change marks it.
+    pub(super) async fn registered(self) -> Following {
+        let Registering {
+            registered,
+            mut following,
+        } = self;
+        following.unwatched = match registered {
+            Some(r) => r.await.is_err(),
+            None => true,
+        };
+        following
+    }
+}
+
+impl OutputWatch {
     /// Worker `id` changed state (ended): its followers look again.
     pub(super) fn changed(&self, worker: &str) {
         if self
@@ -517,6 +549,7 @@ impl Watcher {
             }
         }
         for w in news {
+            crate::phase!("output_seen", w);
             self.wake(&w);
         }
     }

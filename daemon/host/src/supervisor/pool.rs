@@ -40,6 +40,12 @@ use super::{Host, Inner};
 const PRELOAD_MEMORY_LIMIT: u64 = 4 << 30;
 /// What a pooled worker is assumed to use before the first one has been measured.
 const FIRST_ESTIMATE: u64 = 64 << 20;
+/// How long the pool waits after a launch took from it before it refills, while it still holds
+/// some: making a pooled worker is CPU work (a network, a cgroup, a spawn, an interpreter's
+/// start), and on a small host it would share the CPUs with the launch's answer and with the
+/// claimed worker's first lines (on 2 cores: pooled `print(1)` to its first line at a follower
+/// in 6.9 ms with the refill at once, 3.9 ms with it after the launch).
+const SETTLE: Duration = Duration::from_millis(10);
 /// How long an interpreter may take to import its preload list.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -67,6 +73,8 @@ struct Slots {
     dead: Vec<Slot>,
     /// What one idle pooled worker uses, as last measured (bytes).
     usage_bytes: u64,
+    /// When a launch last took pooled workers.
+    last_take: Option<std::time::Instant>,
 }
 
 /// A ready pooled worker.
@@ -169,6 +177,9 @@ impl Pool {
                 continue;
             }
             out.push(slot);
+        }
+        if !out.is_empty() {
+            s.last_take = Some(std::time::Instant::now());
         }
         drop(s);
         self.wake.notify_one();
@@ -303,6 +314,20 @@ async fn refill(inner: Arc<Inner>) {
             .await;
         }
         if pool.ready() < pool.size {
+            // A refill waits until launches leave the CPUs to their workers for a moment (see
+            // SETTLE), unless the pool is empty: launches start cold then anyway.
+            loop {
+                let quiet = pool.lock().last_take.map(|t| t.elapsed());
+                match quiet {
+                    Some(q) if q < SETTLE && pool.ready() > 0 => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(SETTLE - q) => {}
+                            _ = inner.shutdown.cancelled() => return,
+                        }
+                    }
+                    _ => break,
+                }
+            }
             // Several at once, one per CPU (up to 4): an interpreter's start and its imports are
             // CPU work, and back-to-back launches outran a refill of one at a time.
             let want = (pool.size - pool.ready()).min(hostfs::work_lanes());
@@ -577,69 +602,87 @@ impl Inner {
         }
     }
 
-    /// Ends pooled workers a launch took and then could not use (its records were refused).
-    pub(super) async fn discard_slots(self: Arc<Self>, slots: Vec<Slot>) {
-        if slots.is_empty() {
-            return;
-        }
-        let _ = tokio::task::spawn_blocking(move || {
-            for s in slots {
-                self.discard_slot(s);
-            }
-        })
-        .await;
-    }
-
     /// Ends an idle pooled worker: its shim first (so that it writes nothing more), then all
     /// it held. Blocking.
-    fn discard_slot(&self, slot: Slot) {
+    pub(super) fn discard_slot(&self, slot: Slot) {
         let _ = launcher::pidfd_kill(slot.shim_pidfd.as_fd(), libc::SIGKILL);
         drop(slot.fifo);
         self.undo_slot(&slot.id, true);
     }
 
-    /// Gives pooled worker `slot` the launch of `rec`: the request's limits on its cgroup, the
-    /// worker's spec (what a restart or a daemon that lost its store reads) in its directory,
-    /// then its claim. Returns a handle as a shim's spawn does, whose handshake says it runs from
-    /// now. Blocking. On failure the pooled worker is ended.
-    pub(super) fn claim_slot(
+    /// Readies pooled worker `slot` for the launch of `rec`, while the launch's records are being
+    /// made durable: the request's limits on its cgroup and the worker's spec (what a restart
+    /// or a daemon that lost its store reads) in its directory. Nothing of the launch runs yet,
+    /// and the pool marker stays until [`Inner::claim_slot`]: a daemon that dies before then
+    /// removes the worker as an idle pooled one. Blocking. On failure the pooled worker is ended.
+    pub(super) fn ready_slot(
         &self,
-        slot: Slot,
+        slot: &Slot,
         shim: &ShimSpec,
         rec: &WorkerRecord,
-        claim: &PoolClaim,
-    ) -> Result<ShimHandle, String> {
-        let id = slot.id.clone();
+    ) -> Result<(), String> {
+        crate::phase!("claim_readied", slot.id);
+        let res = self
+            .cgroups
+            .update_limits(&slot.id, rec.cpu, rec.memory_bytes)
+            .map_err(|e| format!("pooled worker's limits: {e}"))
+            .and_then(|()| {
+                launcher::write_spec(&self.worker_dir(&slot.id), shim).map_err(|e| e.to_string())
+            });
+        if res.is_err() {
+            self.end_pooled(&slot.id, slot.shim_pidfd.as_fd());
+        }
+        res
+    }
+
+    /// Gives pooled worker `slot`, readied by [`Inner::ready_slot`], its claim, once the launch's
+    /// records are durable: it leaves the pool, takes the workers' priority, and runs the
+    /// launch's code as its user. Returns a handle as a shim's spawn does, whose handshake says
+    /// it runs from now. Blocking. On failure the pooled worker is ended.
+    pub(super) fn claim_slot(&self, slot: Slot, claim: &PoolClaim) -> Result<ShimHandle, String> {
+        let Slot {
+            id,
+            shim_pid,
+            shim_starttime,
+            shim_pidfd,
+            pid,
+            fifo,
+            ..
+        } = slot;
+        let end = |e: String| {
+            self.end_pooled(&id, shim_pidfd.as_fd());
+            Err(e)
+        };
         let dir = self.worker_dir(&id);
-        let res = (|| -> Result<(), String> {
-            self.cgroups
-                .update_limits(&id, rec.cpu, rec.memory_bytes)
-                .map_err(|e| format!("pooled worker's limits: {e}"))?;
-            launcher::write_spec(&dir, shim).map_err(|e| e.to_string())?;
-            std::fs::remove_file(dir.join(interp::POOL_MARKER))
-                .map_err(|e| format!("pool marker: {e}"))?;
-            Ok(())
-        })();
-        if let Err(e) = res {
-            let _ = launcher::pidfd_kill(slot.shim_pidfd.as_fd(), libc::SIGKILL);
-            let _ = self.cgroups.kill_all(&id, Duration::from_secs(5));
-            return Err(e);
+        if let Err(e) = std::fs::remove_file(dir.join(interp::POOL_MARKER)) {
+            return end(format!("pool marker: {e}"));
         }
-        let (r, mut w) = std::io::pipe().map_err(|e| e.to_string())?;
-        let _ = writeln!(w, "ok {} {}", slot.pid, now_us());
+        if let Err(e) = interp::restore_priority(pid) {
+            tracing::warn!(worker = %id, error = %e, "a pooled worker keeps the pool's low priority");
+        }
+        let (r, mut w) = match std::io::pipe() {
+            Ok(p) => p,
+            Err(e) => return end(format!("handshake pipe: {e}")),
+        };
+        let _ = writeln!(w, "ok {pid} {}", now_us());
         drop(w);
-        if let Err(e) = interp::send_claim(slot.fifo, claim) {
-            let _ = launcher::pidfd_kill(slot.shim_pidfd.as_fd(), libc::SIGKILL);
-            let _ = self.cgroups.kill_all(&id, Duration::from_secs(5));
-            return Err(format!("claim of the pooled worker: {e}"));
+        if let Err(e) = interp::send_claim(fifo, claim) {
+            return end(format!("claim of the pooled worker: {e}"));
         }
+        crate::phase!("claimed", id);
         let _ = std::fs::remove_file(dir.join(interp::CLAIM_FIFO));
         Ok(ShimHandle {
-            pid: slot.shim_pid,
-            starttime: slot.shim_starttime,
-            pidfd: slot.shim_pidfd,
+            pid: shim_pid,
+            starttime: shim_starttime,
+            pidfd: shim_pidfd,
             handshake: OwnedFd::from(r),
         })
+    }
+
+    /// Ends a pooled worker a launch took: its shim, then every process of its cgroup.
+    fn end_pooled(&self, id: &str, shim_pidfd: std::os::fd::BorrowedFd<'_>) {
+        let _ = launcher::pidfd_kill(shim_pidfd, libc::SIGKILL);
+        let _ = self.cgroups.kill_all(id, Duration::from_secs(5));
     }
 
     /// Before a launch's admission: the ledger claims of the pooled workers it took go (the

@@ -303,28 +303,12 @@ impl Host {
             (out, slot.map(|s| s.commit(ops)))
         };
         crate::phase!("admitted");
-        // The records are durable before any worker starts: a launch the store refuses has
-        // nothing to undo but its admission, and no process of it ever runs.
-        if let Some(committed) = committed {
-            if let Err(e) = committed.durable().await {
-                inner
-                    .clone()
-                    .discard_slots(std::mem::take(&mut slots))
-                    .await;
-                inner.withdraw(&ids).await;
-                tracing::warn!(error = %e, workers = ids.len(), "launch refused: not recorded");
-                return Err(unavailable(e));
-            }
-        }
-        crate::phase!("durable");
-        inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
-        for r in &records {
-            inner.announce(r.clone());
-        }
-
-        // Code too long for the command line is written once for the whole launch and hard
-        // linked into every worker's directory; where that fails, each spec carries it.
+        // While the records are being made durable: what is not yet a process of the launch.
+        // The code file, and each pooled worker's limits and spec; their claims wait for the
+        // records (see below).
         let shared_source = match &prepared.source {
+            // Code too long for the command line is written once for the whole launch and hard
+            // linked into every worker's directory; where that fails, each spec carries it.
             Some(code) => {
                 let dirs: Vec<PathBuf> = ids.iter().map(|id| inner.worker_dir(id)).collect();
                 let code = code.clone();
@@ -341,36 +325,36 @@ impl Host {
         let mut slot_of: std::collections::HashMap<String, Slot> =
             slots.into_iter().map(|s| (s.id.clone(), s)).collect();
         let mut claims = Vec::new();
-        let jobs: Vec<SpawnJob> = records
-            .iter()
-            .filter_map(|rec| {
-                let id = &rec.id;
-                let identity = WorkerIdentity {
-                    worker_id: id,
-                    session_id: spec.session_id.as_deref(),
-                    master_ip,
-                    worker_ip: rec.ip_address,
-                    gpu_uuids: &rec.gpu_uuids,
-                };
-                let shim = ShimSpec {
-                    worker_id: id.clone(),
-                    program: prepared.program.clone(),
-                    argv: prepared.argv.clone(),
-                    source: if shared_source {
-                        None
-                    } else {
-                        prepared.source.clone()
-                    },
-                    source_file: shared_source,
-                    env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
-                    workdir: prepared.workdir.clone(),
-                    cgroup: inner.cgroups.worker(id),
-                    netns: (rec.network != launch::NetworkMode::Host).then(|| inner.net.path(id)),
-                    rotation: inner.opts.rotation,
-                    meta: serde_json::to_value(rec).unwrap_or_default(),
-                    creds: creds.clone(),
-                };
-                if let (Some(slot), Some(c)) = (slot_of.remove(id), &creds) {
+        let mut cold = Vec::new();
+        for rec in &records {
+            let id = &rec.id;
+            let identity = WorkerIdentity {
+                worker_id: id,
+                session_id: spec.session_id.as_deref(),
+                master_ip,
+                worker_ip: rec.ip_address,
+                gpu_uuids: &rec.gpu_uuids,
+            };
+            let shim = ShimSpec {
+                worker_id: id.clone(),
+                program: prepared.program.clone(),
+                argv: prepared.argv.clone(),
+                source: if shared_source {
+                    None
+                } else {
+                    prepared.source.clone()
+                },
+                source_file: shared_source,
+                env: launch::worker_env(&prepared.base_env, &spec.env, &identity),
+                workdir: prepared.workdir.clone(),
+                cgroup: inner.cgroups.worker(id),
+                netns: (rec.network != launch::NetworkMode::Host).then(|| inner.net.path(id)),
+                rotation: inner.opts.rotation,
+                meta: serde_json::to_value(rec).unwrap_or_default(),
+                creds: creds.clone(),
+            };
+            match (slot_of.remove(id), &creds) {
+                (Some(slot), Some(c)) => {
                     let claim = pool::claim_of(
                         c,
                         shim.env.clone(),
@@ -387,10 +371,68 @@ impl Host {
                         },
                     );
                     claims.push((slot, shim, rec.clone(), claim));
-                    return None;
                 }
-                Some(inner.spawn_job(rec, shim, false))
-            })
+                _ => cold.push((rec, shim)),
+            }
+        }
+        // The pooled workers are readied now, on a blocking thread that then waits for the word
+        // that the records are durable (true) or refused (false), and only then claims them: a
+        // claim right after the commit, with nothing else left to do.
+        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        let go = if claims.is_empty() {
+            None
+        } else {
+            let (go, durable) = std::sync::mpsc::sync_channel::<bool>(1);
+            let inner = inner.clone();
+            let done_tx = done_tx.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let readied: Vec<_> = claims
+                    .into_iter()
+                    .map(|(slot, shim, rec, claim)| {
+                        let ready = inner.ready_slot(&slot, &shim, &rec);
+                        (slot, rec.id, claim, ready)
+                    })
+                    .collect();
+                if durable.recv() != Ok(true) {
+                    for (slot, ..) in readied {
+                        inner.discard_slot(slot);
+                    }
+                    return;
+                }
+                for (slot, id, claim, ready) in readied {
+                    let res = ready.and_then(|()| inner.claim_slot(slot, &claim));
+                    let _ = done_tx.send((id, res));
+                }
+            }));
+            Some(go)
+        };
+        // The records are durable before any worker starts: a launch the store refuses has
+        // nothing to undo but its admission, and no process of it ever runs.
+        if let Some(committed) = committed {
+            if let Err(e) = committed.durable().await {
+                if let Some(go) = go {
+                    let _ = go.send(false);
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                inner.withdraw(&ids).await;
+                tracing::warn!(error = %e, workers = ids.len(), "launch refused: not recorded");
+                return Err(unavailable(e));
+            }
+        }
+        if let Some(go) = go {
+            let _ = go.send(true);
+        }
+        crate::phase!("durable");
+        inner.metrics.launches.fetch_add(1, Ordering::Relaxed);
+        for r in &records {
+            inner.announce(r.clone());
+        }
+        let jobs: Vec<SpawnJob> = cold
+            .into_iter()
+            .map(|(rec, shim)| inner.spawn_job(rec, shim, false))
             .collect();
         // The namespace threads start on every network of the batch at once; each spawn waits
         // for its own just before it starts the shim.
@@ -411,19 +453,7 @@ impl Host {
         // go on: its life task then sees its handshake and its exit at once instead of after the
         // whole batch (a batch of 200 spent a quarter of its time with every started worker
         // unheard).
-        let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
         let mut not_started = 0usize;
-        if !claims.is_empty() {
-            let inner = inner.clone();
-            let done_tx = done_tx.clone();
-            tasks.push(tokio::task::spawn_blocking(move || {
-                for (slot, shim, rec, claim) in claims {
-                    let res = inner.claim_slot(slot, &shim, &rec, &claim);
-                    let _ = done_tx.send((rec.id, res));
-                }
-            }));
-        }
         for chunk in chunks {
             let inner = inner.clone();
             let done_tx = done_tx.clone();

@@ -48,13 +48,16 @@ pub(super) async fn pump_output(
             done: false,
         })
         .collect();
-    // Watched before the first read, so that nothing written after it goes unnoticed.
-    let following = match follow.then(|| inner.output_watch()).flatten() {
-        Some(w) => Some(w.follow(ids.clone()).await),
-        None => None,
-    };
+    // The first read does not wait for the watcher to take the follower (a thread hop, slow on
+    // a busy host): what is there is sent at once, and every worker is read again once the
+    // follower is registered, so that nothing written in between goes unnoticed.
+    let mut registering = follow
+        .then(|| inner.output_watch())
+        .flatten()
+        .map(|w| w.begin(ids.clone()));
+    let mut following: Option<follow::Following> = None;
     // Without a watcher a follower looks every POLL, as polling did.
-    let polls = follow && following.as_ref().is_none_or(|f| f.unwatched);
+    let mut polls = follow && registering.is_none();
     if !from_start {
         let dirs: Vec<PathBuf> = cursors.iter().map(|c| c.dir.clone()).collect();
         let ends = tokio::task::spawn_blocking(move || {
@@ -106,6 +109,7 @@ pub(super) async fn pump_output(
                 let c = &mut cursors[i];
                 match res {
                     Ok(r) if !r.data.is_empty() => {
+                        crate::phase!("output_read", c.id);
                         // There may be more: read this worker again before waiting.
                         news[c.worker] = true;
                         c.offset = r.offset + r.data.len() as u64;
@@ -138,6 +142,14 @@ pub(super) async fn pump_output(
         }
         if cursors.iter().all(|c| c.done) {
             return;
+        }
+        if let Some(r) = registering.take() {
+            let f = r.registered().await;
+            crate::phase!("follow_registered");
+            polls = f.unwatched;
+            following = Some(f);
+            news.fill(true);
+            continue;
         }
         if news.iter().any(|n| *n) {
             continue;
@@ -186,6 +198,7 @@ impl Host {
         } else {
             req.streams.clone()
         };
+        crate::phase!("follow_opened");
         let (tx, rx) = mpsc::channel(16);
         berth_server::spawn_in(
             tracing::info_span!("output"),

@@ -42,6 +42,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The nice value of every worker, whatever the daemon's: the unit runs berthd (and so its shims)
+/// at -5, so that a host whose workers take every CPU still answers, copies output and reaps at
+/// once; a worker must not inherit that.
+pub const WORKER_NICE: libc::c_int = 0;
+
 /// Who a worker runs as and what it keeps: applied by the worker's process between its clone and
 /// its exec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,6 +229,10 @@ pub(super) struct ChildCreds {
     pub(super) drop_bounding: u64,
     /// Whether what is kept goes into the inheritable set too (not for a pooled interpreter).
     pub(super) inheritable: bool,
+    /// The nice value the process takes: [`WORKER_NICE`], or for a pooled interpreter
+    /// [`super::pool::POOL_NICE`] (a refill yields the CPU to workers; the daemon gives it
+    /// [`WORKER_NICE`] at its claim).
+    pub(super) nice: libc::c_int,
     /// `oom_score_adj` as the decimal text written to /proc.
     oom_text: [u8; 8],
     oom_len: usize,
@@ -287,6 +296,11 @@ impl ChildCreds {
             keep,
             drop_bounding: !keep,
             inheritable: !c.pooled,
+            nice: if c.pooled {
+                super::pool::POOL_NICE
+            } else {
+                WORKER_NICE
+            },
             oom_text,
             oom_len: text.len(),
         })

@@ -828,6 +828,9 @@ unsafe fn apply_creds(c: &ChildCreds) -> Result<(), Stage> {
             }
         }
         libc::umask(c.umask);
+        // Before the capabilities go: lowering it (under a daemon run at a higher one) needs
+        // CAP_SYS_NICE. A failure costs only priority.
+        libc::setpriority(libc::PRIO_PROCESS, 0, c.nice);
         // What the shim has and the worker may not keep: under a zygote, nothing.
         for cap in Caps(c.drop_bounding) {
             if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0 {
