@@ -9,8 +9,12 @@
 //! what one idle pooled worker holds (its cgroup's memory and its interpreter's RSS/PSS), with
 //! and without numpy preloaded.
 //!
+//! With `--phases N` instead: where a pooled `print(1)` launch's time goes, as the median time
+//! after the call of each of berthd's `berth_phase` marks (see `berth_host::phase`) over N
+//! launches, each with the pool refilled; `BERTH_BENCH_MARKS=1` also prints every launch's marks.
+//!
 //! Needs root and Debian's numpy (`apt-get install python3-numpy`). Run from a release build:
-//! `target/release/berth-bench-firstline [--launches 200] [--pool 4]`.
+//! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N]`.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -307,21 +311,18 @@ async fn phase_breakdown(pool: usize, n: usize) -> Result<()> {
             continue;
         }
         launches += 1;
-        let log = d.log();
+        let marks = phase_marks(&d.log(), sent);
         let mut seen = std::collections::HashSet::new();
         if std::env::var_os("BERTH_BENCH_MARKS").is_some() {
             println!(
                 "launch at {sent} µs (CLOCK_MONOTONIC), first line +{} µs",
                 first.as_micros()
             );
-            for (phase, w, t) in phase_marks(&log, sent)
-                .iter()
-                .filter(|m| m.2 < sent + 20_000)
-            {
+            for (phase, w, t) in marks.iter().filter(|m| m.2 < sent + 20_000) {
                 println!("    +{:>6} µs {phase} {w}", t - sent);
             }
         }
-        for (phase, _, t) in phase_marks(&log, sent) {
+        for (phase, _, t) in marks {
             // The first of each mark after the call (later ones belong to the refill).
             if seen.insert(phase.clone()) && t < sent + 1_000_000 {
                 at.entry(phase).or_default().push(t - sent);

@@ -188,8 +188,9 @@ pub fn worker_nofile_hard() -> u64 {
 pub fn as_systemd_runs_it(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
-    // syscalls (open, write, close, setpriority, setrlimit) on a static path and stack values; it allocates
-    // nothing. Failures are ignored: a non-root test run cannot lower its oom_score_adj.
+    // syscalls (open, write, close, setpriority, setrlimit) on a static path and stack values;
+    // it allocates nothing. Failures are ignored: a non-root test run cannot lower its
+    // oom_score_adj or its nice value.
     unsafe {
         cmd.pre_exec(|| {
             let fd = libc::open(
