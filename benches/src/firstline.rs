@@ -9,12 +9,19 @@
 //! what one idle pooled worker holds (its cgroup's memory and its interpreter's RSS/PSS), with
 //! and without numpy preloaded.
 //!
+//! Each pooled and cold series runs twice, with the client following in either way: a
+//! `StreamOutput` of the worker opened once the launch is answered (as `berth logs -f ID`), and
+//! one `StreamOutput` of a session with `new_workers`, open before the launches, which are made
+//! in that session (as a notebook session shows its workers' output): there a first line can
+//! come before the launch's answer.
+//!
 //! With `--phases N` instead: where a pooled `print(1)` launch's time goes, as the median time
 //! after the call of each of berthd's `berth_phase` marks (see `berth_host::phase`) over N
-//! launches, each with the pool refilled; `BERTH_BENCH_MARKS=1` also prints every launch's marks.
+//! launches, each with the pool refilled (`--session`: followed by a session follower);
+//! `BERTH_BENCH_MARKS=1` also prints every launch's marks.
 //!
 //! Needs root and Debian's numpy (`apt-get install python3-numpy`). Run from a release build:
-//! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N]`.
+//! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N [--session]]`.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -103,21 +110,81 @@ async fn wait_ready(d: &Daemon, n: usize) -> Result<Vec<u32>> {
     }
 }
 
+/// How the client follows a launch's output.
+enum Follower {
+    /// `StreamOutput` of the worker, opened once the launch is answered (`berth logs -f ID`).
+    AfterAnswer,
+    /// One `StreamOutput` of a session with `new_workers`, open before the launches (what a
+    /// notebook session keeps open): each launch is made in that session, and its first line
+    /// may come before its answer.
+    Session(SessionFollower),
+}
+
+/// A session's follower: its reader task sends the arrival of each worker's first line.
+struct SessionFollower {
+    session: String,
+    lines: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+}
+
+impl Follower {
+    async fn session(c: &Client) -> Result<Self> {
+        let session = berth_tests::open_session(c, 24 * 3600).await.id;
+        let mut s = c
+            .workers()
+            .stream_output(pb::StreamOutputRequest {
+                session_id: session.clone(),
+                follow: true,
+                from_start: true,
+                new_workers: true,
+                streams: vec![pb::Stream::Stdout as i32],
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            while let Ok(Some(chunk)) = s.message().await {
+                let at = Instant::now();
+                if chunk.data.contains(&b'\n')
+                    && seen.insert(chunk.worker_id.clone())
+                    && tx.send((chunk.worker_id, at)).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Self::Session(SessionFollower { session, lines }))
+    }
+}
+
 /// One launch of `code`: the time to its first line, the time to the answer of LaunchWorkers,
 /// and whether it came from the pool.
-async fn first_line(c: &Client, code: &str) -> Result<(Duration, Duration, bool)> {
-    let (first, answered, pooled, _) = first_line_marked(c, code).await?;
+async fn first_line(
+    c: &Client,
+    code: &str,
+    follower: &mut Follower,
+) -> Result<(Duration, Duration, bool)> {
+    let (first, answered, pooled, _) = first_line_marked(c, code, follower).await?;
     Ok((first, answered, pooled))
 }
 
 /// `first_line`, with the client's `CLOCK_MONOTONIC` at the call (µs, the clock of berthd's
 /// phase marks).
-async fn first_line_marked(c: &Client, code: &str) -> Result<(Duration, Duration, bool, u64)> {
+async fn first_line_marked(
+    c: &Client,
+    code: &str,
+    follower: &mut Follower,
+) -> Result<(Duration, Duration, bool, u64)> {
     let req = pb::LaunchWorkersRequest {
         n: 1,
         cpu: 1.0,
         memory_gb: 0.25,
         code: code.into(),
+        session_id: match follower {
+            Follower::Session(f) => f.session.clone(),
+            Follower::AfterAnswer => String::new(),
+        },
         ..Default::default()
     };
     let sent = mono_us();
@@ -131,6 +198,18 @@ async fn first_line_marked(c: &Client, code: &str) -> Result<(Duration, Duration
         .pop()
         .context("no worker")?;
     let answered = t0.elapsed();
+    if let Follower::Session(f) = follower {
+        let (id, at) = tokio::time::timeout(Duration::from_secs(60), f.lines.recv())
+            .await
+            .context("no first line within 60 s")?
+            .context("the session's stream ended")?;
+        if id != w.id {
+            bail!("a first line of {id} while {} was launched", w.id);
+        }
+        // Untimed, as below.
+        berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
+        return Ok((at.duration_since(t0), answered, w.pooled, sent));
+    }
     let mut s = c
         .workers()
         .stream_output(pb::StreamOutputRequest {
@@ -162,14 +241,20 @@ async fn series(
     code: &str,
     n: usize,
     full: Option<usize>,
+    session: bool,
 ) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
     let c = d.client().await?;
+    let mut follower = if session {
+        Follower::session(&c).await?
+    } else {
+        Follower::AfterAnswer
+    };
     let (mut pooled, mut cold, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         if let Some(k) = full {
             wait_ready(d, k).await?;
         }
-        let (t, a, p) = first_line(&c, code).await?;
+        let (t, a, p) = first_line(&c, code, &mut follower).await?;
         if p {
             pooled.push(t);
             answers.push(a);
@@ -234,16 +319,17 @@ async fn main() -> Result<()> {
     let (mut launches, mut pool, mut phases): (usize, usize, usize) = (200, 4, 0);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flags = Flags::parse(
-        "usage: berth-bench-firstline [--launches N] [--pool N] [--phases N]",
+        "usage: berth-bench-firstline [--launches N] [--pool N] [--phases N [--session]]",
         &args,
         &["--launches", "--pool", "--phases"],
-        &[],
+        &["--session"],
     )?;
+    let session = flags.switch("--session");
     flags.set("--launches", &mut launches)?;
     flags.set("--pool", &mut pool)?;
     flags.set("--phases", &mut phases)?;
     if phases > 0 {
-        return phase_breakdown(pool, phases).await;
+        return phase_breakdown(pool, phases, session).await;
     }
     let numpy = Command::new("/usr/bin/python3")
         .args(["-c", "import numpy"])
@@ -261,23 +347,29 @@ async fn main() -> Result<()> {
         let d = Daemon::start_with(daemon_options(pool, preload)).await?;
         let pids = wait_ready(&d, pool).await?;
         let (cg, rss, pss) = idle_memory(&d, &pids);
-        let (pooled, cold, _) = series(&d, code, launches, None).await?;
-        let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
-        let n_pooled = pooled.len();
-        summary(
-            &format!("pool  {code}"),
-            all,
-            &format!(", {n_pooled} from the pool"),
-        );
-        if !pooled.is_empty() {
-            summary("   of which from the pool", pooled, "");
+        for (session, how) in [
+            (false, "follower opened after the answer"),
+            (true, "session follower (new_workers)"),
+        ] {
+            println!("pool  {code}, {how}:");
+            let (pooled, cold, _) = series(&d, code, launches, None, session).await?;
+            let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
+            let n_pooled = pooled.len();
+            summary(
+                "   back to back, all",
+                all,
+                &format!(", {n_pooled} from the pool"),
+            );
+            if !pooled.is_empty() {
+                summary("     of which from the pool", pooled, "");
+            }
+            if !cold.is_empty() {
+                summary("     of which cold (pool empty)", cold, "");
+            }
+            let (full, _, answers) = series(&d, code, launches, Some(pool), session).await?;
+            summary("   each with the pool refilled", full, "");
+            summary("     its LaunchWorkers answer", answers, "");
         }
-        if !cold.is_empty() {
-            summary("   of which cold (pool empty)", cold, "");
-        }
-        let (full, _, answers) = series(&d, code, launches, Some(pool)).await?;
-        summary("   each with the pool refilled", full, "");
-        summary("     its LaunchWorkers answer", answers, "");
         println!(
             "  idle pooled worker (preload [{preload}]): cgroup {:.1} MiB, RSS {:.1} MiB, PSS {:.1} MiB",
             cg as f64 / 1024.0,
@@ -287,26 +379,33 @@ async fn main() -> Result<()> {
     }
     let d = Daemon::start_with(daemon_options(0, "")).await?;
     for code in [PRINT, NUMPY] {
-        let (pooled, cold, _) = series(&d, code, launches, None).await?;
-        anyhow::ensure!(pooled.is_empty(), "pool_size = 0 starts cold");
-        summary(&format!("cold  {code}"), cold, "");
+        for (session, how) in [(false, "after the answer"), (true, "session follower")] {
+            let (pooled, cold, _) = series(&d, code, launches, None, session).await?;
+            anyhow::ensure!(pooled.is_empty(), "pool_size = 0 starts cold");
+            summary(&format!("cold  {code}, {how}"), cold, "");
+        }
     }
     Ok(())
 }
 
 /// Where a pooled `print(1)` launch's time goes: `n` launches, each with the pool refilled, on a
 /// daemon that logs its `berth_phase` marks; the median time of each mark after the call.
-async fn phase_breakdown(pool: usize, n: usize) -> Result<()> {
+async fn phase_breakdown(pool: usize, n: usize, session: bool) -> Result<()> {
     let mut opts = daemon_options(pool, "");
     opts.env = vec![("BERTH_LOG".into(), "info,berth_phase=debug".into())];
     opts.args = vec!["--log-format".into(), "json".into()];
     let d = Daemon::start_with(opts).await?;
     let c = d.client().await?;
+    let mut follower = if session {
+        Follower::session(&c).await?
+    } else {
+        Follower::AfterAnswer
+    };
     let mut at: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut launches = 0;
     for _ in 0..n {
         wait_ready(&d, pool).await?;
-        let (first, answered, pooled, sent) = first_line_marked(&c, PRINT).await?;
+        let (first, answered, pooled, sent) = first_line_marked(&c, PRINT, &mut follower).await?;
         if !pooled {
             continue;
         }

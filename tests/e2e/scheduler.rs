@@ -397,6 +397,69 @@ async fn berth_hosts_drain_and_undrain_show_the_cluster() {
 /// Spread placement end to end (one worker per host where bin-packing would fill one), and a
 /// scheduler session's lease: `KeepAlive` through the scheduler renews it on every host, and
 /// once nobody renews it, it lapses on every host and their workers end with `session ended`.
+/// A session follower through the scheduler (`new_workers`) gets the lines of the workers the
+/// session launches on every host after the call, those of hosts it reaches later too, and its
+/// stream ends when the session is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_follower_on_the_scheduler_hears_every_host() {
+    require_root!();
+    let (s, _hosts) = three_hosts().await;
+    let c = s.client().await.unwrap();
+    let session = berth_tests::open_session(&c, 60).await;
+    let mut stream = c
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            session_id: session.id.clone(),
+            follow: true,
+            new_workers: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let echo = |n: u32, word: &str| pb::LaunchWorkersRequest {
+        session_id: session.id.clone(),
+        placement: pb::Placement::Spread as i32,
+        cpu: 0.1,
+        memory_gb: 0.1,
+        ..command_request(
+            n,
+            &["/bin/sh", "-c", &format!("echo {word}-$BERTH_WORKER_ID")],
+        )
+    };
+    let mut lines = BTreeSet::new();
+    for word in ["first", "second"] {
+        let ws = launch(&c, echo(3, word)).await;
+        let used: BTreeSet<&str> = ws.iter().map(|w| w.host.as_str()).collect();
+        assert_eq!(used.len(), 3, "spread over the three hosts: {ws:#?}");
+        let want: BTreeSet<String> = ws.iter().map(|w| format!("{word}-{}", w.id)).collect();
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
+        while !want.is_subset(&lines) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ch = tokio::time::timeout(left, stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("lines {want:?} not all seen: {lines:?}"))
+                .unwrap()
+                .expect("the stream ended while the session was open");
+            for l in String::from_utf8_lossy(&ch.data).lines() {
+                lines.insert(l.to_owned());
+            }
+        }
+    }
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: session.id.clone(),
+            grace_seconds: Some(1),
+        })
+        .await
+        .unwrap();
+    tokio::time::timeout(scaled(Duration::from_secs(20)), async {
+        while stream.message().await.unwrap().is_some() {}
+    })
+    .await
+    .expect("the scheduler's session stream did not end with the session");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_and_a_scheduler_session_lease_on_every_host() {
     require_root!();

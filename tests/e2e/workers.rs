@@ -1259,6 +1259,200 @@ async fn output_rotation_keeps_newest_bytes() {
 }
 
 /// 8. Every error code of the API's table, each naming its field; refused launches leave nothing.
+/// A session's follower with `new_workers` (what a notebook session keeps open): the workers
+/// the session launches after the call come in, each from its first byte; another session's
+/// do not; the stream ends once the session has ended and its workers with it. Asking for it
+/// without a session, without follow or with ids is INVALID_ARGUMENT naming `new_workers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_follower_takes_on_the_workers_its_session_launches() {
+    require_root!();
+    let d = Daemon::start().await.unwrap();
+    let c = d.client().await.unwrap();
+    let s = berth_tests::open_session(&c, 60).await;
+    let other = berth_tests::open_session(&c, 60).await;
+    let in_session = |code: &str, session: &str| {
+        let mut r = python_request(1, code);
+        r.session_id = session.to_owned();
+        r
+    };
+    // One worker before the call: with from_start it is replayed, as without new_workers.
+    let before = launch_one(&c, in_session("print('before')", &s.id)).await;
+    await_one(&c, &before.id).await;
+    let mut stream = c
+        .workers()
+        .stream_output(pb::StreamOutputRequest {
+            session_id: s.id.clone(),
+            follow: true,
+            from_start: true,
+            new_workers: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // What the stream brought: stdout by worker, and the ends it marked (a chunk without data
+    // once a worker's stream is whole), by worker and stream.
+    #[derive(Debug, Default)]
+    struct Heard {
+        out: HashMap<String, Vec<u8>>,
+        ends: HashMap<(String, i32), u64>,
+    }
+    let mut heard = Heard::default();
+    // Reads until `done` holds, checking that offsets are contiguous and that nothing follows
+    // a stream's end.
+    let mut read_until = async |heard: &mut Heard, what: &str, done: &dyn Fn(&Heard) -> bool| {
+        let deadline = Instant::now() + within(20.0);
+        while !done(heard) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ch = tokio::time::timeout(left, stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} within 20 s: {heard:?}"))
+                .unwrap()
+                .expect("the stream ended while the session was open");
+            let key = (ch.worker_id.clone(), ch.stream);
+            assert!(!heard.ends.contains_key(&key), "{key:?} after its end");
+            let len = match ch.stream() {
+                pb::Stream::Stdout => {
+                    let got = heard.out.entry(ch.worker_id.clone()).or_default();
+                    got.extend_from_slice(&ch.data);
+                    got.len() as u64
+                }
+                _ => ch.offset + ch.data.len() as u64,
+            };
+            assert_eq!(ch.offset + ch.data.len() as u64, len, "offsets of {key:?}");
+            if ch.data.is_empty() {
+                heard.ends.insert(key, ch.offset);
+            }
+        }
+    };
+    // A worker's line (with its newline: an unbuffered print writes the two apart).
+    let printed = |id: &str, line: &str| {
+        let (id, line) = (id.to_owned(), format!("{line}\n"));
+        move |h: &Heard| h.out.get(&id).is_some_and(|b| text(b).contains(&line))
+    };
+    // Both of a worker's streams marked whole.
+    let whole = |id: &str| {
+        let id = id.to_owned();
+        move |h: &Heard| {
+            [pb::Stream::Stdout, pb::Stream::Stderr]
+                .iter()
+                .all(|s| h.ends.contains_key(&(id.clone(), *s as i32)))
+        }
+    };
+    read_until(
+        &mut heard,
+        "the earlier worker",
+        &printed(&before.id, "before"),
+    )
+    .await;
+    // The session's workers launched after the call, from their first byte.
+    let a = launch_one(&c, in_session("print('first later')", &s.id)).await;
+    read_until(&mut heard, "the first", &printed(&a.id, "first later")).await;
+    let b = launch_one(
+        &c,
+        in_session(
+            "import time\nprint('second later', flush=True)\ntime.sleep(60)",
+            &s.id,
+        ),
+    )
+    .await;
+    read_until(&mut heard, "the second", &printed(&b.id, "second later")).await;
+    // Another session's worker, launched meanwhile, never shows.
+    let stranger = launch_one(&c, in_session("print('not mine')", &other.id)).await;
+    await_one(&c, &stranger.id).await;
+    let c2 = launch_one(&c, in_session("print('third later')", &s.id)).await;
+    read_until(&mut heard, "the third", &printed(&c2.id, "third later")).await;
+    // An ended worker's streams are marked whole, at their lengths.
+    for w in [&before, &a, &c2] {
+        await_one(&c, &w.id).await;
+        read_until(&mut heard, "the ends", &whole(&w.id)).await;
+    }
+    assert!(!heard.out.contains_key(&stranger.id), "{heard:?}");
+    assert_eq!(text(&heard.out[&a.id]), "first later\n");
+    let stdout = pb::Stream::Stdout as i32;
+    assert_eq!(heard.ends[&(a.id.clone(), stdout)], 12);
+    assert_eq!(heard.ends[&(a.id.clone(), pb::Stream::Stderr as i32)], 0);
+    assert!(!heard.ends.contains_key(&(b.id.clone(), stdout)), "b runs");
+    // Its workers all ended does not end it while the session is open; closing the session
+    // (which stops `b`) does, once b's streams are marked whole.
+    let t = Instant::now();
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.id.clone(),
+            grace_seconds: Some(1),
+        })
+        .await
+        .unwrap();
+    let rest = tokio::time::timeout(within(20.0), async {
+        let mut rest = Vec::new();
+        while let Some(ch) = stream.message().await.unwrap() {
+            rest.push((ch.worker_id, ch.stream, ch.offset, text(&ch.data)));
+        }
+        rest
+    })
+    .await
+    .expect("the stream did not end with its session");
+    let mut want = vec![
+        (b.id.clone(), stdout, 13, String::new()),
+        (b.id.clone(), pb::Stream::Stderr as i32, 0, String::new()),
+    ];
+    let mut rest = rest;
+    rest.sort();
+    want.sort();
+    assert_eq!(rest, want, "after the close: only b's ends");
+    assert!(t.elapsed() < within(10.0), "{:?}", t.elapsed());
+    assert_eq!(get(&c, &b.id).await.reason, "session ended");
+
+    // An empty session's follower ends with its session's lease.
+    let brief = berth_tests::open_session(&c, 1).await;
+    let quiet = collect_chunks(
+        &c,
+        pb::StreamOutputRequest {
+            session_id: brief.id.clone(),
+            follow: true,
+            new_workers: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(quiet.is_empty());
+
+    // Bad combinations, each naming the field.
+    for (why, req) in [
+        (
+            "no session",
+            pb::StreamOutputRequest {
+                ids: vec![a.id.clone()],
+                follow: true,
+                new_workers: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "no follow",
+            pb::StreamOutputRequest {
+                session_id: other.id.clone(),
+                new_workers: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "ids too",
+            pb::StreamOutputRequest {
+                session_id: other.id.clone(),
+                ids: vec![stranger.id.clone()],
+                follow: true,
+                new_workers: true,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let (code, msg) = code_of(c.workers().stream_output(req).await);
+        assert_eq!(code, Code::InvalidArgument, "{why}: {msg}");
+        assert!(msg.contains("new_workers"), "{why}: {msg}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_follow_the_api_table() {
     require_root!();

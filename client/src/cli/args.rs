@@ -423,6 +423,10 @@ pub struct LogsArgs {
     /// Start at the current end instead of replaying what was written before.
     #[arg(long)]
     pub tail: bool,
+    /// With --session and --follow: also the workers the session launches from now on, until
+    /// the session has ended.
+    #[arg(long, requires_all = ["session", "follow"])]
+    pub new_workers: bool,
 }
 
 /// A path that may be empty: an empty `--tls-*` (or `BERTH_TLS_*`) is unset, as if not given.
@@ -572,6 +576,8 @@ mod tests {
             &["stop", "--session", "s", "--all"],
             &["logs"],
             &["logs", "abc", "--stdout", "--stderr"],
+            &["logs", "--session", "s", "--new-workers"],
+            &["logs", "-f", "abc", "--new-workers"],
             &["list", "--status", "sleeping"],
             &["frobnicate"],
         ];

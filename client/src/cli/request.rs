@@ -102,6 +102,7 @@ pub fn logs(a: &LogsArgs) -> pb::StreamOutputRequest {
         follow: a.follow,
         from_start: !a.tail,
         streams,
+        new_workers: a.new_workers,
     }
 }
 
@@ -250,9 +251,10 @@ mod tests {
             stdout: false,
             stderr: false,
             tail: false,
+            new_workers: false,
         };
         let r = logs(&a);
-        assert!(r.follow && r.from_start && r.streams.is_empty());
+        assert!(r.follow && r.from_start && r.streams.is_empty() && !r.new_workers);
         a.tail = true;
         a.stderr = true;
         let r = logs(&a);

@@ -153,6 +153,7 @@ impl WorkersBackend for Host {
                 session_id: (!r.session_id.is_empty()).then_some(r.session_id),
                 follow: r.follow,
                 from_start: r.from_start,
+                new_workers: r.new_workers,
                 streams: streams_from_pb(&r.streams)?
                     .into_iter()
                     .map(|s| match s {

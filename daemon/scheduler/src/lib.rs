@@ -1098,6 +1098,13 @@ impl Scheduler {
     }
 
     /// Whether a session id is one this scheduler holds or whose workers it sees.
+    /// Whether this scheduler holds session `id` open.
+    fn session_open(&self, id: &str) -> bool {
+        self.sessions()
+            .get(id)
+            .is_some_and(|s| !s.session.expired(SystemTime::now()))
+    }
+
     fn session_known(&self, id: &str) -> bool {
         self.sessions().contains_key(id) || !self.view().session_hosts(id).is_empty()
     }
@@ -1753,6 +1760,8 @@ impl Scheduler {
                     )
                 })
                 .collect()
+        } else if req.new_workers {
+            return self.session_output(req).await;
         } else if !req.session_id.is_empty() {
             self.require_session(&req.session_id)?;
             self.view()
@@ -1775,6 +1784,109 @@ impl Scheduler {
             }
         }
         Ok(Box::pin(futures::stream::select_all(streams)))
+    }
+
+    /// A session's output with `new_workers`: a host stream (itself with `new_workers`) from
+    /// every host the session is open on or has workers on, and from each host it reaches
+    /// later, from the start there (every worker of it on that host is new), until the session
+    /// has ended and every host stream with it.
+    async fn session_output(
+        &self,
+        req: pb::StreamOutputRequest,
+    ) -> Result<ItemStream<pb::OutputChunk>> {
+        let id = req.session_id.clone();
+        self.require_session(&id)?;
+        // Subscribed first: a worker placed meanwhile shows in the events or in the view.
+        let mut events = self.subscribe();
+        let mut hosts = self.view().session_hosts(&id);
+        if let Some(s) = self.sessions().get(&id) {
+            hosts.extend(s.hosts.iter().cloned());
+        }
+        let mut streams = Vec::new();
+        for h in &hosts {
+            if let Some(s) = self.host_output(h, req.clone()).await? {
+                streams.push(s);
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let sched = self.clone();
+        berth_server::spawn_in(
+            tracing::info_span!("session_output", session = %id),
+            async move {
+                use futures::StreamExt;
+                let mut merged = futures::stream::select_all(streams);
+                let later = pb::StreamOutputRequest {
+                    from_start: true,
+                    ..req
+                };
+                loop {
+                    let idle = merged.is_empty();
+                    tokio::select! {
+                        chunk = merged.next(), if !idle => {
+                            let Some(chunk) = chunk else { continue };
+                            if tx.send(chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                        ev = events.recv() => {
+                            let fresh = match ev {
+                                Ok(w) if w.session_id == id && !hosts.contains(&w.host) => {
+                                    vec![w.host]
+                                }
+                                Ok(_) => continue,
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => sched
+                                    .view()
+                                    .session_hosts(&id)
+                                    .into_iter()
+                                    .filter(|h| !hosts.contains(h))
+                                    .collect(),
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                            };
+                            for h in fresh {
+                                hosts.insert(h.clone());
+                                match sched.host_output(&h, later.clone()).await {
+                                    Ok(Some(s)) => merged.push(s),
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        let _ = tx.send(Err(e)).await;
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                        // Every host stream has ended: so has the session, unless it reaches more
+                        // hosts (the events say so) or its ends there were not yet seen here.
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)), if idle => {
+                            if !sched.session_open(&id) {
+                                return;
+                            }
+                        }
+                        _ = tx.closed() => return,
+                        _ = sched.inner.shutdown.cancelled() => return,
+                    }
+                    if merged.is_empty() && !sched.session_open(&id) {
+                        return;
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// `req` on host `h`; `None` where the host is unknown here or does not hold the session.
+    async fn host_output(
+        &self,
+        h: &str,
+        req: pb::StreamOutputRequest,
+    ) -> Result<Option<ItemStream<pb::OutputChunk>>> {
+        let Some((api, _)) = self.api_of(h) else {
+            return Ok(None);
+        };
+        match api.output(req).await {
+            Ok(s) => Ok(Some(s)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Workers by status, for `/metrics`.

@@ -169,6 +169,24 @@ pub(crate) fn check_session_id(id: &str) -> Result<()> {
 }
 
 /// An optional `session_id` (a filter): empty means none, anything else must be well formed.
+/// `StreamOutputRequest.new_workers` follows a session: it needs `session_id` and `follow`, and
+/// takes no `ids`.
+fn check_new_workers(r: &pb::StreamOutputRequest) -> Result<()> {
+    if !r.new_workers {
+        return Ok(());
+    }
+    let why = if r.session_id.is_empty() {
+        "needs session_id: the new workers are those of a session"
+    } else if !r.follow {
+        "needs follow: new workers come while the stream is open"
+    } else if !r.ids.is_empty() {
+        "takes the session's workers, not ids"
+    } else {
+        return Ok(());
+    };
+    Err(Error::invalid("new_workers", why))
+}
+
 fn optional_session_id(id: String) -> Result<Option<String>> {
     if id.is_empty() {
         Ok(None)
@@ -358,6 +376,7 @@ impl<B: WorkersBackend + Clone> pb::workers_server::Workers for WorkersService<B
         let mut r = request.into_inner();
         r.ids = check_ids(std::mem::take(&mut r.ids), "ids").map_err(to_status)?;
         optional_session_id(r.session_id.clone()).map_err(to_status)?;
+        check_new_workers(&r).map_err(to_status)?;
         r.streams = streams_from_pb(&r.streams)
             .map_err(to_status)?
             .into_iter()

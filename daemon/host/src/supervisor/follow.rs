@@ -16,12 +16,12 @@
 //! and made); and while some followed worker has no directory yet (it is still PENDING), the
 //! directory of all workers, for it being made.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
@@ -45,21 +45,23 @@ const ROOT_EVENTS: u32 = notify::CREATE | notify::MOVED_TO | notify::ONLYDIR;
 #[derive(Debug)]
 pub(super) struct Wake {
     notify: Notify,
-    news: Vec<AtomicBool>,
+    news: Mutex<BTreeSet<usize>>,
 }
 
 impl Wake {
-    fn new(workers: usize) -> Self {
+    fn new() -> Self {
         Self {
             notify: Notify::new(),
-            news: (0..workers).map(|_| AtomicBool::new(false)).collect(),
+            news: Mutex::new(BTreeSet::new()),
         }
     }
 
+    fn news(&self) -> MutexGuard<'_, BTreeSet<usize>> {
+        self.news.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn mark(&self, worker: usize) {
-        if let Some(n) = self.news.get(worker) {
-            n.store(true, Ordering::Release);
-        }
+        self.news().insert(worker);
         self.notify.notify_one();
     }
 
@@ -70,19 +72,15 @@ impl Wake {
 
     /// The workers with news since the last call.
     pub(super) fn take(&self) -> Vec<usize> {
-        self.news
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.swap(false, Ordering::AcqRel))
-            .map(|(i, _)| i)
-            .collect()
+        std::mem::take(&mut *self.news()).into_iter().collect()
     }
 }
 
 enum Command {
+    /// Follower `id` follows `workers` too (each with its index in the follower's list).
     Follow {
         id: u64,
-        workers: Vec<String>,
+        workers: Vec<(usize, String)>,
         wake: Arc<Wake>,
         done: oneshot::Sender<()>,
     },
@@ -112,6 +110,28 @@ pub(super) struct Following {
     id: u64,
     commands: mpsc::Sender<Command>,
     bell: Arc<Doorbell>,
+}
+
+impl Following {
+    /// Follows `workers` too, whose indices in this follower's list start at `first`; the
+    /// receiver says when the watcher has them (an error: it is gone, and the follower polls).
+    pub(super) fn add(&self, first: usize, workers: Vec<String>) -> oneshot::Receiver<()> {
+        let (done, registered) = oneshot::channel();
+        let workers = (first..).zip(workers).collect();
+        if self
+            .commands
+            .send(Command::Follow {
+                id: self.id,
+                workers,
+                wake: self.wake.clone(),
+                done,
+            })
+            .is_ok()
+        {
+            self.bell.ring();
+        }
+        registered
+    }
 }
 
 impl Drop for Following {
@@ -184,12 +204,12 @@ impl OutputWatch {
     /// Starts the registration of a follower of `workers`, which [`Registering::registered`]
     /// waits for: a follower reads what is there meanwhile, and again once registered.
     pub(super) fn begin(&self, workers: Vec<String>) -> Registering {
-        let wake = Arc::new(Wake::new(workers.len()));
+        let wake = Arc::new(Wake::new());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, registered) = oneshot::channel();
         let sent = self.commands.send(Command::Follow {
             id,
-            workers,
+            workers: workers.into_iter().enumerate().collect(),
             wake: wake.clone(),
             done,
         });
@@ -374,18 +394,19 @@ impl Watcher {
                 wake,
                 done,
             } => {
-                for (i, w) in workers.iter().enumerate() {
-                    let fresh = !self.workers.contains_key(w);
+                let names = self.followers.entry(id).or_default();
+                names.extend(workers.iter().map(|(_, w)| w.clone()));
+                for (i, w) in workers {
+                    let fresh = !self.workers.contains_key(&w);
                     self.workers.entry(w.clone()).or_default().followers.push((
                         id,
                         wake.clone(),
                         i,
                     ));
                     if fresh {
-                        self.watch_worker(w);
+                        self.watch_worker(&w);
                     }
                 }
-                self.followers.insert(id, workers);
                 let _ = done.send(());
             }
             Command::Unfollow { id } => {
@@ -606,7 +627,6 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     fn watch(root: &std::path::Path, ended: Arc<Mutex<HashSet<String>>>) -> OutputWatch {
         OutputWatch::start(root.to_path_buf(), move |w| {

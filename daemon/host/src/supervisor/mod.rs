@@ -165,6 +165,9 @@ pub struct OutputRequest {
     pub follow: bool,
     pub from_start: bool,
     pub streams: Vec<StreamKind>,
+    /// With `session_id` and `follow`: also the workers the session launches from now on,
+    /// until it has ended.
+    pub new_workers: bool,
 }
 
 /// What `HostInfo` reports.
@@ -264,6 +267,8 @@ struct Inner {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     events: broadcast::Sender<WorkerRecord>,
+    /// Counts the ends of sessions (closed or lapsed): what session followers wait for.
+    session_ends: watch::Sender<u64>,
     /// Wakes output followers; started by the first (see `follow`).
     output_watch: OnceLock<Option<follow::OutputWatch>>,
     started_at: SystemTime,
@@ -358,6 +363,7 @@ impl Host {
                 }),
                 changed,
                 events,
+                session_ends: watch::channel(0).0,
                 output_watch: OnceLock::new(),
                 started_at: SystemTime::now(),
                 metrics: Metrics::default(),

@@ -115,6 +115,7 @@ impl Host {
                 s.ended_at = ended.ended_at;
             }
         }
+        self.inner.session_ended();
         tracing::info!(session = %id, "session closed");
         self.stop_workers(
             Selector::Session(id.to_owned()),
@@ -157,6 +158,9 @@ impl Host {
                     .filter_map(|s| s.end(now.wall).then(|| s.clone()))
                     .collect()
             };
+            if !expired.is_empty() {
+                self.inner.session_ended();
+            }
             for s in expired {
                 tracing::info!(session = %s.id, "session lease lapsed");
                 let host = self.clone();
@@ -221,6 +225,18 @@ impl Host {
 }
 
 impl Inner {
+    /// Tells session followers that some session ended.
+    fn session_ended(&self) {
+        self.session_ends.send_modify(|n| *n += 1);
+    }
+
+    /// Whether session `id` is known and has not ended.
+    pub(super) fn session_open(&self, id: &str) -> bool {
+        self.sessions()
+            .get(id)
+            .is_some_and(|s| s.ended_at.is_none())
+    }
+
     /// NOT_FOUND unless `id` is an open session.
     pub(super) fn check_session(&self, id: &str) -> Result<()> {
         self.lock_open_session(id).map(drop)

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use std::collections::HashSet;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use berth_core::error::{Error, Result};
-use berth_core::worker::Filter;
+use berth_core::worker::{Filter, WorkerRecord};
 use berth_sys::output::{self, StreamKind};
 
 use super::{follow, Host, Inner, OutputPiece, OutputRequest};
@@ -15,47 +17,63 @@ use super::{follow, Host, Inner, OutputPiece, OutputRequest};
 /// Largest piece of output sent in one chunk.
 pub(super) const CHUNK: usize = 64 * 1024;
 
-/// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended. A follower
-/// reads when the output watcher (see `follow`) says that a worker's files changed or that it
-/// ended, and only that worker's: an idle follower does nothing at all.
+/// The workers a session follower takes on while it runs (`StreamOutputRequest.new_workers`):
+/// those its session launches after the call, each from its first byte, until the session
+/// has ended and they with it.
+pub(super) struct NewWorkers {
+    pub(super) session: String,
+    /// Subscribed before the call's workers were selected, so that none falls in between.
+    pub(super) events: broadcast::Receiver<WorkerRecord>,
+    pub(super) session_ends: watch::Receiver<u64>,
+}
+
+/// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended (and with
+/// `later`, the workers of its session launched meanwhile too, until the session has ended). A
+/// follower reads when the output watcher (see `follow`) says that a worker's files changed or
+/// that it ended, and only that worker's: an idle follower does nothing at all.
 pub(super) async fn pump_output(
     inner: Arc<Inner>,
     ids: Vec<String>,
     streams: Vec<StreamKind>,
     follow: bool,
     from_start: bool,
+    mut later: Option<NewWorkers>,
     tx: mpsc::Sender<Result<OutputPiece>>,
 ) {
     struct Cursor {
         id: String,
-        /// Index of the worker in `ids`.
+        /// Index of the worker in the follower's list (`ids`, then the new workers).
         worker: usize,
         stream: StreamKind,
         dir: PathBuf,
         offset: u64,
         done: bool,
     }
+    let cursor = |worker: usize, id: &str, stream: StreamKind| Cursor {
+        id: id.to_owned(),
+        worker,
+        stream,
+        dir: inner.worker_dir(id).join(stream.dir_name()),
+        offset: 0,
+        done: false,
+    };
     let mut cursors: Vec<Cursor> = ids
         .iter()
         .enumerate()
         .flat_map(|(worker, id)| streams.iter().map(move |s| (worker, id, *s)))
-        .map(|(worker, id, stream)| Cursor {
-            id: id.clone(),
-            worker,
-            stream,
-            dir: inner.worker_dir(id).join(stream.dir_name()),
-            offset: 0,
-            done: false,
-        })
+        .map(|(worker, id, stream)| cursor(worker, id, stream))
         .collect();
+    let mut known: HashSet<String> = ids.iter().cloned().collect();
     // The first read does not wait for the watcher to take the follower (a thread hop, slow on
     // a busy host): what is there is sent at once, and every worker is read again once the
-    // follower is registered, so that nothing written in between goes unnoticed.
+    // follower is registered, so that nothing written in between goes unnoticed. New workers
+    // are taken on the same way.
     let mut registering = follow
         .then(|| inner.output_watch())
         .flatten()
         .map(|w| w.begin(ids.clone()));
     let mut following: Option<follow::Following> = None;
+    let mut adding: Vec<(std::ops::Range<usize>, oneshot::Receiver<()>)> = Vec::new();
     // Without a watcher a follower looks every POLL, as polling did.
     let mut polls = follow && registering.is_none();
     if !from_start {
@@ -126,6 +144,17 @@ pub(super) async fn pump_output(
                     Ok(_) => {
                         if !follow || ended {
                             c.done = true;
+                            // A session follower learns that this stream is whole: a chunk
+                            // with no data, at its end.
+                            let end = OutputPiece {
+                                worker_id: c.id.clone(),
+                                stream: c.stream,
+                                offset: c.offset,
+                                data: Vec::new(),
+                            };
+                            if later.is_some() && tx.send(Ok(end)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Err(e) => {
@@ -140,7 +169,11 @@ pub(super) async fn pump_output(
                 }
             }
         }
-        if cursors.iter().all(|c| c.done) {
+        // A session follower goes on while its session is open: it may launch more.
+        let session_over = later
+            .as_ref()
+            .is_none_or(|l| !inner.session_open(&l.session));
+        if session_over && cursors.iter().all(|c| c.done) {
             return;
         }
         if let Some(r) = registering.take() {
@@ -149,6 +182,13 @@ pub(super) async fn pump_output(
             polls = f.unwatched;
             following = Some(f);
             news.fill(true);
+            continue;
+        }
+        if !adding.is_empty() {
+            for (workers, registered) in adding.drain(..) {
+                polls |= registered.await.is_err();
+                news[workers].fill(true);
+            }
             continue;
         }
         if news.iter().any(|n| *n) {
@@ -163,10 +203,63 @@ pub(super) async fn pump_output(
                 _ => std::future::pending().await,
             }
         };
+        let session_news = async {
+            match later.as_mut() {
+                Some(l) => tokio::select! {
+                    ev = l.events.recv() => SessionNews::Event(ev.map(Box::new)),
+                    _ = l.session_ends.changed() => SessionNews::Ended,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             got = woken => {
                 for w in got {
-                    news[w] = true;
+                    if let Some(n) = news.get_mut(w) {
+                        *n = true;
+                    }
+                }
+            }
+            got = session_news => {
+                let Some(l) = later.as_ref() else { continue };
+                let fresh: Vec<String> = match got {
+                    // The loop looks at the session again.
+                    SessionNews::Ended => continue,
+                    SessionNews::Event(Ok(rec)) => (rec.session_id.as_deref()
+                        == Some(l.session.as_str())
+                        && !known.contains(&rec.id))
+                    .then_some(rec.id)
+                    .into_iter()
+                    .collect(),
+                    // Too slow for the broadcast: the session's workers, as they are now.
+                    SessionNews::Event(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        let filter = Filter {
+                            session_id: Some(l.session.clone()),
+                            ..Default::default()
+                        };
+                        inner
+                            .select(&filter)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|r| r.id)
+                            .filter(|id| !known.contains(id))
+                            .collect()
+                    }
+                    // The host is going away.
+                    SessionNews::Event(Err(broadcast::error::RecvError::Closed)) => return,
+                };
+                if fresh.is_empty() {
+                    continue;
+                }
+                let first = news.len();
+                for id in &fresh {
+                    known.insert(id.clone());
+                    let worker = news.len();
+                    news.push(true);
+                    cursors.extend(streams.iter().map(|s| cursor(worker, id, *s)));
+                }
+                if let Some(f) = following.as_ref().filter(|f| !f.unwatched) {
+                    adding.push((first..news.len(), f.add(first, fresh)));
                 }
             }
             _ = tokio::time::sleep(follow::POLL), if polls => news.fill(true),
@@ -174,6 +267,11 @@ pub(super) async fn pump_output(
             _ = inner.shutdown.cancelled() => return,
         }
     }
+}
+
+enum SessionNews {
+    Event(std::result::Result<Box<WorkerRecord>, broadcast::error::RecvError>),
+    Ended,
 }
 
 impl Host {
@@ -187,6 +285,15 @@ impl Host {
             session_id: req.session_id.clone(),
             ..Default::default()
         };
+        // Subscribed first: a worker the session launches meanwhile is in one or the other.
+        let later = (req.new_workers && req.follow)
+            .then_some(req.session_id.as_ref())
+            .flatten()
+            .map(|s| NewWorkers {
+                session: s.clone(),
+                events: self.inner.events.subscribe(),
+                session_ends: self.inner.session_ends.subscribe(),
+            });
         let ids: Vec<String> = self
             .inner
             .select(&filter)?
@@ -208,6 +315,7 @@ impl Host {
                 streams,
                 req.follow,
                 req.from_start,
+                later,
                 tx,
             ),
         );
