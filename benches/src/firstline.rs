@@ -20,6 +20,9 @@
 //! launches, each with the pool refilled (`--session`: followed by a session follower);
 //! `BERTH_BENCH_MARKS=1` also prints every launch's marks.
 //!
+//! With the Python client's venv (`tests/clients/setup.sh`, or `--python PATH`), also the Python
+//! client's view: `launch_workers` in a session → the first line printed in the calling process.
+//!
 //! Needs root and Debian's numpy (`apt-get install python3-numpy`). Run from a release build:
 //! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N [--session]]`.
 
@@ -31,6 +34,72 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use berth_benches::{mono_us, ms, phase_marks, rss_pss_kib, Flags};
 use berth_tests::{pb, Client, Daemon, DaemonOptions};
+
+/// The Python client's view: `launch_workers` (show_output on, in a session) → the worker's
+/// first line printed in the calling process (`sys.stdout` replaced by a tap), per launch.
+/// Args: address, launches, code; prints one line per launch: `<seconds> <pooled 0|1>`.
+const PYTHON_CLIENT: &str = r#"
+import sys, threading, time
+import berth
+
+addr, n, code = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+out = sys.stdout
+printed = threading.Event()
+at = [0.0]
+
+class Tap:
+    def write(self, text):
+        if "] 1\n" in text and not printed.is_set():
+            at[0] = time.perf_counter()
+            printed.set()
+        return len(text)
+
+    def flush(self):
+        pass
+
+sys.stdout = Tap()
+client = berth.Client(addr, show_output=True)
+session = client.session(ttl=3600)
+for _ in range(n):
+    printed.clear()
+    t0 = time.perf_counter()
+    ws = session.launch_workers(n=1, cpu=1.0, memory=0.25, code=code)
+    if not printed.wait(60):
+        raise SystemExit("no first line within 60 s")
+    session.await_workers(ws)
+    out.write(f"{at[0] - t0:.6f} {int(ws[0]['pooled'])}\n")
+    out.flush()
+session.close()
+client.close()
+"#;
+
+/// The Python client's series (see [`PYTHON_CLIENT`]) of `n` launches of `code` against `d`,
+/// run by `python` (a venv with berth installed): (pooled, cold) first-line times.
+fn python_series(
+    python: &Path,
+    d: &Daemon,
+    code: &str,
+    n: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let out = Command::new(python)
+        .args(["-c", PYTHON_CLIENT, &d.addr(), &n.to_string(), code])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("the Python client's series failed: {}", out.status);
+    }
+    let (mut pooled, mut cold) = (Vec::new(), Vec::new());
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let (t, p) = l.split_once(' ').context("a line of the Python series")?;
+        let t = Duration::from_secs_f64(t.parse()?);
+        if p == "1" {
+            pooled.push(t);
+        } else {
+            cold.push(t);
+        }
+    }
+    Ok((pooled, cold))
+}
 
 const PRINT: &str = "print(1)";
 const NUMPY: &str = "import numpy; print(1)";
@@ -319,11 +388,14 @@ async fn main() -> Result<()> {
     let (mut launches, mut pool, mut phases): (usize, usize, usize) = (200, 4, 0);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flags = Flags::parse(
-        "usage: berth-bench-firstline [--launches N] [--pool N] [--phases N [--session]]",
+        "usage: berth-bench-firstline [--launches N] [--pool N] [--python PATH] [--phases N [--session]]",
         &args,
-        &["--launches", "--pool", "--phases"],
+        &["--launches", "--pool", "--phases", "--python"],
         &["--session"],
     )?;
+    // The Python client's venv, as tests/clients/setup.sh makes it.
+    let mut python = std::path::PathBuf::from("target/client-venv/bin/python");
+    flags.set("--python", &mut python)?;
     let session = flags.switch("--session");
     flags.set("--launches", &mut launches)?;
     flags.set("--pool", &mut pool)?;
@@ -369,6 +441,25 @@ async fn main() -> Result<()> {
             let (full, _, answers) = series(&d, code, launches, Some(pool), session).await?;
             summary("   each with the pool refilled", full, "");
             summary("     its LaunchWorkers answer", answers, "");
+        }
+        if python.exists() {
+            println!("pool  {code}, the Python client (launch_workers → line printed):");
+            let (pooled, cold) = python_series(&python, &d, code, launches)?;
+            let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
+            let n_pooled = pooled.len();
+            summary(
+                "   back to back, all",
+                all,
+                &format!(", {n_pooled} from the pool"),
+            );
+            if !pooled.is_empty() {
+                summary("     of which from the pool", pooled, "");
+            }
+        } else {
+            println!(
+                "(no {}: the Python client's series skipped; tests/clients/setup.sh makes it)",
+                python.display()
+            );
         }
         println!(
             "  idle pooled worker (preload [{preload}]): cgroup {:.1} MiB, RSS {:.1} MiB, PSS {:.1} MiB",

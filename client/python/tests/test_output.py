@@ -47,6 +47,31 @@ def test_show_output_false_keeps_it_quiet(berth_addr: str) -> None:
     assert "of " not in r.stderr
 
 
+QUIET_BESIDE_SHOWN = """
+import berth
+with berth.default_client().session() as s:
+    shown = s.launch_workers(n=1, cpu=0.1, memory=0.1, code="print('shown line')")
+    quiet = s.launch_workers(n=1, cpu=0.1, memory=0.1, code="print('quiet line')", show_output=False)
+    later = s.launch_workers(n=1, cpu=0.1, memory=0.1, code="import sys; sys.stdout.write('no newline')")
+    s.await_workers(shown + quiet + later, timeout_seconds=60)
+    print("ids", shown[0]["id"], quiet[0]["id"], later[0]["id"])
+"""
+
+
+def test_a_session_shows_its_launches_output_but_a_quiet_ones(berth_addr: str) -> None:
+    # One follower of the session's output shows every launch's workers (those launched after
+    # it began too) but for a launch made with show_output=False; a last line without newline
+    # is printed, ended, by the time await_workers returns.
+    r = run_python(QUIET_BESIDE_SHOWN)
+    assert r.returncode == 0, r.stderr
+    shown, quiet, later = r.stdout.splitlines()[-1].split()[1:]
+    out = r.stdout.splitlines()
+    assert f"[{shown}] shown line" in out
+    assert f"[{later}] no newline" in out
+    assert out.index(f"[{later}] no newline") < len(out) - 1  # printed before await returned
+    assert "quiet line" not in r.stdout and "quiet line" not in r.stderr
+
+
 def test_output_goes_to_sys_stdout_as_it_is_at_write_time(
     berth_addr: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -366,17 +366,30 @@ class _Lease(threading.Thread):
             return False
 
 
-class _OutputFollower(threading.Thread):
-    """Prints the output of one launch's workers as it comes (``StreamOutput`` with follow and
-    from_start), until they have all ended; resumes after a lost connection without repeating
-    a byte (the printer skips offsets it has printed)."""
+class _SessionOutput(threading.Thread):
+    """Prints the output of a session's workers as it comes: one ``StreamOutput`` of the session
+    with follow and ``new_workers``, opened before its first launch, so that a worker's first
+    line shows as soon as it is written, before its launch has even answered. Resumes after a
+    lost connection without repeating a byte (the printer skips offsets it has printed). Knows
+    when each worker's output is whole (the server marks each stream's end) and ends when the
+    session has ended.
 
-    def __init__(self, client: "Client", ids: List[str]) -> None:
-        super().__init__(name=f"berth-output-{ids[0]}", daemon=True)
-        self.ids = ids
+    A launch made with ``show_output=False`` hides its workers: while such a launch is on its
+    way, lines of workers not yet known are held back until it answers."""
+
+    def __init__(self, client: "Client", session_id: str) -> None:
+        super().__init__(name=f"berth-output-{session_id}", daemon=True)
+        self.session_id = session_id
         self._client = client
         self._halt = threading.Event()
         self._call: Optional[Any] = None
+        self._printer = LinePrinter()
+        self._cond = threading.Condition()
+        self._shown: Set[str] = set()
+        self._hidden: Set[str] = set()
+        self._hiding = 0  # launches with show_output=False not answered yet
+        self._held: List[Any] = []
+        self._whole: Dict[str, Set[int]] = {}
 
     def stop(self) -> None:
         self._halt.set()
@@ -384,8 +397,56 @@ class _OutputFollower(threading.Thread):
         if call is not None:
             call.cancel()
 
+    # What the session's launches say ---------------------------------------------------------
+
+    def launching(self, show: bool) -> None:
+        """A launch is on its way; ``show``: whether its output is to be printed."""
+        if not show:
+            with self._cond:
+                self._hiding += 1
+
+    def launched(self, show: bool, ids: List[str]) -> None:
+        """The launch answered with workers ``ids`` (none if it failed)."""
+        with self._cond:
+            (self._shown if show else self._hidden).update(ids)
+            if not show:
+                self._hiding -= 1
+            held, self._held = self._held, []
+            for chunk in held:
+                self._take(chunk)
+
+    def wait_whole(self, ids: Set[str], deadline: float) -> None:
+        """Waits until the output of every worker of ``ids`` this follower prints is whole, or
+        until ``deadline`` (``time.monotonic()``), or the follower's end."""
+        with self._cond:
+            while self.is_alive():
+                left = [i for i in ids if i in self._shown and len(self._whole.get(i, ())) < 2]
+                remaining = deadline - time.monotonic()
+                if not left or remaining <= 0:
+                    return
+                self._cond.wait(min(remaining, 0.1))
+
+    # The stream ------------------------------------------------------------------------------
+
+    def _take(self, chunk: Any) -> None:
+        """Prints ``chunk``, holds it back or drops it (under the lock: held chunks are printed
+        from the launching thread, in order)."""
+        wid = chunk.worker_id
+        with self._cond:
+            if wid in self._hidden or not self._client._showing_output():
+                return
+            if wid not in self._shown and self._hiding:
+                self._held.append(chunk)
+                return
+            if chunk.data:
+                self._printer.push(wid, chunk.stream, chunk.data, chunk.offset)
+                return
+            # A stream's end: its unfinished last line is written out.
+            self._printer.end(wid, chunk.stream)
+            self._whole.setdefault(wid, set()).add(chunk.stream)
+            self._cond.notify_all()
+
     def run(self) -> None:
-        printer = LinePrinter()
         conn = self._client._conn
         failures = 0
         try:
@@ -395,19 +456,16 @@ class _OutputFollower(threading.Thread):
                 except BerthError:
                     return
                 request = workers_pb2.StreamOutputRequest(
-                    ids=self.ids, follow=True, from_start=True
+                    session_id=self.session_id, follow=True, from_start=True, new_workers=True
                 )
                 try:
                     self._call = stub.StreamOutput(request)
                     if self._halt.is_set():
                         self._call.cancel()
                     for chunk in self._call:
-                        if not self._client._showing_output():
-                            self._call.cancel()
-                            return
-                        printer.push(chunk.worker_id, chunk.stream, chunk.data, chunk.offset)
+                        self._take(chunk)
                         failures = 0
-                    if self._all_ended():
+                    if self._session_ended():
                         return
                     # The stream ended early (a daemon shutting down ends it cleanly): resume.
                     failures += 1
@@ -415,7 +473,10 @@ class _OutputFollower(threading.Thread):
                     continue
                 except grpc.RpcError as e:
                     code = e.code() if isinstance(e, grpc.Call) else None
-                    if self._halt.is_set() or code == grpc.StatusCode.CANCELLED:
+                    if self._halt.is_set() or code in (
+                        grpc.StatusCode.CANCELLED,
+                        grpc.StatusCode.NOT_FOUND,
+                    ):
                         return
                     if (
                         code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
@@ -427,24 +488,25 @@ class _OutputFollower(threading.Thread):
                         self._halt.wait(min(0.1 * 2**failures, 2.0))
                         continue
                     err = from_rpc_error(e, t.addr)
-                    _write(STDERR, f"berth: output of {', '.join(self.ids)}: {err}\n")
+                    _write(STDERR, f"berth: output of session {self.session_id}: {err}\n")
                     return
         finally:
-            printer.finish()
+            with self._cond:
+                self._printer.finish()
+                self._cond.notify_all()
 
-    def _all_ended(self) -> bool:
-        """Whether every worker followed has ended, as the server says (a failed question: yes,
-        unless the server is coming back)."""
+    def _session_ended(self) -> bool:
+        """Whether the session has ended, as the server says (a failed question: yes, unless
+        the server is coming back)."""
         try:
-            ws = self._client._conn.call(
-                "ListWorkers", workers_pb2.ListWorkersRequest(ids=self.ids), timeout=10
-            ).workers
+            self._client._conn.call(
+                "KeepAlive", workers_pb2.KeepAliveRequest(session_id=self.session_id), timeout=10
+            )
         except Unavailable:
             return False
         except BerthError:
             return True
-        status = workers_pb2.WorkerStatus.Name
-        return all(status(w.status) in ENDED for w in ws)
+        return False
 
 
 class Session:
@@ -475,7 +537,7 @@ class Session:
         self._id: Optional[str] = None
         self._lease: Optional[_Lease] = None
         self._ended: Optional[str] = None
-        self._followers: List[_OutputFollower] = []
+        self._output: Optional[_SessionOutput] = None
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -626,16 +688,31 @@ class Session:
         req.session_id = self._open_id()
         # A retried launch (on the next replica) with the same id launches once.
         req.request_id = str(request_id) if request_id else uuid.uuid4().hex
-        resp = self.client._conn.call("LaunchWorkers", req, retry_safe=True)
-        workers = [to_dict(w) for w in resp.workers]
         show = self.client._showing_output() if show_output is None else show_output
-        if show and workers:
-            follower = _OutputFollower(self.client, [w["id"] for w in workers])
-            with self._lock:
-                self._followers = [f for f in self._followers if f.is_alive()]
-                self._followers.append(follower)
-            follower.start()
+        output = self._output_of(req.session_id) if show else self._output
+        if output is not None:
+            output.launching(show)
+        workers: List[Worker] = []
+        try:
+            resp = self.client._conn.call("LaunchWorkers", req, retry_safe=True)
+            workers = [to_dict(w) for w in resp.workers]
+        finally:
+            if output is not None:
+                output.launched(show, [w["id"] for w in workers])
         return workers
+
+    def _output_of(self, session_id: str) -> "_SessionOutput":
+        """The follower of this session's output, started (before the first launch it shows, so
+        that it follows that launch's workers from their first byte) if none runs."""
+        with self._lock:
+            out = self._output
+            if out is None or out.session_id != session_id or not out.is_alive():
+                if out is not None:
+                    out.stop()
+                out = _SessionOutput(self.client, session_id)
+                self._output = out
+                out.start()
+            return out
 
     def list_workers(
         self, all_sessions: bool = False, *, statuses: Optional[Iterable[Union[str, int]]] = None
@@ -758,22 +835,23 @@ class Session:
             call.cancel()
 
     def _drain_output(self, ended: Optional[Set[str]]) -> None:
-        """Gives the output threads whose workers have all ended a moment to print their last
-        lines (``ended`` None: every thread of the session)."""
+        """Gives the output follower a moment to print the last lines of the workers ``ended``
+        (None: the session ended; its follower ends once all is printed)."""
         deadline = time.monotonic() + _OUTPUT_DRAIN_S
         with self._lock:
-            followers = list(self._followers)
-        for f in followers:
-            if ended is None or all(i in ended for i in f.ids):
-                f.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._followers = [f for f in self._followers if f.is_alive()]
+            out = self._output
+        if out is None:
+            return
+        if ended is None:
+            out.join(max(0.0, deadline - time.monotonic()))
+        else:
+            out.wait_whole(ended, deadline)
 
     def _stop_output(self) -> None:
         with self._lock:
-            followers, self._followers = self._followers, []
-        for f in followers:
-            f.stop()
+            out, self._output = self._output, None
+        if out is not None:
+            out.stop()
 
 
 def _launch_request(

@@ -92,6 +92,13 @@ class LinePrinter:
             del pending[:cut]
             _write(stream, prefix_lines(worker_id, lines))
 
+    def end(self, worker_id: str, stream: int) -> None:
+        """The stream is whole: its unfinished last line is written out, ended."""
+        pending = self._pending.get((worker_id, stream))
+        if pending:
+            _write(stream, prefix_lines(worker_id, bytes(pending)))
+            pending.clear()
+
     def finish(self, worker_ids: Optional[Iterable[str]] = None) -> None:
         """Writes out the unfinished last lines (of ``worker_ids``, or of all), each ended."""
         wanted = None if worker_ids is None else set(worker_ids)
