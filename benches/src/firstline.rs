@@ -118,6 +118,23 @@ fn summary(name: &str, mut v: Vec<Duration>, extra: &str) {
     );
 }
 
+/// The summary of a back-to-back series: all its launches, those from the pool, the cold ones.
+fn back_to_back(pooled: Vec<Duration>, cold: Vec<Duration>) {
+    let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
+    let n_pooled = pooled.len();
+    summary(
+        "   back to back, all",
+        all,
+        &format!(", {n_pooled} from the pool"),
+    );
+    if !pooled.is_empty() {
+        summary("     of which from the pool", pooled, "");
+    }
+    if !cold.is_empty() {
+        summary("     of which cold (pool empty)", cold, "");
+    }
+}
+
 /// `/usr/bin/python3 -u -c CODE` to its first stdout line, bare.
 fn bare(code: &str, n: usize) -> Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(n);
@@ -425,19 +442,7 @@ async fn main() -> Result<()> {
         ] {
             println!("pool  {code}, {how}:");
             let (pooled, cold, _) = series(&d, code, launches, None, session).await?;
-            let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
-            let n_pooled = pooled.len();
-            summary(
-                "   back to back, all",
-                all,
-                &format!(", {n_pooled} from the pool"),
-            );
-            if !pooled.is_empty() {
-                summary("     of which from the pool", pooled, "");
-            }
-            if !cold.is_empty() {
-                summary("     of which cold (pool empty)", cold, "");
-            }
+            back_to_back(pooled, cold);
             let (full, _, answers) = series(&d, code, launches, Some(pool), session).await?;
             summary("   each with the pool refilled", full, "");
             summary("     its LaunchWorkers answer", answers, "");
@@ -445,16 +450,7 @@ async fn main() -> Result<()> {
         if python.exists() {
             println!("pool  {code}, the Python client (launch_workers → line printed):");
             let (pooled, cold) = python_series(&python, &d, code, launches)?;
-            let all: Vec<Duration> = pooled.iter().chain(&cold).copied().collect();
-            let n_pooled = pooled.len();
-            summary(
-                "   back to back, all",
-                all,
-                &format!(", {n_pooled} from the pool"),
-            );
-            if !pooled.is_empty() {
-                summary("     of which from the pool", pooled, "");
-            }
+            back_to_back(pooled, cold);
         } else {
             println!(
                 "(no {}: the Python client's series skipped; tests/clients/setup.sh makes it)",
