@@ -423,9 +423,9 @@ pub struct LogsArgs {
     /// Start at the current end instead of replaying what was written before.
     #[arg(long)]
     pub tail: bool,
-    /// With --session and --follow: also the workers the session launches from now on, until
-    /// the session has ended.
-    #[arg(long, requires_all = ["session", "follow"])]
+    /// With --session: follow the session, the workers it launches from now on too, until it
+    /// has ended (implies --follow).
+    #[arg(long, conflicts_with = "ids")]
     pub new_workers: bool,
 }
 
@@ -576,7 +576,6 @@ mod tests {
             &["stop", "--session", "s", "--all"],
             &["logs"],
             &["logs", "abc", "--stdout", "--stderr"],
-            &["logs", "--session", "s", "--new-workers"],
             &["logs", "-f", "abc", "--new-workers"],
             &["list", "--status", "sleeping"],
             &["frobnicate"],

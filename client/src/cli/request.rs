@@ -99,7 +99,7 @@ pub fn logs(a: &LogsArgs) -> pb::StreamOutputRequest {
     pb::StreamOutputRequest {
         ids: a.ids.clone(),
         session_id: a.session.clone().unwrap_or_default(),
-        follow: a.follow,
+        follow: a.follow || a.new_workers,
         from_start: !a.tail,
         streams,
         new_workers: a.new_workers,
@@ -260,6 +260,13 @@ mod tests {
         let r = logs(&a);
         assert!(!r.from_start);
         assert_eq!(r.streams, [pb::Stream::Stderr as i32]);
+        // A session's new workers are followed.
+        a.ids.clear();
+        a.session = Some("s".into());
+        a.follow = false;
+        a.new_workers = true;
+        let r = logs(&a);
+        assert!(r.follow && r.new_workers && r.session_id == "s");
     }
 
     #[test]
