@@ -1373,6 +1373,23 @@ async fn a_session_follower_takes_on_the_workers_its_session_launches() {
     assert_eq!(heard.ends[&(a.id.clone(), stdout)], 12);
     assert_eq!(heard.ends[&(a.id.clone(), pb::Stream::Stderr as i32)], 0);
     assert!(!heard.ends.contains_key(&(b.id.clone(), stdout)), "b runs");
+    // The ended workers are no longer watched for it: berthd's inotify watches come down to
+    // the running `b`'s (its directory and its stdout), not the 4 workers' ~8.
+    let pid = d.pid().expect("berthd's pid");
+    let watches = || {
+        std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|t| t.lines().filter(|l| l.starts_with("inotify wd:")).count())
+            .sum::<usize>()
+    };
+    let deadline = Instant::now() + within(10.0);
+    while watches() > 3 {
+        assert!(Instant::now() < deadline, "{} inotify watches", watches());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Its workers all ended does not end it while the session is open; closing the session
     // (which stops `b`) does, once b's streams are marked whole.
     let t = Instant::now();

@@ -87,6 +87,11 @@ enum Command {
     Unfollow {
         id: u64,
     },
+    /// Follower `id` is done with `worker` (it ended and all of its output was read).
+    Release {
+        id: u64,
+        worker: String,
+    },
     /// A worker's state changed (it ended): its followers look again.
     Changed {
         worker: String,
@@ -131,6 +136,23 @@ impl Following {
             self.bell.ring();
         }
         registered
+    }
+}
+
+impl Following {
+    /// Done with `worker`: its watches go unless another follower has it (a session's follower
+    /// holds only its live workers).
+    pub(super) fn release(&self, worker: &str) {
+        if self
+            .commands
+            .send(Command::Release {
+                id: self.id,
+                worker: worker.to_owned(),
+            })
+            .is_ok()
+        {
+            self.bell.ring();
+        }
     }
 }
 
@@ -417,6 +439,17 @@ impl Watcher {
                     e.followers.retain(|f| f.0 != id);
                     if e.followers.is_empty() {
                         self.forget(&w);
+                    }
+                }
+            }
+            Command::Release { id, worker } => {
+                if let Some(names) = self.followers.get_mut(&id) {
+                    names.retain(|n| *n != worker);
+                }
+                if let Some(e) = self.workers.get_mut(&worker) {
+                    e.followers.retain(|f| f.0 != id);
+                    if e.followers.is_empty() {
+                        self.forget(&worker);
                     }
                 }
             }
@@ -715,6 +748,24 @@ mod tests {
             woken(&f, SWEEP + Duration::from_secs(3)).await,
             Some(vec![0])
         );
+    }
+
+    #[tokio::test]
+    async fn a_released_worker_wakes_its_follower_no_more() {
+        let root = tempfile::tempdir().unwrap();
+        for w in ["w1", "w2"] {
+            std::fs::create_dir_all(root.path().join(w).join("stdout")).unwrap();
+        }
+        let ow = watch(root.path(), Default::default());
+        let f = ow.follow(vec!["w1".into(), "w2".into()]).await;
+        f.release("w1");
+        // The release reaches the watcher before the follow below, which waits for it.
+        let g = ow.follow(vec!["w2".into()]).await;
+        std::fs::write(root.path().join("w1/stdout/00000000000000000000.log"), "1").unwrap();
+        assert_eq!(woken(&f, Duration::from_millis(300)).await, None);
+        std::fs::write(root.path().join("w2/stdout/00000000000000000000.log"), "2").unwrap();
+        assert_eq!(woken(&f, Duration::from_secs(5)).await, Some(vec![1]));
+        assert_eq!(woken(&g, Duration::from_secs(5)).await, Some(vec![0]));
     }
 
     #[tokio::test]

@@ -27,6 +27,17 @@ pub(super) struct NewWorkers {
     pub(super) session_ends: watch::Receiver<u64>,
 }
 
+/// Where a follower is in one stream of one worker.
+struct Cursor {
+    id: String,
+    /// Index of the worker in the follower's list (`ids`, then the new workers).
+    worker: usize,
+    stream: StreamKind,
+    dir: PathBuf,
+    offset: u64,
+    done: bool,
+}
+
 /// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended (and with
 /// `later`, the workers of its session launched meanwhile too, until the session has ended). A
 /// follower reads when the output watcher (see `follow`) says that a worker's files changed or
@@ -40,15 +51,6 @@ pub(super) async fn pump_output(
     mut later: Option<NewWorkers>,
     tx: mpsc::Sender<Result<OutputPiece>>,
 ) {
-    struct Cursor {
-        id: String,
-        /// Index of the worker in the follower's list (`ids`, then the new workers).
-        worker: usize,
-        stream: StreamKind,
-        dir: PathBuf,
-        offset: u64,
-        done: bool,
-    }
     let cursor = |worker: usize, id: &str, stream: StreamKind| Cursor {
         id: id.to_owned(),
         worker,
@@ -91,6 +93,8 @@ pub(super) async fn pump_output(
     }
     // Workers whose cursors are to be read: all at first, then those with news.
     let mut news = vec![true; ids.len()];
+    // Workers no more watched for this follower (all their streams done).
+    let mut released = vec![false; ids.len()];
     loop {
         let todo: Vec<usize> = (0..cursors.len())
             .filter(|&i| !cursors[i].done && news[cursors[i].worker])
@@ -169,6 +173,13 @@ pub(super) async fn pump_output(
                 }
             }
         }
+        // A worker whose streams are all done is no more watched for this follower (a session's
+        // follower would otherwise hold every worker its session ever had).
+        if let Some(f) = following.as_ref() {
+            for &i in &todo {
+                release_if_done(f, &cursors, &mut released, cursors[i].worker);
+            }
+        }
         // A session follower goes on while its session is open: it may launch more.
         let session_over = later
             .as_ref()
@@ -179,6 +190,9 @@ pub(super) async fn pump_output(
         if let Some(r) = registering.take() {
             let f = r.registered().await;
             crate::phase!("follow_registered");
+            for w in 0..released.len() {
+                release_if_done(&f, &cursors, &mut released, w);
+            }
             polls = f.unwatched;
             following = Some(f);
             news.fill(true);
@@ -256,6 +270,7 @@ pub(super) async fn pump_output(
                     known.insert(id.clone());
                     let worker = news.len();
                     news.push(true);
+                    released.push(false);
                     cursors.extend(streams.iter().map(|s| cursor(worker, id, *s)));
                 }
                 if let Some(f) = following.as_ref().filter(|f| !f.unwatched) {
@@ -265,6 +280,21 @@ pub(super) async fn pump_output(
             _ = tokio::time::sleep(follow::POLL), if polls => news.fill(true),
             _ = tx.closed() => return,
             _ = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Releases worker `w` from `f` once all its streams are done. A worker's cursors are
+/// consecutive: one per stream asked for, in the order the workers were taken on.
+fn release_if_done(f: &follow::Following, cursors: &[Cursor], released: &mut [bool], w: usize) {
+    let per_worker = cursors.len() / released.len().max(1);
+    let Some(mine) = cursors.get(w * per_worker..(w + 1) * per_worker) else {
+        return;
+    };
+    if !released[w] && mine.iter().all(|c| c.done) {
+        released[w] = true;
+        if let Some(c) = mine.first() {
+            f.release(&c.id);
         }
     }
 }
