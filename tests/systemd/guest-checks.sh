@@ -77,8 +77,10 @@ ok "systemctl status shows berthd's STATUS= line: $status"
 ok "berthd.service stays a leaf; berth-workers.scope has Delegate=yes"
 
 echo "== workers"
-launched=$($B --json launch -n 2 --cpu 0.1 --memory 0.1 --network host -- \
-  /bin/sh -c 'i=0; while :; do echo $i; i=$((i + 1)); sleep 0.2; done') || fail "launch: $launched"
+# Bounded: one CI run hung here, silently, until the guest's 15 min ran out; a hang now fails
+# at once with berthd's status and journal.
+launched=$(timeout 60 $B --json launch -n 2 --cpu 0.1 --memory 0.1 --network host -- \
+  /bin/sh -c 'i=0; while :; do echo $i; i=$((i + 1)); sleep 0.2; done') || fail "launch (rc $?, 60 s bound): $launched"
 IDS=$(printf '%s' "$launched" | jq -r '[.workers[].id] | join(" ")')
 wait_for 30 all_running || fail "workers not RUNNING: $(statuses)"
 for id in $IDS; do
