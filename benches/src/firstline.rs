@@ -213,7 +213,11 @@ struct SessionFollower {
 }
 
 impl Follower {
-    async fn session(c: &Client) -> Result<Self> {
+    /// A session follower with `session`, else one opened after each answer.
+    async fn new(c: &Client, session: bool) -> Result<Self> {
+        if !session {
+            return Ok(Self::AfterAnswer);
+        }
         let session = berth_tests::open_session(c, 24 * 3600).await.id;
         let mut s = c
             .workers()
@@ -330,11 +334,7 @@ async fn series(
     session: bool,
 ) -> Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
     let c = d.client().await?;
-    let mut follower = if session {
-        Follower::session(&c).await?
-    } else {
-        Follower::AfterAnswer
-    };
+    let mut follower = Follower::new(&c, session).await?;
     let (mut pooled, mut cold, mut answers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         if let Some(k) = full {
@@ -483,11 +483,7 @@ async fn phase_breakdown(pool: usize, n: usize, session: bool) -> Result<()> {
     opts.args = vec!["--log-format".into(), "json".into()];
     let d = Daemon::start_with(opts).await?;
     let c = d.client().await?;
-    let mut follower = if session {
-        Follower::session(&c).await?
-    } else {
-        Follower::AfterAnswer
-    };
+    let mut follower = Follower::new(&c, session).await?;
     let mut at: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut launches = 0;
     for _ in 0..n {

@@ -1097,7 +1097,6 @@ impl Scheduler {
         });
     }
 
-    /// Whether a session id is one this scheduler holds or whose workers it sees.
     /// Whether this scheduler holds session `id` open.
     fn session_open(&self, id: &str) -> bool {
         self.sessions()
@@ -1105,6 +1104,7 @@ impl Scheduler {
             .is_some_and(|s| !s.session.expired(SystemTime::now()))
     }
 
+    /// Whether a session id is one this scheduler holds or whose workers it sees.
     fn session_known(&self, id: &str) -> bool {
         self.sessions().contains_key(id) || !self.view().session_hosts(id).is_empty()
     }
@@ -1774,13 +1774,8 @@ impl Scheduler {
         };
         let mut streams = Vec::new();
         for (h, r) in calls {
-            let Some((api, _)) = self.api_of(&h) else {
-                continue;
-            };
-            match api.output(r).await {
-                Ok(s) => streams.push(s),
-                Err(Error::NotFound(_)) => {}
-                Err(e) => return Err(e),
+            if let Some(s) = self.host_output(&h, r).await? {
+                streams.push(s);
             }
         }
         Ok(Box::pin(futures::stream::select_all(streams)))

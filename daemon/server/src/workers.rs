@@ -168,7 +168,6 @@ pub(crate) fn check_session_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// An optional `session_id` (a filter): empty means none, anything else must be well formed.
 /// `StreamOutputRequest.new_workers` follows a session: it needs `session_id` and `follow`, and
 /// takes no `ids`.
 fn check_new_workers(r: &pb::StreamOutputRequest) -> Result<()> {
@@ -187,6 +186,7 @@ fn check_new_workers(r: &pb::StreamOutputRequest) -> Result<()> {
     Err(Error::invalid("new_workers", why))
 }
 
+/// An optional `session_id` (a filter): empty means none, anything else must be well formed.
 fn optional_session_id(id: String) -> Result<Option<String>> {
     if id.is_empty() {
         Ok(None)

@@ -102,7 +102,6 @@ class LinePrinter:
     def finish(self, worker_ids: Optional[Iterable[str]] = None) -> None:
         """Writes out the unfinished last lines (of ``worker_ids``, or of all), each ended."""
         wanted = None if worker_ids is None else set(worker_ids)
-        for (wid, stream), pending in sorted(self._pending.items()):
-            if pending and (wanted is None or wid in wanted):
-                _write(stream, prefix_lines(wid, bytes(pending)))
-                pending.clear()
+        for wid, stream in sorted(self._pending):
+            if wanted is None or wid in wanted:
+                self.end(wid, stream)

@@ -117,54 +117,48 @@ pub(super) struct Following {
     bell: Arc<Doorbell>,
 }
 
+/// Sends `c` to the watcher thread and rings its bell; false when the thread is gone.
+fn tell(commands: &mpsc::Sender<Command>, bell: &Doorbell, c: Command) -> bool {
+    let sent = commands.send(c).is_ok();
+    if sent {
+        bell.ring();
+    }
+    sent
+}
+
 impl Following {
     /// Follows `workers` too, whose indices in this follower's list start at `first`; the
     /// receiver says when the watcher has them (an error: it is gone, and the follower polls).
     pub(super) fn add(&self, first: usize, workers: Vec<String>) -> oneshot::Receiver<()> {
         let (done, registered) = oneshot::channel();
-        let workers = (first..).zip(workers).collect();
-        if self
-            .commands
-            .send(Command::Follow {
-                id: self.id,
-                workers,
-                wake: self.wake.clone(),
-                done,
-            })
-            .is_ok()
-        {
-            self.bell.ring();
-        }
+        let follow = Command::Follow {
+            id: self.id,
+            workers: (first..).zip(workers).collect(),
+            wake: self.wake.clone(),
+            done,
+        };
+        tell(&self.commands, &self.bell, follow);
         registered
     }
-}
 
-impl Following {
     /// Done with `worker`: its watches go unless another follower has it (a session's follower
     /// holds only its live workers).
     pub(super) fn release(&self, worker: &str) {
-        if self
-            .commands
-            .send(Command::Release {
-                id: self.id,
-                worker: worker.to_owned(),
-            })
-            .is_ok()
-        {
-            self.bell.ring();
-        }
+        let release = Command::Release {
+            id: self.id,
+            worker: worker.to_owned(),
+        };
+        tell(&self.commands, &self.bell, release);
     }
 }
 
 impl Drop for Following {
     fn drop(&mut self) {
-        if self
-            .commands
-            .send(Command::Unfollow { id: self.id })
-            .is_ok()
-        {
-            self.bell.ring();
-        }
+        tell(
+            &self.commands,
+            &self.bell,
+            Command::Unfollow { id: self.id },
+        );
     }
 }
 
@@ -229,15 +223,15 @@ impl OutputWatch {
         let wake = Arc::new(Wake::new());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, registered) = oneshot::channel();
-        let sent = self.commands.send(Command::Follow {
+        let follow = Command::Follow {
             id,
             workers: workers.into_iter().enumerate().collect(),
             wake: wake.clone(),
             done,
-        });
-        self.bell.ring();
+        };
+        let sent = tell(&self.commands, &self.bell, follow);
         Registering {
-            registered: sent.is_ok().then_some(registered),
+            registered: sent.then_some(registered),
             following: Following {
                 wake,
                 unwatched: false,
@@ -273,15 +267,10 @@ impl Registering {
 impl OutputWatch {
     /// Worker `id` changed state (ended): its followers look again.
     pub(super) fn changed(&self, worker: &str) {
-        if self
-            .commands
-            .send(Command::Changed {
-                worker: worker.to_owned(),
-            })
-            .is_ok()
-        {
-            self.bell.ring();
-        }
+        let changed = Command::Changed {
+            worker: worker.to_owned(),
+        };
+        tell(&self.commands, &self.bell, changed);
     }
 }
 

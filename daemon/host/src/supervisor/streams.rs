@@ -1,10 +1,9 @@
 //! Output of workers as clients read it: from the files their shims write, from an offset,
 //! following them until they end (woken by `follow` when there is something to read).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-use std::collections::HashSet;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
