@@ -175,13 +175,7 @@ async fn a_session_on_the_scheduler_ends_workers_on_every_host() {
         })
         .await
         .unwrap();
-    c.workers()
-        .close_session(pb::CloseSessionRequest {
-            session_id: session.id.clone(),
-            grace_seconds: Some(1),
-        })
-        .await
-        .unwrap();
+    berth_tests::close_session(&c, &session.id, 1).await;
     for h in &hosts {
         for (id, (_, status)) in listing(&h.client().await.unwrap()).await {
             assert_eq!(
@@ -446,13 +440,7 @@ async fn a_session_follower_on_the_scheduler_hears_every_host() {
             }
         }
     }
-    c.workers()
-        .close_session(pb::CloseSessionRequest {
-            session_id: session.id.clone(),
-            grace_seconds: Some(1),
-        })
-        .await
-        .unwrap();
+    berth_tests::close_session(&c, &session.id, 1).await;
     tokio::time::timeout(scaled(Duration::from_secs(20)), async {
         while stream.message().await.unwrap().is_some() {}
     })

@@ -1393,13 +1393,7 @@ async fn a_session_follower_takes_on_the_workers_its_session_launches() {
     // Its workers all ended does not end it while the session is open; closing the session
     // (which stops `b`) does, once b's streams are marked whole.
     let t = Instant::now();
-    c.workers()
-        .close_session(pb::CloseSessionRequest {
-            session_id: s.id.clone(),
-            grace_seconds: Some(1),
-        })
-        .await
-        .unwrap();
+    berth_tests::close_session(&c, &s.id, 1).await;
     let rest = tokio::time::timeout(within(20.0), async {
         let mut rest = Vec::new();
         while let Some(ch) = stream.message().await.unwrap() {

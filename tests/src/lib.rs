@@ -1188,6 +1188,20 @@ pub async fn await_running(c: &Client, ids: &[String]) -> Vec<pb::Worker> {
     r.workers
 }
 
+/// Closes session `id` (its workers get `grace_seconds` between SIGTERM and SIGKILL); returns
+/// the workers it stopped.
+pub async fn close_session(c: &Client, id: &str, grace_seconds: u32) -> Vec<pb::Worker> {
+    c.workers()
+        .close_session(pb::CloseSessionRequest {
+            session_id: id.to_owned(),
+            grace_seconds: Some(grace_seconds),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stopped
+}
+
 /// Opens a session with a lease of `ttl_seconds`.
 pub async fn open_session(c: &Client, ttl_seconds: u32) -> pb::Session {
     c.workers()
