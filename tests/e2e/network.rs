@@ -390,6 +390,19 @@ async fn egress_off_and_addresses_run_out() {
         host_end.starts_with("bq") || host_end == format!("bv{}", w.id),
         "{host_end}"
     );
+    // One queue each way: asked for at creation, so the kernel never cuts a per-CPU set down
+    // (which waits for an RCU grace period under the rtnl lock, on every launch).
+    // (`ip link add` here would get one per possible CPU.)
+    let link = Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", &host_end])
+        .output()
+        .unwrap();
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
+    assert_eq!(
+        (&link[0]["num_tx_queues"], &link[0]["num_rx_queues"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{link}"
+    );
     let route_get = |dst: &str| {
         let out = Command::new("ip")
             .args([

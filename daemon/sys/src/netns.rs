@@ -1165,11 +1165,19 @@ fn create_veth(
     host_end: &str,
     ns: &OwnedFd,
 ) -> StepResult<(u32, u32)> {
+    // One queue each way on both ends, asked for: left out, the kernel makes one per CPU and
+    // then cuts each end's TX queues down to one, which waits for an RCU grace period under the
+    // rtnl lock (synchronize_net in netif_set_real_num_tx_queues): two grace periods per pair,
+    // during which no other namespace, link or route of the host can change.
     let peer: LinkMessage = LinkUnspec::new_with_name("eth0")
         .setns_by_fd(ns.as_raw_fd())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .build();
     let veth = LinkVeth::new(host_end, "eth0")
         .address(HOST_END_MAC.to_vec())
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     at(
