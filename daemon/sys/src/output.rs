@@ -105,6 +105,16 @@ impl SegmentWriter {
         })
     }
 
+    /// Makes the directory and the current segment now rather than at the first write: for a
+    /// worker that waits to be claimed (a pooled one), so that a follower holds its segment
+    /// open (see [`Tail`]) before its first byte.
+    pub fn start(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            self.start_segment(self.base)?;
+        }
+        Ok(())
+    }
+
     /// Offset of the next byte to be written.
     pub fn end(&self) -> u64 {
         self.base + self.len
@@ -239,7 +249,18 @@ pub fn stream_end(dir: &Path) -> io::Result<u64> {
 /// Reads up to `max` bytes of the stream in `dir` from `offset`. Bytes that were rotated away are
 /// skipped: the result then starts at the oldest kept offset.
 pub fn read_stream(dir: &Path, offset: u64, max: usize) -> io::Result<ReadResult> {
+    read_stream_tail(dir, offset, max).map(|(r, _)| r)
+}
+
+/// [`read_stream`], which also gives the stream's last segment open when the read reached it,
+/// for the next read to try [`Tail::read_cached`] first.
+pub fn read_stream_tail(
+    dir: &Path,
+    offset: u64,
+    max: usize,
+) -> io::Result<(ReadResult, Option<Tail>)> {
     let segs = list_segments(dir)?;
+    let mut tail = None;
     let mut out = Vec::new();
     let mut start = None;
     let mut pos = offset;
@@ -258,7 +279,13 @@ pub fn read_stream(dir: &Path, offset: u64, max: usize) -> io::Result<ReadResult
         f.seek(SeekFrom::Start(from - base))?;
         let want = max - out.len();
         let mut buf = Vec::with_capacity(want.min(1 << 20));
-        f.take(want as u64).read_to_end(&mut buf)?;
+        (&mut f).take(want as u64).read_to_end(&mut buf)?;
+        if next.is_none() {
+            tail = Some(Tail {
+                file: f,
+                base: *base,
+            });
+        }
         if buf.is_empty() {
             if next.is_none() {
                 break;
@@ -276,10 +303,63 @@ pub fn read_stream(dir: &Path, offset: u64, max: usize) -> io::Result<ReadResult
             break;
         }
     }
-    Ok(ReadResult {
+    let read = ReadResult {
         offset: start.unwrap_or(offset.max(segs.first().copied().unwrap_or(0))),
         data: out,
-    })
+    };
+    Ok((read, tail))
+}
+
+/// The last segment of a stream, kept open by a reader between reads ([`read_stream_tail`]).
+#[derive(Debug)]
+pub struct Tail {
+    file: File,
+    /// The stream offset of the segment's first byte, which its file's name says while the
+    /// file is that segment.
+    base: u64,
+}
+
+impl Tail {
+    /// Reads up to `max` bytes of the stream from `offset` out of this segment, from the page
+    /// cache only: `fstat`, `preadv2` with `RWF_NOWAIT` and a `/proc/self/fd` link never wait
+    /// for a disk, so an async thread may call it. `None` where that gives nothing: no new byte
+    /// here (the stream may have moved on to a new segment), bytes not in the cache, an offset
+    /// before this segment, or a file that is no longer this segment (rotated away, or moved on
+    /// past a gap of dropped output): a blocking [`read_stream_tail`] then reads.
+    pub fn read_cached(&self, offset: u64, max: usize) -> Option<ReadResult> {
+        use std::os::fd::AsRawFd;
+        let at = offset.checked_sub(self.base)?;
+        let size = self.file.metadata().ok()?.len();
+        let want = usize::try_from(size.checked_sub(at)?).ok()?.min(max);
+        if want == 0 {
+            return None;
+        }
+        let mut data = vec![0u8; want];
+        let iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        // SAFETY: the iovec points at `want` writable bytes of `data`, which outlives the call;
+        // the fd is this Tail's open file.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                libc::off_t::try_from(at).ok()?,
+                libc::RWF_NOWAIT,
+            )
+        };
+        let n = usize::try_from(n).ok().filter(|&n| n > 0)?;
+        data.truncate(n);
+        // After the read: a file renamed before the bytes were written into it (the only
+        // renames are of empty segments) shows its new name here, one rotated away
+        // "NAME (deleted)".
+        let link = fs::read_link(format!("/proc/self/fd/{}", self.file.as_raw_fd())).ok()?;
+        let name = segment_name(self.base);
+        (link.file_name() == Some(std::ffi::OsStr::new(&name)))
+            .then_some(ReadResult { offset, data })
+    }
 }
 
 #[cfg(test)]
@@ -291,6 +371,47 @@ mod tests {
             segment_bytes: seg,
             segments: n,
         }
+    }
+
+    #[test]
+    fn a_held_tail_reads_new_bytes_until_its_segment_moves_on() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = SegmentWriter::open(d.path(), rot(8, 2)).unwrap();
+        w.write(b"abc").unwrap();
+        let (r, tail) = read_stream_tail(d.path(), 0, 100).unwrap();
+        assert_eq!((r.offset, r.data.as_slice()), (0, &b"abc"[..]));
+        let tail = tail.expect("the last segment is held");
+        assert_eq!(tail.read_cached(3, 100), None, "nothing new yet");
+        w.write(b"de").unwrap();
+        let got = |t: &Tail, from, max| t.read_cached(from, max).map(|r| (r.offset, r.data));
+        assert_eq!(got(&tail, 3, 100), Some((3, b"de".to_vec())));
+        assert_eq!(got(&tail, 3, 1), Some((3, b"d".to_vec())));
+        // The segment fills at 8 bytes; the rest goes to the next one, which the tail has not.
+        w.write(b"fghij").unwrap();
+        assert_eq!(got(&tail, 5, 100), Some((5, b"fgh".to_vec())));
+        assert_eq!(got(&tail, 8, 100), None);
+        let (r, next) = read_stream_tail(d.path(), 8, 100).unwrap();
+        assert_eq!((r.offset, r.data.as_slice()), (8, &b"ij"[..]));
+        assert_eq!(got(&next.unwrap(), 9, 100), Some((9, b"j".to_vec())));
+        // Rotated away (two segments kept): its bytes are no more read through it.
+        w.write(b"klmnopqr").unwrap();
+        assert_eq!(list_segments(d.path()).unwrap(), vec![8, 16]);
+        assert_eq!(got(&tail, 0, 100), None);
+        // An empty segment renamed past a gap of dropped output, then written: its bytes are at
+        // other offsets than the held name says, so they are left to a full read.
+        let (_, held) = read_stream_tail(d.path(), 18, 100).unwrap();
+        assert_eq!(got(held.as_ref().unwrap(), 18, 100), None);
+        fs::rename(
+            d.path().join(segment_name(16)),
+            d.path().join(segment_name(40)),
+        )
+        .unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(d.path().join(segment_name(40)))
+            .unwrap();
+        f.write_all(b"stu").unwrap();
+        assert_eq!(got(held.as_ref().unwrap(), 16, 100), None);
     }
 
     #[test]

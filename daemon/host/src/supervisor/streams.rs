@@ -35,7 +35,15 @@ struct Cursor {
     dir: PathBuf,
     offset: u64,
     done: bool,
+    /// The stream's last segment, held open from the last read that reached it (at most
+    /// [`HELD_TAILS`] per follower): new bytes are read from it on the async thread, from the page
+    /// cache, without a hop to a blocking thread and back (0.2 ms of a first line here).
+    tail: Option<output::Tail>,
 }
+
+/// How many streams' last segments one follower holds open (see [`Cursor::tail`]); the others
+/// are read on a blocking thread each time.
+const HELD_TAILS: usize = 16;
 
 /// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended (and with
 /// `later`, the workers of its session launched meanwhile too, until the session has ended). A
@@ -57,6 +65,7 @@ pub(super) async fn pump_output(
         dir: inner.worker_dir(id).join(stream.dir_name()),
         offset: 0,
         done: false,
+        tail: None,
     };
     let mut cursors: Vec<Cursor> = ids
         .iter()
@@ -106,26 +115,54 @@ pub(super) async fn pump_output(
                 .iter()
                 .map(|&i| inner.status(&cursors[i].id).is_none_or(|s| s.is_terminal()))
                 .collect();
-            let reads: Vec<(PathBuf, u64)> = todo
+            // New bytes in a held segment's page cache first; the rest on a blocking thread.
+            let mut results: Vec<Option<std::io::Result<output::ReadResult>>> = todo
                 .iter()
-                .map(|&i| (cursors[i].dir.clone(), cursors[i].offset))
+                .map(|&i| {
+                    let c = &cursors[i];
+                    let t = c.tail.as_ref()?;
+                    t.read_cached(c.offset, CHUNK).map(Ok)
+                })
                 .collect();
-            let results = match tokio::task::spawn_blocking(move || {
-                reads
-                    .into_iter()
-                    .map(|(d, o)| output::read_stream(&d, o, CHUNK))
-                    .collect::<Vec<_>>()
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Error::Internal(format!("read output: {e}"))))
-                        .await;
-                    return;
+            let slow: Vec<usize> = (0..todo.len()).filter(|&k| results[k].is_none()).collect();
+            if !slow.is_empty() {
+                let reads: Vec<(PathBuf, u64)> = slow
+                    .iter()
+                    .map(|&k| (cursors[todo[k]].dir.clone(), cursors[todo[k]].offset))
+                    .collect();
+                let read = tokio::task::spawn_blocking(move || {
+                    reads
+                        .into_iter()
+                        .map(|(d, o)| output::read_stream_tail(&d, o, CHUNK))
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                let read = match read {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Error::Internal(format!("read output: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let mut held = cursors.iter().filter(|c| c.tail.is_some()).count();
+                for (&k, res) in slow.iter().zip(read) {
+                    let c = &mut cursors[todo[k]];
+                    held -= usize::from(c.tail.is_some());
+                    c.tail = None;
+                    results[k] = Some(res.map(|(r, tail)| {
+                        if held < HELD_TAILS {
+                            c.tail = tail;
+                            held += usize::from(c.tail.is_some());
+                        }
+                        r
+                    }));
                 }
-            };
+            }
+            let results = results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("output not read"))));
             for ((&i, res), ended) in todo.iter().zip(results).zip(ended) {
                 let c = &mut cursors[i];
                 match res {
@@ -147,6 +184,7 @@ pub(super) async fn pump_output(
                     Ok(_) => {
                         if !follow || ended {
                             c.done = true;
+                            c.tail = None;
                             // A session follower learns that this stream is whole: a chunk
                             // with no data, at its end.
                             let end = OutputPiece {

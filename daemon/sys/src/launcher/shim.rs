@@ -371,12 +371,19 @@ struct Started {
 /// spare none of those drops.
 fn start_worker(dir: &Path, spec: &ShimSpec, bounding: Option<u64>) -> Result<Started, String> {
     let setup = |e: io::Error| e.to_string();
-    let writers = [
+    let mut writers = [
         SegmentWriter::open(&dir.join(StreamKind::Stdout.dir_name()), spec.rotation)
             .map_err(setup)?,
         SegmentWriter::open(&dir.join(StreamKind::Stderr.dir_name()), spec.rotation)
             .map_err(setup)?,
     ];
+    if spec.creds.as_ref().is_some_and(|c| c.pooled) {
+        // Its files exist before its claim, so its followers read its first line as soon as
+        // it is written (see `output::Tail`). Else they come with the first write.
+        for w in &mut writers {
+            let _ = w.start();
+        }
+    }
     let program = cstr(spec.program.as_os_str().as_bytes(), "program").map_err(setup)?;
     let argv: Vec<CString> = spec
         .argv
