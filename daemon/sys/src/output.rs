@@ -60,7 +60,8 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
 }
 
 /// Appends to one stream with rotation. Used by the shim only (single writer per stream). The
-/// directory and first segment are created on the first write, so a silent worker costs no files.
+/// directory and first segment are created on the first write, so a silent worker costs no files
+/// (a pooled worker's are made at once: [`SegmentWriter::start`]).
 ///
 /// A write that fails (a full disk, an I/O error) drops what it could not write and never blocks
 /// the worker: the current segment ends where its last byte landed and the next one starts after
