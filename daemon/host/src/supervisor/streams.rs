@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -35,15 +36,42 @@ struct Cursor {
     dir: PathBuf,
     offset: u64,
     done: bool,
-    /// The stream's last segment, held open from the last read that reached it (at most
-    /// [`HELD_TAILS`] per follower): new bytes are read from it on the async thread, from the page
-    /// cache, without a hop to a blocking thread and back (0.2 ms of a first line here).
-    tail: Option<output::Tail>,
+    /// The stream's last segment, held open from the last read that reached it (see [`Held`]):
+    /// new bytes are read from it on the async thread, from the page cache, without a hop to a
+    /// blocking thread and back (0.2 ms of a first line here).
+    tail: Option<Held>,
 }
 
 /// How many streams' last segments one follower holds open (see [`Cursor::tail`]); the others
 /// are read on a blocking thread each time.
 const HELD_TAILS: usize = 16;
+
+/// How many all followers together hold open: each is a file descriptor of the daemon's, and
+/// ten thousand idle follows must not take the daemon's descriptors from its workers.
+const HELD_MAX: usize = 128;
+
+/// Segments held open now, by every follower (at most [`HELD_MAX`]).
+static HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// A stream's last segment held open by a follower, counted in [`HELD`] while it lives.
+struct Held(output::Tail);
+
+impl Held {
+    /// Holds `tail` if the daemon-wide count allows one more.
+    fn new(tail: output::Tail) -> Option<Self> {
+        if HELD.fetch_add(1, Ordering::Relaxed) >= HELD_MAX {
+            HELD.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self(tail))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        HELD.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Sends the output of `ids` to `tx`; with `follow`, until every worker has ended (and with
 /// `later`, the workers of its session launched meanwhile too, until the session has ended). A
@@ -121,7 +149,7 @@ pub(super) async fn pump_output(
                 .map(|&i| {
                     let c = &cursors[i];
                     let t = c.tail.as_ref()?;
-                    t.read_cached(c.offset, CHUNK).map(Ok)
+                    t.0.read_cached(c.offset, CHUNK).map(Ok)
                 })
                 .collect();
             let slow: Vec<usize> = (0..todo.len()).filter(|&k| results[k].is_none()).collect();
@@ -153,7 +181,7 @@ pub(super) async fn pump_output(
                     c.tail = None;
                     results[k] = Some(res.map(|(r, tail)| {
                         if held < HELD_TAILS {
-                            c.tail = tail;
+                            c.tail = tail.and_then(Held::new);
                             held += usize::from(c.tail.is_some());
                         }
                         r
