@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use berth_core::ipam::Subnet;
 use berth_sys::cgroup::{join_file, CgroupVersion};
+use berth_sys::netns::one_queue;
 use berth_tests::{pb, Client, TestNet};
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -310,16 +311,11 @@ pub fn floor_once(subnet: Subnet, ip: Ipv4Addr, name: String) -> Result<Duration
                 .await?;
             // One queue per end, as berth asks (see `berth_sys::netns::create_veth`): the
             // least kernel work a veth pair takes.
-            let peer = LinkUnspec::new_with_name("eth0")
-                .setns_by_fd(ns.as_raw_fd())
-                .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-                .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-                .build();
+            let peer =
+                one_queue(LinkUnspec::new_with_name("eth0").setns_by_fd(ns.as_raw_fd())).build();
             host.link()
                 .add(
-                    LinkVeth::new(&name, "eth0")
-                        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-                        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+                    one_queue(LinkVeth::new(&name, "eth0"))
                         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
                         .build(),
                 )

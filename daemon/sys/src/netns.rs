@@ -63,9 +63,14 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{AddressMessageBuilder, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    AddressMessageBuilder, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
 
 use berth_core::ipam::Subnet;
+
+use crate::fs_magic;
 
 /// MAC address of every host end of a worker veth. Each pair is its own link, so one address
 /// serves all of them, and each worker's neighbour entry for its gateway is known in advance.
@@ -544,16 +549,6 @@ fn list_dir(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The file system type (`statfs` magic) of `path`.
-fn fs_magic(path: &Path) -> Option<i64> {
-    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: c is a valid NUL-terminated path and st a valid out-pointer.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::statfs(c.as_ptr(), &mut st) == 0).then_some(st.f_type as i64)
-    }
 }
 
 /// Whether `path` is a mounted namespace file.
@@ -1156,6 +1151,16 @@ fn configure_routed(
     configure_addresses(cfg, host, inner, index, id, eth0, ip)
 }
 
+/// Asks for one TX and one RX queue on the link `b` makes (each end of a veth pair). Left out,
+/// the kernel makes one per possible CPU and then cuts each end's TX queues down to one, which
+/// waits for an RCU grace period under the rtnl lock (`synchronize_net` in
+/// `netif_set_real_num_tx_queues`): two grace periods per pair, during which no other
+/// namespace, link or route of the host can change.
+pub fn one_queue<T>(b: LinkMessageBuilder<T>) -> LinkMessageBuilder<T> {
+    b.append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+}
+
 /// Creates the veth pair `host_end` ⇄ eth0 with eth0 made directly inside the namespace `ns`
 /// (down: a veth end cannot be brought up before its pair is complete). Returns the link
 /// indexes of the host end and of eth0.
@@ -1165,19 +1170,9 @@ fn create_veth(
     host_end: &str,
     ns: &OwnedFd,
 ) -> StepResult<(u32, u32)> {
-    // One queue each way on both ends, asked for: left out, the kernel makes one per CPU and
-    // then cuts each end's TX queues down to one, which waits for an RCU grace period under the
-    // rtnl lock (synchronize_net in netif_set_real_num_tx_queues): two grace periods per pair,
-    // during which no other namespace, link or route of the host can change.
-    let peer: LinkMessage = LinkUnspec::new_with_name("eth0")
-        .setns_by_fd(ns.as_raw_fd())
-        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
-        .build();
-    let veth = LinkVeth::new(host_end, "eth0")
-        .address(HOST_END_MAC.to_vec())
-        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
-        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
+    let peer: LinkMessage =
+        one_queue(LinkUnspec::new_with_name("eth0").setns_by_fd(ns.as_raw_fd())).build();
+    let veth = one_queue(LinkVeth::new(host_end, "eth0").address(HOST_END_MAC.to_vec()))
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     at(
