@@ -318,16 +318,11 @@ pub fn read_stream_tail(
 /// with a reader and a writer of output spinning in the kernel (not shown to be this read; the
 /// read is kept where it is known to work).
 fn nowait_reads(f: &File) -> bool {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     const EXT4: i64 = 0xEF53;
     const XFS: i64 = 0x5846_5342;
     const BTRFS: i64 = 0x9123_683E;
-    // SAFETY: fstatfs writes into the zeroed statfs we own; the fd is f's, open.
-    let magic = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        (libc::fstatfs(f.as_raw_fd(), &mut st) == 0).then_some(st.f_type as i64)
-    };
-    matches!(magic, Some(EXT4 | XFS | BTRFS))
+    matches!(crate::fd_fs_magic(f.as_fd()), Some(EXT4 | XFS | BTRFS))
 }
 
 /// The last segment of a stream, kept open by a reader between reads ([`read_stream_tail`]).
