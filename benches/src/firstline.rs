@@ -18,13 +18,18 @@
 //! With `--phases N` instead: where a pooled `print(1)` launch's time goes, as the median time
 //! after the call of each of berthd's `berth_phase` marks (see `berth_host::phase`) over N
 //! launches, each with the pool refilled (`--session`: followed by a session follower);
-//! `BERTH_BENCH_MARKS=1` also prints every launch's marks.
+//! `BERTH_BENCH_MARKS=1` also prints every launch's marks. With `--back-to-back`: only the
+//! back-to-back series with a session follower, pooled, for both lines (quick A/B runs of two
+//! builds through `BERTH_BIN_DIR`); with `--phases N` too, the marks of those of N back-to-back
+//! launches that the pool served (`--pause MS` between a launch's end and the next: what the
+//! previous worker's exit and teardown cost the next one).
 //!
 //! With the Python client's venv (`tests/clients/setup.sh`, or `--python PATH`), also the Python
 //! client's view: `launch_workers` in a session → the first line printed in the calling process.
 //!
 //! Needs root and Debian's numpy (`apt-get install python3-numpy`). Run from a release build:
-//! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N [--session]]`.
+//! `target/release/berth-bench-firstline [--launches 200] [--pool 4] [--phases N [--session]
+//! [--pause MS]] [--back-to-back]`.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -255,7 +260,7 @@ async fn first_line(
     code: &str,
     follower: &mut Follower,
 ) -> Result<(Duration, Duration, bool)> {
-    let (first, answered, pooled, _) = first_line_marked(c, code, follower).await?;
+    let (first, answered, pooled, _, _) = first_line_marked(c, code, follower).await?;
     Ok((first, answered, pooled))
 }
 
@@ -265,7 +270,7 @@ async fn first_line_marked(
     c: &Client,
     code: &str,
     follower: &mut Follower,
-) -> Result<(Duration, Duration, bool, u64)> {
+) -> Result<(Duration, Duration, bool, u64, String)> {
     let req = pb::LaunchWorkersRequest {
         n: 1,
         cpu: 1.0,
@@ -298,7 +303,7 @@ async fn first_line_marked(
         }
         // Untimed, as below.
         berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
-        return Ok((at.duration_since(t0), answered, w.pooled, sent));
+        return Ok((at.duration_since(t0), answered, w.pooled, sent, w.id));
     }
     let mut s = c
         .workers()
@@ -318,7 +323,7 @@ async fn first_line_marked(
             // neither a quota nor the host's capacity shapes the figure).
             drop(s);
             berth_tests::await_all(c, std::slice::from_ref(&w.id)).await?;
-            return Ok((first, answered, w.pooled, sent));
+            return Ok((first, answered, w.pooled, sent, w.id));
         }
     }
     bail!("worker {} ended without a line", w.id)
@@ -402,13 +407,14 @@ async fn main() -> Result<()> {
     if !berth_tests::is_root() {
         bail!("needs root (cgroups, network namespaces)");
     }
-    let (mut launches, mut pool, mut phases): (usize, usize, usize) = (200, 4, 0);
+    let (mut launches, mut pool, mut phases, mut pause_ms): (usize, usize, usize, u64) =
+        (200, 4, 0, 0);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flags = Flags::parse(
-        "usage: berth-bench-firstline [--launches N] [--pool N] [--python PATH] [--phases N [--session]]",
+        "usage: berth-bench-firstline [--launches N] [--pool N] [--python PATH] [--phases N [--session] [--pause MS]] [--back-to-back]",
         &args,
-        &["--launches", "--pool", "--phases", "--python"],
-        &["--session"],
+        &["--launches", "--pool", "--phases", "--python", "--pause"],
+        &["--session", "--back-to-back"],
     )?;
     // The Python client's venv, as tests/clients/setup.sh makes it.
     let mut python = std::path::PathBuf::from("target/client-venv/bin/python");
@@ -417,8 +423,14 @@ async fn main() -> Result<()> {
     flags.set("--launches", &mut launches)?;
     flags.set("--pool", &mut pool)?;
     flags.set("--phases", &mut phases)?;
+    flags.set("--pause", &mut pause_ms)?;
+    let only_back_to_back = flags.switch("--back-to-back");
     if phases > 0 {
-        return phase_breakdown(pool, phases, session).await;
+        let pause = Duration::from_millis(pause_ms);
+        return phase_breakdown(pool, phases, session, !only_back_to_back, pause).await;
+    }
+    if only_back_to_back {
+        return back_to_back_only(pool, launches).await;
     }
     let numpy = Command::new("/usr/bin/python3")
         .args(["-c", "import numpy"])
@@ -475,9 +487,29 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// The series alone, for A/B runs of two builds (`BERTH_BIN_DIR`): `n` launches back to
+/// back with a session follower, for `print(1)` and the numpy line, each on a fresh daemon with
+/// a full pool of `pool`.
+async fn back_to_back_only(pool: usize, n: usize) -> Result<()> {
+    for (code, preload) in [(PRINT, ""), (NUMPY, "\"numpy\"")] {
+        let d = Daemon::start_with(daemon_options(pool, preload)).await?;
+        wait_ready(&d, pool).await?;
+        println!("pool  {code}, session follower (new_workers):");
+        let (pooled, cold, _) = series(&d, code, n, None, true).await?;
+        back_to_back(pooled, cold);
+    }
+    Ok(())
+}
+
 /// Where a pooled `print(1)` launch's time goes: `n` launches, each with the pool refilled, on a
 /// daemon that logs its `berth_phase` marks; the median time of each mark after the call.
-async fn phase_breakdown(pool: usize, n: usize, session: bool) -> Result<()> {
+async fn phase_breakdown(
+    pool: usize,
+    n: usize,
+    session: bool,
+    refilled: bool,
+    pause: Duration,
+) -> Result<()> {
     let mut opts = daemon_options(pool, "");
     opts.env = vec![("BERTH_LOG".into(), "info,berth_phase=debug".into())];
     opts.args = vec!["--log-format".into(), "json".into()];
@@ -486,14 +518,25 @@ async fn phase_breakdown(pool: usize, n: usize, session: bool) -> Result<()> {
     let mut follower = Follower::new(&c, session).await?;
     let mut at: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut launches = 0;
-    for _ in 0..n {
+    if !refilled {
         wait_ready(&d, pool).await?;
-        let (first, answered, pooled, sent) = first_line_marked(&c, PRINT, &mut follower).await?;
+    }
+    for _ in 0..n {
+        if refilled {
+            wait_ready(&d, pool).await?;
+        }
+        tokio::time::sleep(pause).await;
+        let (first, answered, pooled, sent, id) =
+            first_line_marked(&c, PRINT, &mut follower).await?;
         if !pooled {
             continue;
         }
         launches += 1;
-        let marks = phase_marks(&d.log(), sent);
+        // This launch's marks (a refill's name the worker being made).
+        let marks: Vec<_> = phase_marks(&d.log(), sent)
+            .into_iter()
+            .filter(|m| m.1.is_empty() || m.1 == id)
+            .collect();
         let mut seen = std::collections::HashSet::new();
         if std::env::var_os("BERTH_BENCH_MARKS").is_some() {
             println!(
@@ -517,7 +560,14 @@ async fn phase_breakdown(pool: usize, n: usize, session: bool) -> Result<()> {
             .or_default()
             .push(first.as_micros() as u64);
     }
-    println!("phase marks of {launches} pooled print(1) launches (median µs after the call)");
+    let how = if refilled {
+        "each with the pool refilled"
+    } else {
+        "back to back"
+    };
+    println!(
+        "phase marks of {launches} pooled print(1) launches, {how} (median µs after the call)"
+    );
     let mut rows: Vec<(u64, String, usize)> = at
         .into_iter()
         .map(|(k, mut v)| {
