@@ -5,7 +5,9 @@
 //! (each right after the previous one's first line), of `print(1)` and of `import numpy;
 //! print(1)`: on a daemon with a pool of `--pool` (`[kernels.python3] pool_size`; preload none
 //! for `print(1)`, `numpy` for the other) and on one without (cold). Beside them, the floor:
-//! `/usr/bin/python3 -c CODE` spawned bare, to its first line on a pipe, as many times. Also
+//! `/usr/bin/python3 -c CODE` spawned bare, to its first line on a pipe, as many times, and a
+//! fork of an interpreter with and without numpy imported (what a fork server's refill would
+//! cost, against an interpreter's start: see [`FORK_TIMER`]). Also
 //! what one idle pooled worker holds (its cgroup's memory and its interpreter's RSS/PSS), with
 //! and without numpy preloaded.
 //!
@@ -138,6 +140,44 @@ fn back_to_back(pooled: Vec<Duration>, cold: Vec<Duration>) {
     if !cold.is_empty() {
         summary("     of which cold (pool empty)", cold, "");
     }
+}
+
+/// Forks `n` children of one `/usr/bin/python3` that imported `preload` and times each fork to
+/// the child's first write on a pipe: what a refill from a fork server (one preloaded
+/// interpreter that forks each pooled worker) would cost at least, against an interpreter's
+/// start. The figures come from the interpreter's `perf_counter`, one per line, in µs.
+const FORK_TIMER: &str = r#"
+import os, sys, time
+for m in filter(None, sys.argv[2].split(',')):
+    __import__(m)
+for _ in range(int(sys.argv[1])):
+    r, w = os.pipe()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, b'x')
+        os._exit(0)
+    os.read(r, 1)
+    t1 = time.perf_counter()
+    os.waitpid(pid, 0)
+    os.close(r)
+    os.close(w)
+    print(round((t1 - t0) * 1e6))
+"#;
+
+/// See [`FORK_TIMER`].
+fn forks(preload: &str, n: usize) -> Result<Vec<Duration>> {
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", FORK_TIMER, &n.to_string(), preload])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("fork timer: {}", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Ok(Duration::from_micros(l.trim().parse()?)))
+        .collect()
 }
 
 /// `/usr/bin/python3 -u -c CODE` to its first stdout line, bare.
@@ -443,6 +483,8 @@ async fn main() -> Result<()> {
     println!("{launches} launches one after another, pool of {pool}; bare = python3 -u -c CODE spawned here\n");
     summary("bare  print(1)", bare(PRINT, launches)?, "");
     summary("bare  import numpy; print(1)", bare(NUMPY, launches)?, "");
+    summary("fork  python3 (to the child run)", forks("", launches)?, "");
+    summary("fork  python3 with numpy", forks("numpy", launches)?, "");
 
     for (code, preload) in [(PRINT, ""), (NUMPY, "\"numpy\"")] {
         let d = Daemon::start_with(daemon_options(pool, preload)).await?;
