@@ -364,8 +364,30 @@ pub struct Daemon {
     pub netns: Option<PathBuf>,
 }
 
-/// A free TCP port on loopback (bound then released).
+/// A free TCP port on loopback (bound then released), below the kernel's ephemeral range: a
+/// port that `bind(0)` hands out is also one that any outgoing connection may take as its local
+/// port between its release here and the daemon's bind (a CI run lost a host daemon's start to
+/// "Address already in use" that way, with the scheduler's connections in flight). Below the
+/// range, only an explicit bind can take it: another test's pick of the same port in that
+/// instant.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u16 = 10_000;
+    let below = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if below > LOW + 1_000 {
+        let seed = std::collections::hash_map::RandomState::new();
+        for i in 0..200u32 {
+            let mut h = seed.build_hasher();
+            h.write_u32(i);
+            let port = LOW + (h.finish() % u64::from(below - LOW)) as u16;
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().expect("local addr").port();
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().expect("local addr").port()
 }
