@@ -114,7 +114,7 @@ def main():
     subprocess.run(['ip', 'netns', 'add', 'berth-probe'], check=False)
     netns = '/run/netns/berth-probe'
     lat, setup = [], []
-    r0, c0 = os.times(), None
+    r0 = os.times()
     c0 = (r0.user + r0.system, r0.children_user + r0.children_system)
     for _ in range(N):
         t = time.perf_counter()

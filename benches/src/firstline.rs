@@ -110,6 +110,8 @@ fn python_series(
 
 const PRINT: &str = "print(1)";
 const NUMPY: &str = "import numpy; print(1)";
+/// Each line measured, with the pool's preload list for it (TOML).
+const LINES: [(&str, &str); 2] = [(PRINT, ""), (NUMPY, "\"numpy\"")];
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -486,7 +488,7 @@ async fn main() -> Result<()> {
     summary("fork  python3 (to the child run)", forks("", launches)?, "");
     summary("fork  python3 with numpy", forks("numpy", launches)?, "");
 
-    for (code, preload) in [(PRINT, ""), (NUMPY, "\"numpy\"")] {
+    for (code, preload) in LINES {
         let d = Daemon::start_with(daemon_options(pool, preload)).await?;
         let pids = wait_ready(&d, pool).await?;
         let (cg, rss, pss) = idle_memory(&d, &pids);
@@ -533,7 +535,7 @@ async fn main() -> Result<()> {
 /// back with a session follower, for `print(1)` and the numpy line, each on a fresh daemon with
 /// a full pool of `pool`.
 async fn back_to_back_only(pool: usize, n: usize) -> Result<()> {
-    for (code, preload) in [(PRINT, ""), (NUMPY, "\"numpy\"")] {
+    for (code, preload) in LINES {
         let d = Daemon::start_with(daemon_options(pool, preload)).await?;
         wait_ready(&d, pool).await?;
         println!("pool  {code}, session follower (new_workers):");
@@ -560,11 +562,9 @@ async fn phase_breakdown(
     let mut follower = Follower::new(&c, session).await?;
     let mut at: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
     let mut launches = 0;
-    if !refilled {
-        wait_ready(&d, pool).await?;
-    }
-    for _ in 0..n {
-        if refilled {
+    for k in 0..n {
+        // Back to back, only the first launch finds the pool full.
+        if refilled || k == 0 {
             wait_ready(&d, pool).await?;
         }
         tokio::time::sleep(pause).await;
@@ -590,7 +590,7 @@ async fn phase_breakdown(
             }
         }
         for (phase, _, t) in marks {
-            // The first of each mark after the call (later ones belong to the refill).
+            // The first of each mark after the call (one its worker marks again counts once).
             if seen.insert(phase.clone()) && t < sent + 1_000_000 {
                 at.entry(phase).or_default().push(t - sent);
             }
