@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 
 import grpc
 import pytest
@@ -69,6 +72,77 @@ def test_a_long_unfinished_line_is_written_out(capsys: pytest.CaptureFixture[str
 
 def test_invalid_utf8_does_not_break_the_output() -> None:
     assert _output.prefix_lines("w", b"a\xffb\n") == "[w] a\ufffdb\n"
+
+
+def _write_on_a_thread(text: str) -> threading.Thread:
+    t = threading.Thread(target=_output._write, args=(1, text))
+    t.start()
+    return t
+
+
+def test_a_workers_line_waits_for_the_end_of_the_sessions_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # print("Master received:", data) is four writes; the output thread ran between two of
+    # them in a CI run (PYTHONUNBUFFERED), splitting the session's line with a worker's.
+    monkeypatch.setattr(_output, "LINE_WAIT", 60.0)
+    _output.guard_streams()
+    print("Master received:", end="", flush=True)
+    t = _write_on_a_thread("[w] CDSW_MASTER_IP: 10.0.0.1\n")
+    t.join(0.2)
+    assert t.is_alive()  # holding its line
+    print(" Hello From Worker!", flush=True)
+    t.join(10)
+    assert not t.is_alive()
+    assert capsys.readouterr().out == "Master received: Hello From Worker!\n[w] CDSW_MASTER_IP: 10.0.0.1\n"
+
+
+def test_a_line_left_open_holds_workers_lines_only_a_while(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_output, "LINE_WAIT", 0.05)
+    _output.guard_streams()
+    sys.stdout.write("answer? ")
+    _write_on_a_thread("[w] one\n").join(10)
+    _write_on_a_thread("[w] two\n").join(10)  # the line is ended: no wait, no blank line
+    # Written by the thread that left the line open: no wait at all.
+    sys.stdout.write("more")
+    _output._write(1, "[w] three\n")
+    sys.stderr.write("err ")
+    _output._write(2, "[w] four\n")
+    out, err = capsys.readouterr()
+    assert out == "answer? \n[w] one\n[w] two\nmore\n[w] three\n"
+    assert err == "err \n[w] four\n"
+
+
+def test_a_child_forked_while_the_lock_is_held_can_print() -> None:
+    r, w = os.pipe()
+    held, release = threading.Event(), threading.Event()
+
+    def output_thread() -> None:  # holds the lock as while it writes a worker's line
+        with _output._write_lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=output_thread)
+    t.start()
+    held.wait(30)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            signal.alarm(10)  # a hung child ends, and the test fails
+            guard = _output.LineGuard(os.fdopen(w, "w"))
+            guard.write("child printed\n")
+            guard.flush()
+        finally:
+            os._exit(0)
+    release.set()
+    t.join()
+    os.close(w)
+    with os.fdopen(r) as f:
+        got = f.read()  # EOF once the child exits (or never, if it hangs)
+    os.waitpid(pid, 0)
+    assert got == "child printed\n"
 
 
 def test_worker_dicts_follow_the_cli_json() -> None:

@@ -40,7 +40,7 @@ from ._errors import (
     Unavailable,
     from_rpc_error,
 )
-from ._output import STDERR, LinePrinter, _write
+from ._output import STDERR, LinePrinter, _write, guard_streams
 from ._progress import Progress
 from .v1 import host_pb2, host_pb2_grpc, workers_pb2, workers_pb2_grpc
 
@@ -704,6 +704,7 @@ class Session:
     def _output_of(self, session_id: str) -> "_SessionOutput":
         """The follower of this session's output, started (before the first launch it shows, so
         that it follows that launch's workers from their first byte) if none runs."""
+        guard_streams()
         with self._lock:
             out = self._output
             if out is None or out.session_id != session_id or not out.is_alive():
