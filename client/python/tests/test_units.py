@@ -94,7 +94,9 @@ def test_a_workers_line_waits_for_the_end_of_the_sessions_line(
     print(" Hello From Worker!", flush=True)
     t.join(10)
     assert not t.is_alive()
-    assert capsys.readouterr().out == "Master received: Hello From Worker!\n[w] CDSW_MASTER_IP: 10.0.0.1\n"
+    assert capsys.readouterr().out == (
+        "Master received: Hello From Worker!\n[w] CDSW_MASTER_IP: 10.0.0.1\n"
+    )
 
 
 def test_a_line_left_open_holds_workers_lines_only_a_while(
@@ -119,7 +121,7 @@ def test_a_child_forked_while_the_lock_is_held_can_print() -> None:
     r, w = os.pipe()
     held, release = threading.Event(), threading.Event()
 
-    def output_thread() -> None:  # holds the lock as while it writes a worker's line
+    def output_thread() -> None:  # holds the lock, as the output thread does while it writes
         with _output._write_lock:
             held.set()
             release.wait(30)
@@ -140,7 +142,7 @@ def test_a_child_forked_while_the_lock_is_held_can_print() -> None:
     t.join()
     os.close(w)
     with os.fdopen(r) as f:
-        got = f.read()  # EOF once the child exits (or never, if it hangs)
+        got = f.read()  # EOF once the child exits (its alarm ends it if it hangs)
     os.waitpid(pid, 0)
     assert got == "child printed\n"
 
