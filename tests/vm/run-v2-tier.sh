@@ -127,6 +127,7 @@ for pass in $PASSES; do
   GUEST_CGROUP=$cg "$HERE/run-in-guest.sh" "$(snippet "${EXES[@]}")" 2>&1 | tee "$work/$pass.log"
   rc=${PIPESTATUS[0]}
   stalled=""
+  failed_stuck=0
   left=()
   if [ "$rc" = 253 ]; then
     for e in "${EXES[@]}"; do
@@ -137,8 +138,9 @@ for pass in $PASSES; do
   if [ ${#left[@]} -gt 0 ]; then
     # The guest's kernel got stuck (run-in-guest.sh said where its vCPUs were): the binaries
     # it did not finish run again in a fresh guest, once. Their tests count once: a binary cut
-    # off has no result line. (Stuck after the last binary: the leftover check is lost, and
-    # the pass fails.)
+    # off has no result line, but a test it saw fail fails the pass. (Stuck after the last
+    # binary: the leftover check is lost, and the pass fails.)
+    grep -q '^test .* \.\.\. FAILED$' "$work/$pass.log" && failed_stuck=1
     b=$(basename "${left[0]}")
     stalled=${b%-*}
     log "pass $pass: the guest got stuck in $stalled; running the ${#left[@]} binaries it did not finish in a fresh guest"
@@ -156,12 +158,14 @@ for pass in $PASSES; do
   leaks=$(sed -n 's/.*@@V2-TIER leftovers cgroups=\([0-9]*\) processes=\([0-9]*\).*/\1 \2/p' "$work/$pass.log" | tail -1)
   ok=1
   if [ "$rc" != 0 ] || [ "$failed" != 0 ] || [ "$results" != ${#EXES[@]} ]; then ok=0; fi
+  [ "$failed_stuck" = 0 ] || ok=0
   if [ "${V2_TIER_LEAKS:-fail}" != report ] && [ "$leaks" != "0 0" ]; then ok=0; fi
   [ "$ok" = 1 ] || status=1
   word=$([ "$ok" = 1 ] && echo ok || echo FAILED)
   line="$pass $word: $((passed + failed)) run ($passed passed, $failed failed, $ignored ignored"
   line+=", $results/${#EXES[@]} binaries finished, leftover cgroups/processes ${leaks:-?}) in ${secs}s"
   [ -n "$stalled" ] && line+=" (the guest got stuck once, in $stalled; what it left ran again)"
+  [ "$failed_stuck" = 0 ] || line+=" (a test failed before the guest got stuck)"
   summary+=("$line")
   log "$line (guest rc=$rc)"
 done
