@@ -100,7 +100,12 @@ count_tests() { # EXE... -> number of tests they list
 }
 listed=$(count_tests "${EXES[@]}")
 v1_listed=$(count_tests "${ALL_EXES[@]}")
-names=$(for e in "${EXES[@]}"; do b=$(basename "$e"); printf '%s ' "${b%-*}"; done)
+bin_name() { # EXE -> the name of its tests/e2e file, as guest-tests.sh prints it
+  local b
+  b=$(basename "$1")
+  printf '%s' "${b%-*}"
+}
+names=$(for e in "${EXES[@]}"; do printf '%s ' "$(bin_name "$e")"; done)
 log "$listed e2e tests in ${#EXES[@]} binaries (${names% }); berth binaries from $BIN_DIR"
 t_built=$(date +%s)
 
@@ -131,8 +136,7 @@ for pass in $PASSES; do
   left=()
   if [ "$rc" = 253 ]; then
     for e in "${EXES[@]}"; do
-      b=$(basename "$e")
-      grep -q "^@@V2-TIER done ${b%-*} rc=" "$work/$pass.log" || left+=("$e")
+      grep -q "^@@V2-TIER done $(bin_name "$e") rc=" "$work/$pass.log" || left+=("$e")
     done
   fi
   if [ ${#left[@]} -gt 0 ]; then
@@ -141,8 +145,7 @@ for pass in $PASSES; do
     # off has no result line, but a test it saw fail fails the pass. (Stuck after the last
     # binary: the leftover check is lost, and the pass fails.)
     grep -q '^test .* \.\.\. FAILED$' "$work/$pass.log" && failed_stuck=1
-    b=$(basename "${left[0]}")
-    stalled=${b%-*}
+    stalled=$(bin_name "${left[0]}")
     log "pass $pass: the guest got stuck in $stalled; running the ${#left[@]} binaries it did not finish in a fresh guest"
     GUEST_CGROUP=$cg "$HERE/run-in-guest.sh" "$(snippet "${left[@]}")" 2>&1 | tee -a "$work/$pass.log"
     rc=${PIPESTATUS[0]}
